@@ -1,0 +1,86 @@
+"""A size-bounded cache of raw messages in ``CACHE_DIR``, so that ``emailops reindex`` can rebuild
+the index without downloading the mailbox again.
+
+Layout: ``<dir>/raw/<folder key>/<uidvalidity>/<uid>.eml`` where the folder key is a hash of the
+account and folder name. A (folder, UIDVALIDITY, UID) names one message for ever (RFC 3501), so an
+entry never goes stale. When the total passes ``max_bytes`` the least recently written entries go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+class RawMessageCache:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.root = directory / "raw"
+        self.max_bytes = max_bytes
+        self._total: int | None = None
+
+    def _folder_dir(self, account: str, folder: str, uidvalidity: int) -> Path:
+        key = hashlib.sha256(f"{account}\0{folder}".encode()).hexdigest()[:24]
+        return self.root / key / str(uidvalidity)
+
+    def get(self, account: str, folder: str, uidvalidity: int, uid: int) -> bytes | None:
+        try:
+            return (self._folder_dir(account, folder, uidvalidity) / f"{uid}.eml").read_bytes()
+        except OSError:
+            return None
+
+    def put_many(self, account: str, folder: str, uidvalidity: int, items: dict[int, bytes]) -> None:
+        """Store messages; a failure to write (disk full, read-only) only costs a later download."""
+        if self.max_bytes <= 0 or not items:
+            return
+        directory = self._folder_dir(account, folder, uidvalidity)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            added = 0
+            for uid, raw in items.items():
+                if len(raw) > self.max_bytes // 10:
+                    continue
+                temporary = directory / f".{uid}.tmp"
+                temporary.write_bytes(raw)
+                temporary.replace(directory / f"{uid}.eml")
+                added += len(raw)
+        except OSError:
+            return
+        if self._total is None:
+            self._total = self._measure()
+        else:
+            self._total += added
+        if self._total > self.max_bytes:
+            self._evict()
+
+    def _entries(self) -> list[os.DirEntry[str]]:
+        entries: list[os.DirEntry[str]] = []
+        if not self.root.is_dir():
+            return entries
+        stack = [str(self.root)]
+        while stack:
+            with os.scandir(stack.pop()) as listing:
+                for entry in listing:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    elif entry.name.endswith(".eml"):
+                        entries.append(entry)
+        return entries
+
+    def _measure(self) -> int:
+        return sum(entry.stat().st_size for entry in self._entries())
+
+    def _evict(self) -> None:
+        entries = sorted(self._entries(), key=lambda entry: entry.stat().st_mtime)
+        total = sum(entry.stat().st_size for entry in entries)
+        target = int(self.max_bytes * 0.9)
+        for entry in entries:
+            if total <= target:
+                break
+            size = entry.stat().st_size
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            total -= size
+        self._total = total

@@ -1,0 +1,75 @@
+"""Plain configuration values the domain library takes.
+
+``prod.runtime_settings.RuntimeSettings`` reads and validates the environment and builds these;
+the domain code never looks at the environment itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+
+class TlsSecurity(StrEnum):
+    """How a connection is protected: implicit TLS, STARTTLS (fails closed), or plaintext."""
+
+    SSL = "ssl"
+    STARTTLS = "starttls"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One mail server endpoint with the account's credentials.
+
+    ``password`` is a plain ``str`` here on purpose: it is only handed to the protocol library.
+    Its ``repr`` is masked so that it never reaches a log line or a traceback by accident.
+    """
+
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    security: TlsSecurity
+    ca_file: Path | None = None
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """What to index and how."""
+
+    account: str
+    folders: tuple[str, ...] = ("INBOX",)
+    use_idle: bool = True
+    poll_interval_seconds: float = 60.0
+    # IDLE is re-issued well before the 29 minutes of RFC 2177.
+    idle_renew_seconds: float = 600.0
+    # A message larger than this is indexed from its headers and a bounded part of its text.
+    max_message_bytes: int = 25 * 1024 * 1024
+    # The text kept for the full-text index, per message.
+    max_body_chars: int = 200_000
+    fetch_batch_messages: int = 500
+    fetch_batch_bytes: int = 16 * 1024 * 1024
+    # Without CONDSTORE, flag changes and expunges are found by a periodic full reconcile.
+    reconcile_interval_seconds: float = 300.0
+    cache_dir: Path | None = None
+    cache_max_bytes: int = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ReplyConfig:
+    """How automatic replies are sent."""
+
+    from_address: str
+    own_addresses: tuple[str, ...] = ()
+    rules_file: Path | None = None
+    dry_run: bool = False
+    never_reply_to: tuple[str, ...] = ()
+    max_replies_per_sender_per_day: int = 3
+    max_replies_per_hour: int = 100
+    send_max_attempts: int = 5
+    save_sent_copy: bool = False
+    sent_folder: str = "Sent"
+    drafts_folder: str = "Drafts"

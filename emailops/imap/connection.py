@@ -1,0 +1,123 @@
+"""Opening an authenticated IMAP connection the configured way, and the reconnect policy.
+
+TLS certificates are verified against the system CAs plus ``ca_file``; STARTTLS that the server does
+not offer is an error (no silent plaintext); every socket operation has a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import imapclient
+from imapclient.exceptions import IMAPClientError, LoginError
+from tenacity import wait_exponential_jitter
+
+from emailops.config import ServerConfig, TlsSecurity
+from emailops.imap.errors import (
+    ImapAuthError,
+    ImapError,
+    ImapSecurityError,
+    ImapTooManyConnectionsError,
+    ImapTransientError,
+    classify_login_failure,
+)
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """System CAs, plus ``ca_file`` when given; hostname checking on."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+def connect(config: ServerConfig) -> imapclient.IMAPClient:
+    """A logged-in client, or an ``ImapError`` subclass saying what kind of failure it was."""
+    try:
+        client = _open(config)
+    except ssl.SSLError as exc:
+        raise ImapSecurityError(f"TLS with {config.host}:{config.port} failed: {exc}") from exc
+    except (OSError, IMAPClientError) as exc:
+        raise ImapTransientError(f"cannot connect to {config.host}:{config.port}: {exc}") from exc
+    try:
+        client.login(config.username, config.password)
+    except LoginError as exc:
+        _close_quietly(client)
+        raise classify_login_failure(str(exc)) from None
+    except (OSError, IMAPClientError) as exc:
+        # A connection limit is often told by a BYE right at login.
+        _close_quietly(client)
+        raise classify_login_failure(f"login to {config.host} interrupted: {exc}") from exc
+    # Aware UTC datetimes for INTERNALDATE, not the local time of the machine.
+    client.normalise_times = False
+    try:
+        if client.has_capability("CONDSTORE"):
+            # Makes the server report HIGHESTMODSEQ and MODSEQ (RFC 7162 section 3.1).
+            client.enable("CONDSTORE")
+    except (OSError, IMAPClientError) as exc:
+        close_quietly(client)
+        raise ImapTransientError(f"connection to {config.host} lost after login: {exc}") from exc
+    return client
+
+
+def _open(config: ServerConfig) -> imapclient.IMAPClient:
+    timeout = config.timeout_seconds
+    if config.security is TlsSecurity.SSL:
+        return imapclient.IMAPClient(
+            config.host, config.port, ssl=True, ssl_context=tls_context(config.ca_file), timeout=timeout
+        )
+    client = imapclient.IMAPClient(config.host, config.port, ssl=False, timeout=timeout)
+    if config.security is TlsSecurity.STARTTLS:
+        if not client.has_capability("STARTTLS"):
+            _close_quietly(client)
+            raise ImapSecurityError(
+                f"{config.host}:{config.port} does not offer STARTTLS; refusing to log in in plaintext "
+                "(set EMAIL_IMAP_SECURITY=ssl for implicit TLS, or =none only on a trusted network)"
+            )
+        client.starttls(tls_context(config.ca_file))
+    return client
+
+
+def _close_quietly(client: imapclient.IMAPClient) -> None:
+    with contextlib.suppress(OSError, IMAPClientError):
+        client.shutdown()
+
+
+def close_quietly(client: imapclient.IMAPClient) -> None:
+    """Log out, or just drop the socket when the connection is already broken."""
+    try:
+        client.logout()
+    except (TimeoutError, OSError, IMAPClientError):
+        _close_quietly(client)
+
+
+@dataclass
+class ReconnectPolicy:
+    """When to try connecting again after ``failures`` consecutive failures of a kind.
+
+    Transient trouble: capped exponential backoff with jitter (1 s doubling to 60 s). A connection
+    limit: at least 30 s, up to 5 minutes. Rejected credentials: 1 minute doubling to 1 hour, so a
+    wrong password does not get the account locked by the provider.
+    """
+
+    transient = wait_exponential_jitter(initial=1, max=60, jitter=1)
+    too_many = wait_exponential_jitter(initial=30, max=300, jitter=5)
+    auth = wait_exponential_jitter(initial=60, max=3600, jitter=10)
+
+    def delay(self, error: ImapError, failures: int) -> float:
+        if isinstance(error, ImapAuthError):
+            strategy = self.auth
+        elif isinstance(error, ImapTooManyConnectionsError):
+            strategy = self.too_many
+        else:
+            strategy = self.transient
+        return strategy(_Attempt(max(1, failures)))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    # tenacity's wait strategies read only ``attempt_number`` from the retry state.
+    attempt_number: int

@@ -1,0 +1,38 @@
+"""How an IMAP failure is classified decides how soon to try again."""
+
+from __future__ import annotations
+
+
+class ImapError(Exception):
+    """Base class for failures talking to the IMAP server."""
+
+
+class ImapTransientError(ImapError):
+    """Network trouble, a timeout, a dropped connection or a server restart: retry with backoff."""
+
+
+class ImapTooManyConnectionsError(ImapTransientError):
+    """The server refused because of a connection limit: back off longer before trying again."""
+
+
+class ImapAuthError(ImapError):
+    """The credentials were rejected. Retried slowly, so that the provider does not lock the account."""
+
+
+class ImapSecurityError(ImapError):
+    """TLS could not be established as configured (e.g. STARTTLS not offered, certificate refused).
+
+    Never answered by falling back to plaintext."""
+
+
+_TOO_MANY = ("too many", "maximum number of connections", "[limit]", "connection limit")
+_AUTH = ("authenticationfailed", "authentication failed", "invalid credentials", "login failed", "[auth")
+
+
+def classify_login_failure(message: str) -> ImapError:
+    lowered = message.lower()
+    if any(marker in lowered for marker in _TOO_MANY):
+        return ImapTooManyConnectionsError(message)
+    if any(marker in lowered for marker in _AUTH):
+        return ImapAuthError(message)
+    return ImapTransientError(message)

@@ -1,0 +1,498 @@
+"""Incremental sync of one IMAP folder into the index.
+
+Per folder the index keeps UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ. One pass:
+
+1. SELECT (read-only, so indexing never changes a flag): UIDVALIDITY, UIDNEXT, EXISTS, HIGHESTMODSEQ.
+   A poll with nothing new ends here: one round trip, whatever the folder's size.
+2. A changed UIDVALIDITY: rows are re-mapped to their new UIDs by Message-ID (no duplicate, no
+   re-answer), the rest of the old generation is marked expunged.
+3. New UIDs (UIDNEXT moved): sizes first, then BODY.PEEK[] in batches bounded by count and bytes;
+   a message above ``max_message_bytes`` is fetched as its header and a bounded part of its text.
+4. Flags: with CONDSTORE, only what changed since HIGHESTMODSEQ; without, by a periodic reconcile.
+5. Expunges: when EXISTS differs from the live rows, one UID SEARCH tells which UIDs left (marked
+   expunged, never dropped) and which are missing (fetched).
+Every write is idempotent on (folder, UIDVALIDITY, UID): a pass killed at any point and run again
+leaves the same index.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from imapclient import IMAPClient
+from sqlalchemy import Engine, func, select
+
+from emailops.cache import RawMessageCache
+from emailops.config import SyncConfig
+from emailops.mime.parse import parse_message
+from emailops.store import folders as folder_store
+from emailops.store import messages as message_store
+from emailops.store.database import reading
+from emailops.store.schema import messages
+
+log = structlog.get_logger(component="index")
+
+# How much of an oversized message's text is fetched and indexed.
+PARTIAL_TEXT_BYTES = 1024 * 1024
+_MESSAGE_ID = re.compile(rb"<[^<>\s]+>")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    uidvalidity: int
+    uidnext: int | None
+    exists: int
+    highestmodseq: int | None
+
+
+@dataclass
+class SyncReport:
+    folder: str
+    new: int = 0
+    flags_changed: int = 0
+    expunged: int = 0
+    resynced: bool = False
+    seconds: float = 0.0
+    new_message_pks: list[int] = field(default_factory=list)
+    # False when the pass stopped at its time budget; the next pass carries on where it stopped.
+    complete: bool = True
+
+
+def _status(response: dict[bytes, object]) -> MailboxStatus:
+    def number(key: bytes) -> int | None:
+        value = response.get(key)
+        if isinstance(value, list | tuple):
+            value = value[0] if value else None
+        return int(value) if value is not None else None  # type: ignore[call-overload]
+
+    uidvalidity = number(b"UIDVALIDITY")
+    if uidvalidity is None:
+        raise ValueError("the server's SELECT answer has no UIDVALIDITY")
+    return MailboxStatus(
+        uidvalidity=uidvalidity,
+        uidnext=number(b"UIDNEXT"),
+        exists=number(b"EXISTS") or 0,
+        highestmodseq=number(b"HIGHESTMODSEQ"),
+    )
+
+
+def _flags(values: Iterable[bytes | str]) -> tuple[str, ...]:
+    # \Recent belongs to one IMAP session (RFC 3501 2.3.2), not to the message: not stored.
+    decoded = (v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values)
+    return tuple(flag for flag in decoded if flag.lower() != "\\recent")
+
+
+def _aware(value: object) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class FolderSync:
+    """Syncs one folder of one account. Holds no connection: each call is given a logged-in client."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: SyncConfig,
+        folder: str,
+        *,
+        cache: RawMessageCache | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.folder = folder
+        self.cache = cache
+        self.clock = clock
+        self.log = log.bind(folder=folder)
+
+    def select(self, client: IMAPClient) -> MailboxStatus:
+        return _status(client.select_folder(self.folder, readonly=True))
+
+    def sync(
+        self, client: IMAPClient, *, reconcile: bool = False, budget_seconds: float | None = None
+    ) -> SyncReport:
+        """One pass. ``reconcile`` forces the full flag/expunge comparison (servers without CONDSTORE).
+
+        With ``budget_seconds``, fetching stops after the batch that passes the budget, with the
+        progress committed, so that a worker can heartbeat and stop between passes; the report says
+        ``complete=False`` and the next pass continues.
+        """
+        started = time.monotonic()
+        deadline = None if budget_seconds is None else started + budget_seconds
+        report = SyncReport(self.folder)
+        status = self.select(client)
+        with self.engine.begin() as conn:
+            state = folder_store.ensure_folder(conn, self.config.account, self.folder)
+        condstore = status.highestmodseq is not None
+
+        if state.uidvalidity is None or state.baseline_uidnext is None:
+            state = self._begin_first_sync(state, status)
+        elif state.uidvalidity != status.uidvalidity:
+            state = self._resync(client, state, status, report)
+
+        unchanged = (
+            state.uidnext is not None
+            and status.uidnext is not None
+            and state.uidnext == status.uidnext
+            and (not condstore or state.highestmodseq == status.highestmodseq)
+            and not reconcile
+        )
+        if unchanged and self._live_count(state.id, status.uidvalidity) == status.exists:
+            with self.engine.begin() as conn:
+                folder_store.save_sync_state(
+                    conn,
+                    state.id,
+                    uidvalidity=status.uidvalidity,
+                    uidnext=status.uidnext,
+                    highestmodseq=status.highestmodseq,
+                    now=self.clock(),
+                )
+            report.seconds = time.monotonic() - started
+            return report
+
+        if status.uidnext is None or state.uidnext is None or status.uidnext > state.uidnext:
+            start = state.uidnext or 1
+            report.complete = self._fetch_new(client, state, status, start, report, deadline)
+            if not report.complete:
+                return self._finish(report, started)
+        if condstore and state.highestmodseq is not None and state.highestmodseq != status.highestmodseq:
+            report.flags_changed += self._flags_since(client, state.id, status, state.highestmodseq)
+        if reconcile and not condstore:
+            report.flags_changed += self._reconcile_flags(client, state.id, status)
+        # With CONDSTORE, EXISTS against the live rows tells of any expunge; without it, the
+        # periodic reconcile also compares the UID lists.
+        full_compare = reconcile and not condstore
+        if full_compare or self._live_count(state.id, status.uidvalidity) != status.exists:
+            expunged, missing = self._reconcile_uids(client, state.id, status)
+            report.expunged += expunged
+            if missing:
+                self._fetch_uids(client, state, status, sorted(missing), report)
+
+        with self.engine.begin() as conn:
+            folder_store.save_sync_state(
+                conn,
+                state.id,
+                uidvalidity=status.uidvalidity,
+                uidnext=status.uidnext,
+                highestmodseq=status.highestmodseq,
+                now=self.clock(),
+                reconciled=reconcile,
+            )
+        return self._finish(report, started)
+
+    def _finish(self, report: SyncReport, started: float) -> SyncReport:
+        report.new = len(report.new_message_pks)
+        report.seconds = time.monotonic() - started
+        if report.new or report.flags_changed or report.expunged or report.resynced:
+            self.log.info(
+                "folder synced",
+                new=report.new,
+                flags_changed=report.flags_changed,
+                expunged=report.expunged,
+                resynced=report.resynced,
+                complete=report.complete,
+                seconds=round(report.seconds, 3),
+            )
+        return report
+
+    # -- state transitions -------------------------------------------------------------------
+
+    def _begin_first_sync(
+        self, state: folder_store.FolderState, status: MailboxStatus
+    ) -> folder_store.FolderState:
+        """Record the baseline before fetching anything: mail below it was there before us."""
+        baseline = status.uidnext if status.uidnext is not None else 1
+        if state.baseline_uidnext is not None and state.uidvalidity == status.uidvalidity:
+            baseline = state.baseline_uidnext
+        with self.engine.begin() as conn:
+            folder_store.save_sync_state(
+                conn,
+                state.id,
+                uidvalidity=status.uidvalidity,
+                uidnext=None,
+                highestmodseq=None,
+                now=self.clock(),
+                baseline_uidnext=baseline,
+            )
+            fresh = folder_store.get_folder(conn, self.config.account, self.folder)
+        assert fresh is not None
+        self.log.info("first sync of folder", uidvalidity=status.uidvalidity, messages=status.exists)
+        return fresh
+
+    def _resync(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        report: SyncReport,
+    ) -> folder_store.FolderState:
+        """UIDVALIDITY changed: re-map rows by Message-ID, mark the rest of the old generation expunged."""
+        assert state.uidvalidity is not None
+        self.log.warning("UIDVALIDITY changed, resyncing", old=state.uidvalidity, new=status.uidvalidity)
+        uid_by_message_id: dict[str, int] = {}
+        if status.exists:
+            response = client.fetch("1:*", ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+            for uid, data in response.items():
+                header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
+                found = _MESSAGE_ID.search(header or b"")
+                if found:
+                    uid_by_message_id.setdefault(found.group().decode("ascii", "replace"), uid)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            matched = message_store.remap_uidvalidity(
+                conn, state.id, state.uidvalidity, status.uidvalidity, uid_by_message_id
+            )
+            leftovers = message_store.live_uids(conn, state.id, state.uidvalidity)
+            report.expunged += message_store.mark_expunged(conn, state.id, state.uidvalidity, leftovers, now)
+            # Everything now in the folder counts as already there: nothing of it is answered.
+            folder_store.save_sync_state(
+                conn,
+                state.id,
+                uidvalidity=status.uidvalidity,
+                uidnext=None,
+                highestmodseq=None,
+                now=now,
+                baseline_uidnext=status.uidnext if status.uidnext is not None else 1,
+            )
+            fresh = folder_store.get_folder(conn, self.config.account, self.folder)
+        report.resynced = True
+        self.log.info("re-mapped by Message-ID", matched=len(matched), expunged=report.expunged)
+        assert fresh is not None
+        return fresh
+
+    # -- fetching ----------------------------------------------------------------------------
+
+    def _fetch_new(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        start: int,
+        report: SyncReport,
+        deadline: float | None,
+    ) -> bool:
+        """Fetch UIDs from ``start`` on; False when the deadline stopped it (progress is saved)."""
+        sizes = {
+            uid: int(data.get(b"RFC822.SIZE", 0))
+            for uid, data in client.fetch(f"{start}:*", ["RFC822.SIZE"]).items()
+            if uid >= start
+        }
+        with reading(self.engine) as conn:
+            known = set(
+                conn.execute(
+                    select(messages.c.uid).where(
+                        messages.c.folder_id == state.id,
+                        messages.c.uidvalidity == status.uidvalidity,
+                        messages.c.uid >= start,
+                    )
+                ).scalars()
+            )
+        wanted = sorted(uid for uid in sizes if uid not in known)
+        return self._fetch_uids(client, state, status, wanted, report, sizes, deadline, save_progress=True)
+
+    def _fetch_uids(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        uids: Sequence[int],
+        report: SyncReport,
+        sizes: dict[int, int] | None = None,
+        deadline: float | None = None,
+        *,
+        save_progress: bool = False,
+    ) -> bool:
+        """Fetch and index ``uids`` (ascending) in batches; False when stopped by the deadline.
+
+        With ``save_progress`` every batch also records UIDNEXT as one past its last UID, in the same
+        transaction: all UIDs below it are indexed, so a pass cut short (or killed) resumes there.
+        """
+        if not uids:
+            return True
+        if sizes is None:
+            sizes = {
+                uid: int(d.get(b"RFC822.SIZE", 0)) for uid, d in client.fetch(uids, ["RFC822.SIZE"]).items()
+            }
+        for batch in self._batches(uids, sizes):
+            fetched = self._fetch_batch(client, batch, sizes, status.uidvalidity)
+            with self.engine.begin() as conn:
+                report.new_message_pks += message_store.insert_messages(
+                    conn,
+                    state.id,
+                    status.uidvalidity,
+                    fetched,
+                    baseline_uidnext=state.baseline_uidnext,
+                    now=self.clock(),
+                )
+                if save_progress:
+                    folder_store.save_progress(conn, state.id, uidnext=batch[-1] + 1)
+            if deadline is not None and time.monotonic() > deadline and batch[-1] != uids[-1]:
+                return False
+        return True
+
+    def _batches(self, uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
+        batch: list[int] = []
+        batch_bytes = 0
+        for uid in uids:
+            size = min(sizes.get(uid, 0), self.config.max_message_bytes)
+            if batch and (
+                len(batch) >= self.config.fetch_batch_messages
+                or batch_bytes + size > self.config.fetch_batch_bytes
+            ):
+                yield batch
+                batch, batch_bytes = [], 0
+            batch.append(uid)
+            batch_bytes += size
+        if batch:
+            yield batch
+
+    def _fetch_batch(
+        self, client: IMAPClient, uids: list[int], sizes: dict[int, int], uidvalidity: int
+    ) -> list[message_store.FetchedMessage]:
+        account, folder = self.config.account, self.folder
+        cached = {}
+        if self.cache is not None:
+            for uid in uids:
+                raw = self.cache.get(account, folder, uidvalidity, uid)
+                if raw is not None:
+                    cached[uid] = raw
+        large = [
+            uid for uid in uids if sizes.get(uid, 0) > self.config.max_message_bytes and uid not in cached
+        ]
+        whole = [uid for uid in uids if uid not in cached and uid not in large]
+        meta = ["FLAGS", "INTERNALDATE"]
+        if client.has_capability("CONDSTORE"):
+            meta.append("MODSEQ")
+        results: list[message_store.FetchedMessage] = []
+        downloaded: dict[int, bytes] = {}
+        if whole:
+            for uid, data in client.fetch(whole, ["BODY.PEEK[]", *meta]).items():
+                raw = data.get(b"BODY[]")
+                if raw is None:
+                    continue
+                downloaded[uid] = raw
+                results.append(self._fetched(uid, data, raw))
+        if cached:
+            for uid, data in client.fetch(sorted(cached), meta).items():
+                if uid in cached:
+                    results.append(self._fetched(uid, data, cached[uid]))
+        for uid in large:
+            results += self._fetch_large(client, uid, sizes[uid], meta)
+        if self.cache is not None and downloaded:
+            self.cache.put_many(account, folder, uidvalidity, downloaded)
+        return results
+
+    def _fetch_large(
+        self, client: IMAPClient, uid: int, size: int, meta: list[str]
+    ) -> list[message_store.FetchedMessage]:
+        """A message above the limit: its header and the first part of its text, never the whole."""
+        items = ["BODY.PEEK[HEADER]", f"BODY.PEEK[TEXT]<0.{PARTIAL_TEXT_BYTES}>", *meta]
+        data = client.fetch([uid], items).get(uid)
+        if data is None:
+            return []
+        header = data.get(b"BODY[HEADER]") or b""
+        text = next((v for k, v in data.items() if k.startswith(b"BODY[TEXT]")), b"") or b""
+        fetched = self._fetched(uid, data, header + text)
+        parsed = replace(
+            fetched.parsed,
+            size=size,
+            truncated=True,
+            problems=(*fetched.parsed.problems, f"message-truncated:{size}"),
+        )
+        self.log.warning("large message indexed from its beginning", uid=uid, size=size)
+        return [replace(fetched, parsed=parsed)]
+
+    def _fetched(self, uid: int, data: dict[bytes, object], raw: bytes) -> message_store.FetchedMessage:
+        return message_store.FetchedMessage(
+            uid=uid,
+            flags=_flags(data.get(b"FLAGS", ())),  # type: ignore[arg-type]
+            internal_date=_aware(data.get(b"INTERNALDATE")),
+            modseq=_modseq(data),
+            parsed=parse_message(
+                raw,
+                max_message_bytes=self.config.max_message_bytes,
+                max_body_chars=self.config.max_body_chars,
+            ),
+        )
+
+    # -- flags and expunges ------------------------------------------------------------------
+
+    def _flags_since(self, client: IMAPClient, folder_id: int, status: MailboxStatus, modseq: int) -> int:
+        response = client.fetch("1:*", ["FLAGS"], modifiers=[f"CHANGEDSINCE {modseq}"])
+        changes = {
+            uid: (_flags(data.get(b"FLAGS", ())), _modseq(data))  # type: ignore[arg-type]
+            for uid, data in response.items()
+        }
+        with self.engine.begin() as conn:
+            message_store.update_flags(conn, folder_id, status.uidvalidity, changes)
+        return len(changes)
+
+    def _reconcile_flags(self, client: IMAPClient, folder_id: int, status: MailboxStatus) -> int:
+        server = {
+            uid: _flags(data.get(b"FLAGS", ()))  # type: ignore[arg-type]
+            for uid, data in client.fetch("1:*", ["FLAGS"]).items()
+        }
+        with self.engine.begin() as conn:
+            stored = dict(
+                conn.execute(
+                    select(messages.c.uid, messages.c.flags).where(
+                        messages.c.folder_id == folder_id,
+                        messages.c.uidvalidity == status.uidvalidity,
+                        messages.c.expunged_at.is_(None),
+                    )
+                ).all()
+            )
+            changes = {
+                uid: (flags, None)
+                for uid, flags in server.items()
+                if uid in stored and set(stored[uid].split()) != set(flags)
+            }
+            message_store.update_flags(conn, folder_id, status.uidvalidity, changes)
+        return len(changes)
+
+    def _reconcile_uids(
+        self, client: IMAPClient, folder_id: int, status: MailboxStatus
+    ) -> tuple[int, set[int]]:
+        """Mark what left the server as expunged; return (how many, UIDs the index is missing)."""
+        on_server = set(client.search("ALL"))
+        with self.engine.begin() as conn:
+            indexed = message_store.live_uids(conn, folder_id, status.uidvalidity)
+            gone = indexed - on_server
+            count = message_store.mark_expunged(conn, folder_id, status.uidvalidity, gone, self.clock())
+        return count, on_server - indexed
+
+    def _live_count(self, folder_id: int, uidvalidity: int) -> int:
+        with reading(self.engine) as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(messages)
+                    .where(
+                        messages.c.folder_id == folder_id,
+                        messages.c.uidvalidity == uidvalidity,
+                        messages.c.expunged_at.is_(None),
+                    )
+                ).scalar_one()
+            )
+
+
+def _modseq(data: dict[bytes, object]) -> int | None:
+    value = data.get(b"MODSEQ")
+    return int(value[0]) if isinstance(value, tuple | list) and value else None
+
+
+def reconcile_due(last: datetime | None, now: datetime, interval_seconds: float) -> bool:
+    return last is None or now - last >= timedelta(seconds=interval_seconds)

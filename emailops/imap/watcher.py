@@ -1,0 +1,184 @@
+"""Watching one folder: a connection of its own, IDLE when offered, polling otherwise, reconnecting.
+
+``FolderWatcher.step(max_wait)`` is one bounded iteration for a worker loop: it returns within about
+``max_wait`` seconds plus the time of one sync pass (itself bounded by ``pass_budget_seconds``), so
+the worker can heartbeat and notice a stop request between steps. It never raises for a server or
+network failure: the connection is dropped and re-opened later by the reconnect policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+
+import structlog
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
+
+from emailops.config import ServerConfig, SyncConfig
+from emailops.imap.connection import ReconnectPolicy, close_quietly, connect
+from emailops.imap.errors import ImapAuthError, ImapError, ImapSecurityError, ImapTransientError
+from emailops.imap.sync import FolderSync, SyncReport
+
+log = structlog.get_logger(component="imap")
+
+# Failures that mean "the connection is gone": drop it and reconnect.
+CONNECTION_ERRORS = (OSError, socket.timeout, IMAPClientError, EOFError)
+
+
+class FolderWatcher:
+    def __init__(
+        self,
+        server: ServerConfig,
+        config: SyncConfig,
+        folder_sync: FolderSync,
+        *,
+        connector: Callable[[ServerConfig], IMAPClient] = connect,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        pass_budget_seconds: float = 5.0,
+    ) -> None:
+        self.server = server
+        self.config = config
+        self.sync = folder_sync
+        self.folder = folder_sync.folder
+        self.connector = connector
+        self.monotonic = monotonic
+        self.sleep = sleep
+        self.pass_budget_seconds = pass_budget_seconds
+        self.policy = ReconnectPolicy()
+        self.client: IMAPClient | None = None
+        self.idling = False
+        self.failures = 0
+        self.next_connect_at = 0.0
+        self.next_poll_at = 0.0
+        self.next_reconcile_at = 0.0
+        self.idle_started_at = 0.0
+        self.catching_up = False
+        self.log = log.bind(folder=self.folder)
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None
+
+    def step(self, max_wait: float) -> SyncReport | None:
+        """One iteration: connect if due, then wait for a change (IDLE) or the next poll, and sync."""
+        now = self.monotonic()
+        if self.client is None:
+            if now < self.next_connect_at:
+                self.sleep(min(max_wait, self.next_connect_at - now))
+                return None
+            if not self._connect():
+                return None
+            return self._sync(reconcile=True)
+        try:
+            if self.catching_up:
+                return self._sync(reconcile=False)
+            if self.idling:
+                return self._idle_step(max_wait)
+            if now < self.next_poll_at:
+                self.sleep(min(max_wait, self.next_poll_at - now))
+                return None
+            return self._sync(reconcile=now >= self.next_reconcile_at)
+        except CONNECTION_ERRORS as exc:
+            self._drop(ImapTransientError(f"{type(exc).__name__}: {exc}"))
+            return None
+
+    def close(self) -> None:
+        if self.client is not None:
+            if self.idling:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    self.client.idle_done()
+            close_quietly(self.client)
+        self.client = None
+        self.idling = False
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _connect(self) -> bool:
+        try:
+            self.client = self.connector(self.server)
+        except ImapError as exc:
+            self._schedule_reconnect(exc)
+            return False
+        if self.failures:
+            self.log.info("reconnected", after_failures=self.failures)
+        self.failures = 0
+        return True
+
+    def _schedule_reconnect(self, error: ImapError) -> None:
+        self.failures += 1
+        delay = self.policy.delay(error, self.failures)
+        self.next_connect_at = self.monotonic() + delay
+        fields = {
+            "error": str(error),
+            "error_type": type(error).__name__,
+            "retry_in_seconds": round(delay, 1),
+        }
+        if isinstance(error, ImapAuthError | ImapSecurityError):
+            self.log.error(
+                "IMAP login refused; check EMAIL_USERNAME / EMAIL_PASSWORD / TLS settings", **fields
+            )
+        else:
+            self.log.warning("IMAP connection failed", failures=self.failures, **fields)
+
+    def _drop(self, error: ImapError) -> None:
+        if self.client is not None:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                self.client.shutdown()
+        self.client = None
+        self.idling = False
+        self._schedule_reconnect(error)
+
+    def _use_idle(self) -> bool:
+        return self.config.use_idle and self.client is not None and self.client.has_capability("IDLE")
+
+    def _sync(self, *, reconcile: bool) -> SyncReport | None:
+        assert self.client is not None
+        try:
+            if self.idling:
+                self.client.idle_done()
+                self.idling = False
+            report = self.sync.sync(self.client, reconcile=reconcile, budget_seconds=self.pass_budget_seconds)
+        except CONNECTION_ERRORS as exc:
+            self._drop(ImapTransientError(f"{type(exc).__name__}: {exc}"))
+            return None
+        now = self.monotonic()
+        self.catching_up = not report.complete
+        self.next_poll_at = now + self.config.poll_interval_seconds
+        if reconcile:
+            self.next_reconcile_at = now + self.config.reconcile_interval_seconds
+        if report.complete and self._use_idle():
+            self.client.idle()
+            self.idling = True
+            self.idle_started_at = now
+        return report
+
+    def _idle_step(self, max_wait: float) -> SyncReport | None:
+        assert self.client is not None
+        responses = self.client.idle_check(timeout=max_wait)
+        now = self.monotonic()
+        changed = any(_is_change(response) for response in responses)
+        # RFC 2177: re-issue IDLE well before the server's 29-minute timeout; and a cheap poll behind
+        # IDLE catches anything a server failed to push.
+        renew = now - self.idle_started_at >= self.config.idle_renew_seconds
+        poll_due = now >= self.next_poll_at
+        if changed or renew or poll_due:
+            return self._sync(reconcile=now >= self.next_reconcile_at)
+        return None
+
+
+def _is_change(response: object) -> bool:
+    """EXISTS, EXPUNGE, FETCH (flags), VANISHED: anything but keep-alive chatter ("OK Still here")."""
+    if not isinstance(response, tuple) or len(response) < 2:
+        return False
+    kind = response[1]
+    return isinstance(kind, bytes) and kind.upper() in (
+        b"EXISTS",
+        b"EXPUNGE",
+        b"FETCH",
+        b"RECENT",
+        b"VANISHED",
+    )

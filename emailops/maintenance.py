@@ -1,0 +1,136 @@
+"""Operator tasks on the index: catch up once, rebuild from IMAP, back up SQLite while running."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+from imapclient import IMAPClient
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.engine import make_url
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from emailops.cache import RawMessageCache
+from emailops.config import ServerConfig, SyncConfig
+from emailops.imap.connection import close_quietly, connect
+from emailops.imap.errors import ImapTransientError
+from emailops.imap.sync import FolderSync, SyncReport
+from emailops.store import fulltext
+from emailops.store.schema import folders, messages
+
+log = structlog.get_logger(component="index")
+
+
+def connect_with_retries(server: ServerConfig, attempts: int = 4) -> IMAPClient:
+    """For one-shot commands: a few quick retries of transient failures, then the error."""
+    for attempt in Retrying(
+        retry=retry_if_exception_type(ImapTransientError),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential_jitter(initial=0.5, max=5),
+        reraise=True,
+    ):
+        with attempt:
+            return connect(server)
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+def sync_once(
+    engine: Engine,
+    server: ServerConfig,
+    config: SyncConfig,
+    *,
+    connector: Callable[[ServerConfig], IMAPClient] = connect_with_retries,
+) -> list[SyncReport]:
+    """Catch up on every configured folder once, with a full reconcile."""
+    cache = RawMessageCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
+    client = connector(server)
+    try:
+        return [
+            FolderSync(engine, config, folder, cache=cache).sync(client, reconcile=True)
+            for folder in config.folders
+        ]
+    finally:
+        close_quietly(client)
+
+
+def clear_index(engine: Engine, account: str) -> int:
+    """Forget every indexed message of ``account`` and its folders' sync state; return how many.
+
+    The outbox stays: it is the memory of what was answered. A later sync takes the mail that is in
+    the folders then as already there (history), so a rebuild never answers old mail.
+    """
+    with engine.begin() as conn:
+        folder_ids = list(conn.execute(select(folders.c.id).where(folders.c.account == account)).scalars())
+        removed = conn.execute(delete(messages).where(messages.c.folder_id.in_(folder_ids))).rowcount
+        conn.execute(
+            update(folders)
+            .where(folders.c.account == account)
+            .values(
+                uidvalidity=None,
+                uidnext=None,
+                highestmodseq=None,
+                baseline_uidnext=None,
+                first_synced_at=None,
+                last_sync_at=None,
+                last_reconcile_at=None,
+            )
+        )
+        fulltext.rebuild(conn)
+    log.info("index cleared for rebuild", account=account, messages=removed)
+    return removed
+
+
+def reindex(
+    engine: Engine,
+    server: ServerConfig,
+    config: SyncConfig,
+    *,
+    connector: Callable[[ServerConfig], IMAPClient] = connect_with_retries,
+) -> list[SyncReport]:
+    """Rebuild the index from IMAP (raw messages come from the cache where it has them).
+
+    The IMAP connection is opened first: an unreachable server leaves the index as it was.
+    """
+    client = connector(server)
+    try:
+        clear_index(engine, config.account)
+        return sync_once(engine, server, config, connector=lambda _server: client)
+    finally:
+        close_quietly(client)
+
+
+class BackupError(Exception):
+    pass
+
+
+def backup_sqlite(database_url: str, target: Path) -> int:
+    """A consistent copy of the SQLite index, safe while the daemon writes (SQLite's online backup
+    API copies a snapshot, WAL included). Returns the copy's size in bytes."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        raise BackupError("emailops backup copies a SQLite index; back PostgreSQL up with pg_dump")
+    source_path = Path(url.database)
+    if not source_path.is_file():
+        raise BackupError(f"no index at {source_path}")
+    target = target.resolve()
+    if target == source_path.resolve():
+        raise BackupError("the backup would overwrite the index itself")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    source = sqlite3.connect(source_path, timeout=30)
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            source.backup(copy, pages=4096)
+            result = copy.execute("PRAGMA integrity_check").fetchone()
+            if result is None or result[0] != "ok":
+                raise BackupError(f"the copy failed its integrity check: {result}")
+        finally:
+            copy.close()
+    finally:
+        source.close()
+    partial.replace(target)
+    return target.stat().st_size

@@ -1,0 +1,110 @@
+"""The mail pipeline one worker runs: watch the folders it holds leases on, index what arrives.
+
+``MailPipeline.run_once()`` is one bounded iteration (about a second): renew or take folder leases,
+let each watched folder wait for and index changes, then hand newly indexed messages to the
+after-index stages (rules, outbox) given to it. The database coordinates N workers or containers:
+a folder is watched only by the holder of its lease, and a dead worker's lease expires.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import structlog
+from sqlalchemy import Engine
+
+from emailops.cache import RawMessageCache
+from emailops.config import ServerConfig, SyncConfig
+from emailops.imap.sync import Clock, FolderSync, utc_now
+from emailops.imap.watcher import FolderWatcher
+from emailops.store import folders as folder_store
+
+log = structlog.get_logger(component="index")
+
+LEASE_TTL = timedelta(seconds=60)
+LEASE_RENEW_SECONDS = 15.0
+
+
+class AfterIndexStage(Protocol):
+    """Work done after indexing in the same worker (rules, outbox delivery); bounded per call."""
+
+    def run_once(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MailPipeline:
+    def __init__(
+        self,
+        engine: Engine,
+        server: ServerConfig,
+        config: SyncConfig,
+        *,
+        owner: str,
+        workers: int = 1,
+        stages: Sequence[AfterIndexStage] = (),
+        clock: Clock = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+        step_seconds: float = 1.0,
+    ) -> None:
+        self.engine = engine
+        self.server = server
+        self.config = config
+        self.owner = owner
+        self.stages = list(stages)
+        self.clock = clock
+        self.monotonic = monotonic
+        self.step_seconds = step_seconds
+        self.cache = RawMessageCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
+        # Spread folders over workers: nobody holds more than its share while others have none.
+        self.max_folders = max(1, math.ceil(len(config.folders) / max(1, workers)))
+        self.watchers: dict[str, FolderWatcher] = {}
+        self.folder_ids: dict[str, int] = {}
+        self.next_lease_check = 0.0
+        self.log = log.bind(owner=owner)
+
+    def run_once(self) -> None:
+        if self.monotonic() >= self.next_lease_check:
+            self._manage_leases(self.clock())
+            self.next_lease_check = self.monotonic() + LEASE_RENEW_SECONDS
+        if self.watchers:
+            share = self.step_seconds / len(self.watchers)
+            for watcher in list(self.watchers.values()):
+                watcher.step(share)
+        else:
+            time.sleep(self.step_seconds)
+        for stage in self.stages:
+            stage.run_once()
+
+    def close(self) -> None:
+        for folder, watcher in self.watchers.items():
+            watcher.close()
+            with self.engine.begin() as conn:
+                folder_store.release_lease(conn, self.folder_ids[folder], self.owner)
+        self.watchers.clear()
+        for stage in self.stages:
+            stage.close()
+
+    def _manage_leases(self, now: datetime) -> None:
+        for folder in self.config.folders:
+            with self.engine.begin() as conn:
+                if folder not in self.folder_ids:
+                    self.folder_ids[folder] = folder_store.ensure_folder(conn, self.config.account, folder).id
+                watching = folder in self.watchers
+                if not watching and len(self.watchers) >= self.max_folders:
+                    continue
+                held = folder_store.acquire_lease(conn, self.folder_ids[folder], self.owner, now, LEASE_TTL)
+            if held and not watching:
+                self.log.info("watching folder", folder=folder)
+                self.watchers[folder] = self._watcher(folder)
+            elif not held and watching:
+                self.log.warning("lost the lease of a folder to another worker", folder=folder)
+                self.watchers.pop(folder).close()
+
+    def _watcher(self, folder: str) -> FolderWatcher:
+        sync = FolderSync(self.engine, self.config, folder, cache=self.cache, clock=self.clock)
+        return FolderWatcher(self.server, self.config, sync)

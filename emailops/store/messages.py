@@ -1,0 +1,358 @@
+"""Writing and reading indexed messages. Every write is idempotent on (folder, UIDVALIDITY, UID)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, and_, bindparam, func, select, update
+
+from emailops.mime.model import Address, Attachment, ParsedMessage
+from emailops.store import fulltext
+from emailops.store.schema import attachments, folders, messages
+
+
+@dataclass(frozen=True)
+class FetchedMessage:
+    """A message as fetched from one folder: the server's facts plus the parsed content."""
+
+    uid: int
+    flags: tuple[str, ...]
+    internal_date: datetime | None
+    modseq: int | None
+    parsed: ParsedMessage
+
+
+def _insert(conn: Connection):  # type: ignore[no-untyped-def]
+    if conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    return insert(messages)
+
+
+def _addresses(values: Iterable[Address]) -> str:
+    return ", ".join(str(a) for a in values)
+
+
+def _row(
+    folder_id: int, uidvalidity: int, item: FetchedMessage, rules_state: str, now: datetime
+) -> dict[str, object]:
+    p = item.parsed
+    sender = p.sender
+    return {
+        "folder_id": folder_id,
+        "uidvalidity": uidvalidity,
+        "uid": item.uid,
+        "message_id": p.message_id,
+        "subject": p.subject,
+        "from_addr": sender.email if sender else "",
+        "from_name": sender.name if sender else "",
+        "addresses": _addresses((*p.from_, *p.to, *p.cc, *p.reply_to)),
+        "to_addrs": _addresses(p.to),
+        "cc_addrs": _addresses(p.cc),
+        "date": p.date,
+        "internal_date": item.internal_date,
+        "in_reply_to": p.in_reply_to,
+        "references": " ".join(p.references),
+        "list_id": p.list_id,
+        "auto_submitted": p.auto_submitted,
+        "thread_key": p.thread_key,
+        "size": p.size,
+        "flags": " ".join(item.flags),
+        "modseq": item.modseq,
+        "headers_json": json.dumps(p.headers, ensure_ascii=False),
+        "body_text": p.body_text,
+        "has_attachments": bool(p.attachments),
+        "truncated": p.truncated,
+        "problems": " ".join(p.problems),
+        "indexed_at": now,
+        "rules_state": rules_state,
+    }
+
+
+def insert_messages(
+    conn: Connection,
+    folder_id: int,
+    uidvalidity: int,
+    batch: Sequence[FetchedMessage],
+    *,
+    baseline_uidnext: int | None,
+    now: datetime,
+) -> list[int]:
+    """Insert what is not indexed yet; return the primary keys of the rows inserted.
+
+    A message whose UID is at or above the folder's baseline arrived after the first sync and is
+    ``pending`` for the rules; one below it was there before and is ``history``.
+    """
+    if not batch:
+        return []
+
+    def state(uid: int) -> str:
+        return "pending" if baseline_uidnext is not None and uid >= baseline_uidnext else "history"
+
+    rows = [_row(folder_id, uidvalidity, item, state(item.uid), now) for item in batch]
+    statement = (
+        _insert(conn)
+        .on_conflict_do_nothing(index_elements=["folder_id", "uidvalidity", "uid"])
+        .returning(messages.c.id, messages.c.uid)
+    )
+    inserted = {uid: pk for pk, uid in conn.execute(statement, rows).all()}
+    if not inserted:
+        return []
+    by_uid = {item.uid: item for item in batch}
+    fulltext.index_rows(
+        conn,
+        (
+            (pk, str(row["subject"]), str(row["addresses"]), str(row["body_text"]))
+            for row in rows
+            if (pk := inserted.get(int(row["uid"]))) is not None  # type: ignore[call-overload]
+        ),
+    )
+    attachment_rows = [
+        {"message_pk": pk, "filename": a.filename, "content_type": a.content_type, "size": a.size}
+        for uid, pk in inserted.items()
+        for a in by_uid[uid].parsed.attachments
+    ]
+    if attachment_rows:
+        conn.execute(attachments.insert(), attachment_rows)
+    return list(inserted.values())
+
+
+def live_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[int]:
+    """UIDs indexed and not marked expunged."""
+    return set(
+        conn.execute(
+            select(messages.c.uid).where(
+                messages.c.folder_id == folder_id,
+                messages.c.uidvalidity == uidvalidity,
+                messages.c.expunged_at.is_(None),
+            )
+        ).scalars()
+    )
+
+
+def update_flags(
+    conn: Connection,
+    folder_id: int,
+    uidvalidity: int,
+    changes: Mapping[int, tuple[tuple[str, ...], int | None]],
+) -> None:
+    """Apply server flag changes: uid -> (flags, modseq)."""
+    if not changes:
+        return
+    conn.execute(
+        update(messages)
+        .where(
+            messages.c.folder_id == bindparam("f_id"),
+            messages.c.uidvalidity == bindparam("f_uv"),
+            messages.c.uid == bindparam("f_uid"),
+        )
+        .values(flags=bindparam("f_flags"), modseq=bindparam("f_modseq")),
+        [
+            {"f_id": folder_id, "f_uv": uidvalidity, "f_uid": uid, "f_flags": " ".join(flags), "f_modseq": ms}
+            for uid, (flags, ms) in changes.items()
+        ],
+    )
+
+
+def mark_expunged(
+    conn: Connection, folder_id: int, uidvalidity: int, uids: Iterable[int], now: datetime
+) -> int:
+    """Mark messages that left the server; they stay in the index, flagged, not silently dropped."""
+    uid_list = sorted(uids)
+    count = 0
+    for start in range(0, len(uid_list), 500):
+        chunk = uid_list[start : start + 500]
+        count += conn.execute(
+            update(messages)
+            .where(
+                messages.c.folder_id == folder_id,
+                messages.c.uidvalidity == uidvalidity,
+                messages.c.uid.in_(chunk),
+                messages.c.expunged_at.is_(None),
+            )
+            .values(expunged_at=now)
+        ).rowcount
+    return count
+
+
+def remap_uidvalidity(
+    conn: Connection,
+    folder_id: int,
+    old_uidvalidity: int,
+    new_uidvalidity: int,
+    uid_by_message_id: Mapping[str, int],
+) -> set[int]:
+    """Move rows of the old UIDVALIDITY to their new UIDs, matched by Message-ID.
+
+    Rows keep their primary key, rules state and outbox history, so a recreated mailbox neither
+    duplicates the index nor re-answers anything. Returns the new UIDs that were matched; rows left
+    on the old UIDVALIDITY are the caller's to mark expunged.
+    """
+    rows = conn.execute(
+        select(messages.c.id, messages.c.message_id)
+        .where(
+            messages.c.folder_id == folder_id,
+            messages.c.uidvalidity == old_uidvalidity,
+            messages.c.message_id.is_not(None),
+        )
+        .order_by(messages.c.id)
+    ).all()
+    taken: set[int] = set()
+    params = []
+    for pk, message_id in rows:
+        uid = uid_by_message_id.get(message_id)
+        if uid is None or uid in taken:
+            continue
+        taken.add(uid)
+        params.append({"r_pk": pk, "r_uid": uid})
+    if params:
+        conn.execute(
+            update(messages)
+            .where(messages.c.id == bindparam("r_pk"))
+            .values(uidvalidity=new_uidvalidity, uid=bindparam("r_uid"), expunged_at=None),
+            params,
+        )
+    return taken
+
+
+def pending_for_rules(conn: Connection, account: str, limit: int = 100) -> list[int]:
+    """Primary keys of messages whose rules have not run yet, oldest first."""
+    return list(
+        conn.execute(
+            select(messages.c.id)
+            .join(folders, folders.c.id == messages.c.folder_id)
+            .where(messages.c.rules_state == "pending", folders.c.account == account)
+            .order_by(messages.c.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """An indexed message as the rules see it (rebuilt from its row, so a restart loses nothing)."""
+
+    pk: int
+    folder: str
+    uidvalidity: int
+    uid: int
+    flags: tuple[str, ...]
+    rules_state: str
+    parsed: ParsedMessage
+
+
+def load_message(conn: Connection, pk: int) -> StoredMessage | None:
+    row = (
+        conn.execute(
+            select(messages, folders.c.name.label("folder_name"))
+            .join(folders, folders.c.id == messages.c.folder_id)
+            .where(messages.c.id == pk)
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        return None
+    attachment_rows = conn.execute(
+        select(attachments.c.filename, attachments.c.content_type, attachments.c.size).where(
+            attachments.c.message_pk == pk
+        )
+    ).all()
+    headers = {name: tuple(values) for name, values in json.loads(row["headers_json"]).items()}
+    parsed = ParsedMessage(
+        message_id=row["message_id"],
+        subject=row["subject"],
+        from_=(Address(row["from_name"], row["from_addr"]),) if row["from_addr"] else (),
+        to=_split_addresses(row["to_addrs"]),
+        cc=_split_addresses(row["cc_addrs"]),
+        reply_to=_split_addresses(", ".join(headers.get("reply-to", ()))),
+        date=_aware(row["date"]),
+        in_reply_to=row["in_reply_to"],
+        references=tuple(row["references"].split()),
+        list_id=row["list_id"],
+        auto_submitted=row["auto_submitted"],
+        return_path=_return_path(headers),
+        headers=headers,
+        body_text=row["body_text"],
+        attachments=tuple(Attachment(*a) for a in attachment_rows),
+        size=row["size"],
+        thread_key=row["thread_key"],
+        truncated=row["truncated"],
+        problems=tuple(row["problems"].split()),
+    )
+    return StoredMessage(
+        pk=pk,
+        folder=row["folder_name"],
+        uidvalidity=row["uidvalidity"],
+        uid=row["uid"],
+        flags=tuple(row["flags"].split()),
+        rules_state=row["rules_state"],
+        parsed=parsed,
+    )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _split_addresses(value: str) -> tuple[Address, ...]:
+    from email.utils import getaddresses
+
+    return tuple(Address(name, email) for name, email in getaddresses([value]) if email)
+
+
+def _return_path(headers: Mapping[str, tuple[str, ...]]) -> str | None:
+    values = headers.get("return-path")
+    if not values:
+        return None
+    return values[0].strip().strip("<>").strip()
+
+
+def set_rules_state(conn: Connection, pk: int, state: str) -> None:
+    conn.execute(update(messages).where(messages.c.id == pk).values(rules_state=state))
+
+
+@dataclass(frozen=True)
+class FolderStats:
+    name: str
+    uidvalidity: int | None
+    messages: int
+    expunged: int
+    last_sync: datetime | None
+
+
+def folder_stats(conn: Connection, account: str) -> list[FolderStats]:
+    live = func.count(messages.c.id).filter(messages.c.expunged_at.is_(None))
+    rows = conn.execute(
+        select(
+            folders.c.name,
+            folders.c.uidvalidity,
+            func.count(messages.c.id),
+            live,
+            folders.c.last_sync_at,
+        )
+        .select_from(folders)
+        .outerjoin(
+            messages,
+            and_(messages.c.folder_id == folders.c.id, messages.c.uidvalidity == folders.c.uidvalidity),
+        )
+        .where(folders.c.account == account)
+        .group_by(folders.c.id)
+        .order_by(folders.c.name)
+    ).all()
+    return [
+        FolderStats(
+            name=name,
+            uidvalidity=uidvalidity,
+            messages=int(live_count or 0),
+            expunged=int(total) - int(live_count or 0),
+            last_sync=_aware(last_sync),
+        )
+        for name, uidvalidity, total, live_count, last_sync in rows
+    ]

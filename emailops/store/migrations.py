@@ -1,0 +1,67 @@
+"""Schema migrations: ordered steps, each applied once and recorded in ``schema_migrations``.
+
+Migrations run at start (workers, CLI) and by ``emailops migrate``; an upgrade never needs the
+database deleted. A step is written for both dialects; a new step is appended, never edited.
+Hand-rolled rather than Alembic: the full-text structures (an FTS5 virtual table, a generated
+tsvector column) are dialect-specific DDL either way, and the list below is the whole history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, Engine, inspect, select
+
+from emailops.store import schema
+from emailops.store.fulltext import create_fulltext
+
+# A lock key so that two processes starting at once do not both migrate (PostgreSQL).
+_PG_MIGRATION_LOCK = 0x656D61696C6F7073
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[Connection], None]
+
+
+def _initial_schema(conn: Connection) -> None:
+    schema.metadata.create_all(
+        conn,
+        tables=[schema.folders, schema.messages, schema.attachments, schema.outbox],
+    )
+    create_fulltext(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema with full-text index", _initial_schema),)
+
+
+def current_version(conn: Connection) -> int:
+    if not inspect(conn).has_table("schema_migrations"):
+        return 0
+    versions = conn.execute(select(schema.schema_migrations.c.version)).scalars().all()
+    return max(versions, default=0)
+
+
+def migrate(engine: Engine) -> list[Migration]:
+    """Apply the pending migrations in one transaction (both dialects have transactional DDL)."""
+    applied: list[Migration] = []
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+        schema.schema_migrations.create(conn, checkfirst=True)
+        done = current_version(conn)
+        for migration in MIGRATIONS:
+            if migration.version <= done:
+                continue
+            migration.apply(conn)
+            conn.execute(
+                schema.schema_migrations.insert().values(
+                    version=migration.version, name=migration.name, applied_at=datetime.now(UTC)
+                )
+            )
+            applied.append(migration)
+    return applied

@@ -1,0 +1,142 @@
+"""The index's tables (SQLAlchemy Core). Column meanings are contracts; migrations create them.
+
+Identity of an indexed message is (folder_id, uidvalidity, uid): a folder row is one (account, name),
+so every write is idempotent on (account, folder, UIDVALIDITY, UID) as DESIGN.md requires.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only treats "INTEGER PRIMARY KEY" as the rowid alias; BigInteger elsewhere.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+folders = Table(
+    "folders",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account", String(320), nullable=False),
+    Column("name", String(1000), nullable=False),
+    Column("uidvalidity", BigInteger),
+    Column("uidnext", BigInteger),
+    Column("highestmodseq", BigInteger),
+    # UIDNEXT when this UIDVALIDITY was first synced: messages below it were there before the
+    # daemon and are never answered (issue 4, "mail that was there before").
+    Column("baseline_uidnext", BigInteger),
+    Column("first_synced_at", DateTime(timezone=True)),
+    Column("last_sync_at", DateTime(timezone=True)),
+    Column("last_reconcile_at", DateTime(timezone=True)),
+    # Which worker watches the folder; a lease that expired may be taken over.
+    Column("lease_owner", String(200)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    UniqueConstraint("account", "name", name="uq_folders_account_name"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("folder_id", Id, ForeignKey("folders.id", ondelete="CASCADE"), nullable=False),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("message_id", String(1000)),
+    Column("subject", Text, nullable=False, default=""),
+    Column("from_addr", String(1000), nullable=False, default=""),
+    Column("from_name", Text, nullable=False, default=""),
+    # Every address of From, To, Cc and Reply-To, as "Name <addr>" joined by ", " (searched).
+    Column("addresses", Text, nullable=False, default=""),
+    Column("to_addrs", Text, nullable=False, default=""),
+    Column("cc_addrs", Text, nullable=False, default=""),
+    Column("date", DateTime(timezone=True)),
+    Column("internal_date", DateTime(timezone=True)),
+    Column("in_reply_to", String(1000)),
+    Column("references", Text, nullable=False, default=""),
+    Column("list_id", Text),
+    Column("auto_submitted", Text),
+    Column("thread_key", String(1000), nullable=False, default=""),
+    Column("size", BigInteger, nullable=False, default=0),
+    # Space-separated IMAP flags as the server reports them.
+    Column("flags", Text, nullable=False, default=""),
+    Column("modseq", BigInteger),
+    # JSON object: lower-cased header name -> list of decoded values (bounded by the parser).
+    Column("headers_json", Text, nullable=False, default="{}"),
+    Column("body_text", Text, nullable=False, default=""),
+    Column("has_attachments", Boolean, nullable=False, default=False),
+    Column("truncated", Boolean, nullable=False, default=False),
+    # Space-separated parser problems (see emailops.mime.parse).
+    Column("problems", Text, nullable=False, default=""),
+    Column("indexed_at", DateTime(timezone=True), nullable=False),
+    Column("expunged_at", DateTime(timezone=True)),
+    # history: there before the first sync, never answered; pending: rules not yet applied;
+    # done: rules applied (decisions and outbox rows committed in the same transaction).
+    Column("rules_state", String(16), nullable=False, default="history"),
+    UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_messages_folder_uidvalidity_uid"),
+)
+Index("ix_messages_message_id", messages.c.message_id)
+Index("ix_messages_rules_pending", messages.c.rules_state, messages.c.id)
+Index("ix_messages_from_addr", messages.c.from_addr)
+
+attachments = Table(
+    "attachments",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_pk", Id, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("filename", Text),
+    Column("content_type", String(255), nullable=False),
+    Column("size", BigInteger, nullable=False),
+)
+Index("ix_attachments_message_pk", attachments.c.message_pk)
+
+# One automatic reply per (account, inbound message, rule). inbound_key is the inbound Message-ID,
+# or "<folder>/<uidvalidity>/<uid>" when it has none.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account", String(320), nullable=False),
+    Column("inbound_key", String(1000), nullable=False),
+    Column("message_pk", Id, ForeignKey("messages.id", ondelete="SET NULL")),
+    Column("rule_name", String(200), nullable=False),
+    # send: deliver by SMTP; draft: append to the Drafts folder instead.
+    Column("action", String(16), nullable=False, default="send"),
+    # pending -> sending -> sent | failed | unknown (a crash while sending); cancelled by the operator.
+    Column("state", String(16), nullable=False),
+    Column("recipient", String(1000), nullable=False),
+    Column("reply_message_id", String(1000), nullable=False),
+    Column("subject", Text, nullable=False, default=""),
+    Column("raw", LargeBinary, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("claimed_by", String(200)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    UniqueConstraint("account", "inbound_key", "rule_name", name="uq_outbox_inbound_rule"),
+)
+Index("ix_outbox_state_next", outbox.c.state, outbox.c.next_attempt_at)
+Index("ix_outbox_recipient_created", outbox.c.recipient, outbox.c.created_at)
+
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(200), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)

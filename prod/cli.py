@@ -1,0 +1,245 @@
+"""The ``emailops`` command line (also ``python -m emailops``).
+
+This is an entry point like ``prod.run``: it reads and validates the settings, configures logging
+(JSON on stderr, so stdout carries only the command's answer), then calls the domain library with
+plain values. Exit codes: 0 done, 1 failed, 2 usage error, 78 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prod.runtime_settings import ConfigError, RuntimeSettings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 78
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
+
+
+def _engine(settings: RuntimeSettings):  # type: ignore[no-untyped-def]
+    from emailops.store.database import create_index_engine
+    from emailops.store.migrations import migrate
+
+    engine = create_index_engine(settings.index_db_url)
+    migrate(engine)
+    return engine
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_sync(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.maintenance import sync_once
+
+    if not args.once:
+        print("emailops sync runs once with --once; the daemon is `python -m prod.run`", file=sys.stderr)
+        return 2
+    reports = sync_once(_engine(settings), settings.imap_config(), settings.sync_config())
+    return _print_reports(reports, args.json)
+
+
+def _print_reports(reports: Sequence[Any], as_json: bool) -> int:
+    if as_json:
+        _print_json([{k: v for k, v in asdict(r).items() if k != "new_message_pks"} for r in reports])
+        return EXIT_OK
+    for r in reports:
+        print(
+            f"{r.folder}: {r.new} new, {r.flags_changed} flag changes, {r.expunged} expunged"
+            f"{', resynced after UIDVALIDITY change' if r.resynced else ''} in {r.seconds:.2f} s"
+        )
+    print(f"total: {sum(r.new for r in reports)} new messages indexed in {len(reports)} folder(s)")
+    return EXIT_OK
+
+
+def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.store.database import reading
+    from emailops.store.fulltext import search
+
+    query = " ".join(args.query)
+    with reading(_engine(settings)) as conn:
+        hits = search(conn, settings.sync_config().account, query, folder=args.folder, limit=args.limit)
+    if args.json:
+        _print_json(
+            [
+                {
+                    "folder": h.folder,
+                    "uid": h.uid,
+                    "message_id": h.message_id,
+                    "from": h.from_,
+                    "subject": h.subject,
+                    "date": h.date,
+                    "snippet": h.snippet,
+                }
+                for h in hits
+            ]
+        )
+        return EXIT_OK
+    for h in hits:
+        date = h.date.strftime("%Y-%m-%d %H:%M") if h.date else "-"
+        print(f"{h.folder}:{h.uid}  {date}  {h.from_}  {h.subject}\n    {h.snippet}")
+    print(f"{len(hits)} message(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.store.database import reading
+    from emailops.store.messages import folder_stats
+
+    with reading(_engine(settings)) as conn:
+        stats = folder_stats(conn, settings.sync_config().account)
+    result = {
+        "messages_total": sum(s.messages for s in stats),
+        "folders": [
+            {
+                "name": s.name,
+                "uidvalidity": s.uidvalidity,
+                "messages": s.messages,
+                "expunged": s.expunged,
+                "last_sync": s.last_sync,
+            }
+            for s in stats
+        ],
+    }
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    for s in stats:
+        last = s.last_sync.isoformat(timespec="seconds") if s.last_sync else "never"
+        print(f"{s.name}: {s.messages} messages ({s.expunged} expunged), last sync {last}")
+    print(f"total: {result['messages_total']} messages")
+    return EXIT_OK
+
+
+def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.maintenance import reindex
+
+    reports = reindex(_engine(settings), settings.imap_config(), settings.sync_config())
+    return _print_reports(reports, args.json)
+
+
+def cmd_backup(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.maintenance import BackupError, backup_sqlite
+
+    try:
+        size = backup_sqlite(settings.index_db_url, args.path)
+    except BackupError as exc:
+        print(f"backup failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"backup written to {args.path} ({size} bytes, integrity ok)")
+    return EXIT_OK
+
+
+def cmd_check_config(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    values = settings.masked()
+    if args.json:
+        _print_json(values)
+    else:
+        for name, value in values.items():
+            print(f"{name}={value if not isinstance(value, list) else ','.join(map(str, value))}")
+        print("configuration ok", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_migrate(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.store.database import create_index_engine
+    from emailops.store.migrations import current_version, migrate
+
+    engine = create_index_engine(settings.index_db_url)
+    applied = migrate(engine)
+    with engine.connect() as conn:
+        version = current_version(conn)
+    for migration in applied:
+        print(f"applied {migration.version}: {migration.name}")
+    print(f"schema at version {version}")
+    return EXIT_OK
+
+
+Command = Callable[[RuntimeSettings, argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emailops",
+        description="EmailOps: index, search and answer one mailbox. Settings come from the "
+        "environment and .env (see .env.example).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sync = commands.add_parser("sync", help="catch up on every folder once and print a summary")
+    sync.add_argument("--once", action="store_true", help="run one catch-up pass and exit (required)")
+    sync.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sync.set_defaults(handler=cmd_sync)
+
+    search = commands.add_parser("search", help="full-text search over subject, addresses and body")
+    search.add_argument("query", nargs="+", help='words (all must match), "phrases", prefix*')
+    search.add_argument("--folder", help="only this folder")
+    search.add_argument("--limit", type=int, default=20, help="at most this many results (default 20)")
+    search.add_argument("--json", action="store_true", help="print a JSON list")
+    search.set_defaults(handler=cmd_search)
+
+    stats = commands.add_parser("stats", help="messages per folder and when each was last synced")
+    stats.add_argument("--json", action="store_true", help="print a JSON object")
+    stats.set_defaults(handler=cmd_stats)
+
+    reindex = commands.add_parser("reindex", help="rebuild the index from IMAP (old mail is never answered)")
+    reindex.add_argument("--json", action="store_true", help="print the summary as JSON")
+    reindex.set_defaults(handler=cmd_reindex)
+
+    backup = commands.add_parser("backup", help="a consistent copy of the SQLite index, safe while running")
+    backup.add_argument("path", type=Path, help="where to write the copy")
+    backup.set_defaults(handler=cmd_backup)
+
+    check = commands.add_parser("check-config", help="validate the settings and print them, secrets masked")
+    check.add_argument("--json", action="store_true", help="print a JSON object")
+    check.set_defaults(handler=cmd_check_config)
+
+    migrate = commands.add_parser("migrate", help="apply pending schema migrations (also done at start)")
+    migrate.set_defaults(handler=cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from prod.logging_setup import configure_logging
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = RuntimeSettings.from_env()
+    except ConfigError as exc:
+        configure_logging(None, process_role="cli")
+        print(f"emailops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings, process_role="cli")
+    handler: Command = args.handler
+    try:
+        return handler(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one readable line for the operator; the traceback goes to the log
+        import structlog
+
+        structlog.get_logger(component="cli").exception("command failed", command=args.command)
+        print(f"emailops {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

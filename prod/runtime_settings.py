@@ -1,0 +1,237 @@
+"""Runtime settings: every variable of the runbook's tables, read from the environment and ``.env``.
+
+``RuntimeSettings.from_env()`` validates once and raises ``ConfigError`` with one message that
+names each bad variable and what is wrong with it; the supervisor turns that into exit code 78.
+Passwords are ``SecretStr``: they print as ``**********`` and reach the domain code only through
+``imap_config()`` / ``smtp_config()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from emailops.config import ReplyConfig, ServerConfig, SyncConfig, TlsSecurity
+
+MASK = "**********"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+Port = Annotated[int, Field(ge=1, le=65535)]
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names every variable at fault."""
+
+
+def _implicit_tls(port: int, implicit_port: int) -> TlsSecurity:
+    return TlsSecurity.SSL if port == implicit_port else TlsSecurity.STARTTLS
+
+
+class RuntimeSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Runtime (runbook: "Environment Variables")
+    env: str = "production"
+    log_level: str = "INFO"
+    log_file_enabled: bool = True
+    log_file_path: Path = Path("/data/logs/app.log")
+    state_dir: Path = Path("/data/state")
+    cache_dir: Path = Path("/data/cache")
+    workers: int = Field(default=1, ge=1, le=64)
+    sentry_dsn: str = ""
+
+    # Email (runbook: "Email Configuration"; all required)
+    email_imap_host: str = Field(min_length=1)
+    email_imap_port: Port
+    email_smtp_host: str = Field(min_length=1)
+    email_smtp_port: Port
+    email_username: str = Field(min_length=1)
+    email_password: SecretStr
+
+    # Storage (runbook: "Storage Configuration")
+    index_db_url: str = "sqlite:////data/emailops.db"
+
+    # Connection security. Unset means: chosen from the port (993 / 465 are implicit TLS).
+    email_imap_security: TlsSecurity | None = None
+    email_smtp_security: TlsSecurity | None = None
+    email_tls_ca_file: Path | None = None
+    email_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # Indexing
+    email_folders: CommaList = ("INBOX",)
+    imap_idle: bool = True
+    poll_interval_seconds: float = Field(default=60.0, gt=0)
+    max_message_bytes: int = Field(default=25 * 1024 * 1024, ge=64 * 1024)
+    cache_max_bytes: int = Field(default=2 * 1024**3, ge=0)
+
+    # Replies
+    email_from: str = ""
+    rules_file: Path = Path("/data/rules.toml")
+    replies_dry_run: bool = False
+    never_reply_to: CommaList = ()
+    reply_max_per_sender_per_day: int = Field(default=3, ge=1)
+    reply_max_per_hour: int = Field(default=100, ge=1)
+    save_sent_copy: bool = False
+    sent_folder: str = "Sent"
+    drafts_folder: str = "Drafts"
+
+    # Supervision
+    shutdown_timeout_seconds: float = Field(default=15.0, gt=0)
+    heartbeat_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> str:
+        level = str(value).strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("email_folders", "never_reply_to", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(item.strip() for item in items if item.strip())
+
+    @field_validator("index_db_url")
+    @classmethod
+    def _db_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"is not a database URL ({exc})") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"must be sqlite:/// or postgresql+psycopg://, not {url.drivername!r}")
+        if url.get_backend_name() == "sqlite" and not url.database:
+            raise ValueError("names no SQLite file (use sqlite:////data/emailops.db)")
+        return value
+
+    @field_validator("email_tls_ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_defaults(self) -> Self:
+        if self.email_imap_security is None:
+            self.email_imap_security = _implicit_tls(self.email_imap_port, 993)
+        if self.email_smtp_security is None:
+            self.email_smtp_security = _implicit_tls(self.email_smtp_port, 465)
+        if not self.email_folders:
+            raise ValueError("EMAIL_FOLDERS names no folder")
+        return self
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Self:
+        """Read and validate the environment (and ``.env``), or raise one readable ``ConfigError``."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+    # Plain values for the domain library.
+    def imap_config(self) -> ServerConfig:
+        assert self.email_imap_security is not None
+        return ServerConfig(
+            host=self.email_imap_host,
+            port=self.email_imap_port,
+            username=self.email_username,
+            password=self.email_password.get_secret_value(),
+            security=self.email_imap_security,
+            ca_file=self.email_tls_ca_file,
+            timeout_seconds=self.email_timeout_seconds,
+        )
+
+    def smtp_config(self) -> ServerConfig:
+        assert self.email_smtp_security is not None
+        return ServerConfig(
+            host=self.email_smtp_host,
+            port=self.email_smtp_port,
+            username=self.email_username,
+            password=self.email_password.get_secret_value(),
+            security=self.email_smtp_security,
+            ca_file=self.email_tls_ca_file,
+            timeout_seconds=self.email_timeout_seconds,
+        )
+
+    def sync_config(self) -> SyncConfig:
+        return SyncConfig(
+            account=f"{self.email_username}@{self.email_imap_host}",
+            folders=self.email_folders,
+            use_idle=self.imap_idle,
+            poll_interval_seconds=self.poll_interval_seconds,
+            max_message_bytes=self.max_message_bytes,
+            cache_dir=self.cache_dir,
+            cache_max_bytes=self.cache_max_bytes,
+        )
+
+    def reply_config(self) -> ReplyConfig:
+        from_address = self.email_from or self.email_username
+        own = {from_address.lower(), self.email_username.lower()}
+        return ReplyConfig(
+            from_address=from_address,
+            own_addresses=tuple(sorted(a for a in own if "@" in a)),
+            rules_file=self.rules_file,
+            dry_run=self.replies_dry_run,
+            never_reply_to=self.never_reply_to,
+            max_replies_per_sender_per_day=self.reply_max_per_sender_per_day,
+            max_replies_per_hour=self.reply_max_per_hour,
+            save_sent_copy=self.save_sent_copy,
+            sent_folder=self.sent_folder,
+            drafts_folder=self.drafts_folder,
+        )
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting by its variable name, secrets masked (for ``check-config``)."""
+        values = self.model_dump(mode="json")
+        values["email_password"] = MASK
+        if self.sentry_dsn:
+            values["sentry_dsn"] = _mask_dsn(self.sentry_dsn)
+        values["index_db_url"] = _mask_db_url(self.index_db_url)
+        return {name.upper(): value for name, value in values.items()}
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+def _mask_dsn(dsn: str) -> str:
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or "@" not in rest:
+        return dsn
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def _mask_db_url(value: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(value).render_as_string(hide_password=True)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each variable at fault and what is wrong, e.g.
+    ``invalid configuration: EMAIL_PASSWORD: missing; WORKERS: must be >= 1 (got 0)``."""
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
+        name = loc[0].upper() if loc else "configuration"
+        if error["type"] == "missing":
+            what = "missing (required)"
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+            given = error.get("input")
+            shown = "" if name == "EMAIL_PASSWORD" or isinstance(given, dict) else f" (got {given!r})"
+            what = f"{message}{shown}"
+        problems.append(f"{name}: {what}")
+    return "invalid configuration: " + "; ".join(problems)
