@@ -28,7 +28,7 @@ def connect_with_retries(server: ServerConfig, attempts: int = 4) -> IMAPClient:
     for attempt in Retrying(
         retry=retry_if_exception_type(ImapTransientError),
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.5, max=5),
+        wait=wait_exponential_jitter(multiplier=0.5, max=5),
         reraise=True,
     ):
         with attempt:

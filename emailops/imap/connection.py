@@ -103,9 +103,9 @@ class ReconnectPolicy:
     wrong password does not get the account locked by the provider.
     """
 
-    transient = wait_exponential_jitter(initial=1, max=60, jitter=1)
-    too_many = wait_exponential_jitter(initial=30, max=300, jitter=5)
-    auth = wait_exponential_jitter(initial=60, max=3600, jitter=10)
+    transient = wait_exponential_jitter(multiplier=1, max=60, jitter=1)
+    too_many = wait_exponential_jitter(multiplier=30, max=300, jitter=5)
+    auth = wait_exponential_jitter(multiplier=60, max=3600, jitter=10)
 
     def delay(self, error: ImapError, failures: int) -> float:
         if isinstance(error, ImapAuthError):

@@ -159,6 +159,10 @@ class FolderWatcher:
     def _idle_step(self, max_wait: float) -> SyncReport | None:
         assert self.client is not None
         responses = self.client.idle_check(timeout=max_wait)
+        if any(_is_bye(response) for response in responses):
+            # The server is going away (restart, shutdown): reconnect rather than wait on a dead socket.
+            self._drop(ImapTransientError(f"server said BYE: {responses}"))
+            return None
         now = self.monotonic()
         changed = any(_is_change(response) for response in responses)
         # RFC 2177: re-issue IDLE well before the server's 29-minute timeout; and a cheap poll behind
@@ -168,6 +172,10 @@ class FolderWatcher:
         if changed or renew or poll_due:
             return self._sync(reconcile=now >= self.next_reconcile_at)
         return None
+
+
+def _is_bye(response: object) -> bool:
+    return isinstance(response, tuple) and bool(response) and response[0] == b"BYE"
 
 
 def _is_change(response: object) -> bool:

@@ -1,0 +1,61 @@
+"""Shared builders for the index tests: configs pointing at a LocalDovecot, simple messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+
+from emailops.config import ServerConfig, SyncConfig, TlsSecurity
+from emailops.store.database import create_index_engine
+from emailops.store.migrations import migrate
+from prod.localmail.dovecot import LocalDovecot
+
+ALICE = "alice@example.test"
+ACCOUNT = "alice@example.test@127.0.0.1"
+
+
+def imap_config(dovecot: LocalDovecot, **overrides: object) -> ServerConfig:
+    values: dict[str, object] = {
+        "host": dovecot.host,
+        "port": dovecot.imap_port,
+        "username": ALICE,
+        "password": dovecot.password(ALICE),
+        "security": TlsSecurity.NONE,
+        "timeout_seconds": 10.0,
+    }
+    values.update(overrides)
+    return ServerConfig(**values)  # type: ignore[arg-type]
+
+
+def sync_config(tmp_path: Path | None = None, **overrides: object) -> SyncConfig:
+    values: dict[str, object] = {"account": ACCOUNT, "poll_interval_seconds": 0.5}
+    if tmp_path is not None:
+        values["cache_dir"] = tmp_path / "cache"
+    values.update(overrides)
+    return SyncConfig(**values)  # type: ignore[arg-type]
+
+
+def index_engine(url: str) -> Engine:
+    engine = create_index_engine(url)
+    migrate(engine)
+    return engine
+
+
+def message(
+    n: int, *, subject: str | None = None, body: str | None = None, message_id: str | None = None
+) -> bytes:
+    return (
+        f"From: Sender {n} <sender{n}@example.org>\r\n"
+        f"To: {ALICE}\r\n"
+        f"Subject: {subject or f'note {n}'}\r\n"
+        f"Message-ID: {message_id or f'<note-{n}@example.org>'}\r\n"
+        "Date: Tue, 2 Jan 2024 10:00:00 +0000\r\n"
+        "\r\n"
+        f"{body or f'body of note {n} token{n}x'}\r\n"
+    ).encode()
+
+
+def rows(engine: Engine, sql: str) -> list[tuple[object, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(sql)).all()]
