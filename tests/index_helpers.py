@@ -59,3 +59,30 @@ def message(
 def rows(engine: Engine, sql: str) -> list[tuple[object, ...]]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(text(sql)).all()]
+
+
+def daemon_env(dovecot: LocalDovecot, data: Path, **overrides: str) -> dict[str, str]:
+    """Environment for ``python -m emailops`` / ``prod.run`` against ``dovecot``, state under ``data``."""
+    import os
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("EMAIL_", "SENTRY_"))}
+    env.update(
+        {
+            "EMAIL_IMAP_HOST": dovecot.host,
+            "EMAIL_IMAP_PORT": str(dovecot.imap_port),
+            "EMAIL_IMAP_SECURITY": "none",
+            "EMAIL_SMTP_HOST": "127.0.0.1",
+            "EMAIL_SMTP_PORT": "2525",
+            "EMAIL_SMTP_SECURITY": "none",
+            "EMAIL_USERNAME": ALICE,
+            "EMAIL_PASSWORD": dovecot.password(ALICE),
+            "INDEX_DB_URL": f"sqlite:///{data / 'emailops.db'}",
+            "STATE_DIR": str(data / "state"),
+            "CACHE_DIR": str(data / "cache"),
+            "LOG_FILE_PATH": str(data / "logs" / "app.log"),
+            "RULES_FILE": str(data / "rules.toml"),
+            "ENV": "test",
+        }
+    )
+    env.update(overrides)
+    return env

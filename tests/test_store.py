@@ -1,0 +1,159 @@
+"""The index store on SQLite and PostgreSQL alike: migrations, idempotent writes, search, leases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from emailops.mime.model import Address, Attachment, ParsedMessage
+from emailops.store import folders as folder_store
+from emailops.store import fulltext
+from emailops.store import messages as message_store
+from emailops.store.database import create_index_engine, reading
+from emailops.store.migrations import MIGRATIONS, current_version, migrate
+from tests.index_helpers import index_engine, rows
+
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+
+def parsed(n: int, *, subject: str = "", body: str = "", sender: str = "ann@example.org") -> ParsedMessage:
+    return ParsedMessage(
+        message_id=f"<m{n}@example.org>",
+        subject=subject or f"subject {n}",
+        from_=(Address("Ann Example", sender),),
+        to=(Address("", "me@example.test"),),
+        cc=(),
+        reply_to=(),
+        date=NOW,
+        in_reply_to=None,
+        references=(),
+        list_id=None,
+        auto_submitted=None,
+        return_path=None,
+        headers={"subject": (subject,), "x-custom": ("yes",)},
+        body_text=body or f"body {n}",
+        attachments=(Attachment("report.pdf", "application/pdf", 1234),),
+        size=500,
+        thread_key=f"<m{n}@example.org>",
+    )
+
+
+def fetched(n: int, **kwargs: str) -> message_store.FetchedMessage:
+    return message_store.FetchedMessage(n, ("\\Seen",), NOW, None, parsed(n, **kwargs))
+
+
+def test_migrations_run_once_and_are_recorded(db_url: str) -> None:
+    engine = create_index_engine(db_url)
+    assert [m.version for m in migrate(engine)] == [m.version for m in MIGRATIONS]
+    assert migrate(engine) == []
+    with engine.connect() as conn:
+        assert current_version(conn) == MIGRATIONS[-1].version
+
+
+def test_writes_are_idempotent_on_folder_uidvalidity_uid(db_url: str) -> None:
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        first = message_store.insert_messages(
+            conn, folder.id, 7, [fetched(1), fetched(2)], baseline_uidnext=2, now=NOW
+        )
+        again = message_store.insert_messages(
+            conn, folder.id, 7, [fetched(1), fetched(2), fetched(3)], baseline_uidnext=2, now=NOW
+        )
+        other_generation = message_store.insert_messages(
+            conn, folder.id, 8, [fetched(1)], baseline_uidnext=2, now=NOW
+        )
+        assert folder_store.ensure_folder(conn, "acct", "INBOX").id == folder.id
+    assert len(first) == 2 and len(again) == 1 and len(other_generation) == 1
+    assert rows(engine, "SELECT uidvalidity, uid, rules_state FROM messages ORDER BY id") == [
+        (7, 1, "history"),
+        (7, 2, "pending"),
+        (7, 3, "pending"),
+        (8, 1, "history"),
+    ]
+    assert rows(engine, "SELECT count(*) FROM attachments") == [(4,)]
+    with reading(engine) as conn:
+        assert len(fulltext.search(conn, "acct", "body")) == 4
+
+
+def test_search_behaves_the_same_on_both_backends(db_url: str) -> None:
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        message_store.insert_messages(
+            conn,
+            folder.id,
+            1,
+            [
+                fetched(1, subject="Quarterly report", body="numbers are up"),
+                fetched(2, subject="Lunch", body="the quarterly numbers later", sender="bob@example.net"),
+                fetched(3, subject="Café crème", body="Grüße aus Zürich"),
+            ],
+            baseline_uidnext=None,
+            now=NOW,
+        )
+    with reading(engine) as conn:
+
+        def uids(query: str) -> list[int]:
+            return sorted(h.uid for h in fulltext.search(conn, "acct", query))
+
+        assert uids("quarterly") == [1, 2]
+        assert uids("quarterly numbers") == [1, 2]
+        assert uids('"quarterly numbers"') == [2]
+        assert uids("quart*") == [1, 2]
+        assert uids("bob@example.net") == [2]
+        assert uids("example.net") == [2]
+        assert uids("Zürich") == [3]
+        assert uids("crème") == [3]
+        assert uids('"unbalanced AND ( OR *') == []
+        assert uids("") == []
+        assert fulltext.search(conn, "other-account", "quarterly") == []
+        hit = fulltext.search(conn, "acct", "later")[0]
+        assert "later" in hit.snippet and hit.from_ == "Ann Example <bob@example.net>"
+
+
+def test_expunged_messages_are_kept_but_not_found(db_url: str) -> None:
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        message_store.insert_messages(
+            conn, folder.id, 1, [fetched(1), fetched(2)], baseline_uidnext=None, now=NOW
+        )
+        assert message_store.mark_expunged(conn, folder.id, 1, [2], NOW) == 1
+        assert message_store.mark_expunged(conn, folder.id, 1, [2], NOW) == 0
+        folder_store.save_sync_state(conn, folder.id, uidvalidity=1, uidnext=3, highestmodseq=None, now=NOW)
+        stats = message_store.folder_stats(conn, "acct")
+    assert [(s.name, s.messages, s.expunged) for s in stats] == [("INBOX", 1, 1)]
+    with reading(engine) as conn:
+        assert [h.uid for h in fulltext.search(conn, "acct", "body")] == [1]
+
+
+def test_stored_message_round_trips_for_the_rules(db_url: str) -> None:
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        (pk,) = message_store.insert_messages(conn, folder.id, 1, [fetched(5)], baseline_uidnext=1, now=NOW)
+        stored = message_store.load_message(conn, pk)
+    assert stored is not None
+    assert (stored.folder, stored.uid, stored.rules_state) == ("INBOX", 5, "pending")
+    original = parsed(5)
+    assert stored.parsed.from_ == original.from_
+    assert stored.parsed.to == original.to
+    assert stored.parsed.header("X-Custom") == "yes"
+    assert stored.parsed.attachments == original.attachments
+    assert stored.parsed.date == NOW
+
+
+def test_a_folder_lease_has_one_live_owner(db_url: str) -> None:
+    engine = index_engine(db_url)
+    ttl = timedelta(seconds=60)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        assert folder_store.acquire_lease(conn, folder.id, "w1", NOW, ttl)
+        assert not folder_store.acquire_lease(conn, folder.id, "w2", NOW + timedelta(seconds=30), ttl)
+        assert folder_store.acquire_lease(conn, folder.id, "w1", NOW + timedelta(seconds=30), ttl)
+        # w1 died: its lease runs out and w2 takes the folder over.
+        assert folder_store.acquire_lease(conn, folder.id, "w2", NOW + timedelta(seconds=91), ttl)
+        folder_store.release_lease(conn, folder.id, "w1")  # not the owner any more: no effect
+        assert not folder_store.acquire_lease(conn, folder.id, "w1", NOW + timedelta(seconds=92), ttl)
+        folder_store.release_lease(conn, folder.id, "w2")
+        assert folder_store.acquire_lease(conn, folder.id, "w1", NOW + timedelta(seconds=93), ttl)
