@@ -1,0 +1,367 @@
+"""A throwaway authenticated SMTP submission server on loopback that hands mail to a LocalDovecot.
+
+It plays the part of the operator's outgoing mail server: it requires AUTH (PLAIN or LOGIN),
+optionally offers STARTTLS and/or implicit TLS, records every message it accepts, and passes each
+one on over LMTP, so a reply sent to a local account lands in that account's INBOX. Recipients
+that the Dovecot does not know are accepted and only recorded, like mail a real relay would send
+on to the internet. Failures can be injected at RCPT or DATA, and the server can be stopped and
+started again on the same port to simulate an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import ssl
+import tempfile
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from prod.localmail.certs import TestCertificates, make_test_certificates
+from prod.localmail.dovecot import (
+    LOOPBACK,
+    LocalDovecot,
+    default_scratch_root,
+    free_loopback_port,
+    lmtp_deliver,
+)
+
+FailureStage = Literal["RCPT", "DATA"]
+SERVER_NAME = "relay.example.test"
+
+
+@dataclass(frozen=True)
+class AcceptedMessage:
+    """One message the relay answered 250 to at the end of DATA."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    auth_login: str | None
+    # Recipients the Dovecot accepted over LMTP; the others were only recorded.
+    delivered_to: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RejectedCommand:
+    """An injected failure that was answered, for assertions on retry behaviour."""
+
+    stage: FailureStage
+    code: int
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+
+
+@dataclass
+class _PlannedFailure:
+    code: int
+    text: str
+    remaining: int
+
+
+class _RelayHandler:
+    """aiosmtpd handler: failure injection, recording and LMTP hand-off."""
+
+    def __init__(self, relay: LocalSmtpRelay) -> None:
+        self._relay = relay
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        failure = self._relay._take_failure("RCPT", envelope, extra_rcpt=address)
+        if failure is not None:
+            return failure
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        failure = self._relay._take_failure("DATA", envelope)
+        if failure is not None:
+            return failure
+        data = envelope.original_content or b""
+        if isinstance(envelope.content, bytes) and not data:
+            data = envelope.content
+        mail_from = envelope.mail_from or ""
+        auth_login = _login_name(session.auth_data)
+        try:
+            delivered = await asyncio.to_thread(self._relay._hand_off, mail_from, envelope.rcpt_tos, data)
+        except smtplib.SMTPException as error:
+            return f"451 4.3.0 Local delivery failed: {error}"
+        except OSError as error:
+            return f"451 4.4.1 Local delivery unreachable: {error}"
+        self._relay._record(
+            AcceptedMessage(
+                mail_from=mail_from,
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                data=data,
+                auth_login=auth_login,
+                delivered_to=tuple(delivered),
+            )
+        )
+        return "250 2.0.0 Message accepted for delivery"
+
+
+def _login_name(auth_data: Any) -> str | None:
+    if isinstance(auth_data, LoginPassword):
+        return auth_data.login.decode("utf-8", errors="replace")
+    return None
+
+
+class _QuietSession(Session):
+    """aiosmtpd's own AUTH code sets the deprecated ``login_data``; keep it from warning."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class _RelaySmtp(SMTP):
+    def _create_session(self) -> Session:
+        return _QuietSession(self.loop)
+
+
+class _QuietController(Controller):
+    """A Controller whose SMTP sessions do not warn about choices made on purpose.
+
+    Loopback tests require AUTH without TLS by design, which aiosmtpd warns about per session.
+    """
+
+    def factory(self) -> SMTP:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+            return _RelaySmtp(self.handler, **self.SMTP_kwargs)
+
+
+class LocalSmtpRelay:
+    """An SMTP submission server on ``127.0.0.1:port`` (and ``tls_port`` with implicit TLS).
+
+    ``credentials`` maps login names to passwords accepted by AUTH PLAIN/LOGIN. With ``starttls``
+    the plain port offers STARTTLS; with ``implicit_tls`` a second port speaks TLS from the first
+    byte. Both use ``certificates``, by default the Dovecot's (so one ``ca_file`` verifies both
+    servers), or a fresh test CA when the Dovecot has none. ``auth_require_tls`` refuses AUTH
+    before TLS, as a strict provider would.
+    """
+
+    def __init__(
+        self,
+        dovecot: LocalDovecot | None,
+        credentials: Mapping[str, str],
+        *,
+        starttls: bool = False,
+        implicit_tls: bool = False,
+        auth_require_tls: bool = False,
+        certificates: TestCertificates | None = None,
+    ) -> None:
+        self.dovecot = dovecot
+        self._credentials = dict(credentials)
+        self._starttls = starttls
+        self._auth_require_tls = auth_require_tls
+        self.host = LOOPBACK
+        self.port = free_loopback_port(self.host)
+        self.tls_port: int | None = free_loopback_port(self.host) if implicit_tls else None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.certificates: TestCertificates | None = None
+        if starttls or implicit_tls or auth_require_tls:
+            self.certificates = certificates or (dovecot.certificates if dovecot else None)
+            if self.certificates is None:
+                self._scratch = tempfile.TemporaryDirectory(
+                    prefix="emailops-smtp-", dir=default_scratch_root()
+                )
+                self.certificates = make_test_certificates(Path(self._scratch.name))
+        self._lock = threading.Condition()
+        self._accepted: list[AcceptedMessage] = []
+        self._rejected: list[RejectedCommand] = []
+        self._failures: dict[FailureStage, deque[_PlannedFailure]] = {"RCPT": deque(), "DATA": deque()}
+        self._controllers: list[Controller] = []
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.certificates.ca_file if self.certificates is not None else None
+
+    @property
+    def running(self) -> bool:
+        return bool(self._controllers)
+
+    def _server_tls_context(self) -> ssl.SSLContext:
+        assert self.certificates is not None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.certificates.cert_file, self.certificates.key_file)
+        return context
+
+    def _controller(self, port: int, implicit: bool) -> Controller:
+        smtp_options: dict[str, Any] = {
+            "server_hostname": SERVER_NAME,
+            "authenticator": self._authenticate,
+            "auth_required": True,
+            "auth_require_tls": self._auth_require_tls,
+        }
+        if implicit:
+            smtp_options["ssl_context"] = self._server_tls_context()
+            # aiosmtpd only counts STARTTLS as TLS; here the whole connection already is.
+            smtp_options["auth_require_tls"] = False
+        elif self._starttls or self._auth_require_tls:
+            smtp_options["tls_context"] = self._server_tls_context()
+        return _QuietController(_RelayHandler(self), hostname=self.host, port=port, **smtp_options)
+
+    def start(self) -> None:
+        """Listen (again) on the same port(s); returns once the server answers."""
+        if self.running:
+            return
+        plans = [(self.port, False)] + ([(self.tls_port, True)] if self.tls_port else [])
+        try:
+            for port, implicit in plans:
+                controller = self._controller(port, implicit)
+                controller.start()
+                self._controllers.append(controller)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Close the listening port(s) and drop open sessions: clients see the server down."""
+        controllers, self._controllers = self._controllers, []
+        for controller in controllers:
+            controller.stop(no_assert=True)
+
+    def close(self) -> None:
+        self.stop()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    def __enter__(self) -> LocalSmtpRelay:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------- behaviour
+
+    def add_account(self, login: str, password: str) -> None:
+        with self._lock:
+            self._credentials[login] = password
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if mechanism not in ("PLAIN", "LOGIN") or not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode("utf-8", errors="replace")
+        password = auth_data.password.decode("utf-8", errors="replace")
+        with self._lock:
+            known = self._credentials.get(login)
+        accepted = known is not None and known == password
+        return AuthResult(success=accepted, handled=False, auth_data=auth_data if accepted else None)
+
+    def fail_next(self, code: int, text: str, times: int = 1, at: FailureStage = "DATA") -> None:
+        """Answer the next ``times`` DATA commands (or RCPT commands) with ``code text``.
+
+        4xx codes are transient failures a client should retry, 5xx permanent ones. At RCPT each
+        RCPT TO command counts once; at DATA each message counts once.
+        """
+        if not 400 <= code <= 599:
+            raise ValueError("an injected failure needs a 4xx or 5xx code")
+        if times < 1:
+            raise ValueError("times must be at least 1")
+        with self._lock:
+            self._failures[at].append(_PlannedFailure(code, text, times))
+
+    def _take_failure(
+        self, stage: FailureStage, envelope: Envelope, extra_rcpt: str | None = None
+    ) -> str | None:
+        with self._lock:
+            plans = self._failures[stage]
+            if not plans:
+                return None
+            plan = plans[0]
+            plan.remaining -= 1
+            if plan.remaining == 0:
+                plans.popleft()
+            rcpts = tuple(envelope.rcpt_tos) + ((extra_rcpt,) if extra_rcpt else ())
+            self._rejected.append(RejectedCommand(stage, plan.code, envelope.mail_from or "", rcpts))
+            self._lock.notify_all()
+        return f"{plan.code} {plan.text}"
+
+    def _hand_off(self, mail_from: str, rcpt_tos: list[str], data: bytes) -> list[str]:
+        """LMTP each recipient into the Dovecot; returns those it accepted.
+
+        A permanent refusal means "not a local account" and is not an error; a transient one or
+        an unreachable Dovecot raises, and the client gets a 451.
+        """
+        if self.dovecot is None:
+            return []
+        delivered = []
+        for recipient in rcpt_tos:
+            try:
+                lmtp_deliver(self.dovecot.host, self.dovecot.lmtp_port, mail_from, recipient, data)
+            except smtplib.SMTPRecipientsRefused as refusal:
+                code = next(iter(refusal.recipients.values()))[0]
+                if code < 500:
+                    raise
+                continue
+            delivered.append(recipient)
+        return delivered
+
+    def _record(self, message: AcceptedMessage) -> None:
+        with self._lock:
+            self._accepted.append(message)
+            self._lock.notify_all()
+
+    # ----------------------------------------------------------------------------- assertions
+
+    @property
+    def accepted(self) -> list[AcceptedMessage]:
+        """The messages accepted so far, oldest first."""
+        with self._lock:
+            return list(self._accepted)
+
+    @property
+    def rejected(self) -> list[RejectedCommand]:
+        """The injected failures answered so far, oldest first."""
+        with self._lock:
+            return list(self._rejected)
+
+    def wait_for_accepted(self, count: int, timeout: float = 10.0) -> list[AcceptedMessage]:
+        """Block until at least ``count`` messages were accepted; raises TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self._accepted) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(self._accepted)} of {count} messages accepted in time")
+                self._lock.wait(remaining)
+            return list(self._accepted)
+
+    def clear(self) -> None:
+        """Forget accepted and rejected records and any planned failures."""
+        with self._lock:
+            self._accepted.clear()
+            self._rejected.clear()
+            for plans in self._failures.values():
+                plans.clear()
