@@ -1,0 +1,1 @@
+"""Message corpora for tests: generated hostile messages (``hostile``)."""
