@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 from emailops.pipeline import MailPipeline
+from emailops.replies.mailbox import MailboxSession
+from emailops.replies.smtp_sender import SmtpSender
+from emailops.replies.stages import OutboxStage, RulesStage, claimer_id
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
 from prod.runtime_settings import RuntimeSettings
 
 
 def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
-    """Open the index (migrating it if needed) and build this worker's pipeline."""
+    """Open the index (migrating it if needed) and build this worker's pipeline.
+
+    Stages after indexing: the rules (new mail only), then the outbox (SMTP delivery, drafts).
+    """
     engine = create_index_engine(settings.index_db_url)
     migrate(engine)
-    owner = f"{socket.gethostname()}:{os.getpid()}:w{worker_id}"
-    return MailPipeline(
-        engine,
-        settings.imap_config(),
-        settings.sync_config(),
-        owner=owner,
-        workers=settings.workers,
-    )
+    owner = claimer_id(worker_id)
+    sync_config = settings.sync_config()
+    reply_config = settings.reply_config()
+    imap = settings.imap_config()
+    stages = [
+        RulesStage(engine, account=sync_config.account, config=reply_config, mailbox=MailboxSession(imap)),
+        OutboxStage(
+            engine,
+            account=sync_config.account,
+            claimer=owner,
+            config=reply_config,
+            sender=SmtpSender(settings.smtp_config()),
+            mailbox=MailboxSession(imap),
+        ),
+    ]
+    return MailPipeline(engine, imap, sync_config, owner=owner, workers=settings.workers, stages=stages)

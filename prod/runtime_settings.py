@@ -77,6 +77,7 @@ class RuntimeSettings(BaseSettings):
     never_reply_to: CommaList = ()
     reply_max_per_sender_per_day: int = Field(default=3, ge=1)
     reply_max_per_hour: int = Field(default=100, ge=1)
+    reply_send_max_attempts: int = Field(default=5, ge=1)
     save_sent_copy: bool = False
     sent_folder: str = "Sent"
     drafts_folder: str = "Drafts"
@@ -187,6 +188,7 @@ class RuntimeSettings(BaseSettings):
             never_reply_to=self.never_reply_to,
             max_replies_per_sender_per_day=self.reply_max_per_sender_per_day,
             max_replies_per_hour=self.reply_max_per_hour,
+            send_max_attempts=self.reply_send_max_attempts,
             save_sent_copy=self.save_sent_copy,
             sent_folder=self.sent_folder,
             drafts_folder=self.drafts_folder,

@@ -1,0 +1,85 @@
+"""One unit of reply delivery: claim a due outbox row, send it, record the outcome.
+
+Two short transactions around the SMTP conversation: the claim (``sending``) commits before the
+first byte goes out, the outcome commits after the answer. A crash in between leaves ``sending``,
+which ``outbox.recover_interrupted`` turns into ``unknown`` at the next start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy import Engine
+
+from emailops.replies import outbox
+from emailops.replies.outbox import OutboxState
+from emailops.replies.smtp_sender import (
+    PermanentSendError,
+    SmtpSender,
+    TransientSendError,
+    UncertainSendError,
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    outbox_id: int
+    recipient: str
+    state: OutboxState
+    detail: str
+    attempts: int
+
+
+def deliver_next(
+    engine: Engine,
+    sender: SmtpSender,
+    *,
+    claimer: str,
+    envelope_from: str,
+    max_attempts: int,
+    account: str | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+) -> DeliveryResult | None:
+    """Deliver the next due ``send`` reply, or return ``None`` when nothing is due."""
+    with engine.begin() as conn:
+        row = outbox.claim_next(conn, claimer=claimer, now=clock(), action="send", account=account)
+    if row is None:
+        return None
+    log = structlog.get_logger().bind(
+        component="smtp", outbox_id=row.id, rule=row.rule_name, recipient=row.recipient, attempt=row.attempts
+    )
+    try:
+        answer = sender.send(envelope_from=envelope_from, recipient=row.recipient, raw=row.raw)
+    except PermanentSendError as exc:
+        with engine.begin() as conn:
+            outbox.mark_failed(conn, row.id, claimer=claimer, reason=str(exc), now=clock())
+        log.error("reply refused", reason=str(exc), code=exc.code)
+        return DeliveryResult(row.id, row.recipient, OutboxState.FAILED, str(exc), row.attempts)
+    except UncertainSendError as exc:
+        with engine.begin() as conn:
+            outbox.mark_unknown(conn, row.id, claimer=claimer, reason=str(exc), now=clock())
+        log.error("reply outcome unknown; not retried automatically", reason=str(exc))
+        return DeliveryResult(row.id, row.recipient, OutboxState.UNKNOWN, str(exc), row.attempts)
+    except TransientSendError as exc:
+        with engine.begin() as conn:
+            state = outbox.mark_transient_failure(
+                conn, row, claimer=claimer, reason=str(exc), now=clock(), max_attempts=max_attempts
+            )
+        log.warning(
+            "reply not delivered; will retry" if state is OutboxState.PENDING else "reply failed",
+            reason=str(exc),
+            code=exc.code,
+            state=state.value,
+        )
+        return DeliveryResult(row.id, row.recipient, state, str(exc), row.attempts)
+    with engine.begin() as conn:
+        outbox.mark_sent(conn, row.id, claimer=claimer, now=clock())
+    log.info("reply sent", answer=answer)
+    return DeliveryResult(row.id, row.recipient, OutboxState.SENT, answer, row.attempts)

@@ -1,0 +1,224 @@
+"""Apply the rules to one newly indexed message, inside the caller's transaction.
+
+``apply_rules`` is called in the same transaction that marks the message's rules as done, so the
+decision and the outbox row commit together or not at all: a crash before the commit re-runs the
+decision, after it the unique outbox key makes a re-run a no-op. It returns ``Decision``s; the
+caller performs ``mailbox_actions(decisions)`` (flag, seen, move) only after the commit, and
+delivers outbox rows separately (``delivery.deliver_next``, drafts via ``imap_actions``).
+
+Per matching rule (file order, ``stop`` ends the list): an already recorded reply is reported as
+it is; otherwise the robot checks (``robots``), then the limits (``limits``) decide; a reply that
+passes is composed now and stored ``pending``. Dry run (``ReplyConfig.dry_run``): every decision is
+logged and returned, but nothing is recorded and no mailbox action is planned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+import structlog
+from sqlalchemy import Connection
+
+from emailops.config import ReplyConfig
+from emailops.mime.model import ParsedMessage
+from emailops.replies import limits, outbox
+from emailops.replies.compose import AddressError, build_reply, clean_message_id
+from emailops.replies.robots import reply_suppression_reason
+from emailops.rules.matching import matching_rules
+from emailops.rules.model import Rule, RuleSet
+from emailops.rules.templates import template_values
+
+_MAX_KEY = 1000
+
+
+class MailboxActionKind(StrEnum):
+    FLAG = "flag"
+    MARK_SEEN = "mark_seen"
+    MOVE = "move"
+
+
+@dataclass(frozen=True)
+class MailboxAction:
+    kind: MailboxActionKind
+    folder: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one matching rule decided for one message.
+
+    ``reply_action`` is ``"send"``/``"draft"`` for a rule with a reply, else ``None``. When a reply
+    was wanted: ``outbox_id`` is its row (``created`` False if it was recorded before), or
+    ``suppressed`` says why there is none. ``dry_run`` decisions record nothing.
+    """
+
+    rule: str
+    reply_action: str | None
+    outbox_id: int | None = None
+    created: bool = False
+    suppressed: str | None = None
+    mailbox_actions: tuple[MailboxAction, ...] = ()
+    dry_run: bool = False
+
+
+def inbound_key(parsed: ParsedMessage, *, folder: str, uidvalidity: int, uid: int) -> str:
+    """The outbox's identity of an inbound message: its Message-ID, else folder/UIDVALIDITY/UID.
+
+    A malformed Message-ID is not used: a constant bogus id would make every later message with it
+    look already answered.
+    """
+    message_id = clean_message_id(parsed.message_id)
+    if message_id and len(message_id) <= _MAX_KEY:
+        return message_id
+    return f"{folder}/{uidvalidity}/{uid}"[-_MAX_KEY:]
+
+
+def _rule_mailbox_actions(rule: Rule) -> tuple[MailboxAction, ...]:
+    actions = []
+    if rule.flag:
+        actions.append(MailboxAction(MailboxActionKind.FLAG))
+    if rule.mark_seen:
+        actions.append(MailboxAction(MailboxActionKind.MARK_SEEN))
+    if rule.move_to:
+        actions.append(MailboxAction(MailboxActionKind.MOVE, rule.move_to))
+    return tuple(actions)
+
+
+def mailbox_actions(decisions: list[Decision]) -> list[MailboxAction]:
+    """The mailbox changes to make after the commit: flags first, then at most one move (the first)."""
+    changes: list[MailboxAction] = []
+    move: MailboxAction | None = None
+    for decision in decisions:
+        for action in decision.mailbox_actions:
+            if action.kind is MailboxActionKind.MOVE:
+                move = move or action
+            elif action not in changes:
+                changes.append(action)
+    return [*changes, move] if move else changes
+
+
+def apply_rules(
+    conn: Connection,
+    *,
+    account: str,
+    message_pk: int | None,
+    folder: str,
+    uidvalidity: int,
+    uid: int,
+    parsed: ParsedMessage,
+    rules: RuleSet,
+    config: ReplyConfig,
+    now: datetime,
+) -> list[Decision]:
+    """Decide for every matching rule; record replies in ``conn``'s transaction (see module doc)."""
+    log = structlog.get_logger().bind(component="rules", folder=folder, uid=uid, uidvalidity=uidvalidity)
+    key = inbound_key(parsed, folder=folder, uidvalidity=uidvalidity, uid=uid)
+    robot_reason: str | None = None
+    robots_checked = False
+    decisions: list[Decision] = []
+    for rule in matching_rules(rules, parsed, folder):
+        planned = () if config.dry_run else _rule_mailbox_actions(rule)
+        if rule.reply is None:
+            decisions.append(Decision(rule.name, None, mailbox_actions=planned, dry_run=config.dry_run))
+            log.info(
+                "rule matched",
+                rule=rule.name,
+                actions=[a.kind.value for a in _rule_mailbox_actions(rule)],
+                dry_run=config.dry_run,
+            )
+            continue
+        action = rule.reply.action.value
+
+        existing = outbox.find_reply(conn, account=account, inbound_key=key, rule_name=rule.name)
+        if existing is not None:
+            decisions.append(Decision(rule.name, action, outbox_id=existing, mailbox_actions=planned))
+            log.info("reply already recorded", rule=rule.name, outbox_id=existing)
+            continue
+
+        if not robots_checked:
+            robot_reason = reply_suppression_reason(parsed, config)
+            robots_checked = True
+        reason = robot_reason
+        composed = None
+        if reason is None:
+            values = template_values(parsed, folder=folder, rule=rule.name, my_address=config.from_address)
+            try:
+                composed = build_reply(
+                    parsed,
+                    from_address=config.from_address,
+                    inbound_key=key,
+                    rule_name=rule.name,
+                    body_text=rule.reply.body.render(values),
+                    html_text=rule.reply.html.render(values, escape_html=True) if rule.reply.html else None,
+                    subject=rule.reply.subject.render(values) if rule.reply.subject else None,
+                    now=now,
+                )
+            except AddressError as exc:
+                reason = f"no valid address ({exc})"
+        if composed is not None:
+            limits.lock_recipient(conn, account=account, recipient=composed.recipient)
+            reason = limits.limit_reason(
+                conn,
+                account=account,
+                rule_name=rule.name,
+                recipient=composed.recipient,
+                once_per_sender_days=rule.reply.once_per_sender_days,
+                config=config,
+                now=outbox.as_utc(now),
+            )
+        if reason is not None or composed is None:
+            decisions.append(
+                Decision(
+                    rule.name, action, suppressed=reason, mailbox_actions=planned, dry_run=config.dry_run
+                )
+            )
+            log.info(
+                "reply suppressed",
+                rule=rule.name,
+                reason=reason,
+                sender=_sender(parsed),
+                dry_run=config.dry_run,
+            )
+            continue
+
+        if config.dry_run:
+            decisions.append(Decision(rule.name, action, dry_run=True))
+            log.info(
+                "dry run: would reply",
+                rule=rule.name,
+                reply_action=action,
+                recipient=composed.recipient,
+                subject=composed.subject,
+            )
+            continue
+
+        outbox_id, created = outbox.insert_reply(
+            conn,
+            account=account,
+            inbound_key=key,
+            message_pk=message_pk,
+            rule_name=rule.name,
+            action=action,
+            recipient=composed.recipient,
+            reply_message_id=composed.message_id,
+            subject=composed.subject,
+            raw=composed.raw,
+            now=now,
+        )
+        decisions.append(
+            Decision(rule.name, action, outbox_id=outbox_id, created=created, mailbox_actions=planned)
+        )
+        log.info(
+            "reply recorded",
+            rule=rule.name,
+            reply_action=action,
+            outbox_id=outbox_id,
+            recipient=composed.recipient,
+        )
+    return decisions
+
+
+def _sender(parsed: ParsedMessage) -> str:
+    return parsed.sender.email if parsed.sender else ""

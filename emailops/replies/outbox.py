@@ -1,0 +1,364 @@
+"""The transactional outbox: replies are recorded with the decision, delivered later, exactly once.
+
+States (column ``outbox.state``)::
+
+    pending --claim--> sending --250--------------> sent
+       ^                  |----5xx----------------> failed      (reason kept in last_error)
+       |                  |----4xx / network------> pending     (next_attempt_at = now + backoff)
+       |                  |    ... attempts == send_max_attempts -> failed
+       |                  |----no answer after DATA-> unknown   (may have been delivered)
+       |                  '----claimer died---------> unknown   (recover_interrupted)
+       '--- retry (operator) --- failed | unknown
+    pending | failed | unknown --cancel (operator)--> cancelled
+
+A reply is never sent while another claimer holds it: claiming is atomic (PostgreSQL
+``FOR UPDATE SKIP LOCKED``; SQLite a conditional ``UPDATE ... WHERE state='pending'`` inside the
+short ``BEGIN IMMEDIATE`` transaction the engine opens). The claim is committed *before* the SMTP
+conversation, so a crash during it leaves the row in ``sending``; ``recover_interrupted`` turns
+such rows into ``unknown``, which only the operator can retry: a reply whose outcome is unknown is
+never resent blindly. Backoff across restarts lives in ``next_attempt_at``; the delay comes from a
+tenacity wait strategy.
+
+Functions that take a ``Connection`` run in the caller's transaction; ``deliver_next`` manages its
+own two short transactions around the SMTP conversation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from tenacity import RetryCallState, wait_exponential
+
+from emailops.store.schema import outbox
+
+# 1 min, 2, 4, 8, ... capped at one hour between attempts.
+BACKOFF = wait_exponential(multiplier=60, min=60, max=3600)
+MAX_ERROR_CHARS = 2000
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    CANCELLED = "cancelled"
+
+
+RETRYABLE = (OutboxState.FAILED, OutboxState.UNKNOWN)
+CANCELLABLE = (OutboxState.PENDING, OutboxState.FAILED, OutboxState.UNKNOWN)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """An aware UTC datetime; a naive one is taken to be UTC already (SQLite returns those)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def backoff_delay(attempts: int) -> timedelta:
+    """The wait before the next try after ``attempts`` failed tries (tenacity's exponential wait)."""
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, attempts)
+    return timedelta(seconds=BACKOFF(state))
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    account: str
+    inbound_key: str
+    message_pk: int | None
+    rule_name: str
+    action: str
+    state: OutboxState
+    recipient: str
+    reply_message_id: str
+    subject: str
+    raw: bytes
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+    claimed_by: str | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+
+    @classmethod
+    def from_mapping(cls, row: Any) -> OutboxRow:
+        def moment(value: datetime | None) -> datetime | None:
+            return as_utc(value) if value is not None else None
+
+        return cls(
+            id=row["id"],
+            account=row["account"],
+            inbound_key=row["inbound_key"],
+            message_pk=row["message_pk"],
+            rule_name=row["rule_name"],
+            action=row["action"],
+            state=OutboxState(row["state"]),
+            recipient=row["recipient"],
+            reply_message_id=row["reply_message_id"],
+            subject=row["subject"],
+            raw=bytes(row["raw"]),
+            attempts=row["attempts"],
+            last_error=row["last_error"],
+            next_attempt_at=moment(row["next_attempt_at"]),
+            claimed_by=row["claimed_by"],
+            created_at=as_utc(row["created_at"]),
+            updated_at=as_utc(row["updated_at"]),
+            sent_at=moment(row["sent_at"]),
+        )
+
+
+def find_reply(conn: Connection, *, account: str, inbound_key: str, rule_name: str) -> int | None:
+    return conn.execute(
+        select(outbox.c.id).where(
+            outbox.c.account == account,
+            outbox.c.inbound_key == inbound_key,
+            outbox.c.rule_name == rule_name,
+        )
+    ).scalar_one_or_none()
+
+
+def insert_reply(
+    conn: Connection,
+    *,
+    account: str,
+    inbound_key: str,
+    message_pk: int | None,
+    rule_name: str,
+    action: str,
+    recipient: str,
+    reply_message_id: str,
+    subject: str,
+    raw: bytes,
+    now: datetime,
+) -> tuple[int, bool]:
+    """Record a pending reply; a no-op when (account, inbound_key, rule_name) exists.
+
+    Returns ``(outbox id, created)``; ``created`` is False when the row was already there.
+    """
+    now = as_utc(now)
+    values = {
+        "account": account,
+        "inbound_key": inbound_key,
+        "message_pk": message_pk,
+        "rule_name": rule_name,
+        "action": action,
+        "state": OutboxState.PENDING.value,
+        "recipient": recipient.lower(),
+        "reply_message_id": reply_message_id,
+        "subject": subject,
+        "raw": raw,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if conn.dialect.name == "postgresql":
+        stmt: Any = (
+            pg_insert(outbox).values(**values).on_conflict_do_nothing(constraint="uq_outbox_inbound_rule")
+        )
+    else:
+        stmt = (
+            sqlite_insert(outbox)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["account", "inbound_key", "rule_name"])
+        )
+    new_id = conn.execute(stmt.returning(outbox.c.id)).scalar_one_or_none()
+    if new_id is not None:
+        return new_id, True
+    existing = find_reply(conn, account=account, inbound_key=inbound_key, rule_name=rule_name)
+    assert existing is not None, "the conflicting outbox row vanished inside the transaction"
+    return existing, False
+
+
+def get_reply(conn: Connection, outbox_id: int) -> OutboxRow | None:
+    row = conn.execute(select(outbox).where(outbox.c.id == outbox_id)).mappings().first()
+    return OutboxRow.from_mapping(row) if row else None
+
+
+def claim_next(
+    conn: Connection, *, claimer: str, now: datetime, action: str = "send", account: str | None = None
+) -> OutboxRow | None:
+    """Move the next due pending row to ``sending`` for ``claimer`` and return it, or ``None``.
+
+    Commit right after: the claim must be durable before the SMTP conversation starts.
+    """
+    now = as_utc(now)
+    due = select(outbox.c.id).where(
+        outbox.c.state == OutboxState.PENDING.value,
+        outbox.c.action == action,
+        outbox.c.next_attempt_at <= now,
+    )
+    if account is not None:
+        due = due.where(outbox.c.account == account)
+    due = due.order_by(outbox.c.next_attempt_at, outbox.c.id).limit(1)
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        due = due.with_for_update(skip_locked=True)
+    # On SQLite the transaction already holds the write lock, so the first candidate is ours; the
+    # loop only matters if another writer slipped in (it cannot under BEGIN IMMEDIATE).
+    for _ in range(3):
+        row_id = conn.execute(due).scalar_one_or_none()
+        if row_id is None:
+            return None
+        claimed = conn.execute(
+            update(outbox)
+            .where(outbox.c.id == row_id, outbox.c.state == OutboxState.PENDING.value)
+            .values(
+                state=OutboxState.SENDING.value,
+                claimed_by=claimer,
+                attempts=outbox.c.attempts + 1,
+                updated_at=now,
+            )
+        )
+        if claimed.rowcount == 1:
+            return get_reply(conn, row_id)
+    return None
+
+
+def _finish(conn: Connection, row_id: int, claimer: str, now: datetime, **values: Any) -> bool:
+    """Move a row out of ``sending``, only if ``claimer`` still holds it."""
+    result = conn.execute(
+        update(outbox)
+        .where(
+            outbox.c.id == row_id,
+            outbox.c.state == OutboxState.SENDING.value,
+            outbox.c.claimed_by == claimer,
+        )
+        .values(updated_at=as_utc(now), **values)
+    )
+    return result.rowcount == 1
+
+
+def mark_sent(conn: Connection, row_id: int, *, claimer: str, now: datetime) -> bool:
+    return _finish(
+        conn, row_id, claimer, now, state=OutboxState.SENT.value, sent_at=as_utc(now), last_error=None
+    )
+
+
+def mark_failed(conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime) -> bool:
+    return _finish(
+        conn, row_id, claimer, now, state=OutboxState.FAILED.value, last_error=reason[:MAX_ERROR_CHARS]
+    )
+
+
+def mark_unknown(conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime) -> bool:
+    return _finish(
+        conn, row_id, claimer, now, state=OutboxState.UNKNOWN.value, last_error=reason[:MAX_ERROR_CHARS]
+    )
+
+
+def mark_transient_failure(
+    conn: Connection, row: OutboxRow, *, claimer: str, reason: str, now: datetime, max_attempts: int
+) -> OutboxState:
+    """After a transient error: pending again with backoff, or failed once attempts are used up."""
+    if row.attempts >= max_attempts:
+        mark_failed(
+            conn, row.id, claimer=claimer, reason=f"gave up after {row.attempts} attempts: {reason}", now=now
+        )
+        return OutboxState.FAILED
+    _finish(
+        conn,
+        row.id,
+        claimer,
+        now,
+        state=OutboxState.PENDING.value,
+        claimed_by=None,
+        last_error=reason[:MAX_ERROR_CHARS],
+        next_attempt_at=as_utc(now) + backoff_delay(row.attempts),
+    )
+    return OutboxState.PENDING
+
+
+def sending_claimers(conn: Connection) -> list[str]:
+    """The distinct claimers of rows now in ``sending``."""
+    return list(
+        conn.execute(
+            select(outbox.c.claimed_by).where(outbox.c.state == OutboxState.SENDING.value).distinct()
+        ).scalars()
+    )
+
+
+def recover_interrupted(
+    conn: Connection,
+    *,
+    now: datetime,
+    claimers: tuple[str, ...] | None = None,
+    claimed_before: datetime | None = None,
+) -> int:
+    """Rows left in ``sending`` by dead claimers become ``unknown``; returns how many.
+
+    ``claimers=None`` means every claimer (call it at start-up when no other process can be
+    sending); otherwise only rows claimed by those ids. ``claimed_before`` limits it to claims older
+    than that moment (a send never takes longer than the SMTP timeouts).
+    """
+    stmt = update(outbox).where(outbox.c.state == OutboxState.SENDING.value)
+    if claimers is not None:
+        stmt = stmt.where(outbox.c.claimed_by.in_(claimers))
+    if claimed_before is not None:
+        stmt = stmt.where(outbox.c.updated_at < as_utc(claimed_before))
+    result = conn.execute(
+        stmt.values(
+            state=OutboxState.UNKNOWN.value,
+            last_error="interrupted while sending: the reply may or may not have been delivered",
+            updated_at=as_utc(now),
+        )
+    )
+    if result.rowcount:
+        structlog.get_logger().warning(
+            "outbox replies interrupted while sending are now unknown",
+            component="smtp",
+            count=result.rowcount,
+        )
+    return result.rowcount
+
+
+def list_replies(
+    conn: Connection,
+    *,
+    states: tuple[str, ...] | None = None,
+    account: str | None = None,
+    limit: int = 100,
+) -> list[OutboxRow]:
+    """Newest first, optionally only some states (operator listing)."""
+    stmt = select(outbox)
+    if states:
+        stmt = stmt.where(outbox.c.state.in_(states))
+    if account is not None:
+        stmt = stmt.where(outbox.c.account == account)
+    rows = conn.execute(stmt.order_by(outbox.c.id.desc()).limit(limit)).mappings().all()
+    return [OutboxRow.from_mapping(r) for r in rows]
+
+
+def retry_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
+    """Operator: a failed or unknown reply goes back to pending with fresh attempts."""
+    result = conn.execute(
+        update(outbox)
+        .where(outbox.c.id == outbox_id, outbox.c.state.in_([s.value for s in RETRYABLE]))
+        .values(
+            state=OutboxState.PENDING.value,
+            attempts=0,
+            claimed_by=None,
+            next_attempt_at=as_utc(now),
+            updated_at=as_utc(now),
+        )
+    )
+    return result.rowcount == 1
+
+
+def cancel_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
+    """Operator: a pending, failed or unknown reply will never be sent (it stops counting to limits)."""
+    result = conn.execute(
+        update(outbox)
+        .where(outbox.c.id == outbox_id, outbox.c.state.in_([s.value for s in CANCELLABLE]))
+        .values(state=OutboxState.CANCELLED.value, claimed_by=None, updated_at=as_utc(now))
+    )
+    return result.rowcount == 1

@@ -1,0 +1,213 @@
+"""SMTP delivery of composed replies, one connection reused for a burst.
+
+Security (``ServerConfig.security``): ``ssl`` is implicit TLS; ``starttls`` requires the server to
+offer STARTTLS and fails closed when it does not (never a plaintext fallback); ``none`` is
+plaintext, only when configured. Certificates and host names are verified against the system CAs
+plus ``ca_file``. AUTH uses the account's credentials when the server offers AUTH; smtplib's
+debug output stays off, so the password never reaches a log.
+
+Outcomes: ``send`` returns on 250 and otherwise raises
+- ``TransientSendError``: 4xx, connection problems, timeouts, TLS and AUTH problems (worth retrying
+  later: the message was certainly not accepted);
+- ``PermanentSendError``: a 5xx answer to the envelope or the message (carries the server's text);
+- ``UncertainSendError``: the whole message was transmitted but no answer came back - the server
+  may have accepted it, so it must not be resent automatically.
+
+The envelope sender is the configured From address rather than the null path RFC 3834 section 3.3
+suggests: authenticated submission servers commonly refuse ``MAIL FROM:<>``. Loops are prevented by
+``Auto-Submitted: auto-replied`` and the robot checks instead.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import ssl
+
+import structlog
+
+from emailops.config import ServerConfig, TlsSecurity
+
+
+class SmtpSendError(Exception):
+    """A reply was not (certainly) delivered. ``code`` is the SMTP reply code, 0 if none."""
+
+    def __init__(self, message: str, *, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransientSendError(SmtpSendError):
+    """Not accepted this time; retry later."""
+
+
+class SmtpSecurityError(TransientSendError):
+    """The connection could not be protected as configured (e.g. STARTTLS not offered)."""
+
+
+class PermanentSendError(SmtpSendError):
+    """Refused with a 5xx answer; retrying the same message will not help."""
+
+
+class UncertainSendError(SmtpSendError):
+    """Transmitted, but the final answer never came: the message may have been delivered."""
+
+
+def tls_context(config: ServerConfig) -> ssl.SSLContext:
+    """Verifying context: system CAs plus ``config.ca_file`` (create_default_context alone would
+    drop the system CAs when given a cafile)."""
+    context = ssl.create_default_context()
+    if config.ca_file is not None:
+        context.load_verify_locations(cafile=str(config.ca_file))
+    return context
+
+
+def _reply_text(raw: bytes | str) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return " ".join(text.split())
+
+
+def _classify(code: int, reply: bytes | str, stage: str) -> SmtpSendError:
+    message = f"{stage}: {code} {_reply_text(reply)}".strip()
+    if 500 <= code <= 599:
+        return PermanentSendError(message, code=code)
+    return TransientSendError(message, code=code)
+
+
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+class SmtpSender:
+    """Sends messages over one lazily opened SMTP connection; ``close()`` when the burst is over."""
+
+    def __init__(self, config: ServerConfig, *, local_hostname: str | None = None) -> None:
+        self.config = config
+        # gethostname() needs no DNS lookup (getfqdn() can stall for seconds in a container).
+        self.local_hostname = local_hostname or socket.gethostname() or "localhost"
+        self._smtp: smtplib.SMTP | None = None
+        self.connections_opened = 0
+        self._log = structlog.get_logger().bind(component="smtp", host=config.host, port=config.port)
+
+    def __enter__(self) -> SmtpSender:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+
+    def _connect(self) -> smtplib.SMTP:
+        cfg = self.config
+        try:
+            if cfg.security is TlsSecurity.SSL:
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    cfg.host,
+                    cfg.port,
+                    local_hostname=self.local_hostname,
+                    timeout=cfg.timeout_seconds,
+                    context=tls_context(cfg),
+                )
+            else:
+                smtp = smtplib.SMTP(
+                    cfg.host, cfg.port, local_hostname=self.local_hostname, timeout=cfg.timeout_seconds
+                )
+            smtp.set_debuglevel(0)
+            smtp.ehlo()
+            if cfg.security is TlsSecurity.STARTTLS:
+                if not smtp.has_extn("starttls"):
+                    smtp.close()
+                    raise SmtpSecurityError(
+                        f"{cfg.host}:{cfg.port} does not offer STARTTLS; refusing to send in plaintext"
+                    )
+                smtp.starttls(context=tls_context(cfg))
+                smtp.ehlo()
+            if smtp.has_extn("auth") and cfg.username:
+                smtp.login(cfg.username, cfg.password)
+        except SmtpSendError:
+            raise
+        except smtplib.SMTPAuthenticationError as exc:
+            raise TransientSendError(
+                f"authentication failed: {exc.smtp_code} {_reply_text(exc.smtp_error)}", code=exc.smtp_code
+            ) from None
+        except smtplib.SMTPResponseException as exc:
+            raise TransientSendError(
+                f"connection setup refused: {exc.smtp_code} {_reply_text(exc.smtp_error)}", code=exc.smtp_code
+            ) from None
+        except ssl.SSLError as exc:
+            raise SmtpSecurityError(f"TLS with {cfg.host}:{cfg.port} failed: {exc}") from None
+        except (smtplib.SMTPException, OSError) as exc:
+            raise TransientSendError(f"cannot connect to {cfg.host}:{cfg.port}: {exc}") from None
+        self.connections_opened += 1
+        self._log.info("smtp connected", security=cfg.security.value)
+        return smtp
+
+    def _connection(self) -> smtplib.SMTP:
+        """The open connection if it still answers (NOOP), otherwise a new one."""
+        if self._smtp is not None:
+            try:
+                code, _ = self._smtp.noop()
+                if code == 250:
+                    return self._smtp
+            except (smtplib.SMTPException, OSError):
+                pass
+            self._log.info("smtp connection dropped; reconnecting")
+            self.close()
+        self._smtp = self._connect()
+        return self._smtp
+
+    def send(self, *, envelope_from: str, recipient: str, raw: bytes) -> str:
+        """Deliver ``raw`` (CRLF line ends) to exactly ``recipient``; return the server's 250 text."""
+        smtp = self._connection()
+        try:
+            code, reply = smtp.mail(envelope_from)
+            if code != 250:
+                self._reset()
+                raise _classify(code, reply, "MAIL FROM")
+            code, reply = smtp.rcpt(recipient)
+            if code not in (250, 251):
+                self._reset()
+                raise _classify(code, reply, "RCPT TO")
+            smtp.putcmd("data")
+            code, reply = smtp.getreply()
+            if code != 354:
+                self._reset()
+                raise _classify(code, reply, "DATA")
+            payload = _LEADING_DOT.sub(b"..", raw)
+            if not payload.endswith(b"\r\n"):
+                payload += b"\r\n"
+            smtp.send(payload + b".\r\n")
+        except SmtpSendError:
+            raise
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise TransientSendError(f"connection lost before the message was complete: {exc}") from None
+        try:
+            code, reply = smtp.getreply()
+        except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
+            raise UncertainSendError(f"no answer after the message was transmitted: {exc}") from None
+        if code != 250:
+            self._reset()
+            raise _classify(code, reply, "end of DATA")
+        return _reply_text(reply)
+
+    def _reset(self) -> None:
+        if self._smtp is None:
+            return
+        try:
+            self._smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self._drop()
+
+    def _drop(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()

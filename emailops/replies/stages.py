@@ -1,0 +1,244 @@
+"""The two after-index stages of a worker: applying rules to new mail, and delivering the outbox.
+
+Both are bounded per call and safe with N workers: a message's rules run once because the worker
+that moves it from ``pending`` wins a conditional UPDATE, and outbox rows are claimed atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from sqlalchemy import Engine, update
+
+from emailops.config import ReplyConfig
+from emailops.imap.errors import ImapError
+from emailops.imap.watcher import CONNECTION_ERRORS
+from emailops.replies import engine as decisions
+from emailops.replies import imap_actions, outbox
+from emailops.replies.delivery import deliver_next
+from emailops.replies.mailbox import MailboxSession
+from emailops.replies.outbox import OutboxState
+from emailops.replies.smtp_sender import SmtpSender
+from emailops.rules import RuleSetCache
+from emailops.store import messages as message_store
+from emailops.store.schema import messages
+
+log = structlog.get_logger(component="rules")
+
+Clock = Callable[[], datetime]
+
+# A claim older than this is from a process that died while sending (a send never lasts this long).
+STALE_CLAIM = timedelta(minutes=10)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def claimer_id(worker_id: int) -> str:
+    """``host:pid:wN``: who claims work, readable by an operator and checkable on this host."""
+    return f"{socket.gethostname()}:{os.getpid()}:w{worker_id}"
+
+
+def claimer_is_dead_here(claimer: str) -> bool:
+    """True when ``claimer`` names a process of this host that no longer exists."""
+    host, _, rest = claimer.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class RulesStage:
+    """Apply the rules to messages indexed after the folder's first sync (``rules_state='pending'``)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        account: str,
+        config: ReplyConfig,
+        mailbox: MailboxSession,
+        rules: RuleSetCache | None = None,
+        clock: Clock = _utc_now,
+        batch: int = 50,
+    ) -> None:
+        self.engine = engine
+        self.account = account
+        self.config = config
+        self.mailbox = mailbox
+        self.rules = rules or RuleSetCache(config.rules_file)
+        self.clock = clock
+        self.batch = batch
+
+    def run_once(self) -> None:
+        with self.engine.connect() as conn:
+            pending = message_store.pending_for_rules(conn, self.account, limit=self.batch)
+        for pk in pending:
+            self._decide(pk)
+
+    def close(self) -> None:
+        self.mailbox.close()
+
+    def _decide(self, pk: int) -> None:
+        ruleset = self.rules.get()
+        try:
+            with self.engine.begin() as conn:
+                claimed = conn.execute(
+                    update(messages)
+                    .where(messages.c.id == pk, messages.c.rules_state == "pending")
+                    .values(rules_state="done")
+                ).rowcount
+                if claimed != 1:
+                    return  # another worker took it
+                stored = message_store.load_message(conn, pk)
+                if stored is None:
+                    return
+                made = decisions.apply_rules(
+                    conn,
+                    account=self.account,
+                    message_pk=pk,
+                    folder=stored.folder,
+                    uidvalidity=stored.uidvalidity,
+                    uid=stored.uid,
+                    parsed=stored.parsed,
+                    rules=ruleset,
+                    config=self.config,
+                    now=self.clock(),
+                )
+        except Exception:
+            # One bad message must not stop the others: park it where an operator can see it.
+            log.exception("rules failed for a message; it is left unanswered", message_pk=pk)
+            with self.engine.begin() as conn:
+                message_store.set_rules_state(conn, pk, "error")
+            return
+        actions = decisions.mailbox_actions(made)
+        if actions and not self.config.dry_run:
+            self._change_mailbox(stored.folder, stored.uid, actions)
+
+    def _change_mailbox(self, folder: str, uid: int, actions: list[decisions.MailboxAction]) -> None:
+        try:
+            imap_actions.perform(self.mailbox.client(folder), uid, actions)
+        except (ImapError, *CONNECTION_ERRORS) as exc:
+            self.mailbox.drop()
+            log.error(
+                "mailbox change asked by a rule failed",
+                folder=folder,
+                uid=uid,
+                actions=[a.kind.value for a in actions],
+                error=str(exc),
+            )
+
+
+class OutboxStage:
+    """Deliver due replies by SMTP (and drafts into the Drafts folder), for about ``budget`` seconds."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        account: str,
+        claimer: str,
+        config: ReplyConfig,
+        sender: SmtpSender,
+        mailbox: MailboxSession,
+        clock: Clock = _utc_now,
+        budget_seconds: float = 1.0,
+    ) -> None:
+        self.engine = engine
+        self.account = account
+        self.claimer = claimer
+        self.config = config
+        self.sender = sender
+        self.mailbox = mailbox
+        self.clock = clock
+        self.budget_seconds = budget_seconds
+        self.next_recovery = 0.0
+
+    def run_once(self) -> None:
+        started = time.monotonic()
+        if started >= self.next_recovery:
+            self._recover_interrupted()
+            self.next_recovery = started + 60
+        while time.monotonic() - started < self.budget_seconds:
+            if not (self._save_next_draft() or self._send_next()):
+                break
+
+    def close(self) -> None:
+        self.sender.close()
+        self.mailbox.close()
+
+    def _recover_interrupted(self) -> None:
+        """Replies left ``sending`` by a dead process become ``unknown`` (never resent blindly):
+        at once for a claimer of this host whose process is gone, after ``STALE_CLAIM`` for others."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            claimers = outbox.sending_claimers(conn)
+            dead = tuple(claimer for claimer in claimers if claimer_is_dead_here(claimer))
+            if dead:
+                outbox.recover_interrupted(conn, now=now, claimers=dead)
+            outbox.recover_interrupted(conn, now=now, claimed_before=now - STALE_CLAIM)
+
+    def _send_next(self) -> bool:
+        result = deliver_next(
+            self.engine,
+            self.sender,
+            claimer=self.claimer,
+            envelope_from=self.config.from_address,
+            max_attempts=self.config.send_max_attempts,
+            account=self.account,
+            clock=self.clock,
+        )
+        if result is None:
+            return False
+        if result.state is OutboxState.SENT and self.config.save_sent_copy:
+            self._copy_to_sent(result.outbox_id)
+        return True
+
+    def _copy_to_sent(self, outbox_id: int) -> None:
+        with self.engine.connect() as conn:
+            row = outbox.get_reply(conn, outbox_id)
+        if row is None:
+            return
+        try:
+            imap_actions.append_sent(self.mailbox.client(), row.raw, folder=self.config.sent_folder)
+        except (ImapError, *CONNECTION_ERRORS) as exc:
+            self.mailbox.drop()
+            log.warning("copy of a sent reply to the Sent folder failed", outbox_id=outbox_id, error=str(exc))
+
+    def _save_next_draft(self) -> bool:
+        with self.engine.begin() as conn:
+            row = outbox.claim_next(
+                conn, claimer=self.claimer, now=self.clock(), action="draft", account=self.account
+            )
+        if row is None:
+            return False
+        try:
+            imap_actions.append_draft(self.mailbox.client(), row.raw, folder=self.config.drafts_folder)
+        except (ImapError, *CONNECTION_ERRORS) as exc:
+            self.mailbox.drop()
+            with self.engine.begin() as conn:
+                outbox.mark_transient_failure(
+                    conn,
+                    row,
+                    claimer=self.claimer,
+                    reason=f"saving the draft failed: {exc}",
+                    now=self.clock(),
+                    max_attempts=self.config.send_max_attempts,
+                )
+            return True
+        with self.engine.begin() as conn:
+            outbox.mark_sent(conn, row.id, claimer=self.claimer, now=self.clock())
+        log.info("reply saved as a draft", outbox_id=row.id, folder=self.config.drafts_folder)
+        return True

@@ -1,0 +1,85 @@
+"""The rules an operator writes, as loaded and validated from the rules file (see ``loader``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from emailops.rules.templates import Template
+
+
+class RulesError(ValueError):
+    """The rules file is invalid. The message names the file, the rule (name and #index) and the field."""
+
+
+class MatchKind(StrEnum):
+    # Case-insensitive substring (subject, body, headers).
+    SUBSTRING = "substring"
+    # Case-insensitive shell glob on a whole address (from, to, cc).
+    GLOB = "glob"
+    # Case-insensitive ``re.search``.
+    REGEX = "regex"
+
+
+class ReplyAction(StrEnum):
+    """What becomes of a rule's reply: sent by SMTP, or saved in the Drafts folder for a human."""
+
+    SEND = "send"
+    DRAFT = "draft"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test on one field; it holds when any pattern matches any value of the field.
+
+    ``field`` is ``subject``, ``from``, ``to``, ``cc``, ``body`` or ``header:<lower-cased name>``.
+    """
+
+    field: str
+    kind: MatchKind
+    patterns: tuple[str, ...]
+    regexes: tuple[re.Pattern[str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplySpec:
+    body: Template
+    html: Template | None = None
+    # None: "Re: " plus the inbound subject.
+    subject: Template | None = None
+    # 0 turns the per-rule limit off (the global caps of ReplyConfig still apply).
+    once_per_sender_days: int = 7
+    action: ReplyAction = ReplyAction.SEND
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    index: int
+    folders: tuple[str, ...] = ("INBOX",)
+    # True: every condition must hold ("all"); False: at least one ("any"). No condition: every message.
+    match_all: bool = True
+    conditions: tuple[Condition, ...] = ()
+    reply: ReplySpec | None = None
+    flag: bool = False
+    mark_seen: bool = False
+    move_to: str | None = None
+    # Stop evaluating later rules when this one matched.
+    stop: bool = False
+
+    def applies_to_folder(self, folder: str) -> bool:
+        # INBOX is case-insensitive in IMAP (RFC 3501 section 5.1); other names are not.
+        return any(f == folder or (f.upper() == "INBOX" and folder.upper() == "INBOX") for f in self.folders)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules in file order, and every file they were read from (for change detection)."""
+
+    rules: tuple[Rule, ...] = ()
+    sources: tuple[Path, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.rules)

@@ -1,0 +1,54 @@
+"""Mailbox actions against a real Dovecot: flag, seen, move (MOVE and the COPY fallback), appends."""
+
+from __future__ import annotations
+
+import pytest
+from imapclient import DELETED, DRAFT, FLAGGED, SEEN
+
+from emailops.replies import imap_actions
+from emailops.replies.engine import MailboxAction, MailboxActionKind
+from prod.localmail.dovecot import LocalDovecot
+from tests.conftest import MAIL_USERS
+
+USER = "alice@example.test"
+RAW = b"From: bob@example.test\r\nTo: alice@example.test\r\nSubject: hi\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("removed", [(), ("MOVE",)])
+def test_flag_seen_move(removed: tuple[str, ...]) -> None:
+    with LocalDovecot(MAIL_USERS, capabilities_removed=removed) as dovecot:
+        dovecot.create_folder(USER, "Archive")
+        keep = dovecot.append(USER, "INBOX", RAW, flags=[r"\Deleted"])  # someone else's pending delete
+        uid = dovecot.append(USER, "INBOX", RAW)
+        with dovecot.imap(USER) as client:
+            client.select_folder("INBOX")
+            assert client.has_capability("MOVE") is (not removed)
+            imap_actions.perform(
+                client,
+                uid,
+                [
+                    MailboxAction(MailboxActionKind.FLAG),
+                    MailboxAction(MailboxActionKind.MARK_SEEN),
+                    MailboxAction(MailboxActionKind.MOVE, "Archive"),
+                ],
+            )
+            assert client.search(["ALL"]) == [keep]  # only our message left; the other is untouched
+            assert DELETED in client.get_flags([keep])[keep]
+            client.select_folder("Archive")
+            (moved,) = client.search(["ALL"])
+            assert {FLAGGED, SEEN} <= set(client.get_flags([moved])[moved])
+
+
+def test_append_draft_and_sent() -> None:
+    with LocalDovecot(MAIL_USERS) as dovecot:
+        dovecot.create_folder(USER, "Drafts")
+        dovecot.create_folder(USER, "Sent")
+        with dovecot.imap(USER) as client:
+            imap_actions.append_draft(client, RAW, folder="Drafts")
+            imap_actions.append_sent(client, RAW, folder="Sent")
+            client.select_folder("Drafts", readonly=True)
+            (draft,) = client.search(["ALL"])
+            assert {DRAFT, SEEN} <= set(client.get_flags([draft])[draft])
+            client.select_folder("Sent", readonly=True)
+            (sent,) = client.search(["ALL"])
+            assert SEEN in client.get_flags([sent])[sent] and DRAFT not in client.get_flags([sent])[sent]
