@@ -1,0 +1,86 @@
+"""Sentry for the supervisor and every worker, with nothing secret or personal in an event.
+
+With ``SENTRY_DSN`` set, ERROR log records (with their exception) and unhandled exceptions become
+events tagged with ``environment=ENV``, ``release=emailops.__version__`` and the ``worker``
+(``supervisor`` for the supervisor). ``scrub_event`` runs on every event: request data, local
+variables and message bodies are dropped, and every remaining string goes through the redactor
+that masks the password (all its spellings), authorization data and URL passwords.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+import emailops
+from prod.redaction import REDACTOR
+
+if TYPE_CHECKING:
+    from prod.runtime_settings import RuntimeSettings
+
+FLUSH_TIMEOUT_SECONDS = 2.0
+
+# Keys whose values may carry message content or credentials; dropped wherever they appear.
+_DROPPED_KEYS = frozenset(
+    {"body", "body_text", "body_html", "raw", "raw_message", "payload", "vars", "cookies"}
+)
+
+
+def _scrub(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {key: _scrub(value) for key, value in data.items() if key not in _DROPPED_KEYS}
+    if isinstance(data, list):
+        return [_scrub(item) for item in data]
+    return REDACTOR.redact(data)
+
+
+def scrub_event(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sentry ``before_send``: remove request data, frame locals and bodies; mask secrets."""
+    event.pop("request", None)
+    event.pop("user", None)
+    return REDACTOR.redact(_scrub(event))
+
+
+def scrub_breadcrumb(crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sentry ``before_breadcrumb``: breadcrumbs are log lines and HTTP calls; mask them too."""
+    return REDACTOR.redact(_scrub(crumb))
+
+
+def init_error_tracking(settings: RuntimeSettings, *, worker: int | None) -> bool:
+    """Start Sentry for this process if ``SENTRY_DSN`` is set; returns whether it did.
+
+    Call after ``configure_logging`` (which registers the secrets the scrubber masks).
+    """
+    if not settings.sentry_dsn:
+        return False
+    # Imported here: without a DSN, processes do not pay for importing the SDK (~0.3 s).
+    import sentry_sdk
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
+    REDACTOR.register(settings.email_password.get_secret_value(), username=settings.email_username)
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn,
+        environment=settings.env,
+        release=emailops.__version__,
+        send_default_pii=False,
+        include_local_variables=False,
+        include_source_context=False,
+        max_request_body_size="never",
+        before_send=scrub_event,  # type: ignore[arg-type]
+        before_breadcrumb=scrub_breadcrumb,  # type: ignore[arg-type]
+        shutdown_timeout=FLUSH_TIMEOUT_SECONDS,
+        integrations=[LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],
+    )
+    sentry_sdk.set_tag("worker", "supervisor" if worker is None else str(worker))
+    return True
+
+
+def flush_error_tracking() -> None:
+    """Send what is queued (called on every exit path; a no-op without Sentry)."""
+    sentry_sdk = sys.modules.get("sentry_sdk")
+    if sentry_sdk is None:
+        return
+    client = sentry_sdk.get_client()
+    if client.is_active():
+        client.flush(timeout=FLUSH_TIMEOUT_SECONDS)

@@ -1,0 +1,178 @@
+"""``python -m prod.healthcheck``: is this container doing its job? One JSON line, exit 0 or 1.
+
+Healthy (exactly, values from the settings)::
+
+    {"ok": true, "env": "production", "log_level": "INFO", "workers": 1}
+
+Unhealthy, exit 1: ``{"ok": false, "error": "...", "error_type": "..."}``, checked in this order:
+
+- ``ConfigError``: the settings are invalid (the error names the variable);
+- ``StateDirNotWritable``: a file cannot be created in ``STATE_DIR``;
+- ``DatabaseUnreachable``: ``SELECT 1`` on ``INDEX_DB_URL`` fails (3 s timeout). For SQLite an
+  existing file is opened read-only and must have a readable schema; a missing file whose
+  directory exists is healthy (the workers create it), a missing directory is unreachable. The
+  healthcheck never creates the database.
+- ``SupervisorNotRunning``: no state file in ``STATE_DIR``, or its pid is gone;
+- ``SupervisorStale``: the supervisor has not rewritten its state for ``SUPERVISOR_STALE_SECONDS``;
+- ``WorkersMissing``: fewer live workers than ``WORKERS`` (live: pid exists and last heartbeat
+  younger than ``HEARTBEAT_TIMEOUT_SECONDS``).
+
+No IMAP connection, no structlog/sentry import: it answers in a few hundred milliseconds.
+``--verbose`` adds a ``detail`` object (supervisor pid, each worker's pid and heartbeat age).
+Error texts go through the redactor with the password registered: no secret is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prod import heartbeat as state_file
+from prod.redaction import REDACTOR
+
+if TYPE_CHECKING:
+    from prod.runtime_settings import RuntimeSettings
+
+DB_TIMEOUT_SECONDS = 3
+
+
+class Unhealthy(Exception):
+    def __init__(self, error_type: str, error: str) -> None:
+        super().__init__(error)
+        self.error_type = error_type
+        self.error = error
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    try:
+        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".healthcheck."):
+            pass
+    except OSError as exc:
+        raise Unhealthy(
+            "StateDirNotWritable", f"STATE_DIR {state_dir} is not writable: {exc.strerror}"
+        ) from None
+
+
+def _sqlite_read_only_url(database: str) -> str | None:
+    """``sqlite:///file:...?mode=ro&uri=true`` for an existing file; None if the file may be created."""
+    path = Path(database)
+    if path.exists():
+        return f"sqlite:///file:{path}?mode=ro&uri=true"
+    if not path.parent.is_dir():
+        raise Unhealthy("DatabaseUnreachable", f"INDEX_DB_URL: directory {path.parent} does not exist")
+    return None
+
+
+def _check_database(url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    parsed = make_url(url)
+    connect_args: dict[str, Any] = {}
+    probe = "SELECT 1"
+    if parsed.get_backend_name() == "sqlite":
+        # SQLite opens files lazily: make it read the header, or a garbage file would pass.
+        probe = "SELECT count(*) FROM sqlite_master"
+        if parsed.database in (None, "", ":memory:"):
+            return
+        read_only = _sqlite_read_only_url(parsed.database)
+        if read_only is None:
+            return
+        url = read_only
+        connect_args["timeout"] = DB_TIMEOUT_SECONDS
+    else:
+        connect_args["connect_timeout"] = DB_TIMEOUT_SECONDS
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text(probe))
+    except Exception as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise Unhealthy("DatabaseUnreachable", f"INDEX_DB_URL: {type(exc).__name__}: {reason}") from None
+    finally:
+        engine.dispose()
+
+
+def _check_processes(settings: RuntimeSettings, detail: dict[str, Any]) -> None:
+    state = state_file.read_state(settings.state_dir)
+    if state is None:
+        raise Unhealthy("SupervisorNotRunning", f"no supervisor state in {settings.state_dir}")
+    now = time.time()
+    detail["supervisor"] = {"pid": state.pid, "age_seconds": round(now - state.heartbeat, 1)}
+    if not state_file.pid_alive(state.pid):
+        raise Unhealthy("SupervisorNotRunning", f"supervisor pid {state.pid} is not running")
+    if now - state.heartbeat > state_file.SUPERVISOR_STALE_SECONDS:
+        raise Unhealthy(
+            "SupervisorStale", f"supervisor state is {now - state.heartbeat:.0f} s old (pid {state.pid})"
+        )
+    live = 0
+    detail["workers"] = []
+    for worker in state.workers:
+        age = now - worker.last_heartbeat if worker.last_heartbeat else None
+        alive = (
+            state_file.pid_alive(worker.pid) and age is not None and age <= settings.heartbeat_timeout_seconds
+        )
+        live += alive
+        detail["workers"].append(
+            {
+                "worker": worker.worker,
+                "pid": worker.pid,
+                "state": worker.state,
+                "heartbeat_age_seconds": None if age is None else round(age, 1),
+                "live": alive,
+            }
+        )
+    if live < settings.workers:
+        raise Unhealthy("WorkersMissing", f"{live} of {settings.workers} workers are live")
+
+
+def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
+    """The healthcheck's answer and exit code."""
+    from prod.runtime_settings import ConfigError, RuntimeSettings
+
+    detail: dict[str, Any] = {}
+    try:
+        try:
+            settings = RuntimeSettings.from_env()
+        except ConfigError as exc:
+            raise Unhealthy("ConfigError", str(exc)) from None
+        REDACTOR.register(settings.email_password.get_secret_value(), username=settings.email_username)
+        _check_state_dir(settings.state_dir)
+        _check_database(settings.index_db_url)
+        _check_processes(settings, detail)
+    except Unhealthy as exc:
+        answer: dict[str, Any] = {"ok": False, "error": exc.error, "error_type": exc.error_type}
+        code = 1
+    except Exception as exc:
+        answer = {"ok": False, "error": str(exc), "error_type": type(exc).__name__}
+        code = 1
+    else:
+        answer = {
+            "ok": True,
+            "env": settings.env,
+            "log_level": settings.log_level,
+            "workers": settings.workers,
+        }
+        code = 0
+    if verbose and detail:
+        answer["detail"] = detail
+    return REDACTOR.redact(answer), code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prod.healthcheck", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="add a 'detail' object to the answer")
+    args = parser.parse_args(argv)
+    answer, code = check(verbose=args.verbose)
+    print(json.dumps(answer))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The supervisor's state file in ``STATE_DIR``: what the healthcheck reads.
+
+The supervisor rewrites ``STATE_DIR/supervisor.json`` about every second, atomically (temporary
+file in the same directory, then ``os.replace``), so a reader sees the old or the new file, never a
+half-written one. Times are wall-clock UNIX seconds, comparable across processes. Standard library
+only: the healthcheck imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STATE_FILENAME = "supervisor.json"
+STATE_WRITE_INTERVAL_SECONDS = 1.0
+# The supervisor writes every second; a file older than this means it is hung or gone.
+SUPERVISOR_STALE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    worker: int
+    pid: int
+    state: str
+    last_heartbeat: float
+
+
+@dataclass(frozen=True)
+class SupervisorState:
+    pid: int
+    heartbeat: float
+    expected_workers: int
+    started_at: float
+    workers: list[WorkerState] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SupervisorState:
+        data = json.loads(text)
+        workers = [WorkerState(**worker) for worker in data.pop("workers", [])]
+        return cls(workers=workers, **data)
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / STATE_FILENAME
+
+
+def write_state(state_dir: Path, state: SupervisorState) -> None:
+    """Replace the state file atomically."""
+    fd, tmp_name = tempfile.mkstemp(prefix=".supervisor.", suffix=".tmp", dir=state_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            tmp.write(state.to_json())
+        os.replace(tmp_name, state_path(state_dir))
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_state(state_dir: Path) -> SupervisorState | None:
+    """The last state written, or None if there is none (supervisor never started or stopped)."""
+    try:
+        text = state_path(state_dir).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return SupervisorState.from_json(text)
+
+
+def remove_state(state_dir: Path) -> None:
+    state_path(state_dir).unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,156 @@
+"""Masking of secrets in log lines and error reports.
+
+Two layers, because neither is enough alone:
+- known values: the password (and anything else registered at start-up) is masked in every form a
+  library may print it: raw, ``repr`` of str or bytes, JSON-escaped, URL-quoted, IMAP-quoted, and
+  base64 (alone, as SMTP ``AUTH LOGIN`` sends it, or inside a SASL PLAIN ``\\0user\\0password``);
+- patterns: IMAP ``LOGIN`` arguments, ``AUTHENTICATE``/``AUTH`` initial responses, ``Authorization``
+  headers, passwords in URLs and ``password=...`` pairs, whatever the value.
+
+Pure standard library: the healthcheck imports it and must stay light.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+MASK = "**********"
+
+# Values shorter than this are not masked by value (masking "a" would shred every line); the
+# patterns still apply to them.
+_MIN_SECRET_LENGTH = 4
+
+_QUOTED_OR_ATOM = r'(?:"(?:[^"\\]|\\.)*"|\{\d+\+?\}|[^\s\'"\\]+)'
+_PATTERNS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
+    # IMAP: `a001 LOGIN user password` (imapclient masks this itself; imaplib and others may not).
+    (re.compile(rf"\bLOGIN\s+{_QUOTED_OR_ATOM}\s+{_QUOTED_OR_ATOM}"), f"LOGIN {MASK}"),
+    # IMAP AUTHENTICATE / SMTP AUTH with an initial response: `AUTH PLAIN <base64>`.
+    (
+        re.compile(r"(?i)\b(AUTH(?:ENTICATE)?\s+[A-Z0-9_-]+)\s+(?!\*{10})[^\s'\"\\]+"),
+        rf"\1 {MASK}",
+    ),
+    # HTTP: `Authorization: Basic xxx`, `Proxy-Authorization: Bearer xxx`, `authorization=xxx`.
+    (
+        re.compile(
+            r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)"
+            r"(?:(basic|bearer|digest|token|negotiate)\s+)?[^\s\"',;]+"
+        ),
+        lambda m: f"{m.group(1)}{m.group(2) + ' ' if m.group(2) else ''}{MASK}",
+    ),
+    # URLs: scheme://user:password@host
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(@)"), rf"\1{MASK}\2"),
+    # key=value and "key": "value" pairs whose key says secret.
+    (
+        re.compile(
+            r"(?i)\b((?:password|passwd|pwd|secret|api[_-]?key|access[_-]?token|auth[_-]?token)"
+            r"[\"']?\s*[:=]\s*[\"']?)(?!\*{10})[^\s\"',;&]+"
+        ),
+        rf"\1{MASK}",
+    ),
+)
+
+_SENSITIVE_KEY = re.compile(
+    r"(?i)(password|passwd|pwd|secret|token|api[_-]?key|authorization|cookie|credential|dsn)"
+)
+
+
+def secret_variants(value: str, *, username: str | None = None) -> set[str]:
+    """Every spelling of ``value`` a library or renderer may produce."""
+    raw = value.encode("utf-8")
+    variants = {
+        value,
+        repr(value)[1:-1],
+        repr(raw)[2:-1],
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        quote(value, safe=""),
+        quote_plus(value),
+        value.replace("\\", "\\\\").replace('"', '\\"'),
+        base64.b64encode(raw).decode("ascii"),
+        # base64 without padding, as some clients send it
+        base64.b64encode(raw).decode("ascii").rstrip("="),
+    }
+    if username:
+        sasl_plain = b"\0" + username.encode("utf-8") + b"\0" + raw
+        variants.add(base64.b64encode(sasl_plain).decode("ascii"))
+        sasl_plain_authzid = username.encode("utf-8") + sasl_plain
+        variants.add(base64.b64encode(sasl_plain_authzid).decode("ascii"))
+    # Second-level escaping: a JSON line that quotes a repr, an exception text inside JSON, ...
+    for variant in list(variants):
+        variants.add(json.dumps(variant)[1:-1])
+        variants.add(repr(variant)[1:-1])
+    return {v for v in variants if len(v) >= _MIN_SECRET_LENGTH}
+
+
+class Redactor:
+    """Masks registered secret values and secret-shaped patterns in strings and nested data."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: tuple[str, ...] = ()
+
+    def register(self, secret: str, *, username: str | None = None) -> None:
+        """Mask ``secret`` (in all its spellings) from now on, in this process."""
+        if not secret:
+            return
+        with self._lock:
+            known = set(self._values) | secret_variants(secret, username=username)
+            # Longest first, so that a variant containing another is masked whole.
+            self._values = tuple(sorted(known, key=len, reverse=True))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values = ()
+
+    def redact_known_values(self, text: str) -> str:
+        """Mask registered values only: safe on already-rendered JSON (patterns could span fields)."""
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, MASK)
+        return text
+
+    def redact_text(self, text: str) -> str:
+        text = self.redact_known_values(text)
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def redact(self, data: Any) -> Any:
+        """A copy of ``data`` (str, bytes, dict, list, tuple, other) with secrets masked.
+
+        Values under a key that names a secret (``password``, ``authorization``, ``token``...) are
+        masked whole.
+        """
+        if isinstance(data, str):
+            return self.redact_text(data)
+        if isinstance(data, bytes | bytearray):
+            return self.redact_text(bytes(data).decode("utf-8", "replace"))
+        if isinstance(data, dict):
+            return {
+                key: (MASK if _is_sensitive_key(key, value) else self.redact(value))
+                for key, value in data.items()
+            }
+        if isinstance(data, list):
+            return [self.redact(item) for item in data]
+        if isinstance(data, tuple):
+            return tuple(self.redact(item) for item in data)
+        return data
+
+
+def _is_sensitive_key(key: object, value: object) -> bool:
+    return isinstance(key, str) and bool(_SENSITIVE_KEY.search(key)) and isinstance(value, str | bytes)
+
+
+def register_secrets(secrets: Iterable[str], *, username: str | None = None) -> None:
+    for secret in secrets:
+        REDACTOR.register(secret, username=username)
+
+
+# One per process: logging, Sentry and the healthcheck all mask with the same known values.
+REDACTOR = Redactor()

@@ -1,0 +1,76 @@
+"""``python -m prod.run``: validate the settings once, then supervise ``WORKERS`` worker processes.
+
+Exit codes: 0 after a requested stop (SIGTERM / SIGINT), 3 when a worker failed to boot
+repeatedly (see ``prod.supervisor``), 78 (EX_CONFIG) on invalid configuration, after one JSON log
+line naming the variable, 70 (EX_SOFTWARE) if the supervisor itself crashed.
+
+The worker target is ``prod.mail_worker:create_unit``; ``--worker-target module:callable`` or the
+environment variable ``EMAILOPS_WORKER_TARGET`` replace it (the tests supervise their own units).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from prod.error_tracking import flush_error_tracking, init_error_tracking
+from prod.logging_setup import configure_logging, get_logger
+from prod.runtime_settings import ConfigError, RuntimeSettings
+from prod.supervisor import Supervisor
+from prod.worker import DEFAULT_WORKER_TARGET
+
+EXIT_SOFTWARE = 70
+EXIT_CONFIG = 78
+WORKER_TARGET_ENV = "EMAILOPS_WORKER_TARGET"
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m prod.run", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--worker-target",
+        default=os.environ.get(WORKER_TARGET_ENV) or DEFAULT_WORKER_TARGET,
+        help=f"module:callable building a worker's unit (default: ${WORKER_TARGET_ENV} or %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+def _config_error(message: str) -> int:
+    pipeline = configure_logging(None, process_role="supervisor")
+    get_logger("supervisor").error(message, error_type="ConfigError", exit_code=EXIT_CONFIG)
+    pipeline.close()
+    return EXIT_CONFIG
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        settings = RuntimeSettings.from_env()
+    except ConfigError as exc:
+        return _config_error(str(exc))
+    try:
+        pipeline = configure_logging(settings, process_role="supervisor")
+    except OSError as exc:
+        return _config_error(f"invalid configuration: LOG_FILE_PATH: cannot be opened ({exc.strerror})")
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        pipeline.close()
+        return _config_error(f"invalid configuration: STATE_DIR: cannot be created ({exc.strerror})")
+
+    log = get_logger("supervisor")
+    init_error_tracking(settings, worker=None)
+    try:
+        supervisor = Supervisor(settings, target=args.worker_target, log_collector=pipeline.collector)
+        supervisor.install_signal_handlers()
+        return supervisor.run()
+    except Exception:
+        log.exception("supervisor crashed")
+        return EXIT_SOFTWARE
+    finally:
+        flush_error_tracking()
+        pipeline.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""A worker process: build one work unit, then run it in bounded steps until told to stop.
+
+Contract with the unit (the mail pipeline implements it in ``prod.mail_worker``)::
+
+    factory(settings: RuntimeSettings, worker_id: int) -> WorkUnit     # "module:callable"
+    unit.run_once()   # one bounded unit of work, returns within ~1-2 s
+    unit.close()      # release connections; called once on a graceful stop
+
+Lifecycle and exit codes:
+- the factory raising is a boot failure: logged, exit ``EXIT_BOOT_FAILURE`` (3); the supervisor
+  counts these and gives up after a few in a row instead of crash-looping;
+- ``run_once`` raising is logged (and sent to Sentry); the loop goes on after a backoff that grows
+  with consecutive failures, heartbeating meanwhile, so a broken server is not hammered;
+- the loop stops between two ``run_once`` calls, never inside one, when the supervisor sets the stop
+  event, when this process gets SIGTERM, or when the supervisor is gone (parent pid changed).
+  SIGINT is ignored: Ctrl-C reaches the whole process group and the supervisor decides.
+- a worker whose supervisor died and whose current unit does not return within
+  ``SHUTDOWN_TIMEOUT_SECONDS`` exits hard (``EXIT_ORPHANED``) instead of running forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event
+
+    from prod.runtime_settings import RuntimeSettings
+
+DEFAULT_WORKER_TARGET = "prod.mail_worker:create_unit"
+
+EXIT_OK = 0
+EXIT_BOOT_FAILURE = 3
+EXIT_ORPHANED = 4
+
+ERROR_BACKOFF_INITIAL_SECONDS = 1.0
+ERROR_BACKOFF_MAX_SECONDS = 30.0
+# Sleeps are cut into slices this long, so that stop requests and heartbeats are never late.
+_SLICE_SECONDS = 0.25
+
+
+class WorkUnit(Protocol):
+    def run_once(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+WorkUnitFactory = Callable[["RuntimeSettings", int], WorkUnit]
+
+
+def load_factory(target: str) -> WorkUnitFactory:
+    """Import ``"package.module:callable"``."""
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"worker target must look like 'package.module:callable', not {target!r}")
+    factory = getattr(importlib.import_module(module_name), attribute)
+    if not callable(factory):
+        raise TypeError(f"worker target {target!r} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+def error_backoff_seconds(consecutive_failures: int) -> float:
+    if consecutive_failures <= 0:
+        return 0.0
+    return min(ERROR_BACKOFF_INITIAL_SECONDS * 2 ** (consecutive_failures - 1), ERROR_BACKOFF_MAX_SECONDS)
+
+
+class WorkerLoop:
+    """The worker's loop; ``run_iteration`` is one step, callable from tests with fakes."""
+
+    def __init__(
+        self,
+        unit: WorkUnit,
+        *,
+        beat: Callable[[], None],
+        stop_requested: Callable[[], bool],
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        log: Any,
+    ) -> None:
+        self.unit = unit
+        self._beat = beat
+        self._stop_requested = stop_requested
+        self._sleep = sleep
+        self._clock = clock
+        self._log = log
+        self.consecutive_failures = 0
+
+    def run_iteration(self) -> None:
+        try:
+            self.unit.run_once()
+        except Exception:
+            self.consecutive_failures += 1
+            delay = error_backoff_seconds(self.consecutive_failures)
+            self._log.exception(
+                "work unit failed", consecutive_failures=self.consecutive_failures, retry_in_seconds=delay
+            )
+            self._pause(delay)
+        else:
+            self.consecutive_failures = 0
+        self._beat()
+
+    def _pause(self, seconds: float) -> None:
+        deadline = self._clock() + seconds
+        while not self._stop_requested():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return
+            self._beat()
+            self._sleep(min(remaining, _SLICE_SECONDS))
+
+    def run(self) -> None:
+        while not self._stop_requested():
+            self.run_iteration()
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker process gets from the supervisor (pickled by the spawn start method)."""
+
+    worker_id: int
+    target: str
+    settings: RuntimeSettings
+    stop_event: Event
+    # Shared double (multiprocessing RawValue): time.monotonic() of the last beat, 0.0 until booted.
+    heartbeat: Any
+    log_channel: Connection | None
+
+
+class _StopFlags:
+    """Why the loop should stop. Signal handlers only set a flag; the loop reads them."""
+
+    def __init__(self, stop_event: Event, parent_pid: int) -> None:
+        self._stop_event = stop_event
+        self._parent_pid = parent_pid
+        self.terminated = False
+
+    @property
+    def orphaned(self) -> bool:
+        return os.getppid() != self._parent_pid
+
+    def __call__(self) -> bool:
+        return self.terminated or self.orphaned or self._stop_event.is_set()
+
+
+def _watch_parent(flags: _StopFlags, grace_seconds: float, log: Any) -> None:
+    while not flags.orphaned:
+        time.sleep(0.5)
+    log.warning("supervisor is gone; stopping", grace_seconds=grace_seconds)
+    time.sleep(grace_seconds)
+    log.error("supervisor is gone and the current unit did not finish; exiting")
+    os._exit(EXIT_ORPHANED)
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Entry point of a worker process (``multiprocessing`` target)."""
+    from prod.error_tracking import flush_error_tracking, init_error_tracking
+    from prod.logging_setup import configure_logging, get_logger
+
+    flags = _StopFlags(spec.stop_event, os.getppid())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: setattr(flags, "terminated", True))
+
+    pipeline = configure_logging(
+        spec.settings, process_role="worker", worker=spec.worker_id, queue=spec.log_channel
+    )
+    init_error_tracking(spec.settings, worker=spec.worker_id)
+    log = get_logger("worker", worker=spec.worker_id)
+    threading.Thread(
+        target=_watch_parent,
+        args=(flags, spec.settings.shutdown_timeout_seconds, log),
+        name="parent-watch",
+        daemon=True,
+    ).start()
+
+    def beat() -> None:
+        spec.heartbeat.value = time.monotonic()
+
+    exit_code = EXIT_OK
+    try:
+        try:
+            unit = load_factory(spec.target)(spec.settings, spec.worker_id)
+        except Exception:
+            log.exception("worker failed to boot", target=spec.target)
+            exit_code = EXIT_BOOT_FAILURE
+            return
+        beat()
+        log.info("worker started", target=spec.target)
+        try:
+            WorkerLoop(unit, beat=beat, stop_requested=flags, log=log).run()
+        finally:
+            try:
+                unit.close()
+            except Exception:
+                log.exception("closing the work unit failed")
+        reason = (
+            "supervisor gone" if flags.orphaned else "SIGTERM" if flags.terminated else "supervisor request"
+        )
+        log.info("worker stopped", reason=reason)
+    except BaseException:
+        log.exception("worker crashed")
+        exit_code = 1
+    finally:
+        flush_error_tracking()
+        with contextlib.suppress(Exception):
+            pipeline.close()
+        sys.exit(exit_code)

@@ -1,0 +1,211 @@
+"""``python -m prod.healthcheck``: the healthy line exactly, each unhealthy cause, speed, no secret.
+
+The process checks build the supervisor's state file by hand (pids of this test process for the
+live ones, a reaped child's pid for the dead ones); the supervision tests check it end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prod.heartbeat import SupervisorState, WorkerState, write_state
+from tests.shell_workers import PASSWORD, healthy_line, run_healthcheck, shell_env
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _write_state(
+    env: dict[str, str], *, age: float = 0.0, supervisor_pid: int | None = None, workers=None
+) -> None:  # type: ignore[no-untyped-def]
+    now = time.time()
+    if workers is None:
+        workers = [(n, os.getpid(), now) for n in range(1, int(env["WORKERS"]) + 1)]
+    state_dir = Path(env["STATE_DIR"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_state(
+        state_dir,
+        SupervisorState(
+            pid=supervisor_pid or os.getpid(),
+            heartbeat=now - age,
+            expected_workers=int(env["WORKERS"]),
+            started_at=now - 60,
+            workers=[
+                WorkerState(worker=n, pid=pid, state="RUNNING", last_heartbeat=hb) for n, pid, hb in workers
+            ],
+        ),
+    )
+
+
+def _unhealthy(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert code == 1, output
+    assert output.endswith("\n") and output.count("\n") == 1
+    answer = json.loads(output)
+    assert list(answer) == ["ok", "error", "error_type"]
+    assert answer["ok"] is False
+    assert PASSWORD not in output
+    return answer
+
+
+def test_healthy_output_is_exact_and_fast(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, ENV="production", LOG_LEVEL="WARNING", WORKERS="2")
+    _write_state(env)
+    timings = []
+    for _ in range(3):
+        started = time.monotonic()
+        output, code, cpu_seconds = run_healthcheck(tmp_path, env)
+        timings.append((time.monotonic() - started, cpu_seconds))
+        assert (output, code) == (healthy_line(env), 0)
+    assert output == '{"ok": true, "env": "production", "log_level": "WARNING", "workers": 2}\n'
+    print("healthcheck wall / CPU seconds:", ", ".join(f"{wall:.2f} / {cpu:.2f}" for wall, cpu in timings))
+    # CPU time, not wall time: the machine running the tests may be busy with other work.
+    assert min(cpu for _, cpu in timings) < 1.0
+
+
+def test_verbose_adds_detail(tmp_path: Path) -> None:
+    env = shell_env(tmp_path)
+    _write_state(env)
+    output, code, _ = run_healthcheck(tmp_path, env, "--verbose")
+    answer = json.loads(output)
+    assert code == 0 and answer["ok"] is True
+    assert answer["detail"]["supervisor"]["pid"] == os.getpid()
+    assert answer["detail"]["workers"][0]["live"] is True
+
+
+def test_the_healthcheck_imports_little(tmp_path: Path) -> None:
+    env = shell_env(tmp_path)
+    _write_state(env)
+    code = (
+        "import sys, prod.healthcheck; "
+        "assert prod.healthcheck.check()[1] == 0; "
+        "heavy = ('structlog', 'sentry_sdk', 'imapclient', 'prod.logging_setup'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        ({"EMAIL_PASSWORD": None}, "EMAIL_PASSWORD"),
+        ({"EMAIL_IMAP_HOST": None}, "EMAIL_IMAP_HOST"),
+        ({"EMAIL_SMTP_HOST": None}, "EMAIL_SMTP_HOST"),
+        ({"EMAIL_USERNAME": None}, "EMAIL_USERNAME"),
+        ({"EMAIL_IMAP_PORT": "70000"}, "EMAIL_IMAP_PORT"),
+        ({"EMAIL_SMTP_PORT": "0"}, "EMAIL_SMTP_PORT"),
+        ({"WORKERS": "0"}, "WORKERS"),
+        ({"LOG_LEVEL": "VERBOSE"}, "LOG_LEVEL"),
+        ({"INDEX_DB_URL": "not a url"}, "INDEX_DB_URL"),
+        ({"INDEX_DB_URL": "mysql://u:p@h/db"}, "INDEX_DB_URL"),
+    ],
+)
+def test_invalid_settings_name_the_variable(
+    tmp_path: Path, overrides: dict[str, str | None], variable: str
+) -> None:
+    env = shell_env(tmp_path, **overrides)  # type: ignore[arg-type]
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "ConfigError"
+    assert variable in answer["error"]
+
+
+def test_state_dir_not_writable(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    env = shell_env(tmp_path, STATE_DIR=str(blocker / "state"))
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "StateDirNotWritable"
+    assert "STATE_DIR" in answer["error"]
+
+
+def test_sqlite_directory_missing_is_unreachable(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, INDEX_DB_URL=f"sqlite:///{tmp_path}/missing/emailops.db")
+    _write_state(env)
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "DatabaseUnreachable"
+    assert "INDEX_DB_URL" in answer["error"]
+
+
+def test_sqlite_file_that_is_not_a_database_is_unreachable(tmp_path: Path) -> None:
+    (tmp_path / "emailops.db").write_bytes(b"this is not a database file" * 100)
+    env = shell_env(tmp_path)
+    _write_state(env)
+    assert _unhealthy(tmp_path, env)["error_type"] == "DatabaseUnreachable"
+
+
+def test_sqlite_missing_file_in_existing_directory_is_fine_and_not_created(tmp_path: Path) -> None:
+    env = shell_env(tmp_path)
+    _write_state(env)
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert code == 0, output
+    assert not (tmp_path / "emailops.db").exists()
+
+
+def test_postgres_unreachable_without_printing_the_password(tmp_path: Path) -> None:
+    with __import__("socket").socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env = shell_env(
+        tmp_path, INDEX_DB_URL=f"postgresql+psycopg://bob:{PASSWORD}@127.0.0.1:{closed_port}/test"
+    )
+    _write_state(env)
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "DatabaseUnreachable"
+
+
+@pytest.mark.postgres
+def test_postgres_reachable(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, INDEX_DB_URL="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    _write_state(env)
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert (output, code) == (healthy_line(env), 0)
+
+
+def test_supervisor_not_running_without_state(tmp_path: Path) -> None:
+    env = shell_env(tmp_path)
+    (tmp_path / "state").mkdir()
+    assert _unhealthy(tmp_path, env)["error_type"] == "SupervisorNotRunning"
+
+
+def test_supervisor_not_running_when_its_pid_is_gone(tmp_path: Path) -> None:
+    env = shell_env(tmp_path)
+    _write_state(env, supervisor_pid=_dead_pid())
+    assert _unhealthy(tmp_path, env)["error_type"] == "SupervisorNotRunning"
+
+
+def test_supervisor_stale(tmp_path: Path) -> None:
+    env = shell_env(tmp_path)
+    _write_state(env, age=60)
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "SupervisorStale"
+
+
+@pytest.mark.parametrize("cause", ["dead pid", "stale heartbeat", "not booted", "missing"])
+def test_fewer_live_workers_than_expected(tmp_path: Path, cause: str) -> None:
+    env = shell_env(tmp_path, WORKERS="2", HEARTBEAT_TIMEOUT_SECONDS="5")
+    now = time.time()
+    second = {
+        "dead pid": [(2, _dead_pid(), now)],
+        "stale heartbeat": [(2, os.getpid(), now - 30)],
+        "not booted": [(2, os.getpid(), 0.0)],
+        "missing": [],
+    }[cause]
+    _write_state(env, workers=[(1, os.getpid(), now), *second])
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "WorkersMissing"
+    assert answer["error"] == "1 of 2 workers are live"

@@ -1,0 +1,156 @@
+"""Real sentry-sdk envelopes sent to a local HTTP endpoint: events arrive, tagged, with no secret."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import signal
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import emailops
+from tests.shell_workers import PASSWORD, SupervisorProcess, shell_env, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _SentryEndpoint(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _EnvelopeHandler)
+        self.raw_envelopes: list[bytes] = []
+        self.lock = threading.Lock()
+
+    @property
+    def dsn(self) -> str:
+        return f"http://publickey@127.0.0.1:{self.server_address[1]}/1"
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.lock:
+            raws = list(self.raw_envelopes)
+        events = []
+        for raw in raws:
+            lines = raw.split(b"\n")
+            # Envelope: a header line, then (item header, payload) pairs.
+            for header, payload in zip(lines[1::2], lines[2::2], strict=False):
+                if header.strip() and json.loads(header).get("type") == "event":
+                    events.append(json.loads(payload))
+        return events
+
+
+class _EnvelopeHandler(BaseHTTPRequestHandler):
+    server: _SentryEndpoint
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        encoding = self.headers.get("Content-Encoding", "")
+        if encoding == "gzip":
+            body = gzip.decompress(body)
+        elif encoding == "deflate":
+            body = zlib.decompress(body)
+        elif encoding == "br":
+            import brotli  # type: ignore[import-not-found]
+
+            body = brotli.decompress(body)
+        with self.server.lock:
+            self.server.raw_envelopes.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[_SentryEndpoint]:
+    server = _SentryEndpoint()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _assert_no_secret(endpoint: _SentryEndpoint) -> None:
+    for raw in endpoint.raw_envelopes:
+        assert PASSWORD.encode() not in raw
+        assert json.dumps(PASSWORD)[1:-1].encode() not in raw
+
+
+def test_worker_errors_reach_sentry_tagged_and_scrubbed(tmp_path: Path, endpoint: _SentryEndpoint) -> None:
+    env = shell_env(
+        tmp_path,
+        SENTRY_DSN=endpoint.dsn,
+        ENV="staging",
+        EMAILOPS_WORKER_TARGET="tests.shell_workers:failing_unit",
+    )
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        event = wait_until(
+            lambda: next((e for e in endpoint.events() if e.get("tags", {}).get("worker") == "1"), None), 30
+        )
+        supervisor.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert supervisor.wait(timeout=15) == 0
+        stdout = "\n".join(supervisor.stdout_lines())
+    assert event, "no event from worker 1"
+    assert event["environment"] == "staging"
+    assert event["release"] == emailops.__version__
+    assert event["level"] == "error"
+    assert event["logentry"]["message"].startswith("work unit failed")
+    exception = event["exception"]["values"][-1]
+    assert exception["type"] == "RuntimeError"
+    assert "**********" in exception["value"]
+    frames = exception["stacktrace"]["frames"]
+    assert frames and all("vars" not in frame for frame in frames)
+    assert "request" not in event
+    _assert_no_secret(endpoint)
+    assert PASSWORD not in stdout
+
+
+def test_unhandled_exception_is_sent_and_flushed_on_exit(tmp_path: Path, endpoint: _SentryEndpoint) -> None:
+    env = shell_env(tmp_path, SENTRY_DSN=endpoint.dsn)
+    code = """
+from prod.runtime_settings import RuntimeSettings
+from prod.logging_setup import configure_logging, get_logger
+from prod.error_tracking import init_error_tracking
+
+settings = RuntimeSettings.from_env()
+configure_logging(settings, process_role="supervisor")
+init_error_tracking(settings, worker=None)
+password = settings.email_password.get_secret_value()
+get_logger("smtp").info("breadcrumb with Authorization: Bearer " + password)
+raise ConnectionError("IMAP login failed: LOGIN bob " + password)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    events = endpoint.events()
+    assert len(events) == 1, result.stdout
+    event = events[0]
+    assert event["tags"]["worker"] == "supervisor"
+    assert event["environment"] == "test"
+    assert event["exception"]["values"][-1]["type"] == "ConnectionError"
+    assert event["exception"]["values"][-1]["mechanism"]["handled"] is False
+    crumbs = event.get("breadcrumbs", {}).get("values", [])
+    assert any("Authorization: Bearer **********" in str(c.get("message")) for c in crumbs)
+    _assert_no_secret(endpoint)
+    assert PASSWORD not in result.stdout + result.stderr
+    # The unhandled exception was logged as one JSON line too.
+    assert json.loads(result.stdout.splitlines()[-1])["level"] == "CRITICAL"

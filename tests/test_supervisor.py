@@ -1,0 +1,235 @@
+"""The supervisor with real worker processes running the test units of ``tests.shell_workers``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prod.supervisor import RestartPolicy
+from prod.worker import WorkerLoop, error_backoff_seconds, load_factory
+from tests.shell_workers import (
+    SupervisorProcess,
+    healthy_line,
+    run_healthcheck,
+    shell_env,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _healthy(tmp_path: Path, env: dict[str, str]) -> bool:
+    output, code, _ = run_healthcheck(tmp_path, env)
+    return code == 0 and output == healthy_line(env)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _journals(tmp_path: Path) -> dict[str, list[str]]:
+    return {path.name: path.read_text().splitlines() for path in (tmp_path / "units").glob("unit-*.log")}
+
+
+def test_kill_9_of_a_worker_is_replaced_and_health_returns(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, WORKERS="2")
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        pids = wait_until(lambda: len(supervisor.worker_pids()) == 2 and supervisor.worker_pids(), 20)
+        assert pids, supervisor.stdout_lines()
+        assert wait_until(lambda: _healthy(tmp_path, env), 10)
+
+        os.kill(pids[1], signal.SIGKILL)
+        replaced = wait_until(
+            lambda: (p := supervisor.worker_pids()).get(1) not in (None, pids[1]) and len(p) == 2, 20
+        )
+        assert replaced, supervisor.stdout_lines()
+        assert supervisor.worker_pids()[2] == pids[2]
+        assert wait_until(lambda: _healthy(tmp_path, env), 10)
+
+        died = [r for r in supervisor.records() if r["message"] == "worker died; restarting"]
+        assert died and died[0]["worker"] == 1 and died[0]["exit_code"] == -signal.SIGKILL
+        assert died[0]["level"] == "ERROR"
+
+
+def test_repeated_boot_failure_stops_with_non_zero_exit(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, EMAILOPS_WORKER_TARGET="tests.shell_workers:failing_boot")
+    started = time.monotonic()
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        code = supervisor.wait(timeout=40)
+        elapsed = time.monotonic() - started
+        records = supervisor.records()
+    assert code == 3
+    boots = (tmp_path / "units" / "boots").read_text().split()
+    assert len(boots) == RestartPolicy().max_boot_failures
+    assert elapsed < 30
+    messages = [r["message"] for r in records]
+    assert messages.count("worker failed to boot") == len(boots)
+    assert messages.count("worker failed to boot; retrying") == len(boots) - 1
+    fatal = next(r for r in records if r["level"] == "CRITICAL")
+    assert fatal["message"] == "worker failed to boot repeatedly; giving up"
+    # The boot failure names its cause, and the retries wait longer each time.
+    assert any("cannot reach the IMAP server" in r.get("exception", "") for r in records)
+    delays = [r["retry_in_seconds"] for r in records if r["message"] == "worker failed to boot; retrying"]
+    assert delays == sorted(delays) and delays[0] < delays[-1]
+    assert not (Path(env["STATE_DIR"]) / "supervisor.json").exists()
+
+
+def test_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    env = shell_env(
+        tmp_path,
+        WORKERS="2",
+        # Long enough for a worker to boot on a loaded machine (boot counts against it too).
+        HEARTBEAT_TIMEOUT_SECONDS="4",
+        EMAILOPS_WORKER_TARGET="tests.shell_workers:hanging_unit",
+    )
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        marker = tmp_path / "units" / "hung-once"
+        assert wait_until(marker.exists, 20), supervisor.stdout_lines()
+        hung_pid = int(marker.read_text())
+        assert wait_until(lambda: not _pid_alive(hung_pid), 15), "the hung worker was not killed"
+        assert wait_until(lambda: supervisor.worker_pids().get(1) not in (None, hung_pid), 15)
+        assert wait_until(lambda: _healthy(tmp_path, env), 10)
+        hung = [r for r in supervisor.records() if r["message"] == "worker is hung; killing it"]
+        assert hung[0]["worker"] == 1 and hung[0]["reason"] == "no heartbeat"
+
+
+def test_sigterm_finishes_the_current_unit_and_exits_0(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, WORKERS="2", SHELL_WORKER_UNIT_SECONDS="1.0", SHUTDOWN_TIMEOUT_SECONDS="5")
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        assert wait_until(lambda: len(supervisor.worker_pids()) == 2, 20)
+        # Signal in the middle of a unit: a "begin" without its "end" yet.
+        assert wait_until(
+            lambda: any(lines and lines[-1].startswith("begin") for lines in _journals(tmp_path).values()), 10
+        )
+        workers = list(supervisor.worker_pids().values())
+        sent = time.monotonic()
+        supervisor.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        code = supervisor.wait(timeout=15)
+        elapsed = time.monotonic() - sent
+    assert code == 0
+    assert elapsed < float(env["SHUTDOWN_TIMEOUT_SECONDS"]) + 2
+    assert not any(_pid_alive(pid) for pid in workers)
+    journals = _journals(tmp_path)
+    assert len(journals) == 2
+    for lines in journals.values():
+        assert lines[-1] == "closed"
+        units = lines[:-1]
+        assert len(units) % 2 == 0 and units, units
+        for begin, end in zip(units[::2], units[1::2], strict=True):
+            assert begin.replace("begin", "end") == end
+    assert not (Path(env["STATE_DIR"]) / "supervisor.json").exists()
+
+
+def test_sigint_stops_quickly(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, SHELL_WORKER_UNIT_SECONDS="0.2", SHUTDOWN_TIMEOUT_SECONDS="30")
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        assert wait_until(lambda: supervisor.worker_pids(), 20)
+        sent = time.monotonic()
+        supervisor.process.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+        assert supervisor.wait(timeout=10) == 0
+        assert time.monotonic() - sent < 3
+
+
+def test_kill_9_of_the_supervisor_leaves_no_worker_behind(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, WORKERS="2", SHUTDOWN_TIMEOUT_SECONDS="2")
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        pids = wait_until(lambda: len(supervisor.worker_pids()) == 2 and supervisor.worker_pids(), 20)
+        assert pids
+        os.kill(supervisor.pid, signal.SIGKILL)
+        supervisor.wait(timeout=5)
+        assert wait_until(lambda: not any(_pid_alive(pid) for pid in pids.values()), 10)
+        output, code, _ = run_healthcheck(tmp_path, env)
+        assert code == 1 and json.loads(output)["error_type"] == "SupervisorNotRunning"
+
+
+def test_config_error_exits_78_with_one_line_naming_the_variable(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, EMAIL_USERNAME="bob")
+    del env["EMAIL_PASSWORD"]
+    result = subprocess.run(
+        [sys.executable, "-m", "prod.run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 78
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    record = json.loads(lines[0])
+    assert record["level"] == "ERROR"
+    assert "EMAIL_PASSWORD" in record["message"]
+    assert record["error_type"] == "ConfigError"
+    assert result.stderr == ""
+    assert not (tmp_path / "state").exists()
+
+
+# -- the loops' logic with fakes (no processes)
+
+
+class _Unit:
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def run_once(self) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError(f"server down {self.calls}")
+
+    def close(self) -> None:
+        pass
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.errors: list[dict[str, object]] = []
+
+    def exception(self, message: str, **context: object) -> None:
+        self.errors.append({"message": message, **context})
+
+
+def test_worker_loop_backs_off_on_errors_and_keeps_beating() -> None:
+    now = [0.0]
+    beats: list[float] = []
+    log = _Log()
+    unit = _Unit(failures=3)
+    loop = WorkerLoop(
+        unit,
+        beat=lambda: beats.append(now[0]),
+        stop_requested=lambda: False,
+        sleep=lambda seconds: now.__setitem__(0, now[0] + seconds),
+        clock=lambda: now[0],
+        log=log,
+    )
+    for _ in range(4):
+        loop.run_iteration()
+    assert unit.calls == 4
+    assert [e["retry_in_seconds"] for e in log.errors] == [1.0, 2.0, 4.0]
+    assert now[0] == pytest.approx(7.0)
+    assert loop.consecutive_failures == 0
+    # Beats at least every slice while backing off, so the supervisor does not take it for hung.
+    assert max(b - a for a, b in itertools.pairwise(beats)) <= 0.25 + 1e-9
+
+
+def test_worker_loop_stops_between_units() -> None:
+    unit = _Unit(failures=0)
+    loop = WorkerLoop(unit, beat=lambda: None, stop_requested=lambda: unit.calls >= 3, log=_Log())
+    loop.run()
+    assert unit.calls == 3
+
+
+def test_backoff_figures_and_target_parsing() -> None:
+    policy = RestartPolicy(base_delay_seconds=0.5, max_delay_seconds=4)
+    assert [policy.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert [error_backoff_seconds(n) for n in (0, 1, 2, 10)] == [0.0, 1.0, 2.0, 30.0]
+    assert load_factory("tests.shell_workers:journaling_unit").__name__ == "journaling_unit"
+    with pytest.raises(ValueError, match="module:callable"):
+        load_factory("tests.shell_workers")
