@@ -25,8 +25,9 @@ from emailops.store import folders as folder_store
 
 log = structlog.get_logger(component="index")
 
-LEASE_TTL = timedelta(seconds=60)
-LEASE_RENEW_SECONDS = 15.0
+# A folder of a worker that died (and is not replaced) is taken over after at most LEASE_TTL.
+LEASE_TTL = timedelta(seconds=30)
+LEASE_RENEW_SECONDS = 10.0
 
 
 class AfterIndexStage(Protocol):
@@ -95,7 +96,12 @@ class MailPipeline:
                 if folder not in self.folder_ids:
                     self.folder_ids[folder] = folder_store.ensure_folder(conn, self.config.account, folder).id
                 watching = folder in self.watchers
-                if not watching and len(self.watchers) >= self.max_folders:
+                over_share = not watching and len(self.watchers) >= self.max_folders
+                # Beyond its share a worker takes only a folder nobody has watched for a while
+                # (its worker died and was not replaced, e.g. another container is down).
+                if over_share and not folder_store.is_orphaned(
+                    conn, self.folder_ids[folder], now - 2 * LEASE_TTL
+                ):
                     continue
                 held = folder_store.acquire_lease(conn, self.folder_ids[folder], self.owner, now, LEASE_TTL)
             if held and not watching:

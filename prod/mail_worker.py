@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from emailops.pipeline import MailPipeline
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
@@ -18,7 +20,10 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     """
     engine = create_index_engine(settings.index_db_url)
     migrate(engine)
-    owner = claimer_id(worker_id)
+    claimer = claimer_id(worker_id)
+    # The folder lease belongs to the worker slot, not the process: a worker that replaces a dead
+    # one takes its folders back at once instead of waiting for the lease to expire.
+    lease_owner = f"{socket.gethostname()}:w{worker_id}"
     sync_config = settings.sync_config()
     reply_config = settings.reply_config()
     imap = settings.imap_config()
@@ -27,10 +32,10 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         OutboxStage(
             engine,
             account=sync_config.account,
-            claimer=owner,
+            claimer=claimer,
             config=reply_config,
             sender=SmtpSender(settings.smtp_config()),
             mailbox=MailboxSession(imap),
         ),
     ]
-    return MailPipeline(engine, imap, sync_config, owner=owner, workers=settings.workers, stages=stages)
+    return MailPipeline(engine, imap, sync_config, owner=lease_owner, workers=settings.workers, stages=stages)

@@ -7,7 +7,7 @@ PostgreSQL alike, so N workers or N containers sharing one database never watch 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, and_, or_, select, update
 
@@ -109,6 +109,26 @@ def acquire_lease(conn: Connection, folder_id: int, owner: str, now: datetime, t
         .values(lease_owner=owner, lease_expires_at=now + ttl)
     )
     return result.rowcount == 1
+
+
+def is_orphaned(conn: Connection, folder_id: int, cutoff: datetime) -> bool:
+    """No live lease, and neither a lease nor a sync since ``cutoff``: nobody is watching it."""
+    row = conn.execute(
+        select(folders.c.lease_owner, folders.c.lease_expires_at, folders.c.last_sync_at).where(
+            folders.c.id == folder_id
+        )
+    ).first()
+    if row is None:
+        return False
+    owner, expires, last_sync = row
+    if owner is not None:
+        return expires is not None and _utc(expires) < cutoff
+    return last_sync is not None and _utc(last_sync) < cutoff
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite returns naive datetimes; everything is stored in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def release_lease(conn: Connection, folder_id: int, owner: str) -> None:
