@@ -173,6 +173,71 @@ def cmd_migrate(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) -> int:
+    from emailops.rules import RulesError, load_rules
+
+    path: Path | None = args.file or (settings.rules_file if settings else None)
+    if path is None:
+        print("emailops rules check: name a FILE or set RULES_FILE", file=sys.stderr)
+        return 2
+    if not path.exists():
+        print(f"{path}: no rules file (the daemon then indexes only and sends no reply)", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        ruleset = load_rules(path)
+    except RulesError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILED
+    for rule in ruleset.rules:
+        print(f"ok: {rule.name}")
+    print(f"{path}: {len(ruleset)} rule(s) valid")
+    return EXIT_OK
+
+
+def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from emailops.replies import outbox
+
+    engine = _engine(settings)
+    account = settings.sync_config().account
+    if args.action in ("retry", "cancel"):
+        change = outbox.retry_reply if args.action == "retry" else outbox.cancel_reply
+        with engine.begin() as conn:
+            done = [reply_id for reply_id in args.ids if change(conn, reply_id, now=datetime.now(UTC))]
+        refused = sorted(set(args.ids) - set(done))
+        for reply_id in done:
+            print(f"{args.action}: reply {reply_id}")
+        if refused:
+            print(
+                f"not changed (unknown id or state does not allow {args.action}): {refused}", file=sys.stderr
+            )
+            return EXIT_FAILED
+        return EXIT_OK
+    states = tuple(args.state) if args.state else None
+    with engine.connect() as conn:
+        replies = outbox.list_replies(conn, states=states, account=account, limit=args.limit)
+    fields = (
+        "id",
+        "state",
+        "rule_name",
+        "recipient",
+        "subject",
+        "attempts",
+        "last_error",
+        "created_at",
+        "sent_at",
+    )
+    if args.json:
+        _print_json([{name: getattr(r, name) for name in fields} for r in replies])
+        return EXIT_OK
+    for r in replies:
+        error = f"  ({r.last_error})" if r.last_error else ""
+        print(f"{r.id:>6}  {r.state.value:<9} {r.rule_name}  -> {r.recipient}  {r.subject!r}{error}")
+    print(f"{len(replies)} repl{'y' if len(replies) == 1 else 'ies'}", file=sys.stderr)
+    return EXIT_OK
+
+
 Command = Callable[[RuntimeSettings, argparse.Namespace], int]
 
 
@@ -214,6 +279,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply pending schema migrations (also done at start)")
     migrate.set_defaults(handler=cmd_migrate)
+
+    rules = commands.add_parser("rules", help="work with the rules file")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
+    rules_check = rules_commands.add_parser(
+        "check", help="validate a rules file (default RULES_FILE); errors name the rule and field"
+    )
+    rules_check.add_argument("file", nargs="?", type=Path, help="the rules file (default: RULES_FILE)")
+    rules_check.set_defaults(handler=cmd_rules_check, settings_optional=True)
+
+    box = commands.add_parser("outbox", help="list, retry or cancel automatic replies")
+    box_commands = box.add_subparsers(dest="action", metavar="ACTION")
+    box.set_defaults(handler=cmd_outbox, action="list", state=None, limit=50, json=False)
+    box_list = box_commands.add_parser("list", help="the newest replies first (default)")
+    box_list.add_argument(
+        "--state",
+        action="append",
+        choices=["pending", "sending", "sent", "failed", "unknown", "cancelled"],
+        help="only replies in this state (repeatable)",
+    )
+    box_list.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    box_list.add_argument("--json", action="store_true", help="print a JSON list")
+    for action, text in (
+        (
+            "retry",
+            "send again: failed or unknown replies back to pending (check 'unknown' ones were not delivered)",
+        ),
+        ("cancel", "never send: pending, failed or unknown replies become cancelled"),
+    ):
+        sub = box_commands.add_parser(action, help=text)
+        sub.add_argument(
+            "ids", nargs="+", type=int, metavar="ID", help="reply ids from 'emailops outbox list'"
+        )
     return parser
 
 
@@ -225,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = RuntimeSettings.from_env()
     except ConfigError as exc:
         configure_logging(None, process_role="cli")
+        if getattr(args, "settings_optional", False):
+            return int(args.handler(None, args))
         print(f"emailops: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings, process_role="cli")

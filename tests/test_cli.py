@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -40,8 +41,18 @@ def env(dovecot: LocalDovecot, tmp_path: Path) -> dict[str, str]:
 def test_every_command_has_help() -> None:
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert {"sync", "search", "stats", "reindex", "backup", "check-config", "migrate"} <= set(commands)
-    for name in commands:
+    assert {
+        "sync",
+        "search",
+        "stats",
+        "reindex",
+        "backup",
+        "check-config",
+        "migrate",
+        "rules",
+        "outbox",
+    } <= set(commands)
+    for name in [*commands, "rules check", "outbox list", "outbox retry", "outbox cancel"]:
         result = subprocess.run(
             [sys.executable, "-m", "emailops", *name.split(), "--help"],
             cwd=REPO,
@@ -126,3 +137,72 @@ def test_migrate_reports_the_schema_version(env: dict[str, str]) -> None:
     assert first.returncode == 0 and "applied 1" in first.stdout
     second = emailops(env, "migrate")
     assert second.returncode == 0 and "applied" not in second.stdout and "schema at version" in second.stdout
+
+
+def test_rules_check_names_the_rule_and_field_and_needs_no_account(tmp_path: Path) -> None:
+    good = tmp_path / "rules.toml"
+    good.write_text(
+        '[[rules]]\nname = "ack"\n[rules.match]\nsubject = "help"\n'
+        '[rules.reply]\ntemplate = "Hi {sender_name}"\n'
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rules]]\nname = "ack"\n[rules.reply]\ntemplate = "Hi {sender_nam}"\n')
+    bare_env = {k: v for k, v in os.environ.items() if not k.startswith("EMAIL_")}
+    ok = emailops(bare_env, "rules", "check", str(good))
+    assert ok.returncode == 0 and "1 rule(s) valid" in ok.stdout, ok.stderr
+    failed = emailops(bare_env, "rules", "check", str(bad))
+    assert failed.returncode == 1
+    assert (
+        'rule "ack"' in failed.stderr and "reply.template" in failed.stderr and "sender_nam" in failed.stderr
+    )
+    example = emailops(bare_env, "rules", "check", str(REPO / "examples" / "rules.toml"))
+    assert example.returncode == 0, example.stderr
+
+
+def test_outbox_list_retry_cancel(env: dict[str, str], tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import update
+
+    from emailops.replies import outbox
+    from emailops.store.schema import outbox as outbox_table
+    from tests.index_helpers import index_engine
+
+    engine = index_engine(env["INDEX_DB_URL"])
+    with engine.begin() as conn:
+        ids = [
+            outbox.insert_reply(
+                conn,
+                account=f"{ALICE}@127.0.0.1",
+                inbound_key=f"<in-{n}@example.org>",
+                message_pk=None,
+                rule_name="ack",
+                action="send",
+                recipient=f"person{n}@example.org",
+                reply_message_id=f"<reply-{n}@example.test>",
+                subject=f"Re: question {n}",
+                raw=b"Subject: x\r\n\r\nbody\r\n",
+                now=datetime.now(UTC),
+            )[0]
+            for n in (1, 2)
+        ]
+        conn.execute(
+            update(outbox_table)
+            .where(outbox_table.c.id == ids[0])
+            .values(state="unknown", last_error="interrupted")
+        )
+    engine.dispose()
+
+    listed = json.loads(emailops(env, "outbox", "list", "--json").stdout)
+    assert {(r["id"], r["state"]) for r in listed} == {(ids[0], "unknown"), (ids[1], "pending")}
+    assert [
+        r["id"] for r in json.loads(emailops(env, "outbox", "list", "--state", "unknown", "--json").stdout)
+    ] == [ids[0]]
+    assert emailops(env, "outbox", "retry", str(ids[0])).returncode == 0
+    assert emailops(env, "outbox", "cancel", str(ids[1])).returncode == 0
+    refused = emailops(env, "outbox", "cancel", "999")
+    assert refused.returncode == 1 and "999" in refused.stderr
+    states = {r["id"]: r["state"] for r in json.loads(emailops(env, "outbox", "list", "--json").stdout)}
+    assert states == {ids[0]: "pending", ids[1]: "cancelled"}
+    plain = emailops(env, "outbox")
+    assert plain.returncode == 0 and "person1@example.org" in plain.stdout
