@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prod import heartbeat as state_file
+from prod.database_url import DatabaseUrl, parse_database_url
 from prod.redaction import REDACTOR
 
 if TYPE_CHECKING:
@@ -58,45 +59,55 @@ def _check_state_dir(state_dir: Path) -> None:
         ) from None
 
 
-def _sqlite_read_only_url(database: str) -> str | None:
-    """``sqlite:///file:...?mode=ro&uri=true`` for an existing file; None if the file may be created."""
-    path = Path(database)
-    if path.exists():
-        return f"sqlite:///file:{path}?mode=ro&uri=true"
-    if not path.parent.is_dir():
-        raise Unhealthy("DatabaseUnreachable", f"INDEX_DB_URL: directory {path.parent} does not exist")
-    return None
-
-
 def _check_database(url: str) -> None:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
-    parsed = make_url(url)
-    connect_args: dict[str, Any] = {}
-    probe = "SELECT 1"
-    if parsed.get_backend_name() == "sqlite":
-        # SQLite opens files lazily: make it read the header, or a garbage file would pass.
-        probe = "SELECT count(*) FROM sqlite_master"
-        if parsed.database in (None, "", ":memory:"):
-            return
-        read_only = _sqlite_read_only_url(parsed.database)
-        if read_only is None:
-            return
-        url = read_only
-        connect_args["timeout"] = DB_TIMEOUT_SECONDS
-    else:
-        connect_args["connect_timeout"] = DB_TIMEOUT_SECONDS
-    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    """Open the index read-only and run a query (stdlib sqlite3 or psycopg: no SQLAlchemy import)."""
+    parsed = parse_database_url(url)
     try:
-        with engine.connect() as connection:
-            connection.execute(text(probe))
+        if parsed.backend == "sqlite":
+            _probe_sqlite(Path(parsed.database))
+        else:
+            _probe_postgresql(parsed)
+    except Unhealthy:
+        raise
     except Exception as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise Unhealthy("DatabaseUnreachable", f"INDEX_DB_URL: {type(exc).__name__}: {reason}") from None
+
+
+def _probe_sqlite(path: Path) -> None:
+    if not path.exists():
+        # Created by the first worker; only a missing directory makes that impossible.
+        if not path.parent.is_dir():
+            raise Unhealthy("DatabaseUnreachable", f"INDEX_DB_URL: directory {path.parent} does not exist")
+        return
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=DB_TIMEOUT_SECONDS)
+    try:
+        # SQLite opens files lazily: reading the schema makes a garbage file fail here.
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
     finally:
-        engine.dispose()
+        connection.close()
+
+
+def _probe_postgresql(url: DatabaseUrl) -> None:
+    import psycopg
+
+    params: dict[str, Any] = {
+        **url.query,
+        "dbname": url.database,
+        "connect_timeout": max(1, int(DB_TIMEOUT_SECONDS)),
+    }
+    for key, value in (
+        ("host", url.host),
+        ("port", url.port),
+        ("user", url.username),
+        ("password", url.password),
+    ):
+        if value is not None:
+            params[key] = value
+    with psycopg.connect(**params) as connection:
+        connection.execute("SELECT 1").fetchone()
 
 
 def _check_processes(settings: RuntimeSettings, detail: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from emailops.config import ReplyConfig, ServerConfig, SyncConfig, TlsSecurity
+from prod.database_url import parse_database_url
 
 MASK = "**********"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -103,17 +104,7 @@ class RuntimeSettings(BaseSettings):
     @field_validator("index_db_url")
     @classmethod
     def _db_url(cls, value: str) -> str:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            url = make_url(value)
-        except ArgumentError as exc:
-            raise ValueError(f"is not a database URL ({exc})") from None
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
-            raise ValueError(f"must be sqlite:/// or postgresql+psycopg://, not {url.drivername!r}")
-        if url.get_backend_name() == "sqlite" and not url.database:
-            raise ValueError("names no SQLite file (use sqlite:////data/emailops.db)")
+        parse_database_url(value)
         return value
 
     @field_validator("email_tls_ca_file")
@@ -216,9 +207,7 @@ def _mask_dsn(dsn: str) -> str:
 
 
 def _mask_db_url(value: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(value).render_as_string(hide_password=True)
+    return parse_database_url(value).masked(value)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
