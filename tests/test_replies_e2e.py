@@ -327,3 +327,37 @@ def test_draft_flag_and_move_actions(
         assert b"\\Flagged" in moved[b"FLAGS"]
         client.select_folder("INBOX", readonly=True)
         assert client.search("ALL") == []
+
+
+def test_dry_run_logs_decisions_and_sends_nothing(
+    dovecot: LocalDovecot,
+    smtp_relay: LocalSmtpRelay,
+    db_url: str,
+    rules_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    daemon = Daemon(dovecot, smtp_relay, db_url, rules_file, dry_run=True)
+    daemon.run_until(daemon.watching)
+    dovecot.deliver(ALICE, inbound("help in dry run", n=1))
+    daemon.run_until(lambda: _rules_done(daemon) == 1)
+    daemon.settle(1.0)
+    daemon.close()
+    assert smtp_relay.accepted == [] and daemon.outbox() == []
+    assert "dry run: would reply" in capsys.readouterr().out
+
+
+def test_a_copy_of_each_sent_reply_goes_to_sent(
+    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
+) -> None:
+    dovecot.create_folder(ALICE, "Sent")
+    daemon = Daemon(dovecot, smtp_relay, db_url, rules_file, save_sent_copy=True)
+    daemon.run_until(daemon.watching)
+    dovecot.deliver(ALICE, inbound("help with a copy", n=1))
+    daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
+    daemon.settle(0.5)
+    daemon.close()
+    with dovecot.imap(ALICE) as client:
+        client.select_folder("Sent", readonly=True)
+        (copy,) = client.fetch(client.search("ALL"), ["BODY.PEEK[]", "FLAGS"]).values()
+    assert b"\\Seen" in copy[b"FLAGS"]
+    assert message_from_bytes(copy[b"BODY[]"])["Subject"] == "Re: help with a copy"
