@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 from imapclient import IMAPClient
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from emailops.cache import RawMessageCache
 from emailops.config import SyncConfig
@@ -134,8 +134,7 @@ class FolderSync:
         deadline = None if budget_seconds is None else started + budget_seconds
         report = SyncReport(self.folder)
         status = self.select(client)
-        with self.engine.begin() as conn:
-            state = folder_store.ensure_folder(conn, self.config.account, self.folder)
+        state = self._folder_state()
         condstore = status.highestmodseq is not None
 
         if state.uidvalidity is None or state.baseline_uidnext is None:
@@ -143,43 +142,37 @@ class FolderSync:
         elif state.uidvalidity != status.uidvalidity:
             state = self._resync(client, state, status, report)
 
+        # Nothing arrived (same UIDNEXT) and the count is the same, so nothing left either; with
+        # CONDSTORE an unchanged HIGHESTMODSEQ also rules out flag changes. No row is counted: the
+        # cost does not grow with the folder.
         unchanged = (
-            state.uidnext is not None
-            and status.uidnext is not None
+            not reconcile
+            and state.uidnext is not None
             and state.uidnext == status.uidnext
+            and state.server_count == status.exists
             and (not condstore or state.highestmodseq == status.highestmodseq)
-            and not reconcile
         )
-        if unchanged and self._live_count(state.id, status.uidvalidity) == status.exists:
-            with self.engine.begin() as conn:
-                folder_store.save_sync_state(
-                    conn,
-                    state.id,
-                    uidvalidity=status.uidvalidity,
-                    uidnext=status.uidnext,
-                    highestmodseq=status.highestmodseq,
-                    now=self.clock(),
+        if not unchanged:
+            arrived = 0
+            if status.uidnext is None or state.uidnext is None or status.uidnext > state.uidnext:
+                arrived, report.complete = self._fetch_new(
+                    client, state, status, state.uidnext or 1, report, deadline
                 )
-            report.seconds = time.monotonic() - started
-            return report
-
-        if status.uidnext is None or state.uidnext is None or status.uidnext > state.uidnext:
-            start = state.uidnext or 1
-            report.complete = self._fetch_new(client, state, status, start, report, deadline)
-            if not report.complete:
-                return self._finish(report, started)
-        if condstore and state.highestmodseq is not None and state.highestmodseq != status.highestmodseq:
-            report.flags_changed += self._flags_since(client, state.id, status, state.highestmodseq)
-        if reconcile and not condstore:
-            report.flags_changed += self._reconcile_flags(client, state.id, status)
-        # With CONDSTORE, EXISTS against the live rows tells of any expunge; without it, the
-        # periodic reconcile also compares the UID lists.
-        full_compare = reconcile and not condstore
-        if full_compare or self._live_count(state.id, status.uidvalidity) != status.exists:
-            expunged, missing = self._reconcile_uids(client, state.id, status)
-            report.expunged += expunged
-            if missing:
-                self._fetch_uids(client, state, status, sorted(missing), report)
+                if not report.complete:
+                    return self._finish(report, started)
+            if condstore and state.highestmodseq is not None and state.highestmodseq != status.highestmodseq:
+                report.flags_changed += self._flags_since(client, state.id, status, state.highestmodseq)
+            if reconcile and not condstore:
+                report.flags_changed += self._reconcile_flags(client, state.id, status)
+            # What the server should hold if nothing was expunged: the last count plus the arrivals.
+            # A mismatch (or a periodic reconcile without CONDSTORE) compares the UID lists.
+            previous = state.server_count if state.uidnext is not None else 0
+            expected = None if previous is None else previous + arrived
+            if (reconcile and not condstore) or expected != status.exists:
+                expunged, missing = self._reconcile_uids(client, state.id, status)
+                report.expunged += expunged
+                if missing:
+                    self._fetch_uids(client, state, status, sorted(missing), report)
 
         with self.engine.begin() as conn:
             folder_store.save_sync_state(
@@ -188,10 +181,19 @@ class FolderSync:
                 uidvalidity=status.uidvalidity,
                 uidnext=status.uidnext,
                 highestmodseq=status.highestmodseq,
+                server_count=status.exists,
                 now=self.clock(),
                 reconciled=reconcile,
             )
         return self._finish(report, started)
+
+    def _folder_state(self) -> folder_store.FolderState:
+        with reading(self.engine) as conn:
+            state = folder_store.get_folder(conn, self.config.account, self.folder)
+        if state is None:
+            with self.engine.begin() as conn:
+                state = folder_store.ensure_folder(conn, self.config.account, self.folder)
+        return state
 
     def _finish(self, report: SyncReport, started: float) -> SyncReport:
         report.new = len(report.new_message_pks)
@@ -283,8 +285,9 @@ class FolderSync:
         start: int,
         report: SyncReport,
         deadline: float | None,
-    ) -> bool:
-        """Fetch UIDs from ``start`` on; False when the deadline stopped it (progress is saved)."""
+    ) -> tuple[int, bool]:
+        """Fetch UIDs from ``start`` on. Returns how many the server holds from ``start`` on, and
+        False when the deadline stopped the fetch (progress is saved)."""
         sizes = {
             uid: int(data.get(b"RFC822.SIZE", 0))
             for uid, data in client.fetch(f"{start}:*", ["RFC822.SIZE"]).items()
@@ -301,7 +304,10 @@ class FolderSync:
                 ).scalars()
             )
         wanted = sorted(uid for uid in sizes if uid not in known)
-        return self._fetch_uids(client, state, status, wanted, report, sizes, deadline, save_progress=True)
+        complete = self._fetch_uids(
+            client, state, status, wanted, report, sizes, deadline, save_progress=True
+        )
+        return len(sizes), complete
 
     def _fetch_uids(
         self,
@@ -473,20 +479,6 @@ class FolderSync:
             gone = indexed - on_server
             count = message_store.mark_expunged(conn, folder_id, status.uidvalidity, gone, self.clock())
         return count, on_server - indexed
-
-    def _live_count(self, folder_id: int, uidvalidity: int) -> int:
-        with reading(self.engine) as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(messages)
-                    .where(
-                        messages.c.folder_id == folder_id,
-                        messages.c.uidvalidity == uidvalidity,
-                        messages.c.expunged_at.is_(None),
-                    )
-                ).scalar_one()
-            )
 
 
 def _modseq(data: dict[bytes, object]) -> int | None:

@@ -22,6 +22,7 @@ class FolderState:
     uidvalidity: int | None
     uidnext: int | None
     highestmodseq: int | None
+    server_count: int | None
     baseline_uidnext: int | None
     last_sync_at: datetime | None
     last_reconcile_at: datetime | None
@@ -56,6 +57,7 @@ def get_folder(conn: Connection, account: str, name: str) -> FolderState | None:
             folders.c.uidvalidity,
             folders.c.uidnext,
             folders.c.highestmodseq,
+            folders.c.server_count,
             folders.c.baseline_uidnext,
             folders.c.last_sync_at,
             folders.c.last_reconcile_at,
@@ -72,6 +74,7 @@ def save_sync_state(
     uidnext: int | None,
     highestmodseq: int | None,
     now: datetime,
+    server_count: int | None = None,
     baseline_uidnext: int | None = None,
     reconciled: bool = False,
 ) -> None:
@@ -79,6 +82,7 @@ def save_sync_state(
         "uidvalidity": uidvalidity,
         "uidnext": uidnext,
         "highestmodseq": highestmodseq,
+        "server_count": server_count,
         "last_sync_at": now,
     }
     if baseline_uidnext is not None:

@@ -1,7 +1,9 @@
 """Schema migrations: ordered steps, each applied once and recorded in ``schema_migrations``.
 
 Migrations run at start (workers, CLI) and by ``emailops migrate``; an upgrade never needs the
-database deleted. A step is written for both dialects; a new step is appended, never edited.
+database deleted. A step is written for both dialects; a new step is appended, never edited. The
+first step creates the tables as ``schema`` defines them now, so a later step that adds a column
+checks first: on a new database the column is already there.
 Hand-rolled rather than Alembic: the full-text structures (an FTS5 virtual table, a generated
 tsvector column) are dialect-specific DDL either way, and the list below is the whole history.
 """
@@ -36,7 +38,19 @@ def _initial_schema(conn: Connection) -> None:
     create_fulltext(conn)
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema with full-text index", _initial_schema),)
+def _add_column(conn: Connection, table: str, column: str, ddl_type: str) -> None:
+    if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl_type}")
+
+
+def _folder_server_count(conn: Connection) -> None:
+    _add_column(conn, "folders", "server_count", "BIGINT")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema with full-text index", _initial_schema),
+    Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
+)
 
 
 def current_version(conn: Connection) -> int:

@@ -36,6 +36,9 @@ folders = Table(
     Column("uidvalidity", BigInteger),
     Column("uidnext", BigInteger),
     Column("highestmodseq", BigInteger),
+    # EXISTS as of the last complete pass: with an unchanged UIDNEXT, an unchanged count proves that
+    # nothing was expunged, without counting rows.
+    Column("server_count", BigInteger),
     # UIDNEXT when this UIDVALIDITY was first synced: messages below it were there before the
     # daemon and are never answered (issue 4, "mail that was there before").
     Column("baseline_uidnext", BigInteger),
