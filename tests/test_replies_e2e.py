@@ -361,3 +361,31 @@ def test_a_copy_of_each_sent_reply_goes_to_sent(
         (copy,) = client.fetch(client.search("ALL"), ["BODY.PEEK[]", "FLAGS"]).values()
     assert b"\\Seen" in copy[b"FLAGS"]
     assert message_from_bytes(copy[b"BODY[]"])["Subject"] == "Re: help with a copy"
+
+
+def test_restoring_an_older_backup_does_not_answer_again(
+    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, tmp_path: Path, rules_file: Path
+) -> None:
+    from emailops.maintenance import backup_sqlite
+
+    db_url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    daemon = Daemon(dovecot, smtp_relay, db_url, rules_file)
+    daemon.run_until(daemon.watching)
+    daemon.settle(0.5)
+    backup_sqlite(db_url, tmp_path / "before.sqlite3")  # taken before the mail below arrives
+    dovecot.deliver(ALICE, inbound("help before the disaster", n=1))
+    daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
+    daemon.close()
+    with dovecot.imap(ALICE) as client:
+        client.select_folder("INBOX", readonly=True)
+        assert b"$AutoReplied" in next(iter(client.get_flags(client.search("ALL")).values()))
+
+    daemon.engine.dispose()
+    (tmp_path / "before.sqlite3").replace(tmp_path / "index.sqlite3")
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"index.sqlite3{suffix}").unlink(missing_ok=True)
+    restored = Daemon(dovecot, smtp_relay, db_url, rules_file)
+    restored.run_until(lambda: _rules_done(restored) == 1)
+    restored.settle(1.0)
+    restored.close()
+    assert len(smtp_relay.accepted) == 1

@@ -35,6 +35,10 @@ Clock = Callable[[], datetime]
 # A claim older than this is from a process that died while sending (a send never lasts this long).
 STALE_CLAIM = timedelta(minutes=10)
 
+# Set on an inbound message once a reply to it is recorded. The mailbox outlives the database: after
+# a restore from an older backup, or a new index, a message carrying it is never answered again.
+AUTO_REPLIED_KEYWORD = "$AutoReplied"
+
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
@@ -105,6 +109,14 @@ class RulesStage:
                 stored = message_store.load_message(conn, pk)
                 if stored is None:
                     return
+                if AUTO_REPLIED_KEYWORD in stored.flags:
+                    log.info(
+                        "already answered (mailbox keyword); rules not applied again",
+                        folder=stored.folder,
+                        uid=stored.uid,
+                        keyword=AUTO_REPLIED_KEYWORD,
+                    )
+                    return
                 made = decisions.apply_rules(
                     conn,
                     account=self.account,
@@ -124,12 +136,18 @@ class RulesStage:
                 message_store.set_rules_state(conn, pk, "error")
             return
         actions = decisions.mailbox_actions(made)
-        if actions and not self.config.dry_run:
-            self._change_mailbox(stored.folder, stored.uid, actions)
+        replied = any(d.outbox_id is not None for d in made)
+        if (actions or replied) and not self.config.dry_run:
+            self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
 
-    def _change_mailbox(self, folder: str, uid: int, actions: list[decisions.MailboxAction]) -> None:
+    def _change_mailbox(
+        self, folder: str, uid: int, actions: list[decisions.MailboxAction], *, replied: bool
+    ) -> None:
         try:
-            imap_actions.perform(self.mailbox.client(folder), uid, actions)
+            client = self.mailbox.client(folder)
+            if replied:  # first: a move must carry the keyword along
+                imap_actions.add_flags(client, uid, [AUTO_REPLIED_KEYWORD])
+            imap_actions.perform(client, uid, actions)
         except (ImapError, *CONNECTION_ERRORS) as exc:
             self.mailbox.drop()
             log.error(
