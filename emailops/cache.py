@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -23,26 +24,40 @@ class RawMessageCache:
         key = hashlib.sha256(f"{account}\0{folder}".encode()).hexdigest()[:24]
         return self.root / key / str(uidvalidity)
 
-    def get(self, account: str, folder: str, uidvalidity: int, uid: int) -> bytes | None:
+    def get_many(self, account: str, folder: str, uidvalidity: int, uids: Iterable[int]) -> dict[int, bytes]:
+        """The cached messages among ``uids`` (one directory listing, then only the hits are read)."""
+        base = str(self._folder_dir(account, folder, uidvalidity))
         try:
-            return (self._folder_dir(account, folder, uidvalidity) / f"{uid}.eml").read_bytes()
+            present = set(os.listdir(base))
         except OSError:
-            return None
+            return {}
+        found: dict[int, bytes] = {}
+        for uid in uids:
+            name = f"{uid}.eml"
+            if name in present:
+                try:
+                    with open(os.path.join(base, name), "rb") as cached:
+                        found[uid] = cached.read()
+                except OSError:
+                    continue
+        return found
 
     def put_many(self, account: str, folder: str, uidvalidity: int, items: dict[int, bytes]) -> None:
         """Store messages; a failure to write (disk full, read-only) only costs a later download."""
         if self.max_bytes <= 0 or not items:
             return
         directory = self._folder_dir(account, folder, uidvalidity)
+        base = str(directory)  # plain strings: pathlib per file was most of the cost here
         try:
             directory.mkdir(parents=True, exist_ok=True)
             added = 0
             for uid, raw in items.items():
                 if len(raw) > self.max_bytes // 10:
                     continue
-                temporary = directory / f".{uid}.tmp"
-                temporary.write_bytes(raw)
-                temporary.replace(directory / f"{uid}.eml")
+                temporary = os.path.join(base, f".{uid}.tmp")
+                with open(temporary, "wb") as out:
+                    out.write(raw)
+                os.replace(temporary, os.path.join(base, f"{uid}.eml"))
                 added += len(raw)
         except OSError:
             return

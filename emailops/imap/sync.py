@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -29,7 +30,8 @@ from sqlalchemy import Engine, select
 
 from emailops.cache import RawMessageCache
 from emailops.config import SyncConfig
-from emailops.mime.parse import parse_message
+from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
+from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
 from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
 from emailops.store.database import reading
@@ -288,11 +290,8 @@ class FolderSync:
     ) -> tuple[int, bool]:
         """Fetch UIDs from ``start`` on. Returns how many the server holds from ``start`` on, and
         False when the deadline stopped the fetch (progress is saved)."""
-        sizes = {
-            uid: int(data.get(b"RFC822.SIZE", 0))
-            for uid, data in client.fetch(f"{start}:*", ["RFC822.SIZE"]).items()
-            if uid >= start
-        }
+        # "N:*" always names the last message, even when its UID is below N: filter.
+        sizes = {uid: size for uid, size in fetch_sizes(client, f"{start}:*").items() if uid >= start}
         with reading(self.engine) as conn:
             known = set(
                 conn.execute(
@@ -329,25 +328,68 @@ class FolderSync:
         if not uids:
             return True
         if sizes is None:
-            sizes = {
-                uid: int(d.get(b"RFC822.SIZE", 0)) for uid, d in client.fetch(uids, ["RFC822.SIZE"]).items()
-            }
-        for batch in self._batches(uids, sizes):
-            fetched = self._fetch_batch(client, batch, sizes, status.uidvalidity)
-            with self.engine.begin() as conn:
-                report.new_message_pks += message_store.insert_messages(
-                    conn,
-                    state.id,
-                    status.uidvalidity,
-                    fetched,
-                    baseline_uidnext=state.baseline_uidnext,
-                    now=self.clock(),
+            sizes = fetch_sizes(client, message_set(uids))
+        parser = Parser(
+            max_message_bytes=self.config.max_message_bytes,
+            max_body_chars=self.config.max_body_chars,
+            use_helper=len(uids) >= HELPER_THRESHOLD,
+        )
+        # Download batch k+1 while batch k is parsed; store batch k when its parse is done. Cache
+        # files are written by a thread meanwhile.
+        with parser, ThreadPoolExecutor(max_workers=1) as cache_writer:
+            queued: tuple[list[FetchedBody], Future[Parsed]] | None = None
+            complete = True
+            for batch in self._batches(uids, sizes):
+                bodies = self._download(client, batch, sizes, status.uidvalidity, cache_writer)
+                job = parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies])
+                if queued is not None:
+                    self._store(state, status, *queued, report, save_progress)
+                queued = (bodies, job)
+                if deadline is not None and time.monotonic() > deadline and batch[-1] != uids[-1]:
+                    complete = False
+                    break
+            if queued is not None:
+                self._store(state, status, *queued, report, save_progress)
+        return complete
+
+    def _store(
+        self,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        bodies: list[FetchedBody],
+        job: Future[Parsed],
+        report: SyncReport,
+        save_progress: bool,
+    ) -> None:
+        fetched = [
+            message_store.FetchedMessage(
+                uid=body.uid,
+                flags=_flags(body.flags),
+                internal_date=body.internal_date,
+                modseq=body.modseq,
+                parsed=parsed,
+                content=content,
+            )
+            for body, (parsed, content) in zip(bodies, job.result(), strict=True)
+        ]
+        for item in fetched:
+            if item.parsed.truncated and any(
+                p.startswith("message-truncated:") for p in item.parsed.problems
+            ):
+                self.log.warning(
+                    "large message indexed from its beginning", uid=item.uid, size=item.parsed.size
                 )
-                if save_progress:
-                    folder_store.save_progress(conn, state.id, uidnext=batch[-1] + 1)
-            if deadline is not None and time.monotonic() > deadline and batch[-1] != uids[-1]:
-                return False
-        return True
+        with self.engine.begin() as conn:
+            report.new_message_pks += message_store.insert_messages(
+                conn,
+                state.id,
+                status.uidvalidity,
+                fetched,
+                baseline_uidnext=state.baseline_uidnext,
+                now=self.clock(),
+            )
+            if save_progress and bodies:
+                folder_store.save_progress(conn, state.id, uidnext=max(body.uid for body in bodies) + 1)
 
     def _batches(self, uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
         batch: list[int] = []
@@ -365,74 +407,61 @@ class FolderSync:
         if batch:
             yield batch
 
-    def _fetch_batch(
-        self, client: IMAPClient, uids: list[int], sizes: dict[int, int], uidvalidity: int
-    ) -> list[message_store.FetchedMessage]:
+    def _download(
+        self,
+        client: IMAPClient,
+        uids: list[int],
+        sizes: dict[int, int],
+        uidvalidity: int,
+        cache_writer: ThreadPoolExecutor,
+    ) -> list[FetchedBody]:
+        """The raw messages of ``uids``: from the cache, or downloaded (and then cached)."""
         account, folder = self.config.account, self.folder
-        cached = {}
-        if self.cache is not None:
-            for uid in uids:
-                raw = self.cache.get(account, folder, uidvalidity, uid)
-                if raw is not None:
-                    cached[uid] = raw
+        cached = self.cache.get_many(account, folder, uidvalidity, uids) if self.cache is not None else {}
         large = [
             uid for uid in uids if sizes.get(uid, 0) > self.config.max_message_bytes and uid not in cached
         ]
         whole = [uid for uid in uids if uid not in cached and uid not in large]
-        meta = ["FLAGS", "INTERNALDATE"]
-        if client.has_capability("CONDSTORE"):
-            meta.append("MODSEQ")
-        results: list[message_store.FetchedMessage] = []
-        downloaded: dict[int, bytes] = {}
-        if whole:
-            for uid, data in client.fetch(whole, ["BODY.PEEK[]", *meta]).items():
-                raw = data.get(b"BODY[]")
-                if raw is None:
-                    continue
-                downloaded[uid] = raw
-                results.append(self._fetched(uid, data, raw))
+        condstore = client.has_capability("CONDSTORE")
+        bodies = fetch_bodies(client, whole, modseq=condstore) if whole else []
+        if self.cache is not None and bodies:
+            cache_writer.submit(
+                self.cache.put_many, account, folder, uidvalidity, {body.uid: body.raw for body in bodies}
+            )
         if cached:
+            meta = ["FLAGS", "INTERNALDATE", *(["MODSEQ"] if condstore else [])]
             for uid, data in client.fetch(sorted(cached), meta).items():
                 if uid in cached:
-                    results.append(self._fetched(uid, data, cached[uid]))
+                    bodies.append(
+                        FetchedBody(
+                            uid,
+                            _flags(data.get(b"FLAGS", ())),
+                            _aware(data.get(b"INTERNALDATE")),
+                            _modseq(data),
+                            cached[uid],
+                        )  # type: ignore[arg-type]
+                    )
         for uid in large:
-            results += self._fetch_large(client, uid, sizes[uid], meta)
-        if self.cache is not None and downloaded:
-            self.cache.put_many(account, folder, uidvalidity, downloaded)
-        return results
+            bodies += self._download_beginning(client, uid, condstore)
+        return bodies
 
-    def _fetch_large(
-        self, client: IMAPClient, uid: int, size: int, meta: list[str]
-    ) -> list[message_store.FetchedMessage]:
+    def _download_beginning(self, client: IMAPClient, uid: int, condstore: bool) -> list[FetchedBody]:
         """A message above the limit: its header and the first part of its text, never the whole."""
-        items = ["BODY.PEEK[HEADER]", f"BODY.PEEK[TEXT]<0.{PARTIAL_TEXT_BYTES}>", *meta]
-        data = client.fetch([uid], items).get(uid)
+        items = ["BODY.PEEK[HEADER]", f"BODY.PEEK[TEXT]<0.{PARTIAL_TEXT_BYTES}>", "FLAGS", "INTERNALDATE"]
+        data = client.fetch([uid], [*items, *(["MODSEQ"] if condstore else [])]).get(uid)
         if data is None:
             return []
         header = data.get(b"BODY[HEADER]") or b""
         text = next((v for k, v in data.items() if k.startswith(b"BODY[TEXT]")), b"") or b""
-        fetched = self._fetched(uid, data, header + text)
-        parsed = replace(
-            fetched.parsed,
-            size=size,
-            truncated=True,
-            problems=(*fetched.parsed.problems, f"message-truncated:{size}"),
-        )
-        self.log.warning("large message indexed from its beginning", uid=uid, size=size)
-        return [replace(fetched, parsed=parsed)]
-
-    def _fetched(self, uid: int, data: dict[bytes, object], raw: bytes) -> message_store.FetchedMessage:
-        return message_store.FetchedMessage(
-            uid=uid,
-            flags=_flags(data.get(b"FLAGS", ())),  # type: ignore[arg-type]
-            internal_date=_aware(data.get(b"INTERNALDATE")),
-            modseq=_modseq(data),
-            parsed=parse_message(
-                raw,
-                max_message_bytes=self.config.max_message_bytes,
-                max_body_chars=self.config.max_body_chars,
-            ),
-        )
+        return [
+            FetchedBody(
+                uid,
+                _flags(data.get(b"FLAGS", ())),  # type: ignore[arg-type]
+                _aware(data.get(b"INTERNALDATE")),
+                _modseq(data),
+                header + text,  # type: ignore[operator]
+            )
+        ]
 
     # -- flags and expunges ------------------------------------------------------------------
 

@@ -11,65 +11,75 @@ from sqlalchemy import Connection, and_, bindparam, func, select, update
 
 from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.store import fulltext
+from emailops.store.content import content_columns
 from emailops.store.schema import attachments, folders, messages
 
 
 @dataclass(frozen=True)
 class FetchedMessage:
-    """A message as fetched from one folder: the server's facts plus the parsed content."""
+    """A message as fetched from one folder: the server's facts plus the parsed content.
+
+    ``content`` is ``content_columns(parsed)`` when the caller computed it already (elsewhere).
+    """
 
     uid: int
     flags: tuple[str, ...]
     internal_date: datetime | None
     modseq: int | None
     parsed: ParsedMessage
-
-
-def _insert(conn: Connection):  # type: ignore[no-untyped-def]
-    if conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    return insert(messages)
-
-
-def _addresses(values: Iterable[Address]) -> str:
-    return ", ".join(str(a) for a in values)
+    content: dict[str, object] | None = None
 
 
 def _row(
     folder_id: int, uidvalidity: int, item: FetchedMessage, rules_state: str, now: datetime
 ) -> dict[str, object]:
-    p = item.parsed
-    sender = p.sender
     return {
+        **(item.content if item.content is not None else content_columns(item.parsed)),
         "folder_id": folder_id,
         "uidvalidity": uidvalidity,
         "uid": item.uid,
-        "message_id": p.message_id,
-        "subject": p.subject,
-        "from_addr": sender.email if sender else "",
-        "from_name": sender.name if sender else "",
-        "addresses": _addresses((*p.from_, *p.to, *p.cc, *p.reply_to)),
-        "to_addrs": _addresses(p.to),
-        "cc_addrs": _addresses(p.cc),
-        "date": p.date,
         "internal_date": item.internal_date,
-        "in_reply_to": p.in_reply_to,
-        "references": " ".join(p.references),
-        "list_id": p.list_id,
-        "auto_submitted": p.auto_submitted,
-        "thread_key": p.thread_key,
-        "size": p.size,
         "flags": " ".join(item.flags),
         "modseq": item.modseq,
-        "headers_json": json.dumps(p.headers, ensure_ascii=False),
-        "body_text": p.body_text,
-        "has_attachments": bool(p.attachments),
-        "truncated": p.truncated,
-        "problems": " ".join(p.problems),
         "indexed_at": now,
         "rules_state": rules_state,
+    }
+
+
+def _insert_new(
+    conn: Connection, folder_id: int, uidvalidity: int, rows: list[dict[str, object]]
+) -> dict[int, int]:
+    """Insert the rows not indexed yet; return uid -> primary key of those inserted.
+
+    PostgreSQL: one INSERT .. ON CONFLICT DO NOTHING RETURNING. SQLite: the write transaction is
+    exclusive (BEGIN IMMEDIATE), so the UIDs present are read first and a plain executemany
+    inserts the rest, which is several times faster than SQLAlchemy's RETURNING batches there.
+    """
+    if conn.dialect.name != "sqlite":
+        from sqlalchemy.dialects.postgresql import insert
+
+        statement = (
+            insert(messages)
+            .on_conflict_do_nothing(index_elements=["folder_id", "uidvalidity", "uid"])
+            .returning(messages.c.id, messages.c.uid)
+        )
+        return {uid: pk for pk, uid in conn.execute(statement, rows).all()}
+    uids = [int(row["uid"]) for row in rows]  # type: ignore[call-overload]
+    in_batch = and_(
+        messages.c.folder_id == folder_id,
+        messages.c.uidvalidity == uidvalidity,
+        messages.c.uid.between(min(uids), max(uids)),
+    )
+    present = set(conn.execute(select(messages.c.uid).where(in_batch)).scalars())
+    fresh = [row for row in rows if row["uid"] not in present]
+    if not fresh:
+        return {}
+    conn.execute(messages.insert(), fresh)
+    wanted = {int(row["uid"]) for row in fresh}  # type: ignore[call-overload]
+    return {
+        uid: pk
+        for pk, uid in conn.execute(select(messages.c.id, messages.c.uid).where(in_batch)).all()
+        if uid in wanted
     }
 
 
@@ -94,12 +104,7 @@ def insert_messages(
         return "pending" if baseline_uidnext is not None and uid >= baseline_uidnext else "history"
 
     rows = [_row(folder_id, uidvalidity, item, state(item.uid), now) for item in batch]
-    statement = (
-        _insert(conn)
-        .on_conflict_do_nothing(index_elements=["folder_id", "uidvalidity", "uid"])
-        .returning(messages.c.id, messages.c.uid)
-    )
-    inserted = {uid: pk for pk, uid in conn.execute(statement, rows).all()}
+    inserted = _insert_new(conn, folder_id, uidvalidity, rows)
     if not inserted:
         return []
     by_uid = {item.uid: item for item in batch}

@@ -1,0 +1,82 @@
+"""Parsing fetched messages, in this process or, for a large catch-up, in a helper process.
+
+An initial sync is three kinds of work, one after another for each batch: download, parse, store.
+Parsing is the largest and needs nothing from the other two, so for many messages it runs in one
+spawned helper process on the second core while this process downloads the next batch and stores
+the previous one. Small batches (new mail while watching) are parsed here: starting a process
+would cost more than it saves. This module imports only the parser, so the helper starts quickly.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import replace
+from types import TracebackType
+
+from emailops.mime.model import ParsedMessage
+from emailops.mime.parse import parse_message
+from emailops.store.content import content_columns
+
+# Below this many messages in a pass, parsing stays in this process.
+HELPER_THRESHOLD = 300
+
+
+def parse_one(raw: bytes, size: int, max_message_bytes: int, max_body_chars: int) -> ParsedMessage:
+    """Parse one message; ``size`` is the server's RFC822.SIZE, which tells an oversized message
+    (fetched as its header and the beginning of its text) from a whole one."""
+    parsed = parse_message(raw, max_message_bytes=max_message_bytes, max_body_chars=max_body_chars)
+    if size <= max_message_bytes:
+        return parsed
+    return replace(
+        parsed, size=size, truncated=True, problems=(*parsed.problems, f"message-truncated:{size}")
+    )
+
+
+def parse_all(
+    raws: Sequence[tuple[bytes, int]], max_message_bytes: int, max_body_chars: int
+) -> list[tuple[ParsedMessage, dict[str, object]]]:
+    """Each (raw, size) parsed, with its index columns (``parse_message`` never raises)."""
+    results = []
+    for raw, size in raws:
+        parsed = parse_one(raw, size, max_message_bytes, max_body_chars)
+        results.append((parsed, content_columns(parsed)))
+    return results
+
+
+Parsed = list[tuple[ParsedMessage, dict[str, object]]]
+
+
+class Parser:
+    """``submit(raws)`` returns a future of the parsed messages, computed here or in the helper."""
+
+    def __init__(self, *, max_message_bytes: int, max_body_chars: int, use_helper: bool) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.max_body_chars = max_body_chars
+        self._pool = (
+            ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            if use_helper
+            else None
+        )
+
+    def submit(self, raws: Sequence[tuple[bytes, int]]) -> Future[Parsed]:
+        """Parse (raw, size) pairs."""
+        if self._pool is not None:
+            return self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
+        done: Future[Parsed] = Future()
+        done.set_result(parse_all(raws, self.max_message_bytes, self.max_body_chars))
+        return done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Parser:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,54 @@
+"""The raw-message cache: bounded in size, and what reindex rebuilds from."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from emailops.cache import RawMessageCache
+from emailops.imap.connection import connect
+from emailops.maintenance import reindex
+from emailops.store import fulltext
+from emailops.store.database import reading
+from prod.localmail.dovecot import LocalDovecot
+from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, sync_config
+
+
+def test_cache_round_trip_and_size_bound(tmp_path: Path) -> None:
+    cache = RawMessageCache(tmp_path, max_bytes=10_000)
+    cache.put_many("acct", "INBOX", 7, {1: b"a" * 900, 2: b"b" * 900})
+    assert cache.get_many("acct", "INBOX", 7, [1, 2, 3]) == {1: b"a" * 900, 2: b"b" * 900}
+    assert cache.get_many("acct", "INBOX", 8, [1]) == {}  # another UIDVALIDITY is another message
+    assert cache.get_many("acct", "Archive", 7, [1]) == {}
+    for uid in range(3, 30):
+        time.sleep(0.001)
+        cache.put_many("acct", "INBOX", 7, {uid: bytes([uid]) * 900})
+    stored = sum(f.stat().st_size for f in (tmp_path / "raw").rglob("*.eml"))
+    assert stored <= 10_000
+    # The oldest went first.
+    assert 1 not in cache.get_many("acct", "INBOX", 7, [1]) and 29 in cache.get_many("acct", "INBOX", 7, [29])
+
+
+def test_cache_write_failure_costs_nothing_but_the_cache(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = RawMessageCache(blocker, max_bytes=10_000)
+    cache.put_many("acct", "INBOX", 1, {1: b"x"})  # no exception
+    assert cache.get_many("acct", "INBOX", 1, [1]) == {}
+
+
+def test_reindex_reads_raw_messages_from_the_cache(dovecot: LocalDovecot, tmp_path: Path) -> None:
+    for n in (1, 2):
+        dovecot.append(ALICE, "INBOX", message(n))
+    engine = index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    config = sync_config(tmp_path)
+    reindex(engine, imap_config(dovecot), config, connector=connect)
+    # Doctor the cached copy of UID 1: a rebuild that uses the cache indexes the doctored text.
+    (cached,) = [p for p in (tmp_path / "cache" / "raw").rglob("1.eml")]
+    cached.write_bytes(message(1, body="from the cache capybara"))
+    os.utime(cached)
+    reindex(engine, imap_config(dovecot), config, connector=connect)
+    with reading(engine) as conn:
+        assert [h.uid for h in fulltext.search(conn, ACCOUNT, "capybara")] == [1]
+        assert [h.uid for h in fulltext.search(conn, ACCOUNT, "token2x")] == [2]
