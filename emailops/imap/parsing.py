@@ -41,7 +41,8 @@ def parse_all(
     results = []
     for raw, size in raws:
         parsed = parse_one(raw, size, max_message_bytes, max_body_chars)
-        results.append((parsed, content_columns(parsed)))
+        # The text and headers travel once, in the columns; the parsed message keeps the rest.
+        results.append((replace(parsed, body_text="", headers={}), content_columns(parsed)))
     return results
 
 
@@ -59,11 +60,17 @@ class Parser:
             if use_helper
             else None
         )
+        self._inflight: Future[Parsed] | None = None
 
     def submit(self, raws: Sequence[tuple[bytes, int]]) -> Future[Parsed]:
-        """Parse (raw, size) pairs."""
-        if self._pool is not None:
-            return self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
+        """Parse (raw, size) pairs: in the helper when it is free, else here, so that both cores
+        parse while the helper is behind. The parsed messages carry no text and no headers: those
+        are in the columns."""
+        if self._pool is not None and (self._inflight is None or self._inflight.done()):
+            self._inflight = self._pool.submit(
+                parse_all, list(raws), self.max_message_bytes, self.max_body_chars
+            )
+            return self._inflight
         done: Future[Parsed] = Future()
         done.set_result(parse_all(raws, self.max_message_bytes, self.max_body_chars))
         return done
