@@ -108,7 +108,6 @@ def test_uidvalidity_change_remaps_by_message_id(dovecot: LocalDovecot, db_url: 
         conn.exec_driver_sql("UPDATE messages SET rules_state = 'done' WHERE uid = 4")
     before = rows(engine, "SELECT id, message_id FROM messages ORDER BY id")
 
-    client.unselect_folder()
     dovecot.delete_folder(ALICE, "Projects")
     dovecot.create_folder(ALICE, "Projects")
     # The recreated mailbox: messages 2..4 again (new UIDs, new order), 1 gone, 5 new.
@@ -169,3 +168,29 @@ def test_interrupted_first_sync_neither_loses_nor_duplicates(
     report = FolderSync(engine, sync_config(fetch_batch_messages=30), "INBOX").sync(client)
     assert report.complete
     assert rows(engine, "SELECT count(*), count(DISTINCT uid) FROM messages") == [(100, 100)]
+
+
+def test_a_poll_with_nothing_new_is_one_status_command(
+    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(1, 4):
+        dovecot.append(ALICE, "INBOX", message(n))
+    engine = index_engine(db_url)
+    client = connect(imap_config(dovecot))
+    sync = FolderSync(engine, sync_config(), "INBOX")
+    sync.sync(client)
+    commands: list[str] = []
+    for name in ("select_folder", "folder_status", "fetch", "search", "noop"):
+        original = getattr(client, name)
+
+        def spy(*args: object, _name: str = name, _original: object = original, **kwargs: object) -> object:
+            commands.append(_name)
+            return _original(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(client, name, spy)
+    assert sync.sync(client).new == 0
+    assert commands == ["folder_status"]
+    commands.clear()
+    dovecot.deliver(ALICE, message(4))
+    assert sync.sync(client).new == 1
+    assert commands[:2] == ["folder_status", "select_folder"]

@@ -125,3 +125,25 @@ def test_hostile_corpus_is_fully_indexed_and_searchable(
     for (subject,) in rows(engine, "SELECT subject FROM messages"):
         assert "\r" not in str(subject) and "\n" not in str(subject)
     watcher.close()
+
+
+def test_mail_arriving_during_a_pass_is_not_left_for_the_next_poll(
+    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(1, 4):
+        dovecot.append(ALICE, "INBOX", message(n))
+    engine = index_engine(db_url)
+    insert = message_store.insert_messages
+    delivered: list[bool] = []
+
+    def insert_while_mail_arrives(*args: object, **kwargs: object) -> list[int]:
+        if not delivered:  # during the first pass, after its SELECT
+            dovecot.deliver(ALICE, message(99))
+            delivered.append(True)
+        return insert(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(message_store, "insert_messages", insert_while_mail_arrives)
+    watcher = watcher_for(dovecot, engine, poll_interval_seconds=300)
+    took = step_until(watcher, lambda: count(engine) == 4 and watcher.idling, timeout=10)
+    assert took < 5  # not the 300 s poll
+    watcher.close()

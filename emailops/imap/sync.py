@@ -119,22 +119,84 @@ class FolderSync:
         self.cache = cache
         self.clock = clock
         self.log = log.bind(folder=folder)
+        # The connection on which this folder is selected now, if any.
+        self._selected_on: IMAPClient | None = None
 
     def select(self, client: IMAPClient) -> MailboxStatus:
-        return _status(client.select_folder(self.folder, readonly=True))
+        status = _status(client.select_folder(self.folder, readonly=True))
+        self._selected_on = client
+        forget_unsolicited(client)  # what SELECT itself announced is in ``status``
+        return status
+
+    def release(self, client: IMAPClient) -> None:
+        """Leave the folder (UNSELECT, or CLOSE: the folder was opened read-only, so nothing is
+        expunged), so that the next poll may ask STATUS, which RFC 3501 reserves for folders that
+        are not selected."""
+        if self._selected_on is not client:
+            return
+        if client.has_capability("UNSELECT"):
+            client.unselect_folder()
+        else:
+            client.close_folder()
+        self._selected_on = None
 
     def sync(
-        self, client: IMAPClient, *, reconcile: bool = False, budget_seconds: float | None = None
+        self,
+        client: IMAPClient,
+        *,
+        reconcile: bool = False,
+        budget_seconds: float | None = None,
+        keep_selected: bool = False,
     ) -> SyncReport:
         """One pass. ``reconcile`` forces the full flag/expunge comparison (servers without CONDSTORE).
 
         With ``budget_seconds``, fetching stops after the batch that passes the budget, with the
         progress committed, so that a worker can heartbeat and stop between passes; the report says
-        ``complete=False`` and the next pass continues.
+        ``complete=False`` and the next pass continues. ``keep_selected`` leaves the folder selected
+        afterwards (for IDLE); otherwise it is released and the next pass starts with one STATUS,
+        which ends it when nothing changed: a poll costs one round trip, whatever the folder's size
+        (a SELECT costs more as the folder grows).
         """
         started = time.monotonic()
-        deadline = None if budget_seconds is None else started + budget_seconds
         report = SyncReport(self.folder)
+        if not reconcile and self._selected_on is not client and self._unchanged_by_status(client):
+            report.seconds = time.monotonic() - started
+            return report
+        try:
+            return self._pass(client, report, started, reconcile, budget_seconds)
+        finally:
+            if not keep_selected:
+                self.release(client)
+
+    def _unchanged_by_status(self, client: IMAPClient) -> bool:
+        state = self._folder_state()
+        if state.uidvalidity is None or state.uidnext is None or state.server_count is None:
+            return False
+        items = ["UIDVALIDITY", "UIDNEXT", "MESSAGES"]
+        if state.highestmodseq is not None:
+            items.append("HIGHESTMODSEQ")
+        answer = client.folder_status(self.folder, items)
+        seen = {key.decode(): int(value) for key, value in answer.items()}
+        if (
+            seen.get("UIDVALIDITY") != state.uidvalidity
+            or seen.get("UIDNEXT") != state.uidnext
+            or seen.get("MESSAGES") != state.server_count
+            or (state.highestmodseq is not None and seen.get("HIGHESTMODSEQ") != state.highestmodseq)
+        ):
+            return False
+        with self.engine.begin() as conn:
+            folder_store.touch_sync(conn, state.id, self.clock())
+        return True
+
+    def _pass(
+        self,
+        client: IMAPClient,
+        report: SyncReport,
+        started: float,
+        reconcile: bool,
+        budget_seconds: float | None,
+    ) -> SyncReport:
+        deadline = None if budget_seconds is None else started + budget_seconds
         status = self.select(client)
         state = self._folder_state()
         condstore = status.highestmodseq is not None
@@ -508,6 +570,22 @@ class FolderSync:
             gone = indexed - on_server
             count = message_store.mark_expunged(conn, folder_id, status.uidvalidity, gone, self.clock())
         return count, on_server - indexed
+
+
+# Untagged answers that tell of a change in the selected folder.
+CHANGE_ANSWERS = ("EXISTS", "EXPUNGE", "RECENT", "FETCH", "VANISHED")
+
+
+def forget_unsolicited(client: IMAPClient) -> bool:
+    """Drop the change announcements imaplib set aside during our own commands; True if any.
+
+    A server announces mail that arrives during, say, a FETCH in that command's answer; imaplib
+    keeps such untagged answers in ``untagged_responses`` where no later command looks. Before
+    going to IDLE they must be looked at, or a message that arrived during a pass waits for the
+    next poll.
+    """
+    stash = client._imap.untagged_responses
+    return bool([stash.pop(kind) for kind in CHANGE_ANSWERS if kind in stash])
 
 
 def _modseq(data: dict[bytes, object]) -> int | None:

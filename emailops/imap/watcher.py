@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ from imapclient.exceptions import IMAPClientError
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import ReconnectPolicy, close_quietly, connect
 from emailops.imap.errors import ImapAuthError, ImapError, ImapSecurityError, ImapTransientError
-from emailops.imap.sync import FolderSync, SyncReport
+from emailops.imap.sync import FolderSync, SyncReport, forget_unsolicited
 
 log = structlog.get_logger(component="imap")
 
@@ -141,23 +142,37 @@ class FolderWatcher:
             if self.idling:
                 self.client.idle_done()
                 self.idling = False
-            report = self.sync.sync(self.client, reconcile=reconcile, budget_seconds=self.pass_budget_seconds)
+            will_idle = self._use_idle()
+            report = self.sync.sync(
+                self.client,
+                reconcile=reconcile,
+                budget_seconds=self.pass_budget_seconds,
+                keep_selected=will_idle,
+            )
+            # Mail that arrived during the pass was announced to a command of the pass: sync again
+            # rather than IDLE on it.
+            missed = will_idle and forget_unsolicited(self.client)
         except CONNECTION_ERRORS as exc:
             self._drop(ImapTransientError(f"{type(exc).__name__}: {exc}"))
             return None
         now = self.monotonic()
-        self.catching_up = not report.complete
+        self.catching_up = not report.complete or missed
         self.next_poll_at = now + self.config.poll_interval_seconds
         if reconcile:
             self.next_reconcile_at = now + self.config.reconcile_interval_seconds
-        if report.complete and self._use_idle():
+        if not self.catching_up and self._use_idle():
             self.client.idle()
             self.idling = True
             self.idle_started_at = now
+            # An announcement that came with the server's "+ idling" is set aside, or read ahead.
+            self.catching_up = forget_unsolicited(self.client) or has_buffered_input(self.client)
         return report
 
     def _idle_step(self, max_wait: float) -> SyncReport | None:
         assert self.client is not None
+        if has_buffered_input(self.client):
+            # idle_check() waits on the socket only; lines already read ahead would wait there.
+            return self._sync(reconcile=self.monotonic() >= self.next_reconcile_at)
         responses = self.client.idle_check(timeout=max_wait)
         if any(_is_bye(response) for response in responses):
             # The server is going away (restart, shutdown): reconnect rather than wait on a dead socket.
@@ -172,6 +187,20 @@ class FolderWatcher:
         if changed or renew or poll_due:
             return self._sync(reconcile=now >= self.next_reconcile_at)
         return None
+
+
+def has_buffered_input(client: IMAPClient) -> bool:
+    """True when the server has sent something not read yet: in imaplib's read-ahead buffer, or on
+    the socket. Never blocks."""
+    sock = client.socket()
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return bool(client._imap.file.peek(1))
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False
+    finally:
+        sock.settimeout(timeout)
 
 
 def _is_bye(response: object) -> bool:

@@ -93,6 +93,11 @@ def save_sync_state(
     conn.execute(update(folders).where(folders.c.id == folder_id).values(**values))
 
 
+def touch_sync(conn: Connection, folder_id: int, now: datetime) -> None:
+    """A poll found nothing new: the folder is in sync as of ``now``."""
+    conn.execute(update(folders).where(folders.c.id == folder_id).values(last_sync_at=now))
+
+
 def save_progress(conn: Connection, folder_id: int, *, uidnext: int) -> None:
     """Record that every UID below ``uidnext`` is indexed (a pass in progress)."""
     conn.execute(update(folders).where(folders.c.id == folder_id).values(uidnext=uidnext))
