@@ -33,7 +33,9 @@ LEASE_RENEW_SECONDS = 10.0
 class AfterIndexStage(Protocol):
     """Work done after indexing in the same worker (rules, outbox delivery); bounded per call."""
 
-    def run_once(self) -> None: ...
+    def run_once(self) -> bool:
+        """Do what is due, for about a second at most; True if there was work (maybe more)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -66,20 +68,22 @@ class MailPipeline:
         self.watchers: dict[str, FolderWatcher] = {}
         self.folder_ids: dict[str, int] = {}
         self.next_lease_check = 0.0
+        self.stages_busy = False
         self.log = log.bind(owner=owner)
 
     def run_once(self) -> None:
         if self.monotonic() >= self.next_lease_check:
             self._manage_leases(self.clock())
             self.next_lease_check = self.monotonic() + LEASE_RENEW_SECONDS
+        # While the stages have work left, nobody waits for mail: the watchers only look.
+        wait = 0.0 if self.stages_busy else self.step_seconds
         if self.watchers:
-            share = self.step_seconds / len(self.watchers)
+            share = wait / len(self.watchers)
             for watcher in list(self.watchers.values()):
                 watcher.step(share)
-        else:
-            time.sleep(self.step_seconds)
-        for stage in self.stages:
-            stage.run_once()
+        elif wait:
+            time.sleep(wait)
+        self.stages_busy = any([stage.run_once() for stage in self.stages])
 
     def close(self) -> None:
         for folder, watcher in self.watchers.items():

@@ -61,7 +61,7 @@ def data(tmp_path: Path) -> Path:
 @pytest.fixture
 def daemon(
     dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, data: Path
-) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
     env = daemon_env(
         dovecot,
         data,
@@ -72,14 +72,11 @@ def daemon(
         SHUTDOWN_TIMEOUT_SECONDS="10",
         HEARTBEAT_TIMEOUT_SECONDS="20",
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prod.run"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # Files, not pipes: at DEBUG the daemon writes more than a pipe holds while nobody reads it.
+    with (data / "stdout.log").open("w") as stdout, (data / "stderr.log").open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prod.run"], env=env, cwd=REPO, stdout=stdout, stderr=stderr
+        )
     yield process, env
     if process.poll() is None:
         process.kill()
@@ -87,7 +84,7 @@ def daemon(
 
 
 def test_workers_supervised_healthy_indexing_replying_and_secret_free(
-    daemon: tuple[subprocess.Popen[str], dict[str, str]],
+    daemon: tuple[subprocess.Popen[bytes], dict[str, str]],
     dovecot: LocalDovecot,
     smtp_relay: LocalSmtpRelay,
     data: Path,
@@ -107,15 +104,14 @@ def test_workers_supervised_healthy_indexing_replying_and_secret_free(
     assert state is not None and len(state.workers) == 2
     victim = state.workers[0].pid
     os.kill(victim, signal.SIGKILL)
-    took = wait_for(
-        lambda: (
-            (s := supervisor_state(data)) is not None
-            and victim not in {w.pid for w in s.workers}
-            and healthcheck(env).returncode == 0
-        ),
-        30,
-        "worker replaced and healthy",
-    )
+
+    def replaced() -> bool:
+        s = supervisor_state(data)
+        h = healthcheck(env)
+        print("DBG", s, h.stdout, h.stderr[-300:])
+        return s is not None and victim not in {w.pid for w in s.workers} and h.returncode == 0
+
+    took = wait_for(replaced, 30, "worker replaced and healthy")
     assert took < 30
     dovecot.deliver(ALICE, message(2, subject="help again", body="quokka"))
     wait_for(lambda: len(smtp_relay.accepted) == 2, 30, "second reply after the restart")
@@ -123,7 +119,8 @@ def test_workers_supervised_healthy_indexing_replying_and_secret_free(
     # SIGTERM: a clean exit within 20 s.
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=20)
+    process.wait(timeout=20)
+    stdout, stderr = (data / "stdout.log").read_text(), (data / "stderr.log").read_text()
     assert process.returncode == 0
     assert time.monotonic() - started < 20
     assert healthcheck(env).returncode == 1

@@ -26,6 +26,7 @@ from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.rules import RuleSetCache
 from emailops.store import messages as message_store
+from emailops.store.database import reading
 from emailops.store.schema import messages
 
 log = structlog.get_logger(component="rules")
@@ -77,6 +78,7 @@ class RulesStage:
         rules: RuleSetCache | None = None,
         clock: Clock = _utc_now,
         batch: int = 50,
+        budget_seconds: float = 1.0,
     ) -> None:
         self.engine = engine
         self.account = account
@@ -85,12 +87,20 @@ class RulesStage:
         self.rules = rules or RuleSetCache(config.rules_file)
         self.clock = clock
         self.batch = batch
+        self.budget_seconds = budget_seconds
 
-    def run_once(self) -> None:
-        with self.engine.connect() as conn:
-            pending = message_store.pending_for_rules(conn, self.account, limit=self.batch)
-        for pk in pending:
-            self._decide(pk)
+    def run_once(self) -> bool:
+        started = time.monotonic()
+        worked = False
+        while time.monotonic() - started < self.budget_seconds:
+            with reading(self.engine) as conn:
+                pending = message_store.pending_for_rules(conn, self.account, limit=self.batch)
+            if not pending:
+                break
+            worked = True
+            for pk in pending:
+                self._decide(pk)
+        return worked
 
     def close(self) -> None:
         self.mailbox.close()
@@ -184,14 +194,17 @@ class OutboxStage:
         self.budget_seconds = budget_seconds
         self.next_recovery = 0.0
 
-    def run_once(self) -> None:
+    def run_once(self) -> bool:
         started = time.monotonic()
         if started >= self.next_recovery:
             self._recover_interrupted()
             self.next_recovery = started + 60
+        worked = False
         while time.monotonic() - started < self.budget_seconds:
             if not (self._save_next_draft() or self._send_next()):
                 break
+            worked = True
+        return worked
 
     def close(self) -> None:
         self.sender.close()
