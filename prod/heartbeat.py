@@ -14,6 +14,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from emailops.processes import pid_alive
+
+__all__ = ["pid_alive"]
+
 STATE_FILENAME = "supervisor.json"
 STATE_WRITE_INTERVAL_SECONDS = 1.0
 # The supervisor writes every second; a file older than this means it is hung or gone.
@@ -73,13 +77,4 @@ def read_state(state_dir: Path) -> SupervisorState | None:
 
 def remove_state(state_dir: Path) -> None:
     state_path(state_dir).unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

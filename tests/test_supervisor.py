@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from emailops.processes import pid_alive
 from prod.supervisor import RestartPolicy
 from prod.worker import WorkerLoop, error_backoff_seconds, load_factory
 from tests.shell_workers import (
@@ -29,14 +30,6 @@ pytestmark = pytest.mark.timeout(60)
 def _healthy(tmp_path: Path, env: dict[str, str]) -> bool:
     output, code, _ = run_healthcheck(tmp_path, env)
     return code == 0 and output == healthy_line(env)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _journals(tmp_path: Path) -> dict[str, list[str]]:
@@ -98,7 +91,7 @@ def test_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
         marker = tmp_path / "units" / "hung-once"
         assert wait_until(marker.exists, 20), supervisor.stdout_lines()
         hung_pid = int(marker.read_text())
-        assert wait_until(lambda: not _pid_alive(hung_pid), 15), "the hung worker was not killed"
+        assert wait_until(lambda: not pid_alive(hung_pid), 15), "the hung worker was not killed"
         assert wait_until(lambda: supervisor.worker_pids().get(1) not in (None, hung_pid), 15)
         assert wait_until(lambda: _healthy(tmp_path, env), 10)
         hung = [r for r in supervisor.records() if r["message"] == "worker is hung; killing it"]
@@ -120,7 +113,7 @@ def test_sigterm_finishes_the_current_unit_and_exits_0(tmp_path: Path) -> None:
         elapsed = time.monotonic() - sent
     assert code == 0
     assert elapsed < float(env["SHUTDOWN_TIMEOUT_SECONDS"]) + 2
-    assert not any(_pid_alive(pid) for pid in workers)
+    assert not any(pid_alive(pid) for pid in workers)
     journals = _journals(tmp_path)
     assert len(journals) == 2
     for lines in journals.values():
@@ -149,7 +142,7 @@ def test_kill_9_of_the_supervisor_leaves_no_worker_behind(tmp_path: Path) -> Non
         assert pids
         os.kill(supervisor.pid, signal.SIGKILL)
         supervisor.wait(timeout=5)
-        assert wait_until(lambda: not any(_pid_alive(pid) for pid in pids.values()), 10)
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in pids.values()), 10)
         output, code, _ = run_healthcheck(tmp_path, env)
         assert code == 1 and json.loads(output)["error_type"] == "SupervisorNotRunning"
 

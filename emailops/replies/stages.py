@@ -18,6 +18,7 @@ from sqlalchemy import Engine, update
 from emailops.config import ReplyConfig
 from emailops.imap.errors import ImapError
 from emailops.imap.watcher import CONNECTION_ERRORS
+from emailops.processes import pid_alive
 from emailops.replies import engine as decisions
 from emailops.replies import imap_actions, outbox
 from emailops.replies.delivery import deliver_next
@@ -54,15 +55,7 @@ def claimer_is_dead_here(claimer: str) -> bool:
     """True when ``claimer`` names a process of this host that no longer exists."""
     host, _, rest = claimer.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == socket.gethostname() and pid_text.isdigit() and not pid_alive(int(pid_text))
 
 
 class RulesStage:

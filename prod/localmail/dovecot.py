@@ -37,6 +37,7 @@ from types import TracebackType
 import imapclient
 from imapclient import imap_utf7
 
+from emailops.processes import pid_alive
 from prod.localmail.certs import TestCertificates, make_test_certificates
 
 DOVECOT_BINARY = "dovecot"
@@ -137,15 +138,6 @@ def default_scratch_root() -> str | None:
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
         return str(shm)
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -161,7 +153,7 @@ def remove_orphaned_work_dirs() -> None:
             owner = int((work_dir / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if _pid_alive(owner):
+        if pid_alive(owner):
             continue
         with contextlib.suppress(OSError, ValueError):
             master = int((work_dir / "run" / "master.pid").read_text())
