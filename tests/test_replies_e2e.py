@@ -389,3 +389,23 @@ def test_restoring_an_older_backup_does_not_answer_again(
     restored.settle(1.0)
     restored.close()
     assert len(smtp_relay.accepted) == 1
+
+
+def test_mailbox_changes_reach_mail_that_arrived_after_the_session_opened(
+    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path
+) -> None:
+    """The actions session selected INBOX for the first message; the second must not be missed."""
+    rules = tmp_path / "flag-rules.toml"
+    rules.write_text(
+        '[[rules]]\nname = "flag-it"\n[rules.match]\nsubject = "flag"\n[rules.actions]\nflag = true\n'
+    )
+    daemon = Daemon(dovecot, smtp_relay, db_url, rules)
+    daemon.run_until(daemon.watching)
+    for n in (1, 2, 3):
+        dovecot.deliver(ALICE, inbound(f"flag me {n}", n=n))
+        daemon.run_until(lambda n=n: _rules_done(daemon) == n)
+    daemon.close()
+    with dovecot.imap(ALICE) as client:
+        client.select_folder("INBOX", readonly=True)
+        flags = client.get_flags(client.search("ALL"))
+    assert len(flags) == 3 and all(b"\\Flagged" in f for f in flags.values()), flags

@@ -216,9 +216,9 @@ def test_backup_restore_and_rebuild(project: tuple[Project, LocalDovecot, LocalS
     for command in RESTORE:
         p.sh(command)
     assert p.sh(INTEGRITY_CHECK).stdout.strip() == "ok"
-    reindexed = p.sh(REINDEX)
-    assert "total: 5 new messages indexed" in reindexed.stdout
 
+    # The daemon resumes from the backup: it indexes message 5 again and does not answer it again
+    # (the mailbox keyword $AutoReplied says it was answered).
     p.start()
     rows = p.wait_for_messages(5)
     assert p.wait_healthy() == HEALTHY_OUTPUT

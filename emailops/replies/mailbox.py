@@ -33,6 +33,10 @@ class MailboxSession:
         if folder is not None and folder != self._selected:
             self._client.select_folder(folder)
             self._selected = folder
+        elif folder is not None:
+            # A session sees messages that arrived since its SELECT only after the server told it:
+            # a UID STORE to a message it does not know yet is silently ignored (RFC 3501 6.4.8).
+            self._client.noop()
         return self._client
 
     def drop(self) -> None:
