@@ -16,7 +16,7 @@ import base64
 import json
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -145,11 +145,6 @@ class Redactor:
 
 def _is_sensitive_key(key: object, value: object) -> bool:
     return isinstance(key, str) and bool(_SENSITIVE_KEY.search(key)) and isinstance(value, str | bytes)
-
-
-def register_secrets(secrets: Iterable[str], *, username: str | None = None) -> None:
-    for secret in secrets:
-        REDACTOR.register(secret, username=username)
 
 
 # One per process: logging, Sentry and the healthcheck all mask with the same known values.

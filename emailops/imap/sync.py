@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import structlog
 from imapclient import IMAPClient
@@ -591,7 +591,3 @@ def forget_unsolicited(client: IMAPClient) -> bool:
 def _modseq(data: dict[bytes, object]) -> int | None:
     value = data.get(b"MODSEQ")
     return int(value[0]) if isinstance(value, tuple | list) and value else None
-
-
-def reconcile_due(last: datetime | None, now: datetime, interval_seconds: float) -> bool:
-    return last is None or now - last >= timedelta(seconds=interval_seconds)

@@ -14,10 +14,6 @@ from sqlalchemy.engine import make_url
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def create_index_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``; the SQLite file's directory is created when missing."""
     parsed = make_url(url)

@@ -138,7 +138,6 @@ def default_scratch_root() -> str | None:
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
         return str(shm)
     return None
-    return True
 
 
 def remove_orphaned_work_dirs() -> None:
