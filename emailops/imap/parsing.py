@@ -10,6 +10,9 @@ would cost more than it saves. This module imports only the parser, so the helpe
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
@@ -49,6 +52,18 @@ def parse_all(
 Parsed = list[tuple[ParsedMessage, dict[str, object]]]
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """In the helper: exit as soon as the process that started it is gone (kill -9 included);
+    an orphaned helper would otherwise wait on its task queue for ever."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class Parser:
     """``submit(raws)`` returns a future of the parsed messages, computed here or in the helper."""
 
@@ -56,7 +71,12 @@ class Parser:
         self.max_message_bytes = max_message_bytes
         self.max_body_chars = max_body_chars
         self._pool = (
-            ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
+            )
             if use_helper
             else None
         )

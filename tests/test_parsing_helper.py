@@ -1,0 +1,50 @@
+"""The parsing helper process of large syncs: same results as parsing here, and no orphan."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from emailops.imap.parsing import Parser
+from emailops.processes import pid_alive
+from tests.corpus.hostile import hostile_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+HOLD_A_HELPER = """
+import sys, time
+from emailops.imap.parsing import Parser
+parser = Parser(max_message_bytes=2**20, max_body_chars=1000, use_helper=True)
+parser.submit([(b"Subject: x\\r\\n\\r\\nhi", 20)]).result()
+print(*[p.pid for p in parser._pool._processes.values()], flush=True)
+time.sleep(120)
+"""
+
+
+def test_helper_and_local_parsing_agree() -> None:
+    raws = [(raw, len(raw)) for _name, raw in hostile_corpus()]
+    with Parser(max_message_bytes=2**20, max_body_chars=50_000, use_helper=True) as helper:
+        remote = helper.submit(raws).result()
+    with Parser(max_message_bytes=2**20, max_body_chars=50_000, use_helper=False) as local:
+        here = local.submit(raws).result()
+    assert remote == here
+    # The text travels once, in the index columns.
+    assert all(parsed.body_text == "" and columns["body_text"] is not None for parsed, columns in remote)
+
+
+def test_helper_exits_when_its_parent_is_killed() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_HELPER], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    helper_pid = int(parent.stdout.readline())
+    assert pid_alive(helper_pid)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while pid_alive(helper_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(helper_pid), "the helper outlived its parent"
