@@ -14,9 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prod.runtime_settings import ConfigError, RuntimeSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -35,7 +38,7 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
 
 
-def _engine(settings: RuntimeSettings):  # type: ignore[no-untyped-def]
+def _engine(settings: RuntimeSettings) -> Engine:
     from emailops.store.database import create_index_engine
     from emailops.store.migrations import migrate
 

@@ -36,6 +36,11 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the servers are imported when started: aiosmtpd is a demo-only dependency
+    from prod.localmail.dovecot import LocalDovecot
+    from prod.localmail.smtp_relay import LocalSmtpRelay
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_MAIL_DIR = REPO / "examples" / "demo-mail"
@@ -122,7 +127,7 @@ def send_visitor_message(smtp_host: str, smtp_port: int) -> None:
         smtp.sendmail(VISITOR, [DEMO_USER], visitor_message())
 
 
-def start_mail_servers():  # type: ignore[no-untyped-def]
+def start_mail_servers() -> tuple[LocalDovecot, LocalSmtpRelay]:
     """A started LocalDovecot with the demo accounts and samples, and a relay into it."""
     from prod.localmail.dovecot import LocalDovecot
     from prod.localmail.smtp_relay import LocalSmtpRelay
@@ -212,7 +217,7 @@ def run_cli(settings: dict[str, str], *args: str) -> subprocess.CompletedProcess
     )
 
 
-def wait_for_reply(dovecot, supervisor: subprocess.Popen[bytes]) -> str | None:  # type: ignore[no-untyped-def]
+def wait_for_reply(dovecot: LocalDovecot, supervisor: subprocess.Popen[bytes]) -> str | None:
     """The subject of the first message in the visitor's INBOX, or None after the timeout."""
     deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
     while time.monotonic() < deadline and supervisor.poll() is None:
@@ -332,7 +337,7 @@ async def _forward(listen_host: str, listen_port: int, target_port: int) -> asyn
     return await asyncio.start_server(handle, listen_host, listen_port)
 
 
-def _send_when_daemon_logged_in(dovecot, relay, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
+def _send_when_daemon_logged_in(dovecot: LocalDovecot, relay: LocalSmtpRelay, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         if dovecot.imap_process_ids(DEMO_USER):
             if not stop.wait(COMPOSE_TRIGGER_DELAY_SECONDS):

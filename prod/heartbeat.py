@@ -77,4 +77,3 @@ def read_state(state_dir: Path) -> SupervisorState | None:
 
 def remove_state(state_dir: Path) -> None:
     state_path(state_dir).unlink(missing_ok=True)
-    return True

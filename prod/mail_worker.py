@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from emailops.pipeline import MailPipeline
+from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage, claimer_id
@@ -27,7 +27,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     sync_config = settings.sync_config()
     reply_config = settings.reply_config()
     imap = settings.imap_config()
-    stages = [
+    stages: list[AfterIndexStage] = [
         RulesStage(engine, account=sync_config.account, config=reply_config, mailbox=MailboxSession(imap)),
         OutboxStage(
             engine,

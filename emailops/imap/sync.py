@@ -132,7 +132,8 @@ class FolderSync:
         """Leave the folder (UNSELECT, or CLOSE: the folder was opened read-only, so nothing is
         expunged), so that the next poll may ask STATUS, which RFC 3501 reserves for folders that
         are not selected."""
-        if self._selected_on is not client:
+        selected = self._selected_on
+        if selected is None or selected is not client:
             return
         if client.has_capability("UNSELECT"):
             client.unselect_folder()

@@ -250,10 +250,10 @@ class _BodyWalker:
             self._leaf(entity, body_start, body_end)
 
     def _entity(self, fields: list[RawHeader], default_type: str) -> _Entity:
-        content_type, params = default_type, {}
+        content_type, params = default_type, dict[str, str]()
         seen_type = False
         encoding = ""
-        disposition, disposition_params = "", {}
+        disposition, disposition_params = "", dict[str, str]()
         for header in fields:
             if header.name == "content-type" and not seen_type:
                 seen_type = True

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import ColumnElement, Connection, func, select, text
 
 from emailops.config import ReplyConfig
 from emailops.store.schema import outbox
@@ -35,7 +35,7 @@ def lock_recipient(conn: Connection, *, account: str, recipient: str) -> None:
         )
 
 
-def _count(conn: Connection, *conditions: object) -> int:
+def _count(conn: Connection, *conditions: ColumnElement[bool]) -> int:
     return conn.execute(select(func.count()).select_from(outbox).where(_COUNTED, *conditions)).scalar_one()
 
 

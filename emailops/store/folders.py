@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, and_, or_, select, update
+from sqlalchemy import Connection, Insert, and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from emailops.store.schema import folders
 
@@ -40,12 +41,9 @@ def ensure_folder(conn: Connection, account: str, name: str) -> FolderState:
     return state
 
 
-def _insert_ignore(conn: Connection):  # type: ignore[no-untyped-def]
-    if conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    return insert(folders).on_conflict_do_nothing(index_elements=["account", "name"])
+def _insert_ignore(conn: Connection) -> Insert:
+    dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+    return dialect.insert(folders).on_conflict_do_nothing(index_elements=["account", "name"])
 
 
 def get_folder(conn: Connection, account: str, name: str) -> FolderState | None:
@@ -63,7 +61,7 @@ def get_folder(conn: Connection, account: str, name: str) -> FolderState | None:
             folders.c.last_reconcile_at,
         ).where(folders.c.account == account, folders.c.name == name)
     ).first()
-    return FolderState(*row) if row else None
+    return FolderState(**row._mapping) if row else None
 
 
 def save_sync_state(
