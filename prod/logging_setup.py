@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
 import structlog
+from structlog.typing import EventDict
 
 from prod.redaction import REDACTOR
 
@@ -83,7 +84,7 @@ def _resolve_exc_info(value: Any) -> Any:
     return None
 
 
-def _wrap_for_formatter(logger: Any, name: str, event_dict: dict[str, Any]) -> Any:
+def _wrap_for_formatter(logger: Any, name: str, event_dict: EventDict) -> Any:
     # The exception goes on the stdlib record too, where Sentry's logging integration finds it.
     kwargs: dict[str, Any] = {"extra": {"_logger": logger, "_name": name}}
     exc_info = _resolve_exc_info(event_dict.pop("exc_info", None))
@@ -104,7 +105,7 @@ def _component_for(logger_name: str) -> str | None:
     return None
 
 
-def _add_record_fields(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_record_fields(_: Any, __: str, event_dict: EventDict) -> EventDict:
     record: logging.LogRecord = event_dict["_record"]
     event_dict["ts"] = (
         datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -121,16 +122,16 @@ def _add_record_fields(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str,
     return event_dict
 
 
-def _event_to_message(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _event_to_message(_: Any, __: str, event_dict: EventDict) -> EventDict:
     event_dict["message"] = str(event_dict.pop("event", ""))
     return event_dict
 
 
-def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _redact(_: Any, __: str, event_dict: EventDict) -> EventDict:
     return REDACTOR.redact(event_dict)
 
 
-def _order_keys(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _order_keys(_: Any, __: str, event_dict: EventDict) -> EventDict:
     ordered = {key: event_dict.pop(key) for key in KEY_ORDER if key in event_dict}
     ordered.update(event_dict)
     return ordered
@@ -391,7 +392,7 @@ def configure_logging(
     )
     logging.captureWarnings(True)
     # smtplib prints its debug output (AUTH lines included) to stderr; route it through the pipeline.
-    smtplib.SMTP._print_debug = _smtplib_debug_to_logging  # type: ignore[method-assign]
+    smtplib.SMTP._print_debug = _smtplib_debug_to_logging  # type: ignore[attr-defined]
     sys.excepthook = _log_unhandled
     threading.excepthook = _log_unhandled_in_thread
     return pipeline
