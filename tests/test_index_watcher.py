@@ -147,3 +147,20 @@ def test_mail_arriving_during_a_pass_is_not_left_for_the_next_poll(
     took = step_until(watcher, lambda: count(engine) == 4 and watcher.idling, timeout=10)
     assert took < 5  # not the 300 s poll
     watcher.close()
+
+
+def test_idle_over_implicit_tls(dovecot_tls: LocalDovecot, db_url: str) -> None:
+    from emailops.config import TlsSecurity
+
+    assert dovecot_tls.imaps_port is not None
+    engine = index_engine(db_url)
+    config = sync_config(poll_interval_seconds=300)
+    server = imap_config(
+        dovecot_tls, port=dovecot_tls.imaps_port, security=TlsSecurity.SSL, ca_file=dovecot_tls.ca_file
+    )
+    watcher = FolderWatcher(server, config, FolderSync(engine, config, "INBOX"))
+    step_until(watcher, lambda: watcher.idling)
+    for n in (1, 2):
+        dovecot_tls.deliver(ALICE, message(n))
+        step_until(watcher, lambda n=n: count(engine) == n, timeout=5)
+    watcher.close()
