@@ -30,6 +30,7 @@ from sqlalchemy import Engine, select
 
 from emailops.cache import RawMessageCache
 from emailops.config import SyncConfig
+from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
 from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
 from emailops.store import folders as folder_store
@@ -571,22 +572,6 @@ class FolderSync:
             gone = indexed - on_server
             count = message_store.mark_expunged(conn, folder_id, status.uidvalidity, gone, self.clock())
         return count, on_server - indexed
-
-
-# Untagged answers that tell of a change in the selected folder.
-CHANGE_ANSWERS = ("EXISTS", "EXPUNGE", "RECENT", "FETCH", "VANISHED")
-
-
-def forget_unsolicited(client: IMAPClient) -> bool:
-    """Drop the change announcements imaplib set aside during our own commands; True if any.
-
-    A server announces mail that arrives during, say, a FETCH in that command's answer; imaplib
-    keeps such untagged answers in ``untagged_responses`` where no later command looks. Before
-    going to IDLE they must be looked at, or a message that arrived during a pass waits for the
-    next poll.
-    """
-    stash = client._imap.untagged_responses
-    return bool([stash.pop(kind) for kind in CHANGE_ANSWERS if kind in stash])
 
 
 def _modseq(data: dict[bytes, object]) -> int | None:

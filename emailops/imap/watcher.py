@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import time
 from collections.abc import Callable
 
@@ -19,9 +18,10 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from emailops.config import ServerConfig, SyncConfig
+from emailops.imap.announcements import forget_unsolicited, has_buffered_input
 from emailops.imap.connection import ReconnectPolicy, close_quietly, connect
 from emailops.imap.errors import ImapAuthError, ImapError, ImapSecurityError, ImapTransientError
-from emailops.imap.sync import FolderSync, SyncReport, forget_unsolicited
+from emailops.imap.sync import FolderSync, SyncReport
 
 log = structlog.get_logger(component="imap")
 
@@ -187,20 +187,6 @@ class FolderWatcher:
         if changed or renew or poll_due:
             return self._sync(reconcile=now >= self.next_reconcile_at)
         return None
-
-
-def has_buffered_input(client: IMAPClient) -> bool:
-    """True when the server has sent something not read yet: in imaplib's read-ahead buffer, or on
-    the socket. Never blocks."""
-    sock = client.socket()
-    timeout = sock.gettimeout()
-    sock.setblocking(False)
-    try:
-        return bool(client._imap.file.peek(1))
-    except (BlockingIOError, ssl.SSLWantReadError):
-        return False
-    finally:
-        sock.settimeout(timeout)
 
 
 def _is_bye(response: object) -> bool:

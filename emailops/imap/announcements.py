@@ -1,0 +1,38 @@
+"""Changes the server announced that imapclient does not hand over.
+
+A server tells of mail that arrives during one of our commands in that command's answer, or right
+after it. imaplib keeps such untagged answers in ``untagged_responses`` where no later command
+looks, or has already read them into its buffer, where ``IMAPClient.idle_check()`` (which waits on
+the socket) never looks. Both are checked before and while idling, or a message that arrived during
+a sync pass would wait for the next poll. These are the only reads of imaplib's state below
+imapclient besides the bulk fetch (``bulk_fetch.py``).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from imapclient import IMAPClient
+
+# Untagged answers that tell of a change in the selected folder.
+CHANGE_ANSWERS = ("EXISTS", "EXPUNGE", "RECENT", "FETCH", "VANISHED")
+
+
+def forget_unsolicited(client: IMAPClient) -> bool:
+    """Drop the change announcements imaplib set aside during our own commands; True if any."""
+    stash = client._imap.untagged_responses
+    return bool([stash.pop(kind) for kind in CHANGE_ANSWERS if kind in stash])
+
+
+def has_buffered_input(client: IMAPClient) -> bool:
+    """True when the server has sent something not read yet: in imaplib's read-ahead buffer, or on
+    the socket. Never blocks."""
+    sock = client.socket()
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return bool(client._imap.file.peek(1))
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False
+    finally:
+        sock.settimeout(timeout)
