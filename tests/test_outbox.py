@@ -206,3 +206,17 @@ def test_concurrent_claimers_never_share_a_row(engine: Engine) -> None:
     for t in threads:
         t.join(timeout=30)
     assert sorted(claimed) == sorted(ids)
+
+
+def test_due_actions_tells_what_there_is_to_claim(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert outbox.due_actions(conn, now=T0) == set()
+    add(engine, "<m1@x>", action="send")
+    add(engine, "<m2@x>", action="draft", now=T0 + timedelta(minutes=5))
+    with engine.connect() as conn:
+        assert outbox.due_actions(conn, now=T0, account=ACCOUNT) == {"send"}
+        assert outbox.due_actions(conn, now=T0 + timedelta(minutes=5)) == {"send", "draft"}
+        assert outbox.due_actions(conn, now=T0, account="someone-else") == set()
+    assert claim(engine) is not None
+    with engine.connect() as conn:
+        assert outbox.due_actions(conn, now=T0) == set()

@@ -31,7 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, select, update
+from sqlalchemy import ColumnElement, Connection, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from tenacity import RetryCallState, wait_exponential
@@ -184,6 +184,19 @@ def get_reply(conn: Connection, outbox_id: int) -> OutboxRow | None:
     return OutboxRow.from_mapping(row) if row else None
 
 
+def _due(now: datetime, account: str | None) -> list[ColumnElement[bool]]:
+    conditions = [outbox.c.state == OutboxState.PENDING.value, outbox.c.next_attempt_at <= as_utc(now)]
+    if account is not None:
+        conditions.append(outbox.c.account == account)
+    return conditions
+
+
+def due_actions(conn: Connection, *, now: datetime, account: str | None = None) -> set[str]:
+    """The actions (``send``, ``draft``) with a row due now: a read, so that an idle worker's loop
+    takes no write lock just to find there is nothing to claim."""
+    return set(conn.execute(select(outbox.c.action).where(*_due(now, account)).distinct()).scalars())
+
+
 def claim_next(
     conn: Connection, *, claimer: str, now: datetime, action: str = "send", account: str | None = None
 ) -> OutboxRow | None:
@@ -192,14 +205,12 @@ def claim_next(
     Commit right after: the claim must be durable before the SMTP conversation starts.
     """
     now = as_utc(now)
-    due = select(outbox.c.id).where(
-        outbox.c.state == OutboxState.PENDING.value,
-        outbox.c.action == action,
-        outbox.c.next_attempt_at <= now,
+    due = (
+        select(outbox.c.id)
+        .where(*_due(now, account), outbox.c.action == action)
+        .order_by(outbox.c.next_attempt_at, outbox.c.id)
+        .limit(1)
     )
-    if account is not None:
-        due = due.where(outbox.c.account == account)
-    due = due.order_by(outbox.c.next_attempt_at, outbox.c.id).limit(1)
     postgres = conn.dialect.name == "postgresql"
     if postgres:
         due = due.with_for_update(skip_locked=True)

@@ -192,9 +192,11 @@ class OutboxStage:
         if started >= self.next_recovery:
             self._recover_interrupted()
             self.next_recovery = started + 60
+        with reading(self.engine) as conn:
+            due = outbox.due_actions(conn, now=self.clock(), account=self.account)
         worked = False
-        while time.monotonic() - started < self.budget_seconds:
-            if not (self._save_next_draft() or self._send_next()):
+        while due and time.monotonic() - started < self.budget_seconds:
+            if not (("draft" in due and self._save_next_draft()) or ("send" in due and self._send_next())):
                 break
             worked = True
         return worked
