@@ -24,6 +24,10 @@ from emailops.store.content import content_columns
 
 # Below this many messages in a pass, parsing stays in this process.
 HELPER_THRESHOLD = 300
+# Jobs the helper may have on hand (one running, the rest queued) before this process parses a
+# batch itself: with one, the helper sat idle while this process parsed; with two it always has
+# the next batch waiting.
+HELPER_BACKLOG = 2
 
 
 def parse_one(raw: bytes, size: int, max_message_bytes: int, max_body_chars: int) -> ParsedMessage:
@@ -80,17 +84,17 @@ class Parser:
             if use_helper
             else None
         )
-        self._inflight: Future[Parsed] | None = None
+        self._inflight: list[Future[Parsed]] = []
 
     def submit(self, raws: Sequence[tuple[bytes, int]]) -> Future[Parsed]:
-        """Parse (raw, size) pairs: in the helper when it is free, else here, so that both cores
-        parse while the helper is behind. The parsed messages carry no text and no headers: those
-        are in the columns."""
-        if self._pool is not None and (self._inflight is None or self._inflight.done()):
-            self._inflight = self._pool.submit(
-                parse_all, list(raws), self.max_message_bytes, self.max_body_chars
-            )
-            return self._inflight
+        """Parse (raw, size) pairs: in the helper unless it already has ``HELPER_BACKLOG`` jobs,
+        else here, so that both cores parse while the helper is behind. The parsed messages carry
+        no text and no headers: those are in the columns."""
+        self._inflight = [job for job in self._inflight if not job.done()]
+        if self._pool is not None and len(self._inflight) < HELPER_BACKLOG:
+            job = self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
+            self._inflight.append(job)
+            return job
         done: Future[Parsed] = Future()
         done.set_result(parse_all(raws, self.max_message_bytes, self.max_body_chars))
         return done

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from emailops.cache import RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
-from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
+from emailops.imap.parsing import HELPER_BACKLOG, HELPER_THRESHOLD, Parsed, Parser
 from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
 from emailops.store.database import reading
@@ -398,22 +399,24 @@ class FolderSync:
             max_body_chars=self.config.max_body_chars,
             use_helper=len(uids) >= HELPER_THRESHOLD,
         )
-        # Download batch k+1 while batch k is parsed; store batch k when its parse is done. Cache
+        # Batches are downloaded while earlier ones are parsed, and stored in order as their parse
+        # completes; at most HELPER_BACKLOG + 1 batches are held (memory stays bounded). Cache
         # files are written by a thread meanwhile.
         with parser, ThreadPoolExecutor(max_workers=1) as cache_writer:
-            queued: tuple[list[FetchedBody], Future[Parsed]] | None = None
+            queued: deque[tuple[list[FetchedBody], Future[Parsed]]] = deque()
             complete = True
             for batch in self._batches(uids, sizes):
                 bodies = self._download(client, batch, sizes, status.uidvalidity, cache_writer)
-                job = parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies])
-                if queued is not None:
-                    self._store(state, status, *queued, report, save_progress)
-                queued = (bodies, job)
+                queued.append(
+                    (bodies, parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies]))
+                )
+                while queued and (queued[0][1].done() or len(queued) > HELPER_BACKLOG):
+                    self._store(state, status, *queued.popleft(), report, save_progress)
                 if deadline is not None and time.monotonic() > deadline and batch[-1] != uids[-1]:
                     complete = False
                     break
-            if queued is not None:
-                self._store(state, status, *queued, report, save_progress)
+            while queued:
+                self._store(state, status, *queued.popleft(), report, save_progress)
         return complete
 
     def _store(
