@@ -235,3 +235,33 @@ def test_mutated_messages_never_raise_and_stay_fast() -> None:
         assert not any(p.startswith("parser-error") for p in parsed.problems), parsed.problems
         assert "\n" not in parsed.subject
     assert time.perf_counter() - started < 10
+
+
+def test_header_splitting_fast_path_agrees_with_the_line_by_line_one() -> None:
+    """``split_header_block`` takes a one-regex path for well-formed blocks: wherever it does, its
+    answer must be the careful path's, and everything odd must fall through to the careful path."""
+    from emailops.mime.headers import _split_line_by_line, _split_well_formed
+    from tests.corpus.hostile import hostile_corpus
+
+    well_formed = (
+        b"From: a@b\r\nSubject: hi\r\n  folded\r\nX-Empty:\r\nX-Spaced  : v\r\n\r\nbody",
+        b"From: a@b\nTo: c@d\n\nbody\n\nmore",
+        b"A: 1\nA: 2\n\n",
+        b"Subject: x\r\r\nTo: y\n\nbody",  # a stray CR belongs to the value
+    )
+    odd = (
+        b"From a@b Mon Jan  1 00:00:00 2024\nSubject: mbox\n\nbody",  # mbox separator
+        b" orphan\nSubject: x\n\nbody",  # continuation before any field
+        b"Subject: x\nnot a field\n\nbody",  # malformed line ends the block
+        b"Subject: no empty line at all",
+        b"\r\nbody only",
+        b"X-Long: " + b"v" * 70_000 + b"\n\nbody",  # over the value bound
+        b"".join(b"X-%d: v\n" % n for n in range(1200)) + b"\nbody",  # over the field count
+    )
+    cases = [*well_formed, *odd, *(raw for _name, raw in hostile_corpus())]
+    for raw in cases:
+        fast = _split_well_formed(raw, 0, len(raw), 1000)
+        careful = _split_line_by_line(raw, 0, len(raw), [], 1000)
+        assert fast is None or fast == careful, raw[:80]
+    assert all(_split_well_formed(raw, 0, len(raw), 1000) is not None for raw in well_formed)
+    assert all(_split_well_formed(raw, 0, len(raw), 1000) is None for raw in odd)

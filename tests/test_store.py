@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import inspect
+
 from emailops.mime.model import Address, Attachment, ParsedMessage
+from emailops.mime.parse import parse_message
 from emailops.store import folders as folder_store
 from emailops.store import fulltext
 from emailops.store import messages as message_store
+from emailops.store.content import message_content
 from emailops.store.database import create_index_engine, reading
 from emailops.store.migrations import MIGRATIONS, current_version, migrate
 from tests.index_helpers import index_engine, rows
@@ -38,7 +42,7 @@ def parsed(n: int, *, subject: str = "", body: str = "", sender: str = "ann@exam
 
 
 def fetched(n: int, **kwargs: str) -> message_store.FetchedMessage:
-    return message_store.FetchedMessage(n, ("\\Seen",), NOW, None, parsed(n, **kwargs))
+    return message_store.FetchedMessage(n, ("\\Seen",), NOW, None, message_content(parsed(n, **kwargs)))
 
 
 def test_migrations_run_once_and_are_recorded(db_url: str) -> None:
@@ -141,6 +145,46 @@ def test_stored_message_round_trips_for_the_rules(db_url: str) -> None:
     assert stored.parsed.header("X-Custom") == "yes"
     assert stored.parsed.attachments == original.attachments
     assert stored.parsed.date == NOW
+
+
+def test_headers_parsed_from_raw_mail_round_trip_through_the_index(db_url: str) -> None:
+    raw = (
+        b"From: Ann <ann@example.org>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
+        b"X-Ticket: T-1\r\n  (folded)\r\nX-Ticket: T-2\r\nPrecedence: bulk\r\n\r\nbody\r\n"
+    )
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        item = message_store.FetchedMessage(1, (), NOW, None, message_content(parse_message(raw)))
+        (pk,) = message_store.insert_messages(conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW)
+        stored = message_store.load_message(conn, pk)
+    assert stored is not None
+    assert stored.parsed.headers["x-ticket"] == ("T-1 (folded)", "T-2")
+    assert stored.parsed.headers["subject"] == ("Grüße",)
+    assert stored.parsed.header("Precedence") == "bulk"
+    assert dict(stored.parsed.headers) == dict(parse_message(raw).headers)
+
+
+def test_an_index_from_before_header_block_is_upgraded_in_place(db_url: str) -> None:
+    """Migration 3: rows that kept their headers decoded (headers_json) keep them, as a block."""
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        (pk,) = message_store.insert_messages(conn, folder.id, 1, [fetched(1)], baseline_uidnext=1, now=NOW)
+        # Back to schema version 2: the decoded headers in headers_json, no raw block yet.
+        conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version = 3")
+        conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN header_block")
+        conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN headers_json TEXT NOT NULL DEFAULT '{}'")
+        conn.exec_driver_sql(
+            'UPDATE messages SET headers_json = \'{"x-ticket": ["T-1", "T-2"], "subject": ["Grüße"]}\''
+        )
+    assert [m.version for m in migrate(engine)] == [3]
+    with engine.connect() as conn:
+        stored = message_store.load_message(conn, pk)
+        columns = {c["name"] for c in inspect(conn).get_columns("messages")}
+    assert stored is not None
+    assert dict(stored.parsed.headers) == {"x-ticket": ("T-1", "T-2"), "subject": ("Grüße",)}
+    assert "headers_json" not in columns and "header_block" in columns
 
 
 def test_a_folder_lease_has_one_live_owner(db_url: str) -> None:

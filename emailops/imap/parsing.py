@@ -20,7 +20,7 @@ from types import TracebackType
 
 from emailops.mime.model import ParsedMessage
 from emailops.mime.parse import parse_message
-from emailops.store.content import content_columns
+from emailops.store.content import MessageContent, message_content
 
 # Below this many messages in a pass, parsing stays in this process.
 HELPER_THRESHOLD = 300
@@ -43,17 +43,12 @@ def parse_one(raw: bytes, size: int, max_message_bytes: int, max_body_chars: int
 
 def parse_all(
     raws: Sequence[tuple[bytes, int]], max_message_bytes: int, max_body_chars: int
-) -> list[tuple[ParsedMessage, dict[str, object]]]:
-    """Each (raw, size) parsed, with its index columns (``parse_message`` never raises)."""
-    results = []
-    for raw, size in raws:
-        parsed = parse_one(raw, size, max_message_bytes, max_body_chars)
-        # The text and headers travel once, in the columns; the parsed message keeps the rest.
-        results.append((replace(parsed, body_text="", headers={}), content_columns(parsed)))
-    return results
+) -> list[MessageContent]:
+    """What the index stores of each (raw, size) (``parse_message`` never raises)."""
+    return [message_content(parse_one(raw, size, max_message_bytes, max_body_chars)) for raw, size in raws]
 
 
-Parsed = list[tuple[ParsedMessage, dict[str, object]]]
+Parsed = list[MessageContent]
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -88,8 +83,7 @@ class Parser:
 
     def submit(self, raws: Sequence[tuple[bytes, int]]) -> Future[Parsed]:
         """Parse (raw, size) pairs: in the helper unless it already has ``HELPER_BACKLOG`` jobs,
-        else here, so that both cores parse while the helper is behind. The parsed messages carry
-        no text and no headers: those are in the columns."""
+        else here, so that both cores parse while the helper is behind."""
         self._inflight = [job for job in self._inflight if not job.done()]
         if self._pool is not None and len(self._inflight) < HELPER_BACKLOG:
             job = self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)

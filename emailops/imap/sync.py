@@ -434,17 +434,15 @@ class FolderSync:
                 flags=_flags(body.flags),
                 internal_date=body.internal_date,
                 modseq=body.modseq,
-                parsed=parsed,
                 content=content,
             )
-            for body, (parsed, content) in zip(bodies, job.result(), strict=True)
+            for body, content in zip(bodies, job.result(), strict=True)
         ]
         for item in fetched:
-            if item.parsed.truncated and any(
-                p.startswith("message-truncated:") for p in item.parsed.problems
-            ):
+            columns = item.content.columns
+            if "message-truncated:" in str(columns["problems"]):
                 self.log.warning(
-                    "large message indexed from its beginning", uid=item.uid, size=item.parsed.size
+                    "large message indexed from its beginning", uid=item.uid, size=columns["size"]
                 )
         with self.engine.begin() as conn:
             report.new_message_pks += message_store.insert_messages(

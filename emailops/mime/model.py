@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -30,7 +31,8 @@ class ParsedMessage:
 
     Header values are decoded (RFC 2047), single-line (CR, LF and NUL removed) and bounded in length.
     ``headers`` maps each lower-cased header name to its values in order (bounded in count), for the
-    rules and the robot checks. ``return_path`` is ``None`` when there is no Return-Path header and
+    rules and the robot checks; the parser gives a ``headers.HeaderBlock``, which decodes the raw
+    header block on first use. ``return_path`` is ``None`` when there is no Return-Path header and
     ``""`` for the null return path ``<>``.
     """
 
@@ -46,7 +48,7 @@ class ParsedMessage:
     list_id: str | None
     auto_submitted: str | None
     return_path: str | None
-    headers: dict[str, tuple[str, ...]]
+    headers: Mapping[str, tuple[str, ...]]
     body_text: str
     attachments: tuple[Attachment, ...]
     size: int

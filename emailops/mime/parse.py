@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from emailops.mime.headers import (
     MAX_HEADER_VALUE_CHARS,
+    HeaderBlock,
     RawHeader,
     decode_bytes,
     decode_header_value,
@@ -100,16 +101,22 @@ def _parse(raw: bytes, max_message_bytes: int, max_body_chars: int) -> ParsedMes
     problems: list[str] = []
     fields, body_start = split_header_block(raw, 0, len(raw), problems)
     first: dict[str, bytes] = {}
-    values: dict[str, list[str]] = {}
-    for header in fields:
-        first.setdefault(header.name, header.value)
-        values.setdefault(header.name, []).append(decode_header_value(header.value, problems))
-    for name in _SINGLETON_HEADERS:
-        if len(values.get(name, ())) > 1:
+    for name, value in fields:
+        if name not in first:
+            first[name] = value
+        elif name in _SINGLETON_HEADERS:
             problems.append("header-duplicate:" + name)
     for name in _REQUIRED_HEADERS:
         if name not in first:
             problems.append("header-missing:" + name)
+    # The other fields are decoded only when a rule looks at them (HeaderBlock); what decoding
+    # them would report (NUL, 8-bit, broken encoded words) is recorded now, from the fields that
+    # can have such a problem at all.
+    block = raw[:body_start]
+    if b"=?" in block or b"\x00" in block or not block.isascii():
+        for _, value in fields:
+            if b"=?" in value or b"\x00" in value or not value.isascii():
+                decode_header_value(value, problems)
 
     walker = _BodyWalker(raw, min(len(raw), max_message_bytes), max_body_chars, problems)
     if len(raw) > max_message_bytes:
@@ -117,7 +124,7 @@ def _parse(raw: bytes, max_message_bytes: int, max_body_chars: int) -> ParsedMes
     walker.walk_entity(fields, body_start, len(raw), depth=0, default_type="text/plain")
     body_text = walker.body_text()
 
-    subject = values["subject"][0] if "subject" in values else ""
+    subject = _decoded(first, "subject", problems) or ""
     message_ids = parse_message_ids(first["message-id"], problems) if "message-id" in first else ()
     message_id = message_ids[0] if message_ids else None
     parents = parse_message_ids(first["in-reply-to"], problems) if "in-reply-to" in first else ()
@@ -134,10 +141,10 @@ def _parse(raw: bytes, max_message_bytes: int, max_body_chars: int) -> ParsedMes
         date=parse_date(first["date"], problems) if "date" in first else None,
         in_reply_to=in_reply_to,
         references=references,
-        list_id=values["list-id"][0] if "list-id" in values else None,
-        auto_submitted=values["auto-submitted"][0] if "auto-submitted" in values else None,
-        return_path=_return_path(values),
-        headers={name: tuple(found) for name, found in values.items()},
+        list_id=_decoded(first, "list-id", problems),
+        auto_submitted=_decoded(first, "auto-submitted", problems),
+        return_path=_return_path(_decoded(first, "return-path", problems)),
+        headers=HeaderBlock.of(raw, body_start, fields),
         body_text=body_text,
         attachments=tuple(walker.attachments),
         size=len(raw),
@@ -152,12 +159,17 @@ def _addresses(first: dict[str, bytes], name: str, problems: list[str]) -> tuple
     return parse_addresses(value, problems) if value is not None else ()
 
 
-def _return_path(values: dict[str, list[str]]) -> str | None:
-    found = values.get("return-path")
-    if not found:
+def _decoded(first: dict[str, bytes], name: str, problems: list[str]) -> str | None:
+    """The first value of header ``name``, decoded; ``None`` if there is no such header."""
+    value = first.get(name)
+    return None if value is None else decode_header_value(value, problems)
+
+
+def _return_path(value: str | None) -> str | None:
+    if value is None:
         return None
-    match = _RETURN_PATH_RE.search(found[0])
-    return match.group(1).strip() if match else found[0].strip()
+    match = _RETURN_PATH_RE.search(value)
+    return match.group(1).strip() if match else value.strip()
 
 
 def _bounded_problems(problems: list[str]) -> tuple[str, ...]:
@@ -182,7 +194,7 @@ def _unparsable(raw: object, exc: Exception) -> ParsedMessage:
         list_id=None,
         auto_submitted=None,
         return_path=None,
-        headers={},
+        headers=HeaderBlock(b""),
         body_text="",
         attachments=(),
         size=size,
@@ -254,19 +266,19 @@ class _BodyWalker:
         seen_type = False
         encoding = ""
         disposition, disposition_params = "", dict[str, str]()
-        for header in fields:
-            if header.name == "content-type" and not seen_type:
+        for name, value in fields:
+            if name == "content-type" and not seen_type:
                 seen_type = True
-                declared, params = parse_params(header_text(header.value, self.problems), self.problems)
+                declared, params = parse_params(header_text(value, self.problems), self.problems)
                 if _CONTENT_TYPE_RE.fullmatch(declared):
                     content_type = declared
                 else:
                     self.problems.append("content-type-invalid")
-            elif header.name == "content-transfer-encoding" and not encoding:
-                encoding = single_line(header_text(header.value, self.problems), 64).lower()
-            elif header.name == "content-disposition" and not disposition:
+            elif name == "content-transfer-encoding" and not encoding:
+                encoding = single_line(header_text(value, self.problems), 64).lower()
+            elif name == "content-disposition" and not disposition:
                 disposition, disposition_params = parse_params(
-                    header_text(header.value, self.problems), self.problems
+                    header_text(value, self.problems), self.problems
                 )
         filename = disposition_params.get("filename") or params.get("name")
         return _Entity(

@@ -1,24 +1,38 @@
-"""The index columns derived from a parsed message alone.
+"""What the index stores of a parsed message, derived from the parsed message alone.
 
-Kept free of SQLAlchemy so that the parsing helper process of a large sync computes them next to
-the parse (see ``emailops.imap.parsing``), off the process that talks to IMAP and the database.
+Kept free of SQLAlchemy so that the parsing helper process of a large sync computes it next to the
+parse (see ``emailops.imap.parsing``), off the process that talks to IMAP and the database. It is
+made of plain values (a dict, tuples, bytes) because it crosses a process boundary by pickle, where
+a dataclass per message cost more than the parse of its headers.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
+from typing import NamedTuple
 
+from emailops.mime.headers import HeaderBlock
 from emailops.mime.model import Address, ParsedMessage
+
+
+class MessageContent(NamedTuple):
+    columns: dict[str, object]  # the content columns of the message's ``messages`` row
+    attachments: tuple[tuple[str | None, str, int], ...]  # (filename, content type, size)
 
 
 def _addresses(values: Iterable[Address]) -> str:
     return ", ".join(str(a) for a in values)
 
 
-def content_columns(parsed: ParsedMessage) -> dict[str, object]:
+def header_block(parsed: ParsedMessage) -> bytes:
+    """The raw header block the index keeps (rebuilt from decoded values if that is all there is)."""
+    headers = parsed.headers
+    return (headers if isinstance(headers, HeaderBlock) else HeaderBlock.from_values(headers)).raw
+
+
+def message_content(parsed: ParsedMessage) -> MessageContent:
     sender = parsed.sender
-    return {
+    columns: dict[str, object] = {
         "message_id": parsed.message_id,
         "subject": parsed.subject,
         "from_addr": sender.email if sender else "",
@@ -33,9 +47,11 @@ def content_columns(parsed: ParsedMessage) -> dict[str, object]:
         "auto_submitted": parsed.auto_submitted,
         "thread_key": parsed.thread_key,
         "size": parsed.size,
-        "headers_json": json.dumps(parsed.headers, ensure_ascii=False),
+        "header_block": header_block(parsed),
         "body_text": parsed.body_text,
         "has_attachments": bool(parsed.attachments),
         "truncated": parsed.truncated,
         "problems": " ".join(parsed.problems),
     }
+    attachments = tuple((a.filename, a.content_type, a.size) for a in parsed.attachments)
+    return MessageContent(columns, attachments)

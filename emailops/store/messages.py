@@ -2,39 +2,36 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, and_, bindparam, func, select, update
 
+from emailops.mime.headers import HeaderBlock
 from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.store import fulltext
-from emailops.store.content import content_columns
+from emailops.store.content import MessageContent
 from emailops.store.schema import attachments, folders, messages
 
 
 @dataclass(frozen=True)
 class FetchedMessage:
-    """A message as fetched from one folder: the server's facts plus the parsed content.
-
-    ``content`` is ``content_columns(parsed)`` when the caller computed it already (elsewhere).
-    """
+    """A message as fetched from one folder: the server's facts plus what the index keeps of its
+    content (``content.message_content(parsed)``)."""
 
     uid: int
     flags: tuple[str, ...]
     internal_date: datetime | None
     modseq: int | None
-    parsed: ParsedMessage
-    content: dict[str, object] | None = None
+    content: MessageContent
 
 
 def _row(
     folder_id: int, uidvalidity: int, item: FetchedMessage, rules_state: str, now: datetime
 ) -> dict[str, object]:
     return {
-        **(item.content if item.content is not None else content_columns(item.parsed)),
+        **item.content.columns,
         "folder_id": folder_id,
         "uidvalidity": uidvalidity,
         "uid": item.uid,
@@ -107,7 +104,7 @@ def insert_messages(
     inserted = _insert_new(conn, folder_id, uidvalidity, rows)
     if not inserted:
         return []
-    by_uid = {item.uid: item for item in batch}
+    by_uid = {item.uid: item.content for item in batch}
     fulltext.index_rows(
         conn,
         (
@@ -117,9 +114,9 @@ def insert_messages(
         ),
     )
     attachment_rows = [
-        {"message_pk": pk, "filename": a.filename, "content_type": a.content_type, "size": a.size}
+        {"message_pk": pk, "filename": filename, "content_type": content_type, "size": size}
         for uid, pk in inserted.items()
-        for a in by_uid[uid].parsed.attachments
+        for filename, content_type, size in by_uid[uid].attachments
     ]
     if attachment_rows:
         conn.execute(attachments.insert(), attachment_rows)
@@ -267,7 +264,7 @@ def load_message(conn: Connection, pk: int) -> StoredMessage | None:
             attachments.c.message_pk == pk
         )
     ).all()
-    headers = {name: tuple(values) for name, values in json.loads(row["headers_json"]).items()}
+    headers = HeaderBlock(row["header_block"])
     parsed = ParsedMessage(
         message_id=row["message_id"],
         subject=row["subject"],

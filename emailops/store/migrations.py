@@ -10,12 +10,14 @@ tsvector column) are dialect-specific DDL either way, and the list below is the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, inspect, select
+from sqlalchemy import Connection, Engine, inspect, select, text
 
+from emailops.mime.headers import HeaderBlock
 from emailops.store import schema
 from emailops.store.fulltext import create_fulltext
 
@@ -47,9 +49,28 @@ def _folder_server_count(conn: Connection) -> None:
     _add_column(conn, "folders", "server_count", "BIGINT")
 
 
+def _header_block(conn: Connection) -> None:
+    """Rows stored each header decoded in ``headers_json``; the raw block replaces it. Old rows
+    get a block rebuilt from their decoded values, which decodes to the same headers."""
+    blob = "BLOB" if conn.dialect.name == "sqlite" else "BYTEA"
+    empty = "x''" if conn.dialect.name == "sqlite" else "''::bytea"
+    _add_column(conn, "messages", "header_block", f"{blob} NOT NULL DEFAULT {empty}")
+    if "headers_json" not in {c["name"] for c in inspect(conn).get_columns("messages")}:
+        return
+    rows = conn.exec_driver_sql("SELECT id, headers_json FROM messages").all()
+    blocks = [
+        {"pk": pk, "block": HeaderBlock.from_values(json.loads(headers_json or "{}")).raw}
+        for pk, headers_json in rows
+    ]
+    if blocks:
+        conn.execute(text("UPDATE messages SET header_block = :block WHERE id = :pk"), blocks)
+    conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN headers_json")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
+    Migration(3, "messages.header_block (raw) replaces headers_json (decoded)", _header_block),
 )
 
 

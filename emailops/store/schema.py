@@ -77,8 +77,8 @@ messages = Table(
     # Space-separated IMAP flags as the server reports them.
     Column("flags", Text, nullable=False, default=""),
     Column("modseq", BigInteger),
-    # JSON object: lower-cased header name -> list of decoded values (bounded by the parser).
-    Column("headers_json", Text, nullable=False, default="{}"),
+    # The raw header block (bounded by the parser), decoded when a rule needs it (HeaderBlock).
+    Column("header_block", LargeBinary, nullable=False, default=b""),
     Column("body_text", Text, nullable=False, default=""),
     Column("has_attachments", Boolean, nullable=False, default=False),
     Column("truncated", Boolean, nullable=False, default=False),
