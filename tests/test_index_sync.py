@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from emailops.imap.connection import connect
 from emailops.imap.sync import FolderSync
 from emailops.store import fulltext
+from emailops.store import messages as message_store
 from emailops.store.database import reading
 from prod.localmail.dovecot import LocalDovecot
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, rows, sync_config
@@ -168,6 +170,38 @@ def test_interrupted_first_sync_neither_loses_nor_duplicates(
     report = FolderSync(engine, sync_config(fetch_batch_messages=30), "INBOX").sync(client)
     assert report.complete
     assert rows(engine, "SELECT count(*), count(DISTINCT uid) FROM messages") == [(100, 100)]
+
+
+def test_a_batch_that_fails_to_store_stops_the_pass_and_the_next_pass_fills_it(
+    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches are stored by a thread while later ones download and parse. When one fails, none
+    after it is stored: its progress mark would claim the failed batch as indexed."""
+    dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))  # parsed by the helper
+    engine = index_engine(db_url)
+    insert = message_store.insert_messages
+    calls: list[int] = []
+
+    def fail_the_second_batch(*args: object, **kwargs: object) -> list[int]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OperationalError("INSERT", {}, Exception("disk I/O error"))
+        return insert(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(message_store, "insert_messages", fail_the_second_batch)
+    client = connect(imap_config(dovecot))
+    with pytest.raises(OperationalError):
+        FolderSync(engine, sync_config(fetch_batch_messages=50), "INBOX").sync(client)
+    assert len(calls) == 2
+    assert rows(engine, "SELECT count(*), max(uid) FROM messages") == [(50, 50)]
+    assert rows(engine, "SELECT uidnext FROM folders") == [(51,)]
+
+    monkeypatch.setattr(message_store, "insert_messages", insert)
+    report = FolderSync(engine, sync_config(fetch_batch_messages=50), "INBOX").sync(
+        connect(imap_config(dovecot))
+    )
+    assert report.complete and report.new == 350
+    assert rows(engine, "SELECT count(*), count(DISTINCT uid), max(uid) FROM messages") == [(400, 400, 400)]
 
 
 def test_a_poll_with_nothing_new_is_one_status_command(

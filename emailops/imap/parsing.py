@@ -24,10 +24,6 @@ from emailops.store.content import MessageContent, message_content
 
 # Below this many messages in a pass, parsing stays in this process.
 HELPER_THRESHOLD = 300
-# Jobs the helper may have on hand (one running, the rest queued) before this process parses a
-# batch itself: with one, the helper sat idle while this process parsed; with two it always has
-# the next batch waiting.
-HELPER_BACKLOG = 2
 
 
 def parse_one(raw: bytes, size: int, max_message_bytes: int, max_body_chars: int) -> ParsedMessage:
@@ -79,16 +75,12 @@ class Parser:
             if use_helper
             else None
         )
-        self._inflight: list[Future[Parsed]] = []
 
     def submit(self, raws: Sequence[tuple[bytes, int]]) -> Future[Parsed]:
-        """Parse (raw, size) pairs: in the helper unless it already has ``HELPER_BACKLOG`` jobs,
-        else here, so that both cores parse while the helper is behind."""
-        self._inflight = [job for job in self._inflight if not job.done()]
-        if self._pool is not None and len(self._inflight) < HELPER_BACKLOG:
-            job = self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
-            self._inflight.append(job)
-            return job
+        """Parse (raw, size) pairs, in the helper if there is one (jobs queue up there: the
+        caller bounds how many batches it holds), else here."""
+        if self._pool is not None:
+            return self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
         done: Future[Parsed] = Future()
         done.set_result(parse_all(raws, self.max_message_bytes, self.max_body_chars))
         return done

@@ -18,6 +18,7 @@ leaves the same index.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,7 +34,7 @@ from emailops.cache import RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
-from emailops.imap.parsing import HELPER_BACKLOG, HELPER_THRESHOLD, Parsed, Parser
+from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
 from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
 from emailops.store.database import reading
@@ -41,6 +42,8 @@ from emailops.store.schema import messages
 
 log = structlog.get_logger(component="index")
 
+# Batches downloaded but not yet stored, at most (each is bounded by SyncConfig's batch limits).
+BATCHES_IN_FLIGHT = 3
 # How much of an oversized message's text is fetched and indexed.
 PARTIAL_TEXT_BYTES = 1024 * 1024
 _MESSAGE_ID = re.compile(rb"<[^<>\s]+>")
@@ -399,24 +402,40 @@ class FolderSync:
             max_body_chars=self.config.max_body_chars,
             use_helper=len(uids) >= HELPER_THRESHOLD,
         )
-        # Batches are downloaded while earlier ones are parsed, and stored in order as their parse
-        # completes; at most HELPER_BACKLOG + 1 batches are held (memory stays bounded). Cache
-        # files are written by a thread meanwhile.
-        with parser, ThreadPoolExecutor(max_workers=1) as cache_writer:
-            queued: deque[tuple[list[FetchedBody], Future[Parsed]]] = deque()
+        # Three stages run at once: this thread downloads batch k+2 while the helper process
+        # parses batch k+1 and the store thread writes batch k (SQLite's own work, the full-text
+        # index above all, runs there without the GIL). Batches are stored in order, and after a
+        # failed store none is (its progress mark would claim the failed batch). At most
+        # BATCHES_IN_FLIGHT batches are held, so memory stays bounded.
+        store_failed = threading.Event()
+
+        def store(bodies: list[FetchedBody], job: Future[Parsed]) -> None:
+            if store_failed.is_set():
+                raise RuntimeError("an earlier batch failed to store")
+            try:
+                self._store(state, status, bodies, job, report, save_progress)
+            except BaseException:
+                store_failed.set()
+                raise
+
+        with (
+            parser,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache") as cache_writer,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as store_thread,
+        ):
+            in_flight: deque[Future[None]] = deque()
             complete = True
             for batch in self._batches(uids, sizes):
                 bodies = self._download(client, batch, sizes, status.uidvalidity, cache_writer)
-                queued.append(
-                    (bodies, parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies]))
-                )
-                while queued and (queued[0][1].done() or len(queued) > HELPER_BACKLOG):
-                    self._store(state, status, *queued.popleft(), report, save_progress)
+                job = parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies])
+                in_flight.append(store_thread.submit(store, bodies, job))
+                while in_flight and (in_flight[0].done() or len(in_flight) > BATCHES_IN_FLIGHT):
+                    in_flight.popleft().result()
                 if deadline is not None and time.monotonic() > deadline and batch[-1] != uids[-1]:
                     complete = False
                     break
-            while queued:
-                self._store(state, status, *queued.popleft(), report, save_progress)
+            while in_flight:
+                in_flight.popleft().result()
         return complete
 
     def _store(
