@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import inspect
 
@@ -172,19 +173,46 @@ def test_an_index_from_before_header_block_is_upgraded_in_place(db_url: str) -> 
         folder = folder_store.ensure_folder(conn, "acct", "INBOX")
         (pk,) = message_store.insert_messages(conn, folder.id, 1, [fetched(1)], baseline_uidnext=1, now=NOW)
         # Back to schema version 2: the decoded headers in headers_json, no raw block yet.
-        conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version = 3")
+        conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version >= 3")
         conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN header_block")
         conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN headers_json TEXT NOT NULL DEFAULT '{}'")
         conn.exec_driver_sql(
             'UPDATE messages SET headers_json = \'{"x-ticket": ["T-1", "T-2"], "subject": ["Grüße"]}\''
         )
-    assert [m.version for m in migrate(engine)] == [3]
+    assert [m.version for m in migrate(engine)] == [3, 4, 5]
     with engine.connect() as conn:
         stored = message_store.load_message(conn, pk)
         columns = {c["name"] for c in inspect(conn).get_columns("messages")}
     assert stored is not None
     assert dict(stored.parsed.headers) == {"x-ticket": ("T-1", "T-2"), "subject": ("Grüße",)}
     assert "headers_json" not in columns and "header_block" in columns
+
+
+def test_message_dates_are_stored_as_the_utc_instant(db_url: str) -> None:
+    raw = b"From: a@example.org\r\nDate: Mon, 06 May 2024 09:00:00 +0200\r\nSubject: zebra\r\n\r\nbody\r\n"
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        item = message_store.FetchedMessage(1, (), NOW, None, message_content(parse_message(raw)))
+        (pk,) = message_store.insert_messages(conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW)
+        stored = message_store.load_message(conn, pk)
+        (hit,) = fulltext.search(conn, "acct", "zebra")
+    assert stored is not None
+    assert stored.parsed.date == hit.date == datetime(2024, 5, 6, 7, 0, tzinfo=UTC)
+
+
+def test_sqlite_dates_stored_at_the_senders_offset_are_corrected(tmp_path: Path) -> None:
+    """Migration 4: before it, SQLite rows kept a Date at its sender's offset, read back as UTC."""
+    raw = b"From: a@example.org\r\nDate: Mon, 06 May 2024 09:00:00 +0200\r\nSubject: zebra\r\n\r\nbody\r\n"
+    engine = index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        item = message_store.FetchedMessage(1, (), NOW, None, message_content(parse_message(raw)))
+        message_store.insert_messages(conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW)
+        conn.exec_driver_sql("UPDATE messages SET date = '2024-05-06 09:00:00.000000'")  # as stored before
+        conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version >= 4")
+    assert [m.version for m in migrate(engine)] == [4, 5]
+    assert rows(engine, "SELECT date FROM messages") == [("2024-05-06 07:00:00.000000",)]
 
 
 def test_a_folder_lease_has_one_live_owner(db_url: str) -> None:

@@ -49,6 +49,14 @@ def create_fulltext(conn: Connection) -> None:
         conn.exec_driver_sql("CREATE INDEX ix_messages_search ON messages USING GIN (search_vector)")
 
 
+def set_fulltext_tuning(conn: Connection) -> None:
+    """FTS5 merges index segments once eight of a size exist, not four: a bulk load of the index
+    (an initial sync, a reindex) then rewrites its segments fewer times, about a fifth less work,
+    and a search reads a few more segments, which it does not notice at mailbox sizes."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts, rank) VALUES ('automerge', 8)")
+
+
 def _pg_words(column: str) -> str:
     # PostgreSQL's parser keeps e-mail addresses, host names and paths as single tokens and drops
     # "<...>" as markup; FTS5 splits them into words. Splitting them here too lets "example.org"

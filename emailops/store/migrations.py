@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, inspect, select, text
 
-from emailops.mime.headers import HeaderBlock
+from emailops.mime.headers import HeaderBlock, parse_date, split_header_block
 from emailops.store import schema
-from emailops.store.fulltext import create_fulltext
+from emailops.store.fulltext import create_fulltext, set_fulltext_tuning
 
 # A lock key so that two processes starting at once do not both migrate (PostgreSQL).
 _PG_MIGRATION_LOCK = 0x656D61696C6F7073
@@ -67,10 +67,31 @@ def _header_block(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN headers_json")
 
 
+def _sqlite_dates_in_utc(conn: Connection) -> None:
+    """SQLite keeps no time zone, and message dates were stored at their sender's offset (a
+    +0200 Date read back two hours late). Recomputed in UTC from the stored Date header."""
+    if conn.dialect.name != "sqlite":
+        return  # timestamptz kept the instant
+    fixed = []
+    for pk, block, stored in conn.exec_driver_sql("SELECT id, header_block, date FROM messages"):
+        fields, _ = split_header_block(block or b"", 0, len(block or b""), [])
+        value = next((v for name, v in fields if name == "date"), None)
+        moment = parse_date(value, []) if value is not None else None
+        if moment is None:
+            continue
+        utc = moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        if utc != stored:
+            fixed.append({"pk": pk, "date": utc})
+    if fixed:
+        conn.execute(text("UPDATE messages SET date = :date WHERE id = :pk"), fixed)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
     Migration(3, "messages.header_block (raw) replaces headers_json (decoded)", _header_block),
+    Migration(4, "SQLite: message dates in UTC", _sqlite_dates_in_utc),
+    Migration(5, "FTS5 merges segments in eights", set_fulltext_tuning),
 )
 
 
