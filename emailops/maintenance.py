@@ -16,6 +16,7 @@ from emailops.cache import RawMessageCache
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import close_quietly, connect
 from emailops.imap.errors import ImapTransientError
+from emailops.imap.parsing import ParseHelpers
 from emailops.imap.sync import FolderSync, SyncReport
 from emailops.store import fulltext
 from emailops.store.schema import folders, messages
@@ -42,13 +43,16 @@ def sync_once(
     config: SyncConfig,
     *,
     connector: Callable[[ServerConfig], IMAPClient] = connect_with_retries,
+    parse_helpers: ParseHelpers | None = None,
 ) -> list[SyncReport]:
     """Catch up on every configured folder once, with a full reconcile."""
     cache = RawMessageCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
     client = connector(server)
     try:
         return [
-            FolderSync(engine, config, folder, cache=cache).sync(client, reconcile=True)
+            FolderSync(engine, config, folder, cache=cache, parse_helpers=parse_helpers).sync(
+                client, reconcile=True
+            )
             for folder in config.folders
         ]
     finally:
@@ -88,6 +92,7 @@ def reindex(
     config: SyncConfig,
     *,
     connector: Callable[[ServerConfig], IMAPClient] = connect_with_retries,
+    parse_helpers: ParseHelpers | None = None,
 ) -> list[SyncReport]:
     """Rebuild the index from IMAP (raw messages come from the cache where it has them).
 
@@ -96,7 +101,9 @@ def reindex(
     client = connector(server)
     try:
         clear_index(engine, config.account)
-        return sync_once(engine, server, config, connector=lambda _server: client)
+        return sync_once(
+            engine, server, config, connector=lambda _server: client, parse_helpers=parse_helpers
+        )
     finally:
         close_quietly(client)
 

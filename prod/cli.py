@@ -51,12 +51,19 @@ def _engine(settings: RuntimeSettings) -> Engine:
 
 
 def cmd_sync(settings: RuntimeSettings, args: argparse.Namespace) -> int:
-    from emailops.maintenance import sync_once
-
     if not args.once:
         print("emailops sync runs once with --once; the daemon is `python -m prod.run`", file=sys.stderr)
         return 2
-    reports = sync_once(_engine(settings), settings.imap_config(), settings.sync_config())
+    # The parse helpers start first: they import while this process imports the rest and
+    # connects, and are ready when a large catch-up reaches its first batch.
+    from emailops.imap.parsing import ParseHelpers
+
+    with ParseHelpers() as helpers:
+        from emailops.maintenance import sync_once
+
+        reports = sync_once(
+            _engine(settings), settings.imap_config(), settings.sync_config(), parse_helpers=helpers
+        )
     return _print_reports(reports, args.json)
 
 
@@ -133,9 +140,14 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
-    from emailops.maintenance import reindex
+    from emailops.imap.parsing import ParseHelpers
 
-    reports = reindex(_engine(settings), settings.imap_config(), settings.sync_config())
+    with ParseHelpers() as helpers:  # started early, as for sync
+        from emailops.maintenance import reindex
+
+        reports = reindex(
+            _engine(settings), settings.imap_config(), settings.sync_config(), parse_helpers=helpers
+        )
     return _print_reports(reports, args.json)
 
 

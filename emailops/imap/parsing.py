@@ -1,10 +1,10 @@
-"""Parsing fetched messages, in this process or, for a large catch-up, in a helper process.
+"""Parsing fetched messages, in this process or, for a large catch-up, in helper processes.
 
-An initial sync is three kinds of work, one after another for each batch: download, parse, store.
-Parsing is the largest and needs nothing from the other two, so for many messages it runs in one
-spawned helper process on the second core while this process downloads the next batch and stores
-the previous one. Small batches (new mail while watching) are parsed here: starting a process
-would cost more than it saves. This module imports only the parser, so the helper starts quickly.
+An initial sync is three kinds of work for each batch: download, parse, store. Parsing is the
+largest and needs nothing from the other two, so for many messages it runs in spawned helper
+processes while this process downloads the next batches and stores the previous ones. Small
+batches (new mail while watching) are parsed here: starting a process would cost more than it
+saves. This module imports only the parser (no SQLAlchemy), so helpers start quickly.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from emailops.store.content import MessageContent, message_content
 
 # Below this many messages in a pass, parsing stays in this process.
 HELPER_THRESHOLD = 300
+HELPER_PROCESSES = 2
 
 
 def parse_one(raw: bytes, size: int, max_message_bytes: int, max_body_chars: int) -> ParsedMessage:
@@ -59,25 +60,65 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-class Parser:
-    """``submit(raws)`` returns a future of the parsed messages, computed here or in the helper."""
+def _ready() -> None:
+    """A no-op job: submitting it makes the pool start a helper now."""
 
-    def __init__(self, *, max_message_bytes: int, max_body_chars: int, use_helper: bool) -> None:
+
+class ParseHelpers:
+    """The helper processes that parse for large passes.
+
+    Started on demand by a pass, or ahead of it by a command that is about to catch up
+    (``emailops sync --once``, ``reindex``): each helper is a fresh interpreter that needs a few
+    tenths of a second to import the parser, which then overlaps with the command's own start-up
+    instead of delaying the first batch. Two helpers, because the parse is the largest part of a
+    catch-up and the process that downloads and stores leaves part of a core free.
+    """
+
+    def __init__(self, workers: int = HELPER_PROCESSES) -> None:
+        self.pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=exit_with_parent,
+            initargs=(os.getpid(),),
+        )
+        for _ in range(workers):
+            self.pool.submit(_ready)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ParseHelpers:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Parser:
+    """``submit(raws)`` returns a future of the parsed messages, computed here or by helpers.
+
+    ``helpers`` are used when given (and left running); ``use_helper`` starts helpers for this
+    parser alone (stopped by ``close``).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int,
+        max_body_chars: int,
+        use_helper: bool,
+        helpers: ParseHelpers | None = None,
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_body_chars = max_body_chars
-        self._pool = (
-            ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=exit_with_parent,
-                initargs=(os.getpid(),),
-            )
-            if use_helper
-            else None
-        )
+        self._own_helpers = ParseHelpers() if use_helper and helpers is None else None
+        chosen = helpers if use_helper and helpers is not None else self._own_helpers
+        self._pool = chosen.pool if chosen is not None else None
 
     def submit(self, raws: Sequence[tuple[bytes, int]]) -> Future[Parsed]:
-        """Parse (raw, size) pairs, in the helper if there is one (jobs queue up there: the
+        """Parse (raw, size) pairs, by the helpers if there are any (jobs queue up there: the
         caller bounds how many batches it holds), else here."""
         if self._pool is not None:
             return self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
@@ -86,9 +127,10 @@ class Parser:
         return done
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        if self._own_helpers is not None:
+            self._own_helpers.close()
+            self._own_helpers = None
+        self._pool = None
 
     def __enter__(self) -> Parser:
         return self
