@@ -24,7 +24,8 @@ from emailops.store.content import MessageContent, message_content
 
 # Below this many messages in a pass, parsing stays in this process.
 HELPER_THRESHOLD = 300
-HELPER_PROCESSES = 2
+# One: a second helper cost more CPU (another interpreter) than it won back on two cores.
+HELPER_PROCESSES = 1
 
 
 def parse_one(raw: bytes, size: int, max_message_bytes: int, max_body_chars: int) -> ParsedMessage:
@@ -70,8 +71,7 @@ class ParseHelpers:
     Started on demand by a pass, or ahead of it by a command that is about to catch up
     (``emailops sync --once``, ``reindex``): each helper is a fresh interpreter that needs a few
     tenths of a second to import the parser, which then overlaps with the command's own start-up
-    instead of delaying the first batch. Two helpers, because the parse is the largest part of a
-    catch-up and the process that downloads and stores leaves part of a core free.
+    instead of delaying the first batch.
     """
 
     def __init__(self, workers: int = HELPER_PROCESSES) -> None:
