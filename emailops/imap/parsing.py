@@ -75,6 +75,7 @@ class ParseHelpers:
     """
 
     def __init__(self, workers: int = HELPER_PROCESSES) -> None:
+        self.workers = workers
         self.pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
@@ -116,12 +117,17 @@ class Parser:
         self._own_helpers = ParseHelpers() if use_helper and helpers is None else None
         chosen = helpers if use_helper and helpers is not None else self._own_helpers
         self._pool = chosen.pool if chosen is not None else None
+        self._workers = chosen.workers if chosen is not None else 0
+        self._inflight: list[Future[Parsed]] = []
 
     def submit(self, raws: Sequence[tuple[bytes, int]]) -> Future[Parsed]:
-        """Parse (raw, size) pairs, by the helpers if there are any (jobs queue up there: the
-        caller bounds how many batches it holds), else here."""
-        if self._pool is not None:
-            return self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
+        """Parse (raw, size) pairs: by the helpers, unless they already have a batch waiting
+        besides the ones they parse; then here, since this thread would only wait for them."""
+        self._inflight = [job for job in self._inflight if not job.done()]
+        if self._pool is not None and len(self._inflight) <= self._workers:
+            job = self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
+            self._inflight.append(job)
+            return job
         done: Future[Parsed] = Future()
         done.set_result(parse_all(raws, self.max_message_bytes, self.max_body_chars))
         return done
