@@ -20,7 +20,8 @@ MAX_UNCLOSED_TAGS = 1_000
 _BLOCK_TAGS = "p|div|br|hr|tr|td|th|li|ul|ol|h[1-6]|table|blockquote|pre|section|article|header|footer"
 # Text nodes are joined without a separator (so "wor<b>ld</b>" stays one word); a line break is put
 # in front of block-level tags instead, so that paragraphs and cells do not run together.
-_BLOCK_TAG_RE = re.compile(rf"<(?=/?(?:{_BLOCK_TAGS})\b)", re.IGNORECASE)
+# Bytes: lexbor parses UTF-8, and a bytes pattern is quicker than a str one (10% of this module).
+_BLOCK_TAG_RE = re.compile(rf"<(?=/?(?:{_BLOCK_TAGS})\b)".encode(), re.IGNORECASE)
 _DROPPED_TAGS = ["script", "style", "template", "head"]
 # Start tags that never or seldom deepen the tree: void elements and ones closed implicitly.
 _SHALLOW_TAGS = (
@@ -71,7 +72,7 @@ def _tree_parser_is_safe(html: str) -> bool:
 
 
 def _text_by_tree(html: str) -> str:
-    tree = LexborHTMLParser(_BLOCK_TAG_RE.sub("\n<", html))
+    tree = LexborHTMLParser(_BLOCK_TAG_RE.sub(b"\n<", html.encode("utf-8", "replace")))
     tree.strip_tags(_DROPPED_TAGS)
     root = tree.body or tree.root
     return "" if root is None else root.text(separator="", strip=False)
