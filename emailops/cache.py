@@ -1,9 +1,13 @@
 """A size-bounded cache of raw messages in ``CACHE_DIR``, so that ``emailops reindex`` can rebuild
 the index without downloading the mailbox again.
 
-Layout: ``<dir>/raw/<folder key>/<uidvalidity>/<uid>.eml`` where the folder key is a hash of the
-account and folder name. A (folder, UIDVALIDITY, UID) names one message for ever (RFC 3501), so an
-entry never goes stale. When the total passes ``max_bytes`` the least recently written entries go.
+Layout: ``<dir>/raw/<folder key>/<uidvalidity>/<uid>-<size>.eml`` where the folder key is a hash of
+the account and folder name. A (folder, UIDVALIDITY, UID) names one message for ever (RFC 3501), so
+an entry never goes stale. When the total passes ``max_bytes`` the least recently written entries go.
+
+A file is written in place, and its name says how long it must be: one cut short (a crash, a full
+disk) is not that long and is ignored, as if absent. This costs a third of writing each file to a
+temporary name and renaming it (``<uid>.eml`` files from before are still read).
 """
 
 from __future__ import annotations
@@ -28,18 +32,27 @@ class RawMessageCache:
         """The cached messages among ``uids`` (one directory listing, then only the hits are read)."""
         base = str(self._folder_dir(account, folder, uidvalidity))
         try:
-            present = set(os.listdir(base))
+            names = os.listdir(base)
         except OSError:
             return {}
+        present: dict[int, tuple[str, int | None]] = {}
+        for name in names:
+            stem, dot, extension = name.partition(".")
+            uid, dash, size = stem.partition("-")
+            if extension == "eml" and dot and uid.isdigit() and (not dash or size.isdigit()):
+                present[int(uid)] = (name, int(size) if dash else None)
         found: dict[int, bytes] = {}
         for uid in uids:
-            name = f"{uid}.eml"
-            if name in present:
-                try:
-                    with open(os.path.join(base, name), "rb") as cached:
-                        found[uid] = cached.read()
-                except OSError:
-                    continue
+            if uid not in present:
+                continue
+            name, size = present[uid]
+            try:
+                with open(os.path.join(base, name), "rb") as cached:
+                    data = cached.read()
+            except OSError:
+                continue
+            if size is None or len(data) == size:
+                found[uid] = data
         return found
 
     def put_many(self, account: str, folder: str, uidvalidity: int, items: dict[int, bytes]) -> None:
@@ -54,10 +67,7 @@ class RawMessageCache:
             for uid, raw in items.items():
                 if len(raw) > self.max_bytes // 10:
                     continue
-                temporary = os.path.join(base, f".{uid}.tmp")
-                with open(temporary, "wb") as out:
-                    out.write(raw)
-                os.replace(temporary, os.path.join(base, f"{uid}.eml"))
+                _write(os.path.join(base, f"{uid}-{len(raw)}.eml"), raw)
                 added += len(raw)
         except OSError:
             return
@@ -99,3 +109,13 @@ class RawMessageCache:
                 continue
             total -= size
         self._total = total
+
+
+def _write(path: str, data: bytes) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+    finally:
+        os.close(descriptor)

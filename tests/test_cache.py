@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,18 @@ def test_cache_round_trip_and_size_bound(tmp_path: Path) -> None:
     assert 1 not in cache.get_many("acct", "INBOX", 7, [1]) and 29 in cache.get_many("acct", "INBOX", 7, [29])
 
 
+def test_a_cache_file_cut_short_is_ignored(tmp_path: Path) -> None:
+    """A crash or a full disk mid-write leaves a short file: it reads as absent, never as mail."""
+    cache = RawMessageCache(tmp_path, max_bytes=10_000)
+    cache.put_many("acct", "INBOX", 7, {1: b"a" * 900, 2: b"b" * 900})
+    (first,) = (tmp_path / "raw").rglob("1-900.eml")
+    first.write_bytes(b"a" * 400)
+    assert cache.get_many("acct", "INBOX", 7, [1, 2]) == {2: b"b" * 900}
+    # Files of the earlier layout (written whole, then renamed) are still read.
+    first.with_name("3.eml").write_bytes(b"c" * 10)
+    assert cache.get_many("acct", "INBOX", 7, [3]) == {3: b"c" * 10}
+
+
 def test_cache_write_failure_costs_nothing_but_the_cache(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -45,9 +56,10 @@ def test_reindex_reads_raw_messages_from_the_cache(dovecot: LocalDovecot, tmp_pa
     config = sync_config(tmp_path)
     reindex(engine, imap_config(dovecot), config, connector=connect)
     # Doctor the cached copy of UID 1: a rebuild that uses the cache indexes the doctored text.
-    (cached,) = [p for p in (tmp_path / "cache" / "raw").rglob("1.eml")]
-    cached.write_bytes(message(1, body="from the cache capybara"))
-    os.utime(cached)
+    (cached,) = [p for p in (tmp_path / "cache" / "raw").rglob("1-*.eml")]
+    doctored = message(1, body="from the cache capybara")
+    cached.unlink()
+    cached.with_name(f"1-{len(doctored)}.eml").write_bytes(doctored)
     reindex(engine, imap_config(dovecot), config, connector=connect)
     with reading(engine) as conn:
         assert [h.uid for h in fulltext.search(conn, ACCOUNT, "capybara")] == [1]
