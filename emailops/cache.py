@@ -38,9 +38,9 @@ class RawMessageCache:
         present: dict[int, tuple[str, int | None]] = {}
         for name in names:
             stem, dot, extension = name.partition(".")
-            uid, dash, size = stem.partition("-")
-            if extension == "eml" and dot and uid.isdigit() and (not dash or size.isdigit()):
-                present[int(uid)] = (name, int(size) if dash else None)
+            number, dash, length = stem.partition("-")
+            if extension == "eml" and dot and number.isdigit() and (not dash or length.isdigit()):
+                present[int(number)] = (name, int(length) if dash else None)
         found: dict[int, bytes] = {}
         for uid in uids:
             if uid not in present:

@@ -44,10 +44,12 @@ def _insert_ignore(conn: Connection) -> Insert:
     # Each dialect's module is imported when used: the PostgreSQL one alone is a tenth of a
     # second of every start on SQLite.
     if conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    return insert(folders).on_conflict_do_nothing(index_elements=["account", "name"])
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert(folders).on_conflict_do_nothing(index_elements=["account", "name"])
+    from sqlalchemy.dialects import postgresql
+
+    return postgresql.insert(folders).on_conflict_do_nothing(index_elements=["account", "name"])
 
 
 def get_folder(conn: Connection, account: str, name: str) -> FolderState | None:
