@@ -16,7 +16,6 @@ from emailops.cache import RawMessageCache
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import close_quietly, connect
 from emailops.imap.errors import ImapTransientError
-from emailops.imap.parsing import ParseHelpers
 from emailops.imap.sync import FolderSync, SyncReport
 from emailops.store import fulltext
 from emailops.store.schema import folders, messages
@@ -43,16 +42,13 @@ def sync_once(
     config: SyncConfig,
     *,
     connector: Callable[[ServerConfig], IMAPClient] = connect_with_retries,
-    parse_helpers: ParseHelpers | None = None,
 ) -> list[SyncReport]:
     """Catch up on every configured folder once, with a full reconcile."""
     cache = RawMessageCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
     client = connector(server)
     try:
         return [
-            FolderSync(engine, config, folder, cache=cache, parse_helpers=parse_helpers).sync(
-                client, reconcile=True
-            )
+            FolderSync(engine, config, folder, cache=cache).sync(client, reconcile=True)
             for folder in config.folders
         ]
     finally:
@@ -92,7 +88,6 @@ def reindex(
     config: SyncConfig,
     *,
     connector: Callable[[ServerConfig], IMAPClient] = connect_with_retries,
-    parse_helpers: ParseHelpers | None = None,
 ) -> list[SyncReport]:
     """Rebuild the index from IMAP (raw messages come from the cache where it has them).
 
@@ -101,9 +96,7 @@ def reindex(
     client = connector(server)
     try:
         clear_index(engine, config.account)
-        return sync_once(
-            engine, server, config, connector=lambda _server: client, parse_helpers=parse_helpers
-        )
+        return sync_once(engine, server, config, connector=lambda _server: client)
     finally:
         close_quietly(client)
 

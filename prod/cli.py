@@ -51,19 +51,12 @@ def _engine(settings: RuntimeSettings) -> Engine:
 
 
 def cmd_sync(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.maintenance import sync_once
+
     if not args.once:
         print("emailops sync runs once with --once; the daemon is `python -m prod.run`", file=sys.stderr)
         return 2
-    # The parse helpers start first: they import while this process imports the rest and
-    # connects, and are ready when a large catch-up reaches its first batch.
-    from emailops.imap.parsing import ParseHelpers
-
-    with ParseHelpers() as helpers:
-        from emailops.maintenance import sync_once
-
-        reports = sync_once(
-            _engine(settings), settings.imap_config(), settings.sync_config(), parse_helpers=helpers
-        )
+    reports = sync_once(_engine(settings), settings.imap_config(), settings.sync_config())
     return _print_reports(reports, args.json)
 
 
@@ -140,14 +133,9 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
-    from emailops.imap.parsing import ParseHelpers
+    from emailops.maintenance import reindex
 
-    with ParseHelpers() as helpers:  # started early, as for sync
-        from emailops.maintenance import reindex
-
-        reports = reindex(
-            _engine(settings), settings.imap_config(), settings.sync_config(), parse_helpers=helpers
-        )
+    reports = reindex(_engine(settings), settings.imap_config(), settings.sync_config())
     return _print_reports(reports, args.json)
 
 

@@ -1,10 +1,11 @@
-"""Parsing fetched messages, in this process or, for a large catch-up, in helper processes.
+"""Parsing fetched messages, in this process or, for a large catch-up, in a helper process.
 
 An initial sync is three kinds of work for each batch: download, parse, store. Parsing is the
-largest and needs nothing from the other two, so for many messages it runs in spawned helper
-processes while this process downloads the next batches and stores the previous ones. Small
-batches (new mail while watching) are parsed here: starting a process would cost more than it
-saves. This module imports only the parser (no SQLAlchemy), so helpers start quickly.
+largest and needs nothing from the other two, so for many messages it runs in a spawned helper
+process while this process downloads the next batches and stores the previous ones (and parses
+a batch itself when the helper is behind). Small batches (new mail while watching) are parsed
+here: starting a process would cost more than it saves. This module imports only the parser (no
+SQLAlchemy), so the helper starts quickly.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from emailops.store.content import MessageContent, message_content
 
 # Below this many messages in a pass, parsing stays in this process.
 HELPER_THRESHOLD = 300
-# One: a second helper cost more CPU (another interpreter) than it won back on two cores.
-HELPER_PROCESSES = 1
 
 
 def parse_one(raw: bytes, size: int, max_message_bytes: int, max_body_chars: int) -> ParsedMessage:
@@ -62,69 +61,37 @@ def exit_with_parent(parent_pid: int) -> None:
 
 
 def _ready() -> None:
-    """A no-op job: submitting it makes the pool start a helper now."""
-
-
-class ParseHelpers:
-    """The helper processes that parse for large passes.
-
-    Started on demand by a pass, or ahead of it by a command that is about to catch up
-    (``emailops sync --once``, ``reindex``): each helper is a fresh interpreter that needs a few
-    tenths of a second to import the parser, which then overlaps with the command's own start-up
-    instead of delaying the first batch.
-    """
-
-    def __init__(self, workers: int = HELPER_PROCESSES) -> None:
-        self.workers = workers
-        self.pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=exit_with_parent,
-            initargs=(os.getpid(),),
-        )
-        for _ in range(workers):
-            self.pool.submit(_ready)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> ParseHelpers:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    """A no-op job: submitting it makes the pool start the helper now."""
 
 
 class Parser:
-    """``submit(raws)`` returns a future of the parsed messages, computed here or by helpers.
+    """``submit(raws)`` returns a future of the parsed messages, computed here or by the helper.
 
-    ``helpers`` are used when given (and left running); ``use_helper`` starts helpers for this
-    parser alone (stopped by ``close``).
+    With ``use_helper`` one helper process is started at once: a fresh interpreter needs a few
+    tenths of a second to import the parser, which then overlaps with the download of the first
+    batch. One, because a second cost more CPU (another interpreter) than it won on two cores.
+    ``close`` stops it.
     """
 
-    def __init__(
-        self,
-        *,
-        max_message_bytes: int,
-        max_body_chars: int,
-        use_helper: bool,
-        helpers: ParseHelpers | None = None,
-    ) -> None:
+    def __init__(self, *, max_message_bytes: int, max_body_chars: int, use_helper: bool) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_body_chars = max_body_chars
-        self._own_helpers = ParseHelpers() if use_helper and helpers is None else None
-        chosen = helpers if use_helper and helpers is not None else self._own_helpers
-        self._pool = chosen.pool if chosen is not None else None
-        self._workers = chosen.workers if chosen is not None else 0
+        self._pool: ProcessPoolExecutor | None = None
+        if use_helper:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
+            )
+            self._pool.submit(_ready)
         self._inflight: list[Future[Parsed]] = []
 
     def submit(self, raws: Sequence[tuple[bytes, int]]) -> Future[Parsed]:
-        """Parse (raw, size) pairs: by the helpers, unless they already have a batch waiting
-        besides the ones they parse; then here, since this thread would only wait for them."""
+        """Parse (raw, size) pairs: by the helper, unless it already has a batch waiting besides
+        the one it parses; then here, since this thread would only wait for it."""
         self._inflight = [job for job in self._inflight if not job.done()]
-        if self._pool is not None and len(self._inflight) <= self._workers:
+        if self._pool is not None and len(self._inflight) <= 1:
             job = self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
             self._inflight.append(job)
             return job
@@ -133,10 +100,9 @@ class Parser:
         return done
 
     def close(self) -> None:
-        if self._own_helpers is not None:
-            self._own_helpers.close()
-            self._own_helpers = None
-        self._pool = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def __enter__(self) -> Parser:
         return self

@@ -34,7 +34,7 @@ from emailops.cache import RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
-from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, ParseHelpers, Parser
+from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
 from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
 from emailops.store.database import reading
@@ -117,15 +117,12 @@ class FolderSync:
         *,
         cache: RawMessageCache | None = None,
         clock: Clock = utc_now,
-        parse_helpers: ParseHelpers | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.folder = folder
         self.cache = cache
         self.clock = clock
-        # Started by the caller ahead of a large catch-up; a pass starts its own when not given.
-        self.parse_helpers = parse_helpers
         self.log = log.bind(folder=folder)
         # The connection on which this folder is selected now, if any.
         self._selected_on: IMAPClient | None = None
@@ -404,7 +401,6 @@ class FolderSync:
             max_message_bytes=self.config.max_message_bytes,
             max_body_chars=self.config.max_body_chars,
             use_helper=len(uids) >= HELPER_THRESHOLD,
-            helpers=self.parse_helpers,
         )
         # Three stages run at once: this thread downloads batch k+2 while the helper process
         # parse batch k+1 and the store thread writes batch k (SQLite's own work, the full-text
