@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect
 
 from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.mime.parse import parse_message
@@ -148,16 +148,23 @@ def test_stored_message_round_trips_for_the_rules(db_url: str) -> None:
     assert stored.parsed.date == NOW
 
 
+def index_raw(engine: Engine, raw: bytes) -> int:
+    """Parse ``raw`` and index it as UID 1 of INBOX; return its primary key."""
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        item = message_store.FetchedMessage(1, (), NOW, None, message_content(parse_message(raw)))
+        (pk,) = message_store.insert_messages(conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW)
+    return pk
+
+
 def test_headers_parsed_from_raw_mail_round_trip_through_the_index(db_url: str) -> None:
     raw = (
         b"From: Ann <ann@example.org>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
         b"X-Ticket: T-1\r\n  (folded)\r\nX-Ticket: T-2\r\nPrecedence: bulk\r\n\r\nbody\r\n"
     )
     engine = index_engine(db_url)
-    with engine.begin() as conn:
-        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
-        item = message_store.FetchedMessage(1, (), NOW, None, message_content(parse_message(raw)))
-        (pk,) = message_store.insert_messages(conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW)
+    pk = index_raw(engine, raw)
+    with reading(engine) as conn:
         stored = message_store.load_message(conn, pk)
     assert stored is not None
     assert stored.parsed.headers["x-ticket"] == ("T-1 (folded)", "T-2")
@@ -191,10 +198,8 @@ def test_an_index_from_before_header_block_is_upgraded_in_place(db_url: str) -> 
 def test_message_dates_are_stored_as_the_utc_instant(db_url: str) -> None:
     raw = b"From: a@example.org\r\nDate: Mon, 06 May 2024 09:00:00 +0200\r\nSubject: zebra\r\n\r\nbody\r\n"
     engine = index_engine(db_url)
-    with engine.begin() as conn:
-        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
-        item = message_store.FetchedMessage(1, (), NOW, None, message_content(parse_message(raw)))
-        (pk,) = message_store.insert_messages(conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW)
+    pk = index_raw(engine, raw)
+    with reading(engine) as conn:
         stored = message_store.load_message(conn, pk)
         (hit,) = fulltext.search(conn, "acct", "zebra")
     assert stored is not None
@@ -205,10 +210,8 @@ def test_sqlite_dates_stored_at_the_senders_offset_are_corrected(tmp_path: Path)
     """Migration 4: before it, SQLite rows kept a Date at its sender's offset, read back as UTC."""
     raw = b"From: a@example.org\r\nDate: Mon, 06 May 2024 09:00:00 +0200\r\nSubject: zebra\r\n\r\nbody\r\n"
     engine = index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    index_raw(engine, raw)
     with engine.begin() as conn:
-        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
-        item = message_store.FetchedMessage(1, (), NOW, None, message_content(parse_message(raw)))
-        message_store.insert_messages(conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW)
         conn.exec_driver_sql("UPDATE messages SET date = '2024-05-06 09:00:00.000000'")  # as stored before
         conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version >= 4")
     assert [m.version for m in migrate(engine)] == [4, 5]
