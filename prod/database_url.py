@@ -44,6 +44,10 @@ def parse_database_url(text: str) -> DatabaseUrl:
     if backend == "sqlite":
         if not rest.startswith("/") or rest == "/":
             raise ValueError("names no SQLite file (use sqlite:////data/emailops.db)")
+        if rest[1:].split("?", 1)[0] == ":memory:":
+            # Each worker, and each thread of one (the sync stores from its own thread), would
+            # get a database of its own, and the index would be gone at exit.
+            raise ValueError("is an in-memory SQLite database, which workers cannot share; name a file")
         return DatabaseUrl(backend, driver or None, database=rest[1:])
     parts = urlsplit(f"//{rest}")
     try:

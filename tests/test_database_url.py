@@ -36,6 +36,7 @@ def test_valid_urls_agree_with_sqlalchemy(url: str) -> None:
         ("mysql://root@localhost/db", "must be sqlite"),
         ("sqlite://", "names no SQLite file"),
         ("sqlite:///", "names no SQLite file"),
+        ("sqlite:///:memory:", "in-memory SQLite database"),
         ("postgresql+psycopg://host:99999/db", "port"),
         ("postgresql+psycopg:///db", "names no PostgreSQL host"),
         ("postgresql+psycopg://host/", "names no PostgreSQL database"),
