@@ -282,11 +282,13 @@ def _split_line_by_line(
 
 # A field: its name, optional blanks, a colon, then the value up to a line break that is not
 # followed by a blank (continuation lines included, line breaks kept). Linear: no nested ambiguity.
-_FIELD_RE = re.compile(rb"([!-9;-~]{1,256})[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)")
+_FIELD_NAME = rb"[!-9;-~]{1,256}"  # printable ASCII but the colon (RFC 5322 ftext), bounded
+_FIELD_VALUE = rb"[^\n]*(?:\n[ \t][^\n]*)*"  # up to a line break not followed by a blank
+_FIELD_RE = re.compile(rb"(" + _FIELD_NAME + rb")[ \t]*:(" + _FIELD_VALUE + rb")")
 _BLOCK_END_RE = re.compile(rb"\n\r?\n")
 # The common case in one pass each: a block made of fields only, then an empty line.
-_FIELDS_ONLY_RE = re.compile(rb"(?:[!-9;-~]{1,256}[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*\n)*")
-_FIELD_LINE_RE = re.compile(rb"([!-9;-~]{1,256})[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)\n")
+_FIELDS_ONLY_RE = re.compile(rb"(?:" + _FIELD_NAME + rb"[ \t]*:" + _FIELD_VALUE + rb"\n)*")
+_FIELD_LINE_RE = re.compile(_FIELD_RE.pattern + rb"\n")
 
 
 def _split_well_formed(
@@ -355,7 +357,7 @@ class HeaderBlock(Mapping[str, tuple[str, ...]]):
             f"{name}: {single_line(value)}\r\n".encode()
             for name, found in values.items()
             for value in found
-            if _FIELD_NAME_RE.fullmatch(name)
+            if _FIELD_NAME_RE.fullmatch(name.encode("utf-8", "replace"))
         ]
         return cls(b"".join(lines))
 
@@ -385,7 +387,7 @@ class HeaderBlock(Mapping[str, tuple[str, ...]]):
         return HeaderBlock, (self.raw,)
 
 
-_FIELD_NAME_RE = re.compile(r"[!-9;-~]{1,256}")
+_FIELD_NAME_RE = re.compile(_FIELD_NAME)
 
 
 # --- structured values ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ a dataclass per message cost more than the parse of its headers.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC
 from typing import NamedTuple
 
 from emailops.mime.headers import HeaderBlock
@@ -41,8 +40,7 @@ def message_content(parsed: ParsedMessage) -> MessageContent:
         "addresses": _addresses((*parsed.from_, *parsed.to, *parsed.cc, *parsed.reply_to)),
         "to_addrs": _addresses(parsed.to),
         "cc_addrs": _addresses(parsed.cc),
-        # In UTC: SQLite keeps no zone, so a +0200 Date would read back two hours off.
-        "date": parsed.date.astimezone(UTC) if parsed.date else None,
+        "date": parsed.date,
         "in_reply_to": parsed.in_reply_to,
         "references": " ".join(parsed.references),
         "list_id": parsed.list_id,

@@ -93,7 +93,7 @@ def _sqlite_insert(conn: Connection, rows: list[dict[str, object]]) -> None:
         for name in _SQLITE_DATETIMES:
             moment = row.get(name)
             if isinstance(moment, datetime):
-                row[name] = _sqlite_datetime(moment)
+                row[name] = sqlite_datetime(moment)
         for name in _SQLITE_BOOLEANS:
             if name in row:
                 row[name] = int(bool(row[name]))
@@ -103,7 +103,8 @@ def _sqlite_insert(conn: Connection, rows: list[dict[str, object]]) -> None:
     conn.exec_driver_sql(f"INSERT INTO messages ({quoted}) VALUES ({placeholders})", rows)  # noqa: S608
 
 
-def _sqlite_datetime(moment: datetime) -> str:
+def sqlite_datetime(moment: datetime) -> str:
+    """How a datetime is stored on SQLite: naive UTC ISO text, as SQLAlchemy writes it."""
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC).replace(tzinfo=None)
     return moment.isoformat(" ", "microseconds")

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, inspect, select, text
 from emailops.mime.headers import HeaderBlock, parse_date, split_header_block
 from emailops.store import schema
 from emailops.store.fulltext import create_fulltext, set_fulltext_tuning
+from emailops.store.messages import sqlite_datetime
 
 # A lock key so that two processes starting at once do not both migrate (PostgreSQL).
 _PG_MIGRATION_LOCK = 0x656D61696C6F7073
@@ -79,7 +80,7 @@ def _sqlite_dates_in_utc(conn: Connection) -> None:
         moment = parse_date(value, []) if value is not None else None
         if moment is None:
             continue
-        utc = moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        utc = sqlite_datetime(moment)
         if utc != stored:
             fixed.append({"pk": pk, "date": utc})
     if fixed:
