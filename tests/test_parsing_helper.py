@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from emailops.imap import parsing
 from emailops.imap.parsing import Parser
 from emailops.processes import pid_alive
 from tests.corpus.hostile import hostile_corpus
@@ -24,7 +27,9 @@ time.sleep(120)
 """
 
 
-def test_helper_and_local_parsing_agree() -> None:
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_helper_and_local_parsing_agree(start_method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parsing, "helper_start_method", lambda: start_method)
     raws = [(raw, len(raw)) for _name, raw in hostile_corpus()]
     with Parser(max_message_bytes=2**20, max_body_chars=50_000, use_helper=True) as helper:
         remote = helper.submit(raws).result()
@@ -33,6 +38,22 @@ def test_helper_and_local_parsing_agree() -> None:
     assert remote == here
     assert any(content.columns["body_text"] for content in remote)
     assert any(content.attachments for content in remote)
+
+
+def test_helper_is_forked_only_from_a_process_without_other_threads() -> None:
+    probe = (
+        "import threading\n"
+        "from emailops.imap.parsing import helper_start_method\n"
+        "alone = helper_start_method()\n"
+        "release = threading.Event()\n"
+        "threading.Thread(target=release.wait).start()\n"
+        "print(alone, helper_start_method())\n"
+        "release.set()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.split() == ["fork", "spawn"], result.stderr
 
 
 def test_helpers_exit_when_their_parent_is_killed() -> None:

@@ -60,6 +60,18 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def helper_start_method() -> str:
+    """``fork`` when this thread is the process's only one, else ``spawn``.
+
+    A forked helper is ready at once, with the parser already imported: a spawned one spends a
+    few tenths of a second of CPU starting an interpreter, on a machine whose cores the download
+    and the store need. Forking is only safe without other threads (a lock one of them holds
+    would stay held in the child for ever), so a daemon worker, which watches its parent from a
+    thread, spawns; ``sync --once`` and ``reindex`` fork.
+    """
+    return "fork" if threading.active_count() == 1 else "spawn"
+
+
 def _ready() -> None:
     """A no-op job: submitting it makes the pool start the helper now."""
 
@@ -80,7 +92,7 @@ class Parser:
         if use_helper:
             self._pool = ProcessPoolExecutor(
                 max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=multiprocessing.get_context(helper_start_method()),
                 initializer=exit_with_parent,
                 initargs=(os.getpid(),),
             )
