@@ -3,13 +3,22 @@ entry points in ``prod`` (the one place where ``emailops`` reaches into ``prod``
 
 from __future__ import annotations
 
+import gc
 import sys
 
 
 def main() -> int:
     from prod.cli import main as cli_main
 
-    return cli_main()
+    try:
+        return cli_main()
+    finally:
+        # Interpreter shutdown ends with a full garbage collection over every object still alive,
+        # all of the imported modules included: 0.1-0.2 s, a tenth of a catch-up of 6,000
+        # messages. Nothing left at this point needs it: each command closes what it opened (the
+        # index engine is disposed, files and connections are closed by their ``with``), so the
+        # survivors are moved out of the collector's reach and the process exits at once.
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -38,13 +39,20 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
 
 
-def _engine(settings: RuntimeSettings) -> Engine:
+@contextmanager
+def _index(settings: RuntimeSettings) -> Iterator[Engine]:
+    """The index, migrated, for one command. Disposed at the end of the command: that closes the
+    SQLite connections (checkpointing the WAL) before the process exits, rather than leaving them
+    to the garbage collector (which ``emailops.__main__`` skips at exit)."""
     from emailops.store.database import create_index_engine
     from emailops.store.migrations import migrate
 
     engine = create_index_engine(settings.index_db_url)
-    migrate(engine)
-    return engine
+    try:
+        migrate(engine)
+        yield engine
+    finally:
+        engine.dispose()
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -56,7 +64,8 @@ def cmd_sync(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     if not args.once:
         print("emailops sync runs once with --once; the daemon is `python -m prod.run`", file=sys.stderr)
         return 2
-    reports = sync_once(_engine(settings), settings.imap_config(), settings.sync_config())
+    with _index(settings) as engine:
+        reports = sync_once(engine, settings.imap_config(), settings.sync_config())
     return _print_reports(reports, args.json)
 
 
@@ -78,7 +87,7 @@ def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.store.fulltext import search
 
     query = " ".join(args.query)
-    with reading(_engine(settings)) as conn:
+    with _index(settings) as engine, reading(engine) as conn:
         hits = search(conn, settings.sync_config().account, query, folder=args.folder, limit=args.limit)
     if args.json:
         _print_json(
@@ -107,7 +116,7 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.store.database import reading
     from emailops.store.messages import folder_stats
 
-    with reading(_engine(settings)) as conn:
+    with _index(settings) as engine, reading(engine) as conn:
         stats = folder_stats(conn, settings.sync_config().account)
     result = {
         "messages_total": sum(s.messages for s in stats),
@@ -135,7 +144,8 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.maintenance import reindex
 
-    reports = reindex(_engine(settings), settings.imap_config(), settings.sync_config())
+    with _index(settings) as engine:
+        reports = reindex(engine, settings.imap_config(), settings.sync_config())
     return _print_reports(reports, args.json)
 
 
@@ -167,9 +177,12 @@ def cmd_migrate(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.store.migrations import current_version, migrate
 
     engine = create_index_engine(settings.index_db_url)
-    applied = migrate(engine)
-    with engine.connect() as conn:
-        version = current_version(conn)
+    try:
+        applied = migrate(engine)
+        with engine.connect() as conn:
+            version = current_version(conn)
+    finally:
+        engine.dispose()
     for migration in applied:
         print(f"applied {migration.version}: {migration.name}")
     print(f"schema at version {version}")
@@ -197,29 +210,33 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
     return EXIT_OK
 
 
-def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from emailops.replies import outbox
 
-    engine = _engine(settings)
+    change = outbox.retry_reply if args.action == "retry" else outbox.cancel_reply
+    with engine.begin() as conn:
+        done = [reply_id for reply_id in args.ids if change(conn, reply_id, now=datetime.now(UTC))]
+    refused = sorted(set(args.ids) - set(done))
+    for reply_id in done:
+        print(f"{args.action}: reply {reply_id}")
+    if refused:
+        print(f"not changed (unknown id or state does not allow {args.action}): {refused}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.replies import outbox
+
     account = settings.sync_config().account
-    if args.action in ("retry", "cancel"):
-        change = outbox.retry_reply if args.action == "retry" else outbox.cancel_reply
-        with engine.begin() as conn:
-            done = [reply_id for reply_id in args.ids if change(conn, reply_id, now=datetime.now(UTC))]
-        refused = sorted(set(args.ids) - set(done))
-        for reply_id in done:
-            print(f"{args.action}: reply {reply_id}")
-        if refused:
-            print(
-                f"not changed (unknown id or state does not allow {args.action}): {refused}", file=sys.stderr
-            )
-            return EXIT_FAILED
-        return EXIT_OK
-    states = tuple(args.state) if args.state else None
-    with engine.connect() as conn:
-        replies = outbox.list_replies(conn, states=states, account=account, limit=args.limit)
+    with _index(settings) as engine:
+        if args.action in ("retry", "cancel"):
+            return _change_replies(engine, args)
+        states = tuple(args.state) if args.state else None
+        with engine.connect() as conn:
+            replies = outbox.list_replies(conn, states=states, account=account, limit=args.limit)
     fields = (
         "id",
         "state",
