@@ -17,6 +17,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+# UID -> (file name, its expected length; None for the old "<uid>.eml" names that carry none).
+CachedCopies = dict[int, tuple[str, int | None]]
+
 
 class RawMessageCache:
     def __init__(self, directory: Path, max_bytes: int) -> None:
@@ -28,24 +31,24 @@ class RawMessageCache:
         key = hashlib.sha256(f"{account}\0{folder}".encode()).hexdigest()[:24]
         return self.root / key / str(uidvalidity)
 
-    def get_many(self, account: str, folder: str, uidvalidity: int, uids: Iterable[int]) -> dict[int, bytes]:
-        """The cached messages among ``uids`` (one directory listing, then only the hits are read)."""
+    def get_many(
+        self,
+        account: str,
+        folder: str,
+        uidvalidity: int,
+        uids: Iterable[int],
+        copies: CachedCopies | None = None,
+    ) -> dict[int, bytes]:
+        """The cached messages among ``uids``: found in ``copies`` (``listing``'s answer) or else in
+        a fresh listing; only the hits are read."""
+        if copies is None:
+            copies = self.listing(account, folder, uidvalidity)
         base = str(self._folder_dir(account, folder, uidvalidity))
-        try:
-            names = os.listdir(base)
-        except OSError:
-            return {}
-        present: dict[int, tuple[str, int | None]] = {}
-        for name in names:
-            stem, dot, extension = name.partition(".")
-            number, dash, length = stem.partition("-")
-            if extension == "eml" and dot and number.isdigit() and (not dash or length.isdigit()):
-                present[int(number)] = (name, int(length) if dash else None)
         found: dict[int, bytes] = {}
         for uid in uids:
-            if uid not in present:
+            if uid not in copies:
                 continue
-            name, size = present[uid]
+            name, size = copies[uid]
             try:
                 with open(os.path.join(base, name), "rb") as cached:
                     data = cached.read()
@@ -54,6 +57,23 @@ class RawMessageCache:
             if size is None or len(data) == size:
                 found[uid] = data
         return found
+
+    def listing(self, account: str, folder: str, uidvalidity: int) -> CachedCopies:
+        """The copies held for one folder, from one directory listing. A sync pass lists once and
+        reads each batch from it: what the pass writes meanwhile it has just downloaded and does
+        not ask for again, while listing a growing directory per batch cost a few percent of an
+        initial sync."""
+        try:
+            names = os.listdir(self._folder_dir(account, folder, uidvalidity))
+        except OSError:
+            return {}
+        copies: CachedCopies = {}
+        for name in names:
+            stem, dot, extension = name.partition(".")
+            number, dash, length = stem.partition("-")
+            if extension == "eml" and dot and number.isdigit() and (not dash or length.isdigit()):
+                copies[int(number)] = (name, int(length) if dash else None)
+        return copies
 
     def put_many(self, account: str, folder: str, uidvalidity: int, items: dict[int, bytes]) -> None:
         """Store messages; a failure to write (disk full, read-only) only costs a later download."""

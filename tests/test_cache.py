@@ -64,3 +64,13 @@ def test_reindex_reads_raw_messages_from_the_cache(dovecot: LocalDovecot, tmp_pa
     with reading(engine) as conn:
         assert [h.uid for h in fulltext.search(conn, ACCOUNT, "capybara")] == [1]
         assert [h.uid for h in fulltext.search(conn, ACCOUNT, "token2x")] == [2]
+
+
+def test_a_listing_is_a_snapshot_read_by_later_batches(tmp_path: Path) -> None:
+    cache = RawMessageCache(tmp_path, max_bytes=10**6)
+    cache.put_many("acct", "INBOX", 7, {1: b"a" * 900})
+    copies = cache.listing("acct", "INBOX", 7)
+    assert copies == {1: ("1-900.eml", 900)}
+    cache.put_many("acct", "INBOX", 7, {2: b"b" * 900})
+    assert cache.get_many("acct", "INBOX", 7, [1, 2], copies) == {1: b"a" * 900}
+    assert cache.get_many("acct", "INBOX", 7, [1, 2]) == {1: b"a" * 900, 2: b"b" * 900}

@@ -30,7 +30,7 @@ import structlog
 from imapclient import IMAPClient
 from sqlalchemy import Engine, select
 
-from emailops.cache import RawMessageCache
+from emailops.cache import CachedCopies, RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
@@ -418,6 +418,9 @@ class FolderSync:
                 store_failed.set()
                 raise
 
+        copies: CachedCopies = {}
+        if self.cache is not None:
+            copies = self.cache.listing(self.config.account, self.folder, status.uidvalidity)
         with (
             parser,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache") as cache_writer,
@@ -426,7 +429,7 @@ class FolderSync:
             in_flight: deque[Future[None]] = deque()
             complete = True
             for batch in self._batches(uids, sizes):
-                bodies = self._download(client, batch, sizes, status.uidvalidity, cache_writer)
+                bodies = self._download(client, batch, sizes, status.uidvalidity, copies, cache_writer)
                 job = parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies])
                 in_flight.append(store_thread.submit(store, bodies, job))
                 while in_flight and (in_flight[0].done() or len(in_flight) > BATCHES_IN_FLIGHT):
@@ -497,11 +500,14 @@ class FolderSync:
         uids: list[int],
         sizes: dict[int, int],
         uidvalidity: int,
+        copies: CachedCopies,
         cache_writer: ThreadPoolExecutor,
     ) -> list[FetchedBody]:
-        """The raw messages of ``uids``: from the cache, or downloaded (and then cached)."""
+        """The raw messages of ``uids``: from the cache (``copies`` lists what it holds), or
+        downloaded (and then cached)."""
         account, folder = self.config.account, self.folder
-        cached = self.cache.get_many(account, folder, uidvalidity, uids) if self.cache is not None else {}
+        cache = self.cache
+        cached = cache.get_many(account, folder, uidvalidity, uids, copies) if cache is not None else {}
         large = [
             uid for uid in uids if sizes.get(uid, 0) > self.config.max_message_bytes and uid not in cached
         ]

@@ -72,11 +72,10 @@ def index_rows(conn: Connection, rows: Iterable[tuple[int, str, str, str]]) -> N
     """
     if conn.dialect.name != "sqlite":
         return
-    params = [{"pk": pk, "s": s, "a": a, "b": b} for pk, s, a, b in rows]
-    if params:
-        conn.execute(
-            text("INSERT INTO messages_fts(rowid, subject, addresses, body_text) VALUES (:pk, :s, :a, :b)"),
-            params,
+    params = list(rows)
+    if params:  # through the driver: SQLAlchemy's per-row parameter processing was a tenth of it
+        conn.exec_driver_sql(
+            "INSERT INTO messages_fts(rowid, subject, addresses, body_text) VALUES (?, ?, ?, ?)", params
         )
 
 

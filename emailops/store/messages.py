@@ -89,11 +89,15 @@ def _sqlite_insert(conn: Connection, rows: list[dict[str, object]]) -> None:
     initial sync's storing. Values are converted as SQLAlchemy stores them on SQLite (datetimes
     as naive UTC ISO text, booleans as 0/1), so either path reads back the same."""
     columns = list(rows[0])
+    texts: dict[datetime, str] = {}  # a batch shares its indexed_at, and often its dates
     for row in rows:
         for name in _SQLITE_DATETIMES:
             moment = row.get(name)
             if isinstance(moment, datetime):
-                row[name] = sqlite_datetime(moment)
+                text = texts.get(moment)
+                if text is None:
+                    text = texts[moment] = sqlite_datetime(moment)
+                row[name] = text
         for name in _SQLITE_BOOLEANS:
             if name in row:
                 row[name] = int(bool(row[name]))
