@@ -1,11 +1,12 @@
 """Parsing fetched messages, in this process or, for a large catch-up, in a helper process.
 
 An initial sync is three kinds of work for each batch: download, parse, store. Parsing is the
-largest and needs nothing from the other two, so for many messages it runs in a spawned helper
-process while this process downloads the next batches and stores the previous ones (and parses
-a batch itself when the helper is behind). Small batches (new mail while watching) are parsed
-here: starting a process would cost more than it saves. This module imports only the parser (no
-SQLAlchemy), so the helper starts quickly.
+largest and needs nothing from the other two, so for many messages it runs in a helper process
+(forked, or spawned where forking is unsafe: ``helper_start_method``) while this process
+downloads the next batches and stores the previous ones (and parses a batch itself when the
+helper is behind). Small batches (new mail while watching) are parsed here: starting a process
+would cost more than it saves. This module imports only the parser (no SQLAlchemy), so a spawned
+helper starts as quickly as it can.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def _ready() -> None:
 class Parser:
     """``submit(raws)`` returns a future of the parsed messages, computed here or by the helper.
 
-    With ``use_helper`` one helper process is started at once: a fresh interpreter needs a few
-    tenths of a second to import the parser, which then overlaps with the download of the first
-    batch. One, because a second cost more CPU (another interpreter) than it won on two cores.
-    ``close`` stops it.
+    With ``use_helper`` one helper process is started at once, so that a spawned one's start (a
+    few tenths of a second to import the parser) overlaps with the download of the first batch.
+    One, because a second won nothing measurable on two cores, forked or spawned (a spawned one
+    also costs another interpreter's start). ``close`` stops it.
     """
 
     def __init__(self, *, max_message_bytes: int, max_body_chars: int, use_helper: bool) -> None:
