@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emailops.processes import pid_alive
 from prod import heartbeat as state_file
 from prod.database_url import DatabaseUrl, parse_database_url
 from prod.redaction import REDACTOR
@@ -116,7 +117,7 @@ def _check_processes(settings: RuntimeSettings, detail: dict[str, Any]) -> None:
         raise Unhealthy("SupervisorNotRunning", f"no supervisor state in {settings.state_dir}")
     now = time.time()
     detail["supervisor"] = {"pid": state.pid, "age_seconds": round(now - state.heartbeat, 1)}
-    if not state_file.pid_alive(state.pid):
+    if not pid_alive(state.pid):
         raise Unhealthy("SupervisorNotRunning", f"supervisor pid {state.pid} is not running")
     if now - state.heartbeat > state_file.SUPERVISOR_STALE_SECONDS:
         raise Unhealthy(
@@ -126,9 +127,7 @@ def _check_processes(settings: RuntimeSettings, detail: dict[str, Any]) -> None:
     detail["workers"] = []
     for worker in state.workers:
         age = now - worker.last_heartbeat if worker.last_heartbeat else None
-        alive = (
-            state_file.pid_alive(worker.pid) and age is not None and age <= settings.heartbeat_timeout_seconds
-        )
+        alive = pid_alive(worker.pid) and age is not None and age <= settings.heartbeat_timeout_seconds
         live += alive
         detail["workers"].append(
             {

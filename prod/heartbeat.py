@@ -14,10 +14,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from emailops.processes import pid_alive
-
-__all__ = ["pid_alive"]
-
 STATE_FILENAME = "supervisor.json"
 STATE_WRITE_INTERVAL_SECONDS = 1.0
 # The supervisor writes every second; a file older than this means it is hung or gone.

@@ -138,7 +138,7 @@ class FolderSync:
         expunged), so that the next poll may ask STATUS, which RFC 3501 reserves for folders that
         are not selected."""
         selected = self._selected_on
-        if selected is None or selected is not client:
+        if selected is None or selected is not client:  # the None test narrows ``client`` for mypy
             return
         if client.has_capability("UNSELECT"):
             client.unselect_folder()
@@ -403,7 +403,7 @@ class FolderSync:
             use_helper=len(uids) >= HELPER_THRESHOLD,
         )
         # Three stages run at once: this thread downloads batch k+2 while the helper process
-        # parse batch k+1 and the store thread writes batch k (SQLite's own work, the full-text
+        # parses batch k+1 and the store thread writes batch k (SQLite's own work, the full-text
         # index above all, runs there without the GIL). Batches are stored in order, and after a
         # failed store none is (its progress mark would claim the failed batch). At most
         # BATCHES_IN_FLIGHT batches are held, so memory stays bounded.
