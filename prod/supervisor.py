@@ -12,7 +12,8 @@ Each worker slot moves through states as data (after supervisord)::
 Signal handlers only record the signal (``request_stop``); ``loop_once`` does the work: it is one
 iteration, testable with an injected clock. SIGTERM gives workers ``SHUTDOWN_TIMEOUT_SECONDS`` to
 finish their current unit, then kills them; SIGINT gives them ``QUICK_STOP_SECONDS``; a second
-signal kills at once. A worker whose heartbeat is older than ``HEARTBEAT_TIMEOUT_SECONDS`` (or that
+signal kills at once, unless it came within ``REPEATED_SIGNAL_SECONDS`` of the first (the same
+request delivered twice). A worker whose heartbeat is older than ``HEARTBEAT_TIMEOUT_SECONDS`` (or that
 has not booted within it) is killed and replaced.
 """
 
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FATAL = 3
 QUICK_STOP_SECONDS = 1.0
+# A stop signal this soon after the first is the same request delivered twice, not an operator
+# asking again: `timeout`, `kill -- -PGID` and a terminal's Ctrl-C reach the whole process group
+# while a parent (the demo, a wrapper script) forwards the request a few milliseconds later.
+REPEATED_SIGNAL_SECONDS = 1.0
 LOOP_INTERVAL_SECONDS = 0.2
 
 
@@ -94,6 +99,7 @@ class WorkerSlot:
 @dataclass
 class _StopRequest:
     signum: int
+    received_at: float
     deadline: float
 
 
@@ -110,7 +116,7 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._log = get_logger("supervisor")
         self.slots = [WorkerSlot(worker_id=n) for n in range(1, self.settings.workers + 1)]
-        self._pending_signals: list[int] = []
+        self._pending_signals: list[tuple[int, float]] = []  # (signal, when it arrived)
         self._stop: _StopRequest | None = None
         self._fatal = False
         self._last_state_write = float("-inf")
@@ -119,7 +125,7 @@ class Supervisor:
 
     # Called from signal handlers: record only.
     def request_stop(self, signum: int, _frame: object = None) -> None:
-        self._pending_signals.append(signum)
+        self._pending_signals.append((signum, self.clock()))
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -162,9 +168,12 @@ class Supervisor:
 
     def _handle_signals(self, now: float) -> None:
         while self._pending_signals:
-            signum = self._pending_signals.pop(0)
+            signum, received_at = self._pending_signals.pop(0)
             name = signal.Signals(signum).name
             if self._stop is not None:
+                if received_at - self._stop.received_at < REPEATED_SIGNAL_SECONDS:
+                    self._log.info("stop signal repeated; already stopping", signal=name)
+                    continue
                 self._log.warning("second stop signal: killing workers now", signal=name)
                 self._stop.deadline = now
                 continue
@@ -172,10 +181,10 @@ class Supervisor:
             if signum == signal.SIGINT:
                 grace = min(QUICK_STOP_SECONDS, grace)
             self._log.info("stopping workers", signal=name, grace_seconds=grace)
-            self._begin_stop(signum, now + grace)
+            self._begin_stop(signum, received_at, now + grace)
 
-    def _begin_stop(self, signum: int, deadline: float) -> None:
-        self._stop = _StopRequest(signum=signum, deadline=deadline)
+    def _begin_stop(self, signum: int, received_at: float, deadline: float) -> None:
+        self._stop = _StopRequest(signum=signum, received_at=received_at, deadline=deadline)
         for slot in self.slots:
             if slot.stop_event is not None:
                 slot.stop_event.set()
@@ -283,7 +292,7 @@ class Supervisor:
                 exit_code=exit_code,
                 boot_failures=slot.boot_failures,
             )
-            self._begin_stop(signal.SIGTERM, now + self.settings.shutdown_timeout_seconds)
+            self._begin_stop(signal.SIGTERM, now, now + self.settings.shutdown_timeout_seconds)
             return
         delay = self.policy.delay(slot.boot_failures)
         self._log.error(

@@ -135,6 +135,48 @@ def test_sigint_stops_quickly(tmp_path: Path) -> None:
         assert time.monotonic() - sent < 3
 
 
+def _stop_mid_unit(supervisor: SupervisorProcess, tmp_path: Path, workers: int) -> None:
+    assert wait_until(lambda: len(supervisor.worker_pids()) == workers, 20)
+    assert wait_until(
+        lambda: any(lines and lines[-1].startswith("begin") for lines in _journals(tmp_path).values()), 10
+    )
+
+
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_that_arrives_twice_at_once_is_one_graceful_stop(
+    tmp_path: Path, first: signal.Signals
+) -> None:
+    # `timeout`, `kill -- -PGID` or a terminal's Ctrl-C reach the whole process group while a parent
+    # (the demo, a wrapper script) forwards the same request as a SIGTERM a few milliseconds later.
+    env = shell_env(tmp_path, SHELL_WORKER_UNIT_SECONDS="0.5", SHUTDOWN_TIMEOUT_SECONDS="5")
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        _stop_mid_unit(supervisor, tmp_path, 1)
+        supervisor.process.send_signal(first)  # type: ignore[union-attr]
+        time.sleep(0.05)
+        supervisor.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert supervisor.wait(timeout=15) == 0
+        messages = [r["message"] for r in supervisor.records()]
+    assert "second stop signal: killing workers now" not in messages
+    assert "worker did not stop in time; killing" not in messages
+    (lines,) = _journals(tmp_path).values()
+    assert lines[-1] == "closed", lines  # the unit in progress finished; the worker was not killed
+    assert lines[-2].startswith("end"), lines
+
+
+def test_a_second_stop_signal_later_kills_the_workers_at_once(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, SHELL_WORKER_UNIT_SECONDS="30", SHUTDOWN_TIMEOUT_SECONDS="30")
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        _stop_mid_unit(supervisor, tmp_path, 1)
+        supervisor.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        time.sleep(2.0)  # the operator asks again: do not wait out the 30 s grace
+        sent = time.monotonic()
+        supervisor.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert supervisor.wait(timeout=15) == 0
+        assert time.monotonic() - sent < 5
+        messages = [r["message"] for r in supervisor.records()]
+    assert "second stop signal: killing workers now" in messages
+
+
 def test_kill_9_of_the_supervisor_leaves_no_worker_behind(tmp_path: Path) -> None:
     env = shell_env(tmp_path, WORKERS="2", SHUTDOWN_TIMEOUT_SECONDS="2")
     with SupervisorProcess(tmp_path, env) as supervisor:
