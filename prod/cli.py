@@ -84,11 +84,20 @@ def _print_reports(reports: Sequence[Any], as_json: bool) -> int:
 
 def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.store.database import reading
+    from emailops.store.folders import get_folder
     from emailops.store.fulltext import search
+    from emailops.store.messages import folder_stats
 
     query = " ".join(args.query)
+    account = settings.sync_config().account
     with _index(settings) as engine, reading(engine) as conn:
-        hits = search(conn, settings.sync_config().account, query, folder=args.folder, limit=args.limit)
+        if args.folder is not None and get_folder(conn, account, args.folder) is None:
+            # A mistyped folder would otherwise look like a search that found nothing.
+            known = ", ".join(f.name for f in folder_stats(conn, account)) or "none yet"
+            message = f"no folder {args.folder!r} in the index (indexed: {known})"
+            print(f"emailops search: {message}", file=sys.stderr)
+            return 2
+        hits = search(conn, account, query, folder=args.folder, limit=args.limit)
     if args.json:
         _print_json(
             [

@@ -78,6 +78,11 @@ def test_sync_search_stats(env: dict[str, str], tmp_path: Path) -> None:
     assert {h["uid"] for h in hits} == {1, 2}
     assert set(hits[0]) == {"folder", "uid", "message_id", "from", "subject", "date", "snippet"}
     accented = json.loads(emailops(env, "search", "--json", "grüße").stdout)
+    in_inbox = emailops(env, "search", "--json", "--folder", "INBOX", "otter")
+    assert {h["uid"] for h in json.loads(in_inbox.stdout)} == {1, 2}
+    mistyped = emailops(env, "search", "--folder", "Inbx", "otter")
+    assert mistyped.returncode == 2 and mistyped.stdout == ""
+    assert "no folder 'Inbx' in the index (indexed: INBOX)" in mistyped.stderr
     assert [h["subject"] for h in accented] == ["Grüße from Zürich"]
 
     stats = json.loads(emailops(env, "stats", "--json").stdout)
