@@ -15,7 +15,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from emailops.cache import RawMessageCache
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import close_quietly, connect
-from emailops.imap.errors import ImapTransientError
+from emailops.imap.errors import ImapFolderMissingError, ImapTransientError
 from emailops.imap.sync import FolderSync, SyncReport
 from emailops.store import fulltext
 from emailops.store.schema import folders, messages
@@ -46,11 +46,17 @@ def sync_once(
     """Catch up on every configured folder once, with a full reconcile."""
     cache = RawMessageCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
     client = connector(server)
+    reports: list[SyncReport] = []
     try:
-        return [
-            FolderSync(engine, config, folder, cache=cache).sync(client, reconcile=True)
-            for folder in config.folders
-        ]
+        for folder in config.folders:
+            try:
+                reports.append(FolderSync(engine, config, folder, cache=cache).sync(client, reconcile=True))
+            except ImapFolderMissingError as exc:  # the other folders are still synced
+                log.error(
+                    "folder does not exist on the server; check EMAIL_FOLDERS", folder=folder, error=str(exc)
+                )
+                reports.append(SyncReport(folder, complete=False, missing=True))
+        return reports
     finally:
         close_quietly(client)
 

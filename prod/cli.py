@@ -70,16 +70,22 @@ def cmd_sync(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
 
 def _print_reports(reports: Sequence[Any], as_json: bool) -> int:
+    """The reports, one line per folder; exit 1 when a configured folder is not on the server."""
+    code = EXIT_FAILED if any(r.missing for r in reports) else EXIT_OK
     if as_json:
         _print_json([{k: v for k, v in asdict(r).items() if k != "new_message_pks"} for r in reports])
-        return EXIT_OK
+        return code
     for r in reports:
+        if r.missing:
+            print(f"{r.folder}: does not exist on the server (check EMAIL_FOLDERS)")
+            continue
         print(
             f"{r.folder}: {r.new} new, {r.flags_changed} flag changes, {r.expunged} expunged"
             f"{', resynced after UIDVALIDITY change' if r.resynced else ''} in {r.seconds:.2f} s"
         )
-    print(f"total: {sum(r.new for r in reports)} new messages indexed in {len(reports)} folder(s)")
-    return EXIT_OK
+    synced = [r for r in reports if not r.missing]
+    print(f"total: {sum(r.new for r in synced)} new messages indexed in {len(synced)} folder(s)")
+    return code
 
 
 def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:

@@ -92,6 +92,14 @@ def test_sync_search_stats(env: dict[str, str], tmp_path: Path) -> None:
     assert isinstance(folder["uidvalidity"], int) and folder["last_sync"]
 
 
+def test_sync_once_syncs_the_other_folders_and_fails_naming_a_missing_one(env: dict[str, str]) -> None:
+    result = emailops({**env, "EMAIL_FOLDERS": "Projects,INBOX"}, "sync", "--once")
+    assert result.returncode == 1
+    assert "INBOX: 2 new" in result.stdout
+    assert "Projects: does not exist on the server (check EMAIL_FOLDERS)" in result.stdout
+    assert json.loads(emailops(env, "stats", "--json").stdout)["messages_total"] == 2
+
+
 def test_reindex_rebuilds_and_answers_nothing_old(
     env: dict[str, str], dovecot: LocalDovecot, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+from structlog.testing import capture_logs
 
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import FolderWatcher
@@ -96,6 +97,42 @@ def test_server_restart_while_idle_then_mail_delivered_meanwhile(dovecot: LocalD
     dovecot.start()
     dovecot.deliver(ALICE, message(1))
     step_until(watcher, lambda: count(engine) == 1, timeout=20)
+    watcher.close()
+
+
+def test_a_folder_missing_on_the_server_is_told_and_checked_again_slowly(
+    dovecot: LocalDovecot, db_url: str
+) -> None:
+    # A typo in EMAIL_FOLDERS is not a connection failure: no reconnect every second (a login storm
+    # that gets accounts locked), an error that names the folder, and indexing once it exists.
+    engine = index_engine(db_url)
+    now = [1000.0]
+    sync_cfg = sync_config()
+    watcher = FolderWatcher(
+        imap_config(dovecot),
+        sync_cfg,
+        FolderSync(engine, sync_cfg, "Projects"),
+        monotonic=lambda: now[0],
+        sleep=lambda seconds: now.__setitem__(0, now[0] + seconds),
+    )
+    delays = []
+    with capture_logs() as logs:
+        for _ in range(2):
+            now[0] = watcher.next_connect_at
+            assert watcher.step(0.1) is None
+            assert not watcher.connected
+            delays.append(watcher.next_connect_at - now[0])
+    errors = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(errors) == 2 and "check EMAIL_FOLDERS" in errors[0]["event"]
+    assert errors[0]["folder"] == "Projects" and "does not exist" in errors[0]["error"]
+    assert not any(entry["event"] == "IMAP connection failed" for entry in logs)
+    assert delays[0] >= 50 and delays[1] > delays[0]  # a minute, then longer
+
+    dovecot.create_folder(ALICE, "Projects")
+    dovecot.append(ALICE, "Projects", message(1))
+    now[0] = watcher.next_connect_at
+    report = watcher.step(0.1)
+    assert report is not None and report.new == 1 and watcher.failures == 0
     watcher.close()
 
 

@@ -20,6 +20,7 @@ from emailops.config import ServerConfig, TlsSecurity
 from emailops.imap.errors import (
     ImapAuthError,
     ImapError,
+    ImapFolderMissingError,
     ImapSecurityError,
     ImapTooManyConnectionsError,
     ImapTransientError,
@@ -106,16 +107,20 @@ class ReconnectPolicy:
 
     Transient trouble: capped exponential backoff with jitter (1 s doubling to 60 s). A connection
     limit: at least 30 s, up to 5 minutes. Rejected credentials: 1 minute doubling to 1 hour, so a
-    wrong password does not get the account locked by the provider.
+    wrong password does not get the account locked by the provider. A folder missing on the
+    server: 1 minute doubling to 15 minutes, so that it is indexed soon after someone creates it.
     """
 
     transient = wait_exponential_jitter(multiplier=1, max=60, jitter=1)
     too_many = wait_exponential_jitter(multiplier=30, max=300, jitter=5)
     auth = wait_exponential_jitter(multiplier=60, max=3600, jitter=10)
+    folder_missing = wait_exponential_jitter(multiplier=60, max=900, jitter=10)
 
     def delay(self, error: ImapError, failures: int) -> float:
         if isinstance(error, ImapAuthError):
             strategy = self.auth
+        elif isinstance(error, ImapFolderMissingError):
+            strategy = self.folder_missing
         elif isinstance(error, ImapTooManyConnectionsError):
             strategy = self.too_many
         else:

@@ -19,6 +19,12 @@ class ImapAuthError(ImapError):
     """The credentials were rejected. Retried slowly, so that the provider does not lock the account."""
 
 
+class ImapFolderMissingError(ImapError):
+    """A configured folder does not exist on the server (a typo in EMAIL_FOLDERS, or deleted).
+
+    Not a connection failure: reconnecting at once would not help, so it is checked again slowly."""
+
+
 class ImapSecurityError(ImapError):
     """TLS could not be established as configured (e.g. STARTTLS not offered, certificate refused).
 

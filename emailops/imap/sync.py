@@ -23,17 +23,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import Engine, select
 
 from emailops.cache import CachedCopies, RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
+from emailops.imap.errors import ImapFolderMissingError
 from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
 from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
@@ -74,6 +77,8 @@ class SyncReport:
     new_message_pks: list[int] = field(default_factory=list)
     # False when the pass stopped at its time budget; the next pass carries on where it stopped.
     complete: bool = True
+    # True when the folder does not exist on the server (``sync_once`` goes on with the others).
+    missing: bool = False
 
 
 def _status(response: dict[bytes, object]) -> MailboxStatus:
@@ -92,6 +97,18 @@ def _status(response: dict[bytes, object]) -> MailboxStatus:
         exists=number(b"EXISTS") or 0,
         highestmodseq=number(b"HIGHESTMODSEQ"),
     )
+
+
+@contextmanager
+def _missing_folder_told(client: IMAPClient, folder: str) -> Iterator[None]:
+    """A NO to SELECT or STATUS becomes ``ImapFolderMissingError`` when ``folder`` is not on the
+    server. A folder that exists but cannot be opened now, or a broken connection, keeps its error."""
+    try:
+        yield
+    except IMAPClientError as exc:
+        if isinstance(exc, IMAPClientAbortError) or client.folder_exists(folder):
+            raise
+        raise ImapFolderMissingError(f"folder {folder!r} does not exist on the server ({exc})") from exc
 
 
 def _flags(values: Iterable[bytes | str]) -> tuple[str, ...]:
@@ -128,7 +145,9 @@ class FolderSync:
         self._selected_on: IMAPClient | None = None
 
     def select(self, client: IMAPClient) -> MailboxStatus:
-        status = _status(client.select_folder(self.folder, readonly=True))
+        with _missing_folder_told(client, self.folder):
+            response = client.select_folder(self.folder, readonly=True)
+        status = _status(response)
         self._selected_on = client
         forget_unsolicited(client)  # what SELECT itself announced is in ``status``
         return status
@@ -181,7 +200,8 @@ class FolderSync:
         items = ["UIDVALIDITY", "UIDNEXT", "MESSAGES"]
         if state.highestmodseq is not None:
             items.append("HIGHESTMODSEQ")
-        answer = client.folder_status(self.folder, items)
+        with _missing_folder_told(client, self.folder):
+            answer = client.folder_status(self.folder, items)
         seen = {key.decode(): int(value) for key, value in answer.items()}
         if (
             seen.get("UIDVALIDITY") != state.uidvalidity

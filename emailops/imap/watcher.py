@@ -20,7 +20,13 @@ from imapclient.exceptions import IMAPClientError
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import forget_unsolicited, has_buffered_input
 from emailops.imap.connection import ReconnectPolicy, close_quietly, connect
-from emailops.imap.errors import ImapAuthError, ImapError, ImapSecurityError, ImapTransientError
+from emailops.imap.errors import (
+    ImapAuthError,
+    ImapError,
+    ImapFolderMissingError,
+    ImapSecurityError,
+    ImapTransientError,
+)
 from emailops.imap.sync import FolderSync, SyncReport
 
 log = structlog.get_logger(component="imap")
@@ -104,9 +110,6 @@ class FolderWatcher:
         except ImapError as exc:
             self._schedule_reconnect(exc)
             return False
-        if self.failures:
-            self.log.info("reconnected", after_failures=self.failures)
-        self.failures = 0
         return True
 
     def _schedule_reconnect(self, error: ImapError) -> None:
@@ -122,6 +125,8 @@ class FolderWatcher:
             self.log.error(
                 "IMAP login refused; check EMAIL_USERNAME / EMAIL_PASSWORD / TLS settings", **fields
             )
+        elif isinstance(error, ImapFolderMissingError):
+            self.log.error("folder does not exist on the server; check EMAIL_FOLDERS", **fields)
         else:
             self.log.warning("IMAP connection failed", failures=self.failures, **fields)
 
@@ -155,6 +160,15 @@ class FolderWatcher:
         except CONNECTION_ERRORS as exc:
             self._drop(ImapTransientError(f"{type(exc).__name__}: {exc}"))
             return None
+        except ImapFolderMissingError as exc:
+            self.close()  # the connection is fine, but holds nothing to watch until the folder exists
+            self._schedule_reconnect(exc)
+            return None
+        # The failure count is reset by a pass, not by a login: a failure that follows every login
+        # (a folder that cannot be selected) must keep backing off, not reconnect every second.
+        if self.failures:
+            self.log.info("reconnected", after_failures=self.failures)
+        self.failures = 0
         now = self.monotonic()
         self.catching_up = not report.complete or missed
         self.next_poll_at = now + self.config.poll_interval_seconds
