@@ -190,8 +190,12 @@ def worker_main(spec: WorkerSpec) -> None:
     try:
         try:
             unit = load_factory(spec.target)(spec.settings, spec.worker_id)
-        except Exception:
-            log.exception("worker failed to boot", target=spec.target)
+        except Exception as exc:
+            # The cause on one line beside the traceback, for whoever filters on error_type.
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.exception(
+                "worker failed to boot", target=spec.target, error=cause, error_type=type(exc).__name__
+            )
             exit_code = EXIT_BOOT_FAILURE
             return
         beat()

@@ -74,6 +74,9 @@ def test_repeated_boot_failure_stops_with_non_zero_exit(tmp_path: Path) -> None:
     assert fatal["message"] == "worker failed to boot repeatedly; giving up"
     # The boot failure names its cause, and the retries wait longer each time.
     assert any("cannot reach the IMAP server" in r.get("exception", "") for r in records)
+    failed = next(r for r in records if r["message"] == "worker failed to boot")
+    assert failed["error_type"] == "ConnectionRefusedError"
+    assert failed["error"] == "cannot reach the IMAP server (test)"
     delays = [r["retry_in_seconds"] for r in records if r["message"] == "worker failed to boot; retrying"]
     assert delays == sorted(delays) and delays[0] < delays[-1]
     assert not (Path(env["STATE_DIR"]) / "supervisor.json").exists()
