@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="full-text search over subject, addresses and body")
     search.add_argument("query", nargs="+", help='words (all must match), "phrases", prefix*')
     search.add_argument("--folder", help="only this folder")
-    search.add_argument("--limit", type=int, default=20, help="at most this many results (default 20)")
+    search.add_argument(
+        "--limit", type=_positive_int, default=20, help="at most this many results (default 20)"
+    )
     search.add_argument("--json", action="store_true", help="print a JSON list")
     search.set_defaults(handler=cmd_search)
 
@@ -333,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["pending", "sending", "sent", "failed", "unknown", "cancelled"],
         help="only replies in this state (repeatable)",
     )
-    box_list.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    box_list.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50)")
     box_list.add_argument("--json", action="store_true", help="print a JSON list")
     for action, text in (
         (
@@ -347,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
             "ids", nargs="+", type=int, metavar="ID", help="reply ids from 'emailops outbox list'"
         )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (SQLite takes a negative LIMIT as none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

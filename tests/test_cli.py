@@ -62,6 +62,18 @@ def test_every_command_has_help() -> None:
         assert result.returncode == 0 and "usage: emailops" in result.stdout, name
 
 
+@pytest.mark.parametrize("limit", ["0", "-1", "ten"])
+def test_a_limit_below_one_is_a_usage_error(limit: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "emailops", "search", "--limit", limit, "word"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert f"expected a whole number of at least 1, got {limit!r}" in result.stderr
+
+
 def test_sync_search_stats(env: dict[str, str], tmp_path: Path) -> None:
     synced = emailops(env, "sync", "--once")
     assert synced.returncode == 0, synced.stderr
