@@ -231,15 +231,23 @@ def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
     from emailops.replies import outbox
 
     change = outbox.retry_reply if args.action == "retry" else outbox.cancel_reply
+    *others, last = outbox.RETRYABLE if args.action == "retry" else outbox.CANCELLABLE
+    allowed = f"{', '.join(others)} or {last}" if others else last
     with engine.begin() as conn:
         done = [reply_id for reply_id in args.ids if change(conn, reply_id, now=datetime.now(UTC))]
-    refused = sorted(set(args.ids) - set(done))
+        refused = {
+            reply_id: outbox.get_reply(conn, reply_id) for reply_id in sorted(set(args.ids) - set(done))
+        }
     for reply_id in done:
         print(f"{args.action}: reply {reply_id}")
-    if refused:
-        print(f"not changed (unknown id or state does not allow {args.action}): {refused}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    for reply_id, reply in refused.items():
+        why = (
+            "no such reply"
+            if reply is None
+            else f"it is {reply.state}; {args.action} applies to {allowed} replies"
+        )
+        print(f"not changed: reply {reply_id}: {why}", file=sys.stderr)
+    return EXIT_FAILED if refused else EXIT_OK
 
 
 def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:

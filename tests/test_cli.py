@@ -228,8 +228,13 @@ def test_outbox_list_retry_cancel(env: dict[str, str], tmp_path: Path) -> None:
     ] == [ids[0]]
     assert emailops(env, "outbox", "retry", str(ids[0])).returncode == 0
     assert emailops(env, "outbox", "cancel", str(ids[1])).returncode == 0
-    refused = emailops(env, "outbox", "cancel", "999")
-    assert refused.returncode == 1 and "999" in refused.stderr
+    refused = emailops(env, "outbox", "cancel", "999", str(ids[1]))
+    assert refused.returncode == 1
+    assert "not changed: reply 999: no such reply" in refused.stderr
+    assert (
+        f"not changed: reply {ids[1]}: it is cancelled; cancel applies to pending, failed or unknown replies"
+        in (refused.stderr)
+    )
     states = {r["id"]: r["state"] for r in json.loads(emailops(env, "outbox", "list", "--json").stdout)}
     assert states == {ids[0]: "pending", ids[1]: "cancelled"}
     plain = emailops(env, "outbox")
