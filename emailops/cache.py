@@ -17,6 +17,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import structlog
+
+log = structlog.get_logger(component="index")
+
 # UID -> (file name, its expected length; None for the old "<uid>.eml" names that carry none).
 CachedCopies = dict[int, tuple[str, int | None]]
 
@@ -26,6 +30,7 @@ class RawMessageCache:
         self.root = directory / "raw"
         self.max_bytes = max_bytes
         self._total: int | None = None
+        self._write_failure_told = False
 
     def _folder_dir(self, account: str, folder: str, uidvalidity: int) -> Path:
         key = hashlib.sha256(f"{account}\0{folder}".encode()).hexdigest()[:24]
@@ -76,7 +81,8 @@ class RawMessageCache:
         return copies
 
     def put_many(self, account: str, folder: str, uidvalidity: int, items: dict[int, bytes]) -> None:
-        """Store messages; a failure to write (disk full, read-only) only costs a later download."""
+        """Store messages; a failure to write (disk full, read-only) only costs a later download,
+        and is logged once per cache so that the operator learns reindex will download again."""
         if self.max_bytes <= 0 or not items:
             return
         directory = self._folder_dir(account, folder, uidvalidity)
@@ -89,7 +95,14 @@ class RawMessageCache:
                     continue
                 _write(os.path.join(base, f"{uid}-{len(raw)}.eml"), raw)
                 added += len(raw)
-        except OSError:
+        except OSError as exc:
+            if not self._write_failure_told:
+                self._write_failure_told = True
+                log.warning(
+                    "raw message cache not writable; indexing goes on, reindex will download again",
+                    cache_dir=str(self.root.parent),
+                    error=str(exc),
+                )
             return
         if self._total is None:
             self._total = self._measure()

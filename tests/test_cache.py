@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from structlog.testing import capture_logs
+
 from emailops.cache import RawMessageCache
 from emailops.imap.connection import connect
 from emailops.maintenance import reindex
@@ -12,6 +14,19 @@ from emailops.store import fulltext
 from emailops.store.database import reading
 from prod.localmail.dovecot import LocalDovecot
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, sync_config
+
+
+def test_a_cache_that_cannot_be_written_is_told_once_and_costs_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "raw").write_text("a file where the cache's folder should be")
+    cache = RawMessageCache(tmp_path, max_bytes=10_000)
+    with capture_logs() as logs:
+        cache.put_many("acct", "INBOX", 7, {1: b"a" * 900})
+        cache.put_many("acct", "INBOX", 7, {2: b"b" * 900})
+    assert [entry["event"] for entry in logs] == [
+        "raw message cache not writable; indexing goes on, reindex will download again"
+    ]
+    assert logs[0]["cache_dir"] == str(tmp_path) and logs[0]["log_level"] == "warning"
+    assert cache.get_many("acct", "INBOX", 7, [1, 2]) == {}
 
 
 def test_cache_round_trip_and_size_bound(tmp_path: Path) -> None:
