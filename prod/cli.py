@@ -172,7 +172,10 @@ def cmd_backup(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     except BackupError as exc:
         print(f"backup failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"backup written to {args.path} ({size} bytes, integrity ok)")
+    if args.json:
+        _print_json({"path": str(args.path.resolve()), "bytes": size, "integrity": "ok"})
+    else:
+        print(f"backup written to {args.path} ({size} bytes, integrity ok)")
     return EXIT_OK
 
 
@@ -198,6 +201,11 @@ def cmd_migrate(settings: RuntimeSettings, args: argparse.Namespace) -> int:
             version = current_version(conn)
     finally:
         engine.dispose()
+    if args.json:
+        _print_json(
+            {"applied": [{"version": m.version, "name": m.name} for m in applied], "version": version}
+        )
+        return EXIT_OK
     for migration in applied:
         print(f"applied {migration.version}: {migration.name}")
     print(f"schema at version {version}")
@@ -219,6 +227,9 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
     except RulesError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FAILED
+    if args.json:
+        _print_json({"file": str(path), "rules": [rule.name for rule in ruleset.rules]})
+        return EXIT_OK
     for rule in ruleset.rules:
         print(f"ok: {rule.name}")
     print(f"{path}: {len(ruleset)} rule(s) valid")
@@ -316,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     backup = commands.add_parser("backup", help="a consistent copy of the SQLite index, safe while running")
     backup.add_argument("path", type=Path, help="where to write the copy")
+    backup.add_argument("--json", action="store_true", help="print the copy's path and size as JSON")
     backup.set_defaults(handler=cmd_backup)
 
     check = commands.add_parser("check-config", help="validate the settings and print them, secrets masked")
@@ -323,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check_config)
 
     migrate = commands.add_parser("migrate", help="apply pending schema migrations (also done at start)")
+    migrate.add_argument("--json", action="store_true", help="print what was applied and the version as JSON")
     migrate.set_defaults(handler=cmd_migrate)
 
     rules = commands.add_parser("rules", help="work with the rules file")
@@ -331,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate a rules file (default RULES_FILE); errors name the rule and field"
     )
     rules_check.add_argument("file", nargs="?", type=Path, help="the rules file (default: RULES_FILE)")
+    rules_check.add_argument("--json", action="store_true", help="print the valid rules' names as JSON")
     rules_check.set_defaults(handler=cmd_rules_check, settings_optional=True)
 
     box = commands.add_parser("outbox", help="list, retry or cancel automatic replies")

@@ -146,6 +146,8 @@ def test_backup_is_a_consistent_copy(env: dict[str, str], tmp_path: Path) -> Non
     with sqlite3.connect(target) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (2,)
+    as_json = json.loads(emailops(env, "backup", "--json", str(target)).stdout)
+    assert as_json == {"path": str(target), "bytes": target.stat().st_size, "integrity": "ok"}
     refused = emailops(env, "backup", str(tmp_path / "emailops.db"))
     assert refused.returncode == 1 and "overwrite the index" in refused.stderr
 
@@ -165,6 +167,8 @@ def test_migrate_reports_the_schema_version(env: dict[str, str]) -> None:
     assert first.returncode == 0 and "applied 1" in first.stdout
     second = emailops(env, "migrate")
     assert second.returncode == 0 and "applied" not in second.stdout and "schema at version" in second.stdout
+    as_json = json.loads(emailops(env, "migrate", "--json").stdout)
+    assert as_json["applied"] == [] and as_json["version"] == int(second.stdout.split()[-1])
 
 
 def test_rules_check_names_the_rule_and_field_and_needs_no_account(tmp_path: Path) -> None:
@@ -178,6 +182,8 @@ def test_rules_check_names_the_rule_and_field_and_needs_no_account(tmp_path: Pat
     bare_env = {k: v for k, v in os.environ.items() if not k.startswith("EMAIL_")}
     ok = emailops(bare_env, "rules", "check", str(good))
     assert ok.returncode == 0 and "1 rule(s) valid" in ok.stdout, ok.stderr
+    ok_json = emailops(bare_env, "rules", "check", "--json", str(good))
+    assert json.loads(ok_json.stdout) == {"file": str(good), "rules": ["ack"]}
     failed = emailops(bare_env, "rules", "check", str(bad))
     assert failed.returncode == 1
     assert (
