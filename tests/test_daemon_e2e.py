@@ -154,3 +154,30 @@ def test_without_password_start_fails_naming_it_and_unhealthy(dovecot: LocalDove
     report = json.loads(health.stdout)
     assert health.returncode == 1 and report["ok"] is False
     assert "EMAIL_PASSWORD" in report["error"] and report["error_type"]
+
+
+def test_a_broken_rules_file_is_reported_at_start_not_at_the_first_new_mail(
+    dovecot: LocalDovecot, data: Path
+) -> None:
+    (data / "rules.toml").write_text('[[rules]]\nname = "ack"\n[rules.match\n')
+    env = daemon_env(dovecot, data, LOG_FILE_ENABLED="true")
+    with (data / "stdout.log").open("w") as stdout:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prod.run"], env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT
+        )
+    try:
+
+        def broken_rules_told() -> bool:
+            for line in (data / "stdout.log").read_text().splitlines():
+                record = json.loads(line)
+                if record["message"] == "rules file invalid; keeping the previous rules":
+                    assert record["level"] == "ERROR" and record["component"] == "rules"
+                    assert "TOML syntax error" in record["error"] and record["rules_in_force"] == 0
+                    return True
+            return False
+
+        wait_for(broken_rules_told, 20, "the broken rules file in the log")  # no mail was delivered
+        assert process.poll() is None  # indexing goes on without rules
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0

@@ -78,6 +78,9 @@ class RulesStage:
         self.config = config
         self.mailbox = mailbox
         self.rules = rules or RuleSetCache(config.rules_file)
+        # Read now, so that a broken rules file is in the log at start-up rather than at the first
+        # new mail (which, with no good rules in force, is then indexed and never answered).
+        self.rules.get()
         self.clock = clock
         self.batch = batch
         self.budget_seconds = budget_seconds
