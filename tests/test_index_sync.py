@@ -69,13 +69,26 @@ def test_new_mail_flags_and_expunge_are_applied(dovecot: LocalDovecot, db_url: s
         other.expunge()
     report = sync.sync(client)
 
-    assert report.new == 1 and report.expunged == 1
+    # The new message comes back from CHANGEDSINCE too (its MODSEQ is new); it is not a flag change.
+    assert report.new == 1 and report.flags_changed == 1 and report.expunged == 1
     assert rows(engine, "SELECT uid, rules_state FROM messages WHERE uid = 6") == [(6, "pending")]
     assert rows(engine, "SELECT flags FROM messages WHERE uid = 2") == [("\\Answered",)]
     # The expunged message is kept and marked, not dropped; search no longer shows it.
     assert rows(engine, "SELECT uid FROM messages WHERE expunged_at IS NOT NULL") == [(3,)]
     with reading(engine) as conn:
         assert fulltext.search(conn, ACCOUNT, "token3x") == []
+
+
+def test_new_mail_alone_is_reported_as_no_flag_change(dovecot: LocalDovecot, db_url: str) -> None:
+    dovecot.append(ALICE, "INBOX", message(1))
+    engine = index_engine(db_url)
+    client = connect(imap_config(dovecot))
+    sync = FolderSync(engine, sync_config(), "INBOX")
+    sync.sync(client)
+    for n in range(2, 5):
+        dovecot.deliver(ALICE, message(n))
+    report = sync.sync(client)
+    assert report.new == 3 and report.flags_changed == 0
 
 
 def test_flags_and_expunges_without_condstore_by_reconcile(db_url: str) -> None:

@@ -116,6 +116,25 @@ def test_search_behaves_the_same_on_both_backends(db_url: str) -> None:
         assert "later" in hit.snippet and hit.from_ == "Ann Example <bob@example.net>"
 
 
+def test_flag_updates_write_and_count_only_real_changes(db_url: str) -> None:
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        message_store.insert_messages(
+            conn, folder.id, 1, [fetched(n) for n in range(1, 1_202)], baseline_uidnext=None, now=NOW
+        )
+    unchanged = {uid: (("\\Seen",), None) for uid in range(1, 1_202)}
+    for server in (dict(list(unchanged.items())[:10]), unchanged):  # looked up by UID, or the folder read
+        changed = {**server, 7: (("\\Seen", "\\Flagged"), None), 9999: (("\\Seen",), None)}
+        with engine.begin() as conn:
+            assert message_store.update_flags(conn, folder.id, 1, server) == 0
+            assert message_store.update_flags(conn, folder.id, 1, changed) == 1
+            assert message_store.update_flags(conn, folder.id, 1, changed) == 0  # already applied
+        assert rows(engine, "SELECT flags FROM messages WHERE uid = 7") == [("\\Seen \\Flagged",)]
+        with engine.begin() as conn:
+            message_store.update_flags(conn, folder.id, 1, {7: (("\\Seen",), None)})
+
+
 def test_expunged_messages_are_kept_but_not_found(db_url: str) -> None:
     engine = index_engine(db_url)
     with engine.begin() as conn:

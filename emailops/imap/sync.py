@@ -577,36 +577,20 @@ class FolderSync:
 
     def _flags_since(self, client: IMAPClient, folder_id: int, status: MailboxStatus, modseq: int) -> int:
         response = client.fetch("1:*", ["FLAGS"], modifiers=[f"CHANGEDSINCE {modseq}"])
-        changes = {
+        server = {
             uid: (_flags(data.get(b"FLAGS", ())), _modseq(data))  # type: ignore[arg-type]
             for uid, data in response.items()
         }
         with self.engine.begin() as conn:
-            message_store.update_flags(conn, folder_id, status.uidvalidity, changes)
-        return len(changes)
+            return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
 
     def _reconcile_flags(self, client: IMAPClient, folder_id: int, status: MailboxStatus) -> int:
         server = {
-            uid: _flags(data.get(b"FLAGS", ()))  # type: ignore[arg-type]
+            uid: (_flags(data.get(b"FLAGS", ())), None)  # type: ignore[arg-type]
             for uid, data in client.fetch("1:*", ["FLAGS"]).items()
         }
         with self.engine.begin() as conn:
-            stored = dict(
-                conn.execute(
-                    select(messages.c.uid, messages.c.flags).where(
-                        messages.c.folder_id == folder_id,
-                        messages.c.uidvalidity == status.uidvalidity,
-                        messages.c.expunged_at.is_(None),
-                    )
-                ).all()
-            )
-            changes = {
-                uid: (flags, None)
-                for uid, flags in server.items()
-                if uid in stored and set(stored[uid].split()) != set(flags)
-            }
-            message_store.update_flags(conn, folder_id, status.uidvalidity, changes)
-        return len(changes)
+            return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
 
     def _reconcile_uids(
         self, client: IMAPClient, folder_id: int, status: MailboxStatus

@@ -170,28 +170,64 @@ def live_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[int]:
     )
 
 
+# Up to this many UIDs are looked up with IN (...); more, and the folder's rows are read at once
+# (bound parameters are limited per statement, and one scan is then cheaper anyway).
+_UID_LOOKUP_LIMIT = 1_000
+
+
 def update_flags(
     conn: Connection,
     folder_id: int,
     uidvalidity: int,
-    changes: Mapping[int, tuple[tuple[str, ...], int | None]],
-) -> None:
-    """Apply server flag changes: uid -> (flags, modseq)."""
-    if not changes:
-        return
-    conn.execute(
-        update(messages)
-        .where(
-            messages.c.folder_id == bindparam("f_id"),
-            messages.c.uidvalidity == bindparam("f_uv"),
-            messages.c.uid == bindparam("f_uid"),
-        )
-        .values(flags=bindparam("f_flags"), modseq=bindparam("f_modseq")),
-        [
-            {"f_id": folder_id, "f_uv": uidvalidity, "f_uid": uid, "f_flags": " ".join(flags), "f_modseq": ms}
-            for uid, (flags, ms) in changes.items()
-        ],
+    server: Mapping[int, tuple[tuple[str, ...], int | None]],
+) -> int:
+    """Bring the stored flags and MODSEQ up to the server's (uid -> (flags, modseq)); return how
+    many messages' flags changed.
+
+    Only rows that differ are written. A message fetched earlier in the same pass comes back from
+    CHANGEDSINCE with the flags just stored: it is neither rewritten nor counted as a change.
+    """
+    if not server:
+        return 0
+    query = select(messages.c.uid, messages.c.flags, messages.c.modseq).where(
+        messages.c.folder_id == folder_id,
+        messages.c.uidvalidity == uidvalidity,
+        messages.c.expunged_at.is_(None),
     )
+    if len(server) <= _UID_LOOKUP_LIMIT:
+        query = query.where(messages.c.uid.in_(list(server)))
+    stored = {uid: (flags, modseq) for uid, flags, modseq in conn.execute(query)}
+    params = []
+    flag_changes = 0
+    for uid, (flags, modseq) in server.items():
+        if uid not in stored:
+            continue
+        stored_flags, stored_modseq = stored[uid]
+        flags_differ = set(stored_flags.split()) != set(flags)
+        if not flags_differ and stored_modseq == modseq:
+            continue
+        flag_changes += flags_differ
+        params.append(
+            {
+                "f_id": folder_id,
+                "f_uv": uidvalidity,
+                "f_uid": uid,
+                "f_flags": " ".join(flags),
+                "f_modseq": modseq,
+            }
+        )
+    if params:
+        conn.execute(
+            update(messages)
+            .where(
+                messages.c.folder_id == bindparam("f_id"),
+                messages.c.uidvalidity == bindparam("f_uv"),
+                messages.c.uid == bindparam("f_uid"),
+            )
+            .values(flags=bindparam("f_flags"), modseq=bindparam("f_modseq")),
+            params,
+        )
+    return flag_changes
 
 
 def mark_expunged(
