@@ -99,7 +99,9 @@ class RuntimeSettings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> tuple[str, ...]:
         items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(item.strip() for item in items if item.strip())
+        # Blanks dropped, and a name given twice kept once (a folder listed twice would be synced
+        # twice by `sync --once`), in the order given.
+        return tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
 
     @field_validator("index_db_url")
     @classmethod

@@ -158,6 +158,8 @@ def test_check_config_masks_secrets_and_bad_config_names_the_variable(env: dict[
     values = json.loads(checked.stdout)
     assert values["EMAIL_PASSWORD"] == "**********"
     assert env["EMAIL_PASSWORD"] not in checked.stdout + checked.stderr
+    listed = emailops({**env, "EMAIL_FOLDERS": " INBOX , Sent Items,,INBOX"}, "check-config", "--json")
+    assert json.loads(listed.stdout)["EMAIL_FOLDERS"] == ["INBOX", "Sent Items"]
     bad = emailops({**env, "EMAIL_IMAP_PORT": "70000"}, "check-config")
     assert bad.returncode == 78 and "EMAIL_IMAP_PORT" in bad.stderr
 
