@@ -43,6 +43,10 @@ class SyncConfig:
     account: str
     folders: tuple[str, ...] = ("INBOX",)
     use_idle: bool = True
+    # Folders a worker watches with IDLE, each on a connection of its own (the first ones of
+    # ``folders`` it holds); the others are polled in turn over one shared connection, so that
+    # the account's connection limit is kept (Dovecot: 10 per user and address, Gmail: 15).
+    idle_folders: int = 4
     poll_interval_seconds: float = 60.0
     # IDLE is re-issued well before the 29 minutes of RFC 2177.
     idle_renew_seconds: float = 600.0

@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from emailops.cache import RawMessageCache
 from emailops.config import ServerConfig, SyncConfig
+from emailops.imap.connection import SharedConnection
 from emailops.imap.sync import Clock, FolderSync, utc_now
 from emailops.imap.watcher import FolderWatcher
 from emailops.store import folders as folder_store
@@ -66,6 +67,8 @@ class MailPipeline:
         # Spread folders over workers: nobody holds more than its share while others have none.
         self.max_folders = max(1, math.ceil(len(config.folders) / max(1, workers)))
         self.watchers: dict[str, FolderWatcher] = {}
+        # The connection of the folders polled rather than IDLEd (see SyncConfig.idle_folders).
+        self.shared = SharedConnection(server)
         self.folder_ids: dict[str, int] = {}
         self.next_lease_check = 0.0
         self.stages_busy = False
@@ -91,6 +94,7 @@ class MailPipeline:
             with self.engine.begin() as conn:
                 folder_store.release_lease(conn, self.folder_ids[folder], self.owner)
         self.watchers.clear()
+        self.shared.close()
         for stage in self.stages:
             stage.close()
 
@@ -117,4 +121,7 @@ class MailPipeline:
 
     def _watcher(self, folder: str) -> FolderWatcher:
         sync = FolderSync(self.engine, self.config, folder, cache=self.cache, clock=self.clock)
-        return FolderWatcher(self.server, self.config, sync)
+        idle_watchers = sum(1 for watcher in self.watchers.values() if watcher.shared is None)
+        if self.config.use_idle and idle_watchers < self.config.idle_folders:
+            return FolderWatcher(self.server, self.config, sync)
+        return FolderWatcher(self.server, self.config, sync, shared=self.shared)

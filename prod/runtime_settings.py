@@ -67,6 +67,7 @@ class RuntimeSettings(BaseSettings):
     # Indexing
     email_folders: CommaList = ("INBOX",)
     imap_idle: bool = True
+    imap_idle_folders: int = Field(default=4, ge=0)
     poll_interval_seconds: float = Field(default=60.0, gt=0)
     max_message_bytes: int = Field(default=25 * 1024 * 1024, ge=64 * 1024)
     cache_max_bytes: int = Field(default=2 * 1024**3, ge=0)
@@ -164,6 +165,7 @@ class RuntimeSettings(BaseSettings):
             account=f"{self.email_username}@{self.email_imap_host}",
             folders=self.email_folders,
             use_idle=self.imap_idle,
+            idle_folders=self.imap_idle_folders,
             poll_interval_seconds=self.poll_interval_seconds,
             max_message_bytes=self.max_message_bytes,
             cache_dir=self.cache_dir,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from emailops.pipeline import LEASE_TTL, MailPipeline
@@ -40,3 +41,43 @@ def test_two_workers_share_folders_without_double_fetching(dovecot: LocalDovecot
     second.run_once()
     assert set(second.watchers) == {"INBOX", "Archive"}
     second.close()
+
+
+def test_folders_beyond_the_idle_ones_share_one_polled_connection(db_url: str) -> None:
+    # Each IDLE needs a connection of its own, and servers limit them per account (Dovecot: 10 per
+    # user and address by default, Gmail: 15). Eight folders, two watched with IDLE, the other six
+    # polled in turn over one connection: three connections, and the test's own is the fourth and
+    # last the server allows here.
+    folders = ("INBOX", *(f"Box{n}" for n in range(1, 8)))
+    with LocalDovecot({ALICE: "alice-pw"}, max_connections=4) as dovecot:
+        for n, folder in enumerate(folders):
+            if folder != "INBOX":
+                dovecot.create_folder(ALICE, folder)
+            dovecot.append(ALICE, folder, message(n))
+        engine = index_engine(db_url)
+        config = sync_config(folders=folders, idle_folders=2, poll_interval_seconds=0.3)
+        pipeline = MailPipeline(engine, imap_config(dovecot), config, owner="host:w1", step_seconds=0.1)
+
+        def indexed() -> int:
+            return int(rows(engine, "SELECT count(*) FROM messages")[0][0])  # type: ignore[call-overload]
+
+        for _ in range(30):
+            pipeline.run_once()
+        assert indexed() == len(folders)
+        idling = [folder for folder, watcher in pipeline.watchers.items() if watcher.idling]
+        assert idling == ["INBOX", "Box1"]
+        for n, folder in enumerate(folders):
+            dovecot.append(ALICE, folder, message(100 + n))  # a connection of the test's own, too
+        for _ in range(30):
+            pipeline.run_once()
+        assert indexed() == 2 * len(folders)
+
+        # The shared connection breaks (so do the others): every polled folder gets a new one.
+        assert dovecot.kill_imap_connections(ALICE) >= 3
+        for n, folder in enumerate(folders):
+            dovecot.append(ALICE, folder, message(200 + n))
+        deadline = time.monotonic() + 20
+        while indexed() < 3 * len(folders) and time.monotonic() < deadline:
+            pipeline.run_once()
+        assert indexed() == 3 * len(folders)
+        pipeline.close()

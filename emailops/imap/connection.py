@@ -1,4 +1,5 @@
-"""Opening an authenticated IMAP connection the configured way, and the reconnect policy.
+"""Opening an authenticated IMAP connection the configured way, sharing one between polled
+folders, and the reconnect policy.
 
 TLS certificates are verified against the system CAs plus ``ca_file``; STARTTLS that the server does
 not offer is an error (no silent plaintext); every socket operation has a timeout.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +101,38 @@ def close_quietly(client: imapclient.IMAPClient) -> None:
         client.logout()
     except (TimeoutError, OSError, IMAPClientError):
         _close_quietly(client)
+
+
+class SharedConnection:
+    """One logged-in connection that several polled folders use in turn (each pass SELECTs its
+    folder and releases it), so that a worker watching many folders stays within the server's
+    connection limit: only folders watched with IDLE need a connection of their own.
+
+    ``open`` connects when there is no live connection (raising ``ImapError`` like ``connect``);
+    ``drop(client)`` forgets a connection found broken, unless a user has already replaced it.
+    """
+
+    def __init__(
+        self, server: ServerConfig, connector: Callable[[ServerConfig], imapclient.IMAPClient] = connect
+    ) -> None:
+        self.server = server
+        self.connector = connector
+        self.client: imapclient.IMAPClient | None = None
+
+    def open(self) -> imapclient.IMAPClient:
+        if self.client is None:
+            self.client = self.connector(self.server)
+        return self.client
+
+    def drop(self, client: imapclient.IMAPClient) -> None:
+        if client is self.client:
+            _close_quietly(client)
+            self.client = None
+
+    def close(self) -> None:
+        if self.client is not None:
+            close_quietly(self.client)
+            self.client = None
 
 
 @dataclass

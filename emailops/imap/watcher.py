@@ -1,4 +1,5 @@
-"""Watching one folder: a connection of its own, IDLE when offered, polling otherwise, reconnecting.
+"""Watching one folder: IDLE on a connection of its own when offered, polling otherwise (on a
+connection of its own, or on one shared with other polled folders), reconnecting.
 
 ``FolderWatcher.step(max_wait)`` is one bounded iteration for a worker loop: it returns within about
 ``max_wait`` seconds plus the time of one sync pass (itself bounded by ``pass_budget_seconds``), so
@@ -19,7 +20,7 @@ from imapclient.exceptions import IMAPClientError
 
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import forget_unsolicited, has_buffered_input
-from emailops.imap.connection import ReconnectPolicy, close_quietly, connect
+from emailops.imap.connection import ReconnectPolicy, SharedConnection, close_quietly, connect
 from emailops.imap.errors import (
     ImapAuthError,
     ImapError,
@@ -43,6 +44,7 @@ class FolderWatcher:
         folder_sync: FolderSync,
         *,
         connector: Callable[[ServerConfig], IMAPClient] = connect,
+        shared: SharedConnection | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         pass_budget_seconds: float = 5.0,
@@ -52,6 +54,8 @@ class FolderWatcher:
         self.sync = folder_sync
         self.folder = folder_sync.folder
         self.connector = connector
+        # With a shared connection the folder is polled, never IDLEd (IDLE would hold it).
+        self.shared = shared
         self.monotonic = monotonic
         self.sleep = sleep
         self.pass_budget_seconds = pass_budget_seconds
@@ -73,6 +77,8 @@ class FolderWatcher:
     def step(self, max_wait: float) -> SyncReport | None:
         """One iteration: connect if due, then wait for a change (IDLE) or the next poll, and sync."""
         now = self.monotonic()
+        if self.shared is not None and self.client is not None and self.client is not self.shared.client:
+            self.client = None  # another folder found the shared connection broken and dropped it
         if self.client is None:
             if now < self.next_connect_at:
                 self.sleep(min(max_wait, self.next_connect_at - now))
@@ -94,6 +100,9 @@ class FolderWatcher:
             return None
 
     def close(self) -> None:
+        if self.shared is not None:
+            self.client = None  # the connection is the other polled folders' too
+            return
         if self.client is not None:
             if self.idling:
                 with contextlib.suppress(*CONNECTION_ERRORS):
@@ -106,7 +115,7 @@ class FolderWatcher:
 
     def _connect(self) -> bool:
         try:
-            self.client = self.connector(self.server)
+            self.client = self.shared.open() if self.shared is not None else self.connector(self.server)
         except ImapError as exc:
             self._schedule_reconnect(exc)
             return False
@@ -131,7 +140,9 @@ class FolderWatcher:
             self.log.warning("IMAP connection failed", failures=self.failures, **fields)
 
     def _drop(self, error: ImapError) -> None:
-        if self.client is not None:
+        if self.shared is not None and self.client is not None:
+            self.shared.drop(self.client)
+        elif self.client is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 self.client.shutdown()
         self.client = None
@@ -139,7 +150,12 @@ class FolderWatcher:
         self._schedule_reconnect(error)
 
     def _use_idle(self) -> bool:
-        return self.config.use_idle and self.client is not None and self.client.has_capability("IDLE")
+        return (
+            self.config.use_idle
+            and self.shared is None
+            and self.client is not None
+            and self.client.has_capability("IDLE")
+        )
 
     def _sync(self, *, reconcile: bool) -> SyncReport | None:
         assert self.client is not None

@@ -206,6 +206,7 @@ class LocalDovecot:
         tls: bool = False,
         starttls_offered: bool = True,
         capabilities_removed: Iterable[str] = (),
+        max_connections: int = 200,
     ) -> None:
         for binary in (DOVECOT_BINARY, DOVEADM_BINARY):
             if shutil.which(binary) is None:
@@ -233,6 +234,7 @@ class LocalDovecot:
         self._capabilities = tuple(c for c in DEFAULT_CAPABILITIES if c.upper() not in removed)
         self._tls = tls
         self._starttls_offered = starttls_offered
+        self._max_connections = max_connections
 
         self._owns_work_dir = work_dir is None
         if work_dir is None:
@@ -295,7 +297,8 @@ class LocalDovecot:
             "mail_location = maildir:~/Maildir",
             # Tests do not need crash safety of the mail store; fsyncs would dominate bulk work.
             "mail_fsync = never",
-            "mail_max_userip_connections = 200",
+            # Dovecot's own default is 10 (and Gmail allows 15): tests that need a limit set one.
+            f"mail_max_userip_connections = {self._max_connections}",
             "postmaster_address = postmaster@example.test",
             "disable_plaintext_auth = no",
             "auth_mechanisms = plain login",
