@@ -7,8 +7,10 @@ from imapclient import DELETED, DRAFT, FLAGGED, SEEN
 
 from emailops.replies import imap_actions
 from emailops.replies.engine import MailboxAction, MailboxActionKind
+from emailops.replies.mailbox import MailboxSession
 from prod.localmail.dovecot import LocalDovecot
 from tests.conftest import MAIL_USERS
+from tests.index_helpers import ALICE, imap_config
 
 USER = "alice@example.test"
 RAW = b"From: bob@example.test\r\nTo: alice@example.test\r\nSubject: hi\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n"
@@ -52,3 +54,19 @@ def test_append_draft_and_sent() -> None:
             client.select_folder("Sent", readonly=True)
             (sent,) = client.search(["ALL"])
             assert SEEN in client.get_flags([sent])[sent] and DRAFT not in client.get_flags([sent])[sent]
+
+
+def test_a_session_closed_by_the_server_while_idle_is_reopened_before_use(dovecot: LocalDovecot) -> None:
+    # Servers close connections left idle (Dovecot after 30 minutes, NAT tables sooner): the
+    # first rule action after a quiet spell must not be the one that finds out and is lost.
+    uid = dovecot.append(ALICE, "INBOX", RAW)
+    now = [0.0]
+    session = MailboxSession(imap_config(dovecot), monotonic=lambda: now[0])
+    session.client("INBOX")
+    assert dovecot.kill_imap_connections(ALICE) == 1
+    now[0] += MailboxSession.IDLE_CHECK_SECONDS + 1
+    imap_actions.perform(session.client("INBOX"), uid, [MailboxAction(MailboxActionKind.FLAG)])
+    with dovecot.imap(ALICE) as client:
+        client.select_folder("INBOX")
+        assert FLAGGED in client.get_flags([uid])[uid]
+    session.close()

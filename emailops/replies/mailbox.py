@@ -1,12 +1,16 @@
 """A lazily opened IMAP connection for the changes rules ask for (flag, move, drafts, Sent copies).
 
 Separate from the watchers' connections, which sit in IDLE. A failure drops the connection; the next
-use reconnects. Callers run these changes only after the database commit that decided them.
+use reconnects. A connection left unused for a while is checked with a NOOP before it is used,
+because servers close idle connections (Dovecot after 30 minutes, NAT tables sooner) and the
+change that found out would otherwise be lost. Callers run these changes only after the database
+commit that decided them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 from imapclient import IMAPClient
@@ -17,23 +21,41 @@ from emailops.imap.watcher import CONNECTION_ERRORS
 
 
 class MailboxSession:
+    # Unused for longer than this, the connection is checked (one NOOP) before it is used again.
+    IDLE_CHECK_SECONDS = 60.0
+
     def __init__(
-        self, server: ServerConfig, connector: Callable[[ServerConfig], IMAPClient] = connect
+        self,
+        server: ServerConfig,
+        connector: Callable[[ServerConfig], IMAPClient] = connect,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server = server
         self.connector = connector
+        self.monotonic = monotonic
         self._client: IMAPClient | None = None
         self._selected: str | None = None
+        self._last_used = 0.0
 
     def client(self, folder: str | None = None) -> IMAPClient:
         """The connection, with ``folder`` selected read-write when given."""
+        now = self.monotonic()
+        checked = False
+        if self._client is not None and now - self._last_used > self.IDLE_CHECK_SECONDS:
+            try:
+                self._client.noop()
+                checked = True
+            except CONNECTION_ERRORS:
+                self.drop()  # closed while unused: open a new one below
+        self._last_used = now
         if self._client is None:
             self._client = self.connector(self.server)
             self._selected = None
         if folder is not None and folder != self._selected:
             self._client.select_folder(folder)
             self._selected = folder
-        elif folder is not None:
+        elif folder is not None and not checked:
             # A session sees messages that arrived since its SELECT only after the server told it:
             # a UID STORE to a message it does not know yet is silently ignored (RFC 3501 6.4.8).
             self._client.noop()
