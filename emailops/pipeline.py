@@ -118,6 +118,8 @@ class MailPipeline:
             elif not held and watching:
                 self.log.warning("lost the lease of a folder to another worker", folder=folder)
                 self.watchers.pop(folder).close()
+                if not any(watcher.shared is not None for watcher in self.watchers.values()):
+                    self.shared.close()  # no polled folder left: do not hold one of the account's connections
 
     def _watcher(self, folder: str) -> FolderWatcher:
         sync = FolderSync(self.engine, self.config, folder, cache=self.cache, clock=self.clock)

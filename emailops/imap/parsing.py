@@ -26,6 +26,9 @@ from emailops.store.content import MessageContent, message_content
 
 # Below this many messages in a pass, parsing stays in this process.
 HELPER_THRESHOLD = 300
+# Batches the helper may have on hand (the one it parses and one waiting) before this process
+# parses the next itself rather than wait for it.
+HELPER_BATCHES_ON_HAND = 2
 
 
 def parse_one(raw: bytes, size: int, max_message_bytes: int, max_body_chars: int) -> ParsedMessage:
@@ -104,7 +107,7 @@ class Parser:
         """Parse (raw, size) pairs: by the helper, unless it already has a batch waiting besides
         the one it parses; then here, since this thread would only wait for it."""
         self._inflight = [job for job in self._inflight if not job.done()]
-        if self._pool is not None and len(self._inflight) <= 1:
+        if self._pool is not None and len(self._inflight) < HELPER_BATCHES_ON_HAND:
             job = self._pool.submit(parse_all, list(raws), self.max_message_bytes, self.max_body_chars)
             self._inflight.append(job)
             return job
