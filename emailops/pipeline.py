@@ -9,6 +9,7 @@ a folder is watched only by the holder of its lease, and a dead worker's lease e
 from __future__ import annotations
 
 import math
+import selectors
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -81,12 +82,33 @@ class MailPipeline:
         # While the stages have work left, nobody waits for mail: the watchers only look.
         wait = 0.0 if self.stages_busy else self.step_seconds
         if self.watchers:
-            share = wait / len(self.watchers)
+            self._wait_for_mail(wait)
             for watcher in list(self.watchers.values()):
-                watcher.step(share)
+                watcher.step(0.0)
         elif wait:
             time.sleep(wait)
         self.stages_busy = any([stage.run_once() for stage in self.stages])
+
+    def _wait_for_mail(self, seconds: float) -> None:
+        """Wait up to ``seconds`` until a server pushes on any IDLE connection, or a watcher is due.
+
+        All IDLE sockets are waited on at once: a push on one of N folders is not held up by the
+        others' waits. A socket the server closed is readable at once, and its watcher drops it."""
+        sockets = []
+        for watcher in self.watchers.values():
+            sock, due_in = watcher.wait_target()
+            seconds = min(seconds, due_in)
+            if sock is not None:
+                sockets.append(sock)
+        if seconds <= 0:
+            return
+        if not sockets:
+            time.sleep(seconds)
+            return
+        with selectors.DefaultSelector() as selector:
+            for sock in sockets:
+                selector.register(sock, selectors.EVENT_READ)
+            selector.select(seconds)
 
     def close(self) -> None:
         for folder, watcher in self.watchers.items():

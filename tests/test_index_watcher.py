@@ -201,3 +201,23 @@ def test_idle_over_implicit_tls(dovecot_tls: LocalDovecot, db_url: str) -> None:
         dovecot_tls.deliver(ALICE, message(n))
         step_until(watcher, lambda n=n: count(engine) == n, timeout=5)
     watcher.close()
+
+
+def test_idle_connection_closed_without_bye_is_dropped_at_once_without_spinning(
+    dovecot: LocalDovecot, db_url: str
+) -> None:
+    # A server restart, a NAT gateway or a load balancer may close an IDLE connection with no BYE.
+    # A closed socket is always readable and imapclient's idle_check() returns [] at end of file:
+    # the watcher must see the end at once and reconnect, not spin on the socket until the next poll.
+    engine = index_engine(db_url)
+    watcher = watcher_for(dovecot, engine, poll_interval_seconds=300)
+    step_until(watcher, lambda: watcher.idling)
+    assert dovecot.kill_imap_connections(ALICE) >= 1  # the kernel closes the socket: FIN, no BYE
+    dovecot.deliver(ALICE, message(1))
+    cpu_before, wall_before = time.process_time(), time.monotonic()
+    with capture_logs() as logs:
+        step_until(watcher, lambda: count(engine) == 1, timeout=20)
+    cpu, wall = time.process_time() - cpu_before, time.monotonic() - wall_before
+    assert any(entry["event"] == "IMAP connection failed" for entry in logs)
+    assert cpu < 0.5 * wall + 0.5, f"{cpu:.2f} s of CPU in {wall:.2f} s"
+    watcher.close()

@@ -81,3 +81,28 @@ def test_folders_beyond_the_idle_ones_share_one_polled_connection(db_url: str) -
             pipeline.run_once()
         assert indexed() == 3 * len(folders)
         pipeline.close()
+
+
+def test_a_push_on_any_idle_folder_is_handled_at_once(dovecot: LocalDovecot, db_url: str) -> None:
+    # The worker waits on all its IDLE connections at once: a push on the last of four folders is
+    # not held up behind the others' waits (3/4 of the wait, one after another, before).
+    folders = ("INBOX", "Box1", "Box2", "Box3")
+    for folder in folders[1:]:
+        dovecot.create_folder(ALICE, folder)
+    engine = index_engine(db_url)
+    config = sync_config(folders=folders, idle_folders=4, poll_interval_seconds=300)
+    pipeline = MailPipeline(engine, imap_config(dovecot), config, owner="host:w1", step_seconds=0.1)
+    deadline = time.monotonic() + 20
+    while not (len(pipeline.watchers) == 4 and all(w.idling for w in pipeline.watchers.values())):
+        assert time.monotonic() < deadline, "the four folders are not all idling"
+        pipeline.run_once()
+    pipeline.step_seconds = 40.0
+    dovecot.deliver(ALICE, message(1))  # into INBOX: wakes the first watcher
+    dovecot.append(ALICE, "Box3", message(2))
+    started = time.monotonic()
+    while rows(engine, "SELECT count(*) FROM messages") != [(2,)]:
+        assert time.monotonic() - started < 20, "the pushes were not handled"
+        pipeline.run_once()
+    # Before: each folder waited 10 s in turn, and Box3's push was handled after about 30 s.
+    assert time.monotonic() - started < 10
+    pipeline.close()

@@ -11,6 +11,7 @@ imapclient besides the bulk fetch (``bulk_fetch.py``).
 from __future__ import annotations
 
 import ssl
+from enum import Enum
 
 from imapclient import IMAPClient
 
@@ -24,15 +25,27 @@ def forget_unsolicited(client: IMAPClient) -> bool:
     return bool([stash.pop(kind) for kind in CHANGE_ANSWERS if kind in stash])
 
 
-def has_buffered_input(client: IMAPClient) -> bool:
-    """True when the server has sent something not read yet: in imaplib's read-ahead buffer, or on
+class PendingInput(Enum):
+    """What waits to be read on a connection."""
+
+    NOTHING = "nothing"
+    DATA = "data"
+    # The server closed the connection (with or without BYE); a closed socket is always readable.
+    CLOSED = "closed"
+
+
+def pending_input(client: IMAPClient) -> PendingInput:
+    """What the server has sent and we have not read yet: in imaplib's read-ahead buffer, or on
     the socket. Never blocks."""
     sock = client.socket()
     timeout = sock.gettimeout()
     sock.setblocking(False)
     try:
-        return bool(client._imap.file.peek(1))
+        peeked = client._imap.file.peek(1)
     except (BlockingIOError, ssl.SSLWantReadError):
-        return False
+        return PendingInput.NOTHING
+    except OSError:
+        return PendingInput.CLOSED  # reset by the peer
     finally:
         sock.settimeout(timeout)
+    return PendingInput.DATA if peeked else PendingInput.CLOSED

@@ -19,7 +19,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from emailops.config import ServerConfig, SyncConfig
-from emailops.imap.announcements import forget_unsolicited, has_buffered_input
+from emailops.imap.announcements import PendingInput, forget_unsolicited, pending_input
 from emailops.imap.connection import ReconnectPolicy, SharedConnection, close_quietly, connect
 from emailops.imap.errors import (
     ImapAuthError,
@@ -98,6 +98,24 @@ class FolderWatcher:
         except CONNECTION_ERRORS as exc:
             self._drop(ImapTransientError(f"{type(exc).__name__}: {exc}"))
             return None
+
+    def wait_target(self) -> tuple[socket.socket | None, float]:
+        """What a worker may wait on before this watcher's next step: the socket of its IDLE
+        connection (None when not idling), and the seconds after which the step is due anyway.
+
+        A worker watching several folders waits on all their sockets at once, so that a push on any
+        of them is handled at once (see ``MailPipeline``)."""
+        now = self.monotonic()
+        if self.client is None:
+            return None, self.next_connect_at - now
+        if self.catching_up or (self.shared is not None and self.client is not self.shared.client):
+            return None, 0.0
+        if not self.idling:
+            return None, self.next_poll_at - now
+        if pending_input(self.client) is not PendingInput.NOTHING:
+            return None, 0.0
+        renew_at = self.idle_started_at + self.config.idle_renew_seconds
+        return self.client.socket(), min(renew_at, self.next_poll_at) - now
 
     def close(self) -> None:
         if self.shared is not None:
@@ -195,15 +213,27 @@ class FolderWatcher:
             self.idling = True
             self.idle_started_at = now
             # An announcement that came with the server's "+ idling" is set aside, or read ahead.
-            self.catching_up = forget_unsolicited(self.client) or has_buffered_input(self.client)
+            # A close of the connection is found by the next step.
+            self.catching_up = (
+                forget_unsolicited(self.client) or pending_input(self.client) is not PendingInput.NOTHING
+            )
         return report
 
     def _idle_step(self, max_wait: float) -> SyncReport | None:
         assert self.client is not None
-        if has_buffered_input(self.client):
+        pending = pending_input(self.client)
+        if pending is PendingInput.DATA:
             # idle_check() waits on the socket only; lines already read ahead would wait there.
             return self._sync(reconcile=self.monotonic() >= self.next_reconcile_at)
+        if pending is PendingInput.CLOSED:
+            self._drop(ImapTransientError("the server closed the connection without BYE"))
+            return None
         responses = self.client.idle_check(timeout=max_wait)
+        if not responses and pending_input(self.client) is PendingInput.CLOSED:
+            # idle_check() returns [] at end of file, and a closed socket is always readable: waiting
+            # on it again would spin until the next poll.
+            self._drop(ImapTransientError("the server closed the connection without BYE"))
+            return None
         if any(_is_bye(response) for response in responses):
             # The server is going away (restart, shutdown): reconnect rather than wait on a dead socket.
             self._drop(ImapTransientError(f"server said BYE: {responses}"))
