@@ -11,7 +11,8 @@ Each worker slot moves through states as data (after supervisord)::
 
 Signal handlers only record the signal (``request_stop``); ``loop_once`` does the work: it is one
 iteration, testable with an injected clock. SIGTERM gives workers ``SHUTDOWN_TIMEOUT_SECONDS`` to
-finish their current unit, then kills them; SIGINT gives them ``QUICK_STOP_SECONDS``; a second
+finish their current unit, then kills them; SIGINT gives them ``QUICK_STOP_SECONDS`` to finish it
+(a worker that has finished its unit and is exiting gets up to ``SHUTDOWN_TIMEOUT_SECONDS``); a second
 signal kills at once, unless it came within ``REPEATED_SIGNAL_SECONDS`` of the first (the same
 request delivered twice). A worker whose heartbeat is older than ``HEARTBEAT_TIMEOUT_SECONDS`` (or that
 has not booted within it) is killed and replaced.
@@ -82,6 +83,7 @@ class WorkerSlot:
     process: BaseProcess | None = None
     stop_event: Event | None = None
     heartbeat: Any = None  # multiprocessing RawValue("d"): monotonic time of the last beat, 0 = not booted
+    exiting: Any = None  # multiprocessing RawValue("b"): 1 once the worker's loop has ended
     started_at: float = 0.0
     next_start_at: float = 0.0
     boot_failures: int = 0
@@ -92,6 +94,10 @@ class WorkerSlot:
     def booted(self) -> bool:
         return self.heartbeat is not None and self.heartbeat.value > 0
 
+    @property
+    def exiting_cleanly(self) -> bool:
+        return self.exiting is not None and bool(self.exiting.value)
+
     def last_sign_of_life(self) -> float:
         return self.heartbeat.value if self.booted else self.started_at
 
@@ -100,7 +106,9 @@ class WorkerSlot:
 class _StopRequest:
     signum: int
     received_at: float
+    # Workers still in their unit are killed at ``deadline``; those exiting at ``exit_deadline``.
     deadline: float
+    exit_deadline: float
 
 
 @dataclass
@@ -175,16 +183,21 @@ class Supervisor:
                     self._log.info("stop signal repeated; already stopping", signal=name)
                     continue
                 self._log.warning("second stop signal: killing workers now", signal=name)
-                self._stop.deadline = now
+                self._stop.deadline = self._stop.exit_deadline = now
                 continue
             grace = self.settings.shutdown_timeout_seconds
             if signum == signal.SIGINT:
                 grace = min(QUICK_STOP_SECONDS, grace)
             self._log.info("stopping workers", signal=name, grace_seconds=grace)
-            self._begin_stop(signum, received_at, now + grace)
+            self._begin_stop(signum, received_at, now, grace)
 
-    def _begin_stop(self, signum: int, received_at: float, deadline: float) -> None:
-        self._stop = _StopRequest(signum=signum, received_at=received_at, deadline=deadline)
+    def _begin_stop(self, signum: int, received_at: float, now: float, grace: float) -> None:
+        self._stop = _StopRequest(
+            signum=signum,
+            received_at=received_at,
+            deadline=now + grace,
+            exit_deadline=now + max(grace, self.settings.shutdown_timeout_seconds),
+        )
         for slot in self.slots:
             if slot.stop_event is not None:
                 slot.stop_event.set()
@@ -196,8 +209,13 @@ class Supervisor:
     def _advance_stop(self, now: float) -> None:
         assert self._stop is not None
         alive = [slot for slot in self.slots if slot.state is SlotState.STOPPING]
-        if alive and now >= self._stop.deadline:
-            for slot in alive:
+        overdue = [
+            slot
+            for slot in alive
+            if now >= (self._stop.exit_deadline if slot.exiting_cleanly else self._stop.deadline)
+        ]
+        if overdue:
+            for slot in overdue:
                 self._log.warning("worker did not stop in time; killing", worker=slot.worker_id)
                 self._kill(slot)
                 self._reap(slot, now, wait_seconds=1.0)
@@ -210,6 +228,7 @@ class Supervisor:
     def _spawn(self, slot: WorkerSlot, now: float) -> None:
         slot.stop_event = self._context.Event()
         slot.heartbeat = self._context.RawValue("d", 0.0)
+        slot.exiting = self._context.RawValue("b", 0)
         channel = self.log_collector.open_channel() if self.log_collector is not None else None
         spec = WorkerSpec(
             worker_id=slot.worker_id,
@@ -217,6 +236,7 @@ class Supervisor:
             settings=self.settings,
             stop_event=slot.stop_event,
             heartbeat=slot.heartbeat,
+            exiting=slot.exiting,
             log_channel=channel,
         )
         process = self._context.Process(
@@ -292,7 +312,7 @@ class Supervisor:
                 exit_code=exit_code,
                 boot_failures=slot.boot_failures,
             )
-            self._begin_stop(signal.SIGTERM, now, now + self.settings.shutdown_timeout_seconds)
+            self._begin_stop(signal.SIGTERM, now, now, self.settings.shutdown_timeout_seconds)
             return
         delay = self.policy.delay(slot.boot_failures)
         self._log.error(
@@ -324,6 +344,7 @@ class Supervisor:
         slot.next_start_at = now + delay
         slot.stop_event = None
         slot.heartbeat = None
+        slot.exiting = None
 
     # -- state file for the healthcheck
 

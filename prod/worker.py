@@ -14,6 +14,8 @@ Lifecycle and exit codes:
 - the loop stops between two ``run_once`` calls, never inside one, when the supervisor sets the stop
   event, when this process gets SIGTERM, or when the supervisor is gone (parent pid changed).
   SIGINT is ignored: Ctrl-C reaches the whole process group and the supervisor decides.
+- once the loop has ended the worker sets ``exiting``: the supervisor gives a worker that finished
+  its unit the time to close it and exit, up to ``SHUTDOWN_TIMEOUT_SECONDS``, even on Ctrl-C;
 - a worker whose supervisor died and whose current unit does not return within
   ``SHUTDOWN_TIMEOUT_SECONDS`` exits hard (``EXIT_ORPHANED``) instead of running forever.
 """
@@ -134,6 +136,9 @@ class WorkerSpec:
     stop_event: Event
     # Shared double (multiprocessing RawValue): time.monotonic() of the last beat, 0.0 until booted.
     heartbeat: Any
+    # Shared flag (multiprocessing RawValue): set once the loop has ended, the unit finished; what
+    # is left is closing it and exiting, which the supervisor waits for even on a quick stop.
+    exiting: Any
     log_channel: Connection | None
 
 
@@ -203,6 +208,7 @@ def worker_main(spec: WorkerSpec) -> None:
         try:
             WorkerLoop(unit, beat=beat, stop_requested=flags, log=log).run()
         finally:
+            spec.exiting.value = 1
             try:
                 unit.close()
             except Exception:

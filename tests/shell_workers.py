@@ -20,6 +20,8 @@ from typing import Any
 from prod.runtime_settings import RuntimeSettings
 
 UNIT_SECONDS = float(os.environ.get("SHELL_WORKER_UNIT_SECONDS", "0.3"))
+# How long closing takes (a real unit logs out of IMAP and releases its leases).
+CLOSE_SECONDS = float(os.environ.get("SHELL_WORKER_CLOSE_SECONDS", "0"))
 
 
 def _record_dir() -> Path:
@@ -44,6 +46,7 @@ class JournalingUnit:
         self.log.info("unit done %d", self.count)
 
     def close(self) -> None:
+        time.sleep(CLOSE_SECONDS)
         with self.journal.open("a") as journal:
             journal.write("closed\n")
 

@@ -138,6 +138,29 @@ def test_sigint_stops_quickly(tmp_path: Path) -> None:
         assert time.monotonic() - sent < 3
 
 
+def test_sigint_gives_a_worker_that_finished_its_unit_the_time_to_exit(tmp_path: Path) -> None:
+    # Ctrl-C stops quickly: a unit still running after QUICK_STOP_SECONDS is cut short. But a worker
+    # that has finished its unit is exiting (closing connections, releasing leases) and is not killed.
+    env = shell_env(
+        tmp_path,
+        WORKERS="2",
+        SHELL_WORKER_UNIT_SECONDS="0.8",
+        SHELL_WORKER_CLOSE_SECONDS="1.5",
+        SHUTDOWN_TIMEOUT_SECONDS="10",
+    )
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        _stop_mid_unit(supervisor, tmp_path, 2)
+        supervisor.process.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+        assert supervisor.wait(timeout=15) == 0
+        records = supervisor.records()
+    assert [r["message"] for r in records].count("worker stopped") == 2
+    assert "worker did not stop in time; killing" not in [r["message"] for r in records]
+    exits = [r["exit_code"] for r in records if r["message"] == "worker exited"]
+    assert exits == [0, 0]
+    for lines in _journals(tmp_path).values():
+        assert lines[-1] == "closed", lines
+
+
 def _stop_mid_unit(supervisor: SupervisorProcess, tmp_path: Path, workers: int) -> None:
     assert wait_until(lambda: len(supervisor.worker_pids()) == workers, 20)
     assert wait_until(
