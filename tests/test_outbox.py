@@ -89,10 +89,20 @@ def test_claim_send_sent(engine: Engine) -> None:
     assert claimed.state is OutboxState.SENDING and claimed.claimed_by == "w1" and claimed.attempts == 1
     assert claim(engine, "w2") is None  # nothing else is due
     with engine.begin() as conn:
-        assert not outbox.mark_sent(conn, row_id, claimer="w2", now=T0)  # not the claimer
-        assert outbox.mark_sent(conn, row_id, claimer="w1", now=T0 + timedelta(seconds=1))
+        assert outbox.mark_sent(conn, row_id, claimer="w1", now=T0 + timedelta(seconds=1)) is None
     row = state(engine, row_id)
     assert row.state is OutboxState.SENT and row.sent_at == T0 + timedelta(seconds=1)
+
+
+def test_a_reply_accepted_by_the_server_is_recorded_sent_whoever_holds_the_row(engine: Engine) -> None:
+    row_id = add(engine)
+    assert claim(engine) is not None
+    with engine.begin() as conn:
+        assert outbox.recover_interrupted(conn, now=T0, claimers=("w1",)) == 1
+        # w1's server accepted the reply after all: it is sent, and no longer retryable.
+        assert outbox.mark_sent(conn, row_id, claimer="w1", now=T0) is OutboxState.UNKNOWN
+        assert not outbox.retry_reply(conn, row_id, now=T0)
+    assert state(engine, row_id).state is OutboxState.SENT
 
 
 def test_claim_order_and_due_time_and_action(engine: Engine) -> None:

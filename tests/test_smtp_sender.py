@@ -242,6 +242,34 @@ def test_4xx_then_success_and_5xx_failed_with_reason(engine: Engine, relay: Loca
     assert [a.rcpt_tos for a in relay.accepted] == [("a@example.org",)]
 
 
+def test_a_send_the_database_no_longer_expects_ends_sent_and_cannot_be_retried(
+    engine: Engine, relay: LocalSmtpRelay
+) -> None:
+    # Another host found the claim stale and marked the row unknown while our SMTP conversation was
+    # still going; then the server accepted the reply. It was sent: the row must say so, the log
+    # must tell what happened, and `outbox retry` must not send it a second time.
+    row_id = queue(engine, "<a@x>", "a@example.org")
+
+    class TakenOverMidSend(SmtpSender):
+        def send(self, **kwargs: object) -> str:
+            with engine.begin() as conn:
+                assert outbox.recover_interrupted(conn, now=T0, claimers=("w1",)) == 1
+            return super().send(**kwargs)  # type: ignore[arg-type]
+
+    with TakenOverMidSend(smtp_config(relay.port)) as sender, capture_logs() as logs:
+        result = deliver_next(
+            engine, sender, claimer="w1", envelope_from=USER, max_attempts=5, clock=lambda: T0
+        )
+    assert result is not None and result.state is OutboxState.SENT
+    assert len(relay.accepted) == 1
+    with engine.begin() as conn:
+        row = outbox.get_reply(conn, row_id)
+        assert row is not None and row.state is OutboxState.SENT and row.sent_at is not None
+        assert not outbox.retry_reply(conn, row_id, now=T0)
+    (entry,) = [e for e in logs if e["event"].startswith("reply sent")]
+    assert entry["log_level"] == "warning" and entry["previous_state"] == "unknown"
+
+
 def test_reply_lands_in_dovecot(smtp_relay: LocalSmtpRelay, mail_users: dict[str, str]) -> None:
     config = ServerConfig(**{**smtp_config(smtp_relay.port).__dict__, "password": mail_users[USER]})
     with SmtpSender(config) as sender:

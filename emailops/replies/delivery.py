@@ -2,7 +2,8 @@
 
 Two short transactions around the SMTP conversation: the claim (``sending``) commits before the
 first byte goes out, the outcome commits after the answer. A crash in between leaves ``sending``,
-which ``outbox.recover_interrupted`` turns into ``unknown`` at the next start.
+which ``outbox.recover_interrupted`` turns into ``unknown`` (see ``OutboxStage``: at once for a
+dead claimer of this host, after ``STALE_CLAIM`` for others).
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def deliver_next(
         )
         return DeliveryResult(row.id, row.recipient, state, str(exc), row.attempts)
     with engine.begin() as conn:
-        outbox.mark_sent(conn, row.id, claimer=claimer, now=clock())
-    log.info("reply sent", answer=answer)
+        taken_from = outbox.mark_sent(conn, row.id, claimer=claimer, now=clock())
+    if taken_from is None:
+        log.info("reply sent", answer=answer)
+    else:
+        log.warning(
+            "reply sent after another process had given up on it; recorded as sent",
+            answer=answer,
+            previous_state=taken_from.value,
+        )
     return DeliveryResult(row.id, row.recipient, OutboxState.SENT, answer, row.attempts)

@@ -2,7 +2,7 @@
 
 States (column ``outbox.state``)::
 
-    pending --claim--> sending --250--------------> sent
+    pending --claim--> sending --250--------------> sent        (from any state: it was delivered)
        ^                  |----5xx----------------> failed      (reason kept in last_error)
        |                  |----4xx / network------> pending     (next_attempt_at = now + backoff)
        |                  |    ... attempts == send_max_attempts -> failed
@@ -249,10 +249,18 @@ def _finish(conn: Connection, row_id: int, claimer: str, now: datetime, **values
     return result.rowcount == 1
 
 
-def mark_sent(conn: Connection, row_id: int, *, claimer: str, now: datetime) -> bool:
-    return _finish(
-        conn, row_id, claimer, now, state=OutboxState.SENT.value, sent_at=as_utc(now), last_error=None
-    )
+def mark_sent(conn: Connection, row_id: int, *, claimer: str, now: datetime) -> OutboxState | None:
+    """Record that the server accepted the reply. It was delivered whatever the row says now, so
+    the row ends ``sent`` even when ``claimer`` no longer holds it (another process found the claim
+    stale and made it ``unknown``, or the operator cancelled it meanwhile): that keeps ``retry``
+    from sending it again. Returns the state the row was in when it was not ours any more, else None.
+    """
+    sent = {"state": OutboxState.SENT.value, "sent_at": as_utc(now), "last_error": None}
+    if _finish(conn, row_id, claimer, now, **sent):
+        return None
+    previous = conn.execute(select(outbox.c.state).where(outbox.c.id == row_id)).scalar_one()
+    conn.execute(update(outbox).where(outbox.c.id == row_id).values(updated_at=as_utc(now), **sent))
+    return OutboxState(previous)
 
 
 def mark_failed(conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime) -> bool:

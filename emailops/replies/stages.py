@@ -268,6 +268,11 @@ class OutboxStage:
                 )
             return True
         with self.engine.begin() as conn:
-            outbox.mark_sent(conn, row.id, claimer=self.claimer, now=self.clock())
-        log.info("reply saved as a draft", outbox_id=row.id, folder=self.config.drafts_folder)
+            taken_from = outbox.mark_sent(conn, row.id, claimer=self.claimer, now=self.clock())
+        log.info(
+            "reply saved as a draft",
+            outbox_id=row.id,
+            folder=self.config.drafts_folder,
+            **({"previous_state": taken_from.value} if taken_from else {}),
+        )
         return True
