@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from emailops.rules.model import Condition, MatchKind, ReplyAction, ReplySpec, Rule, RulesError, RuleSet
+from emailops.rules.patterns import PatternError, compile_pattern
 from emailops.rules.templates import Template, TemplateError
 
 # The outbox's rule_name column is String(200).
@@ -181,8 +182,8 @@ def _condition(ctx: _RuleContext, where: str, field: str, kind: MatchKind, value
     if kind is MatchKind.REGEX:
         for pattern in patterns:
             try:
-                regexes.append(re.compile(pattern, re.IGNORECASE))
-            except re.error as exc:
+                regexes.append(compile_pattern(pattern))
+            except PatternError as exc:
                 raise ctx.error(where, f"invalid regular expression {pattern!r}: {exc}") from None
     return Condition(field=field, kind=kind, patterns=tuple(patterns), regexes=tuple(regexes))
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from emailops.rules.patterns import Pattern
 from emailops.rules.templates import Template
 
 
@@ -19,7 +19,7 @@ class MatchKind(StrEnum):
     SUBSTRING = "substring"
     # Case-insensitive shell glob on a whole address (from, to, cc).
     GLOB = "glob"
-    # Case-insensitive ``re.search``.
+    # Case-insensitive search with RE2 (linear time; see ``rules.patterns``).
     REGEX = "regex"
 
 
@@ -40,7 +40,7 @@ class Condition:
     field: str
     kind: MatchKind
     patterns: tuple[str, ...]
-    regexes: tuple[re.Pattern[str], ...] = ()
+    regexes: tuple[Pattern, ...] = ()
 
 
 @dataclass(frozen=True)
