@@ -77,3 +77,7 @@ class ReplyConfig:
     save_sent_copy: bool = False
     sent_folder: str = "Sent"
     drafts_folder: str = "Drafts"
+    # A message whose rules raise, or do not finish within the claim timeout (its worker hung and
+    # was killed, or died), is tried this many times in all, then quarantined.
+    rules_max_attempts: int = 3
+    rules_claim_timeout_seconds: float = 120.0

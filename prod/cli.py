@@ -156,6 +156,35 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_quarantine(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.store.database import reading
+    from emailops.store.rules_work import list_quarantined
+
+    with _index(settings) as engine, reading(engine) as conn:
+        entries = list_quarantined(conn, settings.sync_config().account)
+    if args.json:
+        _print_json(
+            [
+                {
+                    "folder": e.folder,
+                    "uidvalidity": e.uidvalidity,
+                    "uid": e.uid,
+                    "message_id": e.message_id,
+                    "stage": "rules",
+                    "attempts": e.attempts,
+                    "reason": e.reason,
+                }
+                for e in entries
+            ]
+        )
+        return EXIT_OK
+    for e in entries:
+        message_id = e.message_id or "(no Message-ID)"
+        print(f"{e.folder}:{e.uid}  {message_id}  rules, {e.attempts} attempts: {e.reason}")
+    print(f"{len(entries)} quarantined message(s)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.maintenance import reindex
 
@@ -320,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="messages per folder and when each was last synced")
     stats.add_argument("--json", action="store_true", help="print a JSON object")
     stats.set_defaults(handler=cmd_stats)
+
+    quarantine = commands.add_parser(
+        "quarantine", help="messages set aside because their rules kept failing (never answered)"
+    )
+    quarantine.add_argument("--json", action="store_true", help="print a JSON list")
+    quarantine.set_defaults(handler=cmd_quarantine)
 
     reindex = commands.add_parser("reindex", help="rebuild the index from IMAP (old mail is never answered)")
     reindex.add_argument("--json", action="store_true", help="print the summary as JSON")

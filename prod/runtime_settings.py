@@ -187,6 +187,9 @@ class RuntimeSettings(BaseSettings):
             save_sent_copy=self.save_sent_copy,
             sent_folder=self.sent_folder,
             drafts_folder=self.drafts_folder,
+            # A worker hung on a message is killed after the heartbeat timeout; its claim is
+            # stalled well after that, so a live worker's claim is never taken from it.
+            rules_claim_timeout_seconds=2 * self.heartbeat_timeout_seconds,
         )
 
     def masked(self) -> dict[str, Any]:

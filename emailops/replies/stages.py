@@ -1,7 +1,8 @@
 """The two after-index stages of a worker: applying rules to new mail, and delivering the outbox.
 
 Both are bounded per call and safe with N workers: a message's rules run once because the worker
-that moves it from ``pending`` wins a conditional UPDATE, and outbox rows are claimed atomically.
+that claims it wins a conditional UPDATE (``store.rules_work``: a message that keeps failing is
+quarantined after a few attempts), and outbox rows are claimed atomically.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine
 
 from emailops.config import ReplyConfig
 from emailops.imap.errors import ImapError
@@ -27,8 +28,8 @@ from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.rules import RuleSetCache
 from emailops.store import messages as message_store
+from emailops.store import rules_work
 from emailops.store.database import reading
-from emailops.store.schema import messages
 
 log = structlog.get_logger(component="rules")
 
@@ -84,9 +85,13 @@ class RulesStage:
         self.clock = clock
         self.batch = batch
         self.budget_seconds = budget_seconds
+        self.next_stall_check = 0.0
 
     def run_once(self) -> bool:
         started = time.monotonic()
+        if started >= self.next_stall_check:
+            self._recover_stalled()
+            self.next_stall_check = started + min(60.0, self.config.rules_claim_timeout_seconds / 2)
         worked = False
         while time.monotonic() - started < self.budget_seconds:
             with reading(self.engine) as conn:
@@ -101,17 +106,31 @@ class RulesStage:
     def close(self) -> None:
         self.mailbox.close()
 
+    def _recover_stalled(self) -> None:
+        """Claims of workers that hung or died on a message: tried again, or quarantined."""
+        with self.engine.begin() as conn:
+            retried, quarantined = rules_work.recover_stalled(
+                conn,
+                self.account,
+                claim_timeout=timedelta(seconds=self.config.rules_claim_timeout_seconds),
+                max_attempts=self.config.rules_max_attempts,
+            )
+        if retried:
+            log.warning("rules of messages whose worker hung or died are tried again", count=retried)
+        for entry in quarantined:
+            _report_quarantined(entry)
+
     def _decide(self, pk: int) -> None:
         ruleset = self.rules.get()
+        # The attempt is committed before the work: a message that hangs or kills the worker counts.
+        with self.engine.begin() as conn:
+            attempt = rules_work.claim(conn, pk)
+        if attempt is None:
+            return  # another worker took it
         try:
             with self.engine.begin() as conn:
-                claimed = conn.execute(
-                    update(messages)
-                    .where(messages.c.id == pk, messages.c.rules_state == "pending")
-                    .values(rules_state="done")
-                ).rowcount
-                if claimed != 1:
-                    return  # another worker took it
+                if not rules_work.finish(conn, pk, attempt):
+                    return  # the claim stalled and was given to another worker meanwhile
                 stored = message_store.load_message(conn, pk)
                 if stored is None:
                     return
@@ -135,16 +154,32 @@ class RulesStage:
                     config=self.config,
                     now=self.clock(),
                 )
-        except Exception:
-            # One bad message must not stop the others: park it where an operator can see it.
-            log.exception("rules failed for a message; it is left unanswered", message_pk=pk)
-            with self.engine.begin() as conn:
-                message_store.set_rules_state(conn, pk, "error")
+        except Exception as exc:
+            # One bad message must not stop the others: tried again a few times, then set aside.
+            self._failed(pk, attempt, exc)
             return
         actions = decisions.mailbox_actions(made)
         replied = any(d.outbox_id is not None for d in made)
         if (actions or replied) and not self.config.dry_run:
             self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
+
+    def _failed(self, pk: int, attempt: int, exc: Exception) -> None:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+        with self.engine.begin() as conn:
+            quarantined = rules_work.release_failed(
+                conn, pk, attempt, reason=reason, max_attempts=self.config.rules_max_attempts
+            )
+        if quarantined is not None:
+            _report_quarantined(quarantined)
+        else:
+            log.warning(
+                "rules failed for a message; it will be tried again",
+                message_pk=pk,
+                attempt=attempt,
+                max_attempts=self.config.rules_max_attempts,
+                exc_info=True,
+            )
 
     def _change_mailbox(
         self, folder: str, uid: int, actions: list[decisions.MailboxAction], *, replied: bool
@@ -163,6 +198,17 @@ class RulesStage:
                 actions=[a.kind.value for a in actions],
                 error=str(exc),
             )
+
+
+def _report_quarantined(entry: rules_work.QuarantinedMessage) -> None:
+    log.error(
+        "message quarantined: its rules keep failing; it will not be answered (emailops quarantine)",
+        folder=entry.folder,
+        uid=entry.uid,
+        message_id=entry.message_id,
+        attempts=entry.attempts,
+        reason=entry.reason,
+    )
 
 
 class OutboxStage:

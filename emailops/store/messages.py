@@ -386,10 +386,6 @@ def _return_path(headers: Mapping[str, tuple[str, ...]]) -> str | None:
     return values[0].strip().strip("<>").strip()
 
 
-def set_rules_state(conn: Connection, pk: int, state: str) -> None:
-    conn.execute(update(messages).where(messages.c.id == pk).values(rules_state=state))
-
-
 @dataclass(frozen=True)
 class FolderStats:
     name: str

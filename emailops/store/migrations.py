@@ -87,12 +87,26 @@ def _sqlite_dates_in_utc(conn: Connection) -> None:
         conn.execute(text("UPDATE messages SET date = :date WHERE id = :pk"), fixed)
 
 
+def _rules_attempts(conn: Connection) -> None:
+    timestamp = "DATETIME" if conn.dialect.name == "sqlite" else "TIMESTAMP WITH TIME ZONE"
+    _add_column(conn, "messages", "rules_attempts", "INTEGER NOT NULL DEFAULT 0")
+    _add_column(conn, "messages", "rules_claimed_at", timestamp)
+    _add_column(conn, "messages", "quarantine_reason", "TEXT")
+    # Messages the former 'error' state parked (the rules raised on them) count as quarantined.
+    conn.exec_driver_sql(
+        "UPDATE messages SET rules_state = 'quarantined', "
+        "quarantine_reason = 'the rules raised an error (before quarantine was recorded)' "
+        "WHERE rules_state = 'error'"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
     Migration(3, "messages.header_block (raw) replaces headers_json (decoded)", _header_block),
     Migration(4, "SQLite: message dates in UTC", _sqlite_dates_in_utc),
     Migration(5, "FTS5 merges segments in eights", set_fulltext_tuning),
+    Migration(6, "messages: rules attempts, claim time and quarantine reason", _rules_attempts),
 )
 
 

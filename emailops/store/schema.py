@@ -87,8 +87,13 @@ messages = Table(
     Column("indexed_at", DateTime(timezone=True), nullable=False),
     Column("expunged_at", DateTime(timezone=True)),
     # history: there before the first sync, never answered; pending: rules not yet applied;
-    # done: rules applied (decisions and outbox rows committed in the same transaction).
+    # working: claimed by a worker; done: rules applied (decisions and outbox rows committed in the
+    # same transaction); quarantined: the rules kept failing on it (see store.rules_work).
     Column("rules_state", String(16), nullable=False, default="history"),
+    # Claims of the rules stage so far (committed before each), and when the last was made.
+    Column("rules_attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("rules_claimed_at", DateTime(timezone=True)),
+    Column("quarantine_reason", Text),
     UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_messages_folder_uidvalidity_uid"),
 )
 Index("ix_messages_message_id", messages.c.message_id)

@@ -1,0 +1,111 @@
+"""A message that keeps failing the rules stage (it raises, hangs or kills the worker) is tried a
+bounded number of times, then quarantined with its reason; the other mail goes on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from emailops.replies import engine as decisions
+from prod.localmail.dovecot import LocalDovecot
+from prod.localmail.smtp_relay import LocalSmtpRelay
+from tests.index_helpers import ALICE, daemon_env
+from tests.shell_workers import SupervisorProcess, wait_until
+from tests.test_replies_e2e import RULES, Daemon, inbound
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quarantine_listing(env: dict[str, str]) -> list[dict[str, Any]]:
+    answer = subprocess.run(
+        [sys.executable, "-m", "emailops", "quarantine", "--json"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(answer.stdout)  # type: ignore[no-any-return]
+
+
+def test_a_message_whose_rules_raise_is_retried_then_quarantined(
+    dovecot: LocalDovecot,
+    smtp_relay: LocalSmtpRelay,
+    db_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    real = decisions.apply_rules
+    calls: list[str] = []
+
+    def raising_on_poison(conn: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["parsed"].subject)
+        if "poison" in kwargs["parsed"].subject:
+            raise ValueError("cannot decide on this one")
+        return real(conn, **kwargs)
+
+    monkeypatch.setattr(decisions, "apply_rules", raising_on_poison)
+    daemon = Daemon(dovecot, smtp_relay, db_url, rules)
+    daemon.run_until(daemon.watching)
+    dovecot.deliver(ALICE, inbound("help poison", n=1))
+    dovecot.deliver(ALICE, inbound("help please", n=2))
+    with capture_logs() as logs:
+        daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
+    daemon.close()
+    assert calls.count("help poison") == 3  # the default rules_max_attempts
+    assert "help please" in calls
+    (error,) = [e for e in logs if e["log_level"] == "error"]
+    assert error["event"].startswith("message quarantined")
+    assert (error["folder"], error["uid"], error["attempts"]) == ("INBOX", 1, 3)
+    assert error["message_id"].startswith("<in-1-")
+    assert error["reason"] == "ValueError: cannot decide on this one"
+    retries = [e for e in logs if e["event"] == "rules failed for a message; it will be tried again"]
+    assert len(retries) == 2
+    assert [r[:2] for r in daemon.outbox()] == [("support-ack", "sent")]
+
+
+def test_a_message_that_hangs_the_worker_is_quarantined_and_the_next_one_answered(
+    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, tmp_path: Path
+) -> None:
+    # The measured defect: a rule that hangs the worker on one message (Python's re on '(a+)+$').
+    # The supervisor kills the hung worker; before, the next worker took the same message and hung
+    # again, for ever, and nobody else was answered.
+    (tmp_path / "rules.toml").write_text(RULES)
+    env = daemon_env(
+        dovecot,
+        tmp_path,
+        EMAIL_SMTP_PORT=str(smtp_relay.port),
+        EMAILOPS_WORKER_TARGET="tests.poison_worker:create_unit",
+        HEARTBEAT_TIMEOUT_SECONDS="3",
+        LOG_FILE_ENABLED="true",
+        PYTHONPATH=str(REPO),
+    )
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        assert wait_until(lambda: supervisor.worker_pids(), 30), supervisor.stdout_lines()
+        dovecot.deliver(ALICE, inbound("help poison", n=1))
+        hung = wait_until(
+            lambda: [r for r in supervisor.records() if r["message"] == "worker is hung; killing it"], 30
+        )
+        assert hung, supervisor.stdout_lines()[-20:]
+        dovecot.deliver(ALICE, inbound("help please", n=2))
+        assert wait_until(lambda: len(smtp_relay.accepted) == 1, 30), supervisor.stdout_lines()[-20:]
+        quarantined = wait_until(
+            lambda: [r for r in supervisor.records() if r["message"].startswith("message quarantined")], 90
+        )
+        assert quarantined, supervisor.stdout_lines()[-20:]
+        (record,) = quarantined
+        assert record["level"] == "ERROR" and (record["folder"], record["uid"]) == ("INBOX", 1)
+        assert record["attempts"] == 3 and "did not finish" in record["reason"]
+        assert record["message_id"].startswith("<in-1-")
+        listing = quarantine_listing(env)
+    assert [(e["folder"], e["uid"], e["stage"], e["attempts"]) for e in listing] == [("INBOX", 1, "rules", 3)]
+    assert [a.rcpt_tos for a in smtp_relay.accepted] == [("bob@example.test",)]
