@@ -12,7 +12,7 @@ import math
 import selectors
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Protocol
 
 import structlog
@@ -23,6 +23,7 @@ from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import SharedConnection
 from emailops.imap.sync import Clock, FolderSync, utc_now
 from emailops.imap.watcher import FolderWatcher
+from emailops.processes import is_dead_sibling
 from emailops.store import folders as folder_store
 
 log = structlog.get_logger(component="index")
@@ -77,14 +78,17 @@ class MailPipeline:
 
     def run_once(self) -> None:
         if self.monotonic() >= self.next_lease_check:
-            self._manage_leases(self.clock())
+            self._manage_leases()
             self.next_lease_check = self.monotonic() + LEASE_RENEW_SECONDS
         # While the stages have work left, nobody waits for mail: the watchers only look.
         wait = 0.0 if self.stages_busy else self.step_seconds
         if self.watchers:
             self._wait_for_mail(wait)
-            for watcher in list(self.watchers.values()):
-                watcher.step(0.0)
+            for folder, watcher in list(self.watchers.items()):
+                try:
+                    watcher.step(0.0)
+                except folder_store.LeaseLostError:
+                    self._stop_watching(folder)
         elif wait:
             time.sleep(wait)
         self.stages_busy = any([stage.run_once() for stage in self.stages])
@@ -120,28 +124,37 @@ class MailPipeline:
         for stage in self.stages:
             stage.close()
 
-    def _manage_leases(self, now: datetime) -> None:
+    def _manage_leases(self) -> None:
         for folder in self.config.folders:
             with self.engine.begin() as conn:
                 if folder not in self.folder_ids:
                     self.folder_ids[folder] = folder_store.ensure_folder(conn, self.config.account, folder).id
+                folder_id = self.folder_ids[folder]
                 watching = folder in self.watchers
-                over_share = not watching and len(self.watchers) >= self.max_folders
+                holder = None if watching else folder_store.lease_owner(conn, folder_id)
+                # A worker of this run that died (and was replaced: by this one, maybe) holds nothing.
+                replacing = holder if holder and is_dead_sibling(self.owner, holder) else None
+                over_share = not watching and replacing is None and len(self.watchers) >= self.max_folders
                 # Beyond its share a worker takes only a folder nobody has watched for a while
                 # (its worker died and was not replaced, e.g. another container is down).
-                if over_share and not folder_store.is_orphaned(
-                    conn, self.folder_ids[folder], now - 2 * LEASE_TTL
-                ):
+                if over_share and not folder_store.is_orphaned(conn, folder_id, 2 * LEASE_TTL):
                     continue
-                held = folder_store.acquire_lease(conn, self.folder_ids[folder], self.owner, now, LEASE_TTL)
-            if held and not watching:
+                epoch = folder_store.acquire_lease(
+                    conn, folder_id, self.owner, LEASE_TTL, replacing=replacing
+                )
+            if epoch is not None and not watching:
                 self.log.info("watching folder", folder=folder)
                 self.watchers[folder] = self._watcher(folder)
-            elif not held and watching:
-                self.log.warning("lost the lease of a folder to another worker", folder=folder)
-                self.watchers.pop(folder).close()
-                if not any(watcher.shared is not None for watcher in self.watchers.values()):
-                    self.shared.close()  # no polled folder left: do not hold one of the account's connections
+            if epoch is not None:
+                self.watchers[folder].sync.fence = epoch
+            elif watching:
+                self._stop_watching(folder)
+
+    def _stop_watching(self, folder: str) -> None:
+        self.log.warning("lost the lease of a folder to another worker", folder=folder)
+        self.watchers.pop(folder).close()
+        if not any(watcher.shared is not None for watcher in self.watchers.values()):
+            self.shared.close()  # no polled folder left: do not hold one of the account's connections
 
     def _watcher(self, folder: str) -> FolderWatcher:
         sync = FolderSync(self.engine, self.config, folder, cache=self.cache, clock=self.clock)

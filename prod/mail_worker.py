@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import socket
+import os
 
 from emailops.pipeline import AfterIndexStage, MailPipeline
+from emailops.processes import ProcessIdentity, new_run_id
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
-from emailops.replies.stages import OutboxStage, RulesStage, claimer_id
+from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
 from prod.runtime_settings import RuntimeSettings
+from prod.worker import RUN_ID_ENV
 
 
 def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
@@ -20,10 +22,10 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     """
     engine = create_index_engine(settings.index_db_url)
     migrate(engine)
-    claimer = claimer_id(worker_id)
-    # The folder lease belongs to the worker slot, not the process: a worker that replaces a dead
-    # one takes its folders back at once instead of waiting for the lease to expire.
-    lease_owner = f"{socket.gethostname()}:w{worker_id}"
+    # One identity owns this process's folder leases and work claims. A worker that replaces a dead
+    # one of the same run takes its folders back at once (see ProcessIdentity.names_dead_sibling).
+    run = os.environ.get(RUN_ID_ENV) or new_run_id()
+    owner = str(ProcessIdentity.of_this_process(worker_id, run=run))
     sync_config = settings.sync_config()
     reply_config = settings.reply_config()
     imap = settings.imap_config()
@@ -32,10 +34,10 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         OutboxStage(
             engine,
             account=sync_config.account,
-            claimer=claimer,
+            claimer=owner,
             config=reply_config,
             sender=SmtpSender(settings.smtp_config()),
             mailbox=MailboxSession(imap),
         ),
     ]
-    return MailPipeline(engine, imap, sync_config, owner=lease_owner, workers=settings.workers, stages=stages)
+    return MailPipeline(engine, imap, sync_config, owner=owner, workers=settings.workers, stages=stages)

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
+from emailops.processes import new_run_id
 from prod import heartbeat as state_file
 from prod.logging_setup import LogCollector, get_logger
-from prod.worker import EXIT_BOOT_FAILURE, WorkerSpec, worker_main
+from prod.worker import EXIT_BOOT_FAILURE, RUN_ID_ENV, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
@@ -122,6 +123,8 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")
+        # Inherited by every worker this supervisor spawns (spawn copies the environment).
+        os.environ[RUN_ID_ENV] = new_run_id()
         self._log = get_logger("supervisor")
         self.slots = [WorkerSlot(worker_id=n) for n in range(1, self.settings.workers + 1)]
         self._pending_signals: list[tuple[int, float]] = []  # (signal, when it arrived)

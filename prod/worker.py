@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from prod.runtime_settings import RuntimeSettings
 
 DEFAULT_WORKER_TARGET = "prod.mail_worker:create_unit"
+# Set by the supervisor in its workers' environment: the random id of its start, which makes the
+# identity of each worker process unique (``emailops.processes.ProcessIdentity``).
+RUN_ID_ENV = "EMAILOPS_RUN_ID"
 
 EXIT_OK = 0
 EXIT_BOOT_FAILURE = 3

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text, update
 
 from emailops.config import ServerConfig, SyncConfig, TlsSecurity
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
+from emailops.store.schema import folders
 from prod.localmail.dovecot import LocalDovecot
 
 ALICE = "alice@example.test"
@@ -86,3 +88,18 @@ def daemon_env(dovecot: LocalDovecot, data: Path, **overrides: str) -> dict[str,
     )
     env.update(overrides)
     return env
+
+
+def age_leases(engine: Engine, by: timedelta) -> None:
+    """Move every lease and sync time ``by`` into the past, as if that much time went by."""
+    with engine.begin() as conn:
+        times = conn.execute(select(folders.c.id, folders.c.lease_expires_at, folders.c.last_sync_at)).all()
+        for folder_id, expires, synced in times:
+            conn.execute(
+                update(folders)
+                .where(folders.c.id == folder_id)
+                .values(
+                    lease_expires_at=expires - by if expires else None,
+                    last_sync_at=synced - by if synced else None,
+                )
+            )

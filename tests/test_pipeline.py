@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from structlog.testing import capture_logs
 
 from emailops.pipeline import LEASE_TTL, MailPipeline
 from prod.localmail.dovecot import LocalDovecot
-from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
+from tests.index_helpers import (
+    ALICE,
+    age_leases,
+    daemon_env,
+    imap_config,
+    index_engine,
+    message,
+    rows,
+    sync_config,
+)
 
 
 def test_two_workers_share_folders_without_double_fetching(dovecot: LocalDovecot, db_url: str) -> None:
@@ -36,7 +50,7 @@ def test_two_workers_share_folders_without_double_fetching(dovecot: LocalDovecot
     second.next_lease_check = 0
     second.run_once()
     assert len(second.watchers) == 1
-    second.clock = lambda: datetime.now(UTC) + 2 * LEASE_TTL + timedelta(seconds=5)
+    age_leases(engine, 2 * LEASE_TTL + timedelta(seconds=5))
     second.next_lease_check = 0
     second.run_once()
     assert set(second.watchers) == {"INBOX", "Archive"}
@@ -61,14 +75,18 @@ def test_folders_beyond_the_idle_ones_share_one_polled_connection(db_url: str) -
         def indexed() -> int:
             return int(rows(engine, "SELECT count(*) FROM messages")[0][0])  # type: ignore[call-overload]
 
-        for _ in range(30):
+        def idling() -> list[str]:
+            return [folder for folder, watcher in pipeline.watchers.items() if watcher.idling]
+
+        deadline = time.monotonic() + 20
+        while (indexed() < len(folders) or len(idling()) < 2) and time.monotonic() < deadline:
             pipeline.run_once()
         assert indexed() == len(folders)
-        idling = [folder for folder, watcher in pipeline.watchers.items() if watcher.idling]
-        assert idling == ["INBOX", "Box1"]
+        assert idling() == ["INBOX", "Box1"]
         for n, folder in enumerate(folders):
             dovecot.append(ALICE, folder, message(100 + n))  # a connection of the test's own, too
-        for _ in range(30):
+        deadline = time.monotonic() + 20
+        while indexed() < 2 * len(folders) and time.monotonic() < deadline:
             pipeline.run_once()
         assert indexed() == 2 * len(folders)
 
@@ -106,3 +124,81 @@ def test_a_push_on_any_idle_folder_is_handled_at_once(dovecot: LocalDovecot, db_
     # Before: each folder waited 10 s in turn, and Box3's push was handled after about 30 s.
     assert time.monotonic() - started < 10
     pipeline.close()
+
+
+def _watching_pipeline(dovecot: LocalDovecot, engine: Engine, owner: str, **kwargs: object) -> MailPipeline:
+    config = sync_config(poll_interval_seconds=300)
+    return MailPipeline(engine, imap_config(dovecot), config, owner=owner, step_seconds=0.1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_host_whose_clock_runs_ahead_does_not_take_a_live_lease(dovecot: LocalDovecot, db_url: str) -> None:
+    # Leases are timed by the database's clock: a host 45 s ahead (more than the 30 s lease) once
+    # found every other host's lease expired and watched their folders too.
+    engine = index_engine(db_url)
+    first = _watching_pipeline(dovecot, engine, "host-a:r1:1:w1")
+    first.run_once()
+    assert set(first.watchers) == {"INBOX"}
+    ahead = datetime.now(UTC) + timedelta(seconds=45)
+    second = _watching_pipeline(dovecot, engine, "host-b:r2:1:w1", clock=lambda: ahead)
+    for _ in range(3):
+        second.run_once()
+        second.next_lease_check = 0
+    assert second.watchers == {}
+    first.close()
+    second.close()
+
+
+def test_a_paused_holder_that_resumes_after_a_takeover_stops_at_its_first_write(
+    dovecot: LocalDovecot, db_url: str
+) -> None:
+    engine = index_engine(db_url)
+    paused = _watching_pipeline(dovecot, engine, "host-a:r1:1:w1")
+    deadline = time.monotonic() + 20
+    while not (paused.watchers and paused.watchers["INBOX"].idling):
+        assert time.monotonic() < deadline
+        paused.run_once()
+    # Frozen (SIGSTOP, a long GC pause) past its lease: another worker takes the folder over.
+    age_leases(engine, LEASE_TTL + timedelta(seconds=1))
+    live = _watching_pipeline(dovecot, engine, "host-b:r2:1:w1")
+    live.run_once()
+    assert set(live.watchers) == {"INBOX"}
+    dovecot.deliver(ALICE, message(1))
+    with capture_logs() as logs:
+        deadline = time.monotonic() + 20
+        while "INBOX" in paused.watchers:  # resumed, before its next lease check (10 s away)
+            assert time.monotonic() < deadline, "the paused holder kept watching"
+            paused.run_once()
+    assert any(entry["event"] == "lost the lease of a folder to another worker" for entry in logs)
+    deadline = time.monotonic() + 20
+    while rows(engine, "SELECT count(*) FROM messages") != [(1,)]:
+        assert time.monotonic() < deadline
+        live.run_once()
+    paused.close()
+    live.close()
+
+
+def test_workers_of_two_containers_with_one_host_name_are_told_apart(
+    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Containers of one compose service can share a host name, and both have a worker 1; each
+    # process start has an identity of its own, so only one of them watches the folder.
+    from prod.mail_worker import create_unit
+    from prod.runtime_settings import RuntimeSettings
+    from prod.worker import RUN_ID_ENV
+
+    env = daemon_env(dovecot, tmp_path, INDEX_DB_URL=db_url)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = RuntimeSettings.from_env()
+    units = []
+    for run in ("container-a", "container-b"):
+        monkeypatch.setenv(RUN_ID_ENV, run)
+        units.append(create_unit(settings, 1))
+    assert units[0].owner != units[1].owner
+    for _ in range(3):
+        for unit in units:
+            unit.run_once()
+            unit.next_lease_check = 0
+    assert sorted(len(unit.watchers) for unit in units) == [0, 1]
+    for unit in units:
+        unit.close()

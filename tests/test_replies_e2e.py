@@ -19,11 +19,12 @@ from sqlalchemy import Engine, text, update
 
 from emailops.config import ReplyConfig, TlsSecurity
 from emailops.pipeline import MailPipeline
+from emailops.processes import ProcessIdentity
 from emailops.replies import outbox
 from emailops.replies.delivery import deliver_next
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
-from emailops.replies.stages import OutboxStage, RulesStage, claimer_id
+from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.schema import outbox as outbox_table
 from prod.localmail.dovecot import LocalDovecot
 from prod.localmail.smtp_relay import LocalSmtpRelay
@@ -67,7 +68,7 @@ class Daemon:
         self.config = ReplyConfig(from_address=ALICE, own_addresses=(ALICE,), rules_file=rules_file, **reply)  # type: ignore[arg-type]
         imap = imap_config(dovecot)
         smtp = imap_config(dovecot, port=relay.port, security=TlsSecurity.NONE)
-        owner = claimer_id(1)
+        owner = str(ProcessIdentity.of_this_process(1, run="test"))
         self.pipeline = MailPipeline(
             self.engine,
             imap,
@@ -275,7 +276,8 @@ def _claim_then_die(db_url: str) -> None:
         def send(self, **_: object) -> str:
             os._exit(9)
 
-    deliver_next(engine, DyingSender(), claimer=claimer_id(7), envelope_from=ALICE, max_attempts=5)  # type: ignore[arg-type]
+    claimer = str(ProcessIdentity.of_this_process(7, run="test"))
+    deliver_next(engine, DyingSender(), claimer=claimer, envelope_from=ALICE, max_attempts=5)  # type: ignore[arg-type]
 
 
 def test_a_crash_between_claim_and_send_leaves_unknown_and_is_not_resent(

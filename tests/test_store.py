@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, inspect
 
 from emailops.mime.model import Address, Attachment, ParsedMessage
@@ -15,7 +16,7 @@ from emailops.store import messages as message_store
 from emailops.store.content import message_content
 from emailops.store.database import create_index_engine, reading
 from emailops.store.migrations import MIGRATIONS, current_version, migrate
-from tests.index_helpers import index_engine, rows
+from tests.index_helpers import age_leases, index_engine, rows
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
@@ -237,17 +238,46 @@ def test_sqlite_dates_stored_at_the_senders_offset_are_corrected(tmp_path: Path)
     assert rows(engine, "SELECT date FROM messages") == [("2024-05-06 07:00:00.000000",)]
 
 
-def test_a_folder_lease_has_one_live_owner(db_url: str) -> None:
+def test_a_folder_lease_has_one_live_owner_and_a_new_epoch_at_each_takeover(db_url: str) -> None:
     engine = index_engine(db_url)
     ttl = timedelta(seconds=60)
     with engine.begin() as conn:
         folder = folder_store.ensure_folder(conn, "acct", "INBOX")
-        assert folder_store.acquire_lease(conn, folder.id, "w1", NOW, ttl)
-        assert not folder_store.acquire_lease(conn, folder.id, "w2", NOW + timedelta(seconds=30), ttl)
-        assert folder_store.acquire_lease(conn, folder.id, "w1", NOW + timedelta(seconds=30), ttl)
-        # w1 died: its lease runs out and w2 takes the folder over.
-        assert folder_store.acquire_lease(conn, folder.id, "w2", NOW + timedelta(seconds=91), ttl)
+        first = folder_store.acquire_lease(conn, folder.id, "w1", ttl)
+        assert first is not None
+        assert folder_store.acquire_lease(conn, folder.id, "w2", ttl) is None
+        assert folder_store.acquire_lease(conn, folder.id, "w1", ttl) == first  # renewed: same epoch
+    # w1 died: its lease runs out (by the database's clock) and w2 takes the folder over.
+    age_leases(engine, ttl + timedelta(seconds=1))
+    with engine.begin() as conn:
+        assert folder_store.acquire_lease(conn, folder.id, "w2", ttl) == first + 1
         folder_store.release_lease(conn, folder.id, "w1")  # not the owner any more: no effect
-        assert not folder_store.acquire_lease(conn, folder.id, "w1", NOW + timedelta(seconds=92), ttl)
-        folder_store.release_lease(conn, folder.id, "w2")
-        assert folder_store.acquire_lease(conn, folder.id, "w1", NOW + timedelta(seconds=93), ttl)
+        assert folder_store.acquire_lease(conn, folder.id, "w1", ttl) is None
+        # A holder known dead (a replaced worker of this run) is replaced at once.
+        assert folder_store.acquire_lease(conn, folder.id, "w3", ttl, replacing="w2") == first + 2
+        folder_store.release_lease(conn, folder.id, "w3")
+        assert folder_store.acquire_lease(conn, folder.id, "w1", ttl) == first + 3
+
+
+def test_a_former_holder_cannot_write_the_folder_state_after_a_takeover(db_url: str) -> None:
+    engine = index_engine(db_url)
+    ttl = timedelta(seconds=60)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        old = folder_store.acquire_lease(conn, folder.id, "paused", ttl)
+        folder_store.save_progress(conn, folder.id, uidnext=5, fence=old)
+    age_leases(engine, ttl + timedelta(seconds=1))
+    with engine.begin() as conn:
+        new = folder_store.acquire_lease(conn, folder.id, "live", ttl)
+        folder_store.save_progress(conn, folder.id, uidnext=9, fence=new)
+    for write in (
+        lambda conn: folder_store.save_progress(conn, folder.id, uidnext=6, fence=old),
+        lambda conn: folder_store.touch_sync(conn, folder.id, NOW, fence=old),
+        lambda conn: folder_store.save_sync_state(
+            conn, folder.id, uidvalidity=1, uidnext=6, highestmodseq=None, now=NOW, fence=old
+        ),
+    ):
+        with pytest.raises(folder_store.LeaseLostError), engine.begin() as conn:
+            write(conn)
+    with engine.connect() as conn:
+        assert folder_store.get_folder(conn, "acct", "INBOX").uidnext == 9  # type: ignore[union-attr]

@@ -141,6 +141,9 @@ class FolderSync:
         self.cache = cache
         self.clock = clock
         self.log = log.bind(folder=folder)
+        # The lease epoch of the worker watching the folder: every write of the folder's sync state
+        # checks it (``folders.LeaseLostError`` once another took over). None: no lease (one-off).
+        self.fence: int | None = None
         # The connection on which this folder is selected now, if any.
         self._selected_on: IMAPClient | None = None
 
@@ -211,7 +214,7 @@ class FolderSync:
         ):
             return False
         with self.engine.begin() as conn:
-            folder_store.touch_sync(conn, state.id, self.clock())
+            folder_store.touch_sync(conn, state.id, self.clock(), fence=self.fence)
         return True
 
     def _pass(
@@ -268,6 +271,7 @@ class FolderSync:
             folder_store.save_sync_state(
                 conn,
                 state.id,
+                fence=self.fence,
                 uidvalidity=status.uidvalidity,
                 uidnext=status.uidnext,
                 highestmodseq=status.highestmodseq,
@@ -313,6 +317,7 @@ class FolderSync:
             folder_store.save_sync_state(
                 conn,
                 state.id,
+                fence=self.fence,
                 uidvalidity=status.uidvalidity,
                 uidnext=None,
                 highestmodseq=None,
@@ -353,6 +358,7 @@ class FolderSync:
             folder_store.save_sync_state(
                 conn,
                 state.id,
+                fence=self.fence,
                 uidvalidity=status.uidvalidity,
                 uidnext=None,
                 highestmodseq=None,
@@ -496,7 +502,9 @@ class FolderSync:
                 now=self.clock(),
             )
             if save_progress and bodies:
-                folder_store.save_progress(conn, state.id, uidnext=max(body.uid for body in bodies) + 1)
+                folder_store.save_progress(
+                    conn, state.id, uidnext=max(body.uid for body in bodies) + 1, fence=self.fence
+                )
 
     def _batches(self, uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
         batch: list[int] = []

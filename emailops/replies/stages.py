@@ -7,8 +7,6 @@ quarantined after a few attempts), and outbox rows are claimed atomically.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,7 +17,7 @@ from sqlalchemy import Engine
 from emailops.config import ReplyConfig
 from emailops.imap.errors import ImapError
 from emailops.imap.watcher import CONNECTION_ERRORS
-from emailops.processes import pid_alive
+from emailops.processes import is_dead_sibling
 from emailops.replies import engine as decisions
 from emailops.replies import imap_actions, outbox
 from emailops.replies.delivery import deliver_next
@@ -45,18 +43,6 @@ AUTO_REPLIED_KEYWORD = "$AutoReplied"
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def claimer_id(worker_id: int) -> str:
-    """``host:pid:wN``: who claims work, readable by an operator and checkable on this host."""
-    return f"{socket.gethostname()}:{os.getpid()}:w{worker_id}"
-
-
-def claimer_is_dead_here(claimer: str) -> bool:
-    """True when ``claimer`` names a process of this host that no longer exists."""
-    host, _, rest = claimer.partition(":")
-    pid_text = rest.partition(":")[0]
-    return host == socket.gethostname() and pid_text.isdigit() and not pid_alive(int(pid_text))
 
 
 class RulesStage:
@@ -256,11 +242,12 @@ class OutboxStage:
 
     def _recover_interrupted(self) -> None:
         """Replies left ``sending`` by a dead process become ``unknown`` (never resent blindly):
-        at once for a claimer of this host whose process is gone, after ``STALE_CLAIM`` for others."""
+        at once for a claimer of this supervisor's run whose process is gone (see
+        ``ProcessIdentity``), after ``STALE_CLAIM`` for others."""
         now = self.clock()
         with self.engine.begin() as conn:
             claimers = outbox.sending_claimers(conn)
-            dead = tuple(claimer for claimer in claimers if claimer_is_dead_here(claimer))
+            dead = tuple(claimer for claimer in claimers if is_dead_sibling(self.claimer, claimer))
             if dead:
                 outbox.recover_interrupted(conn, now=now, claimers=dead)
             outbox.recover_interrupted(conn, now=now, claimed_before=now - STALE_CLAIM)

@@ -2,16 +2,25 @@
 
 A lease is taken with one conditional UPDATE (free, ours, or expired), which is atomic on SQLite and
 PostgreSQL alike, so N workers or N containers sharing one database never watch the same folder.
+Lease times come from the database's clock (``db_clock``), never a host's. Each change of holder
+raises the folder's ``lease_epoch``, the fencing token: the sync-state writes of a holder check
+the epoch it was given (``fence``), so a holder that was paused (GC, SIGSTOP, a frozen VM) past
+its lease and then resumed cannot write after another took over: ``LeaseLostError``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Insert, and_, or_, select, update
+from sqlalchemy import Connection, Insert, Update, and_, case, or_, select, update
 
+from emailops.store.db_clock import db_now
 from emailops.store.schema import folders
+
+
+class LeaseLostError(Exception):
+    """Another worker took the folder's lease over: this one must stop writing its state."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ def save_sync_state(
     server_count: int | None = None,
     baseline_uidnext: int | None = None,
     reconciled: bool = False,
+    fence: int | None = None,
 ) -> None:
     values: dict[str, object] = {
         "uidvalidity": uidvalidity,
@@ -94,54 +104,66 @@ def save_sync_state(
         values["first_synced_at"] = now
     if reconciled:
         values["last_reconcile_at"] = now
-    conn.execute(update(folders).where(folders.c.id == folder_id).values(**values))
+    _write_state(conn, update(folders).where(folders.c.id == folder_id).values(**values), fence)
 
 
-def touch_sync(conn: Connection, folder_id: int, now: datetime) -> None:
+def touch_sync(conn: Connection, folder_id: int, now: datetime, fence: int | None = None) -> None:
     """A poll found nothing new: the folder is in sync as of ``now``."""
-    conn.execute(update(folders).where(folders.c.id == folder_id).values(last_sync_at=now))
+    _write_state(conn, update(folders).where(folders.c.id == folder_id).values(last_sync_at=now), fence)
 
 
-def save_progress(conn: Connection, folder_id: int, *, uidnext: int) -> None:
+def save_progress(conn: Connection, folder_id: int, *, uidnext: int, fence: int | None = None) -> None:
     """Record that every UID below ``uidnext`` is indexed (a pass in progress)."""
-    conn.execute(update(folders).where(folders.c.id == folder_id).values(uidnext=uidnext))
+    _write_state(conn, update(folders).where(folders.c.id == folder_id).values(uidnext=uidnext), fence)
 
 
-def acquire_lease(conn: Connection, folder_id: int, owner: str, now: datetime, ttl: timedelta) -> bool:
-    """Take or renew the folder's lease for ``owner``; False while another live owner holds it."""
-    result = conn.execute(
+def _write_state(conn: Connection, statement: Update, fence: int | None) -> None:
+    """Write the folder's sync state; with a ``fence``, only while the lease epoch is still it."""
+    if fence is None:
+        conn.execute(statement)
+        return
+    if conn.execute(statement.where(folders.c.lease_epoch == fence)).rowcount != 1:
+        raise LeaseLostError(f"the folder's lease changed hands (epoch {fence} is over)")
+
+
+def acquire_lease(
+    conn: Connection, folder_id: int, owner: str, ttl: timedelta, *, replacing: str | None = None
+) -> int | None:
+    """Take or renew the folder's lease for ``owner``: the lease epoch it holds, or None while
+    another live owner holds it. ``replacing`` names a holder known to be dead (a worker of this
+    run that was replaced), whose lease is taken at once rather than after it expires."""
+    takeable = [
+        folders.c.lease_owner.is_(None),
+        folders.c.lease_owner == owner,
+        folders.c.lease_expires_at < db_now(conn),
+    ]
+    if replacing is not None:
+        takeable.append(folders.c.lease_owner == replacing)
+    # Renewing keeps the epoch; any change of holder raises it.
+    epoch = case((folders.c.lease_owner == owner, folders.c.lease_epoch), else_=folders.c.lease_epoch + 1)
+    return conn.execute(
         update(folders)
-        .where(
-            folders.c.id == folder_id,
-            or_(
-                folders.c.lease_owner.is_(None),
-                folders.c.lease_owner == owner,
-                folders.c.lease_expires_at < now,
-            ),
-        )
-        .values(lease_owner=owner, lease_expires_at=now + ttl)
-    )
-    return result.rowcount == 1
+        .where(folders.c.id == folder_id, or_(*takeable))
+        .values(lease_owner=owner, lease_expires_at=db_now(conn, ttl), lease_epoch=epoch)
+        .returning(folders.c.lease_epoch)
+    ).scalar_one_or_none()
 
 
-def is_orphaned(conn: Connection, folder_id: int, cutoff: datetime) -> bool:
-    """No live lease, and neither a lease nor a sync since ``cutoff``: nobody is watching it."""
-    row = conn.execute(
-        select(folders.c.lease_owner, folders.c.lease_expires_at, folders.c.last_sync_at).where(
-            folders.c.id == folder_id
-        )
+def lease_owner(conn: Connection, folder_id: int) -> str | None:
+    return conn.execute(select(folders.c.lease_owner).where(folders.c.id == folder_id)).scalar_one_or_none()
+
+
+def is_orphaned(conn: Connection, folder_id: int, unwatched_for: timedelta) -> bool:
+    """No live lease, and neither a lease nor a sync for ``unwatched_for``: nobody is watching it.
+    (``last_sync_at`` is written with the syncing host's clock: a skew shortens or lengthens the
+    wait for a released folder by as much.)"""
+    cutoff = db_now(conn, -unwatched_for)
+    expired = and_(folders.c.lease_owner.is_not(None), folders.c.lease_expires_at < cutoff)
+    released_long_ago = and_(folders.c.lease_owner.is_(None), folders.c.last_sync_at < cutoff)
+    found = conn.execute(
+        select(folders.c.id).where(folders.c.id == folder_id, or_(expired, released_long_ago))
     ).first()
-    if row is None:
-        return False
-    owner, expires, last_sync = row
-    if owner is not None:
-        return expires is not None and _utc(expires) < cutoff
-    return last_sync is not None and _utc(last_sync) < cutoff
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite returns naive datetimes; everything is stored in UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return found is not None
 
 
 def release_lease(conn: Connection, folder_id: int, owner: str) -> None:

@@ -100,6 +100,10 @@ def _rules_attempts(conn: Connection) -> None:
     )
 
 
+def _lease_epoch(conn: Connection) -> None:
+    _add_column(conn, "folders", "lease_epoch", "BIGINT NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -107,6 +111,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "SQLite: message dates in UTC", _sqlite_dates_in_utc),
     Migration(5, "FTS5 merges segments in eights", set_fulltext_tuning),
     Migration(6, "messages: rules attempts, claim time and quarantine reason", _rules_attempts),
+    Migration(7, "folders.lease_epoch: the lease's fencing token", _lease_epoch),
 )
 
 

@@ -48,6 +48,8 @@ folders = Table(
     # Which worker watches the folder; a lease that expired may be taken over.
     Column("lease_owner", String(200)),
     Column("lease_expires_at", DateTime(timezone=True)),
+    # The fencing token: raised at each change of the lease's holder (see store.folders).
+    Column("lease_epoch", BigInteger, nullable=False, default=0, server_default="0"),
     UniqueConstraint("account", "name", name="uq_folders_account_name"),
 )
 
