@@ -22,7 +22,7 @@ _SERVER_EXTENSIONS = """\
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2
+subjectAltName={names}
 subjectKeyIdentifier=hash
 authorityKeyIdentifier=keyid
 """
@@ -48,8 +48,13 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise CertificateError(f"openssl {args[0]} failed: {result.stderr.strip()}")
 
 
-def make_test_certificates(directory: Path) -> TestCertificates:
+# The names a loopback server's certificate is valid for, as subjectAltName entries.
+LOOPBACK_NAMES = ("DNS:localhost", "IP:127.0.0.1", "IP:127.0.0.2")
+
+
+def make_test_certificates(directory: Path, names: tuple[str, ...] = LOOPBACK_NAMES) -> TestCertificates:
     """Write ``ca.pem``, ``server.pem`` and ``server.key`` into ``directory`` and return their paths.
+    The server certificate is valid for ``names`` (other names test host name verification).
 
     EC P-256 keys keep generation in the tens of milliseconds, so every server instance can have
     its own CA.
@@ -67,7 +72,7 @@ def make_test_certificates(directory: Path) -> TestCertificates:
         "req", "-new", *ec_key, "-keyout", "server.key", "-out", "server.csr",
         "-subj", "/CN=localhost", cwd=directory,
     )  # fmt: skip
-    (directory / "server.ext").write_text(_SERVER_EXTENSIONS)
+    (directory / "server.ext").write_text(_SERVER_EXTENSIONS.format(names=",".join(names)))
     _openssl(
         "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
         "-out", "server.pem", "-days", _VALID_DAYS, "-extfile", "server.ext", cwd=directory,

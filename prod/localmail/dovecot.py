@@ -38,7 +38,7 @@ import imapclient
 from imapclient import imap_utf7
 
 from emailops.processes import pid_alive
-from prod.localmail.certs import TestCertificates, make_test_certificates
+from prod.localmail.certs import LOOPBACK_NAMES, TestCertificates, make_test_certificates
 
 DOVECOT_BINARY = "dovecot"
 DOVEADM_BINARY = "doveadm"
@@ -204,6 +204,7 @@ class LocalDovecot:
         *,
         work_dir: Path | None = None,
         tls: bool = False,
+        tls_names: tuple[str, ...] = LOOPBACK_NAMES,
         starttls_offered: bool = True,
         capabilities_removed: Iterable[str] = (),
         max_connections: int = 200,
@@ -233,6 +234,7 @@ class LocalDovecot:
             raise ValueError("IMAP4rev1 cannot be removed")
         self._capabilities = tuple(c for c in DEFAULT_CAPABILITIES if c.upper() not in removed)
         self._tls = tls
+        self._tls_names = tls_names
         self._starttls_offered = starttls_offered
         self._max_connections = max_connections
 
@@ -271,7 +273,7 @@ class LocalDovecot:
         os.chown(self._home_root, self._uid, self._gid)
         self._home_root.chmod(0o700)
         if self._tls:
-            self.certificates = make_test_certificates(self.work_dir / "tls")
+            self.certificates = make_test_certificates(self.work_dir / "tls", self._tls_names)
         self._write_passwd_file()
         self.config_file.write_text(self._render_config())
 
