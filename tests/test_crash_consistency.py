@@ -616,3 +616,31 @@ def test_killed_at_random_points_the_index_and_the_replies_stay_exact(
 def test_five_hundred_kill_points(harness: CrashHarness) -> None:
     figures = run_kill_points(harness, LONG_KILL_POINTS)
     assert len(figures.fired()) >= LONG_KILL_POINTS
+
+
+def test_hung_workers_are_replaced_and_the_work_goes_on(harness: CrashHarness) -> None:
+    """Workers stopped by SIGSTOP (hung, not dead: their sockets and leases stay) are killed by
+    the supervisor's heartbeat check and replaced; new mail is indexed and answered once."""
+    harness.env["HEARTBEAT_TIMEOUT_SECONDS"] = "3"
+    harness.fill_mailbox(inbox=40, archive=20)
+    harness.start()
+    harness.settle()
+    # The state file is written once a second: wait until it shows both workers running.
+    hung = wait_until(lambda: harness.booted_workers() if len(harness.booted_workers()) == 2 else None, 10)
+    assert hung, harness.context()
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
+    harness.deliver_new_mail()
+
+    replaced = wait_until(lambda: len(set(harness.booted_workers()) - set(hung)) == 2, timeout=30)
+    assert replaced, harness.context()
+    harness.settle()  # indexed as a clean sync sees it, and answered: exactly once (check_replies)
+    assert wait_until(lambda: not any(_pgid(pid) for pid in hung), timeout=10)  # killed and reaped
+    records = [json.loads(line) for line in harness.log_path.read_text().splitlines() if line.startswith("{")]
+    hung_kills = [r for r in records if r["message"] == "worker is hung; killing it"]
+    assert sorted(r["worker"] for r in hung_kills) == [1, 2] and {r["reason"] for r in hung_kills} == {
+        "no heartbeat"
+    }
+    with harness.engine.connect() as conn:
+        states = conn.execute(text("SELECT state, count(*) FROM outbox GROUP BY state")).all()
+    assert states == [("sent", len(harness.help_ids))]
