@@ -107,12 +107,9 @@ def test_workers_supervised_healthy_indexing_replying_and_secret_free(
 
     def replaced() -> bool:
         s = supervisor_state(data)
-        h = healthcheck(env)
-        print("DBG", s, h.stdout, h.stderr[-300:])
-        return s is not None and victim not in {w.pid for w in s.workers} and h.returncode == 0
+        return s is not None and victim not in {w.pid for w in s.workers} and healthcheck(env).returncode == 0
 
-    took = wait_for(replaced, 30, "worker replaced and healthy")
-    assert took < 30
+    wait_for(replaced, 30, "worker replaced and healthy")
     dovecot.deliver(ALICE, message(2, subject="help again", body="quokka"))
     wait_for(lambda: len(smtp_relay.accepted) == 2, 30, "second reply after the restart")
 

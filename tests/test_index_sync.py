@@ -150,6 +150,28 @@ def test_uidvalidity_change_remaps_by_message_id(dovecot: LocalDovecot, db_url: 
     assert rows(engine, "SELECT count(*) FROM messages") == [(5,)]
 
 
+def test_uidvalidity_change_takes_the_flags_of_the_new_generation(dovecot: LocalDovecot, db_url: str) -> None:
+    """A re-mapped row describes the message now on the server, flags included (found by the
+    crash harness: the old flags stayed, while a sync from scratch saw the new ones)."""
+    dovecot.create_folder(ALICE, "Projects")
+    dovecot.append(ALICE, "Projects", message(1), flags=[r"\Seen"])
+    dovecot.append(ALICE, "Projects", message(2))
+    engine = index_engine(db_url)
+    client = connect(imap_config(dovecot))
+    sync = FolderSync(engine, sync_config(folders=("Projects",)), "Projects")
+    sync.sync(client)
+
+    dovecot.delete_folder(ALICE, "Projects")
+    dovecot.create_folder(ALICE, "Projects")
+    dovecot.append(ALICE, "Projects", message(1))
+    dovecot.append(ALICE, "Projects", message(2), flags=[r"\Flagged"])
+    assert sync.sync(client).resynced
+    assert rows(engine, "SELECT uid, message_id, flags FROM messages ORDER BY uid") == [
+        (1, "<note-1@example.org>", ""),
+        (2, "<note-2@example.org>", "\\Flagged"),
+    ]
+
+
 def test_partial_passes_resume_where_they_stopped(dovecot: LocalDovecot, db_url: str) -> None:
     dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))
     engine = index_engine(db_url)

@@ -179,13 +179,12 @@ def test_doveadm_runs_against_this_instance(dovecot: LocalDovecot) -> None:
     assert result.stdout.split() == ["INBOX", "messages=1"]
 
 
-def test_bulk_load_10000_messages_in_order(dovecot: LocalDovecot, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bulk_load_10000_messages_in_order(dovecot: LocalDovecot) -> None:
     count = 10_000
     started = time.monotonic()
     written = dovecot.bulk_load(
         ALICE, "Archive", (message(f"bulk {i}") for i in range(count)), flags=[r"\Seen"]
     )
-    loaded = time.monotonic() - started
     with dovecot.imap(ALICE) as client:
         assert client.select_folder("Archive", readonly=True)[b"EXISTS"] == count
         visible = time.monotonic() - started
@@ -195,9 +194,7 @@ def test_bulk_load_10000_messages_in_order(dovecot: LocalDovecot, capsys: pytest
     assert edges[1][b"BODY[HEADER.FIELDS (SUBJECT)]"].strip() == b"Subject: bulk 0"
     assert edges[count][b"BODY[HEADER.FIELDS (SUBJECT)]"].strip() == b"Subject: bulk 9999"
     assert b"\\Seen" in edges[1][b"FLAGS"]
-    with capsys.disabled():
-        print(f"\n[bulk_load] {count} messages written in {loaded:.2f}s, selectable after {visible:.2f}s")
-    assert visible < 30
+    assert visible < 30  # generous: a few seconds here (bench/ measures the loader)
 
 
 def test_clear_errors_for_missing_binaries_and_unreachable_folder(

@@ -340,17 +340,25 @@ class FolderSync:
         assert state.uidvalidity is not None
         self.log.warning("UIDVALIDITY changed, resyncing", old=state.uidvalidity, new=status.uidvalidity)
         uid_by_message_id: dict[str, int] = {}
+        # The flags of the new generation: a re-mapped row must not keep the old message's.
+        server_flags: dict[int, tuple[tuple[str, ...], int | None]] = {}
         if status.exists:
-            response = client.fetch("1:*", ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+            condstore = status.highestmodseq is not None
+            items = ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", "FLAGS", *(["MODSEQ"] if condstore else [])]
+            response = client.fetch("1:*", items)
             for uid, data in response.items():
                 header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
                 found = _MESSAGE_ID.search(header or b"")
                 if found:
                     uid_by_message_id.setdefault(found.group().decode("ascii", "replace"), uid)
+                server_flags[uid] = (_flags(data.get(b"FLAGS", ())), _modseq(data))  # type: ignore[arg-type]
         now = self.clock()
         with self.engine.begin() as conn:
             matched = message_store.remap_uidvalidity(
                 conn, state.id, state.uidvalidity, status.uidvalidity, uid_by_message_id
+            )
+            message_store.update_flags(
+                conn, state.id, status.uidvalidity, {uid: server_flags[uid] for uid in matched}
             )
             leftovers = message_store.live_uids(conn, state.id, state.uidvalidity)
             report.expunged += message_store.mark_expunged(conn, state.id, state.uidvalidity, leftovers, now)

@@ -134,7 +134,7 @@ def default_scratch_root() -> str | None:
     timing then depends on the disk's mood (seen: 1 to 7 seconds for the same 20,000 files).
     """
     # mkdtemp makes a private, unpredictable folder in it, so the shared parent is safe here.
-    shm = Path("/dev/shm")  # noqa: S108
+    shm = Path("/dev/shm")  # noqa: S108  # nosec B108
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
         return str(shm)
     return None
