@@ -51,6 +51,7 @@ class MailPipeline:
         config: SyncConfig,
         *,
         owner: str,
+        dead_runs: tuple[str, ...] = (),
         workers: int = 1,
         stages: Sequence[AfterIndexStage] = (),
         clock: Clock = utc_now,
@@ -61,6 +62,8 @@ class MailPipeline:
         self.server = server
         self.config = config
         self.owner = owner
+        # Runs of this host known to be over (see processes.is_dead_sibling): their leases are free.
+        self.dead_runs = dead_runs
         self.stages = list(stages)
         self.clock = clock
         self.monotonic = monotonic
@@ -133,7 +136,7 @@ class MailPipeline:
                 watching = folder in self.watchers
                 holder = None if watching else folder_store.lease_owner(conn, folder_id)
                 # A worker of this run that died (and was replaced: by this one, maybe) holds nothing.
-                replacing = holder if holder and is_dead_sibling(self.owner, holder) else None
+                replacing = holder if holder and is_dead_sibling(self.owner, holder, self.dead_runs) else None
                 over_share = not watching and replacing is None and len(self.watchers) >= self.max_folders
                 # Beyond its share a worker takes only a folder nobody has watched for a while
                 # (its worker died and was not replaced, e.g. another container is down).

@@ -67,8 +67,14 @@ class ProcessIdentity:
         )
 
 
-def is_dead_sibling(mine: str, other: str) -> bool:
+def is_dead_sibling(mine: str, other: str, dead_runs: tuple[str, ...] = ()) -> bool:
     """``ProcessIdentity.names_dead_sibling`` for owners as stored (False when ``mine`` is not an
-    identity of this form, e.g. a one-off command's)."""
+    identity of this form, e.g. a one-off command's), or ``other`` is of this host and one of
+    ``dead_runs`` (the supervisor's previous start in this container, known to be over)."""
     me = ProcessIdentity.parse(mine)
-    return me is not None and me.names_dead_sibling(other)
+    if me is None:
+        return False
+    theirs = ProcessIdentity.parse(other)
+    if theirs is not None and theirs.host == me.host and theirs.run in dead_runs:
+        return True
+    return me.names_dead_sibling(other)

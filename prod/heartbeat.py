@@ -73,3 +73,22 @@ def read_state(state_dir: Path) -> SupervisorState | None:
 
 def remove_state(state_dir: Path) -> None:
     state_path(state_dir).unlink(missing_ok=True)
+
+
+RUN_ID_FILENAME = "run_id"
+
+
+def previous_run_over(state_dir: Path, new_run: str, now: float) -> str | None:
+    """Record ``new_run`` as this STATE_DIR's supervisor run; return the previous run's id when
+    that run is known to be over: it left no state file (stopped cleanly) or a stale one (killed),
+    or the file names this very process (a container restarted with the same pid). None when
+    there was no previous run, or it may still be alive."""
+    path = state_dir / RUN_ID_FILENAME
+    try:
+        previous = path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        previous = None
+    state = read_state(state_dir)
+    over = state is None or now - state.heartbeat > SUPERVISOR_STALE_SECONDS or state.pid == os.getpid()
+    path.write_text(new_run, encoding="utf-8")
+    return previous if over else None

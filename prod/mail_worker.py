@@ -12,7 +12,7 @@ from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
 from prod.runtime_settings import RuntimeSettings
-from prod.worker import RUN_ID_ENV
+from prod.worker import PREVIOUS_RUN_ID_ENV, RUN_ID_ENV
 
 
 def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
@@ -26,6 +26,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     # one of the same run takes its folders back at once (see ProcessIdentity.names_dead_sibling).
     run = os.environ.get(RUN_ID_ENV) or new_run_id()
     owner = str(ProcessIdentity.of_this_process(worker_id, run=run))
+    dead_runs = tuple(filter(None, [os.environ.get(PREVIOUS_RUN_ID_ENV)]))
     sync_config = settings.sync_config()
     reply_config = settings.reply_config()
     imap = settings.imap_config()
@@ -38,6 +39,15 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
             config=reply_config,
             sender=SmtpSender(settings.smtp_config()),
             mailbox=MailboxSession(imap),
+            dead_runs=dead_runs,
         ),
     ]
-    return MailPipeline(engine, imap, sync_config, owner=owner, workers=settings.workers, stages=stages)
+    return MailPipeline(
+        engine,
+        imap,
+        sync_config,
+        owner=owner,
+        dead_runs=dead_runs,
+        workers=settings.workers,
+        stages=stages,
+    )

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from emailops.processes import new_run_id
 from prod import heartbeat as state_file
 from prod.logging_setup import LogCollector, get_logger
-from prod.worker import EXIT_BOOT_FAILURE, RUN_ID_ENV, WorkerSpec, worker_main
+from prod.worker import EXIT_BOOT_FAILURE, PREVIOUS_RUN_ID_ENV, RUN_ID_ENV, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
@@ -124,7 +124,7 @@ class Supervisor:
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")
         # Inherited by every worker this supervisor spawns (spawn copies the environment).
-        os.environ[RUN_ID_ENV] = new_run_id()
+        self.run_id = os.environ[RUN_ID_ENV] = new_run_id()
         self._log = get_logger("supervisor")
         self.slots = [WorkerSlot(worker_id=n) for n in range(1, self.settings.workers + 1)]
         self._pending_signals: list[tuple[int, float]] = []  # (signal, when it arrived)
@@ -144,7 +144,13 @@ class Supervisor:
 
     def run(self) -> int:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self._log.info("supervisor started", workers=self.settings.workers, target=self.target)
+        previous = state_file.previous_run_over(self.settings.state_dir, self.run_id, self.wall_clock())
+        if previous is not None:
+            # Leases and claims of the previous start (killed, or its container restarted) are free.
+            os.environ[PREVIOUS_RUN_ID_ENV] = previous
+        self._log.info(
+            "supervisor started", workers=self.settings.workers, target=self.target, run=self.run_id
+        )
         try:
             while self.exit_code is None:
                 self.loop_once()

@@ -294,3 +294,19 @@ def test_backoff_figures_and_target_parsing() -> None:
     assert load_factory("tests.shell_workers:journaling_unit").__name__ == "journaling_unit"
     with pytest.raises(ValueError, match="module:callable"):
         load_factory("tests.shell_workers")
+
+
+def test_the_previous_run_is_known_over_only_when_its_supervisor_is_gone(tmp_path: Path) -> None:
+    # Its leases and claims are taken at once by the next start (a container restarted, or killed
+    # with -9); while its supervisor may still be alive, they wait for their expiry.
+    from prod import heartbeat as state_file
+
+    now = time.time()
+    assert state_file.previous_run_over(tmp_path, "run-a", now) is None  # the first start here
+    assert state_file.previous_run_over(tmp_path, "run-b", now) == "run-a"  # stopped cleanly
+    alive = state_file.SupervisorState(pid=os.getppid(), heartbeat=now, expected_workers=1, started_at=now)
+    state_file.write_state(tmp_path, alive)
+    assert state_file.previous_run_over(tmp_path, "run-c", now + 1) is None
+    # Killed: its state file is left behind and no longer rewritten.
+    later = now + 2 + state_file.SUPERVISOR_STALE_SECONDS
+    assert state_file.previous_run_over(tmp_path, "run-d", later) == "run-c"

@@ -209,12 +209,15 @@ class OutboxStage:
         config: ReplyConfig,
         sender: SmtpSender,
         mailbox: MailboxSession,
+        dead_runs: tuple[str, ...] = (),
         clock: Clock = _utc_now,
         budget_seconds: float = 1.0,
     ) -> None:
         self.engine = engine
         self.account = account
         self.claimer = claimer
+        # Runs of this host known to be over: their claims are recovered at once.
+        self.dead_runs = dead_runs
         self.config = config
         self.sender = sender
         self.mailbox = mailbox
@@ -247,7 +250,7 @@ class OutboxStage:
         now = self.clock()
         with self.engine.begin() as conn:
             claimers = outbox.sending_claimers(conn)
-            dead = tuple(claimer for claimer in claimers if is_dead_sibling(self.claimer, claimer))
+            dead = tuple(c for c in claimers if is_dead_sibling(self.claimer, c, self.dead_runs))
             if dead:
                 outbox.recover_interrupted(conn, now=now, claimers=dead)
             outbox.recover_interrupted(conn, now=now, claimed_before=now - STALE_CLAIM)
