@@ -58,6 +58,9 @@ class SyncConfig:
     fetch_batch_bytes: int = 16 * 1024 * 1024
     # Without CONDSTORE, flag changes and expunges are found by a periodic full reconcile.
     reconcile_interval_seconds: float = 300.0
+    # Passes that may fail on one new message (it raises, or hangs or kills the worker) before it
+    # is quarantined and the folder goes on without it.
+    max_attempts_per_message: int = 3
     cache_dir: Path | None = None
     cache_max_bytes: int = 2 * 1024**3
 

@@ -157,30 +157,23 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.store import index_work, rules_work
     from emailops.store.database import reading
-    from emailops.store.rules_work import list_quarantined
 
+    account = settings.sync_config().account
     with _index(settings) as engine, reading(engine) as conn:
-        entries = list_quarantined(conn, settings.sync_config().account)
+        entries = [
+            {"stage": "index", **asdict(e)} for e in index_work.list_quarantined(conn, account)
+        ] + [
+            {"stage": "rules", **{k: v for k, v in asdict(e).items() if k != "pk"}}
+            for e in rules_work.list_quarantined(conn, account)
+        ]
     if args.json:
-        _print_json(
-            [
-                {
-                    "folder": e.folder,
-                    "uidvalidity": e.uidvalidity,
-                    "uid": e.uid,
-                    "message_id": e.message_id,
-                    "stage": "rules",
-                    "attempts": e.attempts,
-                    "reason": e.reason,
-                }
-                for e in entries
-            ]
-        )
+        _print_json(entries)
         return EXIT_OK
     for e in entries:
-        message_id = e.message_id or "(no Message-ID)"
-        print(f"{e.folder}:{e.uid}  {message_id}  rules, {e.attempts} attempts: {e.reason}")
+        where = f"{e['folder']}:{e['uid']}  {e['message_id'] or '(no Message-ID)'}"
+        print(f"{where}  {e['stage']}, {e['attempts']} attempts: {e['reason']}")
     print(f"{len(entries)} quarantined message(s)", file=sys.stderr)
     return EXIT_OK
 
@@ -351,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(handler=cmd_stats)
 
     quarantine = commands.add_parser(
-        "quarantine", help="messages set aside because their rules kept failing (never answered)"
+        "quarantine",
+        help="messages set aside because indexing or their rules kept failing (never answered)",
     )
     quarantine.add_argument("--json", action="store_true", help="print a JSON list")
     quarantine.set_defaults(handler=cmd_quarantine)

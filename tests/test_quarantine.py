@@ -109,3 +109,58 @@ def test_a_message_that_hangs_the_worker_is_quarantined_and_the_next_one_answere
         listing = quarantine_listing(env)
     assert [(e["folder"], e["uid"], e["stage"], e["attempts"]) for e in listing] == [("INBOX", 1, "rules", 3)]
     assert [a.rcpt_tos for a in smtp_relay.accepted] == [("bob@example.test",)]
+
+
+def test_a_message_that_indexing_keeps_failing_on_is_quarantined_and_the_folder_goes_on(
+    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before, a pass that raised on a message started again at the same UID for ever: nothing
+    # after it was indexed. A connection dropped meanwhile does not count against the message.
+    import time
+
+    from emailops.imap import parsing
+    from emailops.imap.sync import FolderSync
+    from emailops.imap.watcher import FolderWatcher
+    from tests.index_helpers import imap_config, index_engine, message, rows, sync_config
+    from tests.test_index_watcher import step_until
+
+    real = parsing.parse_message
+    poison_parses: list[int] = []
+
+    def failing_on_poison(raw: bytes, **kwargs: Any) -> Any:
+        if b"poison" not in raw:
+            return real(raw, **kwargs)
+        poison_parses.append(1)
+        if len(poison_parses) == 2:
+            dovecot.kill_imap_connections(ALICE)
+            raise ConnectionResetError("the connection dropped mid-pass")
+        raise MemoryError("the parser gave up")
+
+    monkeypatch.setattr(parsing, "parse_message", failing_on_poison)
+    engine = index_engine(db_url)
+    config = sync_config(poll_interval_seconds=0.2)
+    watcher = FolderWatcher(imap_config(dovecot), config, FolderSync(engine, config, "INBOX"))
+    dovecot.deliver(ALICE, message(1))
+    step_until(watcher, lambda: watcher.idling)
+    dovecot.deliver(ALICE, message(2, subject="poison", message_id="<poison@example.org>"))
+    dovecot.deliver(ALICE, message(3))
+    failed_units = 0
+    deadline = time.monotonic() + 30
+    with capture_logs() as logs:
+        while rows(engine, "SELECT count(*) FROM messages") != [(2,)]:
+            assert time.monotonic() < deadline, f"not indexed; {failed_units} failed units"
+            try:
+                watcher.step(0.2)
+            except MemoryError:
+                failed_units += 1  # as the worker's loop does: logged, and it goes on
+    watcher.close()
+    assert (failed_units, len(poison_parses)) == (3, 4)
+    assert rows(engine, "SELECT uid FROM messages ORDER BY uid") == [(1,), (3,)]
+    (error,) = [e for e in logs if e["log_level"] == "error"]
+    assert error["event"].startswith("message quarantined: indexing")
+    assert (error["uid"], error["message_id"], error["attempts"]) == (2, "<poison@example.org>", 3)
+    env = daemon_env(dovecot, tmp_path, INDEX_DB_URL=db_url)
+    listing = quarantine_listing(env)
+    assert [(e["stage"], e["folder"], e["uid"], e["message_id"]) for e in listing] == [
+        ("index", "INBOX", 2, "<poison@example.org>")
+    ]

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
+from imapclient.exceptions import IMAPClientError
+
+# Failures that mean "the connection is gone": drop it and reconnect.
+CONNECTION_ERRORS = (OSError, socket.timeout, IMAPClientError, EOFError)
+
 
 class ImapError(Exception):
     """Base class for failures talking to the IMAP server."""

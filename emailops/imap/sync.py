@@ -36,9 +36,10 @@ from emailops.cache import CachedCopies, RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
-from emailops.imap.errors import ImapFolderMissingError
+from emailops.imap.errors import CONNECTION_ERRORS, ImapFolderMissingError
 from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
 from emailops.store import folders as folder_store
+from emailops.store import index_work
 from emailops.store import messages as message_store
 from emailops.store.database import reading
 from emailops.store.schema import messages
@@ -404,11 +405,73 @@ class FolderSync:
                     )
                 ).scalars()
             )
-        wanted = sorted(uid for uid in sizes if uid not in known)
-        complete = self._fetch_uids(
-            client, state, status, wanted, report, sizes, deadline, save_progress=True
-        )
+            set_aside = index_work.quarantined_uids(conn, state.id, status.uidvalidity)
+        wanted = sorted(uid for uid in sizes if uid not in known and uid not in set_aside)
+        complete = self._fetch_counting_attempts(client, state, status, wanted, report, sizes, deadline)
         return len(sizes), complete
+
+    def _fetch_counting_attempts(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        wanted: list[int],
+        report: SyncReport,
+        sizes: dict[int, int],
+        deadline: float | None,
+    ) -> bool:
+        """Fetch new mail with an attempt counted on its first message before the work (see
+        ``store.index_work``): retried alone, then quarantined, so that no message stops the folder."""
+        if not wanted:
+            return True
+        first = wanted[0]
+        with self.engine.begin() as conn:
+            attempts = index_work.begin_attempt(conn, state.id, first)
+        if attempts > self.config.max_attempts_per_message:
+            self._quarantine(client, state, status, first, attempts - 1)
+            return self._fetch_counting_attempts(client, state, status, wanted[1:], report, sizes, deadline)
+        try:
+            if attempts > 1:
+                # Tried before and not indexed: alone this time, so that it holds back no other.
+                self._fetch_uids(client, state, status, [first], report, sizes, save_progress=True)
+                wanted = wanted[1:]
+            return self._fetch_uids(
+                client, state, status, wanted, report, sizes, deadline, save_progress=True
+            )
+        except CONNECTION_ERRORS:
+            with self.engine.begin() as conn:
+                index_work.give_back_attempt(conn, state.id, first)
+            raise
+
+    def _quarantine(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        uid: int,
+        attempts: int,
+    ) -> None:
+        message_id = _message_id(client, uid)
+        reason = f"indexing did not finish in {attempts} attempts (it raised, or hung or killed the worker)"
+        with self.engine.begin() as conn:
+            index_work.quarantine(
+                conn,
+                state.id,
+                status.uidvalidity,
+                uid,
+                message_id=message_id,
+                attempts=attempts,
+                reason=reason,
+                now=self.clock(),
+            )
+            folder_store.save_progress(conn, state.id, uidnext=uid + 1, fence=self.fence)
+        self.log.error(
+            "message quarantined: indexing it keeps failing; the folder goes on (emailops quarantine)",
+            uid=uid,
+            message_id=message_id,
+            attempts=attempts,
+            reason=reason,
+        )
 
     def _fetch_uids(
         self,
@@ -618,6 +681,19 @@ class FolderSync:
             gone = indexed - on_server
             count = message_store.mark_expunged(conn, folder_id, status.uidvalidity, gone, self.clock())
         return count, on_server - indexed
+
+
+def _message_id(client: IMAPClient, uid: int) -> str | None:
+    """The message's Message-ID, read from its header alone (best effort: the message is bad)."""
+    try:
+        answer = client.fetch([uid], ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).get(uid, {})
+    except IMAPClientAbortError:
+        raise
+    except IMAPClientError:
+        return None
+    raw = next((value for key, value in answer.items() if key.startswith(b"BODY[HEADER")), b"")
+    _, _, value = bytes(raw or b"").partition(b":")
+    return value.strip().decode("ascii", "replace")[:998] or None
 
 
 def _modseq(data: dict[bytes, object]) -> int | None:

@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import structlog
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError
 
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import PendingInput, forget_unsolicited, pending_input
 from emailops.imap.connection import ReconnectPolicy, SharedConnection, close_quietly, connect
 from emailops.imap.errors import (
+    CONNECTION_ERRORS,
     ImapAuthError,
     ImapError,
     ImapFolderMissingError,
@@ -31,9 +31,6 @@ from emailops.imap.errors import (
 from emailops.imap.sync import FolderSync, SyncReport
 
 log = structlog.get_logger(component="imap")
-
-# Failures that mean "the connection is gone": drop it and reconnect.
-CONNECTION_ERRORS = (OSError, socket.timeout, IMAPClientError, EOFError)
 
 
 class FolderWatcher:

@@ -17,7 +17,7 @@ from imapclient import IMAPClient
 
 from emailops.config import ServerConfig
 from emailops.imap.connection import close_quietly, connect
-from emailops.imap.watcher import CONNECTION_ERRORS
+from emailops.imap.errors import CONNECTION_ERRORS
 
 
 class MailboxSession:

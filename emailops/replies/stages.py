@@ -15,8 +15,7 @@ import structlog
 from sqlalchemy import Engine
 
 from emailops.config import ReplyConfig
-from emailops.imap.errors import ImapError
-from emailops.imap.watcher import CONNECTION_ERRORS
+from emailops.imap.errors import CONNECTION_ERRORS, ImapError
 from emailops.processes import is_dead_sibling
 from emailops.replies import engine as decisions
 from emailops.replies import imap_actions, outbox

@@ -50,6 +50,9 @@ folders = Table(
     Column("lease_expires_at", DateTime(timezone=True)),
     # The fencing token: raised at each change of the lease's holder (see store.folders).
     Column("lease_epoch", BigInteger, nullable=False, default=0, server_default="0"),
+    # Attempts to index the folder's next new message (see store.index_work).
+    Column("index_attempt_uid", BigInteger),
+    Column("index_attempts", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("account", "name", name="uq_folders_account_name"),
 )
 
@@ -115,6 +118,22 @@ Index("ix_attachments_message_pk", attachments.c.message_pk)
 
 # One automatic reply per (account, inbound message, rule). inbound_key is the inbound Message-ID,
 # or "<folder>/<uidvalidity>/<uid>" when it has none.
+# Messages indexing kept failing on (it raised, or hung or killed the worker): never indexed, listed
+# by `emailops quarantine`.
+index_quarantine = Table(
+    "index_quarantine",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("folder_id", Id, ForeignKey("folders.id", ondelete="CASCADE"), nullable=False),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("message_id", String(1000)),
+    Column("attempts", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("quarantined_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_index_quarantine_folder_uid"),
+)
+
 outbox = Table(
     "outbox",
     metadata,

@@ -1,0 +1,105 @@
+"""Attempts to index a folder's next new message, and the messages set aside after too many.
+
+A message that makes indexing raise, hang or kill the worker would otherwise stop its folder for
+good: each pass starts again at the first UID not indexed. So each pass that fetches new mail
+first commits an attempt on that UID (``folders.index_attempt_uid`` and ``index_attempts``). From
+the second attempt on, that message is fetched alone, so that one bad message cannot hold back the
+others of its batch; once it has used up its attempts it is quarantined (a row here) and the folder
+goes on past it. A connection dropped mid-pass is not the message's fault: the attempt is given back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, case, select, update
+
+from emailops.store.schema import folders, index_quarantine
+
+MAX_REASON_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class IndexQuarantined:
+    folder: str
+    uidvalidity: int
+    uid: int
+    message_id: str | None
+    attempts: int
+    reason: str
+
+
+def begin_attempt(conn: Connection, folder_id: int, uid: int) -> int:
+    """Count an attempt to index ``uid`` (commit before the work); the attempts so far, this one in."""
+    return conn.execute(
+        update(folders)
+        .where(folders.c.id == folder_id)
+        .values(
+            index_attempts=case(
+                (folders.c.index_attempt_uid == uid, folders.c.index_attempts + 1), else_=1
+            ),
+            index_attempt_uid=uid,
+        )
+        .returning(folders.c.index_attempts)
+    ).scalar_one()
+
+
+def give_back_attempt(conn: Connection, folder_id: int, uid: int) -> None:
+    """The attempt ended for a reason outside the message (the connection dropped)."""
+    conn.execute(
+        update(folders)
+        .where(folders.c.id == folder_id, folders.c.index_attempt_uid == uid, folders.c.index_attempts > 0)
+        .values(index_attempts=folders.c.index_attempts - 1)
+    )
+
+
+def quarantine(
+    conn: Connection,
+    folder_id: int,
+    uidvalidity: int,
+    uid: int,
+    *,
+    message_id: str | None,
+    attempts: int,
+    reason: str,
+    now: datetime,
+) -> None:
+    conn.execute(
+        index_quarantine.insert().values(
+            folder_id=folder_id,
+            uidvalidity=uidvalidity,
+            uid=uid,
+            message_id=message_id,
+            attempts=attempts,
+            reason=reason[:MAX_REASON_CHARS],
+            quarantined_at=now,
+        )
+    )
+
+
+def quarantined_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[int]:
+    return set(
+        conn.execute(
+            select(index_quarantine.c.uid).where(
+                index_quarantine.c.folder_id == folder_id, index_quarantine.c.uidvalidity == uidvalidity
+            )
+        ).scalars()
+    )
+
+
+def list_quarantined(conn: Connection, account: str) -> list[IndexQuarantined]:
+    rows = conn.execute(
+        select(
+            folders.c.name,
+            index_quarantine.c.uidvalidity,
+            index_quarantine.c.uid,
+            index_quarantine.c.message_id,
+            index_quarantine.c.attempts,
+            index_quarantine.c.reason,
+        )
+        .join(folders, folders.c.id == index_quarantine.c.folder_id)
+        .where(folders.c.account == account)
+        .order_by(index_quarantine.c.id)
+    ).all()
+    return [IndexQuarantined(*row) for row in rows]
