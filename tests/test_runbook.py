@@ -315,3 +315,14 @@ def test_healthcheck_log_greps_and_settings_lines(
     refused = p.sh('python -m prod.run | grep \'"level":"ERROR"\'; exit ${PIPESTATUS[0]}', ok=False)
     assert refused.returncode == 78
     assert "invalid configuration: WORKERS" in json.loads(refused.stdout)["message"]
+
+
+def test_the_compose_files_demo_commands_are_the_runbooks() -> None:
+    # docker-compose.yml's header tells how to run the demo; the RUNBOOK's "Docker demo" must not
+    # say otherwise (a missing rules file once left the compose demo answering nothing).
+    header = (REPO / "docker-compose.yml").read_text().split("\nname:")[0]
+    commands = [line.removeprefix("#").strip() for line in header.splitlines() if line.startswith("#   ")]
+    assert len(commands) >= 3
+    runbook_commands = [line.split("#")[0].strip() for line in RUNBOOK.splitlines()]
+    missing = [command for command in commands if command not in runbook_commands]
+    assert missing == []
