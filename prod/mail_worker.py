@@ -10,6 +10,7 @@ from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage, claimer_id
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
+from prod.oauth2_tokens import token_source
 from prod.runtime_settings import RuntimeSettings
 
 
@@ -26,7 +27,9 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     lease_owner = f"{socket.gethostname()}:w{worker_id}"
     sync_config = settings.sync_config()
     reply_config = settings.reply_config()
-    imap = settings.imap_config()
+    # With OAuth2, one token source per worker; the workers share the token row in the index.
+    tokens = token_source(settings, engine)
+    imap = settings.imap_config(tokens)
     stages: list[AfterIndexStage] = [
         RulesStage(engine, account=sync_config.account, config=reply_config, mailbox=MailboxSession(imap)),
         OutboxStage(
@@ -34,7 +37,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
             account=sync_config.account,
             claimer=claimer,
             config=reply_config,
-            sender=SmtpSender(settings.smtp_config()),
+            sender=SmtpSender(settings.smtp_config(tokens)),
             mailbox=MailboxSession(imap),
         ),
     ]

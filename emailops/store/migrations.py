@@ -87,12 +87,17 @@ def _sqlite_dates_in_utc(conn: Connection) -> None:
         conn.execute(text("UPDATE messages SET date = :date WHERE id = :pk"), fixed)
 
 
+def _oauth2_tokens(conn: Connection) -> None:
+    schema.oauth2_tokens.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
     Migration(3, "messages.header_block (raw) replaces headers_json (decoded)", _header_block),
     Migration(4, "SQLite: message dates in UTC", _sqlite_dates_in_utc),
     Migration(5, "FTS5 merges segments in eights", set_fulltext_tuning),
+    Migration(6, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),
 )
 
 
