@@ -113,7 +113,9 @@ class LocalOAuth2Server:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._server.serve_forever, name="oauth2-server", daemon=True)
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, name="oauth2-server", daemon=True
+            )
             self._thread.start()
 
     def close(self) -> None:
@@ -307,7 +309,7 @@ class LocalOAuth2Server:
 
 def _handler(server: LocalOAuth2Server) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # quiet: tests read the counters, not an access log
 
         def do_POST(self) -> None:
