@@ -153,6 +153,8 @@ class TokenSource:
                 return rejected
             if row.next_attempt_at is not None and now < as_utc(row.next_attempt_at):
                 raise _stored_error(row)
+            if self.config.flow is OAuth2Flow.REFRESH_TOKEN and row.refresh_token is None:
+                raise OAuth2RefusedError(f"no OAuth2 sign-in stored for {self.config.account}: {LOGIN_FIX}")
             try:
                 response = self._request(row)
             except OAuth2RefusedError as exc:
@@ -169,8 +171,6 @@ class TokenSource:
     def _request(self, row: Any) -> TokenResponse:
         if self.config.flow is OAuth2Flow.CLIENT_CREDENTIALS:
             return self.endpoint.client_credentials()
-        if row.refresh_token is None:
-            raise OAuth2RefusedError(f"no OAuth2 sign-in stored for {self.config.account}: {LOGIN_FIX}")
         return self.endpoint.refresh(self.cipher.decrypt(row.refresh_token))
 
     def _store(

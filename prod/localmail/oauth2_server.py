@@ -87,6 +87,8 @@ class LocalOAuth2Server:
         self._refresh: dict[str, tuple[str, str]] = {}  # token -> (username, client_id)
         self._devices: dict[str, _Device] = {}  # device_code -> state
         self.requests: Counter[str] = Counter()
+        # Every token ever issued, for tests that look for them in output.
+        self.issued: list[str] = []
         self.host = LOOPBACK
         self._server = ThreadingHTTPServer((self.host, 0), _handler(self))
         self._server.daemon_threads = True
@@ -141,6 +143,7 @@ class LocalOAuth2Server:
         token = REFRESH_PREFIX + secrets.token_hex(16)
         with self._lock:
             self._refresh[token] = (username, client_id)
+            self.issued.append(token)
         return token
 
     def issue_access_token(self, username: str, client_id: str, seconds: int | None = None) -> str:
@@ -148,6 +151,7 @@ class LocalOAuth2Server:
         lifetime = self.access_token_seconds if seconds is None else seconds
         with self._lock:
             self._access[token] = _Access(username, client_id, time.time() + lifetime)
+            self.issued.append(token)
         return token
 
     def approve(self, user_code: str, username: str) -> None:
