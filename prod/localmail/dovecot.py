@@ -337,7 +337,6 @@ class LocalDovecot:
             "passdb {",
             "  driver = passwd-file",
             f"  args = scheme=PLAIN username_format=%u {self.passwd_file}",
-            "  mechanisms = plain login",
             "}",
         ]
         if self._oauth2_url is not None:

@@ -186,7 +186,8 @@ class LocalSmtpRelay:
     byte. Both use ``certificates``, by default the Dovecot's (so one ``ca_file`` verifies both
     servers), or a fresh test CA when the Dovecot has none. ``auth_require_tls`` refuses AUTH
     before TLS, as a strict provider would. ``bearer_user`` maps an OAuth2 access token to the
-    account it is valid for (None: invalid), enabling AUTH XOAUTH2 and OAUTHBEARER.
+    account it is valid for (None: invalid), enabling AUTH XOAUTH2 and OAUTHBEARER;
+    ``auth_exclude`` names mechanisms not to offer (e.g. ``("OAUTHBEARER",)``, as Microsoft 365).
     """
 
     def __init__(
@@ -199,9 +200,11 @@ class LocalSmtpRelay:
         auth_require_tls: bool = False,
         certificates: TestCertificates | None = None,
         bearer_user: Callable[[str], str | None] | None = None,
+        auth_exclude: tuple[str, ...] = (),
     ) -> None:
         self.dovecot = dovecot
         self._bearer_check = bearer_user
+        self._auth_exclude = auth_exclude
         self._credentials = dict(credentials)
         self._starttls = starttls
         self._auth_require_tls = auth_require_tls
@@ -245,6 +248,7 @@ class LocalSmtpRelay:
             "authenticator": self._authenticate,
             "auth_required": True,
             "auth_require_tls": self._auth_require_tls,
+            "auth_exclude_mechanism": self._auth_exclude,
         }
         if implicit:
             smtp_options["ssl_context"] = self._server_tls_context()
