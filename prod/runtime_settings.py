@@ -129,7 +129,13 @@ class RuntimeSettings(BaseSettings):
             return data
         data = dict(data)
         data.setdefault("email_password", "")
-        preset = PROVIDERS.get(str(data.get("email_oauth2_provider", "")).strip().lower())
+        provider = str(data.get("email_oauth2_provider") or "").strip().lower()
+        if not provider:
+            # Said first: the preset it names would have filled in the servers.
+            raise ValueError(
+                "EMAIL_OAUTH2_PROVIDER: required with EMAIL_AUTH=oauth2 (microsoft, google or custom)"
+            )
+        preset = PROVIDERS.get(provider)
         if preset is not None:
             for name, value in (
                 ("email_imap_host", preset.imap_host),
@@ -347,10 +353,6 @@ def _check_oauth2(settings: RuntimeSettings) -> None:
     """Combinations that cannot work; each message starts with the variable to change."""
     provider = settings.email_oauth2_provider
     flow = settings.email_oauth2_flow
-    if provider is None:
-        raise ValueError(
-            "EMAIL_OAUTH2_PROVIDER: required with EMAIL_AUTH=oauth2 (microsoft, google or custom)"
-        )
     if not settings.email_oauth2_client_id:
         raise ValueError("EMAIL_OAUTH2_CLIENT_ID: required with EMAIL_AUTH=oauth2")
     if settings.email_oauth2_token_key is None:
