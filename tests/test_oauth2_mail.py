@@ -13,15 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from emailops.auth.sasl import oauthbearer, xoauth2
+from emailops.auth.token_endpoint import TokenResponse
+from emailops.auth.token_source import TokenSource
 from emailops.config import ServerConfig, TlsSecurity
+from emailops.imap.sync import FolderSync
+from emailops.imap.watcher import OAUTH2_AUTH_RETRY_MAX_SECONDS, FolderWatcher
 from emailops.replies.smtp_sender import SmtpAuthError, SmtpSender
 from prod.localmail.dovecot import LocalDovecot
 from prod.localmail.oauth2_server import LocalOAuth2Server
 from prod.localmail.smtp_relay import LocalSmtpRelay
 from tests.conftest import MAIL_USERS
-from tests.index_helpers import ALICE, index_engine, message, rows
+from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
 from tests.oauth2_helpers import (
     APP_CLIENT_ID,
     CLIENT_ID,
@@ -172,8 +177,6 @@ def test_auth_login_status_logout_end_to_end(
 def test_smtp_refused_token_is_an_auth_error_naming_the_fix(
     auth_server: LocalOAuth2Server, tmp_path: Path
 ) -> None:
-    from emailops.auth.token_source import TokenSource
-
     seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
     tokens = TokenSource(
         index_engine(f"sqlite:///{tmp_path / 'index.db'}"),
@@ -345,3 +348,44 @@ def test_daemon_with_revoked_refresh_token_logs_one_error_and_no_storm(
     assert len(errors()) == 1
     daemon.stop()
     assert_no_secret([*daemon.output(), status.stdout], auth_server)
+
+
+def test_refused_sign_in_is_retried_within_minutes_and_resumes_after_login(
+    auth_server: LocalOAuth2Server, dovecot_oauth2: LocalDovecot, tmp_path: Path
+) -> None:
+    engine = index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    auth_server.revoke_refresh_tokens()
+    tokens = TokenSource(engine, oauth2_config(auth_server, initial_refresh_token=seed))
+    config = sync_config()
+    now = [0.0]
+    watcher = FolderWatcher(
+        imap_config(dovecot_oauth2, password="", tokens=tokens),
+        config,
+        FolderSync(engine, config, "INBOX"),
+        monotonic=lambda: now[0],
+        sleep=lambda _seconds: None,
+    )
+    with capture_logs() as logs:
+        for _ in range(8):
+            watcher.step(0)
+            assert not watcher.connected
+            assert watcher.next_connect_at - now[0] <= OAUTH2_AUTH_RETRY_MAX_SECONDS
+            now[0] = watcher.next_connect_at
+    refusals = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(refusals) == 8 and refusals[0]["error_type"] == "ImapAuthError"
+    assert "run `emailops auth login`" in refusals[0]["error"]
+    assert auth_server.count("token") == 1  # the token source's backoff, in real time
+
+    # The operator signs in again: the next attempt signs in and syncs.
+    tokens.store_login(
+        TokenResponse(
+            access_token=auth_server.issue_access_token(ALICE, CLIENT_ID),
+            expires_in=3600,
+            refresh_token=auth_server.issue_refresh_token(ALICE, CLIENT_ID),
+        )
+    )
+    dovecot_oauth2.deliver(ALICE, message(1))
+    watcher.step(0)
+    assert watcher.connected and watcher.failures == 0
+    watcher.close()
