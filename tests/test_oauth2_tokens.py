@@ -242,3 +242,16 @@ def test_no_sign_in_and_wrong_key_name_the_fix(db_url: str, auth_server: LocalOA
     assert seeded.logout() is True
     status = seeded.status()
     assert status is not None and not status.signed_in
+
+
+def test_a_changed_flow_gets_its_own_token_once(db_url: str, auth_server: LocalOAuth2Server) -> None:
+    clock = Clock()
+    delegated = source(
+        db_url, auth_server, clock, initial_refresh_token=auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    )
+    delegated.access_token()
+    app = source(db_url, auth_server, clock, flow=OAuth2Flow.CLIENT_CREDENTIALS, client_id=APP_CLIENT_ID)
+    token = app.access_token()
+    again = source(db_url, auth_server, clock, flow=OAuth2Flow.CLIENT_CREDENTIALS, client_id=APP_CLIENT_ID)
+    assert again.access_token() == token
+    assert auth_server.count("token:client_credentials") == 1

@@ -179,6 +179,7 @@ class TokenSource:
         self._announce(response)
         expires_at = now + timedelta(seconds=response.expires_in)
         values: dict[str, Any] = {
+            "flow": self.config.flow.value,
             "access_token": self.cipher.encrypt(response.access_token),
             "access_expires_at": expires_at,
             "refreshed_at": now,
