@@ -337,8 +337,9 @@ def test_daemon_with_revoked_refresh_token_logs_one_error_and_no_storm(
         return [json.loads(line) for line in lines if '"level":"ERROR"' in line]
 
     wait_for(lambda: bool(errors()), 30, "an ERROR about the sign-in")
+    assert [entry["component"] for entry in errors()] == ["imap"], errors()
     error = errors()[0]
-    assert error["component"] == "imap" and error["error_type"] == "ImapAuthError"
+    assert error["error_type"] == "ImapAuthError"
     assert "invalid_grant" in str(error["error"]) and "run `emailops auth login`" in str(error["error"])
     # The other worker and later retries within the backoff make no token request.
     status = emailops(env, "auth", "status", "--json")
