@@ -205,7 +205,7 @@ def test_an_index_from_before_header_block_is_upgraded_in_place(db_url: str) -> 
         conn.exec_driver_sql(
             'UPDATE messages SET headers_json = \'{"x-ticket": ["T-1", "T-2"], "subject": ["Grüße"]}\''
         )
-    assert [m.version for m in migrate(engine)] == [3, 4, 5]
+    assert [m.version for m in migrate(engine)] == [3, 4, 5, 6]
     with engine.connect() as conn:
         stored = message_store.load_message(conn, pk)
         columns = {c["name"] for c in inspect(conn).get_columns("messages")}
@@ -233,7 +233,7 @@ def test_sqlite_dates_stored_at_the_senders_offset_are_corrected(tmp_path: Path)
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE messages SET date = '2024-05-06 09:00:00.000000'")  # as stored before
         conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version >= 4")
-    assert [m.version for m in migrate(engine)] == [4, 5]
+    assert [m.version for m in migrate(engine)] == [4, 5, 6]
     assert rows(engine, "SELECT date FROM messages") == [("2024-05-06 07:00:00.000000",)]
 
 
