@@ -320,6 +320,39 @@ def test_daemon_indexes_and_replies_across_expiry_rotation_and_restart_without_l
     assert '"logger":"imapclient' in joined and '"level":"DEBUG"' in joined  # DEBUG was on
     assert '"level":"ERROR"' not in joined
     assert_no_secret(texts, auth_server)
+    # The database (and a copy of it, as `emailops backup` makes) holds the tokens encrypted only.
+    stored = [path.read_bytes().decode("latin-1") for path in tmp_path.glob("emailops.db*")]
+    assert stored and rows(engine, "SELECT count(*) FROM oauth2_tokens WHERE refresh_token IS NOT NULL") == [
+        (1,)
+    ]
+    assert_no_secret(stored, auth_server)
+
+
+def test_daemon_signs_in_with_xoauth2_when_the_server_offers_only_that(
+    auth_server: LocalOAuth2Server, daemon_factory: list[Daemon], tmp_path: Path
+) -> None:
+    with LocalDovecot(
+        MAIL_USERS, oauth2_introspection_url=auth_server.introspection_url, oauth2_mechanisms=["xoauth2"]
+    ) as dovecot:
+        env = oauth2_env(
+            dovecot,
+            auth_server,
+            tmp_path,
+            EMAIL_OAUTH2_REFRESH_TOKEN=auth_server.issue_refresh_token(ALICE, CLIENT_ID),
+        )
+        engine = index_engine(env["INDEX_DB_URL"])
+        daemon = Daemon(env, tmp_path)
+        daemon_factory.append(daemon)
+        daemon.start()
+        wait_for(
+            lambda: bool(rows(engine, "SELECT 1 FROM folders WHERE last_sync_at IS NOT NULL")),
+            30,
+            "first sync",
+        )
+        dovecot.deliver(ALICE, message(1))
+        wait_for(lambda: rows(engine, "SELECT count(*) FROM messages") == [(1,)], 30, "message indexed")
+        daemon.stop()
+        assert "method=XOAUTH2" in dovecot.log_text() and "method=OAUTHBEARER" not in dovecot.log_text()
 
 
 def test_daemon_with_revoked_refresh_token_logs_one_error_and_no_storm(

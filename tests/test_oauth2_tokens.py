@@ -4,6 +4,7 @@ the client credentials flow, encryption at rest."""
 
 from __future__ import annotations
 
+import base64
 import multiprocessing
 import time
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from emailops.auth.token_source import TokenSource
 from emailops.config import OAuth2Flow
 from emailops.store.schema import oauth2_tokens
 from prod.localmail.oauth2_server import LocalOAuth2Server
+from prod.redaction import MASK, Redactor
 from tests.index_helpers import ALICE, index_engine
 from tests.oauth2_helpers import APP_CLIENT_ID, CLIENT_ID, auth_server, oauth2_config
 
@@ -255,3 +257,27 @@ def test_a_changed_flow_gets_its_own_token_once(db_url: str, auth_server: LocalO
     again = source(db_url, auth_server, clock, flow=OAuth2Flow.CLIENT_CREDENTIALS, client_id=APP_CLIENT_ID)
     assert again.access_token() == token
     assert auth_server.count("token:client_credentials") == 1
+
+
+def test_every_token_and_sasl_string_is_announced_for_masking(
+    db_url: str, auth_server: LocalOAuth2Server
+) -> None:
+    redactor = Redactor()
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    tokens = TokenSource(
+        index_engine(db_url),
+        oauth2_config(auth_server, initial_refresh_token=seed),
+        on_secret=redactor.register,
+    )
+    access = tokens.access_token()
+    rotated = tokens.cipher.decrypt(stored_row(tokens).refresh_token)
+    for secret in (
+        seed,
+        access,
+        rotated,
+        tokens.config.client_secret or "",
+        xoauth2(ALICE, access),
+        oauthbearer(ALICE, access),
+    ):
+        for shown in (secret, base64.b64encode(secret.encode()).decode()):
+            assert redactor.redact_known_values(f"x {shown} y") == f"x {MASK} y"
