@@ -423,3 +423,53 @@ def test_refused_sign_in_is_retried_within_minutes_and_resumes_after_login(
     watcher.step(0)
     assert watcher.connected and watcher.failures == 0
     watcher.close()
+
+
+@pytest.mark.postgres
+def test_two_instances_sharing_postgresql_refresh_once_when_all_reconnect(
+    auth_server: LocalOAuth2Server,
+    dovecot_oauth2: LocalDovecot,
+    daemon_factory: list[Daemon],
+    pg_url: str,
+    tmp_path: Path,
+) -> None:
+    """Two daemons (as two containers) with two workers each, one folder per worker: when the server
+    restarts after the access token expired, every watcher signs in again at about the same moment."""
+    folders = ["INBOX", "A", "B", "C"]
+    for folder in folders[1:]:
+        dovecot_oauth2.create_folder(ALICE, folder)
+    auth_server.access_token_seconds = 8
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    engine = index_engine(pg_url)
+    daemons = []
+    for n in (1, 2):
+        data = tmp_path / f"instance-{n}"
+        data.mkdir()
+        env = oauth2_env(
+            dovecot_oauth2,
+            auth_server,
+            data,
+            EMAIL_OAUTH2_REFRESH_TOKEN=seed,
+            INDEX_DB_URL=pg_url,
+            WORKERS="2",
+            EMAIL_FOLDERS=",".join(folders),
+        )
+        daemons.append(Daemon(env, data))
+    daemon_factory.extend(daemons)
+    for daemon in daemons:
+        daemon.start()
+    synced = "SELECT count(*) FROM folders WHERE last_sync_at IS NOT NULL"
+    wait_for(lambda: rows(engine, synced) == [(4,)], 60, "every folder synced")
+    assert auth_server.count("token:refresh_token") == 1
+    current = [token for token in auth_server.issued if token.startswith("eo-at-")][-1]
+    wait_for(lambda: not auth_server.introspect(current)["active"], 30, "access token expired")
+
+    auth_server.token_delay_seconds = 1.0  # a slow endpoint: the other sign-ins arrive meanwhile
+    auth_server.access_token_seconds = 3600  # the next token is not due again during the test
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE folders SET last_sync_at = NULL")
+    dovecot_oauth2.restart()
+    wait_for(lambda: rows(engine, synced) == [(4,)], 60, "every folder synced again")
+    assert auth_server.count("token:refresh_token") == 2
+    for daemon in daemons:
+        daemon.stop()
