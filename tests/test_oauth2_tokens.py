@@ -15,8 +15,10 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
+from emailops.auth.device_login import device_login
 from emailops.auth.errors import OAuth2KeyError, OAuth2RefusedError, OAuth2UnavailableError
 from emailops.auth.sasl import OAUTHBEARER, XOAUTH2, choose_mechanism, oauthbearer, xoauth2
+from emailops.auth.token_endpoint import DeviceAuthorization
 from emailops.auth.token_source import TokenSource
 from emailops.config import OAuth2Flow
 from emailops.store.schema import oauth2_tokens
@@ -281,3 +283,35 @@ def test_every_token_and_sasl_string_is_announced_for_masking(
     ):
         for shown in (secret, base64.b64encode(secret.encode()).decode()):
             assert redactor.redact_known_values(f"x {shown} y") == f"x {MASK} y"
+
+
+def test_public_client_device_login_and_refresh(db_url: str) -> None:
+    """Microsoft's delegated set-up: a public client (no secret) signs in with the device code."""
+    with LocalOAuth2Server({"public-client": None}) as server:
+        tokens = source(db_url, server, client_id="public-client", client_secret=None)
+        shown: list[DeviceAuthorization] = []
+
+        def show(authorization: DeviceAuthorization) -> None:
+            shown.append(authorization)
+            server.approve(authorization.user_code, ALICE)
+
+        device_login(tokens, show=show, sleep=lambda _seconds: None)
+        assert shown and shown[0].verification_uri.startswith(server.base_url)
+        first = tokens.access_token()
+        assert server.introspect(first)["active"] is True
+        assert server.count("token:refresh_token") == 0
+        tokens.clock.advance(3600)  # type: ignore[attr-defined]
+        assert server.introspect(tokens.access_token())["active"] is True
+        assert server.count("token:refresh_token") == 1
+
+
+def test_declined_device_login_is_refused(db_url: str, auth_server: LocalOAuth2Server) -> None:
+    tokens = source(db_url, auth_server)
+    with pytest.raises(OAuth2RefusedError, match="access_denied"):
+        device_login(
+            tokens,
+            show=lambda authorization: auth_server.deny(authorization.user_code),
+            sleep=lambda _s: None,
+        )
+    status = tokens.status()
+    assert status is None or not status.signed_in
