@@ -177,6 +177,7 @@ def test_revoked_refresh_token_one_request_per_backoff_period(
     assert auth_server.count("token") == 2
     status = tokens.status()
     assert status is not None and status.failures == 2 and status.last_error_kind == "refused"
+    assert not status.signed_in  # the stored sign-in is refused: a new login is needed
     assert "invalid_grant" in (status.last_error or "")
 
     # A new refresh token given in the environment replaces the revoked one at once.

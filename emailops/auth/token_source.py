@@ -78,6 +78,7 @@ class TokenStatus:
 
     account: str
     flow: str
+    # Tokens are stored and the authorization server has not refused them since.
     signed_in: bool
     access_expires_at: datetime | None
     refreshed_at: datetime | None
@@ -164,7 +165,7 @@ class TokenSource:
                 failure = exc
                 self._record_failure(conn, row, UNAVAILABLE, exc, now)
             else:
-                return self._store(conn, response, now, previous_refresh=row.refresh_token)
+                return self._store(conn, response, now, rotated_from=row.refresh_token)
         assert failure is not None
         raise failure
 
@@ -174,8 +175,9 @@ class TokenSource:
         return self.endpoint.refresh(self.cipher.decrypt(row.refresh_token))
 
     def _store(
-        self, conn: Connection, response: TokenResponse, now: datetime, *, previous_refresh: bytes | None
+        self, conn: Connection, response: TokenResponse, now: datetime, *, rotated_from: bytes | None
     ) -> str:
+        """Store a token answer; ``rotated_from`` is the refresh token it replaces (None: a login)."""
         self._announce(response)
         expires_at = now + timedelta(seconds=response.expires_in)
         values: dict[str, Any] = {
@@ -198,12 +200,15 @@ class TokenSource:
             update(oauth2_tokens).where(oauth2_tokens.c.account == self.config.account).values(values)
         )
         self._cached = _Cached(response.access_token, expires_at, now)
-        log.info(
-            "oauth2 access token refreshed",
-            flow=self.config.flow.value,
-            expires_in=response.expires_in,
-            refresh_token_rotated=rotated and previous_refresh is not None,
-        )
+        if rotated_from is None and self.config.flow is OAuth2Flow.REFRESH_TOKEN:
+            log.info("oauth2 sign-in stored", expires_in=response.expires_in)
+        else:
+            log.info(
+                "oauth2 access token refreshed",
+                flow=self.config.flow.value,
+                expires_in=response.expires_in,
+                refresh_token_rotated=rotated,
+            )
         return response.access_token
 
     def _record_failure(
@@ -254,14 +259,15 @@ class TokenSource:
                     seed_fingerprint=self._seed_fingerprint(),
                 )
             )
-            self._store(conn, response, now, previous_refresh=None)
+            self._store(conn, response, now, rotated_from=None)
 
     def status(self) -> TokenStatus | None:
         with reading(self.engine) as conn:
             row = self._row(conn)
         if row is None:
             return None
-        signed_in = (
+        # A stored sign-in that the authorization server refused is not one: it needs a new login.
+        signed_in = row.last_error_kind != REFUSED and (
             row.access_token is not None
             if self.config.flow is OAuth2Flow.CLIENT_CREDENTIALS
             else row.refresh_token is not None
