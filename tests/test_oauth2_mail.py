@@ -19,6 +19,8 @@ from emailops.auth.sasl import oauthbearer, xoauth2
 from emailops.auth.token_endpoint import TokenResponse
 from emailops.auth.token_source import TokenSource
 from emailops.config import ServerConfig, TlsSecurity
+from emailops.imap.connection import connect
+from emailops.imap.errors import ImapAuthError
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import OAUTH2_AUTH_RETRY_MAX_SECONDS, FolderWatcher
 from emailops.replies.smtp_sender import SmtpAuthError, SmtpSender
@@ -473,3 +475,15 @@ def test_two_instances_sharing_postgresql_refresh_once_when_all_reconnect(
     assert auth_server.count("token:refresh_token") == 2
     for daemon in daemons:
         daemon.stop()
+
+
+def test_a_server_without_oauth2_is_an_auth_error_that_says_so(
+    auth_server: LocalOAuth2Server, dovecot: LocalDovecot, tmp_path: Path
+) -> None:
+    tokens = TokenSource(
+        index_engine(f"sqlite:///{tmp_path / 'index.db'}"),
+        oauth2_config(auth_server, initial_refresh_token=auth_server.issue_refresh_token(ALICE, CLIENT_ID)),
+    )
+    with pytest.raises(ImapAuthError, match=r"offers no OAuth2 sign-in \(AUTH LOGIN PLAIN\)"):
+        connect(imap_config(dovecot, password="", tokens=tokens))
+    assert auth_server.count("token") == 0

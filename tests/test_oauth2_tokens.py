@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from emailops.auth.device_login import device_login
 from emailops.auth.errors import OAuth2KeyError, OAuth2RefusedError, OAuth2UnavailableError
-from emailops.auth.sasl import OAUTHBEARER, XOAUTH2, choose_mechanism, oauthbearer, xoauth2
+from emailops.auth.sasl import OAUTHBEARER, XOAUTH2, NoOAuth2Mechanism, choose_mechanism, oauthbearer, xoauth2
 from emailops.auth.token_endpoint import DeviceAuthorization
 from emailops.auth.token_source import TokenSource
 from emailops.config import OAuth2Flow
@@ -59,6 +59,8 @@ def test_sasl_strings_and_mechanism_choice() -> None:
     assert choose_mechanism(["PLAIN", "XOAUTH2", "OAUTHBEARER"]) == OAUTHBEARER
     assert choose_mechanism(["xoauth2"]) == XOAUTH2
     assert choose_mechanism([]) == XOAUTH2
+    with pytest.raises(NoOAuth2Mechanism, match=r"AUTH LOGIN PLAIN"):
+        choose_mechanism(["PLAIN", "LOGIN"])
 
 
 def test_refresh_before_expiry_rotation_and_restart(db_url: str, auth_server: LocalOAuth2Server) -> None:

@@ -29,8 +29,20 @@ def sasl_strings(user: str, token: str) -> tuple[str, ...]:
     return (xoauth2(user, token), oauthbearer(user, token))
 
 
+class NoOAuth2Mechanism(Exception):
+    """The server lists its SASL mechanisms, and neither OAuth2 one is among them."""
+
+
 def choose_mechanism(offered: Iterable[str]) -> str:
     """OAUTHBEARER (the standard) when the server offers it, otherwise XOAUTH2 (what Microsoft
-    365 offers; also tried when the server lists neither, as some list AUTH= only after TLS)."""
+    365 offers; also tried when the server lists no mechanism at all). Raises
+    ``NoOAuth2Mechanism`` when the server lists mechanisms but no OAuth2 one."""
     names = {name.upper() for name in offered}
-    return OAUTHBEARER if OAUTHBEARER in names else XOAUTH2
+    if OAUTHBEARER in names:
+        return OAUTHBEARER
+    if XOAUTH2 in names or not names:
+        return XOAUTH2
+    raise NoOAuth2Mechanism(
+        f"the server offers no OAuth2 sign-in (AUTH {' '.join(sorted(names))}): check the host "
+        "(EMAIL_IMAP_HOST / EMAIL_SMTP_HOST) and that OAuth2 is enabled for the account"
+    )

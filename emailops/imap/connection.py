@@ -19,7 +19,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from tenacity import wait_exponential_jitter
 
 from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
-from emailops.auth.sasl import OAUTHBEARER, choose_mechanism
+from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism
 from emailops.config import AccessTokens, ServerConfig, TlsSecurity
 from emailops.imap.errors import (
     ImapAuthError,
@@ -89,7 +89,10 @@ def _oauth2_login(client: imapclient.IMAPClient, config: ServerConfig, tokens: A
         for capability in client.capabilities()
         if capability.upper().startswith(b"AUTH=")
     ]
-    mechanism = choose_mechanism(offered)
+    try:
+        mechanism = choose_mechanism(offered)
+    except NoOAuth2Mechanism as exc:
+        raise ImapAuthError(f"{config.host}: {exc}") from None
     token = _access_token(tokens)
     try:
         _authenticate(client, mechanism, config.username, token)

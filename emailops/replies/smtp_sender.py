@@ -30,7 +30,7 @@ import ssl
 import structlog
 
 from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
-from emailops.auth.sasl import OAUTHBEARER, choose_mechanism, oauthbearer, xoauth2
+from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism, oauthbearer, xoauth2
 from emailops.config import AccessTokens, ServerConfig, TlsSecurity
 
 
@@ -173,7 +173,10 @@ class SmtpSender:
 
     def _oauth2_auth(self, smtp: smtplib.SMTP, tokens: AccessTokens) -> None:
         cfg = self.config
-        mechanism = choose_mechanism(smtp.esmtp_features.get("auth", "").split())
+        try:
+            mechanism = choose_mechanism(smtp.esmtp_features.get("auth", "").split())
+        except NoOAuth2Mechanism as exc:
+            raise SmtpAuthError(f"{cfg.host}: {exc}") from None
         build = oauthbearer if mechanism == OAUTHBEARER else xoauth2
         token = _access_token(tokens)
         try:
