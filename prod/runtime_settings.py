@@ -40,6 +40,7 @@ SECRET_VARIABLES = frozenset(
     {"EMAIL_PASSWORD", "EMAIL_OAUTH2_CLIENT_SECRET", "EMAIL_OAUTH2_REFRESH_TOKEN", "EMAIL_OAUTH2_TOKEN_KEY"}
 )
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TOKEN_REQUEST_TIMEOUT_SECONDS = 10.0
 # Tenants that name no organisation: app-only access needs the organisation's own tenant.
 _MULTI_TENANTS = ("", "common", "organizations", "consumers")
 
@@ -288,7 +289,9 @@ class RuntimeSettings(BaseSettings):
             client_secret=_secret(self.email_oauth2_client_secret),
             initial_refresh_token=_secret(self.email_oauth2_refresh_token),
             token_keys=tuple(key.strip() for key in keys if key.strip()),
-            timeout_seconds=self.email_timeout_seconds,
+            # A refresh holds the token row (SQLite: the database's write lock) while it waits for
+            # the endpoint: well under the 30 s other writers wait for a lock.
+            timeout_seconds=min(self.email_timeout_seconds, TOKEN_REQUEST_TIMEOUT_SECONDS),
         )
 
     def sync_config(self) -> SyncConfig:
