@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 
 class TlsSecurity(StrEnum):
@@ -19,12 +20,23 @@ class TlsSecurity(StrEnum):
     NONE = "none"
 
 
+class AccessTokens(Protocol):
+    """Where OAuth2 access tokens come from (``emailops.auth.token_source.TokenSource``)."""
+
+    def access_token(self, rejected: str | None = None) -> str:
+        """A valid access token; with ``rejected`` (a token the server just refused), a newer one
+        when one can be had, else ``rejected`` itself. Raises ``emailops.auth.errors.OAuth2Error``."""
+        ...
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """One mail server endpoint with the account's credentials.
 
     ``password`` is a plain ``str`` here on purpose: it is only handed to the protocol library.
     Its ``repr`` is masked so that it never reaches a log line or a traceback by accident.
+    With ``tokens`` set, the account signs in with OAuth2 (XOAUTH2 / OAUTHBEARER) and
+    ``password`` is unused.
     """
 
     host: str
@@ -33,6 +45,39 @@ class ServerConfig:
     password: str = field(repr=False)
     security: TlsSecurity
     ca_file: Path | None = None
+    timeout_seconds: float = 30.0
+    tokens: AccessTokens | None = field(default=None, repr=False, compare=False)
+
+
+class OAuth2Flow(StrEnum):
+    """Delegated sign-in of a person (device-code login, then refresh tokens), or app-only
+    access with the client's own credentials (Microsoft's client credentials grant)."""
+
+    REFRESH_TOKEN = "refresh_token"  # noqa: S105 (a grant name)
+    CLIENT_CREDENTIALS = "client_credentials"
+
+
+@dataclass(frozen=True)
+class OAuth2Config:
+    """How the account gets OAuth2 access tokens. Secrets have masked ``repr``s.
+
+    ``token_keys``: Fernet keys; tokens are stored encrypted with the first and read with any
+    (so a key can be rotated by putting the new one first).
+    ``initial_refresh_token``: a refresh token obtained elsewhere; it seeds the store, and a
+    different value given later replaces the stored one once.
+    """
+
+    account: str
+    username: str
+    provider: str
+    flow: OAuth2Flow
+    token_url: str
+    device_url: str | None
+    scopes: tuple[str, ...]
+    client_id: str
+    client_secret: str | None = field(default=None, repr=False)
+    initial_refresh_token: str | None = field(default=None, repr=False)
+    token_keys: tuple[str, ...] = field(default=(), repr=False)
     timeout_seconds: float = 30.0
 
 

@@ -22,6 +22,8 @@ from prod.runtime_settings import ConfigError, RuntimeSettings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from emailops.config import ServerConfig
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 78
@@ -55,6 +57,12 @@ def _index(settings: RuntimeSettings) -> Iterator[Engine]:
         engine.dispose()
 
 
+def _imap(settings: RuntimeSettings, engine: Engine) -> ServerConfig:
+    from prod.oauth2_tokens import token_source
+
+    return settings.imap_config(token_source(settings, engine))
+
+
 # -- commands ----------------------------------------------------------------------------------
 
 
@@ -65,7 +73,7 @@ def cmd_sync(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         print("emailops sync runs once with --once; the daemon is `python -m prod.run`", file=sys.stderr)
         return 2
     with _index(settings) as engine:
-        reports = sync_once(engine, settings.imap_config(), settings.sync_config())
+        reports = sync_once(engine, _imap(settings, engine), settings.sync_config())
     return _print_reports(reports, args.json)
 
 
@@ -182,7 +190,7 @@ def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.maintenance import reindex
 
     with _index(settings) as engine:
-        reports = reindex(engine, settings.imap_config(), settings.sync_config())
+        reports = reindex(engine, _imap(settings, engine), settings.sync_config())
     return _print_reports(reports, args.json)
 
 
@@ -314,6 +322,125 @@ def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _token_source_or_none(settings: RuntimeSettings, engine: Engine) -> Any:
+    from prod.oauth2_tokens import token_source
+
+    return token_source(settings, engine)
+
+
+def cmd_auth(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from emailops.auth.errors import OAuth2Error
+
+    if settings.email_auth != "oauth2":
+        print(
+            "emailops auth: EMAIL_AUTH is password; set EMAIL_AUTH=oauth2 to sign in with OAuth2",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    with _index(settings) as engine:
+        source = _token_source_or_none(settings, engine)
+        try:
+            if args.auth_command == "login":
+                return _auth_login(source, args)
+            if args.auth_command == "logout":
+                forgotten = source.logout()
+                _report(
+                    args,
+                    {"account": source.config.account, "signed_out": True},
+                    [
+                        f"{source.config.account}: stored OAuth2 tokens removed"
+                        if forgotten
+                        else f"{source.config.account}: no OAuth2 tokens were stored"
+                    ],
+                )
+                return EXIT_OK
+            return _auth_status(settings, source, args)
+        except OAuth2Error as exc:
+            print(f"emailops auth {args.auth_command}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+
+
+def _auth_login(source: Any, args: argparse.Namespace) -> int:
+    from emailops.auth.device_login import device_login
+    from emailops.auth.token_endpoint import DeviceAuthorization
+    from emailops.config import OAuth2Flow
+
+    config = source.config
+    if config.flow is OAuth2Flow.CLIENT_CREDENTIALS:
+        # App-only access has nobody to sign in: getting a token proves the registration works.
+        source.access_token()
+    else:
+
+        def show(authorization: DeviceAuthorization) -> None:
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "verification_uri": authorization.verification_uri,
+                            "user_code": authorization.user_code,
+                            "expires_in": authorization.expires_in,
+                        }
+                    ),
+                    flush=True,
+                )
+            else:
+                print(
+                    f"To sign in {config.username}, open {authorization.verification_uri} and enter the code "
+                    f"{authorization.user_code} (valid {authorization.expires_in // 60} minutes). Waiting...",
+                    flush=True,
+                )
+
+        device_login(source, show=show)
+    status = source.status()
+    expires = status.access_expires_at if status else None
+    _report(
+        args,
+        {
+            "account": config.account,
+            "flow": config.flow.value,
+            "signed_in": True,
+            "access_expires_at": expires,
+        },
+        [f"{config.account}: signed in ({config.flow.value}); tokens stored, encrypted, in the index"],
+    )
+    return EXIT_OK
+
+
+def _auth_status(settings: RuntimeSettings, source: Any, args: argparse.Namespace) -> int:
+    config = source.config
+    status = source.status()
+    result: dict[str, Any] = {
+        "account": config.account,
+        "provider": config.provider,
+        "flow": config.flow.value,
+        "signed_in": bool(status and status.signed_in),
+        "access_expires_at": status.access_expires_at if status else None,
+        "last_refresh": status.refreshed_at if status else None,
+        "failures": status.failures if status else 0,
+        "next_token_request_after": status.next_attempt_at if status else None,
+        "last_error": status.last_error if status else None,
+        "last_error_at": status.last_error_at if status else None,
+    }
+    lines = [f"{name}: {'-' if value is None else value}" for name, value in result.items()]
+    _report(args, result, lines)
+    return EXIT_OK if result["signed_in"] else EXIT_FAILED
+
+
+def _report(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(result, default=_json_default, ensure_ascii=False), flush=True)
+        return
+    for line in lines:
+        print(line)
+
+
+def cmd_auth_new_key(settings: RuntimeSettings | None, args: argparse.Namespace) -> int:
+    from emailops.auth.crypto import new_key
+
+    print(new_key())
+    return EXIT_OK
+
+
 Command = Callable[[RuntimeSettings, argparse.Namespace], int]
 
 
@@ -399,6 +526,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "ids", nargs="+", type=int, metavar="ID", help="reply ids from 'emailops outbox list'"
         )
+
+    auth = commands.add_parser("auth", help="OAuth2 sign-in (EMAIL_AUTH=oauth2): login, status, logout")
+    auth_commands = auth.add_subparsers(dest="auth_command", required=True, metavar="SUBCOMMAND")
+    for name, text in (
+        (
+            "login",
+            "sign in: prints a URL and a code to enter there, waits, stores the tokens "
+            "(client_credentials: checks that a token can be had)",
+        ),
+        ("status", "flow, provider, account, access-token expiry, last refresh, last error (never a token)"),
+        ("logout", "remove the stored tokens of the account"),
+    ):
+        sub = auth_commands.add_parser(name, help=text)
+        sub.add_argument("--json", action="store_true", help="print JSON (login: one line per step)")
+        sub.set_defaults(handler=cmd_auth)
+    new_key = auth_commands.add_parser(
+        "new-key", help="print a new random key for EMAIL_OAUTH2_TOKEN_KEY (the tokens' encryption key)"
+    )
+    new_key.set_defaults(handler=cmd_auth_new_key, settings_optional=True)
     return parser
 
 

@@ -59,6 +59,8 @@ def init_error_tracking(settings: RuntimeSettings, *, worker: int | None) -> boo
     from sentry_sdk.integrations.logging import LoggingIntegration
 
     REDACTOR.register(settings.email_password.get_secret_value(), username=settings.email_username)
+    for secret in settings.oauth2_secrets():
+        REDACTOR.register(secret)
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         environment=settings.env,

@@ -153,6 +153,8 @@ def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
         except ConfigError as exc:
             raise Unhealthy("ConfigError", str(exc)) from None
         REDACTOR.register(settings.email_password.get_secret_value(), username=settings.email_username)
+        for secret in settings.oauth2_secrets():
+            REDACTOR.register(secret)
         _check_state_dir(settings.state_dir)
         _check_database(settings.index_db_url)
         _check_processes(settings, detail)

@@ -309,6 +309,8 @@ class LogPipeline:
 
 def _register_secrets(settings: RuntimeSettings) -> None:
     REDACTOR.register(settings.email_password.get_secret_value(), username=settings.email_username)
+    for secret in settings.oauth2_secrets():
+        REDACTOR.register(secret)
     db_password = urlsplit(settings.index_db_url).password
     if db_password:
         REDACTOR.register(db_password)

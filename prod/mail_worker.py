@@ -11,6 +11,7 @@ from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
+from prod.oauth2_tokens import token_source
 from prod.runtime_settings import RuntimeSettings
 from prod.worker import PREVIOUS_RUN_ID_ENV, RUN_ID_ENV
 
@@ -29,7 +30,9 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     dead_runs = tuple(filter(None, [os.environ.get(PREVIOUS_RUN_ID_ENV)]))
     sync_config = settings.sync_config()
     reply_config = settings.reply_config()
-    imap = settings.imap_config()
+    # With OAuth2, one token source per worker; the workers share the token row in the index.
+    tokens = token_source(settings, engine)
+    imap = settings.imap_config(tokens)
     stages: list[AfterIndexStage] = [
         RulesStage(engine, account=sync_config.account, config=reply_config, mailbox=MailboxSession(imap)),
         OutboxStage(
@@ -37,7 +40,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
             account=sync_config.account,
             claimer=owner,
             config=reply_config,
-            sender=SmtpSender(settings.smtp_config()),
+            sender=SmtpSender(settings.smtp_config(tokens)),
             mailbox=MailboxSession(imap),
             dead_runs=dead_runs,
         ),

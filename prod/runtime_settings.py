@@ -3,25 +3,46 @@
 ``RuntimeSettings.from_env()`` validates once and raises ``ConfigError`` with one message that
 names each bad variable and what is wrong with it; the supervisor turns that into exit code 78.
 Passwords are ``SecretStr``: they print as ``**********`` and reach the domain code only through
-``imap_config()`` / ``smtp_config()``.
+``imap_config()`` / ``smtp_config()``. With ``EMAIL_AUTH=oauth2`` the account signs in with OAuth2
+(``oauth2_config()``); a provider preset fills in unset IMAP/SMTP hosts and ports before the
+fields are validated, so a missing one is still reported by its own name.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from emailops.config import ReplyConfig, ServerConfig, SyncConfig, TlsSecurity
+from emailops.auth.crypto import check_key
+from emailops.auth.providers import PROVIDERS
+from emailops.config import (
+    AccessTokens,
+    OAuth2Config,
+    OAuth2Flow,
+    ReplyConfig,
+    ServerConfig,
+    SyncConfig,
+    TlsSecurity,
+)
 from prod.database_url import parse_database_url
 
 MASK = "**********"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 Port = Annotated[int, Field(ge=1, le=65535)]
 CommaList = Annotated[tuple[str, ...], NoDecode]
+# Variables whose value is never shown, not even in an error about it.
+SECRET_VARIABLES = frozenset(
+    {"EMAIL_PASSWORD", "EMAIL_OAUTH2_CLIENT_SECRET", "EMAIL_OAUTH2_REFRESH_TOKEN", "EMAIL_OAUTH2_TOKEN_KEY"}
+)
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TOKEN_REQUEST_TIMEOUT_SECONDS = 10.0
+# Tenants that name no organisation: app-only access needs the organisation's own tenant.
+_MULTI_TENANTS = ("", "common", "organizations", "consumers")
 
 
 class ConfigError(Exception):
@@ -55,6 +76,19 @@ class RuntimeSettings(BaseSettings):
     email_username: str = Field(min_length=1)
     email_password: SecretStr
 
+    # Sign-in: password, or OAuth2 (XOAUTH2 / OAUTHBEARER) with the token store in the index.
+    email_auth: Literal["password", "oauth2"] = "password"
+    email_oauth2_provider: Literal["microsoft", "google", "custom"] | None = None
+    email_oauth2_flow: OAuth2Flow = OAuth2Flow.REFRESH_TOKEN
+    email_oauth2_client_id: str = ""
+    email_oauth2_client_secret: SecretStr | None = None
+    email_oauth2_tenant: str = ""
+    email_oauth2_refresh_token: SecretStr | None = None
+    email_oauth2_token_url: str = ""
+    email_oauth2_device_url: str = ""
+    email_oauth2_scopes: CommaList = ()
+    email_oauth2_token_key: SecretStr | None = None
+
     # Storage (runbook: "Storage Configuration")
     index_db_url: str = "sqlite:////data/emailops.db"
 
@@ -87,6 +121,63 @@ class RuntimeSettings(BaseSettings):
     # Supervision
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0)
     heartbeat_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _oauth2_presets(cls, data: Any) -> Any:
+        """With OAuth2, no password is needed, and a provider preset fills unset hosts and ports."""
+        if not isinstance(data, dict) or str(data.get("email_auth", "")).strip().lower() != "oauth2":
+            return data
+        data = dict(data)
+        data.setdefault("email_password", "")
+        provider = str(data.get("email_oauth2_provider") or "").strip().lower()
+        if not provider:
+            # Said first: the preset it names would have filled in the servers.
+            raise ValueError(
+                "EMAIL_OAUTH2_PROVIDER: required with EMAIL_AUTH=oauth2 (microsoft, google or custom)"
+            )
+        preset = PROVIDERS.get(provider)
+        if preset is not None:
+            for name, value in (
+                ("email_imap_host", preset.imap_host),
+                ("email_imap_port", preset.imap_port),
+                ("email_smtp_host", preset.smtp_host),
+                ("email_smtp_port", preset.smtp_port),
+            ):
+                if data.get(name) in (None, ""):
+                    data[name] = value
+        return data
+
+    @field_validator("email_auth", "email_oauth2_provider", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("email_oauth2_scopes", mode="before")
+    @classmethod
+    def _scopes(cls, value: Any) -> tuple[str, ...]:
+        items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+        return tuple(dict.fromkeys(items))
+
+    @field_validator("email_oauth2_token_url", "email_oauth2_device_url")
+    @classmethod
+    def _endpoint_url(cls, value: str) -> str:
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS):
+                raise ValueError("must be an https:// URL (http:// only on loopback)")
+        return value
+
+    @field_validator("email_oauth2_token_key")
+    @classmethod
+    def _token_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            keys = [key.strip() for key in value.get_secret_value().split(",") if key.strip()]
+            if not keys:
+                raise ValueError("names no key")
+            for key in keys:
+                check_key(key)
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -125,6 +216,8 @@ class RuntimeSettings(BaseSettings):
             self.email_smtp_security = _implicit_tls(self.email_smtp_port, 465)
         if not self.email_folders:
             raise ValueError("EMAIL_FOLDERS names no folder")
+        if self.email_auth == "oauth2":
+            _check_oauth2(self)
         return self
 
     @classmethod
@@ -136,7 +229,9 @@ class RuntimeSettings(BaseSettings):
             raise ConfigError(describe_validation_error(exc)) from None
 
     # Plain values for the domain library.
-    def imap_config(self) -> ServerConfig:
+    def imap_config(self, tokens: AccessTokens | None = None) -> ServerConfig:
+        """IMAP server and credentials; with EMAIL_AUTH=oauth2, ``tokens`` is the account's
+        token source (``prod.oauth2_tokens.token_source``)."""
         assert self.email_imap_security is not None
         return ServerConfig(
             host=self.email_imap_host,
@@ -146,9 +241,10 @@ class RuntimeSettings(BaseSettings):
             security=self.email_imap_security,
             ca_file=self.email_tls_ca_file,
             timeout_seconds=self.email_timeout_seconds,
+            tokens=self._tokens(tokens),
         )
 
-    def smtp_config(self) -> ServerConfig:
+    def smtp_config(self, tokens: AccessTokens | None = None) -> ServerConfig:
         assert self.email_smtp_security is not None
         return ServerConfig(
             host=self.email_smtp_host,
@@ -158,6 +254,44 @@ class RuntimeSettings(BaseSettings):
             security=self.email_smtp_security,
             ca_file=self.email_tls_ca_file,
             timeout_seconds=self.email_timeout_seconds,
+            tokens=self._tokens(tokens),
+        )
+
+    def _tokens(self, tokens: AccessTokens | None) -> AccessTokens | None:
+        if self.email_auth == "oauth2" and tokens is None:
+            raise ValueError("EMAIL_AUTH=oauth2: the server configuration needs the account's token source")
+        return tokens if self.email_auth == "oauth2" else None
+
+    def oauth2_config(self) -> OAuth2Config:
+        """How to get access tokens (EMAIL_AUTH=oauth2 only): presets completed by the settings."""
+        assert self.email_auth == "oauth2" and self.email_oauth2_provider is not None
+        assert self.email_oauth2_token_key is not None
+        preset = PROVIDERS.get(self.email_oauth2_provider)
+        flow = self.email_oauth2_flow
+        tenant = self.email_oauth2_tenant or None
+        token_url = self.email_oauth2_token_url or (
+            preset.endpoint(preset.token_url, tenant) if preset else ""
+        )
+        device_url = self.email_oauth2_device_url or (
+            preset.endpoint(preset.device_url, tenant) if preset and preset.device_url else ""
+        )
+        scopes = self.email_oauth2_scopes or ((preset.scopes_for(flow) or ()) if preset else ())
+        keys = self.email_oauth2_token_key.get_secret_value().split(",")
+        return OAuth2Config(
+            account=self.sync_config().account,
+            username=self.email_username,
+            provider=self.email_oauth2_provider,
+            flow=flow,
+            token_url=token_url,
+            device_url=device_url or None,
+            scopes=tuple(scopes),
+            client_id=self.email_oauth2_client_id,
+            client_secret=_secret(self.email_oauth2_client_secret),
+            initial_refresh_token=_secret(self.email_oauth2_refresh_token),
+            token_keys=tuple(key.strip() for key in keys if key.strip()),
+            # A refresh holds the token row (SQLite: the database's write lock) while it waits for
+            # the endpoint: well under the 30 s other writers wait for a lock.
+            timeout_seconds=min(self.email_timeout_seconds, TOKEN_REQUEST_TIMEOUT_SECONDS),
         )
 
     def sync_config(self) -> SyncConfig:
@@ -195,15 +329,61 @@ class RuntimeSettings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """Every setting by its variable name, secrets masked (for ``check-config``)."""
         values = self.model_dump(mode="json")
+        for name in SECRET_VARIABLES:
+            if values.get(name.lower()):
+                values[name.lower()] = MASK
         values["email_password"] = MASK
         if self.sentry_dsn:
             values["sentry_dsn"] = _mask_dsn(self.sentry_dsn)
         values["index_db_url"] = _mask_db_url(self.index_db_url)
         return {name.upper(): value for name, value in values.items()}
 
+    def oauth2_secrets(self) -> list[str]:
+        """The OAuth2 secrets among the settings (client secret, refresh token, token keys), for
+        masking; the tokens obtained later are registered by the token source."""
+        values = [_secret(self.email_oauth2_client_secret), _secret(self.email_oauth2_refresh_token)]
+        if self.email_oauth2_token_key is not None:
+            values += self.email_oauth2_token_key.get_secret_value().split(",")
+        return [value.strip() for value in values if value and value.strip()]
+
     @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level]
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() or None if value is not None else None
+
+
+def _check_oauth2(settings: RuntimeSettings) -> None:
+    """Combinations that cannot work; each message starts with the variable to change."""
+    provider = settings.email_oauth2_provider
+    flow = settings.email_oauth2_flow
+    if not settings.email_oauth2_client_id:
+        raise ValueError("EMAIL_OAUTH2_CLIENT_ID: required with EMAIL_AUTH=oauth2")
+    if settings.email_oauth2_token_key is None:
+        raise ValueError(
+            "EMAIL_OAUTH2_TOKEN_KEY: required with EMAIL_AUTH=oauth2 (the key that encrypts stored tokens; "
+            "`emailops auth new-key` prints one)"
+        )
+    if provider == "custom" and not settings.email_oauth2_token_url:
+        raise ValueError("EMAIL_OAUTH2_TOKEN_URL: required with EMAIL_OAUTH2_PROVIDER=custom")
+    if flow is OAuth2Flow.CLIENT_CREDENTIALS:
+        if provider == "google":
+            raise ValueError(
+                "EMAIL_OAUTH2_FLOW: google has no client_credentials grant for mail; use refresh_token"
+            )
+        if not _secret(settings.email_oauth2_client_secret):
+            raise ValueError("EMAIL_OAUTH2_CLIENT_SECRET: required with EMAIL_OAUTH2_FLOW=client_credentials")
+        if settings.email_oauth2_refresh_token is not None:
+            raise ValueError(
+                "EMAIL_OAUTH2_REFRESH_TOKEN: not used with EMAIL_OAUTH2_FLOW=client_credentials; remove it"
+            )
+        if provider == "microsoft" and settings.email_oauth2_tenant.lower() in _MULTI_TENANTS:
+            raise ValueError(
+                "EMAIL_OAUTH2_TENANT: app-only access needs your directory (tenant) id or domain, "
+                "not common/organizations/consumers"
+            )
 
 
 def _mask_dsn(dsn: str) -> str:
@@ -223,13 +403,16 @@ def describe_validation_error(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
-        name = loc[0].upper() if loc else "configuration"
+        if not loc:  # a rule over several settings: its message starts with the variable's name
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        name = loc[0].upper()
         if error["type"] == "missing":
             what = "missing (required)"
         else:
             message = str(error["msg"]).removeprefix("Value error, ")
             given = error.get("input")
-            shown = "" if name == "EMAIL_PASSWORD" or isinstance(given, dict) else f" (got {given!r})"
+            shown = "" if name in SECRET_VARIABLES or isinstance(given, dict) else f" (got {given!r})"
             what = f"{message}{shown}"
         problems.append(f"{name}: {what}")
     return "invalid configuration: " + "; ".join(problems)

@@ -18,7 +18,9 @@ import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
 from tenacity import wait_exponential_jitter
 
-from emailops.config import ServerConfig, TlsSecurity
+from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
+from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism
+from emailops.config import AccessTokens, ServerConfig, TlsSecurity
 from emailops.imap.errors import (
     ImapAuthError,
     ImapError,
@@ -47,7 +49,13 @@ def connect(config: ServerConfig) -> imapclient.IMAPClient:
     except (OSError, IMAPClientError) as exc:
         raise ImapTransientError(f"cannot connect to {config.host}:{config.port}: {exc}") from exc
     try:
-        client.login(config.username, config.password)
+        if config.tokens is not None:
+            _oauth2_login(client, config, config.tokens)
+        else:
+            client.login(config.username, config.password)
+    except ImapError:
+        _close_quietly(client)
+        raise
     except LoginError as exc:
         _close_quietly(client)
         raise classify_login_failure(str(exc)) from None
@@ -70,6 +78,58 @@ def connect(config: ServerConfig) -> imapclient.IMAPClient:
         close_quietly(client)
         raise ImapTransientError(f"connection to {config.host} lost after login: {exc}") from exc
     return client
+
+
+def _oauth2_login(client: imapclient.IMAPClient, config: ServerConfig, tokens: AccessTokens) -> None:
+    """SASL XOAUTH2 or OAUTHBEARER, whichever the server offers; a refused token is replaced by a
+    newer one once (the server may have revoked it early), then the refusal is an ``ImapAuthError``
+    that says what to check."""
+    offered = [
+        capability.decode("ascii", "replace")[5:]
+        for capability in client.capabilities()
+        if capability.upper().startswith(b"AUTH=")
+    ]
+    try:
+        mechanism = choose_mechanism(offered)
+    except NoOAuth2Mechanism as exc:
+        raise ImapAuthError(f"{config.host}: {exc}") from None
+    token = _access_token(tokens)
+    try:
+        _authenticate(client, mechanism, config.username, token)
+        return
+    except LoginError as exc:
+        refusal = classify_login_failure(str(exc))
+        if not isinstance(refusal, ImapAuthError):
+            raise refusal from None
+    renewed = _access_token(tokens, rejected=token)
+    if renewed == token:
+        raise ImapAuthError(
+            f"{config.host} refused a freshly issued OAuth2 access token ({mechanism}): check that the "
+            "app may use IMAP for this mailbox (permissions, EMAIL_OAUTH2_SCOPES, EMAIL_USERNAME)"
+        )
+    try:
+        _authenticate(client, mechanism, config.username, renewed)
+    except LoginError as exc:
+        raise ImapAuthError(
+            f"{config.host} refused a newly refreshed OAuth2 access token ({mechanism}: {exc}): check that "
+            "the app may use IMAP for this mailbox (permissions, EMAIL_OAUTH2_SCOPES, EMAIL_USERNAME)"
+        ) from None
+
+
+def _access_token(tokens: AccessTokens, rejected: str | None = None) -> str:
+    try:
+        return tokens.access_token(rejected)
+    except OAuth2UnavailableError as exc:
+        raise ImapTransientError(f"no OAuth2 access token: {exc}") from None
+    except OAuth2Error as exc:
+        raise ImapAuthError(f"OAuth2 sign-in refused: {exc}") from None
+
+
+def _authenticate(client: imapclient.IMAPClient, mechanism: str, user: str, token: str) -> None:
+    if mechanism == OAUTHBEARER:
+        client.oauthbearer_login(user, token)
+    else:
+        client.oauth2_login(user, token)
 
 
 def _open(config: ServerConfig) -> imapclient.IMAPClient:

@@ -32,6 +32,11 @@ from emailops.imap.sync import FolderSync, SyncReport
 
 log = structlog.get_logger(component="imap")
 
+# A refused OAuth2 sign-in is tried again at least this often (not after up to an hour, as a
+# refused password is), so that the daemon resumes soon after `emailops auth login`; the token
+# endpoint is not asked more often for it (the token source backs off in the database).
+OAUTH2_AUTH_RETRY_MAX_SECONDS = 300.0
+
 
 class FolderWatcher:
     def __init__(
@@ -139,13 +144,18 @@ class FolderWatcher:
     def _schedule_reconnect(self, error: ImapError) -> None:
         self.failures += 1
         delay = self.policy.delay(error, self.failures)
+        oauth2 = self.server.tokens is not None
+        if oauth2 and isinstance(error, ImapAuthError):
+            delay = min(delay, OAUTH2_AUTH_RETRY_MAX_SECONDS)
         self.next_connect_at = self.monotonic() + delay
         fields = {
             "error": str(error),
             "error_type": type(error).__name__,
             "retry_in_seconds": round(delay, 1),
         }
-        if isinstance(error, ImapAuthError | ImapSecurityError):
+        if oauth2 and isinstance(error, ImapAuthError):
+            self.log.error("IMAP sign-in with OAuth2 refused; the error says what to do", **fields)
+        elif isinstance(error, ImapAuthError | ImapSecurityError):
             self.log.error(
                 "IMAP login refused; check EMAIL_USERNAME / EMAIL_PASSWORD / TLS settings", **fields
             )

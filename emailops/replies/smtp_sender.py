@@ -3,12 +3,14 @@
 Security (``ServerConfig.security``): ``ssl`` is implicit TLS; ``starttls`` requires the server to
 offer STARTTLS and fails closed when it does not (never a plaintext fallback); ``none`` is
 plaintext, only when configured. Certificates and host names are verified against the system CAs
-plus ``ca_file``. AUTH uses the account's credentials when the server offers AUTH; smtplib's
-debug output stays off, so the password never reaches a log.
+plus ``ca_file``. AUTH uses the account's credentials when the server offers AUTH: the password,
+or with ``ServerConfig.tokens`` an OAuth2 access token (OAUTHBEARER when offered, else XOAUTH2;
+a refused token is replaced by a newer one once). smtplib's debug output stays off, so no
+credential reaches a log.
 
 Outcomes: ``send`` returns on 250 and otherwise raises
 - ``TransientSendError``: 4xx, connection problems, timeouts, TLS and AUTH problems (worth retrying
-  later: the message was certainly not accepted);
+  later: the message was certainly not accepted); ``SmtpAuthError`` when the sign-in was refused;
 - ``PermanentSendError``: a 5xx answer to the envelope or the message (carries the server's text);
 - ``UncertainSendError``: the whole message was transmitted but no answer came back - the server
   may have accepted it, so it must not be resent automatically.
@@ -27,7 +29,9 @@ import ssl
 
 import structlog
 
-from emailops.config import ServerConfig, TlsSecurity
+from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
+from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism, oauthbearer, xoauth2
+from emailops.config import AccessTokens, ServerConfig, TlsSecurity
 
 
 class SmtpSendError(Exception):
@@ -44,6 +48,11 @@ class TransientSendError(SmtpSendError):
 
 class SmtpSecurityError(TransientSendError):
     """The connection could not be protected as configured (e.g. STARTTLS not offered)."""
+
+
+class SmtpAuthError(TransientSendError):
+    """The server refused the account's credentials (password or OAuth2 token); the message
+    names what to fix. Retried later like any transient failure."""
 
 
 class PermanentSendError(SmtpSendError):
@@ -76,6 +85,15 @@ def _classify(code: int, reply: bytes | str, stage: str) -> SmtpSendError:
 
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _access_token(tokens: AccessTokens, rejected: str | None = None) -> str:
+    try:
+        return tokens.access_token(rejected)
+    except OAuth2UnavailableError as exc:
+        raise TransientSendError(f"no OAuth2 access token: {exc}") from None
+    except OAuth2Error as exc:
+        raise SmtpAuthError(f"OAuth2 sign-in refused: {exc}") from None
 
 
 class SmtpSender:
@@ -130,11 +148,15 @@ class SmtpSender:
                 smtp.starttls(context=tls_context(cfg))
                 smtp.ehlo()
             if smtp.has_extn("auth") and cfg.username:
-                smtp.login(cfg.username, cfg.password)
+                if cfg.tokens is not None:
+                    self._oauth2_auth(smtp, cfg.tokens)
+                else:
+                    smtp.login(cfg.username, cfg.password)
         except SmtpSendError:
+            smtp.close()
             raise
         except smtplib.SMTPAuthenticationError as exc:
-            raise TransientSendError(
+            raise SmtpAuthError(
                 f"authentication failed: {exc.smtp_code} {_reply_text(exc.smtp_error)}", code=exc.smtp_code
             ) from None
         except smtplib.SMTPResponseException as exc:
@@ -148,6 +170,35 @@ class SmtpSender:
         self.connections_opened += 1
         self._log.info("smtp connected", security=cfg.security.value)
         return smtp
+
+    def _oauth2_auth(self, smtp: smtplib.SMTP, tokens: AccessTokens) -> None:
+        cfg = self.config
+        try:
+            mechanism = choose_mechanism(smtp.esmtp_features.get("auth", "").split())
+        except NoOAuth2Mechanism as exc:
+            raise SmtpAuthError(f"{cfg.host}: {exc}") from None
+        build = oauthbearer if mechanism == OAUTHBEARER else xoauth2
+        token = _access_token(tokens)
+        try:
+            # On a refusal the server sends a JSON error as a challenge; the empty answer ends it.
+            smtp.auth(mechanism, lambda challenge=None: "" if challenge else build(cfg.username, token))
+            return
+        except smtplib.SMTPAuthenticationError:
+            pass
+        renewed = _access_token(tokens, rejected=token)
+        if renewed == token:
+            raise SmtpAuthError(
+                f"{cfg.host} refused a freshly issued OAuth2 access token ({mechanism}): check that the app "
+                "may send as this mailbox (SMTP AUTH on, permissions, EMAIL_OAUTH2_SCOPES, EMAIL_USERNAME)"
+            )
+        try:
+            smtp.auth(mechanism, lambda challenge=None: "" if challenge else build(cfg.username, renewed))
+        except smtplib.SMTPAuthenticationError as exc:
+            raise SmtpAuthError(
+                f"{cfg.host} refused a newly refreshed OAuth2 access token ({mechanism}: {exc.smtp_code} "
+                f"{_reply_text(exc.smtp_error)}): check that the app may send as this mailbox",
+                code=exc.smtp_code,
+            ) from None
 
     def _connection(self) -> smtplib.SMTP:
         """The open connection if it still answers (NOOP), otherwise a new one."""

@@ -110,6 +110,10 @@ def _index_attempts(conn: Connection) -> None:
     schema.index_quarantine.create(conn, checkfirst=True)
 
 
+def _oauth2_tokens(conn: Connection) -> None:
+    schema.oauth2_tokens.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -119,6 +123,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "messages: rules attempts, claim time and quarantine reason", _rules_attempts),
     Migration(7, "folders.lease_epoch: the lease's fencing token", _lease_epoch),
     Migration(8, "folders: index attempts; index_quarantine", _index_attempts),
+    Migration(9, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),
 )
 
 

@@ -162,6 +162,30 @@ outbox = Table(
 Index("ix_outbox_state_next", outbox.c.state, outbox.c.next_attempt_at)
 Index("ix_outbox_recipient_created", outbox.c.recipient, outbox.c.created_at)
 
+# The OAuth2 sign-in of an account, shared by every worker and container (issue 11). Tokens are
+# Fernet-encrypted (emailops.auth.crypto); a refresh holds this row locked (FOR UPDATE / BEGIN
+# IMMEDIATE), so only one process refreshes at a time and the others use its result.
+oauth2_tokens = Table(
+    "oauth2_tokens",
+    metadata,
+    Column("account", String(320), primary_key=True),
+    Column("flow", String(32), nullable=False),
+    Column("refresh_token", LargeBinary),
+    # SHA-256 of the EMAIL_OAUTH2_REFRESH_TOKEN that seeded refresh_token: a new value replaces it once.
+    Column("seed_fingerprint", String(64)),
+    Column("access_token", LargeBinary),
+    Column("access_expires_at", DateTime(timezone=True)),
+    Column("refreshed_at", DateTime(timezone=True)),
+    # Consecutive failed token requests; none is made before next_attempt_at (no storm when revoked).
+    Column("failures", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    # refused (needs the operator) or unavailable (network, 5xx), with the reason (never a token).
+    Column("last_error_kind", String(16)),
+    Column("last_error", Text),
+    Column("last_error_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,

@@ -193,7 +193,11 @@ class LocalDovecot:
 
     ``users`` maps login names (``alice@example.test`` or a bare ``alice``) to plain passwords.
     ``capabilities_removed`` hides capabilities (``IDLE``, ``CONDSTORE``, ``QRESYNC``, ...) from
-    the CAPABILITY list, so clients take their fallback paths. Ports are chosen at construction
+    the CAPABILITY list, so clients take their fallback paths. With ``oauth2_introspection_url``
+    the accounts may also sign in with OAuth2 bearer tokens (``oauth2_mechanisms``, by default
+    XOAUTH2 and OAUTHBEARER), which Dovecot's ``passdb { driver = oauth2 }`` checks at that
+    introspection endpoint (RFC 7662, POST); passwords keep working for the test's own helpers.
+    Ports are chosen at construction
     and kept across ``restart()``. ``work_dir`` (made if missing) holds everything; without it a
     temporary folder is made and removed again by ``close()``.
     """
@@ -208,6 +212,8 @@ class LocalDovecot:
         starttls_offered: bool = True,
         capabilities_removed: Iterable[str] = (),
         max_connections: int = 200,
+        oauth2_introspection_url: str | None = None,
+        oauth2_mechanisms: Iterable[str] = ("xoauth2", "oauthbearer"),
     ) -> None:
         for binary in (DOVECOT_BINARY, DOVEADM_BINARY):
             if shutil.which(binary) is None:
@@ -237,6 +243,8 @@ class LocalDovecot:
         self._tls_names = tls_names
         self._starttls_offered = starttls_offered
         self._max_connections = max_connections
+        self._oauth2_url = oauth2_introspection_url
+        self._oauth2_mechanisms = " ".join(mechanism.lower() for mechanism in oauth2_mechanisms)
 
         self._owns_work_dir = work_dir is None
         if work_dir is None:
@@ -256,6 +264,7 @@ class LocalDovecot:
 
         self.config_file = self.work_dir / "dovecot.conf"
         self.passwd_file = self.work_dir / "passwd"
+        self.oauth2_file = self.work_dir / "dovecot-oauth2.conf.ext"
         self.log_file = self.work_dir / "logs" / "dovecot.log"
         self._stderr_file = self.work_dir / "logs" / "master-stderr.log"
         self._home_root = self.work_dir / "home"
@@ -275,6 +284,15 @@ class LocalDovecot:
         if self._tls:
             self.certificates = make_test_certificates(self.work_dir / "tls", self._tls_names)
         self._write_passwd_file()
+        if self._oauth2_url is not None:
+            self.oauth2_file.write_text(
+                "introspection_mode = post\n"
+                f"introspection_url = {self._oauth2_url}\n"
+                "force_introspection = yes\n"
+                "username_attribute = username\n"
+                "active_attribute = active\n"
+                "active_value = true\n"
+            )
         self.config_file.write_text(self._render_config())
 
     def _render_config(self) -> str:
@@ -303,7 +321,8 @@ class LocalDovecot:
             f"mail_max_userip_connections = {self._max_connections}",
             "postmaster_address = postmaster@example.test",
             "disable_plaintext_auth = no",
-            "auth_mechanisms = plain login",
+            "auth_mechanisms = plain login"
+            + (f" {self._oauth2_mechanisms}" if self._oauth2_url is not None else ""),
             # A failed login must not cost a test the default two seconds.
             "auth_failure_delay = 0",
             "verbose_proctitle = yes",
@@ -321,6 +340,23 @@ class LocalDovecot:
             "  driver = passwd-file",
             f"  args = scheme=PLAIN username_format=%u {self.passwd_file}",
             "}",
+        ]
+        if self._oauth2_url is not None:
+            lines += [
+                "passdb {",
+                "  driver = oauth2",
+                f"  mechanisms = {self._oauth2_mechanisms}",
+                f"  args = {self.oauth2_file}",
+                "}",
+                # No growing per-IP delay after refused tokens (2, 4, 8, 15 s): the tests refuse
+                # tokens on purpose, and all their clients share one address.
+                "service anvil {",
+                "  unix_listener anvil-auth-penalty {",
+                "    mode = 0",
+                "  }",
+                "}",
+            ]
+        lines += [
             "userdb {",
             "  driver = static",
             f"  args = uid={MAIL_USER} gid={MAIL_USER} home={self._home_root}/%u",

@@ -1,6 +1,7 @@
 """A throwaway authenticated SMTP submission server on loopback that hands mail to a LocalDovecot.
 
-It plays the part of the operator's outgoing mail server: it requires AUTH (PLAIN or LOGIN),
+It plays the part of the operator's outgoing mail server: it requires AUTH (PLAIN or LOGIN, and
+XOAUTH2 / OAUTHBEARER with bearer tokens when given a way to check them),
 optionally offers STARTTLS and/or implicit TLS, records every message it accepts, and passes each
 one on over LMTP, so a reply sent to a local account lands in that account's INBOX. Recipients
 that the Dovecot does not know are accepted and only recorded, like mail a real relay would send
@@ -11,6 +12,9 @@ started again on the same port to simulate an outage.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import re
 import smtplib
 import ssl
 import tempfile
@@ -18,7 +22,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -69,11 +73,39 @@ class _PlannedFailure:
     remaining: int
 
 
+# The bearer token and the user of an XOAUTH2 or OAUTHBEARER initial response.
+_XOAUTH2 = re.compile(r"^user=([^\x01]*)\x01auth=Bearer ([^\x01]+)\x01\x01$")
+_OAUTHBEARER = re.compile(r"^n,a=([^,]*),\x01(?:[a-z]+=[^\x01]*\x01)*?auth=Bearer ([^\x01]+)\x01")
+
+
 class _RelayHandler:
     """aiosmtpd handler: failure injection, recording and LMTP hand-off."""
 
     def __init__(self, relay: LocalSmtpRelay) -> None:
         self._relay = relay
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, _XOAUTH2)
+
+    async def auth_OAUTHBEARER(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, _OAUTHBEARER)
+
+    async def _bearer(self, server: SMTP, args: list[str], pattern: re.Pattern[str]) -> AuthResult:
+        """SASL with an OAuth2 bearer token, checked by the relay's ``bearer_user``; a refusal is
+        the JSON challenge of XOAUTH2 / RFC 7628 section 3.2.2, then 535 after the client's reply."""
+        if len(args) > 1:
+            response: bytes | object = base64.b64decode(args[1])
+        else:
+            response = await server.challenge_auth("")
+        if not isinstance(response, bytes):
+            return AuthResult(success=False, handled=False)
+        match = pattern.match(response.decode("utf-8", "replace"))
+        user = self._relay._bearer_user(match.group(2)) if match else None
+        if match is None or user is None or user.lower() != match.group(1).replace("=2C", ",").lower():
+            error = json.dumps({"status": "401", "schemes": "bearer", "scope": "mail"})
+            await server.challenge_auth(error)
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, handled=False, auth_data=LoginPassword(user.encode(), b""))
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -153,7 +185,9 @@ class LocalSmtpRelay:
     the plain port offers STARTTLS; with ``implicit_tls`` a second port speaks TLS from the first
     byte. Both use ``certificates``, by default the Dovecot's (so one ``ca_file`` verifies both
     servers), or a fresh test CA when the Dovecot has none. ``auth_require_tls`` refuses AUTH
-    before TLS, as a strict provider would.
+    before TLS, as a strict provider would. ``bearer_user`` maps an OAuth2 access token to the
+    account it is valid for (None: invalid), enabling AUTH XOAUTH2 and OAUTHBEARER;
+    ``auth_exclude`` names mechanisms not to offer (e.g. ``("OAUTHBEARER",)``, as Microsoft 365).
     """
 
     def __init__(
@@ -165,8 +199,12 @@ class LocalSmtpRelay:
         implicit_tls: bool = False,
         auth_require_tls: bool = False,
         certificates: TestCertificates | None = None,
+        bearer_user: Callable[[str], str | None] | None = None,
+        auth_exclude: tuple[str, ...] = (),
     ) -> None:
         self.dovecot = dovecot
+        self._bearer_check = bearer_user
+        self._auth_exclude = auth_exclude
         self._credentials = dict(credentials)
         self._starttls = starttls
         self._auth_require_tls = auth_require_tls
@@ -210,6 +248,7 @@ class LocalSmtpRelay:
             "authenticator": self._authenticate,
             "auth_required": True,
             "auth_require_tls": self._auth_require_tls,
+            "auth_exclude_mechanism": self._auth_exclude,
         }
         if implicit:
             smtp_options["ssl_context"] = self._server_tls_context()
@@ -278,6 +317,9 @@ class LocalSmtpRelay:
             known = self._credentials.get(login)
         accepted = known is not None and known == password
         return AuthResult(success=accepted, handled=False, auth_data=auth_data if accepted else None)
+
+    def _bearer_user(self, token: str) -> str | None:
+        return self._bearer_check(token) if self._bearer_check is not None else None
 
     def fail_next(self, code: int, text: str, times: int = 1, at: FailureStage = "DATA") -> None:
         """Answer the next ``times`` DATA commands (or RCPT commands) with ``code text``.

@@ -1,0 +1,92 @@
+"""Shared values and builders for the OAuth2 tests: a client registered at LocalOAuth2Server,
+an encryption key, configs and daemon environments pointing at it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from emailops.config import OAuth2Config, OAuth2Flow
+from prod.localmail.dovecot import LocalDovecot
+from prod.localmail.oauth2_server import LocalOAuth2Server
+from tests.conftest import MAIL_USERS
+from tests.index_helpers import ACCOUNT, ALICE, daemon_env
+
+CLIENT_ID = "emailops-test-client"
+# Distinctive values, looked for in every output by the secrets tests.
+CLIENT_SECRET = "eo-cs-5f1e0c2d9a8b7c6d"
+TOKEN_KEY = "u4p3Vd9HkQ1v6mN2xR8sT0yZ5bC7eF1gH3jK5lM7nP0="
+APP_CLIENT_ID = "emailops-app-client"
+
+
+def oauth2_server(**options: object) -> LocalOAuth2Server:
+    return LocalOAuth2Server(
+        {CLIENT_ID: CLIENT_SECRET, APP_CLIENT_ID: CLIENT_SECRET},
+        app_users={APP_CLIENT_ID: ALICE},
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def oauth2_config(server: LocalOAuth2Server, **overrides: object) -> OAuth2Config:
+    values: dict[str, object] = {
+        "account": ACCOUNT,
+        "username": ALICE,
+        "provider": "custom",
+        "flow": OAuth2Flow.REFRESH_TOKEN,
+        "token_url": server.token_url,
+        "device_url": server.device_url,
+        "scopes": ("mail", "offline_access"),
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "token_keys": (TOKEN_KEY,),
+        "timeout_seconds": 10.0,
+    }
+    values.update(overrides)
+    return OAuth2Config(**values)  # type: ignore[arg-type]
+
+
+def oauth2_env(
+    dovecot: LocalDovecot, server: LocalOAuth2Server, data: Path, **overrides: str
+) -> dict[str, str]:
+    """``daemon_env`` signing in with OAuth2 at ``server`` (no EMAIL_PASSWORD)."""
+    env = daemon_env(
+        dovecot,
+        data,
+        EMAIL_AUTH="oauth2",
+        EMAIL_OAUTH2_PROVIDER="custom",
+        EMAIL_OAUTH2_TOKEN_URL=server.token_url,
+        EMAIL_OAUTH2_DEVICE_URL=server.device_url,
+        EMAIL_OAUTH2_SCOPES="mail offline_access",
+        EMAIL_OAUTH2_CLIENT_ID=CLIENT_ID,
+        EMAIL_OAUTH2_CLIENT_SECRET=CLIENT_SECRET,
+        EMAIL_OAUTH2_TOKEN_KEY=TOKEN_KEY,
+    )
+    del env["EMAIL_PASSWORD"]
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def auth_server() -> Iterator[LocalOAuth2Server]:
+    """A started LocalOAuth2Server knowing CLIENT_ID (delegated) and APP_CLIENT_ID (app-only)."""
+    with oauth2_server() as server:
+        yield server
+
+
+@pytest.fixture
+def dovecot_oauth2(auth_server: LocalOAuth2Server) -> Iterator[LocalDovecot]:
+    """A Dovecot whose accounts also sign in with XOAUTH2/OAUTHBEARER tokens of ``auth_server``."""
+    with LocalDovecot(MAIL_USERS, oauth2_introspection_url=auth_server.introspection_url) as server:
+        yield server
+
+
+def bearer_user(server: LocalOAuth2Server) -> Callable[[str], str | None]:
+    """For LocalSmtpRelay(bearer_user=...): the account a token of ``server`` is valid for."""
+
+    def check(token: str) -> str | None:
+        answer = server.introspect(token)
+        return str(answer["username"]) if answer.get("active") else None
+
+    return check

@@ -1,0 +1,489 @@
+"""OAuth2 sign-in end to end: Dovecot with ``passdb { driver = oauth2 }`` checking tokens at the
+loopback authorization server's introspection endpoint, the SMTP relay accepting XOAUTH2 with
+the same tokens, and emailops as operators run it (``python -m emailops``, ``python -m prod.run``)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from emailops.auth.sasl import oauthbearer, xoauth2
+from emailops.auth.token_endpoint import TokenResponse
+from emailops.auth.token_source import TokenSource
+from emailops.config import ServerConfig, TlsSecurity
+from emailops.imap.connection import connect
+from emailops.imap.errors import ImapAuthError
+from emailops.imap.sync import FolderSync
+from emailops.imap.watcher import OAUTH2_AUTH_RETRY_MAX_SECONDS, FolderWatcher
+from emailops.replies.smtp_sender import SmtpAuthError, SmtpSender
+from prod.localmail.dovecot import LocalDovecot
+from prod.localmail.oauth2_server import LocalOAuth2Server
+from prod.localmail.smtp_relay import LocalSmtpRelay
+from tests.conftest import MAIL_USERS
+from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
+from tests.oauth2_helpers import (
+    APP_CLIENT_ID,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    TOKEN_KEY,
+    auth_server,
+    bearer_user,
+    dovecot_oauth2,
+    oauth2_config,
+    oauth2_env,
+)
+from tests.test_daemon_e2e import wait_for
+
+__all__ = ["auth_server", "dovecot_oauth2"]
+
+REPO = Path(__file__).resolve().parents[1]
+RULES = (
+    '[[rules]]\nname = "ack"\n[rules.match]\nsubject = "help"\n[rules.reply]\ntemplate = "Got {subject}"\n'
+)
+
+
+def emailops(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "emailops", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def secret_spellings(server: LocalOAuth2Server) -> set[str]:
+    """Every token the server issued, the client secret and the key, raw and in SASL base64."""
+    values = {CLIENT_SECRET, TOKEN_KEY, *server.issued}
+    for token in server.issued:
+        for sasl in (xoauth2(ALICE, token), oauthbearer(ALICE, token), token):
+            values.add(base64.b64encode(sasl.encode()).decode())
+    return values
+
+
+def assert_no_secret(texts: list[str], server: LocalOAuth2Server) -> None:
+    assert server.issued, "no token was issued: nothing was checked"
+    leaked = sorted(value for value in secret_spellings(server) if any(value in text for text in texts))
+    assert leaked == []
+
+
+@pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
+def test_sync_once_signs_in_with_the_mechanism_the_server_offers(
+    auth_server: LocalOAuth2Server, tmp_path: Path, mechanism: str
+) -> None:
+    with LocalDovecot(
+        MAIL_USERS, oauth2_introspection_url=auth_server.introspection_url, oauth2_mechanisms=[mechanism]
+    ) as dovecot:
+        dovecot.deliver(ALICE, message(1))
+        dovecot.deliver(ALICE, message(2))
+        seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+        env = oauth2_env(dovecot, auth_server, tmp_path, EMAIL_OAUTH2_REFRESH_TOKEN=seed, LOG_LEVEL="DEBUG")
+        result = emailops(env, "sync", "--once", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)[0]["new"] == 2
+        assert f"method={mechanism.upper()}" in dovecot.log_text()
+        assert auth_server.count("token:refresh_token") == 1
+        assert_no_secret([result.stdout, result.stderr], auth_server)
+
+
+def test_client_credentials_flow_syncs(
+    auth_server: LocalOAuth2Server, dovecot_oauth2: LocalDovecot, tmp_path: Path
+) -> None:
+    dovecot_oauth2.deliver(ALICE, message(1))
+    env = oauth2_env(
+        dovecot_oauth2,
+        auth_server,
+        tmp_path,
+        EMAIL_OAUTH2_FLOW="client_credentials",
+        EMAIL_OAUTH2_CLIENT_ID=APP_CLIENT_ID,
+    )
+    result = emailops(env, "sync", "--once", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["new"] == 1
+    assert auth_server.count("token:client_credentials") == 1
+    assert auth_server.count("token:refresh_token") == 0
+
+
+def test_auth_login_status_logout_end_to_end(
+    auth_server: LocalOAuth2Server, dovecot_oauth2: LocalDovecot, tmp_path: Path
+) -> None:
+    env = oauth2_env(dovecot_oauth2, auth_server, tmp_path, LOG_LEVEL="DEBUG")
+    before = emailops(env, "auth", "status", "--json")
+    assert before.returncode == 1 and json.loads(before.stdout)["signed_in"] is False
+
+    login = subprocess.Popen(
+        [sys.executable, "-m", "emailops", "auth", "login", "--json"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert login.stdout is not None
+        prompt = json.loads(login.stdout.readline())
+        assert prompt["verification_uri"].startswith(auth_server.base_url)
+        # The person opens the URL and enters the code.
+        auth_server.approve(prompt["user_code"], ALICE)
+        out, err = login.communicate(timeout=30)
+    finally:
+        if login.poll() is None:
+            login.kill()
+    assert login.returncode == 0, err
+    done = json.loads(out)
+    assert done["signed_in"] is True and done["access_expires_at"]
+    assert auth_server.count("token:urn:ietf:params:oauth:grant-type:device_code") >= 1
+
+    status = emailops(env, "auth", "status", "--json")
+    assert status.returncode == 0
+    shown = json.loads(status.stdout)
+    assert shown["signed_in"] is True and shown["flow"] == "refresh_token" and shown["last_refresh"]
+    assert shown["account"] == f"{ALICE}@{dovecot_oauth2.host}" and shown["last_error"] is None
+
+    dovecot_oauth2.deliver(ALICE, message(1))
+    synced = emailops(env, "sync", "--once", "--json")
+    assert synced.returncode == 0, synced.stderr
+    assert json.loads(synced.stdout)[0]["new"] == 1
+    assert auth_server.count("token:refresh_token") == 0  # the login's access token was used
+
+    logout = emailops(env, "auth", "logout")
+    assert logout.returncode == 0 and "removed" in logout.stdout
+    after = emailops(env, "auth", "status", "--json")
+    assert after.returncode == 1 and json.loads(after.stdout)["signed_in"] is False
+    refused = emailops(env, "sync", "--once")
+    assert refused.returncode == 1 and "run `emailops auth login`" in refused.stderr
+    assert_no_secret(
+        [
+            prompt["user_code"],
+            out,
+            err,
+            status.stdout,
+            status.stderr,
+            synced.stdout,
+            synced.stderr,
+            refused.stderr,
+        ],
+        auth_server,
+    )
+
+
+def test_smtp_refused_token_is_an_auth_error_naming_the_fix(
+    auth_server: LocalOAuth2Server, tmp_path: Path
+) -> None:
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    tokens = TokenSource(
+        index_engine(f"sqlite:///{tmp_path / 'index.db'}"),
+        oauth2_config(auth_server, initial_refresh_token=seed),
+    )
+    with LocalSmtpRelay(None, {}, bearer_user=bearer_user(auth_server)) as relay:
+        config = ServerConfig(relay.host, relay.port, ALICE, "", TlsSecurity.NONE, tokens=tokens)
+        with SmtpSender(config) as sender:
+            sender.send(envelope_from=ALICE, recipient="bob@example.org", raw=message(1))
+        assert relay.accepted[0].auth_login == ALICE
+        # Access tokens revoked early and the refresh token too: one forced refresh, then the fix.
+        auth_server.revoke_access_tokens()
+        auth_server.revoke_refresh_tokens()
+        with SmtpSender(config) as sender, pytest.raises(SmtpAuthError) as refused:
+            sender.send(envelope_from=ALICE, recipient="bob@example.org", raw=message(2))
+    assert auth_server.count("token:refresh_token") == 1  # the fresh token was not refreshed again
+    assert "freshly issued OAuth2 access token" in str(refused.value)
+
+
+@pytest.fixture
+def relay_xoauth2(dovecot_oauth2: LocalDovecot, auth_server: LocalOAuth2Server) -> Iterator[LocalSmtpRelay]:
+    """An SMTP relay that takes only XOAUTH2 with the server's tokens (like Microsoft 365)."""
+    with LocalSmtpRelay(
+        dovecot_oauth2,
+        {},
+        bearer_user=bearer_user(auth_server),
+        auth_exclude=("OAUTHBEARER", "PLAIN", "LOGIN"),
+    ) as relay:
+        yield relay
+
+
+class Daemon:
+    def __init__(self, env: dict[str, str], data: Path) -> None:
+        self.env = env
+        self.data = data
+        self.runs = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.runs += 1
+        with (
+            (self.data / f"stdout-{self.runs}.log").open("w") as out,
+            (self.data / f"stderr-{self.runs}.log").open("w") as err,
+        ):
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "prod.run"], env=self.env, cwd=REPO, stdout=out, stderr=err
+            )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def output(self) -> list[str]:
+        files = [*self.data.glob("stdout-*.log"), *self.data.glob("stderr-*.log"), *self.data.glob("logs/*")]
+        return [path.read_text(errors="replace") for path in files if path.is_file()]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[list[Daemon]]:
+    made: list[Daemon] = []
+    yield made
+    for daemon in made:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+def test_daemon_indexes_and_replies_across_expiry_rotation_and_restart_without_leaking(
+    auth_server: LocalOAuth2Server,
+    dovecot_oauth2: LocalDovecot,
+    relay_xoauth2: LocalSmtpRelay,
+    daemon_factory: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    auth_server.access_token_seconds = 16  # due 4 s before it expires
+    (tmp_path / "rules.toml").write_text(RULES)
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    env = oauth2_env(
+        dovecot_oauth2,
+        auth_server,
+        tmp_path,
+        EMAIL_OAUTH2_REFRESH_TOKEN=seed,
+        EMAIL_SMTP_PORT=str(relay_xoauth2.port),
+        WORKERS="2",
+        LOG_LEVEL="DEBUG",
+        LOG_FILE_ENABLED="true",
+        SHUTDOWN_TIMEOUT_SECONDS="10",
+    )
+    engine = index_engine(env["INDEX_DB_URL"])
+
+    def indexed() -> int:
+        return int(rows(engine, "SELECT count(*) FROM messages")[0][0])
+
+    daemon = Daemon(env, tmp_path)
+    daemon_factory.append(daemon)
+    daemon.start()
+    # Signed in and synced once (mail from before the first sync is never answered).
+    wait_for(
+        lambda: bool(rows(engine, "SELECT last_sync_at FROM folders WHERE last_sync_at IS NOT NULL")),
+        30,
+        "first sync",
+    )
+    assert auth_server.count("token:refresh_token") == 1
+    first_access = [token for token in auth_server.issued if token.startswith("eo-at-")][-1]
+    dovecot_oauth2.deliver(ALICE, message(1, subject="help please"))
+    wait_for(lambda: len(relay_xoauth2.accepted) == 1, 30, "reply sent with XOAUTH2")
+    assert relay_xoauth2.accepted[0].auth_login == ALICE
+    assert "method=XOAUTH2" not in dovecot_oauth2.log_text()  # IMAP chose OAUTHBEARER, offered too
+    assert "method=OAUTHBEARER" in dovecot_oauth2.log_text()
+    assert auth_server.count("token:refresh_token") == 1  # IMAP and SMTP, two workers: one token
+
+    # The access token expires while the daemon IDLEs; the server then ends the session with a
+    # BYE (as Exchange Online does when a session's token expires): the watcher signs in again
+    # with a refreshed token and the next message is indexed.
+    wait_for(lambda: not auth_server.introspect(first_access)["active"], 30, "first access token expired")
+    assert dovecot_oauth2.kill_imap_connections(ALICE, signal.SIGTERM) >= 1
+    dovecot_oauth2.deliver(ALICE, message(2))
+    wait_for(lambda: indexed() == 2, 30, "message 2 indexed after the expiry")
+    assert auth_server.count("token:refresh_token") == 2
+    # Rotated: the seed is refused from now on, and the stored refresh token is the newest one.
+    assert not auth_server.refresh_token_valid(seed)
+    newest_refresh = [token for token in auth_server.issued if token.startswith("eo-rt-")][-1]
+    assert auth_server.refresh_token_valid(newest_refresh)
+
+    # A restarted daemon (same environment, seed still set) signs in with the stored new token.
+    daemon.stop()
+    last_access = [token for token in auth_server.issued if token.startswith("eo-at-")][-1]
+    wait_for(
+        lambda: not auth_server.introspect(last_access)["active"], 30, "access token expired while stopped"
+    )
+    daemon.start()
+    dovecot_oauth2.deliver(ALICE, message(3))
+    wait_for(lambda: indexed() == 3, 30, "message 3 indexed after the restart")
+    assert auth_server.count("token:refresh_token") == 3
+    assert not auth_server.refresh_token_valid(newest_refresh)
+    daemon.stop()
+
+    texts = daemon.output()
+    joined = "\n".join(texts)
+    assert '"logger":"imapclient' in joined and '"level":"DEBUG"' in joined  # DEBUG was on
+    assert '"level":"ERROR"' not in joined
+    assert_no_secret(texts, auth_server)
+    # The database (and a copy of it, as `emailops backup` makes) holds the tokens encrypted only.
+    stored = [path.read_bytes().decode("latin-1") for path in tmp_path.glob("emailops.db*")]
+    assert stored and rows(engine, "SELECT count(*) FROM oauth2_tokens WHERE refresh_token IS NOT NULL") == [
+        (1,)
+    ]
+    assert_no_secret(stored, auth_server)
+
+
+def test_daemon_signs_in_with_xoauth2_when_the_server_offers_only_that(
+    auth_server: LocalOAuth2Server, daemon_factory: list[Daemon], tmp_path: Path
+) -> None:
+    with LocalDovecot(
+        MAIL_USERS, oauth2_introspection_url=auth_server.introspection_url, oauth2_mechanisms=["xoauth2"]
+    ) as dovecot:
+        env = oauth2_env(
+            dovecot,
+            auth_server,
+            tmp_path,
+            EMAIL_OAUTH2_REFRESH_TOKEN=auth_server.issue_refresh_token(ALICE, CLIENT_ID),
+        )
+        engine = index_engine(env["INDEX_DB_URL"])
+        daemon = Daemon(env, tmp_path)
+        daemon_factory.append(daemon)
+        daemon.start()
+        wait_for(
+            lambda: bool(rows(engine, "SELECT 1 FROM folders WHERE last_sync_at IS NOT NULL")),
+            30,
+            "first sync",
+        )
+        dovecot.deliver(ALICE, message(1))
+        wait_for(lambda: rows(engine, "SELECT count(*) FROM messages") == [(1,)], 30, "message indexed")
+        daemon.stop()
+        assert "method=XOAUTH2" in dovecot.log_text() and "method=OAUTHBEARER" not in dovecot.log_text()
+
+
+def test_daemon_with_revoked_refresh_token_logs_one_error_and_no_storm(
+    auth_server: LocalOAuth2Server, dovecot_oauth2: LocalDovecot, daemon_factory: list[Daemon], tmp_path: Path
+) -> None:
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    auth_server.revoke_refresh_tokens()
+    env = oauth2_env(dovecot_oauth2, auth_server, tmp_path, EMAIL_OAUTH2_REFRESH_TOKEN=seed, WORKERS="2")
+    daemon = Daemon(env, tmp_path)
+    daemon_factory.append(daemon)
+    daemon.start()
+
+    def errors() -> list[dict[str, object]]:
+        lines = (tmp_path / "stdout-1.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if '"level":"ERROR"' in line]
+
+    wait_for(lambda: bool(errors()), 30, "an ERROR about the sign-in")
+    assert [entry["component"] for entry in errors()] == ["imap"], errors()
+    error = errors()[0]
+    assert error["error_type"] == "ImapAuthError"
+    assert "invalid_grant" in str(error["error"]) and "run `emailops auth login`" in str(error["error"])
+    # The other worker and later retries within the backoff make no token request.
+    status = emailops(env, "auth", "status", "--json")
+    shown = json.loads(status.stdout)
+    assert "invalid_grant" in shown["last_error"] and shown["next_token_request_after"]
+    assert auth_server.count("token") == 1
+    assert len(errors()) == 1
+    daemon.stop()
+    assert_no_secret([*daemon.output(), status.stdout], auth_server)
+
+
+def test_refused_sign_in_is_retried_within_minutes_and_resumes_after_login(
+    auth_server: LocalOAuth2Server, dovecot_oauth2: LocalDovecot, tmp_path: Path
+) -> None:
+    engine = index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    auth_server.revoke_refresh_tokens()
+    tokens = TokenSource(engine, oauth2_config(auth_server, initial_refresh_token=seed))
+    config = sync_config()
+    now = [0.0]
+    watcher = FolderWatcher(
+        imap_config(dovecot_oauth2, password="", tokens=tokens),
+        config,
+        FolderSync(engine, config, "INBOX"),
+        monotonic=lambda: now[0],
+        sleep=lambda _seconds: None,
+    )
+    with capture_logs() as logs:
+        for _ in range(8):
+            watcher.step(0)
+            assert not watcher.connected
+            assert watcher.next_connect_at - now[0] <= OAUTH2_AUTH_RETRY_MAX_SECONDS + 1e-6
+            now[0] = watcher.next_connect_at
+    refusals = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(refusals) == 8 and refusals[0]["error_type"] == "ImapAuthError"
+    assert "run `emailops auth login`" in refusals[0]["error"]
+    assert auth_server.count("token") == 1  # the token source's backoff, in real time
+
+    # The operator signs in again: the next attempt signs in and syncs.
+    tokens.store_login(
+        TokenResponse(
+            access_token=auth_server.issue_access_token(ALICE, CLIENT_ID),
+            expires_in=3600,
+            refresh_token=auth_server.issue_refresh_token(ALICE, CLIENT_ID),
+        )
+    )
+    dovecot_oauth2.deliver(ALICE, message(1))
+    watcher.step(0)
+    assert watcher.connected and watcher.failures == 0
+    watcher.close()
+
+
+@pytest.mark.postgres
+def test_two_instances_sharing_postgresql_refresh_once_when_all_reconnect(
+    auth_server: LocalOAuth2Server,
+    dovecot_oauth2: LocalDovecot,
+    daemon_factory: list[Daemon],
+    pg_url: str,
+    tmp_path: Path,
+) -> None:
+    """Two daemons (as two containers) with two workers each, one folder per worker: when the server
+    restarts after the access token expired, every watcher signs in again at about the same moment."""
+    folders = ["INBOX", "A", "B", "C"]
+    for folder in folders[1:]:
+        dovecot_oauth2.create_folder(ALICE, folder)
+    auth_server.access_token_seconds = 8
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    engine = index_engine(pg_url)
+    daemons = []
+    for n in (1, 2):
+        data = tmp_path / f"instance-{n}"
+        data.mkdir()
+        env = oauth2_env(
+            dovecot_oauth2,
+            auth_server,
+            data,
+            EMAIL_OAUTH2_REFRESH_TOKEN=seed,
+            INDEX_DB_URL=pg_url,
+            WORKERS="2",
+            EMAIL_FOLDERS=",".join(folders),
+        )
+        daemons.append(Daemon(env, data))
+    daemon_factory.extend(daemons)
+    for daemon in daemons:
+        daemon.start()
+    synced = "SELECT count(*) FROM folders WHERE last_sync_at IS NOT NULL"
+    wait_for(lambda: rows(engine, synced) == [(4,)], 60, "every folder synced")
+    assert auth_server.count("token:refresh_token") == 1
+    current = [token for token in auth_server.issued if token.startswith("eo-at-")][-1]
+    wait_for(lambda: not auth_server.introspect(current)["active"], 30, "access token expired")
+
+    auth_server.token_delay_seconds = 1.0  # a slow endpoint: the other sign-ins arrive meanwhile
+    auth_server.access_token_seconds = 3600  # the next token is not due again during the test
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE folders SET last_sync_at = NULL")
+    dovecot_oauth2.restart()
+    wait_for(lambda: rows(engine, synced) == [(4,)], 60, "every folder synced again")
+    assert auth_server.count("token:refresh_token") == 2
+    for daemon in daemons:
+        daemon.stop()
+
+
+def test_a_server_without_oauth2_is_an_auth_error_that_says_so(
+    auth_server: LocalOAuth2Server, dovecot: LocalDovecot, tmp_path: Path
+) -> None:
+    tokens = TokenSource(
+        index_engine(f"sqlite:///{tmp_path / 'index.db'}"),
+        oauth2_config(auth_server, initial_refresh_token=auth_server.issue_refresh_token(ALICE, CLIENT_ID)),
+    )
+    with pytest.raises(ImapAuthError, match=r"offers no OAuth2 sign-in \(AUTH LOGIN PLAIN\)"):
+        connect(imap_config(dovecot, password="", tokens=tokens))
+    assert auth_server.count("token") == 0
