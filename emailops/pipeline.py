@@ -21,7 +21,7 @@ from emailops.cache import RawMessageCache
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import SharedConnection
 from emailops.imap.sync import Clock, FolderSync, utc_now
-from emailops.imap.watcher import FolderWatcher
+from emailops.imap.watcher import FolderStatus, FolderWatcher
 from emailops.store import folders as folder_store
 
 log = structlog.get_logger(component="index")
@@ -87,6 +87,10 @@ class MailPipeline:
         elif wait:
             time.sleep(wait)
         self.stages_busy = any([stage.run_once() for stage in self.stages])
+
+    def status(self) -> list[FolderStatus]:
+        """What each folder this worker watches last saw (for the operator's view and health)."""
+        return [watcher.status() for watcher in self.watchers.values()]
 
     def close(self) -> None:
         for folder, watcher in self.watchers.items():

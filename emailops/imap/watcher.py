@@ -13,11 +13,13 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
+from emailops import metrics
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import forget_unsolicited, has_buffered_input
 from emailops.imap.connection import ReconnectPolicy, SharedConnection, close_quietly, connect
@@ -36,6 +38,20 @@ log = structlog.get_logger(component="imap")
 CONNECTION_ERRORS = (OSError, socket.timeout, IMAPClientError, EOFError)
 
 
+@dataclass(frozen=True)
+class FolderStatus:
+    """What a watcher last saw, for the operator (UNIX times; ``error_kind`` is ``ImapError.kind``).
+
+    The error is the last failure, kept after a later success: it is current while ``error_at`` is
+    after ``last_sync_at`` (or there was no sync)."""
+
+    folder: str
+    last_sync_at: float | None
+    error_kind: str | None = None
+    error: str | None = None
+    error_at: float | None = None
+
+
 class FolderWatcher:
     def __init__(
         self,
@@ -47,6 +63,7 @@ class FolderWatcher:
         shared: SharedConnection | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall_clock: Callable[[], float] = time.time,
         pass_budget_seconds: float = 5.0,
     ) -> None:
         self.server = server
@@ -68,6 +85,10 @@ class FolderWatcher:
         self.next_reconcile_at = 0.0
         self.idle_started_at = 0.0
         self.catching_up = False
+        self.wall_clock = wall_clock
+        self.last_sync_at: float | None = None
+        self.last_error: ImapError | None = None
+        self.last_error_at: float | None = None
         self.log = log.bind(folder=self.folder)
 
     @property
@@ -99,6 +120,16 @@ class FolderWatcher:
             self._drop(ImapTransientError(f"{type(exc).__name__}: {exc}"))
             return None
 
+    def status(self) -> FolderStatus:
+        error = self.last_error
+        return FolderStatus(
+            folder=self.folder,
+            last_sync_at=self.last_sync_at,
+            error_kind=error.kind if error is not None else None,
+            error=str(error) if error is not None else None,
+            error_at=self.last_error_at,
+        )
+
     def close(self) -> None:
         if self.shared is not None:
             self.client = None  # the connection is the other polled folders' too
@@ -119,10 +150,15 @@ class FolderWatcher:
         except ImapError as exc:
             self._schedule_reconnect(exc)
             return False
+        if self.failures:
+            metrics.imap_reconnected()
         return True
 
     def _schedule_reconnect(self, error: ImapError) -> None:
         self.failures += 1
+        self.last_error = error
+        self.last_error_at = self.wall_clock()
+        metrics.imap_error(error.kind)
         delay = self.policy.delay(error, self.failures)
         self.next_connect_at = self.monotonic() + delay
         fields = {
@@ -185,6 +221,8 @@ class FolderWatcher:
         if self.failures:
             self.log.info("reconnected", after_failures=self.failures)
         self.failures = 0
+        self.last_sync_at = self.wall_clock()
+        metrics.folder_synced(self.folder, self.last_sync_at)
         now = self.monotonic()
         self.catching_up = not report.complete or missed
         self.next_poll_at = now + self.config.poll_interval_seconds

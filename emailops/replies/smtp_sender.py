@@ -46,6 +46,10 @@ class SmtpSecurityError(TransientSendError):
     """The connection could not be protected as configured (e.g. STARTTLS not offered)."""
 
 
+class SmtpAuthError(TransientSendError):
+    """The server refused the account's sign-in (retried later like any transient failure)."""
+
+
 class PermanentSendError(SmtpSendError):
     """Refused with a 5xx answer; retrying the same message will not help."""
 
@@ -134,7 +138,7 @@ class SmtpSender:
         except SmtpSendError:
             raise
         except smtplib.SMTPAuthenticationError as exc:
-            raise TransientSendError(
+            raise SmtpAuthError(
                 f"authentication failed: {exc.smtp_code} {_reply_text(exc.smtp_error)}", code=exc.smtp_code
             ) from None
         except smtplib.SMTPResponseException as exc:

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy import Engine, update
+from sqlalchemy import Connection, Engine, update
 
+from emailops import metrics
 from emailops.config import ReplyConfig
 from emailops.imap.errors import ImapError
 from emailops.imap.watcher import CONNECTION_ERRORS
@@ -25,7 +26,9 @@ from emailops.replies.delivery import deliver_next
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
+from emailops.request_ids import request_id
 from emailops.rules import RuleSetCache
+from emailops.rules.model import RuleSet
 from emailops.store import messages as message_store
 from emailops.store.database import reading
 from emailops.store.schema import messages
@@ -36,6 +39,8 @@ Clock = Callable[[], datetime]
 
 # A claim older than this is from a process that died while sending (a send never lasts this long).
 STALE_CLAIM = timedelta(minutes=10)
+# How often a worker counts the outbox by state for the metrics (one GROUP BY on an indexed column).
+OUTBOX_COUNT_SECONDS = 15.0
 
 # Set on an inbound message once a reply to it is recorded. The mailbox outlives the database: after
 # a restore from an older backup, or a new index, a message carrying it is never answered again.
@@ -103,6 +108,7 @@ class RulesStage:
 
     def _decide(self, pk: int) -> None:
         ruleset = self.rules.get()
+        rid: str | None = None
         try:
             with self.engine.begin() as conn:
                 claimed = conn.execute(
@@ -115,36 +121,50 @@ class RulesStage:
                 stored = message_store.load_message(conn, pk)
                 if stored is None:
                     return
-                if AUTO_REPLIED_KEYWORD in stored.flags:
-                    log.info(
-                        "already answered (mailbox keyword); rules not applied again",
-                        folder=stored.folder,
-                        uid=stored.uid,
-                        keyword=AUTO_REPLIED_KEYWORD,
-                    )
+                rid = request_id(self.account, stored.folder, stored.uidvalidity, stored.uid)
+                made = self._apply(conn, pk, stored, ruleset, rid)
+                if made is None:
                     return
-                made = decisions.apply_rules(
-                    conn,
-                    account=self.account,
-                    message_pk=pk,
-                    folder=stored.folder,
-                    uidvalidity=stored.uidvalidity,
-                    uid=stored.uid,
-                    parsed=stored.parsed,
-                    rules=ruleset,
-                    config=self.config,
-                    now=self.clock(),
-                )
         except Exception:
             # One bad message must not stop the others: park it where an operator can see it.
-            log.exception("rules failed for a message; it is left unanswered", message_pk=pk)
+            log.exception("rules failed for a message; it is left unanswered", message_pk=pk, request_id=rid)
             with self.engine.begin() as conn:
                 message_store.set_rules_state(conn, pk, "error")
+            metrics.message_quarantined("rules")
             return
+        _count_decisions(made)
         actions = decisions.mailbox_actions(made)
         replied = any(d.outbox_id is not None for d in made)
         if (actions or replied) and not self.config.dry_run:
-            self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
+            with structlog.contextvars.bound_contextvars(request_id=rid):
+                self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
+
+    def _apply(
+        self, conn: Connection, pk: int, stored: message_store.StoredMessage, ruleset: RuleSet, rid: str
+    ) -> list[decisions.Decision] | None:
+        """The rules' decisions for one message (None: already answered), its lines told under
+        its ``request_id``."""
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            if AUTO_REPLIED_KEYWORD in stored.flags:
+                log.info(
+                    "already answered (mailbox keyword); rules not applied again",
+                    folder=stored.folder,
+                    uid=stored.uid,
+                    keyword=AUTO_REPLIED_KEYWORD,
+                )
+                return None
+            return decisions.apply_rules(
+                conn,
+                account=self.account,
+                message_pk=pk,
+                folder=stored.folder,
+                uidvalidity=stored.uidvalidity,
+                uid=stored.uid,
+                parsed=stored.parsed,
+                rules=ruleset,
+                config=self.config,
+                now=self.clock(),
+            )
 
     def _change_mailbox(
         self, folder: str, uid: int, actions: list[decisions.MailboxAction], *, replied: bool
@@ -163,6 +183,19 @@ class RulesStage:
                 actions=[a.kind.value for a in actions],
                 error=str(exc),
             )
+
+
+def _count_decisions(made: list[decisions.Decision]) -> None:
+    """Metrics of committed decisions: a reply queued, suppressed (and why), or only logged (dry run)."""
+    for decision in made:
+        if decision.reply_action is None:
+            continue
+        if decision.suppressed is not None:
+            metrics.reply_suppressed(decision.rule, decision.suppressed)
+        elif decision.dry_run:
+            metrics.reply_outcome(decision.rule, "dry_run")
+        elif decision.created:
+            metrics.reply_outcome(decision.rule, "queued")
 
 
 class OutboxStage:
@@ -189,12 +222,18 @@ class OutboxStage:
         self.clock = clock
         self.budget_seconds = budget_seconds
         self.next_recovery = 0.0
+        self.next_count = 0.0
 
     def run_once(self) -> bool:
         started = time.monotonic()
         if started >= self.next_recovery:
             self._recover_interrupted()
             self.next_recovery = started + 60
+        if metrics.enabled() and started >= self.next_count:
+            with reading(self.engine) as conn:
+                counts = outbox.count_by_state(conn, account=self.account)
+            metrics.outbox_depth(counts, [state.value for state in OutboxState])
+            self.next_count = started + OUTBOX_COUNT_SECONDS
         with reading(self.engine) as conn:
             due = outbox.due_actions(conn, now=self.clock(), account=self.account)
         worked = False
@@ -269,5 +308,6 @@ class OutboxStage:
             return True
         with self.engine.begin() as conn:
             outbox.mark_sent(conn, row.id, claimer=self.claimer, now=self.clock())
+        metrics.reply_outcome(row.rule_name, "drafted")
         log.info("reply saved as a draft", outbox_id=row.id, folder=self.config.drafts_folder)
         return True
