@@ -88,6 +88,13 @@ class RuntimeSettings(BaseSettings):
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0)
     heartbeat_timeout_seconds: float = Field(default=60.0, gt=0)
 
+    # Monitoring: the supervisor serves Prometheus' /metrics on METRICS_ADDR:METRICS_PORT (unset: off);
+    # the healthcheck is unhealthy once no watched folder has synced for this long (at least two
+    # poll intervals: see health_max_sync_age).
+    metrics_port: Port | None = None
+    metrics_addr: str = Field(default="127.0.0.1", min_length=1)
+    health_max_sync_age_seconds: float = Field(default=300.0, gt=0)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, value: Any) -> str:
@@ -197,6 +204,12 @@ class RuntimeSettings(BaseSettings):
             values["sentry_dsn"] = _mask_dsn(self.sentry_dsn)
         values["index_db_url"] = _mask_db_url(self.index_db_url)
         return {name.upper(): value for name, value in values.items()}
+
+    @property
+    def health_max_sync_age(self) -> float:
+        """Seconds without a sync of any watched folder before the healthcheck fails: the setting,
+        but never less than two poll intervals (a quiet folder is looked at once per interval)."""
+        return max(self.health_max_sync_age_seconds, 2 * self.poll_interval_seconds)
 
     @property
     def log_level_number(self) -> int:
