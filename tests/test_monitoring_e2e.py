@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,3 +226,41 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
         text=True,
     )
     assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
+
+
+def test_the_example_prometheus_config_loads_the_rules() -> None:
+    config = ALERTS.parent / "prometheus.yml"
+    check = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0 and "SUCCESS: 1 rule files found" in check.stdout, check
+
+
+def test_the_compose_profile_monitoring_runs_prometheus_with_the_rules(tmp_path: Path) -> None:
+    compose = shutil.which("podman-compose")
+    if compose is None:
+        pytest.fail("podman-compose is missing: pip install -r requirements-test.txt")
+    shutil.copy(REPO / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    (tmp_path / ".env").write_text("METRICS_PORT=9464\nMETRICS_ADDR=0.0.0.0\n")
+    plain = subprocess.run(
+        [compose, "-f", "docker-compose.yml", "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    monitoring = subprocess.run(
+        [compose, "--profile", "monitoring", "-f", "docker-compose.yml", "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plain.returncode == 0 and monitoring.returncode == 0, plain.stderr + monitoring.stderr
+    import yaml  # PyYAML, installed with podman-compose
+
+    plain_services = yaml.safe_load(plain.stdout)["services"]
+    services = yaml.safe_load(monitoring.stdout)["services"]
+    assert set(plain_services) == {"app"} and "ports" not in plain_services["app"]  # nothing published
+    assert set(services) == {"app", "prometheus"}
+    prometheus = services["prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert any(v.startswith("./examples/prometheus:/etc/prometheus") for v in prometheus["volumes"])
