@@ -186,11 +186,16 @@ def messages_indexed(folder: str, count: int) -> None:
         _instruments.messages_indexed.labels(folder).inc(count)
 
 
-def parse_problems(problems: Iterable[str]) -> None:
-    """Count each problem of one message by its kind (the part before ``:``)."""
+def problem_kind(problem: str) -> str:
+    """``charset-unknown:x-foo`` -> ``charset-unknown``: the label of a parser problem."""
+    return problem.partition(":")[0]
+
+
+def parse_problems(counts: Mapping[str, int]) -> None:
+    """Add the problems of a batch of messages, counted by kind (``problem_kind``)."""
     if _instruments is not None:
-        for problem in problems:
-            _instruments.parse_problems.labels(problem.partition(":")[0]).inc()
+        for kind, count in counts.items():
+            _instruments.parse_problems.labels(kind).inc(count)
 
 
 def message_quarantined(stage: str) -> None:

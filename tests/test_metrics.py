@@ -55,7 +55,7 @@ def test_off_until_enabled_without_importing_prometheus_client() -> None:
     code = (
         "import sys\n"
         "from emailops import metrics\n"
-        "metrics.messages_indexed('INBOX', 3); metrics.parse_problems(['charset-unknown:x'])\n"
+        "metrics.messages_indexed('INBOX', 3); metrics.parse_problems({'charset-unknown': 1})\n"
         "metrics.index_lag(1.0); metrics.folder_synced('INBOX', 1.0); metrics.imap_error('auth')\n"
         "metrics.reply_suppressed('ack', 'precedence: bulk'); metrics.outbox_depth({}, ['sent'])\n"
         "print(metrics.enabled(), 'prometheus_client' in sys.modules)\n"
@@ -72,7 +72,7 @@ def test_enabled_values_go_to_the_multiprocess_files(tmp_path: Path) -> None:
         "from emailops import metrics\n"
         "metrics.enable(); metrics.enable()\n"
         "metrics.messages_indexed('INBOX', 3)\n"
-        "metrics.parse_problems(['charset-unknown:x', 'base64-broken'])\n"
+        "metrics.parse_problems({metrics.problem_kind('charset-unknown:x'): 1, 'base64-broken': 1})\n"
         "metrics.imap_error('auth'); metrics.reply_suppressed('ack', 'precedence: bulk')\n"
     )
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}

@@ -85,6 +85,7 @@ def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
         dovecot.deliver(ALICE, message(n, subject=f"help, old {n}"))
     for n in range(5, 8):
         dovecot.append(ALICE, "Archive", message(n))
+    dovecot.append(ALICE, "Archive", b"From: someone@example.org\r\nSubject: no date, no id\r\n\r\nhi\r\n")
     port = free_loopback_port()
     env = daemon_env(
         dovecot,
@@ -112,7 +113,8 @@ def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
                 raise AssertionError(f"{expression} is {last[0]}, expected {expected}") from None
 
         counted('sum(emailops_messages_indexed_total{folder="INBOX"})', 4)
-        counted('sum(emailops_messages_indexed_total{folder="Archive"})', 3)
+        counted('sum(emailops_messages_indexed_total{folder="Archive"})', 4)
+        counted('sum(emailops_parse_problems_total{kind="header-missing"})', 2)  # Date, Message-ID
         counted("emailops_workers_up", 2)
 
         # New mail: two answered; Bob's second and a list's message are not.
@@ -141,7 +143,7 @@ def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
         dovecot.deliver(ALICE, inbound("help 5", sender="Erin <erin@example.org>", n=5))
         wait_for(lambda: len(smtp_relay.accepted) == 3, 30, "third reply")
         counted('sum(emailops_messages_indexed_total{folder="INBOX"})', 9)
-        counted('sum(emailops_messages_indexed_total{folder="Archive"})', 3)
+        counted('sum(emailops_messages_indexed_total{folder="Archive"})', 4)
         counted('sum(emailops_replies_total{outcome="sent"})', 3)
         counted('sum(emailops_replies_total{outcome="queued"})', 3)
         counted("sum(emailops_index_lag_seconds_count)", 5)

@@ -21,7 +21,7 @@ import logging
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -526,12 +526,13 @@ class FolderSync:
         metrics.messages_indexed(self.folder, len(inserted))
         committed = self.clock()
         history_lines = _stdlib_log.isEnabledFor(logging.DEBUG)
+        problem_kinds: Counter[str] = Counter()
         for item in fetched:
             if item.uid not in inserted:
                 continue
             problems = str(item.content.columns["problems"])
-            if problems:
-                metrics.parse_problems(problems.split())
+            if problems and metrics.enabled():
+                problem_kinds.update(metrics.problem_kind(problem) for problem in problems.split())
             new_mail = baseline_uidnext is not None and item.uid >= baseline_uidnext
             if new_mail and item.internal_date is not None:
                 metrics.index_lag((committed - item.internal_date).total_seconds())
@@ -544,6 +545,7 @@ class FolderSync:
                     problems=problems,
                     request_id=request_id(self.config.account, self.folder, uidvalidity, item.uid),
                 )
+        metrics.parse_problems(problem_kinds)
 
     def _batches(self, uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
         batch: list[int] = []
