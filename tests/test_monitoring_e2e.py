@@ -181,11 +181,18 @@ def test_the_healthcheck_fails_while_the_server_is_unreachable_and_recovers(
     stop_daemon.append(start_daemon(env, data))
     wait_for(lambda: health(env)["ok"], 30, "healthy")
     assert healthcheck(env).stdout.strip() == '{"ok": true, "env": "test", "log_level": "INFO", "workers": 2}'
-    verbose = health(env, "--verbose")
-    (watching,) = [w for w in verbose["detail"]["workers"] if w.get("folders")]
-    (folder,) = watching["folders"]
+
+    def watching() -> list[dict[str, Any]]:
+        workers = health(env, "--verbose")["detail"]["workers"]
+        return [
+            w for w in workers if any(f["last_sync_age_seconds"] is not None for f in w.get("folders", []))
+        ]
+
+    wait_for(lambda: bool(watching()), 30, "a worker reports the sync of the folder it watches")
+    (worker,) = watching()
+    (folder,) = worker["folders"]
     assert folder["folder"] == "INBOX" and folder["last_sync_age_seconds"] < 5
-    assert watching["uptime_seconds"] > 0 and watching["pid"] > 0
+    assert worker["uptime_seconds"] > 0 and worker["pid"] > 0
 
     dovecot.stop()
     wait_for(lambda: not health(env)["ok"], 60, "unhealthy while Dovecot is down")
