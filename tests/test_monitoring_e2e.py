@@ -155,15 +155,26 @@ def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
         assert (prometheus.value('emailops_log_lines_total{level="INFO"}') or 0) > 0
         assert (prometheus.value('emailops_log_lines_total{level="ERROR"}') or 0) >= 1  # "worker died"
         assert prometheus.value("sum(emailops_replies_total{outcome=~'failed|unknown'})") is None
-        # The alert rules are loaded by a real Prometheus too.
-        names = {rule["name"] for group in prometheus.api("rules")["groups"] for rule in group["rules"]}
-        assert {"EmailOpsNotSyncing", "EmailOpsErrorRate", "EmailOpsIndexLagHigh"} <= names
+
+        def firing() -> set[str]:
+            return {
+                a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"] if a["state"] == "firing"
+            }
+
+        assert "EmailOpsReplyNotSent" not in firing()
+        # A reply the SMTP server refuses: counted, and the real Prometheus fires the runbook's alert.
+        smtp_relay.fail_next(550, "5.7.1 mailbox unavailable")
+        dovecot.deliver(ALICE, inbound("help 6", sender="Frank <frank@example.org>", n=6))
+        counted('sum(emailops_replies_total{outcome="failed"})', 1)
+        counted('sum(emailops_smtp_errors_total{kind="permanent"})', 1)
+        wait_for(lambda: "EmailOpsReplyNotSent" in firing(), 30, "EmailOpsReplyNotSent firing")
+        assert len(smtp_relay.accepted) == 3
 
     # One INFO line per new message, none for the mail that was there before; its request_id
     # follows it through the rules' decision and the delivery of its reply.
     records = log_records(data)
     indexed = [r for r in records if r["message"] == "message indexed"]
-    assert len(indexed) == 5 and all(r["level"] == "INFO" and r["folder"] == "INBOX" for r in indexed)
+    assert len(indexed) == 6 and all(r["level"] == "INFO" and r["folder"] == "INBOX" for r in indexed)
     assert all({"uid", "size", "parse_ms", "problems"} <= set(r) for r in indexed)
     story = [r for r in records if r.get("request_id") == indexed[0]["request_id"]]
     assert [(r["component"], r["message"]) for r in story] == [
@@ -171,7 +182,7 @@ def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
         ("rules", "reply recorded"),
         ("smtp", "reply sent"),
     ]
-    assert len({r["request_id"] for r in indexed}) == 5
+    assert len({r["request_id"] for r in indexed}) == 6
 
 
 def test_the_healthcheck_fails_while_the_server_is_unreachable_and_recovers(
