@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from emailops import metrics
 from emailops.replies import outbox
-from emailops.replies.outbox import OutboxState
+from emailops.replies.outbox import OutboxRow, OutboxState
 from emailops.replies.smtp_sender import (
     PermanentSendError,
     SmtpAuthError,
@@ -54,22 +54,16 @@ def deliver_next(
     """Deliver the next due ``send`` reply, or return ``None`` when nothing is due."""
     with engine.begin() as conn:
         row = outbox.claim_next(conn, claimer=claimer, now=clock(), action="send", account=account)
-        origin = message_store.message_origin(conn, row.message_pk) if row and row.message_pk else None
+        origin = inbound_origin(conn, row) if row is not None else None
     if row is None:
         return None
-    # The inbound message's request_id (see emailops.request_ids), when its row still exists.
-    context = (
-        {"request_id": request_id(origin.account, origin.folder, origin.uidvalidity, origin.uid)}
-        if origin is not None
-        else {}
-    )
     log = structlog.get_logger().bind(
         component="smtp",
         outbox_id=row.id,
         rule=row.rule_name,
         recipient=row.recipient,
         attempt=row.attempts,
-        **context,
+        **request_context(origin),
     )
     try:
         answer = sender.send(envelope_from=envelope_from, recipient=row.recipient, raw=row.raw)
@@ -106,6 +100,18 @@ def deliver_next(
     if origin is not None:
         metrics.reply_latency((clock() - origin.indexed_at).total_seconds())
     return DeliveryResult(row.id, row.recipient, OutboxState.SENT, answer, row.attempts)
+
+
+def inbound_origin(conn: Connection, row: OutboxRow) -> message_store.MessageOrigin | None:
+    """The inbound message a reply answers, while its row exists."""
+    return message_store.message_origin(conn, row.message_pk) if row.message_pk is not None else None
+
+
+def request_context(origin: message_store.MessageOrigin | None) -> dict[str, str]:
+    """The log context naming the inbound message's ``request_id`` (see emailops.request_ids)."""
+    if origin is None:
+        return {}
+    return {"request_id": request_id(origin.account, origin.folder, origin.uidvalidity, origin.uid)}
 
 
 def _count(rule: str, outcome: str, error_kind: str, *, auth: bool = False) -> None:

@@ -22,7 +22,7 @@ from emailops.imap.watcher import CONNECTION_ERRORS
 from emailops.processes import pid_alive
 from emailops.replies import engine as decisions
 from emailops.replies import imap_actions, outbox
-from emailops.replies.delivery import deliver_next
+from emailops.replies.delivery import deliver_next, inbound_origin, request_context
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
@@ -290,6 +290,7 @@ class OutboxStage:
             row = outbox.claim_next(
                 conn, claimer=self.claimer, now=self.clock(), action="draft", account=self.account
             )
+            origin = inbound_origin(conn, row) if row is not None else None
         if row is None:
             return False
         try:
@@ -309,5 +310,10 @@ class OutboxStage:
         with self.engine.begin() as conn:
             outbox.mark_sent(conn, row.id, claimer=self.claimer, now=self.clock())
         metrics.reply_outcome(row.rule_name, "drafted")
-        log.info("reply saved as a draft", outbox_id=row.id, folder=self.config.drafts_folder)
+        log.info(
+            "reply saved as a draft",
+            outbox_id=row.id,
+            folder=self.config.drafts_folder,
+            **request_context(origin),
+        )
         return True
