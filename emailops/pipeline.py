@@ -22,7 +22,7 @@ from emailops.cache import RawMessageCache
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import SharedConnection
 from emailops.imap.sync import Clock, FolderSync, utc_now
-from emailops.imap.watcher import FolderWatcher
+from emailops.imap.watcher import FolderStatus, FolderWatcher
 from emailops.processes import is_dead_sibling
 from emailops.store import folders as folder_store
 
@@ -116,6 +116,10 @@ class MailPipeline:
             for sock in sockets:
                 selector.register(sock, selectors.EVENT_READ)
             selector.select(seconds)
+
+    def status(self) -> list[FolderStatus]:
+        """What each folder this worker watches last saw (for the operator's view and health)."""
+        return [watcher.status() for watcher in self.watchers.values()]
 
     def close(self) -> None:
         for folder, watcher in self.watchers.items():

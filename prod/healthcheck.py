@@ -15,10 +15,16 @@ Unhealthy, exit 1: ``{"ok": false, "error": "...", "error_type": "..."}``, check
 - ``SupervisorNotRunning``: no state file in ``STATE_DIR``, or its pid is gone;
 - ``SupervisorStale``: the supervisor has not rewritten its state for ``SUPERVISOR_STALE_SECONDS``;
 - ``WorkersMissing``: fewer live workers than ``WORKERS`` (live: pid exists and last heartbeat
-  younger than ``HEARTBEAT_TIMEOUT_SECONDS``).
+  younger than ``HEARTBEAT_TIMEOUT_SECONDS``);
+- the work is not being done: the workers watch folders (their status files, ``prod.worker_status``)
+  but none has synced for ``HEALTH_MAX_SYNC_AGE_SECONDS`` (at least two poll intervals; counted from
+  the start of the oldest worker when none has synced yet). ``error_type`` says why, from the last
+  IMAP error the workers saw: ``ImapServerUnreachable``, ``ImapSignInRefused``, ``ImapFolderMissing``,
+  ``ImapTlsFailed``, ``ImapTooManyConnections``, or ``FolderSyncStale`` when no error explains it.
 
 No IMAP connection, no structlog/sentry import: it answers in a few hundred milliseconds.
-``--verbose`` adds a ``detail`` object (supervisor pid, each worker's pid and heartbeat age).
+``--verbose`` adds a ``detail`` object: the supervisor's pid, and for each worker its pid, state,
+heartbeat age, uptime, and each folder it watches with the age of its last sync and its last error.
 Error texts go through the redactor with the password registered: no secret is printed.
 """
 
@@ -34,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from emailops.processes import pid_alive
 from prod import heartbeat as state_file
+from prod import worker_status
 from prod.database_url import DatabaseUrl, parse_database_url
 from prod.redaction import REDACTOR
 
@@ -41,6 +48,15 @@ if TYPE_CHECKING:
     from prod.runtime_settings import RuntimeSettings
 
 DB_TIMEOUT_SECONDS = 3
+# ImapError.kind (emailops.imap.errors) -> error_type, when no folder syncs.
+SYNC_ERROR_TYPES = {
+    "connection": "ImapServerUnreachable",
+    "auth": "ImapSignInRefused",
+    "folder_missing": "ImapFolderMissing",
+    "tls": "ImapTlsFailed",
+    "too_many_connections": "ImapTooManyConnections",
+}
+SYNC_STALE = "FolderSyncStale"
 
 
 class Unhealthy(Exception):
@@ -111,7 +127,7 @@ def _probe_postgresql(url: DatabaseUrl) -> None:
         connection.execute("SELECT 1").fetchone()
 
 
-def _check_processes(settings: RuntimeSettings, detail: dict[str, Any]) -> None:
+def _check_processes(settings: RuntimeSettings, detail: dict[str, Any]) -> state_file.SupervisorState:
     state = state_file.read_state(settings.state_dir)
     if state is None:
         raise Unhealthy("SupervisorNotRunning", f"no supervisor state in {settings.state_dir}")
@@ -140,6 +156,56 @@ def _check_processes(settings: RuntimeSettings, detail: dict[str, Any]) -> None:
         )
     if live < settings.workers:
         raise Unhealthy("WorkersMissing", f"{live} of {settings.workers} workers are live")
+    return state
+
+
+def _age(now: float, moment: float | None) -> float | None:
+    return None if moment is None else round(now - moment, 1)
+
+
+def _check_sync(settings: RuntimeSettings, state: state_file.SupervisorState, detail: dict[str, Any]) -> None:
+    """Unhealthy when the workers watch folders and none has synced for the configured time."""
+    now = time.time()
+    statuses = []
+    for worker, shown in zip(state.workers, detail.get("workers", []), strict=True):
+        status = worker_status.read_status(settings.state_dir, worker.worker, worker.pid)
+        if status is None:
+            continue
+        statuses.append(status)
+        shown["uptime_seconds"] = _age(now, status.started_at)
+        shown["folders"] = [
+            {
+                "folder": folder.folder,
+                "last_sync_age_seconds": _age(now, folder.last_sync_at),
+                "last_error": None
+                if folder.error_kind is None
+                else {
+                    "error_type": SYNC_ERROR_TYPES.get(folder.error_kind, SYNC_STALE),
+                    "error": folder.error,
+                    "age_seconds": _age(now, folder.error_at),
+                },
+            }
+            for folder in status.folders
+        ]
+    watching = [status for status in statuses if status.folders]
+    if not watching:
+        return  # nothing watched here (all folders held by another container, or not a mail unit)
+    folders = [folder for status in watching for folder in status.folders]
+    synced = [folder.last_sync_at for folder in folders if folder.last_sync_at is not None]
+    since = max(synced) if synced else min(status.started_at for status in watching)
+    limit = settings.health_max_sync_age
+    if now - since <= limit:
+        return
+    failing = [folder for folder in folders if folder.current_error]
+    what = "has synced" if synced else "has synced since the workers started"
+    message = f"no watched folder {what} for {now - since:.0f} s (limit {limit:.0f} s)"
+    if not failing:
+        raise Unhealthy(SYNC_STALE, message)
+    latest = max(failing, key=lambda folder: folder.error_at or 0.0)
+    raise Unhealthy(
+        SYNC_ERROR_TYPES.get(latest.error_kind or "", SYNC_STALE),
+        f"{message}; last error ({latest.folder}): {latest.error}",
+    )
 
 
 def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
@@ -157,7 +223,8 @@ def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
             REDACTOR.register(secret)
         _check_state_dir(settings.state_dir)
         _check_database(settings.index_db_url)
-        _check_processes(settings, detail)
+        state = _check_processes(settings, detail)
+        _check_sync(settings, state, detail)
     except Unhealthy as exc:
         answer: dict[str, Any] = {"ok": False, "error": exc.error, "error_type": exc.error_type}
         code = 1

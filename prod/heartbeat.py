@@ -50,16 +50,21 @@ def state_path(state_dir: Path) -> Path:
     return state_dir / STATE_FILENAME
 
 
-def write_state(state_dir: Path, state: SupervisorState) -> None:
-    """Replace the state file atomically."""
-    fd, tmp_name = tempfile.mkstemp(prefix=".supervisor.", suffix=".tmp", dir=state_dir)
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: a reader sees the old or the new file, never a part."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(state.to_json())
-        os.replace(tmp_name, state_path(state_dir))
+            tmp.write(text)
+        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def write_state(state_dir: Path, state: SupervisorState) -> None:
+    """Replace the state file atomically."""
+    write_atomically(state_path(state_dir), state.to_json())
 
 
 def read_state(state_dir: Path) -> SupervisorState | None:

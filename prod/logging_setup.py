@@ -190,14 +190,31 @@ class _RotatingFileSink:
         self.handler.close()
 
 
+_LEVEL_KEY = '"level":"'
+_LEVELS = frozenset(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+
+
+def _level_of(line: str) -> str | None:
+    """The level of a rendered line (its second key, so the search stops early)."""
+    start = line.find(_LEVEL_KEY)
+    if start < 0:
+        return None
+    start += len(_LEVEL_KEY)
+    level = line[start : line.find('"', start)]
+    return level if level in _LEVELS else None
+
+
 class LogCollector:
-    """The one writer of stdout and the log file, fed by this process and by worker channels."""
+    """The one writer of stdout and the log file, fed by this process and by worker channels.
+
+    It counts the lines it writes by level (``line_counts``): the metrics' error rate."""
 
     _POLL_SECONDS = 0.2
 
     def __init__(self, sinks: list[_StreamSink | _RotatingFileSink]) -> None:
         self._sinks = sinks
         self._write_lock = threading.Lock()
+        self._lines_by_level: dict[str, int] = {}
         self._readers_lock = threading.Lock()
         self._readers: list[Connection] = []
         self._stopping = threading.Event()
@@ -205,9 +222,17 @@ class LogCollector:
         self._thread.start()
 
     def write(self, line: str) -> None:
+        level = _level_of(line)
         with self._write_lock:
             for sink in self._sinks:
                 sink.write(line)
+            if level is not None:
+                self._lines_by_level[level] = self._lines_by_level.get(level, 0) + 1
+
+    def line_counts(self) -> dict[str, int]:
+        """Lines written since the start, by level."""
+        with self._write_lock:
+            return dict(self._lines_by_level)
 
     def open_channel(self) -> Connection:
         """A write end for one worker process. Pass it to the process, then close it here."""

@@ -16,6 +16,7 @@ import sys
 
 from prod.error_tracking import flush_error_tracking, init_error_tracking
 from prod.logging_setup import configure_logging, get_logger
+from prod.metrics_endpoint import MetricsEndpoint
 from prod.runtime_settings import ConfigError, RuntimeSettings
 from prod.supervisor import Supervisor
 from prod.worker import DEFAULT_WORKER_TARGET
@@ -58,16 +59,38 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.close()
         return _config_error(f"invalid configuration: STATE_DIR: cannot be created ({exc.strerror})")
 
+    metrics: MetricsEndpoint | None = None
+    if settings.metrics_port is not None:
+        try:
+            metrics = MetricsEndpoint.start(
+                settings, log_lines=pipeline.collector.line_counts if pipeline.collector else dict
+            )
+        except OSError as exc:
+            pipeline.close()
+            return _config_error(
+                f"invalid configuration: METRICS_PORT: cannot listen on "
+                f"{settings.metrics_addr}:{settings.metrics_port} ({exc.strerror or exc})"
+            )
+
     log = get_logger("supervisor")
     init_error_tracking(settings, worker=None)
     try:
-        supervisor = Supervisor(settings, target=args.worker_target, log_collector=pipeline.collector)
+        supervisor = Supervisor(
+            settings, target=args.worker_target, log_collector=pipeline.collector, metrics=metrics
+        )
         supervisor.install_signal_handlers()
+        if metrics is not None:
+            log.info(
+                "metrics endpoint listening",
+                address=f"http://{settings.metrics_addr}:{settings.metrics_port}/metrics",
+            )
         return supervisor.run()
     except Exception:
         log.exception("supervisor crashed")
         return EXIT_SOFTWARE
     finally:
+        if metrics is not None:
+            metrics.close()
         flush_error_tracking()
         pipeline.close()
 

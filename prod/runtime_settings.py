@@ -178,6 +178,12 @@ class RuntimeSettings(BaseSettings):
             for key in keys:
                 check_key(key)
         return value
+    # Monitoring: the supervisor serves Prometheus' /metrics on METRICS_ADDR:METRICS_PORT (unset: off);
+    # the healthcheck is unhealthy once no watched folder has synced for this long (at least two
+    # poll intervals: see health_max_sync_age).
+    metrics_port: Port | None = None
+    metrics_addr: str = Field(default="127.0.0.1", min_length=1)
+    health_max_sync_age_seconds: float = Field(default=300.0, gt=0)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -345,6 +351,12 @@ class RuntimeSettings(BaseSettings):
         if self.email_oauth2_token_key is not None:
             values += self.email_oauth2_token_key.get_secret_value().split(",")
         return [value.strip() for value in values if value and value.strip()]
+
+    @property
+    def health_max_sync_age(self) -> float:
+        """Seconds without a sync of any watched folder before the healthcheck fails: the setting,
+        but never less than two poll intervals (a quiet folder is looked at once per interval)."""
+        return max(self.health_max_sync_age_seconds, 2 * self.poll_interval_seconds)
 
     @property
     def log_level_number(self) -> int:

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from emailops.processes import new_run_id
 from prod import heartbeat as state_file
+from prod import worker_status
 from prod.logging_setup import LogCollector, get_logger
+from prod.metrics_endpoint import Figures, MetricsEndpoint
 from prod.worker import EXIT_BOOT_FAILURE, PREVIOUS_RUN_ID_ENV, RUN_ID_ENV, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
@@ -117,6 +119,8 @@ class Supervisor:
     settings: RuntimeSettings
     target: str
     log_collector: LogCollector | None = None
+    # The /metrics endpoint (METRICS_PORT), started before the first worker is spawned.
+    metrics: MetricsEndpoint | None = None
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
@@ -132,6 +136,7 @@ class Supervisor:
         self._fatal = False
         self._last_state_write = float("-inf")
         self._started_wall = self.wall_clock()
+        self.restarts: dict[str, int] = {}  # reason -> workers restarted for it (for the metrics)
         self.exit_code: int | None = None
 
     # Called from signal handlers: record only.
@@ -144,6 +149,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        worker_status.remove_all(self.settings.state_dir)  # a former run's workers
         previous = state_file.previous_run_over(self.settings.state_dir, self.run_id, self.wall_clock())
         if previous is not None:
             # Leases and claims of the previous start (killed, or its container restarted) are free.
@@ -159,6 +165,7 @@ class Supervisor:
         finally:
             self._kill_all("supervisor exiting")
             state_file.remove_state(self.settings.state_dir)
+            worker_status.remove_all(self.settings.state_dir)
         self._log.info("supervisor stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -180,6 +187,8 @@ class Supervisor:
             or self.exit_code is not None
         ):
             self._write_state(now)
+        if self.metrics is not None:
+            self.metrics.update(self._figures())
 
     # -- signals and stopping
 
@@ -299,6 +308,8 @@ class Supervisor:
             return
         exit_code = process.exitcode
         booted = slot.booted
+        if self.metrics is not None and process.pid is not None:
+            self.metrics.worker_gone(process.pid)
         process.close()
         slot.process = None
         if slot.state is SlotState.STOPPING or self._stop is not None:
@@ -312,6 +323,7 @@ class Supervisor:
 
     def _after_boot_failure(self, slot: WorkerSlot, now: float, exit_code: int | None) -> None:
         slot.boot_failures += 1
+        self._count_restart("boot_failure")
         if slot.boot_failures >= self.policy.max_boot_failures:
             slot.state = SlotState.FATAL
             self._fatal = True
@@ -338,6 +350,7 @@ class Supervisor:
         if now - slot.started_at >= self.policy.stable_after_seconds:
             slot.quick_deaths = 0
         slot.quick_deaths += 1
+        self._count_restart("hung" if slot.kill_reason else "died")
         delay = self.policy.delay(slot.quick_deaths)
         self._log.error(
             "worker died; restarting",
@@ -355,7 +368,23 @@ class Supervisor:
         slot.heartbeat = None
         slot.exiting = None
 
-    # -- state file for the healthcheck
+    def _count_restart(self, reason: str) -> None:
+        self.restarts[reason] = self.restarts.get(reason, 0) + 1
+
+    # -- what the healthcheck and the metrics read
+
+    def _figures(self) -> Figures:
+        return Figures(
+            started_at=self._started_wall,
+            workers_expected=self.settings.workers,
+            workers_up=sum(1 for slot in self.slots if slot.state is SlotState.RUNNING),
+            worker_pids={
+                slot.worker_id: slot.process.pid
+                for slot in self.slots
+                if slot.process is not None and slot.process.pid is not None
+            },
+            restarts=dict(self.restarts),
+        )
 
     def _write_state(self, now: float) -> None:
         wall_now = self.wall_clock()

@@ -5,6 +5,11 @@ Contract with the unit (the mail pipeline implements it in ``prod.mail_worker``)
     factory(settings: RuntimeSettings, worker_id: int) -> WorkUnit     # "module:callable"
     unit.run_once()   # one bounded unit of work, returns within ~1-2 s
     unit.close()      # release connections; called once on a graceful stop
+    unit.status()     # optional: what each watched folder last saw (emailops.imap.watcher.FolderStatus),
+                      # written to STATE_DIR/worker-<n>.json about every second (prod.worker_status)
+
+With ``METRICS_PORT`` set, ``emailops.metrics`` is enabled before the unit is built: the values go to
+the supervisor's prometheus-client multiprocess directory (PROMETHEUS_MULTIPROC_DIR, inherited).
 
 Lifecycle and exit codes:
 - the factory raising is a boot failure: logged, exit ``EXIT_BOOT_FAILURE`` (3); the supervisor
@@ -23,6 +28,7 @@ Lifecycle and exit codes:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import signal
@@ -32,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -164,6 +171,42 @@ class _StopFlags:
         return self.terminated or self.orphaned or self._stop_event.is_set()
 
 
+class _StatusWriter:
+    """Writes the unit's status, when it reports one, at most every STATUS_WRITE_INTERVAL_SECONDS."""
+
+    def __init__(self, state_dir: Path, worker_id: int, unit: object, log: Any) -> None:
+        self._state_dir = state_dir
+        self._worker_id = worker_id
+        self._status: Callable[[], list[Any]] | None = getattr(unit, "status", None)
+        self._log = log
+        self._started_at = time.time()
+        self._next_write = 0.0
+        self._failing = False
+
+    def __call__(self) -> None:
+        from prod.worker_status import STATUS_WRITE_INTERVAL_SECONDS, FolderReport, WorkerStatus, write_status
+
+        now = time.monotonic()
+        if self._status is None or now < self._next_write:
+            return
+        self._next_write = now + STATUS_WRITE_INTERVAL_SECONDS
+        status = WorkerStatus(
+            worker=self._worker_id,
+            pid=os.getpid(),
+            started_at=self._started_at,
+            updated_at=time.time(),
+            folders=[FolderReport(**dataclasses.asdict(folder)) for folder in self._status()],
+        )
+        try:
+            write_status(self._state_dir, status)
+        except OSError as exc:
+            if not self._failing:  # once, not every second
+                self._log.warning("writing the worker status failed", error=str(exc))
+            self._failing = True
+        else:
+            self._failing = False
+
+
 def _watch_parent(flags: _StopFlags, grace_seconds: float, log: Any) -> None:
     while not flags.orphaned:
         time.sleep(0.5)
@@ -194,11 +237,12 @@ def worker_main(spec: WorkerSpec) -> None:
         daemon=True,
     ).start()
 
-    def beat() -> None:
-        spec.heartbeat.value = time.monotonic()
-
     exit_code = EXIT_OK
     try:
+        if spec.settings.metrics_port is not None:
+            from emailops import metrics
+
+            metrics.enable()
         try:
             unit = load_factory(spec.target)(spec.settings, spec.worker_id)
         except Exception as exc:
@@ -209,6 +253,12 @@ def worker_main(spec: WorkerSpec) -> None:
             )
             exit_code = EXIT_BOOT_FAILURE
             return
+        write_status = _StatusWriter(spec.settings.state_dir, spec.worker_id, unit, log)
+
+        def beat() -> None:
+            spec.heartbeat.value = time.monotonic()
+            write_status()
+
         beat()
         log.info("worker started", target=spec.target)
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from prod.heartbeat import SupervisorState, WorkerState, write_state
+from prod.worker_status import FolderReport, WorkerStatus, write_status
 from tests.shell_workers import PASSWORD, healthy_line, run_healthcheck, shell_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -210,3 +211,101 @@ def test_fewer_live_workers_than_expected(tmp_path: Path, cause: str) -> None:
     answer = _unhealthy(tmp_path, env)
     assert answer["error_type"] == "WorkersMissing"
     assert answer["error"] == "1 of 2 workers are live"
+
+
+def _write_worker_status(
+    env: dict[str, str], worker: int, *folders: FolderReport, started_ago: float
+) -> None:
+    now = time.time()
+    write_status(
+        Path(env["STATE_DIR"]),
+        WorkerStatus(
+            worker=worker,
+            pid=os.getpid(),
+            started_at=now - started_ago,
+            updated_at=now,
+            folders=list(folders),
+        ),
+    )
+
+
+def test_a_folder_synced_within_the_limit_is_healthy_and_shown_by_verbose(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, WORKERS="2", HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5")
+    _write_state(env)
+    now = time.time()
+    failed = FolderReport("Old", None, "folder_missing", "folder 'Old' does not exist", now - 100)
+    _write_worker_status(env, 1, FolderReport("INBOX", now - 50), failed, started_ago=600)
+    _write_worker_status(env, 2, started_ago=600)  # holds no folder
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert (output, code) == (healthy_line(env), 0)
+    answer = json.loads(run_healthcheck(tmp_path, env, "--verbose")[0])
+    first, second = answer["detail"]["workers"]
+    assert first["uptime_seconds"] >= 600 and second["folders"] == []
+    inbox, old = first["folders"]
+    assert inbox["folder"] == "INBOX" and 50 <= inbox["last_sync_age_seconds"] < 60
+    assert inbox["last_error"] is None
+    assert old["last_sync_age_seconds"] is None
+    assert old["last_error"]["error_type"] == "ImapFolderMissing" and "'Old'" in old["last_error"]["error"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "error_type"),
+    [
+        ("connection", "ImapServerUnreachable"),
+        ("auth", "ImapSignInRefused"),
+        ("folder_missing", "ImapFolderMissing"),
+        ("tls", "ImapTlsFailed"),
+        ("too_many_connections", "ImapTooManyConnections"),
+    ],
+)
+def test_no_folder_synced_within_the_limit_names_the_last_error(
+    tmp_path: Path, kind: str, error_type: str
+) -> None:
+    env = shell_env(tmp_path, HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5")
+    _write_state(env)
+    now = time.time()
+    earlier = FolderReport("Archive", now - 300, "connection", "cannot connect", now - 200)
+    latest = FolderReport("INBOX", now - 90, kind, f"{kind} happened", now - 10)
+    _write_worker_status(env, 1, earlier, latest, started_ago=600)
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == error_type
+    assert answer["error"] == (
+        f"no watched folder has synced for 90 s (limit 60 s); last error (INBOX): {kind} happened"
+    )
+
+
+def test_the_limit_is_at_least_two_poll_intervals(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="120")
+    _write_state(env)
+    _write_worker_status(env, 1, FolderReport("INBOX", time.time() - 200), started_ago=600)
+    assert run_healthcheck(tmp_path, env)[1] == 0
+    _write_worker_status(env, 1, FolderReport("INBOX", time.time() - 250), started_ago=600)
+    answer = _unhealthy(tmp_path, env)
+    assert (answer["error_type"], answer["error"]) == (
+        "FolderSyncStale",
+        "no watched folder has synced for 250 s (limit 240 s)",
+    )
+
+
+def test_without_any_sync_the_time_counts_from_the_oldest_worker_start(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5")
+    _write_state(env)
+    refused = FolderReport("INBOX", None, "auth", "AUTHENTICATIONFAILED", time.time() - 1)
+    _write_worker_status(env, 1, refused, started_ago=30)
+    assert run_healthcheck(tmp_path, env)[1] == 0  # still within the first minute
+    _write_worker_status(env, 1, refused, started_ago=61)
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "ImapSignInRefused"
+    assert answer["error"].startswith("no watched folder has synced since the workers started for 61 s")
+
+
+def test_a_status_file_of_another_process_is_ignored(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5")
+    _write_state(env)  # worker 1 is this process
+    # A former worker 1's file, left behind: not the current worker's view, so not judged.
+    stale = WorkerStatus(
+        worker=1, pid=_dead_pid(), started_at=0.0, updated_at=0.0, folders=[FolderReport("INBOX", 0.0)]
+    )
+    write_status(Path(env["STATE_DIR"]), stale)
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert (output, code) == (healthy_line(env), 0)

@@ -35,7 +35,9 @@ def test_helper_and_local_parsing_agree(start_method: str, monkeypatch: pytest.M
         remote = helper.submit(raws).result()
     with Parser(max_message_bytes=2**20, max_body_chars=50_000, use_helper=False) as local:
         here = local.submit(raws).result()
-    assert remote == here
+    # What the index stores agrees; the parse times (``parse_seconds``) differ from run to run.
+    assert [(c.columns, c.attachments) for c in remote] == [(c.columns, c.attachments) for c in here]
+    assert all(c.parse_seconds > 0 for c in remote + here)
     assert any(content.columns["body_text"] for content in remote)
     assert any(content.attachments for content in remote)
 

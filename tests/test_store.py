@@ -156,7 +156,9 @@ def test_stored_message_round_trips_for_the_rules(db_url: str) -> None:
     engine = index_engine(db_url)
     with engine.begin() as conn:
         folder = folder_store.ensure_folder(conn, "acct", "INBOX")
-        (pk,) = message_store.insert_messages(conn, folder.id, 1, [fetched(5)], baseline_uidnext=1, now=NOW)
+        (pk,) = message_store.insert_messages(
+            conn, folder.id, 1, [fetched(5)], baseline_uidnext=1, now=NOW
+        ).values()
         stored = message_store.load_message(conn, pk)
     assert stored is not None
     assert (stored.folder, stored.uid, stored.rules_state) == ("INBOX", 5, "pending")
@@ -173,7 +175,9 @@ def index_raw(engine: Engine, raw: bytes) -> int:
     with engine.begin() as conn:
         folder = folder_store.ensure_folder(conn, "acct", "INBOX")
         item = message_store.FetchedMessage(1, (), NOW, None, message_content(parse_message(raw)))
-        (pk,) = message_store.insert_messages(conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW)
+        (pk,) = message_store.insert_messages(
+            conn, folder.id, 1, [item], baseline_uidnext=1, now=NOW
+        ).values()
     return pk
 
 
@@ -198,7 +202,9 @@ def test_an_index_from_before_header_block_is_upgraded_in_place(db_url: str) -> 
     engine = index_engine(db_url)
     with engine.begin() as conn:
         folder = folder_store.ensure_folder(conn, "acct", "INBOX")
-        (pk,) = message_store.insert_messages(conn, folder.id, 1, [fetched(1)], baseline_uidnext=1, now=NOW)
+        (pk,) = message_store.insert_messages(
+            conn, folder.id, 1, [fetched(1)], baseline_uidnext=1, now=NOW
+        ).values()
         # Back to schema version 2: the decoded headers in headers_json, no raw block yet.
         conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version >= 3")
         conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN header_block")

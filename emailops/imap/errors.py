@@ -11,19 +11,31 @@ CONNECTION_ERRORS = (OSError, socket.timeout, IMAPClientError, EOFError)
 
 
 class ImapError(Exception):
-    """Base class for failures talking to the IMAP server."""
+    """Base class for failures talking to the IMAP server.
+
+    ``kind`` names the class of failure in metrics and in the worker's status (the healthcheck
+    turns it into its ``error_type``): a fixed set, whatever the server said.
+    """
+
+    kind = "error"
 
 
 class ImapTransientError(ImapError):
     """Network trouble, a timeout, a dropped connection or a server restart: retry with backoff."""
 
+    kind = "connection"
+
 
 class ImapTooManyConnectionsError(ImapTransientError):
     """The server refused because of a connection limit: back off longer before trying again."""
 
+    kind = "too_many_connections"
+
 
 class ImapAuthError(ImapError):
     """The credentials were rejected. Retried slowly, so that the provider does not lock the account."""
+
+    kind = "auth"
 
 
 class ImapFolderMissingError(ImapError):
@@ -31,11 +43,15 @@ class ImapFolderMissingError(ImapError):
 
     Not a connection failure: reconnecting at once would not help, so it is checked again slowly."""
 
+    kind = "folder_missing"
+
 
 class ImapSecurityError(ImapError):
     """TLS could not be established as configured (e.g. STARTTLS not offered, certificate refused).
 
     Never answered by falling back to plaintext."""
+
+    kind = "tls"
 
 
 _TOO_MANY = ("too many", "maximum number of connections", "[limit]", "connection limit")

@@ -17,10 +17,11 @@ leaves the same index.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,12 +33,14 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import Engine, select
 
+from emailops import metrics
 from emailops.cache import CachedCopies, RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
 from emailops.imap.errors import CONNECTION_ERRORS, ImapFolderMissingError
 from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
+from emailops.request_ids import request_id
 from emailops.store import folders as folder_store
 from emailops.store import index_work
 from emailops.store import messages as message_store
@@ -45,6 +48,8 @@ from emailops.store.database import reading
 from emailops.store.schema import messages
 
 log = structlog.get_logger(component="index")
+# What decides whether DEBUG lines are rendered (structlog hands them to the standard library).
+_stdlib_log = logging.getLogger(__name__)
 
 # Batches downloaded but not yet stored, at most (each is bounded by SyncConfig's batch limits).
 BATCHES_IN_FLIGHT = 3
@@ -465,6 +470,7 @@ class FolderSync:
                 now=self.clock(),
             )
             folder_store.save_progress(conn, state.id, uidnext=uid + 1, fence=self.fence)
+        metrics.message_quarantined("index")
         self.log.error(
             "message quarantined: indexing it keeps failing; the folder goes on (emailops quarantine)",
             uid=uid,
@@ -506,11 +512,11 @@ class FolderSync:
         # BATCHES_IN_FLIGHT batches are held, so memory stays bounded.
         store_failed = threading.Event()
 
-        def store(bodies: list[FetchedBody], job: Future[Parsed]) -> None:
+        def store(bodies: list[FetchedBody], job: Future[Parsed], batch_started: float) -> None:
             if store_failed.is_set():
                 raise RuntimeError("an earlier batch failed to store")
             try:
-                self._store(state, status, bodies, job, report, save_progress)
+                self._store(state, status, bodies, job, report, save_progress, batch_started)
             except BaseException:
                 store_failed.set()
                 raise
@@ -526,9 +532,10 @@ class FolderSync:
             in_flight: deque[Future[None]] = deque()
             complete = True
             for batch in self._batches(uids, sizes):
+                batch_started = time.monotonic()
                 bodies = self._download(client, batch, sizes, status.uidvalidity, copies, cache_writer)
                 job = parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies])
-                in_flight.append(store_thread.submit(store, bodies, job))
+                in_flight.append(store_thread.submit(store, bodies, job, batch_started))
                 while in_flight and (in_flight[0].done() or len(in_flight) > BATCHES_IN_FLIGHT):
                     in_flight.popleft().result()
                 if deadline is not None and time.monotonic() > deadline and batch[-1] != uids[-1]:
@@ -546,6 +553,7 @@ class FolderSync:
         job: Future[Parsed],
         report: SyncReport,
         save_progress: bool,
+        batch_started: float,
     ) -> None:
         fetched = [
             message_store.FetchedMessage(
@@ -564,7 +572,7 @@ class FolderSync:
                     "large message indexed from its beginning", uid=item.uid, size=columns["size"]
                 )
         with self.engine.begin() as conn:
-            report.new_message_pks += message_store.insert_messages(
+            inserted = message_store.insert_messages(
                 conn,
                 state.id,
                 status.uidvalidity,
@@ -576,6 +584,48 @@ class FolderSync:
                 folder_store.save_progress(
                     conn, state.id, uidnext=max(body.uid for body in bodies) + 1, fence=self.fence
                 )
+        report.new_message_pks += inserted.values()
+        metrics.index_batch(time.monotonic() - batch_started)
+        if inserted:
+            self._tell_indexed(fetched, inserted, state.baseline_uidnext, status.uidvalidity)
+
+    def _tell_indexed(
+        self,
+        fetched: list[message_store.FetchedMessage],
+        inserted: dict[int, int],
+        baseline_uidnext: int | None,
+        uidvalidity: int,
+    ) -> None:
+        """Metrics and the "message indexed" line of each message of a committed batch.
+
+        The line is INFO for new mail (arrived after the folder's first sync: what the rules see,
+        whose ``request_id`` their decision and the reply's delivery repeat), DEBUG for mail that was
+        there before: one INFO line for each of 100,000 old messages would cost the initial sync
+        about half its time (85 us a line) and tell nothing the "folder synced" line does not.
+        """
+        metrics.messages_indexed(self.folder, len(inserted))
+        committed = self.clock()
+        history_lines = _stdlib_log.isEnabledFor(logging.DEBUG)
+        problem_kinds: Counter[str] = Counter()
+        for item in fetched:
+            if item.uid not in inserted:
+                continue
+            problems = str(item.content.columns["problems"])
+            if problems and metrics.enabled():
+                problem_kinds.update(metrics.problem_kind(problem) for problem in problems.split())
+            new_mail = baseline_uidnext is not None and item.uid >= baseline_uidnext
+            if new_mail and item.internal_date is not None:
+                metrics.index_lag((committed - item.internal_date).total_seconds())
+            if new_mail or history_lines:
+                (self.log.info if new_mail else self.log.debug)(
+                    "message indexed",
+                    uid=item.uid,
+                    size=item.content.columns["size"],
+                    parse_ms=round(item.content.parse_seconds * 1000, 2),
+                    problems=problems,
+                    request_id=request_id(self.config.account, self.folder, uidvalidity, item.uid),
+                )
+        metrics.parse_problems(problem_kinds)
 
     def _batches(self, uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
         batch: list[int] = []

@@ -13,10 +13,12 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 from imapclient import IMAPClient
 
+from emailops import metrics
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import PendingInput, forget_unsolicited, pending_input
 from emailops.imap.connection import ReconnectPolicy, SharedConnection, close_quietly, connect
@@ -38,6 +40,20 @@ log = structlog.get_logger(component="imap")
 OAUTH2_AUTH_RETRY_MAX_SECONDS = 300.0
 
 
+@dataclass(frozen=True)
+class FolderStatus:
+    """What a watcher last saw, for the operator (UNIX times; ``error_kind`` is ``ImapError.kind``).
+
+    The error is the last failure, kept after a later success: it is current while ``error_at`` is
+    after ``last_sync_at`` (or there was no sync)."""
+
+    folder: str
+    last_sync_at: float | None
+    error_kind: str | None = None
+    error: str | None = None
+    error_at: float | None = None
+
+
 class FolderWatcher:
     def __init__(
         self,
@@ -49,6 +65,7 @@ class FolderWatcher:
         shared: SharedConnection | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall_clock: Callable[[], float] = time.time,
         pass_budget_seconds: float = 5.0,
     ) -> None:
         self.server = server
@@ -70,6 +87,10 @@ class FolderWatcher:
         self.next_reconcile_at = 0.0
         self.idle_started_at = 0.0
         self.catching_up = False
+        self.wall_clock = wall_clock
+        self.last_sync_at: float | None = None
+        self.last_error: ImapError | None = None
+        self.last_error_at: float | None = None
         self.log = log.bind(folder=self.folder)
 
     @property
@@ -119,6 +140,16 @@ class FolderWatcher:
         renew_at = self.idle_started_at + self.config.idle_renew_seconds
         return self.client.socket(), min(renew_at, self.next_poll_at) - now
 
+    def status(self) -> FolderStatus:
+        error = self.last_error
+        return FolderStatus(
+            folder=self.folder,
+            last_sync_at=self.last_sync_at,
+            error_kind=error.kind if error is not None else None,
+            error=str(error) if error is not None else None,
+            error_at=self.last_error_at,
+        )
+
     def close(self) -> None:
         if self.shared is not None:
             self.client = None  # the connection is the other polled folders' too
@@ -139,10 +170,15 @@ class FolderWatcher:
         except ImapError as exc:
             self._schedule_reconnect(exc)
             return False
+        if self.failures:
+            metrics.imap_reconnected()
         return True
 
     def _schedule_reconnect(self, error: ImapError) -> None:
         self.failures += 1
+        self.last_error = error
+        self.last_error_at = self.wall_clock()
+        metrics.imap_error(error.kind)
         delay = self.policy.delay(error, self.failures)
         oauth2 = self.server.tokens is not None
         if oauth2 and isinstance(error, ImapAuthError):
@@ -210,6 +246,8 @@ class FolderWatcher:
         if self.failures:
             self.log.info("reconnected", after_failures=self.failures)
         self.failures = 0
+        self.last_sync_at = self.wall_clock()
+        metrics.folder_synced(self.folder, self.last_sync_at)
         now = self.monotonic()
         self.catching_up = not report.complete or missed
         self.next_poll_at = now + self.config.poll_interval_seconds

@@ -31,7 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, Connection, select, update
+from sqlalchemy import ColumnElement, Connection, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from tenacity import RetryCallState, wait_exponential
@@ -295,6 +295,14 @@ def mark_transient_failure(
         next_attempt_at=as_utc(now) + backoff_delay(row.attempts),
     )
     return OutboxState.PENDING
+
+
+def count_by_state(conn: Connection, *, account: str | None = None) -> dict[str, int]:
+    """How many replies are in each state (states without any are absent)."""
+    query = select(outbox.c.state, func.count()).group_by(outbox.c.state)
+    if account is not None:
+        query = query.where(outbox.c.account == account)
+    return {str(state): int(count) for state, count in conn.execute(query).all()}
 
 
 def sending_claimers(conn: Connection) -> list[str]:

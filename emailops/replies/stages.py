@@ -12,18 +12,21 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
+from emailops import metrics
 from emailops.config import ReplyConfig
 from emailops.imap.errors import CONNECTION_ERRORS, ImapError
 from emailops.processes import is_dead_sibling
 from emailops.replies import engine as decisions
 from emailops.replies import imap_actions, outbox
-from emailops.replies.delivery import deliver_next
+from emailops.replies.delivery import deliver_next, inbound_origin, request_context
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
+from emailops.request_ids import request_id
 from emailops.rules import RuleSetCache
+from emailops.rules.model import RuleSet
 from emailops.store import messages as message_store
 from emailops.store import rules_work
 from emailops.store.database import reading
@@ -34,6 +37,8 @@ Clock = Callable[[], datetime]
 
 # A claim older than this is from a process that died while sending (a send never lasts this long).
 STALE_CLAIM = timedelta(minutes=10)
+# How often a worker counts the outbox by state for the metrics (one GROUP BY on an indexed column).
+OUTBOX_COUNT_SECONDS = 15.0
 
 # Set on an inbound message once a reply to it is recorded. The mailbox outlives the database: after
 # a restore from an older backup, or a new index, a message carrying it is never answered again.
@@ -112,6 +117,7 @@ class RulesStage:
             attempt = rules_work.claim(conn, pk)
         if attempt is None:
             return  # another worker took it
+        rid: str | None = None
         try:
             with self.engine.begin() as conn:
                 if not rules_work.finish(conn, pk, attempt):
@@ -119,36 +125,49 @@ class RulesStage:
                 stored = message_store.load_message(conn, pk)
                 if stored is None:
                     return
-                if AUTO_REPLIED_KEYWORD in stored.flags:
-                    log.info(
-                        "already answered (mailbox keyword); rules not applied again",
-                        folder=stored.folder,
-                        uid=stored.uid,
-                        keyword=AUTO_REPLIED_KEYWORD,
-                    )
+                rid = request_id(self.account, stored.folder, stored.uidvalidity, stored.uid)
+                made = self._apply(conn, pk, stored, ruleset, rid)
+                if made is None:
                     return
-                made = decisions.apply_rules(
-                    conn,
-                    account=self.account,
-                    message_pk=pk,
-                    folder=stored.folder,
-                    uidvalidity=stored.uidvalidity,
-                    uid=stored.uid,
-                    parsed=stored.parsed,
-                    rules=ruleset,
-                    config=self.config,
-                    now=self.clock(),
-                )
         except Exception as exc:
             # One bad message must not stop the others: tried again a few times, then set aside.
-            self._failed(pk, attempt, exc)
+            self._failed(pk, attempt, exc, rid)
             return
+        _count_decisions(made)
         actions = decisions.mailbox_actions(made)
         replied = any(d.outbox_id is not None for d in made)
         if (actions or replied) and not self.config.dry_run:
-            self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
+            with structlog.contextvars.bound_contextvars(request_id=rid):
+                self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
 
-    def _failed(self, pk: int, attempt: int, exc: Exception) -> None:
+    def _apply(
+        self, conn: Connection, pk: int, stored: message_store.StoredMessage, ruleset: RuleSet, rid: str
+    ) -> list[decisions.Decision] | None:
+        """The rules' decisions for one message (None: already answered), its lines told under
+        its ``request_id``."""
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            if AUTO_REPLIED_KEYWORD in stored.flags:
+                log.info(
+                    "already answered (mailbox keyword); rules not applied again",
+                    folder=stored.folder,
+                    uid=stored.uid,
+                    keyword=AUTO_REPLIED_KEYWORD,
+                )
+                return None
+            return decisions.apply_rules(
+                conn,
+                account=self.account,
+                message_pk=pk,
+                folder=stored.folder,
+                uidvalidity=stored.uidvalidity,
+                uid=stored.uid,
+                parsed=stored.parsed,
+                rules=ruleset,
+                config=self.config,
+                now=self.clock(),
+            )
+
+    def _failed(self, pk: int, attempt: int, exc: Exception, rid: str | None) -> None:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         reason = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
         with self.engine.begin() as conn:
@@ -161,6 +180,7 @@ class RulesStage:
             log.warning(
                 "rules failed for a message; it will be tried again",
                 message_pk=pk,
+                request_id=rid,
                 attempt=attempt,
                 max_attempts=self.config.rules_max_attempts,
                 exc_info=True,
@@ -186,6 +206,7 @@ class RulesStage:
 
 
 def _report_quarantined(entry: rules_work.QuarantinedMessage) -> None:
+    metrics.message_quarantined("rules")
     log.error(
         "message quarantined: its rules keep failing; it will not be answered (emailops quarantine)",
         folder=entry.folder,
@@ -194,6 +215,19 @@ def _report_quarantined(entry: rules_work.QuarantinedMessage) -> None:
         attempts=entry.attempts,
         reason=entry.reason,
     )
+
+
+def _count_decisions(made: list[decisions.Decision]) -> None:
+    """Metrics of committed decisions: a reply queued, suppressed (and why), or only logged (dry run)."""
+    for decision in made:
+        if decision.reply_action is None:
+            continue
+        if decision.suppressed is not None:
+            metrics.reply_suppressed(decision.rule, decision.suppressed)
+        elif decision.dry_run:
+            metrics.reply_outcome(decision.rule, "dry_run")
+        elif decision.created:
+            metrics.reply_outcome(decision.rule, "queued")
 
 
 class OutboxStage:
@@ -223,12 +257,18 @@ class OutboxStage:
         self.clock = clock
         self.budget_seconds = budget_seconds
         self.next_recovery = 0.0
+        self.next_count = 0.0
 
     def run_once(self) -> bool:
         started = time.monotonic()
         if started >= self.next_recovery:
             self._recover_interrupted()
             self.next_recovery = started + 60
+        if metrics.enabled() and started >= self.next_count:
+            with reading(self.engine) as conn:
+                counts = outbox.count_by_state(conn, account=self.account)
+            metrics.outbox_depth(counts, [state.value for state in OutboxState])
+            self.next_count = started + OUTBOX_COUNT_SECONDS
         with reading(self.engine) as conn:
             due = outbox.due_actions(conn, now=self.clock(), account=self.account)
         worked = False
@@ -286,6 +326,7 @@ class OutboxStage:
             row = outbox.claim_next(
                 conn, claimer=self.claimer, now=self.clock(), action="draft", account=self.account
             )
+            origin = inbound_origin(conn, row) if row is not None else None
         if row is None:
             return False
         try:
@@ -304,10 +345,12 @@ class OutboxStage:
             return True
         with self.engine.begin() as conn:
             taken_from = outbox.mark_sent(conn, row.id, claimer=self.claimer, now=self.clock())
+        metrics.reply_outcome(row.rule_name, "drafted")
         log.info(
             "reply saved as a draft",
             outbox_id=row.id,
             folder=self.config.drafts_folder,
             **({"previous_state": taken_from.value} if taken_from else {}),
+            **request_context(origin),
         )
         return True

@@ -18,6 +18,7 @@ from emailops.mime.model import Address, ParsedMessage
 class MessageContent(NamedTuple):
     columns: dict[str, object]  # the content columns of the message's ``messages`` row
     attachments: tuple[tuple[str | None, str, int], ...]  # (filename, content type, size)
+    parse_seconds: float = 0.0  # what parsing this message took (told in its "message indexed" line)
 
 
 def _addresses(values: Iterable[Address]) -> str:

@@ -123,14 +123,14 @@ def insert_messages(
     *,
     baseline_uidnext: int | None,
     now: datetime,
-) -> list[int]:
-    """Insert what is not indexed yet; return the primary keys of the rows inserted.
+) -> dict[int, int]:
+    """Insert what is not indexed yet; return UID -> primary key of the rows inserted.
 
     A message whose UID is at or above the folder's baseline arrived after the first sync and is
     ``pending`` for the rules; one below it was there before and is ``history``.
     """
     if not batch:
-        return []
+        return {}
 
     def state(uid: int) -> str:
         return "pending" if baseline_uidnext is not None and uid >= baseline_uidnext else "history"
@@ -138,7 +138,7 @@ def insert_messages(
     rows = [_row(folder_id, uidvalidity, item, state(item.uid), now) for item in batch]
     inserted = _insert_new(conn, folder_id, uidvalidity, rows)
     if not inserted:
-        return []
+        return {}
     by_uid = {item.uid: item.content for item in batch}
     fulltext.index_rows(
         conn,
@@ -155,7 +155,7 @@ def insert_messages(
     ]
     if attachment_rows:
         conn.execute(attachments.insert(), attachment_rows)
-    return list(inserted.values())
+    return inserted
 
 
 def live_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[int]:
@@ -303,6 +303,33 @@ def pending_for_rules(conn: Connection, account: str, limit: int = 100) -> list[
             .limit(limit)
         ).scalars()
     )
+
+
+@dataclass(frozen=True)
+class MessageOrigin:
+    """Where an indexed message came from, and when its row was committed."""
+
+    account: str
+    folder: str
+    uidvalidity: int
+    uid: int
+    indexed_at: datetime
+
+
+def message_origin(conn: Connection, pk: int) -> MessageOrigin | None:
+    row = conn.execute(
+        select(
+            folders.c.account, folders.c.name, messages.c.uidvalidity, messages.c.uid, messages.c.indexed_at
+        )
+        .join(folders, folders.c.id == messages.c.folder_id)
+        .where(messages.c.id == pk)
+    ).first()
+    if row is None:
+        return None
+    account, folder, uidvalidity, uid, indexed_at = row
+    committed = _aware(indexed_at)
+    assert committed is not None  # the column is NOT NULL
+    return MessageOrigin(account, folder, int(uidvalidity), int(uid), committed)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,148 @@
+"""``emailops.metrics`` off and on, the bounded labels, and the supervisor's count of log lines.
+
+The whole path (workers' files summed by the supervisor's endpoint, scraped by Prometheus) is
+tested in test_monitoring_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emailops import metrics
+from prod.logging_setup import LogCollector, _LineHandler
+from tests.shell_workers import REPO_ROOT, shell_env
+
+# Every reason text the replies code gives (robots.py, limits.py, engine.py), one of each shape.
+REASONS = {
+    "auto-submitted: auto-generated": "auto_submitted",
+    "precedence: bulk": "precedence",
+    "mailing list (list-id)": "mailing_list",
+    "mailing list (list-unsubscribe)": "mailing_list",
+    "x-auto-response-suppress: all": "auto_response_suppress",
+    "null return path (<>)": "null_return_path",
+    "our own automatic reply": "own_reply",
+    "no valid address to reply to (no address)": "no_valid_address",
+    "no valid address (bad)": "no_valid_address",
+    "own address": "own_address",
+    "role address mailer-daemon": "role_address",
+    "list request address (*-request)": "list_address",
+    "list owner address (owner-*)": "list_address",
+    "no-reply address": "noreply_address",
+    "never-reply list (*@example.org)": "never_reply_to",
+    "already answered this sender within 7 days": "once_per_sender",
+    "sender cap: 3 replies to this sender in 24 hours": "sender_cap",
+    "hourly cap: 100 replies in the last hour": "hourly_cap",
+}
+
+
+@pytest.mark.parametrize(("reason", "kind"), REASONS.items())
+def test_each_suppression_reason_has_its_bounded_label(reason: str, kind: str) -> None:
+    assert metrics.suppression_kind(reason) == kind
+
+
+def test_an_unknown_reason_is_other_never_its_text() -> None:
+    assert metrics.suppression_kind("sender bob@example.org is strange") == "other"
+
+
+def test_off_until_enabled_without_importing_prometheus_client() -> None:
+    code = (
+        "import sys\n"
+        "from emailops import metrics\n"
+        "metrics.messages_indexed('INBOX', 3); metrics.parse_problems({'charset-unknown': 1})\n"
+        "metrics.index_lag(1.0); metrics.folder_synced('INBOX', 1.0); metrics.imap_error('auth')\n"
+        "metrics.reply_suppressed('ack', 'precedence: bulk'); metrics.outbox_depth({}, ['sent'])\n"
+        "print(metrics.enabled(), 'prometheus_client' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_enabled_values_go_to_the_multiprocess_files(tmp_path: Path) -> None:
+    """A worker's values, written under PROMETHEUS_MULTIPROC_DIR, are read back by the collector."""
+    code = (
+        "from emailops import metrics\n"
+        "metrics.enable(); metrics.enable()\n"
+        "metrics.messages_indexed('INBOX', 3)\n"
+        "metrics.parse_problems({metrics.problem_kind('charset-unknown:x'): 1, 'base64-broken': 1})\n"
+        "metrics.imap_error('auth'); metrics.reply_suppressed('ack', 'precedence: bulk')\n"
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for _ in range(2):  # two processes: summed
+        subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, check=True)
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    text = generate_latest(registry).decode()
+    assert 'emailops_messages_indexed_total{folder="INBOX"} 6.0' in text
+    assert 'emailops_parse_problems_total{kind="charset-unknown"} 2.0' in text
+    assert 'emailops_auth_failures_total{protocol="imap"} 2.0' in text
+    assert 'emailops_imap_errors_total{kind="auth"} 2.0' in text
+    assert 'emailops_replies_suppressed_total{reason="precedence",rule="ack"} 2.0' in text
+    assert 'emailops_replies_total{outcome="suppressed",rule="ack"} 2.0' in text
+
+
+class _ListSink:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_collector_counts_the_lines_it_writes_by_level() -> None:
+    sink = _ListSink()
+    collector = LogCollector([sink])  # type: ignore[list-item]
+    handler = _LineHandler(collector.write)
+    logger = logging.getLogger("tests.metrics.lines")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        for level in (logging.INFO, logging.INFO, logging.WARNING, logging.ERROR, logging.DEBUG):
+            logger.log(level, 'a line with "level":"ERROR" in its text')
+        collector.write("not json at all")
+    finally:
+        logger.removeHandler(handler)
+        collector.close()
+    assert collector.line_counts() == {"INFO": 2, "WARNING": 1, "ERROR": 1, "DEBUG": 1}
+    assert [json.loads(line)["level"] for line in sink.lines[:5]] == [
+        "INFO",
+        "INFO",
+        "WARNING",
+        "ERROR",
+        "DEBUG",
+    ]
+
+
+def test_a_metrics_port_in_use_stops_the_start_naming_it(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = shell_env(tmp_path, METRICS_PORT=str(port))
+        result = subprocess.run(
+            [sys.executable, "-m", "prod.run"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 78, result
+    (line,) = result.stdout.splitlines()
+    assert (
+        f"invalid configuration: METRICS_PORT: cannot listen on 127.0.0.1:{port}"
+        in json.loads(line)["message"]
+    )

@@ -1,0 +1,286 @@
+"""Monitoring as operators use it: a real Prometheus scraping the daemon (WORKERS=2) while it syncs,
+indexes new mail and replies; one message's story told by its request_id; the healthcheck failing
+while the mail server is unreachable (or refuses the sign-in, or lacks the folder) and recovering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prod.localmail.dovecot import LocalDovecot, free_loopback_port
+from prod.localmail.smtp_relay import LocalSmtpRelay
+from prod.worker_status import read_status
+from tests.index_helpers import ALICE, daemon_env, message
+from tests.prometheus_server import PROMTOOL, LocalPrometheus
+from tests.test_daemon_e2e import REPO, healthcheck, supervisor_state, wait_for
+from tests.test_replies_e2e import inbound
+
+ALERTS = REPO / "examples" / "prometheus" / "alerts.yml"
+RULES = (
+    '[[rules]]\nname = "ack"\n[rules.match]\nsubject = "help"\n[rules.reply]\ntemplate = "Got {subject}"\n'
+)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    (tmp_path / "rules.toml").write_text(RULES)
+    return tmp_path
+
+
+def start_daemon(env: dict[str, str], data: Path) -> subprocess.Popen[bytes]:
+    with (data / "stdout.log").open("w") as stdout, (data / "stderr.log").open("w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prod.run"], env=env, cwd=REPO, stdout=stdout, stderr=stderr
+        )
+
+
+@pytest.fixture
+def stop_daemon() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def log_records(data: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (data / "logs" / "app.log").read_text().splitlines()]
+
+
+def health(env: dict[str, str], *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "prod.healthcheck", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    answer: dict[str, Any] = json.loads(result.stdout)
+    assert result.returncode == (0 if answer["ok"] else 1), result
+    return answer
+
+
+def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
+    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, data: Path, stop_daemon: list[Any]
+) -> None:
+    # Mail there before the first sync: indexed, never answered.
+    dovecot.create_folder(ALICE, "Archive")
+    for n in range(1, 5):
+        dovecot.deliver(ALICE, message(n, subject=f"help, old {n}"))
+    for n in range(5, 8):
+        dovecot.append(ALICE, "Archive", message(n))
+    dovecot.append(ALICE, "Archive", b"From: someone@example.org\r\nSubject: no date, no id\r\n\r\nhi\r\n")
+    port = free_loopback_port()
+    env = daemon_env(
+        dovecot,
+        data,
+        WORKERS="2",
+        EMAIL_FOLDERS="INBOX,Archive",
+        EMAIL_SMTP_PORT=str(smtp_relay.port),
+        LOG_FILE_ENABLED="true",
+        METRICS_PORT=str(port),
+        HEARTBEAT_TIMEOUT_SECONDS="20",
+    )
+    stop_daemon.append(start_daemon(env, data))
+    with LocalPrometheus(data, f"127.0.0.1:{port}", [ALERTS]) as prometheus:
+
+        def counted(expression: str, expected: float, timeout: float = 30) -> None:
+            last: list[float | None] = []
+
+            def reached() -> bool:
+                last[:] = [prometheus.value(expression)]
+                return last[0] == expected
+
+            try:
+                wait_for(reached, timeout, expression)
+            except AssertionError:
+                raise AssertionError(f"{expression} is {last[0]}, expected {expected}") from None
+
+        counted('sum(emailops_messages_indexed_total{folder="INBOX"})', 4)
+        counted('sum(emailops_messages_indexed_total{folder="Archive"})', 4)
+        counted('sum(emailops_parse_problems_total{kind="header-missing"})', 2)  # Date, Message-ID
+        counted("emailops_workers_up", 2)
+
+        # New mail: two answered; Bob's second and a list's message are not.
+        dovecot.deliver(ALICE, inbound("help 1", n=1))
+        dovecot.deliver(ALICE, inbound("help 2", n=2))
+        dovecot.deliver(
+            ALICE, inbound("help", sender="List <news@example.org>", n=3, extra="Precedence: bulk\r\n")
+        )
+        dovecot.deliver(ALICE, inbound("help 4", sender="Dave <dave@example.org>", n=4))
+        wait_for(lambda: len(smtp_relay.accepted) == 2, 30, "two replies")
+        counted('sum(emailops_replies_total{outcome="sent"})', 2)
+        counted('sum(emailops_replies_suppressed_total{reason="precedence"})', 1)
+        counted('sum(emailops_replies_suppressed_total{reason="once_per_sender"})', 1)
+        counted('sum(emailops_messages_indexed_total{folder="INBOX"})', 8)
+
+        # kill -9 of the worker that indexed INBOX: what it counted stays in the sums.
+        state = supervisor_state(data)
+        assert state is not None
+        statuses = [read_status(data / "state", w.worker, w.pid) for w in state.workers]
+        (victim,) = [s for s in statuses if s is not None and [f.folder for f in s.folders] == ["INBOX"]]
+        os.kill(victim.pid, signal.SIGKILL)
+        counted('emailops_worker_restarts_total{reason="died"}', 1)
+        wait_for(lambda: health(env)["ok"], 60, "healthy after the restart")
+        counted("emailops_workers_up", 2)
+
+        dovecot.deliver(ALICE, inbound("help 5", sender="Erin <erin@example.org>", n=5))
+        wait_for(lambda: len(smtp_relay.accepted) == 3, 30, "third reply")
+        counted('sum(emailops_messages_indexed_total{folder="INBOX"})', 9)
+        counted('sum(emailops_messages_indexed_total{folder="Archive"})', 4)
+        counted('sum(emailops_replies_total{outcome="sent"})', 3)
+        counted('sum(emailops_replies_total{outcome="queued"})', 3)
+        counted("sum(emailops_index_lag_seconds_count)", 5)
+        counted("sum(emailops_reply_latency_seconds_count)", 3)
+        counted('emailops_outbox_replies{state="sent"}', 3)
+        counted('count(emailops_folder_last_sync_timestamp_seconds{folder=~"INBOX|Archive"})', 2)
+        counted('count(emailops_build_info{version!=""})', 1)
+        counted('count(emailops_resident_memory_bytes{process=~"supervisor|worker-1|worker-2"})', 3)
+        assert (prometheus.value('emailops_log_lines_total{level="INFO"}') or 0) > 0
+        assert (prometheus.value('emailops_log_lines_total{level="ERROR"}') or 0) >= 1  # "worker died"
+        assert prometheus.value("sum(emailops_replies_total{outcome=~'failed|unknown'})") is None
+
+        def firing() -> set[str]:
+            return {
+                a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"] if a["state"] == "firing"
+            }
+
+        assert "EmailOpsReplyNotSent" not in firing()
+        # A reply the SMTP server refuses: counted, and the real Prometheus fires the runbook's alert.
+        smtp_relay.fail_next(550, "5.7.1 mailbox unavailable")
+        dovecot.deliver(ALICE, inbound("help 6", sender="Frank <frank@example.org>", n=6))
+        counted('sum(emailops_replies_total{outcome="failed"})', 1)
+        counted('sum(emailops_smtp_errors_total{kind="permanent"})', 1)
+        wait_for(lambda: "EmailOpsReplyNotSent" in firing(), 30, "EmailOpsReplyNotSent firing")
+        assert len(smtp_relay.accepted) == 3
+
+    # One INFO line per new message, none for the mail that was there before; its request_id
+    # follows it through the rules' decision and the delivery of its reply.
+    records = log_records(data)
+    indexed = [r for r in records if r["message"] == "message indexed"]
+    assert len(indexed) == 6 and all(r["level"] == "INFO" and r["folder"] == "INBOX" for r in indexed)
+    assert all({"uid", "size", "parse_ms", "problems"} <= set(r) for r in indexed)
+    story = [r for r in records if r.get("request_id") == indexed[0]["request_id"]]
+    assert [(r["component"], r["message"]) for r in story] == [
+        ("index", "message indexed"),
+        ("rules", "reply recorded"),
+        ("smtp", "reply sent"),
+    ]
+    assert len({r["request_id"] for r in indexed}) == 6
+
+
+def test_the_healthcheck_fails_while_the_server_is_unreachable_and_recovers(
+    dovecot: LocalDovecot, data: Path, stop_daemon: list[Any]
+) -> None:
+    env = daemon_env(dovecot, data, WORKERS="2", HEALTH_MAX_SYNC_AGE_SECONDS="4", POLL_INTERVAL_SECONDS="1")
+    stop_daemon.append(start_daemon(env, data))
+    wait_for(lambda: health(env)["ok"], 30, "healthy")
+    assert healthcheck(env).stdout.strip() == '{"ok": true, "env": "test", "log_level": "INFO", "workers": 2}'
+
+    def watching() -> list[dict[str, Any]]:
+        workers = health(env, "--verbose")["detail"]["workers"]
+        return [
+            w for w in workers if any(f["last_sync_age_seconds"] is not None for f in w.get("folders", []))
+        ]
+
+    wait_for(lambda: bool(watching()), 30, "a worker reports the sync of the folder it watches")
+    (worker,) = watching()
+    (folder,) = worker["folders"]
+    assert folder["folder"] == "INBOX" and folder["last_sync_age_seconds"] < 5
+    assert worker["uptime_seconds"] > 0 and worker["pid"] > 0
+
+    dovecot.stop()
+    wait_for(lambda: not health(env)["ok"], 60, "unhealthy while Dovecot is down")
+    answer = health(env)
+    assert answer["error_type"] == "ImapServerUnreachable", answer
+    assert "no watched folder has synced" in answer["error"] and "INBOX" in answer["error"]
+    detail = health(env, "--verbose")["detail"]
+    (folder,) = [f for w in detail["workers"] for f in w.get("folders", [])]
+    assert folder["last_error"]["error_type"] == "ImapServerUnreachable"
+
+    dovecot.start()
+    wait_for(lambda: health(env)["ok"], 90, "healthy again once Dovecot is back")
+
+
+@pytest.mark.parametrize(
+    ("setting", "error_type"),
+    [
+        ({"EMAIL_PASSWORD": "not-the-password"}, "ImapSignInRefused"),
+        ({"EMAIL_FOLDERS": "NoSuchFolder"}, "ImapFolderMissing"),
+    ],
+)
+def test_the_healthcheck_says_why_no_folder_syncs(
+    dovecot: LocalDovecot, data: Path, stop_daemon: list[Any], setting: dict[str, str], error_type: str
+) -> None:
+    env = daemon_env(dovecot, data, HEALTH_MAX_SYNC_AGE_SECONDS="3", POLL_INTERVAL_SECONDS="1", **setting)
+    stop_daemon.append(start_daemon(env, data))
+    wait_for(lambda: health(env).get("error_type") == error_type, 60, error_type)
+    answer = health(env)
+    assert answer["ok"] is False and list(answer) == ["ok", "error", "error_type"]
+    assert env["EMAIL_PASSWORD"] not in json.dumps(answer)
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    check = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert check.returncode == 0 and "SUCCESS: 11 rules found" in check.stdout, check
+    unit = subprocess.run(
+        [PROMTOOL, "test", "rules", "alerts_test.yml"],
+        cwd=ALERTS.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
+
+
+def test_the_example_prometheus_config_loads_the_rules() -> None:
+    config = ALERTS.parent / "prometheus.yml"
+    check = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0 and "SUCCESS: 1 rule files found" in check.stdout, check
+
+
+def test_the_compose_profile_monitoring_runs_prometheus_with_the_rules(tmp_path: Path) -> None:
+    compose = shutil.which("podman-compose")
+    if compose is None:
+        pytest.fail("podman-compose is missing: pip install -r requirements-test.txt")
+    shutil.copy(REPO / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    (tmp_path / ".env").write_text("METRICS_PORT=9464\nMETRICS_ADDR=0.0.0.0\n")
+    plain = subprocess.run(
+        [compose, "-f", "docker-compose.yml", "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    monitoring = subprocess.run(
+        [compose, "--profile", "monitoring", "-f", "docker-compose.yml", "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plain.returncode == 0 and monitoring.returncode == 0, plain.stderr + monitoring.stderr
+    import yaml  # PyYAML, installed with podman-compose
+
+    plain_services = yaml.safe_load(plain.stdout)["services"]
+    services = yaml.safe_load(monitoring.stdout)["services"]
+    assert set(plain_services) == {"app"} and "ports" not in plain_services["app"]  # nothing published
+    assert set(services) == {"app", "prometheus"}
+    prometheus = services["prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert any(v.startswith("./examples/prometheus:/etc/prometheus") for v in prometheus["volumes"])
