@@ -362,10 +362,24 @@ def test_daemon_with_revoked_refresh_token_logs_one_error_and_no_storm(
 ) -> None:
     seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
     auth_server.revoke_refresh_tokens()
-    env = oauth2_env(dovecot_oauth2, auth_server, tmp_path, EMAIL_OAUTH2_REFRESH_TOKEN=seed, WORKERS="2")
+    env = oauth2_env(
+        dovecot_oauth2,
+        auth_server,
+        tmp_path,
+        EMAIL_OAUTH2_REFRESH_TOKEN=seed,
+        WORKERS="2",
+        HEALTH_MAX_SYNC_AGE_SECONDS="4",
+        POLL_INTERVAL_SECONDS="1",
+    )
     daemon = Daemon(env, tmp_path)
     daemon_factory.append(daemon)
     daemon.start()
+
+    def health() -> dict[str, object]:
+        answer = subprocess.run(
+            [sys.executable, "-m", "prod.healthcheck"], env=env, cwd=REPO, capture_output=True, text=True
+        )
+        return json.loads(answer.stdout) if answer.stdout.strip() else {}
 
     def errors() -> list[dict[str, object]]:
         lines = (tmp_path / "stdout-1.log").read_text().splitlines()
@@ -382,8 +396,13 @@ def test_daemon_with_revoked_refresh_token_logs_one_error_and_no_storm(
     assert "invalid_grant" in shown["last_error"] and shown["next_token_request_after"]
     assert auth_server.count("token") == 1
     assert len(errors()) == 1
+    # The container is unhealthy once no folder has synced for HEALTH_MAX_SYNC_AGE_SECONDS, and says
+    # why, so that the runbook's "container unhealthy" alert fires.
+    wait_for(lambda: health().get("error_type") == "ImapSignInRefused", 60, "unhealthy: sign-in refused")
+    unhealthy = health()
+    assert unhealthy["ok"] is False and "emailops auth login" in str(unhealthy["error"])
     daemon.stop()
-    assert_no_secret([*daemon.output(), status.stdout], auth_server)
+    assert_no_secret([*daemon.output(), status.stdout, json.dumps(unhealthy)], auth_server)
 
 
 def test_refused_sign_in_is_retried_within_minutes_and_resumes_after_login(
