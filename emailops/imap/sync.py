@@ -35,7 +35,7 @@ from sqlalchemy import Engine, select
 from emailops.cache import CachedCopies, RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
-from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
+from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_meta, fetch_sizes, message_set
 from emailops.imap.errors import ImapFolderMissingError
 from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
 from emailops.store import folders as folder_store
@@ -339,14 +339,13 @@ class FolderSync:
         server_flags: dict[int, tuple[tuple[str, ...], int | None]] = {}
         if status.exists:
             condstore = status.highestmodseq is not None
-            items = ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", "FLAGS", *(["MODSEQ"] if condstore else [])]
-            response = client.fetch("1:*", items)
-            for uid, data in response.items():
-                header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
-                found = _MESSAGE_ID.search(header or b"")
+            response = fetch_meta(client, "1:*", modseq=condstore, message_id_header=True)
+            for uid in sorted(response):
+                meta = response[uid]
+                found = _MESSAGE_ID.search(meta.message_id_header or b"")
                 if found:
                     uid_by_message_id.setdefault(found.group().decode("ascii", "replace"), uid)
-                server_flags[uid] = (_flags(data.get(b"FLAGS", ())), _modseq(data))  # type: ignore[arg-type]
+                server_flags[uid] = (_flags(meta.flags), meta.modseq)
         now = self.clock()
         with self.engine.begin() as conn:
             matched = message_store.remap_uidvalidity(
@@ -547,18 +546,12 @@ class FolderSync:
                 self.cache.put_many, account, folder, uidvalidity, {body.uid: body.raw for body in bodies}
             )
         if cached:
-            meta = ["FLAGS", "INTERNALDATE", *(["MODSEQ"] if condstore else [])]
-            for uid, data in client.fetch(sorted(cached), meta).items():
-                if uid in cached:
-                    bodies.append(
-                        FetchedBody(
-                            uid,
-                            _flags(data.get(b"FLAGS", ())),
-                            _aware(data.get(b"INTERNALDATE")),
-                            _modseq(data),
-                            cached[uid],
-                        )  # type: ignore[arg-type]
-                    )
+            found = fetch_meta(client, message_set(cached), modseq=condstore, internal_date=True)
+            for uid in sorted(found.keys() & cached.keys()):
+                meta = found[uid]
+                bodies.append(
+                    FetchedBody(uid, _flags(meta.flags), meta.internal_date, meta.modseq, cached[uid])
+                )
         for uid in large:
             bodies += self._download_beginning(client, uid, condstore)
         return bodies
@@ -584,18 +577,14 @@ class FolderSync:
     # -- flags and expunges ------------------------------------------------------------------
 
     def _flags_since(self, client: IMAPClient, folder_id: int, status: MailboxStatus, modseq: int) -> int:
-        response = client.fetch("1:*", ["FLAGS"], modifiers=[f"CHANGEDSINCE {modseq}"])
-        server = {
-            uid: (_flags(data.get(b"FLAGS", ())), _modseq(data))  # type: ignore[arg-type]
-            for uid, data in response.items()
-        }
+        response = fetch_meta(client, "1:*", modseq=True, changed_since=modseq)
+        server = {uid: (_flags(meta.flags), meta.modseq) for uid, meta in response.items()}
         with self.engine.begin() as conn:
             return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
 
     def _reconcile_flags(self, client: IMAPClient, folder_id: int, status: MailboxStatus) -> int:
         server = {
-            uid: (_flags(data.get(b"FLAGS", ())), None)  # type: ignore[arg-type]
-            for uid, data in client.fetch("1:*", ["FLAGS"]).items()
+            uid: (_flags(meta.flags), None) for uid, meta in fetch_meta(client, "1:*", modseq=False).items()
         }
         with self.engine.begin() as conn:
             return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
