@@ -86,6 +86,8 @@ class Figures:
     rounds: int = 0
     help_messages: int = 0
     retried: int = 0
+    # The highest peak resident size (VmHWM) of a worker seen when a round settled, in kB.
+    peak_worker_kb: int = 0
 
     def fired(self) -> list[KillPoint]:
         return [kill for kill in self.kills if kill.fired]
@@ -476,6 +478,8 @@ class CrashHarness:
             time.sleep(0.2)
         with (self.tmp_path / "kills.log").open("a") as journal:
             journal.write(f"{time.monotonic() - started:5.2f}s settled\n")
+        for pid in self.booted_workers():
+            self.figures.peak_worker_kb = max(self.figures.peak_worker_kb, _peak_rss_kb(pid))
         self.check_replies()
 
     def folder_states(self) -> str:
@@ -530,6 +534,14 @@ def _pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
+def _peak_rss_kb(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
@@ -577,6 +589,14 @@ def run_kill_points(harness: CrashHarness, target: int) -> Figures:
         harness.figures.rounds += 1
         harness.settle()
     harness.check_unknown_listed()
+    # Each reply killed after the relay accepted it is unknown (delivered once, never resent); a
+    # kill after a random delay may have landed there too.
+    delivered = harness.deliveries()
+    with harness.engine.connect() as conn:
+        unknown = conn.execute(text("SELECT reply_message_id FROM outbox WHERE state = 'unknown'")).scalars()
+        interrupted_after_acceptance = sum(delivered[reply_id] == 1 for reply_id in unknown)
+    accepted_kills = sum(kill.site == "accepted" for kill in harness.figures.fired())
+    assert interrupted_after_acceptance >= accepted_kills, harness.context()
     assert harness.stop() == 0, harness.context()
 
     # A sync from scratch of the same mailbox gives the same index.
@@ -595,8 +615,10 @@ def run_kill_points(harness: CrashHarness, target: int) -> Figures:
     by_site = Counter(f"{kill.site}/{kill.scope}" for kill in fired)
     print(
         f"crash harness: {len(fired)} kill points fired ({figures.unfired} armed but not reached), "
-        f"{figures.rounds} rounds, {figures.help_messages} help requests answered once or unknown, "
-        f"{figures.retried} retried, {time.monotonic() - started:.1f} s, seed {harness.seed}; "
+        f"{figures.rounds} rounds, {figures.help_messages} help requests answered once or unknown "
+        f"({interrupted_after_acceptance} unknown after the relay accepted them), "
+        f"{figures.retried} retried, peak worker RSS {figures.peak_worker_kb} kB, "
+        f"{time.monotonic() - started:.1f} s, seed {harness.seed}; "
         f"by site: {dict(sorted(by_site.items()))}"
     )
     return figures
