@@ -5,10 +5,12 @@ The daemon (``python -m prod.run``, two workers, folders INBOX and Archive) runs
 Dovecot and SMTP relay, with ``tests.crash_workers:crash_unit`` as its worker target: the production
 pipeline plus kill points armed from here. Each kill point is drawn from a generator seeded by
 ``EMAILOPS_CRASH_SEED`` (random when unset; the seed is printed, and in every failure, so that a
-run can be replayed). A kill point SIGKILLs one worker (the supervisor replaces it) or the whole
-supervisor with its workers (the harness starts it again), either at a site (a batch being fetched
-or written, any commit, a UIDVALIDITY re-map, flag and expunge writes, a rules decision, a reply
-claimed, a reply the SMTP server accepted but not yet marked sent) or after a random delay.
+run can be replayed: the same seed draws the same mailbox changes, sites, scopes and delays, while
+where a delay lands still depends on the machine's timing). A kill point SIGKILLs one worker (the
+supervisor replaces it) or the whole supervisor with its workers (the harness starts it again),
+either at a site (a batch being fetched or written, any commit, a UIDVALIDITY re-map, flag and
+expunge writes, a rules decision, a reply claimed, a reply the SMTP server accepted but not yet
+marked sent) or after a random delay.
 
 Kill points are cheap because one mailbox serves them all: the initial sync is killed again and
 again until it completes, then rounds follow, each a change to the mailbox (new mail, some of it
