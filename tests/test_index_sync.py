@@ -212,6 +212,18 @@ def test_a_flag_change_announced_during_a_pass_is_not_given_to_another_uid(
     ]
 
 
+def test_a_message_above_the_size_limit_keeps_its_flags_and_date(dovecot: LocalDovecot, db_url: str) -> None:
+    big = message(1, body="large " * 40_000)  # 240 kB, above the 64 kB limit below
+    dovecot.append(ALICE, "INBOX", big, flags=[r"\Seen", r"\Flagged"])
+    engine = index_engine(db_url)
+    client = connect(imap_config(dovecot))
+    FolderSync(engine, sync_config(max_message_bytes=64 * 1024), "INBOX").sync(client)
+    ((flags, truncated, dated),) = rows(
+        engine, "SELECT flags, truncated, internal_date IS NOT NULL FROM messages"
+    )
+    assert set(str(flags).split()) == {"\\Seen", "\\Flagged"} and truncated and dated
+
+
 def test_partial_passes_resume_where_they_stopped(dovecot: LocalDovecot, db_url: str) -> None:
     dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))
     engine = index_engine(db_url)

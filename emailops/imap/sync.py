@@ -117,12 +117,6 @@ def _flags(values: Iterable[bytes | str]) -> tuple[str, ...]:
     return tuple(flag for flag in decoded if flag.lower() != "\\recent")
 
 
-def _aware(value: object) -> datetime | None:
-    if not isinstance(value, datetime):
-        return None
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 class FolderSync:
     """Syncs one folder of one account. Holds no connection: each call is given a logged-in client."""
 
@@ -558,20 +552,16 @@ class FolderSync:
 
     def _download_beginning(self, client: IMAPClient, uid: int, condstore: bool) -> list[FetchedBody]:
         """A message above the limit: its header and the first part of its text, never the whole."""
-        items = ["BODY.PEEK[HEADER]", f"BODY.PEEK[TEXT]<0.{PARTIAL_TEXT_BYTES}>", "FLAGS", "INTERNALDATE"]
-        data = client.fetch([uid], [*items, *(["MODSEQ"] if condstore else [])]).get(uid)
-        if data is None:
+        items = ["BODY.PEEK[HEADER]", f"BODY.PEEK[TEXT]<0.{PARTIAL_TEXT_BYTES}>"]
+        data = client.fetch([uid], items).get(uid)
+        # Flags from answers that name their UID (see fetch_meta), not from imapclient's merge.
+        meta = fetch_meta(client, str(uid), modseq=condstore, internal_date=True).get(uid)
+        if data is None or meta is None:
             return []
         header = data.get(b"BODY[HEADER]") or b""
         text = next((v for k, v in data.items() if k.startswith(b"BODY[TEXT]")), b"") or b""
         return [
-            FetchedBody(
-                uid,
-                _flags(data.get(b"FLAGS", ())),  # type: ignore[arg-type]
-                _aware(data.get(b"INTERNALDATE")),
-                _modseq(data),
-                header + text,  # type: ignore[operator]
-            )
+            FetchedBody(uid, _flags(meta.flags), meta.internal_date, meta.modseq, header + text)  # type: ignore[operator]
         ]
 
     # -- flags and expunges ------------------------------------------------------------------
@@ -599,8 +589,3 @@ class FolderSync:
             gone = indexed - on_server
             count = message_store.mark_expunged(conn, folder_id, status.uidvalidity, gone, self.clock())
         return count, on_server - indexed
-
-
-def _modseq(data: dict[bytes, object]) -> int | None:
-    value = data.get(b"MODSEQ")
-    return int(value[0]) if isinstance(value, tuple | list) and value else None
