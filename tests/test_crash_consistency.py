@@ -626,6 +626,7 @@ def run_kill_points(harness: CrashHarness, target: int) -> Figures:
     return figures
 
 
+@pytest.mark.timeout(900)  # about 2.5 min on SQLite, 1 min on PostgreSQL (a busy 2-core machine)
 def test_killed_at_random_points_the_index_and_the_replies_stay_exact(
     harness: CrashHarness, db_url: str
 ) -> None:
@@ -637,6 +638,7 @@ def test_killed_at_random_points_the_index_and_the_replies_stay_exact(
 
 
 @pytest.mark.long
+@pytest.mark.timeout(7200)  # about 25 min per backend
 def test_five_hundred_kill_points(harness: CrashHarness) -> None:
     figures = run_kill_points(harness, LONG_KILL_POINTS)
     assert len(figures.fired()) >= LONG_KILL_POINTS

@@ -255,6 +255,7 @@ def test_generated_messages_parse_store_and_are_found(db_url: str) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # about 5 min per backend
 def test_ten_thousand_generated_messages(db_url: str) -> None:
     engine = index_engine(db_url)
     try:
