@@ -3,7 +3,7 @@
 The supervisor rewrites ``STATE_DIR/supervisor.json`` about every second, atomically (temporary
 file in the same directory, then ``os.replace``), so a reader sees the old or the new file, never a
 half-written one. Times are wall-clock UNIX seconds, comparable across processes. Standard library
-only: the healthcheck imports this module.
+and ``emailops.processes`` only: the healthcheck imports this module.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from emailops.processes import pid_alive
 
 STATE_FILENAME = "supervisor.json"
 STATE_WRITE_INTERVAL_SECONDS = 1.0
@@ -85,15 +87,21 @@ RUN_ID_FILENAME = "run_id"
 
 def previous_run_over(state_dir: Path, new_run: str, now: float) -> str | None:
     """Record ``new_run`` as this STATE_DIR's supervisor run; return the previous run's id when
-    that run is known to be over: it left no state file (stopped cleanly) or a stale one (killed),
-    or the file names this very process (a container restarted with the same pid). None when
-    there was no previous run, or it may still be alive."""
+    that run is known to be over: it left no state file (stopped cleanly), or a stale one, or one
+    naming a process that is gone (killed) or this very process (a container restarted with the
+    same pid). None when there was no previous run, or it may still be alive."""
     path = state_dir / RUN_ID_FILENAME
     try:
         previous = path.read_text(encoding="utf-8").strip() or None
     except FileNotFoundError:
         previous = None
     state = read_state(state_dir)
-    over = state is None or now - state.heartbeat > SUPERVISOR_STALE_SECONDS or state.pid == os.getpid()
+    over = (
+        state is None
+        or now - state.heartbeat > SUPERVISOR_STALE_SECONDS
+        or state.pid == os.getpid()
+        or not pid_alive(state.pid)
+    )
     path.write_text(new_run, encoding="utf-8")
     return previous if over else None
+

@@ -5,10 +5,12 @@ The daemon (``python -m prod.run``, two workers, folders INBOX and Archive) runs
 Dovecot and SMTP relay, with ``tests.crash_workers:crash_unit`` as its worker target: the production
 pipeline plus kill points armed from here. Each kill point is drawn from a generator seeded by
 ``EMAILOPS_CRASH_SEED`` (random when unset; the seed is printed, and in every failure, so that a
-run can be replayed). A kill point SIGKILLs one worker (the supervisor replaces it) or the whole
-supervisor with its workers (the harness starts it again), either at a site (a batch being fetched
-or written, any commit, a UIDVALIDITY re-map, flag and expunge writes, a rules decision, a reply
-claimed, a reply the SMTP server accepted but not yet marked sent) or after a random delay.
+run can be replayed: the same seed draws the same mailbox changes, sites, scopes and delays, while
+where a delay lands still depends on the machine's timing). A kill point SIGKILLs one worker (the
+supervisor replaces it) or the whole supervisor with its workers (the harness starts it again),
+either at a site (a batch being fetched or written, any commit, a UIDVALIDITY re-map, flag and
+expunge writes, a rules decision, a reply claimed, a reply the SMTP server accepted but not yet
+marked sent) or after a random delay.
 
 Kill points are cheap because one mailbox serves them all: the initial sync is killed again and
 again until it completes, then rounds follow, each a change to the mailbox (new mail, some of it
@@ -87,6 +89,8 @@ class Figures:
     help_messages: int = 0
     retried: int = 0
     quarantined: int = 0
+    # The highest peak resident size (VmHWM) of a worker seen when a round settled, in kB.
+    peak_worker_kb: int = 0
 
     def fired(self) -> list[KillPoint]:
         return [kill for kill in self.kills if kill.fired]
@@ -477,6 +481,8 @@ class CrashHarness:
             time.sleep(0.2)
         with (self.tmp_path / "kills.log").open("a") as journal:
             journal.write(f"{time.monotonic() - started:5.2f}s settled\n")
+        for pid in self.booted_workers():
+            self.figures.peak_worker_kb = max(self.figures.peak_worker_kb, _peak_rss_kb(pid))
         self.check_replies()
 
     def folder_states(self) -> str:
@@ -546,6 +552,14 @@ def _pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
+def _peak_rss_kb(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
@@ -593,6 +607,14 @@ def run_kill_points(harness: CrashHarness, target: int) -> Figures:
         harness.figures.rounds += 1
         harness.settle()
     harness.check_unknown_listed()
+    # Each reply killed after the relay accepted it is unknown (delivered once, never resent); a
+    # kill after a random delay may have landed there too.
+    delivered = harness.deliveries()
+    with harness.engine.connect() as conn:
+        unknown = conn.execute(text("SELECT reply_message_id FROM outbox WHERE state = 'unknown'")).scalars()
+        interrupted_after_acceptance = sum(delivered[reply_id] == 1 for reply_id in unknown)
+    accepted_kills = sum(kill.site == "accepted" for kill in harness.figures.fired())
+    assert interrupted_after_acceptance >= accepted_kills, harness.context()
     assert harness.stop() == 0, harness.context()
 
     # A sync from scratch of the same mailbox gives the same index.
@@ -612,13 +634,16 @@ def run_kill_points(harness: CrashHarness, target: int) -> Figures:
     print(
         f"crash harness: {len(fired)} kill points fired ({figures.unfired} armed but not reached), "
         f"{figures.rounds} rounds, {figures.help_messages} help requests answered once or unknown "
-        f"({figures.quarantined} quarantined after 3 kills in their rules), "
-        f"{figures.retried} retried, {time.monotonic() - started:.1f} s, seed {harness.seed}; "
+        f"({interrupted_after_acceptance} unknown after the relay accepted them, "
+        f"{figures.quarantined} quarantined after 3 kills in their rules), "
+        f"{figures.retried} retried, peak worker RSS {figures.peak_worker_kb} kB, "
+        f"{time.monotonic() - started:.1f} s, seed {harness.seed}; "
         f"by site: {dict(sorted(by_site.items()))}"
     )
     return figures
 
 
+@pytest.mark.timeout(900)  # about 2.5 min on SQLite, 1 min on PostgreSQL (a busy 2-core machine)
 def test_killed_at_random_points_the_index_and_the_replies_stay_exact(
     harness: CrashHarness, db_url: str
 ) -> None:
@@ -630,6 +655,7 @@ def test_killed_at_random_points_the_index_and_the_replies_stay_exact(
 
 
 @pytest.mark.long
+@pytest.mark.timeout(7200)  # about 25 min per backend
 def test_five_hundred_kill_points(harness: CrashHarness) -> None:
     figures = run_kill_points(harness, LONG_KILL_POINTS)
     assert len(figures.fired()) >= LONG_KILL_POINTS

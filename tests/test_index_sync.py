@@ -172,6 +172,58 @@ def test_uidvalidity_change_takes_the_flags_of_the_new_generation(dovecot: Local
     ]
 
 
+def test_a_flag_change_announced_during_a_pass_is_not_given_to_another_uid(
+    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dovecot tells of another session's flag change with an untagged FETCH that names the message
+    by sequence number only, even inside a UID FETCH. Read as a UID, it flagged another message
+    (found by the crash harness: the rules' $AutoReplied of UID 305 landed on UID 291)."""
+    for n in range(1, 8):
+        dovecot.append(ALICE, "INBOX", message(n))
+    with dovecot.imap(ALICE) as other:
+        other.select_folder("INBOX")
+        other.delete_messages([2])
+        other.expunge()  # from here on, sequence number 5 is UID 6
+    engine = index_engine(db_url)
+    client = connect(imap_config(dovecot))
+    sync = FolderSync(engine, sync_config(), "INBOX")
+    sync.sync(client)
+
+    real_select = FolderSync.select
+
+    def select_then_another_session_flags_uid_6(self: FolderSync, imap: object) -> object:
+        status = real_select(self, imap)  # type: ignore[arg-type]
+        with dovecot.imap(ALICE) as other:
+            other.select_folder("INBOX")
+            other.add_flags([6], [b"$AutoReplied"])
+        return status
+
+    with dovecot.imap(ALICE) as other:
+        other.select_folder("INBOX")
+        other.add_flags([7], [b"\\Flagged"])  # HIGHESTMODSEQ moves: the pass asks CHANGEDSINCE
+    monkeypatch.setattr(FolderSync, "select", select_then_another_session_flags_uid_6)
+    sync.sync(client)
+    monkeypatch.undo()
+    sync.sync(client)  # the announcement skipped by the pass is seen by the next one
+
+    assert rows(engine, "SELECT uid, flags FROM messages WHERE flags != '' ORDER BY uid") == [
+        (6, "$AutoReplied"),
+        (7, "\\Flagged"),
+    ]
+
+
+def test_a_message_above_the_size_limit_keeps_its_flags_and_date(dovecot: LocalDovecot, db_url: str) -> None:
+    big = message(1, body="large " * 40_000)  # 240 kB, above the 64 kB limit below
+    dovecot.append(ALICE, "INBOX", big, flags=[r"\Seen", r"\Flagged"])
+    engine = index_engine(db_url)
+    client = connect(imap_config(dovecot))
+    FolderSync(engine, sync_config(max_message_bytes=64 * 1024), "INBOX").sync(client)
+    ((flags, truncated, dated),) = rows(
+        engine, "SELECT flags, truncated, internal_date IS NOT NULL FROM messages"
+    )
+    assert set(str(flags).split()) == {"\\Seen", "\\Flagged"} and truncated and dated
+
+
 def test_partial_passes_resume_where_they_stopped(dovecot: LocalDovecot, db_url: str) -> None:
     dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))
     engine = index_engine(db_url)

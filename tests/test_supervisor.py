@@ -310,3 +310,8 @@ def test_the_previous_run_is_known_over_only_when_its_supervisor_is_gone(tmp_pat
     # Killed: its state file is left behind and no longer rewritten.
     later = now + 2 + state_file.SUPERVISOR_STALE_SECONDS
     assert state_file.previous_run_over(tmp_path, "run-d", later) == "run-c"
+    # Killed a moment ago (the file is still fresh) and restarted at once: its pid is gone.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead = state_file.SupervisorState(pid=int(gone.stdout), heartbeat=now, expected_workers=1, started_at=now)
+    state_file.write_state(tmp_path, dead)
+    assert state_file.previous_run_over(tmp_path, "run-e", now + 1) == "run-d"

@@ -106,6 +106,85 @@ def fetch_bodies(client: IMAPClient, uids: Sequence[int], *, modseq: bool) -> li
     return bodies
 
 
+@dataclass(frozen=True)
+class FetchedMeta:
+    """What a FETCH of metadata told about one UID."""
+
+    flags: tuple[str, ...]
+    modseq: int | None
+    internal_date: datetime | None
+    # The literal of ``BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]``, when asked for.
+    message_id_header: bytes | None
+
+
+_RESPONSE_START = re.compile(rb"\d+ \(")
+
+
+def fetch_meta(
+    client: IMAPClient,
+    messages: str,
+    *,
+    modseq: bool,
+    changed_since: int | None = None,
+    internal_date: bool = False,
+    message_id_header: bool = False,
+) -> dict[int, FetchedMeta]:
+    """UID -> flags (and MODSEQ, INTERNALDATE, the Message-ID header) of a message set.
+
+    Only answers that carry a UID count. A server announces flag changes made by other sessions
+    with untagged FETCH answers that name the message by its sequence number alone (Dovecot does
+    so even within a UID FETCH); imapclient keys those by that number as if it were a UID, and
+    merges them into the answer of the message whose UID it happens to be: another message's
+    flags. The changes skipped here are seen by the next pass (HIGHESTMODSEQ moved on).
+    """
+    items = ["UID", "FLAGS"]
+    if modseq:
+        items.append("MODSEQ")
+    if internal_date:
+        items.append("INTERNALDATE")
+    if message_id_header:
+        items.append("BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]")
+    request = "(" + " ".join(items) + ")"
+    if changed_since is not None:
+        request += f" (CHANGEDSINCE {changed_since})"
+    data = _fetch(client, messages, request)
+    found: dict[int, FetchedMeta] = {}
+    index = 0
+    while index < len(data):
+        item = data[index]
+        index += 1
+        literal: bytes | None = None
+        if isinstance(item, tuple) and len(item) == 2:
+            head, literal = item
+            tail = data[index] if index < len(data) else None
+            # The rest of this answer after its literal, unless that element is the next answer.
+            if isinstance(tail, bytes) and not _RESPONSE_START.match(tail):
+                head += b" " + tail
+                index += 1
+            meta = head
+        elif isinstance(item, bytes):
+            meta = item
+        else:
+            continue
+        uid = _UID.search(meta)  # type: ignore[arg-type]
+        flags = _FLAGS.search(meta)  # type: ignore[arg-type]
+        if uid is None or flags is None:  # every answer to this FETCH has both
+            continue
+        mod = _MODSEQ.search(meta)  # type: ignore[arg-type]
+        date = _INTERNALDATE.search(meta)  # type: ignore[arg-type]
+        number = int(uid.group(1))
+        earlier = found.get(number)
+        if literal is None and earlier is not None:  # a later announcement: keep the header
+            literal = earlier.message_id_header
+        found[number] = FetchedMeta(
+            flags=tuple(flags.group(1).decode("utf-8", "replace").split()),
+            modseq=int(mod.group(1)) if mod else None,
+            internal_date=_internal_date(date.group(1)) if date else None,
+            message_id_header=literal if message_id_header else None,
+        )
+    return found
+
+
 _MONTHS = {
     name: number
     for number, name in enumerate(

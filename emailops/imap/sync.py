@@ -37,7 +37,7 @@ from emailops import metrics
 from emailops.cache import CachedCopies, RawMessageCache
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
-from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_sizes, message_set
+from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_meta, fetch_sizes, message_set
 from emailops.imap.errors import CONNECTION_ERRORS, ImapFolderMissingError
 from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
 from emailops.request_ids import request_id
@@ -121,12 +121,6 @@ def _flags(values: Iterable[bytes | str]) -> tuple[str, ...]:
     # \Recent belongs to one IMAP session (RFC 3501 2.3.2), not to the message: not stored.
     decoded = (v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values)
     return tuple(flag for flag in decoded if flag.lower() != "\\recent")
-
-
-def _aware(value: object) -> datetime | None:
-    if not isinstance(value, datetime):
-        return None
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class FolderSync:
@@ -350,14 +344,13 @@ class FolderSync:
         server_flags: dict[int, tuple[tuple[str, ...], int | None]] = {}
         if status.exists:
             condstore = status.highestmodseq is not None
-            items = ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", "FLAGS", *(["MODSEQ"] if condstore else [])]
-            response = client.fetch("1:*", items)
-            for uid, data in response.items():
-                header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
-                found = _MESSAGE_ID.search(header or b"")
+            response = fetch_meta(client, "1:*", modseq=condstore, message_id_header=True)
+            for uid in sorted(response):
+                meta = response[uid]
+                found = _MESSAGE_ID.search(meta.message_id_header or b"")
                 if found:
                     uid_by_message_id.setdefault(found.group().decode("ascii", "replace"), uid)
-                server_flags[uid] = (_flags(data.get(b"FLAGS", ())), _modseq(data))  # type: ignore[arg-type]
+                server_flags[uid] = (_flags(meta.flags), meta.modseq)
         now = self.clock()
         with self.engine.begin() as conn:
             matched = message_store.remap_uidvalidity(
@@ -668,55 +661,41 @@ class FolderSync:
                 self.cache.put_many, account, folder, uidvalidity, {body.uid: body.raw for body in bodies}
             )
         if cached:
-            meta = ["FLAGS", "INTERNALDATE", *(["MODSEQ"] if condstore else [])]
-            for uid, data in client.fetch(sorted(cached), meta).items():
-                if uid in cached:
-                    bodies.append(
-                        FetchedBody(
-                            uid,
-                            _flags(data.get(b"FLAGS", ())),
-                            _aware(data.get(b"INTERNALDATE")),
-                            _modseq(data),
-                            cached[uid],
-                        )  # type: ignore[arg-type]
-                    )
+            found = fetch_meta(client, message_set(cached), modseq=condstore, internal_date=True)
+            for uid in sorted(found.keys() & cached.keys()):
+                meta = found[uid]
+                bodies.append(
+                    FetchedBody(uid, _flags(meta.flags), meta.internal_date, meta.modseq, cached[uid])
+                )
         for uid in large:
             bodies += self._download_beginning(client, uid, condstore)
         return bodies
 
     def _download_beginning(self, client: IMAPClient, uid: int, condstore: bool) -> list[FetchedBody]:
         """A message above the limit: its header and the first part of its text, never the whole."""
-        items = ["BODY.PEEK[HEADER]", f"BODY.PEEK[TEXT]<0.{PARTIAL_TEXT_BYTES}>", "FLAGS", "INTERNALDATE"]
-        data = client.fetch([uid], [*items, *(["MODSEQ"] if condstore else [])]).get(uid)
-        if data is None:
+        items = ["BODY.PEEK[HEADER]", f"BODY.PEEK[TEXT]<0.{PARTIAL_TEXT_BYTES}>"]
+        data = client.fetch([uid], items).get(uid)
+        # Flags from answers that name their UID (see fetch_meta), not from imapclient's merge.
+        meta = fetch_meta(client, str(uid), modseq=condstore, internal_date=True).get(uid)
+        if data is None or meta is None:
             return []
         header = data.get(b"BODY[HEADER]") or b""
         text = next((v for k, v in data.items() if k.startswith(b"BODY[TEXT]")), b"") or b""
         return [
-            FetchedBody(
-                uid,
-                _flags(data.get(b"FLAGS", ())),  # type: ignore[arg-type]
-                _aware(data.get(b"INTERNALDATE")),
-                _modseq(data),
-                header + text,  # type: ignore[operator]
-            )
+            FetchedBody(uid, _flags(meta.flags), meta.internal_date, meta.modseq, header + text)  # type: ignore[operator]
         ]
 
     # -- flags and expunges ------------------------------------------------------------------
 
     def _flags_since(self, client: IMAPClient, folder_id: int, status: MailboxStatus, modseq: int) -> int:
-        response = client.fetch("1:*", ["FLAGS"], modifiers=[f"CHANGEDSINCE {modseq}"])
-        server = {
-            uid: (_flags(data.get(b"FLAGS", ())), _modseq(data))  # type: ignore[arg-type]
-            for uid, data in response.items()
-        }
+        response = fetch_meta(client, "1:*", modseq=True, changed_since=modseq)
+        server = {uid: (_flags(meta.flags), meta.modseq) for uid, meta in response.items()}
         with self.engine.begin() as conn:
             return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
 
     def _reconcile_flags(self, client: IMAPClient, folder_id: int, status: MailboxStatus) -> int:
         server = {
-            uid: (_flags(data.get(b"FLAGS", ())), None)  # type: ignore[arg-type]
-            for uid, data in client.fetch("1:*", ["FLAGS"]).items()
+            uid: (_flags(meta.flags), None) for uid, meta in fetch_meta(client, "1:*", modseq=False).items()
         }
         with self.engine.begin() as conn:
             return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
@@ -744,8 +723,3 @@ def _message_id(client: IMAPClient, uid: int) -> str | None:
     raw = next((value for key, value in answer.items() if key.startswith(b"BODY[HEADER")), b"")
     _, _, value = bytes(raw or b"").partition(b":")
     return value.strip().decode("ascii", "replace")[:998] or None
-
-
-def _modseq(data: dict[bytes, object]) -> int | None:
-    value = data.get(b"MODSEQ")
-    return int(value[0]) if isinstance(value, tuple | list) and value else None
