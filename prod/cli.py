@@ -173,8 +173,7 @@ def cmd_quarantine(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         entries = [
             {"stage": "index", **asdict(e)} for e in index_work.list_quarantined(conn, account)
         ] + [
-            {"stage": "rules", **{k: v for k, v in asdict(e).items() if k != "pk"}}
-            for e in rules_work.list_quarantined(conn, account)
+            {"stage": "rules", **asdict(e)} for e in rules_work.list_quarantined(conn, account)
         ]
     if args.json:
         _print_json(entries)

@@ -30,6 +30,7 @@ from emailops.rules.model import RuleSet
 from emailops.store import messages as message_store
 from emailops.store import rules_work
 from emailops.store.database import reading
+from emailops.store.quarantine import QuarantinedMessage
 
 log = structlog.get_logger(component="rules")
 
@@ -205,7 +206,7 @@ class RulesStage:
             )
 
 
-def _report_quarantined(entry: rules_work.QuarantinedMessage) -> None:
+def _report_quarantined(entry: QuarantinedMessage) -> None:
     metrics.message_quarantined("rules")
     log.error(
         "message quarantined: its rules keep failing; it will not be answered (emailops quarantine)",

@@ -10,24 +10,14 @@ goes on past it. A connection dropped mid-pass is not the message's fault: the a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, case, select, update
 
+from emailops.store.quarantine import QuarantinedMessage
 from emailops.store.schema import folders, index_quarantine
 
 MAX_REASON_CHARS = 1000
-
-
-@dataclass(frozen=True)
-class IndexQuarantined:
-    folder: str
-    uidvalidity: int
-    uid: int
-    message_id: str | None
-    attempts: int
-    reason: str
 
 
 def begin_attempt(conn: Connection, folder_id: int, uid: int) -> int:
@@ -88,7 +78,7 @@ def quarantined_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[
     )
 
 
-def list_quarantined(conn: Connection, account: str) -> list[IndexQuarantined]:
+def list_quarantined(conn: Connection, account: str) -> list[QuarantinedMessage]:
     rows = conn.execute(
         select(
             folders.c.name,
@@ -102,4 +92,4 @@ def list_quarantined(conn: Connection, account: str) -> list[IndexQuarantined]:
         .where(folders.c.account == account)
         .order_by(index_quarantine.c.id)
     ).all()
-    return [IndexQuarantined(*row) for row in rows]
+    return [QuarantinedMessage(*row) for row in rows]

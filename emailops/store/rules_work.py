@@ -15,26 +15,15 @@ record a decision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import Connection, select, update
 
 from emailops.store.db_clock import db_now
+from emailops.store.quarantine import QuarantinedMessage
 from emailops.store.schema import folders, messages
 
 MAX_REASON_CHARS = 1000
-
-
-@dataclass(frozen=True)
-class QuarantinedMessage:
-    pk: int
-    folder: str
-    uidvalidity: int
-    uid: int
-    message_id: str | None
-    attempts: int
-    reason: str
 
 
 def claim(conn: Connection, pk: int) -> int | None:
@@ -117,7 +106,6 @@ def list_quarantined(conn: Connection, account: str) -> list[QuarantinedMessage]
 def _quarantined(conn: Connection, condition: object) -> list[QuarantinedMessage]:
     rows = conn.execute(
         select(
-            messages.c.id,
             folders.c.name,
             messages.c.uidvalidity,
             messages.c.uid,
@@ -129,4 +117,4 @@ def _quarantined(conn: Connection, condition: object) -> list[QuarantinedMessage
         .where(messages.c.rules_state == "quarantined", condition)  # type: ignore[arg-type]
         .order_by(messages.c.id)
     ).all()
-    return [QuarantinedMessage(*row[:6], reason=row[6] or "") for row in rows]
+    return [QuarantinedMessage(*row[:5], reason=row[5] or "") for row in rows]
