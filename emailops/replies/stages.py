@@ -145,7 +145,7 @@ class RulesStage:
             self._failed(pk, attempt, exc)
             return
         actions = decisions.mailbox_actions(made)
-        replied = any(d.outbox_id is not None for d in made)
+        replied = any(d.outbox_id is not None or d.llm_job_id is not None for d in made)
         if (actions or replied) and not self.config.dry_run:
             self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
 

@@ -104,6 +104,10 @@ def _lease_epoch(conn: Connection) -> None:
     _add_column(conn, "folders", "lease_epoch", "BIGINT NOT NULL DEFAULT 0")
 
 
+def _llm_jobs(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.llm_jobs, schema.llm_calls])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -112,6 +116,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "FTS5 merges segments in eights", set_fulltext_tuning),
     Migration(6, "messages: rules attempts, claim time and quarantine reason", _rules_attempts),
     Migration(7, "folders.lease_epoch: the lease's fencing token", _lease_epoch),
+    Migration(8, "llm_jobs and llm_calls: replies written by a language model", _llm_jobs),
 )
 
 
