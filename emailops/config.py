@@ -111,6 +111,34 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class LlmConfig:
+    """The OpenAI-compatible chat-completions endpoint that writes model replies (``llm_prompt``).
+
+    ``api_key`` is masked in ``repr`` like the password; it only goes into the Authorization header.
+    """
+
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    model: str = ""
+    # Bound on one HTTP call, connection to last byte (kept well below the heartbeat timeout).
+    timeout_seconds: float = 30.0
+    # The message text that leaves the machine: {body} is cut to this many characters.
+    max_input_chars: int = 8000
+    # Calls by all workers of the account in any hour; over it, jobs wait.
+    max_requests_per_hour: int = 100
+    # Default for a rule without llm_max_tokens.
+    max_tokens: int = 800
+    # Tries of one job (timeouts, 429, 5xx), then it fails with the reason.
+    max_attempts: int = 5
+    # A claim older than this is from a worker that died mid-call: the job is tried again.
+    claim_timeout_seconds: float = 120.0
+    # Wait before the next try after a timeout or a 5xx: doubled per attempt, capped (a 429's
+    # Retry-After replaces it).
+    backoff_initial_seconds: float = 30.0
+    backoff_max_seconds: float = 1800.0
+
+
+@dataclass(frozen=True)
 class ReplyConfig:
     """How automatic replies are sent."""
 
@@ -129,3 +157,5 @@ class ReplyConfig:
     # was killed, or died), is tried this many times in all, then quarantined.
     rules_max_attempts: int = 3
     rules_claim_timeout_seconds: float = 120.0
+    # None: no model configured; a rule with llm_prompt then records nothing (a configuration error).
+    llm: LlmConfig | None = None

@@ -209,6 +209,11 @@ def cmd_backup(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from prod.cli_llm import cmd_llm_problem
+
+    problem = cmd_llm_problem(settings)
+    if problem is not None:
+        return problem
     values = settings.masked()
     if args.json:
         _print_json(values)
@@ -501,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     rules_check.add_argument("file", nargs="?", type=Path, help="the rules file (default: RULES_FILE)")
     rules_check.add_argument("--json", action="store_true", help="print the valid rules' names as JSON")
     rules_check.set_defaults(handler=cmd_rules_check, settings_optional=True)
+
+    from prod.cli_llm import add_commands
+
+    add_commands(commands, rules_commands)
 
     box = commands.add_parser("outbox", help="list, retry or cancel automatic replies")
     box_commands = box.add_subparsers(dest="action", metavar="ACTION")

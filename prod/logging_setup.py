@@ -339,6 +339,11 @@ def _register_secrets(settings: RuntimeSettings) -> None:
     db_password = urlsplit(settings.index_db_url).password
     if db_password:
         REDACTOR.register(db_password)
+    if settings.llm_api_key.get_secret_value():
+        REDACTOR.register(settings.llm_api_key.get_secret_value())
+    llm_password = urlsplit(settings.llm_base_url).password
+    if llm_password:
+        REDACTOR.register(llm_password)
 
 
 def _smtplib_debug_to_logging(self: smtplib.SMTP, *args: Any) -> None:

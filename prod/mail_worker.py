@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from emailops.llm.client import ChatClient
+from emailops.llm.stage import LlmStage
 from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.processes import ProcessIdentity, new_run_id
 from emailops.replies.mailbox import MailboxSession
@@ -12,15 +14,19 @@ from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
 from prod.oauth2_tokens import token_source
-from prod.runtime_settings import RuntimeSettings
+from prod.runtime_settings import ConfigError, RuntimeSettings
 from prod.worker import PREVIOUS_RUN_ID_ENV, RUN_ID_ENV
 
 
 def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     """Open the index (migrating it if needed) and build this worker's pipeline.
 
-    Stages after indexing: the rules (new mail only), then the outbox (SMTP delivery, drafts).
+    Stages after indexing: the rules (new mail only), the model's replies (when LLM_BASE_URL is
+    set), then the outbox (SMTP delivery, drafts).
     """
+    problem = settings.llm_rules_problem()
+    if problem:
+        raise ConfigError(problem)
     engine = create_index_engine(settings.index_db_url)
     migrate(engine)
     # One identity owns this process's folder leases and work claims. A worker that replaces a dead
@@ -35,6 +41,24 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     imap = settings.imap_config(tokens)
     stages: list[AfterIndexStage] = [
         RulesStage(engine, account=sync_config.account, config=reply_config, mailbox=MailboxSession(imap)),
+    ]
+    if reply_config.llm is not None:
+        client = ChatClient(
+            reply_config.llm.base_url,
+            api_key=reply_config.llm.api_key,
+            timeout_seconds=reply_config.llm.timeout_seconds,
+        )
+        stages.append(
+            LlmStage(
+                engine,
+                account=sync_config.account,
+                claimer=owner,
+                config=reply_config,
+                client=client,
+                dead_runs=dead_runs,
+            )
+        )
+    stages.append(
         OutboxStage(
             engine,
             account=sync_config.account,
@@ -43,8 +67,8 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
             sender=SmtpSender(settings.smtp_config(tokens)),
             mailbox=MailboxSession(imap),
             dead_runs=dead_runs,
-        ),
-    ]
+        )
+    )
     return MailPipeline(
         engine,
         imap,

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = RuntimeSettings.from_env()
     except ConfigError as exc:
         return _config_error(str(exc))
+    problem = settings.llm_rules_problem()
+    if problem:
+        return _config_error(problem)
     try:
         pipeline = configure_logging(settings, process_role="supervisor")
     except OSError as exc:

@@ -22,6 +22,7 @@ from emailops.auth.crypto import check_key
 from emailops.auth.providers import PROVIDERS
 from emailops.config import (
     AccessTokens,
+    LlmConfig,
     OAuth2Config,
     OAuth2Flow,
     ReplyConfig,
@@ -118,6 +119,14 @@ class RuntimeSettings(BaseSettings):
     sent_folder: str = "Sent"
     drafts_folder: str = "Drafts"
 
+    # Replies written by a language model (rules with llm_prompt); unset base URL: none.
+    llm_base_url: str = ""
+    llm_api_key: SecretStr = SecretStr("")
+    llm_model: str = ""
+    llm_timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+    llm_max_input_chars: int = Field(default=8000, ge=100, le=1_000_000)
+    llm_max_requests_per_hour: int = Field(default=60, ge=1)
+
     # Supervision
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0)
     heartbeat_timeout_seconds: float = Field(default=60.0, gt=0)
@@ -205,6 +214,14 @@ class RuntimeSettings(BaseSettings):
     @classmethod
     def _db_url(cls, value: str) -> str:
         parse_database_url(value)
+        return value
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _llm_base_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.lower().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. https://api.openai.com/v1")
         return value
 
     @field_validator("email_tls_ca_file")
@@ -330,6 +347,42 @@ class RuntimeSettings(BaseSettings):
             # A worker hung on a message is killed after the heartbeat timeout; its claim is
             # stalled well after that, so a live worker's claim is never taken from it.
             rules_claim_timeout_seconds=2 * self.heartbeat_timeout_seconds,
+            llm=self.llm_config(),
+        )
+
+    def llm_config(self) -> LlmConfig | None:
+        if not self.llm_base_url:
+            return None
+        return LlmConfig(
+            base_url=self.llm_base_url,
+            api_key=self.llm_api_key.get_secret_value(),
+            model=self.llm_model,
+            timeout_seconds=self.llm_timeout_seconds,
+            max_input_chars=self.llm_max_input_chars,
+            max_requests_per_hour=self.llm_max_requests_per_hour,
+            # The call runs beside the worker's loop and ends within the timeout; a claim older
+            # than twice that (and than a hung worker's kill) is from a worker that died.
+            claim_timeout_seconds=max(2 * self.llm_timeout_seconds + 30, 2 * self.heartbeat_timeout_seconds),
+        )
+
+    def llm_rules_problem(self) -> str | None:
+        """A configuration error when the rules file asks a model and none is configured, else None.
+        (A rules file that does not load is reported by the rules themselves, not here.)"""
+        if self.llm_base_url or not self.rules_file.is_file():
+            return None
+        from emailops.rules import RulesError, load_rules
+
+        try:
+            ruleset = load_rules(self.rules_file)
+        except RulesError:
+            return None
+        names = [rule.name for rule in ruleset.rules if rule.reply is not None and rule.reply.llm is not None]
+        if not names:
+            return None
+        quoted = ", ".join(f'"{name}"' for name in names)
+        return (
+            f"invalid configuration: LLM_BASE_URL: missing; rule(s) {quoted} of {self.rules_file} "
+            "use llm_prompt, which needs a chat-completions endpoint"
         )
 
     def masked(self) -> dict[str, Any]:
@@ -339,6 +392,8 @@ class RuntimeSettings(BaseSettings):
             if values.get(name.lower()):
                 values[name.lower()] = MASK
         values["email_password"] = MASK
+        values["llm_api_key"] = MASK if self.llm_api_key.get_secret_value() else ""
+        values["llm_base_url"] = _mask_dsn(self.llm_base_url)
         if self.sentry_dsn:
             values["sentry_dsn"] = _mask_dsn(self.sentry_dsn)
         values["index_db_url"] = _mask_db_url(self.index_db_url)

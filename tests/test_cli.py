@@ -51,8 +51,19 @@ def test_every_command_has_help() -> None:
         "migrate",
         "rules",
         "outbox",
+        "llm",
     } <= set(commands)
-    for name in [*commands, "rules check", "outbox list", "outbox retry", "outbox cancel"]:
+    for name in [
+        *commands,
+        "rules check",
+        "rules test",
+        "outbox list",
+        "outbox retry",
+        "outbox cancel",
+        "llm list",
+        "llm retry",
+        "llm cancel",
+    ]:
         result = subprocess.run(
             [sys.executable, "-m", "emailops", *name.split(), "--help"],
             cwd=REPO,

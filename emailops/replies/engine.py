@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy import Connection
 
 from emailops.config import ReplyConfig
+from emailops.llm import decision as llm_decision
 from emailops.mime.model import ParsedMessage
 from emailops.replies import limits, outbox
 from emailops.replies.compose import AddressError, build_reply, clean_message_id
@@ -50,8 +51,9 @@ class Decision:
     """What one matching rule decided for one message.
 
     ``reply_action`` is ``"send"``/``"draft"`` for a rule with a reply, else ``None``. When a reply
-    was wanted: ``outbox_id`` is its row (``created`` False if it was recorded before), or
-    ``suppressed`` says why there is none. ``dry_run`` decisions record nothing.
+    was wanted: ``outbox_id`` is its row, or for a model's reply ``llm_job_id`` the job that will
+    write it (``created`` False if it was recorded before), or ``suppressed`` says why there is
+    none. ``dry_run`` decisions record nothing.
     """
 
     rule: str
@@ -61,6 +63,7 @@ class Decision:
     suppressed: str | None = None
     mailbox_actions: tuple[MailboxAction, ...] = ()
     dry_run: bool = False
+    llm_job_id: int | None = None
 
 
 def inbound_key(parsed: ParsedMessage, *, folder: str, uidvalidity: int, uid: int) -> str:
@@ -132,6 +135,11 @@ def apply_rules(
         action = rule.reply.action.value
 
         existing = outbox.find_reply(conn, account=account, inbound_key=key, rule_name=rule.name)
+        job = None if rule.reply.llm is None else llm_decision.find(conn, account, key, rule.name)
+        if existing is None and job is not None:
+            decisions.append(Decision(rule.name, action, llm_job_id=job, mailbox_actions=planned))
+            log.info("model reply already recorded", rule=rule.name, llm_job_id=job)
+            continue
         if existing is not None:
             decisions.append(Decision(rule.name, action, outbox_id=existing, mailbox_actions=planned))
             log.info("reply already recorded", rule=rule.name, outbox_id=existing)
@@ -150,7 +158,8 @@ def apply_rules(
                     from_address=config.from_address,
                     inbound_key=key,
                     rule_name=rule.name,
-                    body_text=rule.reply.body.render(values),
+                    # A model's reply: the text comes later; composed now for its recipient and subject.
+                    body_text=rule.reply.body.render(values) if rule.reply.body else "",
                     html_text=rule.reply.html.render(values, escape_html=True) if rule.reply.html else None,
                     subject=rule.reply.subject.render(values) if rule.reply.subject else None,
                     now=now,
@@ -168,6 +177,8 @@ def apply_rules(
                 config=config,
                 now=outbox.as_utc(now),
             )
+        if reason is None and rule.reply.llm is not None:
+            reason = llm_decision.unavailable_reason(config)
         if reason is not None or composed is None:
             decisions.append(
                 Decision(
@@ -192,6 +203,25 @@ def apply_rules(
                 recipient=composed.recipient,
                 subject=composed.subject,
             )
+            continue
+
+        if rule.reply.llm is not None:
+            job_id, created = llm_decision.record(
+                conn,
+                account=account,
+                inbound_key=key,
+                message_pk=message_pk,
+                rule=rule,
+                parsed=parsed,
+                folder=folder,
+                composed=composed,
+                config=config,
+                now=now,
+            )
+            decisions.append(
+                Decision(rule.name, action, llm_job_id=job_id, created=created, mailbox_actions=planned)
+            )
+            log.info("model reply recorded", rule=rule.name, reply_action=action, llm_job_id=job_id)
             continue
 
         outbox_id, created = outbox.insert_reply(

@@ -6,7 +6,8 @@
 - per hour for the account: ``ReplyConfig.max_replies_per_hour`` (sends only), the storm breaker.
 
 Every outbox row except ``cancelled`` counts, whatever its delivery state: a failed reply was still
-a decision to answer. Recipients are stored lower-cased, so the counts compare exactly.
+a decision to answer. So does a model's reply still being written (an open ``llm_jobs`` row; a done
+one has its outbox row). Recipients are stored lower-cased, so the counts compare exactly.
 
 Concurrency: SQLite serialises writers (``BEGIN IMMEDIATE``). On PostgreSQL ``lock_recipient``
 takes a transaction-scoped advisory lock on (account, recipient) so that two workers cannot both
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Connection, func, select, text
+from sqlalchemy import Connection, func, select, text
 
 from emailops.config import ReplyConfig
-from emailops.store.schema import outbox
+from emailops.llm.jobs import OPEN_STATES
+from emailops.store.schema import llm_jobs, outbox
 
-_COUNTED = outbox.c.state != "cancelled"
+_COUNTED = ((outbox, outbox.c.state != "cancelled"), (llm_jobs, llm_jobs.c.state.in_(OPEN_STATES)))
 
 
 def lock_recipient(conn: Connection, *, account: str, recipient: str) -> None:
@@ -35,8 +37,27 @@ def lock_recipient(conn: Connection, *, account: str, recipient: str) -> None:
         )
 
 
-def _count(conn: Connection, *conditions: ColumnElement[bool]) -> int:
-    return conn.execute(select(func.count()).select_from(outbox).where(_COUNTED, *conditions)).scalar_one()
+def _count(
+    conn: Connection,
+    *,
+    account: str,
+    since: datetime,
+    rule_name: str | None = None,
+    recipient: str | None = None,
+    sends_only: bool = False,
+) -> int:
+    """Replies of the account created after ``since``: outbox rows and open model jobs."""
+    total = 0
+    for table, counted in _COUNTED:
+        conditions = [counted, table.c.account == account, table.c.created_at > since]
+        if rule_name is not None:
+            conditions.append(table.c.rule_name == rule_name)
+        if recipient is not None:
+            conditions.append(table.c.recipient == recipient)
+        if sends_only:
+            conditions.append(table.c.action == "send")
+        total += conn.execute(select(func.count()).select_from(table).where(*conditions)).scalar_one()
+    return total
 
 
 def limit_reason(
@@ -53,21 +74,14 @@ def limit_reason(
     recipient = recipient.lower()
     if once_per_sender_days > 0:
         since = now - timedelta(days=once_per_sender_days)
-        if _count(
-            conn,
-            outbox.c.account == account,
-            outbox.c.rule_name == rule_name,
-            outbox.c.recipient == recipient,
-            outbox.c.created_at > since,
-        ):
+        if _count(conn, account=account, since=since, rule_name=rule_name, recipient=recipient):
             return f"already answered this sender within {once_per_sender_days} days"
-    sent_by_us = (outbox.c.account == account, outbox.c.action == "send")
     per_sender = _count(
-        conn, *sent_by_us, outbox.c.recipient == recipient, outbox.c.created_at > now - timedelta(days=1)
+        conn, account=account, since=now - timedelta(days=1), recipient=recipient, sends_only=True
     )
     if per_sender >= config.max_replies_per_sender_per_day:
         return f"sender cap: {per_sender} replies to this sender in 24 hours"
-    per_hour = _count(conn, *sent_by_us, outbox.c.created_at > now - timedelta(hours=1))
+    per_hour = _count(conn, account=account, since=now - timedelta(hours=1), sends_only=True)
     if per_hour >= config.max_replies_per_hour:
         return f"hourly cap: {per_hour} replies in the last hour"
     return None

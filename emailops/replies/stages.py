@@ -136,7 +136,7 @@ class RulesStage:
             return
         _count_decisions(made)
         actions = decisions.mailbox_actions(made)
-        replied = any(d.outbox_id is not None for d in made)
+        replied = any(d.outbox_id is not None or d.llm_job_id is not None for d in made)
         if (actions or replied) and not self.config.dry_run:
             with structlog.contextvars.bound_contextvars(request_id=rid):
                 self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)

@@ -16,9 +16,18 @@ from typing import Any
 
 import structlog
 
-from emailops.rules.model import Condition, MatchKind, ReplyAction, ReplySpec, Rule, RulesError, RuleSet
+from emailops.rules.model import (
+    Condition,
+    LlmSpec,
+    MatchKind,
+    ReplyAction,
+    ReplySpec,
+    Rule,
+    RulesError,
+    RuleSet,
+)
 from emailops.rules.patterns import PatternError, compile_pattern
-from emailops.rules.templates import Template, TemplateError
+from emailops.rules.templates import LLM_PLACEHOLDERS, Template, TemplateError
 
 # The outbox's rule_name column is String(200).
 MAX_RULE_NAME = 200
@@ -40,7 +49,15 @@ _REPLY_KEYS = {
     "subject",
     "once_per_sender_days",
     "draft",
+    "llm_prompt",
+    "llm_prompt_file",
+    "llm_model",
+    "llm_max_tokens",
+    "llm_temperature",
 }
+_LLM_KEYS = {"llm_prompt", "llm_prompt_file", "llm_model", "llm_max_tokens", "llm_temperature"}
+# A model's reply is bounded: a draft of a few pages at most.
+MAX_LLM_TOKENS = 8192
 _ACTION_KEYS = {"flag", "mark_seen", "move", "stop"}
 
 
@@ -192,10 +209,16 @@ def _parse_reply(
     ctx: _RuleContext, table: dict[str, Any], *, base_dir: Path, sources: list[Path]
 ) -> ReplySpec:
     _reject_unknown(ctx, "reply.", table, _REPLY_KEYS)
+    llm = _parse_llm(ctx, table, base_dir=base_dir, sources=sources)
     body = _template(ctx, table, "template", "template_file", base_dir=base_dir, sources=sources)
-    if body is None:
-        raise ctx.error("reply.template", "missing: give template or template_file")
     html = _template(ctx, table, "html_template", "html_template_file", base_dir=base_dir, sources=sources)
+    if llm is not None and (body is not None or html is not None):
+        raise ctx.error(
+            "reply.llm_prompt",
+            "a reply is written either by a template or by the model (llm_prompt), not both",
+        )
+    if llm is None and body is None:
+        raise ctx.error("reply.template", "missing: give template, template_file or llm_prompt")
     subject = None
     if "subject" in table:
         if not isinstance(table["subject"], str) or not table["subject"].strip():
@@ -204,13 +227,57 @@ def _parse_reply(
     days = table.get("once_per_sender_days", 7)
     if isinstance(days, bool) or not isinstance(days, int) or days < 0:
         raise ctx.error("reply.once_per_sender_days", f"must be a whole number of days >= 0, not {days!r}")
-    draft = _bool(ctx, table, "draft", "reply.draft")
+    # A model's reply is a draft for a person to review unless the rule opts in to sending it.
+    draft = _bool(ctx, table, "draft", "reply.draft", default=llm is not None)
     return ReplySpec(
         body=body,
         html=html,
         subject=subject,
         once_per_sender_days=days,
         action=ReplyAction.DRAFT if draft else ReplyAction.SEND,
+        llm=llm,
+    )
+
+
+def _parse_llm(
+    ctx: _RuleContext, table: dict[str, Any], *, base_dir: Path, sources: list[Path]
+) -> LlmSpec | None:
+    prompt = _template(
+        ctx,
+        table,
+        "llm_prompt",
+        "llm_prompt_file",
+        base_dir=base_dir,
+        sources=sources,
+        extra=LLM_PLACEHOLDERS,
+    )
+    if prompt is None:
+        given = sorted(set(table) & _LLM_KEYS)
+        if given:
+            raise ctx.error(f"reply.{given[0]}", "only for a model's reply: give llm_prompt too")
+        return None
+    model = table.get("llm_model")
+    if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > 200):
+        raise ctx.error("reply.llm_model", "must be a model name (non-empty text of at most 200 characters)")
+    max_tokens = table.get("llm_max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int)
+        or not 1 <= max_tokens <= MAX_LLM_TOKENS
+    ):
+        raise ctx.error(
+            "reply.llm_max_tokens", f"must be a whole number from 1 to {MAX_LLM_TOKENS}, not {max_tokens!r}"
+        )
+    temperature = table.get("llm_temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2
+    ):
+        raise ctx.error("reply.llm_temperature", f"must be a number from 0 to 2, not {temperature!r}")
+    return LlmSpec(
+        prompt=prompt,
+        model=model,
+        max_tokens=max_tokens,
+        temperature=float(temperature) if temperature is not None else None,
     )
 
 
@@ -222,6 +289,7 @@ def _template(
     *,
     base_dir: Path,
     sources: list[Path],
+    extra: dict[str, str] | None = None,
 ) -> Template | None:
     if inline_key in table and file_key in table:
         raise ctx.error(f"reply.{inline_key}", f"give either {inline_key} or {file_key}, not both")
@@ -229,7 +297,7 @@ def _template(
         text = table[inline_key]
         if not isinstance(text, str) or not text.strip():
             raise ctx.error(f"reply.{inline_key}", "must be non-empty text")
-        return _compile(ctx, f"reply.{inline_key}", text)
+        return _compile(ctx, f"reply.{inline_key}", text, extra)
     if file_key in table:
         name = table[file_key]
         if not isinstance(name, str) or not name.strip():
@@ -242,13 +310,13 @@ def _template(
         except UnicodeDecodeError:
             raise ctx.error(f"reply.{file_key}", f"{file} is not UTF-8 text") from None
         sources.append(file)
-        return _compile(ctx, f"reply.{file_key} ({file})", text)
+        return _compile(ctx, f"reply.{file_key} ({file})", text, extra)
     return None
 
 
-def _compile(ctx: _RuleContext, where: str, text: str) -> Template:
+def _compile(ctx: _RuleContext, where: str, text: str, extra: dict[str, str] | None = None) -> Template:
     try:
-        return Template.parse(text)
+        return Template.parse(text, extra=extra)
     except TemplateError as exc:
         raise ctx.error(where, str(exc)) from None
 
@@ -260,8 +328,8 @@ def _table(ctx: _RuleContext, raw: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _bool(ctx: _RuleContext, table: dict[str, Any], key: str, where: str) -> bool:
-    value = table.get(key, False)
+def _bool(ctx: _RuleContext, table: dict[str, Any], key: str, where: str, *, default: bool = False) -> bool:
+    value = table.get(key, default)
     if not isinstance(value, bool):
         raise ctx.error(where, f"must be true or false, not {value!r}")
     return value

@@ -44,14 +44,27 @@ class Condition:
 
 
 @dataclass(frozen=True)
+class LlmSpec:
+    """A reply written by a language model: the prompt (may use ``{body}``) and per-rule overrides
+    of the model settings (``None``: the settings' defaults)."""
+
+    prompt: Template
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
 class ReplySpec:
-    body: Template
+    # The reply's text: a template, or (``llm`` set) None, the text then comes from the model.
+    body: Template | None
     html: Template | None = None
     # None: "Re: " plus the inbound subject.
     subject: Template | None = None
     # 0 turns the per-rule limit off (the global caps of ReplyConfig still apply).
     once_per_sender_days: int = 7
     action: ReplyAction = ReplyAction.SEND
+    llm: LlmSpec | None = None
 
 
 @dataclass(frozen=True)

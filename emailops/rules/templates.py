@@ -31,6 +31,12 @@ PLACEHOLDERS: dict[str, str] = {
 }
 
 
+# Only in a rule's ``llm_prompt``: what the model is asked to answer.
+LLM_PLACEHOLDERS: dict[str, str] = {
+    "body": "the inbound message's text, cut to LLM_MAX_INPUT_CHARS characters",
+}
+
+
 class TemplateError(ValueError):
     """The template text is malformed or uses a placeholder that does not exist."""
 
@@ -43,7 +49,9 @@ class Template:
     pieces: tuple[tuple[str, str | None], ...]
 
     @classmethod
-    def parse(cls, source: str) -> Template:
+    def parse(cls, source: str, *, extra: Mapping[str, str] | None = None) -> Template:
+        """``extra``: placeholders allowed here beyond ``PLACEHOLDERS`` (``LLM_PLACEHOLDERS``)."""
+        known = {**PLACEHOLDERS, **(extra or {})}
         try:
             parsed = list(string.Formatter().parse(source))
         except ValueError as exc:
@@ -58,13 +66,13 @@ class Template:
             shown = "{" + field_name + (f"!{conversion}" if conversion else "")
             shown += (f":{format_spec}" if format_spec else "") + "}"
             if not field_name or field_name.isdigit():
-                raise TemplateError(f"placeholder {shown} has no name; use one of {_known()}")
+                raise TemplateError(f"placeholder {shown} has no name; use one of {_known(known)}")
             if not field_name.isidentifier():
                 raise TemplateError(f"placeholder {shown}: attribute and index access are not allowed")
             if conversion or format_spec:
                 raise TemplateError(f"placeholder {shown}: conversions and format specs are not allowed")
-            if field_name not in PLACEHOLDERS:
-                raise TemplateError(f"unknown placeholder {shown}; known: {_known()}")
+            if field_name not in known:
+                raise TemplateError(f"unknown placeholder {shown}; known: {_known(known)}")
             pieces.append((literal, field_name))
         return cls(source=source, pieces=tuple(pieces))
 
@@ -82,8 +90,8 @@ class Template:
         return "".join(out)
 
 
-def _known() -> str:
-    return ", ".join("{" + name + "}" for name in PLACEHOLDERS)
+def _known(known: Mapping[str, str]) -> str:
+    return ", ".join("{" + name + "}" for name in known)
 
 
 def template_values(parsed: ParsedMessage, *, folder: str, rule: str, my_address: str) -> dict[str, str]:

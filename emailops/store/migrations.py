@@ -114,6 +114,10 @@ def _oauth2_tokens(conn: Connection) -> None:
     schema.oauth2_tokens.create(conn, checkfirst=True)
 
 
+def _llm_jobs(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.llm_jobs, schema.llm_calls])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -124,6 +128,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "folders.lease_epoch: the lease's fencing token", _lease_epoch),
     Migration(8, "folders: index attempts; index_quarantine", _index_attempts),
     Migration(9, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),
+    Migration(10, "llm_jobs and llm_calls: replies written by a language model", _llm_jobs),
 )
 
 

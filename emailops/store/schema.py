@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -185,6 +186,55 @@ oauth2_tokens = Table(
     Column("last_error_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
+
+# A reply a language model is asked to write (rules with llm_prompt), one per (account, inbound
+# message, rule) like the outbox. The decision records it with everything the call needs; the
+# model stage claims it, calls the model and, in the transaction that marks it done, records the
+# composed reply in the outbox (outbox_id). See emailops.llm.jobs.
+llm_jobs = Table(
+    "llm_jobs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account", String(320), nullable=False),
+    Column("inbound_key", String(1000), nullable=False),
+    Column("message_pk", Id, ForeignKey("messages.id", ondelete="SET NULL")),
+    Column("rule_name", String(200), nullable=False),
+    # send or draft: the outbox action of the reply once written.
+    Column("action", String(16), nullable=False),
+    # Chosen by the decision from the inbound headers, never by the model.
+    Column("recipient", String(1000), nullable=False),
+    # The rendered subject of the rule, or NULL for "Re: " plus the inbound subject.
+    Column("subject", Text),
+    # The rendered prompt (the message text in it already cut to LLM_MAX_INPUT_CHARS).
+    Column("prompt", Text, nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("max_tokens", Integer, nullable=False),
+    Column("temperature", Float),
+    # pending -> working -> done | failed (reason in last_error); cancelled by the operator.
+    Column("state", String(16), nullable=False),
+    # Claims so far, counted when claimed (the claim's fencing token).
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("claimed_by", String(200)),
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("outbox_id", Id, ForeignKey("outbox.id", ondelete="SET NULL")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("account", "inbound_key", "rule_name", name="uq_llm_jobs_inbound_rule"),
+)
+Index("ix_llm_jobs_state_next", llm_jobs.c.state, llm_jobs.c.next_attempt_at)
+Index("ix_llm_jobs_recipient_created", llm_jobs.c.recipient, llm_jobs.c.created_at)
+
+# One row per model call started, by the database's clock: the hourly budget shared by all workers.
+llm_calls = Table(
+    "llm_calls",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account", String(320), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_llm_calls_account_started", llm_calls.c.account, llm_calls.c.started_at)
 
 schema_migrations = Table(
     "schema_migrations",

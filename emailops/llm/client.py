@@ -1,0 +1,204 @@
+"""A client for OpenAI-compatible chat-completions endpoints (hosted APIs, Ollama, llama.cpp, vLLM).
+
+Standard library only (``urllib``): one POST per call, a non-streaming answer, nothing that a new
+dependency would add for it. The client:
+- bounds the whole call (connection to last byte) by ``timeout_seconds``: each socket operation
+  waits at most the time left, and the body is read in pieces against the deadline;
+- bounds the answer's size (``MAX_RESPONSE_BYTES``);
+- follows no redirect (the key would go with it) and uses no proxy from the environment;
+- classifies failures: ``LlmError.retryable`` for timeouts, connection failures, 408, 429 (with the
+  server's Retry-After) and 5xx; not for other answers (a wrong key, an unknown model);
+- never puts the key in an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from http.client import HTTPException, HTTPResponse
+from typing import Any
+
+MAX_RESPONSE_BYTES = 2 * 1024 * 1024
+MAX_REASON_CHARS = 300
+_CHUNK = 64 * 1024
+
+
+class LlmError(Exception):
+    """The call failed; ``retryable`` says whether trying later may succeed."""
+
+    def __init__(self, reason: str, *, retryable: bool, retry_after: float | None = None, status: int = 0):
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: tuple[dict[str, str], ...]
+    max_tokens: int
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens_in: int | None
+    tokens_out: int | None
+    finish_reason: str | None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx answer becomes an HTTPError
+
+
+class ChatClient:
+    def __init__(self, base_url: str, *, api_key: str = "", timeout_seconds: float = 30.0) -> None:
+        if not base_url.lower().startswith(("http://", "https://")):
+            raise ValueError("the model's base URL must start with http:// or https://")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self._api_key = api_key
+        self.timeout_seconds = timeout_seconds
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+
+    def complete(self, request: ChatRequest) -> Completion:
+        payload: dict[str, Any] = {
+            "model": request.model,
+            "messages": list(request.messages),
+            "max_tokens": request.max_tokens,
+            "stream": False,
+        }
+        if request.temperature is not None:
+            payload["temperature"] = request.temperature
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        # The scheme is http or https (checked in __init__), never file: or another.
+        http_request = urllib.request.Request(  # noqa: S310
+            self.url, data=json.dumps(payload).encode("utf-8"), headers=headers, method="POST"
+        )
+        deadline = time.monotonic() + self.timeout_seconds
+        try:
+            with self._opener.open(http_request, timeout=self.timeout_seconds) as response:
+                body = _read_bounded(response, deadline)
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc, deadline) from None
+        except TimeoutError:
+            raise LlmError(f"no answer within {self.timeout_seconds:g} s", retryable=True) from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError):
+                raise LlmError(f"no answer within {self.timeout_seconds:g} s", retryable=True) from None
+            raise LlmError(self._clean(f"connection failed: {exc.reason}"), retryable=True) from None
+        except (OSError, HTTPException) as exc:
+            raise LlmError(
+                self._clean(f"connection failed: {type(exc).__name__}: {exc}"), retryable=True
+            ) from None
+        return _parse_completion(body)
+
+    def _http_error(self, exc: urllib.error.HTTPError, deadline: float) -> LlmError:
+        status = exc.code
+        try:
+            detail = _read_bounded(exc, deadline, limit=4096).decode("utf-8", "replace")  # type: ignore[arg-type]
+        except (OSError, HTTPException, LlmError):
+            detail = ""
+        finally:
+            exc.close()
+        message = _error_message(detail)
+        reason = self._clean(f"HTTP {status}" + (f": {message}" if message else ""))
+        retryable = status in (408, 409, 429) or status >= 500
+        retry_after = _retry_after(exc.headers.get("Retry-After")) if exc.headers else None
+        return LlmError(reason, retryable=retryable, retry_after=retry_after, status=status)
+
+    def _clean(self, text: str) -> str:
+        """One line, bounded, and never the key (a server may echo what it was sent)."""
+        if self._api_key:
+            text = text.replace(self._api_key, "**********")
+        return " ".join(text.split())[:MAX_REASON_CHARS]
+
+
+def _read_bounded(response: HTTPResponse, deadline: float, limit: int = MAX_RESPONSE_BYTES) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    sock = _socket_of(response)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        if sock is not None:
+            sock.settimeout(left)
+        chunk = response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise LlmError(f"the answer is larger than {limit} bytes", retryable=False)
+        chunks.append(chunk)
+
+
+def _socket_of(response: Any) -> socket.socket | None:
+    """The connection's socket, so each read waits only for the time left (http.client keeps it
+    as ``fp.raw._sock``; None if a future version does not: the per-read timeout still applies)."""
+    raw = getattr(getattr(response, "fp", None), "raw", None)
+    sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _parse_completion(body: bytes) -> Completion:
+    try:
+        data = json.loads(body)
+        choice = data["choices"][0]
+        text = choice["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise LlmError(
+            "the answer is not a chat completion (no choices[0].message.content)", retryable=True
+        ) from None
+    if not isinstance(text, str):
+        raise LlmError("the answer's content is not text", retryable=True)
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Completion(
+        text=text,
+        tokens_in=_int_or_none(usage.get("prompt_tokens")),
+        tokens_out=_int_or_none(usage.get("completion_tokens")),
+        finish_reason=choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None,
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _error_message(detail: str) -> str:
+    """The ``error.message`` of an OpenAI-style error body, else the body's start."""
+    try:
+        data = json.loads(detail)
+        message = data["error"]["message"] if isinstance(data.get("error"), dict) else data.get("error")
+        if isinstance(message, str):
+            return message
+    except (ValueError, AttributeError, KeyError, TypeError):
+        pass
+    return detail
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: a number of seconds, or an HTTP date (RFC 9110 section 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())

@@ -1,0 +1,406 @@
+"""The queue of model calls: one job per (account, inbound message, rule), claimed like the outbox.
+
+States (column ``llm_jobs.state``)::
+
+    pending --claim (attempts + 1, a budget slot)--> working --reply written--> done (outbox_id)
+       ^                                                |----timeout / 429 / 5xx--> pending (backoff)
+       |                                                |    ... attempts == max --> failed
+       |                                                |----refused (4xx, bad answer)-> failed
+       |                                                '----worker died: claim expires, claimed again
+       '--- retry (operator) --- failed                  pending | failed --cancel--> cancelled
+
+Claiming is atomic (PostgreSQL ``FOR UPDATE SKIP LOCKED``; SQLite a conditional UPDATE inside the
+``BEGIN IMMEDIATE`` transaction) and timed by the database's clock (``store.db_clock``). The
+attempt is counted when claimed and is the claim's fencing token: a worker that lost its claim
+(it was paused past the claim timeout) cannot finish the job. A job is done in the same transaction
+that records its reply in the outbox, whose unique key on (account, inbound message, rule) keeps
+it to one reply even if two workers both got an answer.
+
+The hourly budget (``LLM_MAX_REQUESTS_PER_HOUR``) is a row per call started in ``llm_calls``,
+counted in the claim's transaction; on PostgreSQL an advisory lock per account serialises claims,
+so N workers never start more calls than the budget. Over it, jobs stay pending.
+
+Functions take a ``Connection`` and run in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from emailops.replies.outbox import as_utc
+from emailops.store.db_clock import db_now
+from emailops.store.schema import llm_calls, llm_jobs
+
+MAX_ERROR_CHARS = 2000
+BUDGET_WINDOW = timedelta(hours=1)
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    WORKING = "working"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# Jobs that still stand for a reply (limits count them like outbox rows; done ones have their row).
+OPEN_STATES = (JobState.PENDING, JobState.WORKING, JobState.FAILED)
+
+
+@dataclass(frozen=True)
+class LlmJob:
+    id: int
+    account: str
+    inbound_key: str
+    message_pk: int | None
+    rule_name: str
+    action: str
+    recipient: str
+    subject: str | None
+    prompt: str
+    model: str
+    max_tokens: int
+    temperature: float | None
+    state: JobState
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime
+    claimed_by: str | None
+    outbox_id: int | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_mapping(cls, row: Any) -> LlmJob:
+        return cls(
+            id=row["id"],
+            account=row["account"],
+            inbound_key=row["inbound_key"],
+            message_pk=row["message_pk"],
+            rule_name=row["rule_name"],
+            action=row["action"],
+            recipient=row["recipient"],
+            subject=row["subject"],
+            prompt=row["prompt"],
+            model=row["model"],
+            max_tokens=row["max_tokens"],
+            temperature=row["temperature"],
+            state=JobState(row["state"]),
+            attempts=row["attempts"],
+            last_error=row["last_error"],
+            next_attempt_at=as_utc(row["next_attempt_at"]),
+            claimed_by=row["claimed_by"],
+            outbox_id=row["outbox_id"],
+            created_at=as_utc(row["created_at"]),
+            updated_at=as_utc(row["updated_at"]),
+        )
+
+
+def find_job(conn: Connection, *, account: str, inbound_key: str, rule_name: str) -> int | None:
+    return conn.execute(
+        select(llm_jobs.c.id).where(
+            llm_jobs.c.account == account,
+            llm_jobs.c.inbound_key == inbound_key,
+            llm_jobs.c.rule_name == rule_name,
+        )
+    ).scalar_one_or_none()
+
+
+def insert_job(
+    conn: Connection,
+    *,
+    account: str,
+    inbound_key: str,
+    message_pk: int | None,
+    rule_name: str,
+    action: str,
+    recipient: str,
+    subject: str | None,
+    prompt: str,
+    model: str,
+    max_tokens: int,
+    temperature: float | None,
+    now: datetime,
+) -> tuple[int, bool]:
+    """Record a pending job; a no-op when (account, inbound_key, rule_name) exists.
+    Returns ``(job id, created)``."""
+    now = as_utc(now)
+    values = {
+        "account": account,
+        "inbound_key": inbound_key,
+        "message_pk": message_pk,
+        "rule_name": rule_name,
+        "action": action,
+        "recipient": recipient.lower(),
+        "subject": subject,
+        "prompt": prompt,
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "state": JobState.PENDING.value,
+        "attempts": 0,
+        "next_attempt_at": db_now(conn),
+        "created_at": now,
+        "updated_at": now,
+    }
+    if conn.dialect.name == "postgresql":
+        stmt: Any = (
+            pg_insert(llm_jobs).values(**values).on_conflict_do_nothing(constraint="uq_llm_jobs_inbound_rule")
+        )
+    else:
+        stmt = (
+            sqlite_insert(llm_jobs)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["account", "inbound_key", "rule_name"])
+        )
+    new_id = conn.execute(stmt.returning(llm_jobs.c.id)).scalar_one_or_none()
+    if new_id is not None:
+        return new_id, True
+    existing = find_job(conn, account=account, inbound_key=inbound_key, rule_name=rule_name)
+    assert existing is not None, "the conflicting job vanished inside the transaction"
+    return existing, False
+
+
+def get_job(conn: Connection, job_id: int) -> LlmJob | None:
+    row = conn.execute(select(llm_jobs).where(llm_jobs.c.id == job_id)).mappings().first()
+    return LlmJob.from_mapping(row) if row else None
+
+
+def _due(conn: Connection, account: str, stale: Any) -> Any:
+    return select(llm_jobs.c.id).where(
+        llm_jobs.c.account == account,
+        or_(
+            (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn)),
+            stale,
+        ),
+    )
+
+
+def has_due(conn: Connection, *, account: str, claim_timeout: timedelta) -> bool:
+    """A read: is a job due (an idle worker's loop takes no write lock to find there is none)."""
+    return conn.execute(_due(conn, account, _stale(conn, claim_timeout, ())).limit(1)).first() is not None
+
+
+def _stale(conn: Connection, claim_timeout: timedelta, dead_claimers: tuple[str, ...]) -> Any:
+    """Claims of workers that died or hung mid-call: expired, or of a process known to be gone."""
+    expired = llm_jobs.c.claimed_at < db_now(conn, -claim_timeout)
+    if dead_claimers:
+        expired = or_(expired, llm_jobs.c.claimed_by.in_(dead_claimers))
+    return (llm_jobs.c.state == JobState.WORKING.value) & expired
+
+
+def working_claimers(conn: Connection, *, account: str) -> list[str]:
+    return list(
+        conn.execute(
+            select(llm_jobs.c.claimed_by)
+            .where(llm_jobs.c.account == account, llm_jobs.c.state == JobState.WORKING.value)
+            .distinct()
+        ).scalars()
+    )
+
+
+def lock_budget(conn: Connection, *, account: str) -> None:
+    """Serialise claims of the account's jobs until the transaction ends (PostgreSQL; SQLite's
+    ``BEGIN IMMEDIATE`` already does), so the budget is counted and spent by one worker at a time."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+            {"key": f"emailops.llm-budget:{account}"},
+        )
+
+
+def calls_in_last_hour(conn: Connection, *, account: str) -> int:
+    return conn.execute(
+        select(func.count())
+        .select_from(llm_calls)
+        .where(llm_calls.c.account == account, llm_calls.c.started_at > db_now(conn, -BUDGET_WINDOW))
+    ).scalar_one()
+
+
+def give_up_stale(
+    conn: Connection,
+    *,
+    account: str,
+    claim_timeout: timedelta,
+    dead_claimers: tuple[str, ...],
+    max_attempts: int,
+) -> int:
+    """Stale claims that used up their attempts fail (a job that hangs or kills the worker every
+    time must not cost calls for ever). Returns how many."""
+    return conn.execute(
+        update(llm_jobs)
+        .where(
+            llm_jobs.c.account == account,
+            _stale(conn, claim_timeout, dead_claimers),
+            llm_jobs.c.attempts >= max_attempts,
+        )
+        .values(
+            state=JobState.FAILED.value,
+            claimed_by=None,
+            last_error=f"gave up after {max_attempts} attempts: the worker died or hung during the call",
+            updated_at=db_now(conn),
+        )
+    ).rowcount
+
+
+def claim_next(
+    conn: Connection,
+    *,
+    account: str,
+    claimer: str,
+    claim_timeout: timedelta,
+    dead_claimers: tuple[str, ...] = (),
+) -> LlmJob | None:
+    """Claim the next due job (pending and due, or a stale claim) for ``claimer`` and record the call
+    in the budget. The caller checks the budget first, under ``lock_budget``. Commit right after."""
+    stale = _stale(conn, claim_timeout, dead_claimers)
+    due = _due(conn, account, stale).order_by(llm_jobs.c.next_attempt_at, llm_jobs.c.id).limit(1)
+    if conn.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    job_id = conn.execute(due).scalar_one_or_none()
+    if job_id is None:
+        return None
+    claimed = conn.execute(
+        update(llm_jobs)
+        .where(
+            llm_jobs.c.id == job_id,
+            or_(
+                (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn)),
+                stale,
+            ),
+        )
+        .values(
+            state=JobState.WORKING.value,
+            attempts=llm_jobs.c.attempts + 1,
+            claimed_by=claimer,
+            claimed_at=db_now(conn),
+            updated_at=db_now(conn),
+        )
+    )
+    if claimed.rowcount != 1:
+        return None
+    conn.execute(insert(llm_calls).values(account=account, started_at=db_now(conn)))
+    conn.execute(delete(llm_calls).where(llm_calls.c.started_at < db_now(conn, -2 * BUDGET_WINDOW)))
+    return get_job(conn, job_id)
+
+
+def _fenced(job: LlmJob) -> Any:
+    """Only the claim this worker holds: same claimer, same attempt, still working."""
+    return (
+        (llm_jobs.c.id == job.id)
+        & (llm_jobs.c.state == JobState.WORKING.value)
+        & (llm_jobs.c.claimed_by == job.claimed_by)
+        & (llm_jobs.c.attempts == job.attempts)
+    )
+
+
+def mark_done(conn: Connection, job: LlmJob, *, outbox_id: int) -> bool:
+    """In the transaction that recorded the reply; False when the claim is no longer ours."""
+    return (
+        conn.execute(
+            update(llm_jobs)
+            .where(_fenced(job))
+            .values(state=JobState.DONE.value, outbox_id=outbox_id, last_error=None, updated_at=db_now(conn))
+        ).rowcount
+        == 1
+    )
+
+
+def still_claimed(conn: Connection, job: LlmJob) -> bool:
+    """Lock and check the claim (PostgreSQL: the row stays locked until the transaction ends)."""
+    stmt = select(llm_jobs.c.id).where(_fenced(job))
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return conn.execute(stmt).first() is not None
+
+
+def mark_failed(conn: Connection, job: LlmJob, *, reason: str) -> bool:
+    return (
+        conn.execute(
+            update(llm_jobs)
+            .where(_fenced(job))
+            .values(
+                state=JobState.FAILED.value,
+                claimed_by=None,
+                last_error=reason[:MAX_ERROR_CHARS],
+                updated_at=db_now(conn),
+            )
+        ).rowcount
+        == 1
+    )
+
+
+def mark_retry(
+    conn: Connection, job: LlmJob, *, reason: str, delay: timedelta, max_attempts: int
+) -> JobState:
+    """After a transient error: pending again after ``delay``, or failed once attempts are used up."""
+    if job.attempts >= max_attempts:
+        mark_failed(conn, job, reason=f"gave up after {job.attempts} attempts: {reason}")
+        return JobState.FAILED
+    conn.execute(
+        update(llm_jobs)
+        .where(_fenced(job))
+        .values(
+            state=JobState.PENDING.value,
+            claimed_by=None,
+            last_error=reason[:MAX_ERROR_CHARS],
+            next_attempt_at=db_now(conn, delay),
+            updated_at=db_now(conn),
+        )
+    )
+    return JobState.PENDING
+
+
+def list_jobs(
+    conn: Connection, *, account: str, states: tuple[str, ...] | None = None, limit: int = 100
+) -> list[LlmJob]:
+    """Newest first (operator listing)."""
+    stmt = select(llm_jobs).where(llm_jobs.c.account == account)
+    if states:
+        stmt = stmt.where(llm_jobs.c.state.in_(states))
+    rows = conn.execute(stmt.order_by(llm_jobs.c.id.desc()).limit(limit)).mappings().all()
+    return [LlmJob.from_mapping(r) for r in rows]
+
+
+def retry_job(conn: Connection, job_id: int, *, account: str) -> bool:
+    """Operator: a failed job is asked of the model again, with fresh attempts."""
+    return (
+        conn.execute(
+            update(llm_jobs)
+            .where(
+                llm_jobs.c.id == job_id,
+                llm_jobs.c.account == account,
+                llm_jobs.c.state == JobState.FAILED.value,
+            )
+            .values(
+                state=JobState.PENDING.value,
+                attempts=0,
+                next_attempt_at=db_now(conn),
+                updated_at=db_now(conn),
+            )
+        ).rowcount
+        == 1
+    )
+
+
+def cancel_job(conn: Connection, job_id: int, *, account: str) -> bool:
+    """Operator: a pending or failed job is never asked (it stops counting to the reply limits)."""
+    return (
+        conn.execute(
+            update(llm_jobs)
+            .where(
+                llm_jobs.c.id == job_id,
+                llm_jobs.c.account == account,
+                llm_jobs.c.state.in_([JobState.PENDING.value, JobState.FAILED.value]),
+            )
+            .values(state=JobState.CANCELLED.value, claimed_by=None, updated_at=db_now(conn))
+        ).rowcount
+        == 1
+    )

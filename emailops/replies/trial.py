@@ -1,0 +1,158 @@
+"""Try the rules on one message without acting: ``emailops rules test FILE.eml``.
+
+The decision is the daemon's own (``engine.apply_rules``), made against the real index so that
+"already answered this sender" and the caps are what they would be, inside a transaction that is
+rolled back: nothing is recorded. A model's reply is then asked of the model for real (outside the
+transaction) and composed as the stage would compose it. Nothing is sent or saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine
+
+from emailops.config import ReplyConfig
+from emailops.llm import jobs
+from emailops.llm.client import ChatClient, ChatRequest, LlmError
+from emailops.llm.prompt import EmptyReplyError, chat_messages, reply_text
+from emailops.mime.model import ParsedMessage
+from emailops.replies import engine as decisions
+from emailops.replies import outbox
+from emailops.replies.compose import build_reply
+from emailops.rules.model import RuleSet
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    model: str
+    latency_ms: int
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    rule: str
+    # send, draft, or None for a rule without a reply.
+    reply_action: str | None
+    # "would reply", "suppressed", "already recorded", "model failed" or "no reply".
+    verdict: str
+    reason: str | None = None
+    mailbox_actions: tuple[str, ...] = ()
+    # The reply (or draft) as it would be sent or saved.
+    reply: bytes | None = None
+    model_call: ModelCall | None = None
+
+
+def try_rules(
+    engine: Engine,
+    *,
+    account: str,
+    folder: str,
+    parsed: ParsedMessage,
+    rules: RuleSet,
+    config: ReplyConfig,
+    client: ChatClient | None,
+    now: datetime,
+) -> list[TrialOutcome]:
+    """What the rules would do with ``parsed`` arriving in ``folder``; see the module doc."""
+    config = dataclasses.replace(config, dry_run=False)
+    outcomes: list[TrialOutcome] = []
+    asks: list[tuple[int, decisions.Decision, jobs.LlmJob]] = []
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        try:
+            made = decisions.apply_rules(
+                conn,
+                account=account,
+                message_pk=None,
+                folder=folder,
+                uidvalidity=0,
+                uid=0,
+                parsed=parsed,
+                rules=rules,
+                config=config,
+                now=now,
+            )
+            for decision in made:
+                actions = tuple(a.kind.value for a in decision.mailbox_actions)
+                if decision.reply_action is None:
+                    outcomes.append(TrialOutcome(decision.rule, None, "no reply", mailbox_actions=actions))
+                elif decision.suppressed is not None:
+                    outcomes.append(
+                        TrialOutcome(
+                            decision.rule, decision.reply_action, "suppressed", decision.suppressed, actions
+                        )
+                    )
+                elif not decision.created:
+                    where = (
+                        f"outbox reply {decision.outbox_id}"
+                        if decision.outbox_id is not None
+                        else f"model job {decision.llm_job_id}"
+                    )
+                    outcomes.append(
+                        TrialOutcome(decision.rule, decision.reply_action, "already recorded", where, actions)
+                    )
+                elif decision.llm_job_id is not None:
+                    job = jobs.get_job(conn, decision.llm_job_id)
+                    assert job is not None
+                    asks.append((len(outcomes), decision, job))
+                    outcomes.append(TrialOutcome(decision.rule, decision.reply_action, "would reply"))
+                else:
+                    assert decision.outbox_id is not None
+                    row = outbox.get_reply(conn, decision.outbox_id)
+                    assert row is not None
+                    outcomes.append(
+                        TrialOutcome(
+                            decision.rule, decision.reply_action, "would reply", None, actions, reply=row.raw
+                        )
+                    )
+        finally:
+            transaction.rollback()
+    for index, decision, job in asks:
+        actions = tuple(a.kind.value for a in decision.mailbox_actions)
+        outcomes[index] = _ask_model(client, job, parsed, config, now, decision.rule, actions)
+    return outcomes
+
+
+def _ask_model(
+    client: ChatClient | None,
+    job: jobs.LlmJob,
+    parsed: ParsedMessage,
+    config: ReplyConfig,
+    now: datetime,
+    rule: str,
+    actions: tuple[str, ...],
+) -> TrialOutcome:
+    assert client is not None, "a model job is only recorded with a model configured"
+    started = time.monotonic()
+    request = ChatRequest(
+        model=job.model,
+        messages=chat_messages(job.prompt),
+        max_tokens=job.max_tokens,
+        temperature=job.temperature,
+    )
+    try:
+        completion = client.complete(request)
+        text = reply_text(completion.text)
+    except (LlmError, EmptyReplyError) as exc:
+        call = ModelCall(job.model, round((time.monotonic() - started) * 1000), error=str(exc))
+        return TrialOutcome(rule, job.action, "model failed", str(exc), actions, model_call=call)
+    call = ModelCall(
+        job.model, round((time.monotonic() - started) * 1000), completion.tokens_in, completion.tokens_out
+    )
+    composed = build_reply(
+        parsed,
+        from_address=config.from_address,
+        inbound_key=job.inbound_key,
+        rule_name=job.rule_name,
+        body_text=text,
+        subject=job.subject,
+        now=now,
+    )
+    return TrialOutcome(rule, job.action, "would reply", None, actions, reply=composed.raw, model_call=call)
