@@ -70,6 +70,9 @@ class _Instruments:
     reply_latency: Any
     smtp_errors: Any
     outbox: Any
+    llm_calls: Any
+    llm_latency: Any
+    llm_tokens: Any
 
 
 _instruments: _Instruments | None = None
@@ -171,6 +174,24 @@ def enable() -> None:
             multiprocess_mode="livemostrecent",
             registry=None,
         ),
+        llm_calls=Counter(
+            "emailops_llm_calls",
+            "Calls to the language model, by rule and outcome (ok, retry, failed, claim_lost).",
+            ["rule", "outcome"],
+            registry=None,
+        ),
+        llm_latency=Histogram(
+            "emailops_llm_call_duration_seconds",
+            "Seconds a call to the language model took, whatever its outcome.",
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        ),
+        llm_tokens=Counter(
+            "emailops_llm_tokens",
+            "Tokens the model reported, by direction (in: the prompt, out: the reply).",
+            ["direction"],
+            registry=None,
+        ),
     )
 
 
@@ -264,3 +285,15 @@ def outbox_depth(counts: Mapping[str, int], states: Iterable[str]) -> None:
     if _instruments is not None:
         for state in states:
             _instruments.outbox.labels(state).set(counts.get(state, 0))
+
+
+# -- language model ------------------------------------------------------------------------------
+
+
+def llm_call(rule: str, outcome: str, seconds: float, tokens_in: int | None, tokens_out: int | None) -> None:
+    if _instruments is not None:
+        _instruments.llm_calls.labels(rule, outcome).inc()
+        _instruments.llm_latency.observe(max(seconds, 0.0))
+        for direction, count in (("in", tokens_in), ("out", tokens_out)):
+            if count:
+                _instruments.llm_tokens.labels(direction).inc(count)

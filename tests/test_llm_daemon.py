@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from email import message_from_bytes
 from pathlib import Path
 
 import pytest
 
-from prod.localmail.dovecot import LocalDovecot
+from prod.localmail.dovecot import LocalDovecot, free_loopback_port
 from prod.localmail.smtp_relay import LocalSmtpRelay
 from tests.chat_server import ChatServer
 from tests.index_helpers import ALICE, daemon_env, index_engine, rows
@@ -86,6 +88,7 @@ def test_sigkill_during_a_model_call_ends_with_one_draft_and_the_key_is_in_no_ou
     env: dict[str, str], dovecot: LocalDovecot, chat: ChatServer, tmp_path: Path
 ) -> None:
     chat.release.clear()  # every call waits until the test lets it answer
+    env = {**env, "METRICS_PORT": str(free_loopback_port())}
     with (tmp_path / "stdout.log").open("w") as stdout, (tmp_path / "stderr.log").open("w") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "prod.run"], env=env, cwd=REPO, stdout=stdout, stderr=stderr
@@ -114,6 +117,8 @@ def test_sigkill_during_a_model_call_ends_with_one_draft_and_the_key_is_in_no_ou
         )
         assert rows(engine, "SELECT state, attempts FROM llm_jobs") == [("done", 2)]
         engine.dispose()
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{env['METRICS_PORT']}/metrics", timeout=10)
+        exposition = scraped.read().decode()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
     finally:
@@ -142,7 +147,13 @@ def test_sigkill_during_a_model_call_ends_with_one_draft_and_the_key_is_in_no_ou
     assert [(j["state"], j["attempts"], j["action"]) for j in json.loads(listing.stdout)] == [
         ("done", 2, "draft")
     ]
+    # Model calls by outcome, their duration and tokens (the killed call never finished).
+    assert re.search(r'emailops_llm_calls_total\{outcome="ok",rule="[^"]+"\} 1\.0', exposition)
+    assert "emailops_llm_call_duration_seconds_count 1.0" in exposition
+    tokens_out = re.search(r'emailops_llm_tokens_total\{direction="out"\} ([0-9.]+)', exposition)
+    assert tokens_out and float(tokens_out.group(1)) == calls[0]["tokens_out"]
     for name, output in (
+        ("metrics", exposition),
         ("stdout", stdout_text),
         ("stderr", stderr_text),
         ("log file", log_file),

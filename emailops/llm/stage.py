@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from sqlalchemy import Connection, Engine
 
+from emailops import metrics
 from emailops.config import LlmConfig, ReplyConfig
 from emailops.llm import jobs
 from emailops.llm.client import ChatClient, ChatRequest, Completion, LlmError
@@ -193,7 +194,7 @@ class LlmStage:
             "latency_ms": round(call.latency * 1000),
         }
         if call.error is not None:
-            self._failed(job, call.error, fields)
+            self._failed(job, call.error, fields, call.latency)
             return
         assert call.completion is not None
         completion = call.completion
@@ -205,13 +206,14 @@ class LlmStage:
         try:
             text = reply_text(completion.text)
         except EmptyReplyError as exc:
-            self._failed(job, LlmError(str(exc), retryable=True), fields)
+            self._failed(job, LlmError(str(exc), retryable=True), fields, call.latency)
             return
         with self.engine.begin() as conn:
             if not jobs.still_claimed(conn, job):
                 outcome, outbox_id, reason = "claim_lost", None, None
             else:
                 outcome, outbox_id, reason = self._record_reply(conn, job, text)
+        metrics.llm_call(job.rule_name, outcome, call.latency, completion.tokens_in, completion.tokens_out)
         if outcome == "ok":
             log.info("model call", outcome="ok", outbox_id=outbox_id, reply_action=job.action, **fields)
         elif outcome == "claim_lost":
@@ -263,7 +265,7 @@ class LlmStage:
         jobs.mark_done(db, job, outbox_id=outbox_id)
         return "ok", outbox_id, None
 
-    def _failed(self, job: jobs.LlmJob, error: LlmError, fields: dict[str, object]) -> None:
+    def _failed(self, job: jobs.LlmJob, error: LlmError, fields: dict[str, object], latency: float) -> None:
         with self.engine.begin() as conn:
             if error.retryable:
                 delay = self._retry_delay(job.attempts, error.retry_after)
@@ -273,6 +275,8 @@ class LlmStage:
             else:
                 jobs.mark_failed(conn, job, reason=error.reason)
                 state = jobs.JobState.FAILED
+        outcome = "retry" if state is jobs.JobState.PENDING else "failed"
+        metrics.llm_call(job.rule_name, outcome, latency, None, None)
         if state is jobs.JobState.PENDING:
             log.warning(
                 "model call",
