@@ -40,7 +40,14 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     tokens = token_source(settings, engine)
     imap = settings.imap_config(tokens)
     stages: list[AfterIndexStage] = [
-        RulesStage(engine, account=sync_config.account, config=reply_config, mailbox=MailboxSession(imap)),
+        RulesStage(
+            engine,
+            account=sync_config.account,
+            config=reply_config,
+            mailbox=MailboxSession(imap),
+            claimer=owner,
+            dead_runs=dead_runs,
+        ),
     ]
     if reply_config.llm is not None:
         client = ChatClient(

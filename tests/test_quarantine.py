@@ -164,3 +164,30 @@ def test_a_message_that_indexing_keeps_failing_on_is_quarantined_and_the_folder_
     assert [(e["stage"], e["folder"], e["uid"], e["message_id"]) for e in listing] == [
         ("index", "INBOX", 2, "<poison@example.org>")
     ]
+
+
+def test_the_claim_of_a_worker_known_dead_is_taken_back_at_once(db_url: str) -> None:
+    # A worker killed while deciding (or the whole daemon, restarted) leaves its message 'working';
+    # the replacement takes it back at its first look instead of after the claim timeout.
+    from datetime import timedelta
+
+    from emailops.store import folders as folder_store
+    from emailops.store import messages as message_store
+    from emailops.store import rules_work
+    from tests.index_helpers import index_engine, rows
+    from tests.test_store import NOW, fetched
+
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        inserted = message_store.insert_messages(conn, folder.id, 1, [fetched(1)], baseline_uidnext=1, now=NOW)
+        pk = inserted[1]
+        assert rules_work.claim(conn, pk, "host:run-a:4242:w1") == 1
+    hour = timedelta(hours=1)
+    with engine.begin() as conn:
+        assert rules_work.working_claimers(conn, "acct") == ["host:run-a:4242:w1"]
+        assert rules_work.recover_stalled(conn, "acct", claim_timeout=hour, max_attempts=3) == (0, [])
+        assert rules_work.recover_stalled(
+            conn, "acct", claim_timeout=hour, max_attempts=3, dead_claimers=("host:run-a:4242:w1",)
+        ) == (1, [])
+    assert rows(engine, "SELECT rules_state, rules_attempts FROM messages") == [("pending", 1)]

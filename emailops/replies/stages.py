@@ -60,6 +60,8 @@ class RulesStage:
         account: str,
         config: ReplyConfig,
         mailbox: MailboxSession,
+        claimer: str | None = None,
+        dead_runs: tuple[str, ...] = (),
         rules: RuleSetCache | None = None,
         clock: Clock = _utc_now,
         batch: int = 50,
@@ -67,6 +69,10 @@ class RulesStage:
     ) -> None:
         self.engine = engine
         self.account = account
+        # Who claims messages (a ProcessIdentity), and runs of this host known to be over: claims of
+        # a dead process of this run or of those are taken back at once, not after the timeout.
+        self.claimer = claimer
+        self.dead_runs = dead_runs
         self.config = config
         self.mailbox = mailbox
         self.rules = rules or RuleSetCache(config.rules_file)
@@ -100,11 +106,14 @@ class RulesStage:
     def _recover_stalled(self) -> None:
         """Claims of workers that hung or died on a message: tried again, or quarantined."""
         with self.engine.begin() as conn:
+            claimers = rules_work.working_claimers(conn, self.account) if self.claimer else []
+            dead = tuple(c for c in claimers if is_dead_sibling(self.claimer or "", c, self.dead_runs))
             retried, quarantined = rules_work.recover_stalled(
                 conn,
                 self.account,
                 claim_timeout=timedelta(seconds=self.config.rules_claim_timeout_seconds),
                 max_attempts=self.config.rules_max_attempts,
+                dead_claimers=dead,
             )
         if retried:
             log.warning("rules of messages whose worker hung or died are tried again", count=retried)
@@ -115,7 +124,7 @@ class RulesStage:
         ruleset = self.rules.get()
         # The attempt is committed before the work: a message that hangs or kills the worker counts.
         with self.engine.begin() as conn:
-            attempt = rules_work.claim(conn, pk)
+            attempt = rules_work.claim(conn, pk, self.claimer)
         if attempt is None:
             return  # another worker took it
         rid: str | None = None

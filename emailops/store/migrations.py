@@ -91,6 +91,7 @@ def _rules_attempts(conn: Connection) -> None:
     timestamp = "DATETIME" if conn.dialect.name == "sqlite" else "TIMESTAMP WITH TIME ZONE"
     _add_column(conn, "messages", "rules_attempts", "INTEGER NOT NULL DEFAULT 0")
     _add_column(conn, "messages", "rules_claimed_at", timestamp)
+    _add_column(conn, "messages", "rules_claimed_by", "VARCHAR(200)")
     _add_column(conn, "messages", "quarantine_reason", "TEXT")
     # Messages the former 'error' state parked (the rules raised on them) count as quarantined.
     conn.exec_driver_sql(
@@ -124,7 +125,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "messages.header_block (raw) replaces headers_json (decoded)", _header_block),
     Migration(4, "SQLite: message dates in UTC", _sqlite_dates_in_utc),
     Migration(5, "FTS5 merges segments in eights", set_fulltext_tuning),
-    Migration(6, "messages: rules attempts, claim time and quarantine reason", _rules_attempts),
+    Migration(6, "messages: rules attempts, claim time and claimer, quarantine reason", _rules_attempts),
     Migration(7, "folders.lease_epoch: the lease's fencing token", _lease_epoch),
     Migration(8, "folders: index attempts; index_quarantine", _index_attempts),
     Migration(9, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),

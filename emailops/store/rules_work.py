@@ -10,14 +10,15 @@ The attempt is committed before the rules run, so a message that hangs a worker 
 supervisor) or kills it still counts: it cannot stall worker after worker for ever. A claim not
 decided within the claim timeout (timed by the database's clock) is stalled. The attempt number is
 the claim's fencing token: a paused worker that resumes after its claim was given to another cannot
-record a decision.
+record a decision. A claim of a process known to be gone (``processes.is_dead_sibling``) is
+stalled at once.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, or_, select, update
 
 from emailops.store.db_clock import db_now
 from emailops.store.quarantine import QuarantinedMessage
@@ -26,8 +27,9 @@ from emailops.store.schema import folders, messages
 MAX_REASON_CHARS = 1000
 
 
-def claim(conn: Connection, pk: int) -> int | None:
-    """Claim a pending message; its attempt number (the claim's token), or None if not pending."""
+def claim(conn: Connection, pk: int, claimer: str | None = None) -> int | None:
+    """Claim a pending message for ``claimer``; its attempt number (the claim's token), or None if
+    not pending."""
     return conn.execute(
         update(messages)
         .where(messages.c.id == pk, messages.c.rules_state == "pending")
@@ -35,6 +37,7 @@ def claim(conn: Connection, pk: int) -> int | None:
             rules_state="working",
             rules_attempts=messages.c.rules_attempts + 1,
             rules_claimed_at=db_now(conn),
+            rules_claimed_by=claimer,
         )
         .returning(messages.c.rules_attempts)
     ).scalar_one_or_none()
@@ -69,23 +72,44 @@ def release_failed(
     return next(iter(_quarantined(conn, messages.c.id == pk)), None)
 
 
+def working_claimers(conn: Connection, account: str) -> list[str]:
+    """The distinct claimers of messages whose rules are being decided now."""
+    return list(
+        conn.execute(
+            select(messages.c.rules_claimed_by)
+            .where(
+                messages.c.rules_state == "working",
+                messages.c.rules_claimed_by.is_not(None),
+                messages.c.folder_id.in_(select(folders.c.id).where(folders.c.account == account)),
+            )
+            .distinct()
+        ).scalars()
+    )
+
+
 def recover_stalled(
-    conn: Connection, account: str, *, claim_timeout: timedelta, max_attempts: int
+    conn: Connection,
+    account: str,
+    *,
+    claim_timeout: timedelta,
+    max_attempts: int,
+    dead_claimers: tuple[str, ...] = (),
 ) -> tuple[int, list[QuarantinedMessage]]:
-    """Claims older than ``claim_timeout``: their worker hung or died. Returns how many were made
-    pending again, and the messages quarantined because they used up their attempts."""
+    """Claims older than ``claim_timeout`` (their worker hung or died), and at once those of
+    ``dead_claimers`` (processes known to be gone). Returns how many were made pending again, and
+    the messages quarantined because they used up their attempts."""
     stalled = select(messages.c.id).where(
         messages.c.rules_state == "working",
-        messages.c.rules_claimed_at < db_now(conn, -claim_timeout),
+        or_(
+            messages.c.rules_claimed_at < db_now(conn, -claim_timeout),
+            messages.c.rules_claimed_by.in_(dead_claimers),
+        ),
         messages.c.folder_id.in_(select(folders.c.id).where(folders.c.account == account)),
     )
     found = list(conn.execute(stalled).scalars())
     if not found:
         return 0, []
-    reason = (
-        f"the rules did not finish within {claim_timeout.total_seconds():.0f} s, {max_attempts} times: "
-        "the message hangs or kills the worker"
-    )
+    reason = f"the rules did not finish {max_attempts} times: the message hangs or kills the worker"
     used_up = messages.c.rules_attempts >= max_attempts
     base = update(messages).where(messages.c.id.in_(found), messages.c.rules_state == "working")
     quarantined_ids = list(

@@ -99,6 +99,7 @@ messages = Table(
     # Claims of the rules stage so far (committed before each), and when the last was made.
     Column("rules_attempts", Integer, nullable=False, default=0, server_default="0"),
     Column("rules_claimed_at", DateTime(timezone=True)),
+    Column("rules_claimed_by", String(200)),
     Column("quarantine_reason", Text),
     UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_messages_folder_uidvalidity_uid"),
 )
