@@ -180,7 +180,9 @@ def test_the_claim_of_a_worker_known_dead_is_taken_back_at_once(db_url: str) -> 
     engine = index_engine(db_url)
     with engine.begin() as conn:
         folder = folder_store.ensure_folder(conn, "acct", "INBOX")
-        inserted = message_store.insert_messages(conn, folder.id, 1, [fetched(1)], baseline_uidnext=1, now=NOW)
+        inserted = message_store.insert_messages(
+            conn, folder.id, 1, [fetched(1)], baseline_uidnext=1, now=NOW
+        )
         pk = inserted[1]
         assert rules_work.claim(conn, pk, "host:run-a:4242:w1") == 1
     hour = timedelta(hours=1)
