@@ -196,8 +196,8 @@ def test_plain_addresses_are_accepted(address: str) -> None:
 
 
 def test_composing_replies_leaves_nothing_for_the_cycle_collector() -> None:
-    """Issue 14: the stdlib made a new class for every header (about 25 per reply), freed only by
-    the garbage collector's rare full collections, and a worker replying every few seconds grew."""
+    """Issue 14: the stdlib made a new class for every header (about 25 per reply), left in
+    reference cycles that mostly waited for the garbage collector's rare full collections."""
     compose()  # the class of each kind of header is made once, here
     gc.collect()
     gc.disable()
