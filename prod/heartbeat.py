@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from emailops.processes import pid_alive
@@ -39,7 +39,12 @@ class SupervisorState:
     workers: list[WorkerState] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # Not ``dataclasses.asdict``: it calls ``fields()``, whose ``tuple(generator)`` CPython
+        # allocates with 10 slots and then shrinks, and each shrunk tuple ends in the free list of
+        # its size when freed. Written every second, that made the supervisor's memory grow by
+        # 14 kB a minute until those free lists were full (issue 14).
+        data = {**vars(self), "workers": [vars(worker) for worker in self.workers]}
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> SupervisorState:

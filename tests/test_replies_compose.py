@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -192,3 +193,20 @@ def test_recipient_must_be_one_plain_addr_spec(address: str) -> None:
 )
 def test_plain_addresses_are_accepted(address: str) -> None:
     assert validate_addr_spec(address) == address
+
+
+def test_composing_replies_leaves_nothing_for_the_cycle_collector() -> None:
+    """Issue 14: the stdlib made a new class for every header (about 25 per reply), left in
+    reference cycles that mostly waited for the garbage collector's rare full collections."""
+    compose()  # the class of each kind of header is made once, here
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(50):
+            compose(parsed_message(subject=f"order {n}"), inbound_key=f"<m{n}@example.org>")
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    # Before the fix: 75 objects per reply (3,750); now none. The margin is for anything else the
+    # test process might run meanwhile.
+    assert unreachable < 50, f"{unreachable} objects left in reference cycles by 50 replies"

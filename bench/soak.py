@@ -1,0 +1,298 @@
+"""Soak of issue 14: the real daemon for a set time, each process's memory and CPU sampled (not a test).
+
+    python -m bench.soak --minutes 15                  # steady mail: a message every 3 s, each answered
+    python -m bench.soak --minutes 15 --idle           # no mail at all after the warm-up message
+    python -m bench.soak --minutes 30 --every 1 --workers 3
+
+Starts what ``bench_replies`` starts (a private Dovecot, the test SMTP relay, ``python -m prod.run``
+with a rules file holding one reply rule, warmed up with one answered message), here with the
+production ``LOG_LEVEL=INFO`` so that every worker's log lines cross the log channel to the
+supervisor. Then, for ``--minutes``, one message from a new sender every ``--every`` seconds is
+delivered over LMTP (none with ``--idle``), and every ``--sample`` seconds the RSS (``VmRSS``) and
+the CPU time (``utime + stime``) of each process of the daemon are read from ``/proc``: the
+supervisor, each worker (named from the supervisor's state file), and any other descendant (the
+multiprocessing resource tracker, helpers).
+
+Printed per process, over the samples after ``--warm-up`` minutes: the RSS at the start and the end
+of that window, the least-squares slope of RSS in kB per minute (and of the window's second half:
+growth that slows down is a cache filling up, growth that does not is a leak), and the CPU seconds
+used per minute. A process whose slope exceeds ``GROWTH_LIMIT_KB_PER_MINUTE`` grows; the target is
+that none does. A worker replaced during the run is reported (a finding in itself); its figures are
+those of its last process. Samples and figures go to ``bench/results/soak[-idle].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench._report import figure, headline, write_result
+from bench._servers import BENCH_USER
+from bench.bench_replies import Rig, inbound_message, machine_busy_now, machine_cpu_ticks, running_rig
+from prod.localmail.dovecot import default_scratch_root
+
+# A 10-minute window's least-squares slope moves by 0.6 kB/min for each 4 kB page that RSS gains
+# or loses once (a step of h in the middle of a window of T minutes gives a slope of 1.5 h / T), so
+# 2 kB/min is a few pages of jitter over the whole window, and a seventh of the 14 kB/min that
+# issue 14 measured on the idle supervisor.
+GROWTH_LIMIT_KB_PER_MINUTE = 2.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ProcessSeries:
+    """One process's samples: (seconds since the start, RSS kB, CPU ticks)."""
+
+    label: str
+    pid: int
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    replaced: list[int] = field(default_factory=list)  # earlier pids under the same label
+
+
+def read_proc(pid: int) -> tuple[int, int] | None:
+    """(VmRSS in kB, utime + stime in ticks) of ``pid``, or None if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    if rss is None:  # a zombie has no memory left to report
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return rss, int(fields[11]) + int(fields[12])
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def daemon_processes(rig: Rig) -> dict[str, int]:
+    """Label -> pid for the supervisor and all its descendants, workers named from the state file."""
+    supervisor = rig.daemon.process.pid
+    worker_label: dict[int, str] = {}
+    with contextlib.suppress(OSError, ValueError):  # the state file is replaced atomically; rarely absent
+        worker_label = {pid: f"worker {n}" for n, pid in enumerate(rig.worker_pids(), start=1)}
+    labels = {supervisor: "supervisor"}
+    queue = [supervisor]
+    while queue:
+        parent = queue.pop()
+        for child in children(parent):
+            if child in worker_label:
+                labels[child] = worker_label[child]
+            elif "resource_tracker" in command_line(child):
+                labels[child] = "resource tracker"
+            else:
+                labels[child] = f"{labels[parent]} / child"
+            queue.append(child)
+    return {label: pid for pid, label in labels.items()}
+
+
+def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, in value per minute."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var_t = sum((t - mean_t) ** 2 for t, _ in points)
+    if var_t == 0:
+        return None
+    return 60 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var_t
+
+
+@contextlib.contextmanager
+def steady_mail(rig: Rig, every_seconds: float) -> Iterator[list[int]]:
+    """Deliver one message from a new sender every ``every_seconds`` while the block runs."""
+    delivered = [0]
+    stop = threading.Event()
+
+    def deliver() -> None:
+        n = 0
+        while not stop.wait(every_seconds):
+            n += 1
+            sender = f"soak-{n}@example.org"
+            rig.dovecot.deliver(BENCH_USER, inbound_message(sender, "soak", n), mail_from=sender)
+            delivered[0] = n
+
+    thread = threading.Thread(target=deliver, name="soak-mail", daemon=True)
+    thread.start()
+    try:
+        yield delivered
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def sample_until(rig: Rig, seconds: float, every: float) -> dict[str, ProcessSeries]:
+    series: dict[str, ProcessSeries] = {}
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) <= seconds:
+        if not rig.daemon.alive():
+            raise RuntimeError(f"prod.run exited {rig.daemon.process.returncode}:\n{rig.daemon.log_tail()}")
+        for label, pid in daemon_processes(rig).items():
+            reading = read_proc(pid)
+            if reading is None:
+                continue
+            current = series.get(label)
+            if current is None:
+                current = series[label] = ProcessSeries(label, pid)
+            elif current.pid != pid:
+                current.replaced.append(current.pid)
+                current.pid, current.samples = pid, []
+            current.samples.append((round(elapsed, 2), *reading))
+        time.sleep(max(0.0, every - (time.monotonic() - started - elapsed)))
+    return series
+
+
+def summarise(process: ProcessSeries, warm_up_seconds: float) -> dict[str, Any]:
+    window = [sample for sample in process.samples if sample[0] >= warm_up_seconds]
+    if len(window) < 3:
+        return {
+            "label": process.label,
+            "pid": process.pid,
+            "samples": len(window),
+            "replaced": process.replaced,
+        }
+    second_half = window[len(window) // 2 :]
+    minutes = (window[-1][0] - window[0][0]) / 60
+    slope = slope_per_minute([(t, rss) for t, rss, _ in window])
+    return {
+        "label": process.label,
+        "pid": process.pid,
+        "samples": len(window),
+        "minutes": round(minutes, 2),
+        "rss_start_kb": window[0][1],
+        "rss_end_kb": window[-1][1],
+        "rss_min_kb": min(rss for _, rss, _ in window),
+        "rss_max_kb": max(rss for _, rss, _ in window),
+        "slope_kb_per_minute": round(slope, 2) if slope is not None else None,
+        "second_half_slope_kb_per_minute": round(
+            slope_per_minute([(t, rss) for t, rss, _ in second_half]) or 0.0, 2
+        ),
+        "cpu_seconds_per_minute": round((window[-1][2] - window[0][2]) / _CLOCK_TICKS / minutes, 3),
+        "grows": slope is not None and slope > GROWTH_LIMIT_KB_PER_MINUTE,
+        "replaced": process.replaced,
+    }
+
+
+def report(summaries: list[dict[str, Any]]) -> None:
+    headline(f"RSS slope after the warm-up (a process grows above {GROWTH_LIMIT_KB_PER_MINUTE} kB/min)")
+    for item in summaries:
+        if "slope_kb_per_minute" not in item:
+            figure(item["label"], f"pid {item['pid']}: too few samples ({item['samples']})")
+            continue
+        replaced = f", replaced pids {item['replaced']}" if item["replaced"] else ""
+        figure(
+            f"{item['label']} (pid {item['pid']})",
+            f"{item['rss_start_kb']:,} -> {item['rss_end_kb']:,} kB over {item['minutes']} min, "
+            f"slope {item['slope_kb_per_minute']:+.2f} kB/min "
+            f"(second half {item['second_half_slope_kb_per_minute']:+.2f}), "
+            f"CPU {item['cpu_seconds_per_minute']:.3f} s/min{replaced}",
+            f"<= {GROWTH_LIMIT_KB_PER_MINUTE} kB/min",
+            not item["grows"],
+        )
+
+
+def run_soak(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    extra = {"LOG_LEVEL": "INFO", "REPLY_MAX_PER_HOUR": "100000"}
+    with running_rig(scratch, "soak", args.workers, extra) as rig:
+        base_replies = len(rig.relay.accepted)
+        busy_before, ticks_before = machine_cpu_ticks()
+        with contextlib.ExitStack() as stack:
+            delivered = [0] if args.idle else stack.enter_context(steady_mail(rig, args.every))
+            series = sample_until(rig, args.minutes * 60, args.sample)
+        busy_after, ticks_after = machine_cpu_ticks()
+        if delivered[0]:
+            with contextlib.suppress(TimeoutError):
+                rig.relay.wait_for_accepted(base_replies + delivered[0], timeout=30)
+        replies = len(rig.relay.accepted) - base_replies
+    summaries = [summarise(process, args.warm_up * 60) for process in series.values()]
+    headline(
+        f"{args.minutes} min, WORKERS={args.workers}, "
+        + ("no mail" if args.idle else f"a message every {args.every} s")
+    )
+    figure("messages delivered / replies accepted", f"{delivered[0]} / {replies}")
+    figure(
+        "machine CPU busy (all processes)",
+        f"{(busy_after - busy_before) / max(1, ticks_after - ticks_before):.0%}",
+    )
+    report(summaries)
+    return {
+        "minutes": args.minutes,
+        "warm_up_minutes": args.warm_up,
+        "workers": args.workers,
+        "idle": args.idle,
+        "every_seconds": None if args.idle else args.every,
+        "delivered": delivered[0],
+        "replies": replies,
+        "growth_limit_kb_per_minute": GROWTH_LIMIT_KB_PER_MINUTE,
+        "processes": summaries,
+        "samples_t_rss_kb_cpu_ticks": {label: process.samples for label, process in series.items()},
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--minutes", type=float, default=15.0, help="how long to run after the warm-up message"
+    )
+    parser.add_argument(
+        "--warm-up", type=float, default=3.0, help="minutes of samples left out of the figures"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="WORKERS")
+    parser.add_argument("--every", type=float, default=3.0, help="seconds between two messages")
+    parser.add_argument("--idle", action="store_true", help="deliver nothing: the daemon idles")
+    parser.add_argument("--sample", type=float, default=10.0, help="seconds between two samples")
+    parser.add_argument(
+        "--scratch",
+        default=default_scratch_root(),
+        help="where the index and daemon state go (default /dev/shm)",
+    )
+    args = parser.parse_args(argv)
+    if args.minutes <= args.warm_up:
+        parser.error("--minutes must exceed --warm-up: the slope is taken over what follows it")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)  # the relay's AUTH-without-TLS warning
+    busy = machine_busy_now()
+    if busy > 0.15:
+        print(f"note: the machine was {busy:.0%} busy before the start (other processes)")
+    scratch = Path(tempfile.mkdtemp(prefix="emailops-bench-soak-", dir=args.scratch))
+    try:
+        results = run_soak(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_result("soak-idle" if args.idle else "soak", {"machine_busy_before_start": busy, **results})
+    grows = [item["label"] for item in results["processes"] if item.get("grows")]
+    print(f"\nprocesses that grow: {', '.join(grows) if grows else 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
