@@ -224,6 +224,37 @@ def test_a_message_above_the_size_limit_keeps_its_flags_and_date(dovecot: LocalD
     assert set(str(flags).split()) == {"\\Seen", "\\Flagged"} and truncated and dated
 
 
+@pytest.mark.parametrize("interrupted", ["by its time budget", "after a UIDVALIDITY re-map"])
+def test_flags_changed_while_a_sync_was_unfinished_are_taken(
+    dovecot: LocalDovecot, db_url: str, interrupted: str
+) -> None:
+    """Until a pass completes, no HIGHESTMODSEQ is recorded to ask CHANGEDSINCE from: the pass that
+    completes compares every flag (found by the crash harness: a worker killed after a re-map lost
+    the flag changes made before its replacement's first pass)."""
+    dovecot.create_folder(ALICE, "Projects")
+    for n in range(1, 121):
+        dovecot.append(ALICE, "Projects", message(n))
+    engine = index_engine(db_url)
+    client = connect(imap_config(dovecot))
+    config = sync_config(folders=("Projects",), fetch_batch_messages=50)
+    sync = FolderSync(engine, config, "Projects")
+    if interrupted == "by its time budget":
+        assert not sync.sync(client, budget_seconds=0).complete  # UIDs 1 to 50 indexed
+    else:
+        sync.sync(client)
+        with engine.begin() as conn:  # as left by a worker killed after the re-map's commit
+            conn.exec_driver_sql(
+                "UPDATE folders SET highestmodseq = NULL, uidnext = NULL, server_count = NULL"
+            )
+    with dovecot.imap(ALICE) as other:
+        other.select_folder("Projects")
+        other.add_flags([1], [b"\\Flagged"])
+    while not sync.sync(client).complete:
+        pass
+    assert rows(engine, "SELECT uid, flags FROM messages WHERE flags != ''") == [(1, "\\Flagged")]
+    assert rows(engine, "SELECT count(*) FROM messages") == [(120,)]
+
+
 def test_partial_passes_resume_where_they_stopped(dovecot: LocalDovecot, db_url: str) -> None:
     dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))
     engine = index_engine(db_url)

@@ -229,6 +229,15 @@ class FolderSync:
         status = self.select(client)
         state = self._folder_state()
         condstore = status.highestmodseq is not None
+        # A pass that ended before recording HIGHESTMODSEQ (cut by its time budget, killed, or
+        # killed right after a UIDVALIDITY re-map) left rows whose flags may have changed since
+        # they were fetched, and no MODSEQ to ask CHANGEDSINCE from: all their flags are compared.
+        flags_unknown = (
+            condstore
+            and state.highestmodseq is None
+            and state.uidvalidity == status.uidvalidity
+            and self._has_rows(state.id, status.uidvalidity)
+        )
 
         if state.uidvalidity is None or state.baseline_uidnext is None:
             state = self._begin_first_sync(state, status)
@@ -255,7 +264,7 @@ class FolderSync:
                     return self._finish(report, started)
             if condstore and state.highestmodseq is not None and state.highestmodseq != status.highestmodseq:
                 report.flags_changed += self._flags_since(client, state.id, status, state.highestmodseq)
-            if reconcile and not condstore:
+            if (reconcile and not condstore) or flags_unknown:
                 report.flags_changed += self._reconcile_flags(client, state.id, status)
             # What the server should hold if nothing was expunged: the last count plus the arrivals.
             # A mismatch (or a periodic reconcile without CONDSTORE) compares the UID lists.
@@ -280,6 +289,17 @@ class FolderSync:
                 reconciled=reconcile,
             )
         return self._finish(report, started)
+
+    def _has_rows(self, folder_id: int, uidvalidity: int) -> bool:
+        with reading(self.engine) as conn:
+            return (
+                conn.execute(
+                    select(messages.c.id)
+                    .where(messages.c.folder_id == folder_id, messages.c.uidvalidity == uidvalidity)
+                    .limit(1)
+                ).first()
+                is not None
+            )
 
     def _folder_state(self) -> folder_store.FolderState:
         with reading(self.engine) as conn:
@@ -694,8 +714,10 @@ class FolderSync:
             return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
 
     def _reconcile_flags(self, client: IMAPClient, folder_id: int, status: MailboxStatus) -> int:
+        condstore = status.highestmodseq is not None
         server = {
-            uid: (_flags(meta.flags), None) for uid, meta in fetch_meta(client, "1:*", modseq=False).items()
+            uid: (_flags(meta.flags), meta.modseq)
+            for uid, meta in fetch_meta(client, "1:*", modseq=condstore).items()
         }
         with self.engine.begin() as conn:
             return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
