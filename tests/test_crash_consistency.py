@@ -456,7 +456,7 @@ class CrashHarness:
             left = conn.execute(
                 text(
                     "SELECT 'rules ' || rules_state, count(*) FROM messages "
-                    "WHERE rules_state IN ('pending', 'error') GROUP BY rules_state "
+                    "WHERE rules_state IN ('pending', 'working') GROUP BY rules_state "
                     "UNION ALL SELECT 'outbox ' || state, count(*) FROM outbox "
                     "WHERE state IN ('pending', 'sending') GROUP BY state"
                 )
