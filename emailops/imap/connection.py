@@ -54,14 +54,14 @@ def connect(config: ServerConfig) -> imapclient.IMAPClient:
         else:
             client.login(config.username, config.password)
     except ImapError:
-        _close_quietly(client)
+        _drop_socket(client)
         raise
     except LoginError as exc:
-        _close_quietly(client)
+        _drop_socket(client)
         raise classify_login_failure(str(exc)) from None
     except (OSError, IMAPClientError) as exc:
         # A connection limit is often told by a BYE right at login.
-        _close_quietly(client)
+        _drop_socket(client)
         raise classify_login_failure(f"login to {config.host} interrupted: {exc}") from exc
     # Aware UTC datetimes for INTERNALDATE, not the local time of the machine.
     client.normalise_times = False
@@ -75,7 +75,7 @@ def connect(config: ServerConfig) -> imapclient.IMAPClient:
             # Makes the server report HIGHESTMODSEQ and MODSEQ (RFC 7162 section 3.1).
             client.enable("CONDSTORE")
     except (OSError, IMAPClientError) as exc:
-        close_quietly(client)
+        logout_quietly(client)
         raise ImapTransientError(f"connection to {config.host} lost after login: {exc}") from exc
     return client
 
@@ -141,7 +141,7 @@ def _open(config: ServerConfig) -> imapclient.IMAPClient:
     client = imapclient.IMAPClient(config.host, config.port, ssl=False, timeout=timeout)
     if config.security is TlsSecurity.STARTTLS:
         if not client.has_capability("STARTTLS"):
-            _close_quietly(client)
+            _drop_socket(client)
             raise ImapSecurityError(
                 f"{config.host}:{config.port} does not offer STARTTLS; refusing to log in in plaintext "
                 "(set EMAIL_IMAP_SECURITY=ssl for implicit TLS, or =none only on a trusted network)"
@@ -150,17 +150,18 @@ def _open(config: ServerConfig) -> imapclient.IMAPClient:
     return client
 
 
-def _close_quietly(client: imapclient.IMAPClient) -> None:
+def _drop_socket(client: imapclient.IMAPClient) -> None:
+    """Close the socket without a word to the server (for a connection that is broken or unwanted)."""
     with contextlib.suppress(OSError, IMAPClientError):
         client.shutdown()
 
 
-def close_quietly(client: imapclient.IMAPClient) -> None:
+def logout_quietly(client: imapclient.IMAPClient) -> None:
     """Log out, or just drop the socket when the connection is already broken."""
     try:
         client.logout()
     except (TimeoutError, OSError, IMAPClientError):
-        _close_quietly(client)
+        _drop_socket(client)
 
 
 class SharedConnection:
@@ -186,12 +187,12 @@ class SharedConnection:
 
     def drop(self, client: imapclient.IMAPClient) -> None:
         if client is self.client:
-            _close_quietly(client)
+            _drop_socket(client)
             self.client = None
 
     def close(self) -> None:
         if self.client is not None:
-            close_quietly(self.client)
+            logout_quietly(self.client)
             self.client = None
 
 

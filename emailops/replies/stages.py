@@ -18,8 +18,7 @@ from emailops import metrics
 from emailops.config import ReplyConfig
 from emailops.imap.errors import CONNECTION_ERRORS, ImapError
 from emailops.processes import is_dead_sibling
-from emailops.replies import engine as decisions
-from emailops.replies import imap_actions, outbox
+from emailops.replies import decisions, imap_actions, outbox
 from emailops.replies.delivery import deliver_next, inbound_origin, request_context
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.outbox import OutboxState
