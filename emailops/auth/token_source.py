@@ -23,13 +23,14 @@ import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from tenacity import wait_exponential
 
 from emailops.auth.crypto import TokenCipher
 from emailops.auth.errors import (
@@ -40,6 +41,8 @@ from emailops.auth.errors import (
 )
 from emailops.auth.sasl import sasl_strings
 from emailops.auth.token_endpoint import TokenEndpoint, TokenResponse
+from emailops.backoff import delay_seconds
+from emailops.clock import Clock, utc_now
 from emailops.config import OAuth2Config, OAuth2Flow
 from emailops.replies.outbox import as_utc
 from emailops.store.database import reading
@@ -59,17 +62,14 @@ REFUSED = "refused"
 UNAVAILABLE = "unavailable"
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 def fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def backoff(failures: int, kind: str) -> timedelta:
     first, cap = REFUSED_BACKOFF if kind == REFUSED else UNAVAILABLE_BACKOFF
-    return min(cap, first * 2 ** max(0, failures - 1))
+    strategy = wait_exponential(multiplier=first.total_seconds(), max=cap.total_seconds())
+    return timedelta(seconds=delay_seconds(strategy, failures))
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class TokenSource:
         config: OAuth2Config,
         *,
         endpoint: TokenEndpoint | None = None,
-        clock: Callable[[], datetime] = utc_now,
+        clock: Clock = utc_now,
         on_secret: Callable[[str], None] = lambda _secret: None,
     ) -> None:
         self.engine = engine

@@ -12,7 +12,6 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
@@ -20,6 +19,7 @@ from tenacity import wait_exponential_jitter
 
 from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
 from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism
+from emailops.backoff import delay_seconds
 from emailops.config import AccessTokens, ServerConfig, TlsSecurity
 from emailops.imap.errors import (
     ImapAuthError,
@@ -30,14 +30,7 @@ from emailops.imap.errors import (
     ImapTransientError,
     classify_login_failure,
 )
-
-
-def tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """System CAs, plus ``ca_file`` when given; hostname checking on."""
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    return context
+from emailops.tls import verifying_context
 
 
 def connect(config: ServerConfig) -> imapclient.IMAPClient:
@@ -136,7 +129,7 @@ def _open(config: ServerConfig) -> imapclient.IMAPClient:
     timeout = config.timeout_seconds
     if config.security is TlsSecurity.SSL:
         return imapclient.IMAPClient(
-            config.host, config.port, ssl=True, ssl_context=tls_context(config.ca_file), timeout=timeout
+            config.host, config.port, ssl=True, ssl_context=verifying_context(config.ca_file), timeout=timeout
         )
     client = imapclient.IMAPClient(config.host, config.port, ssl=False, timeout=timeout)
     if config.security is TlsSecurity.STARTTLS:
@@ -146,7 +139,7 @@ def _open(config: ServerConfig) -> imapclient.IMAPClient:
                 f"{config.host}:{config.port} does not offer STARTTLS; refusing to log in in plaintext "
                 "(set EMAIL_IMAP_SECURITY=ssl for implicit TLS, or =none only on a trusted network)"
             )
-        client.starttls(tls_context(config.ca_file))
+        client.starttls(verifying_context(config.ca_file))
     return client
 
 
@@ -220,10 +213,4 @@ class ReconnectPolicy:
             strategy = self.too_many
         else:
             strategy = self.transient
-        return strategy(_Attempt(max(1, failures)))  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    # tenacity's wait strategies read only ``attempt_number`` from the retry state.
-    attempt_number: int
+        return delay_seconds(strategy, failures)

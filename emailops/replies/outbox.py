@@ -34,8 +34,9 @@ import structlog
 from sqlalchemy import ColumnElement, Connection, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from tenacity import RetryCallState, wait_exponential
+from tenacity import wait_exponential
 
+from emailops.backoff import delay_seconds
 from emailops.store.schema import outbox
 
 # 1 min, 2, 4, 8, ... capped at one hour between attempts.
@@ -62,10 +63,8 @@ def as_utc(moment: datetime) -> datetime:
 
 
 def backoff_delay(attempts: int) -> timedelta:
-    """The wait before the next try after ``attempts`` failed tries (tenacity's exponential wait)."""
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = max(1, attempts)
-    return timedelta(seconds=BACKOFF(state))
+    """The wait before the next try after ``attempts`` failed tries."""
+    return timedelta(seconds=delay_seconds(BACKOFF, attempts))
 
 
 @dataclass(frozen=True)
