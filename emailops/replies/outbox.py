@@ -322,10 +322,12 @@ def recover_interrupted(
 ) -> int:
     """Rows left in ``sending`` by dead claimers become ``unknown``; returns how many.
 
-    ``claimers=None`` means every claimer (call it at start-up when no other process can be
-    sending); otherwise only rows claimed by those ids. ``claimed_before`` limits it to claims older
-    than that moment (a send never takes longer than the SMTP timeouts).
+    ``claimers``: only rows claimed by those ids. ``claimed_before``: only claims older than that
+    moment, by any claimer (a send never takes longer than the SMTP timeouts). One of them is
+    required: while the service runs, a claim may belong to a live process.
     """
+    if claimers is None and claimed_before is None:
+        raise ValueError("recover_interrupted needs claimers or claimed_before")
     stmt = update(outbox).where(outbox.c.state == OutboxState.SENDING.value)
     if claimers is not None:
         stmt = stmt.where(outbox.c.claimed_by.in_(claimers))
