@@ -30,6 +30,7 @@ from emailops.imap.errors import (
     ImapTransientError,
     classify_login_failure,
 )
+from emailops.imap.imaplib_internals import silence_imaplib_debug
 from emailops.tls import verifying_context
 
 
@@ -59,10 +60,9 @@ def connect(config: ServerConfig) -> imapclient.IMAPClient:
     # Aware UTC datetimes for INTERNALDATE, not the local time of the machine.
     client.normalise_times = False
     if not logging.getLogger("imapclient.imaplib").isEnabledFor(logging.DEBUG):
-        # imapclient sets imaplib's debug level to 5, at which imaplib formats the repr of every
-        # response, whole messages included, before the logger drops it: a third of the cost of a
-        # bulk fetch. With DEBUG logging on, the protocol lines are still logged.
-        client._imap.debug = 0
+        # imaplib's formatting of every response at imapclient's debug level was a third of the
+        # cost of a bulk fetch. With DEBUG logging on, the protocol lines are still logged.
+        silence_imaplib_debug(client)
     try:
         if client.has_capability("CONDSTORE"):
             # Makes the server report HIGHESTMODSEQ and MODSEQ (RFC 7162 section 3.1).
