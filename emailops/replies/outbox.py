@@ -32,11 +32,10 @@ from typing import Any
 
 import structlog
 from sqlalchemy import ColumnElement, Connection, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from tenacity import wait_exponential
 
 from emailops.backoff import delay_seconds
+from emailops.store.dialect import insert_unless_present, locking
 from emailops.store.schema import outbox
 
 # 1 min, 2, 4, 8, ... capped at one hour between attempts.
@@ -160,16 +159,7 @@ def insert_reply(
         "created_at": now,
         "updated_at": now,
     }
-    if conn.dialect.name == "postgresql":
-        stmt: Any = (
-            pg_insert(outbox).values(**values).on_conflict_do_nothing(constraint="uq_outbox_inbound_rule")
-        )
-    else:
-        stmt = (
-            sqlite_insert(outbox)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["account", "inbound_key", "rule_name"])
-        )
+    stmt = insert_unless_present(conn, outbox, ["account", "inbound_key", "rule_name"]).values(**values)
     new_id = conn.execute(stmt.returning(outbox.c.id)).scalar_one_or_none()
     if new_id is not None:
         return new_id, True
@@ -210,9 +200,7 @@ def claim_next(
         .order_by(outbox.c.next_attempt_at, outbox.c.id)
         .limit(1)
     )
-    postgres = conn.dialect.name == "postgresql"
-    if postgres:
-        due = due.with_for_update(skip_locked=True)
+    due = locking(conn, due, skip_locked=True)
     # On SQLite the transaction already holds the write lock, so the first candidate is ours; the
     # loop only matters if another writer slipped in (it cannot under BEGIN IMMEDIATE).
     for _ in range(3):
