@@ -433,7 +433,7 @@ class PollFigures:
 
 def measure_poll(bench: Bench, folder: str, messages: int) -> PollFigures:
     from emailops.config import ServerConfig, SyncConfig, TlsSecurity
-    from emailops.imap.connection import close_quietly, connect
+    from emailops.imap.connection import connect, logout_quietly
     from emailops.imap.sync import FolderSync
     from emailops.store.database import create_index_engine
 
@@ -466,7 +466,7 @@ def measure_poll(bench: Bench, folder: str, messages: int) -> PollFigures:
                 sync.select(client)
                 select_seconds.append(time.perf_counter() - started)
         finally:
-            close_quietly(client)
+            logout_quietly(client)
             engine.dispose()
     last = traffic[-1]
     return PollFigures(

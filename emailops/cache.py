@@ -7,7 +7,7 @@ an entry never goes stale. When the total passes ``max_bytes`` the least recentl
 
 A file is written in place, and its name says how long it must be: one cut short (a crash, a full
 disk) is not that long and is ignored, as if absent. This costs a third of writing each file to a
-temporary name and renaming it (``<uid>.eml`` files from before are still read).
+temporary name and renaming it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import structlog
 
 log = structlog.get_logger(component="index")
 
-# UID -> (file name, its expected length; None for the old "<uid>.eml" names that carry none).
-CachedCopies = dict[int, tuple[str, int | None]]
+# UID -> (file name, the length its name says).
+CachedCopies = dict[int, tuple[str, int]]
 
 
 class RawMessageCache:
@@ -59,7 +59,7 @@ class RawMessageCache:
                     data = cached.read()
             except OSError:
                 continue
-            if size is None or len(data) == size:
+            if len(data) == size:
                 found[uid] = data
         return found
 
@@ -76,8 +76,8 @@ class RawMessageCache:
         for name in names:
             stem, dot, extension = name.partition(".")
             number, dash, length = stem.partition("-")
-            if extension == "eml" and dot and number.isdigit() and (not dash or length.isdigit()):
-                copies[int(number)] = (name, int(length) if dash else None)
+            if extension == "eml" and dot and dash and number.isdigit() and length.isdigit():
+                copies[int(number)] = (name, int(length))
         return copies
 
     def put_many(self, account: str, folder: str, uidvalidity: int, items: dict[int, bytes]) -> None:

@@ -14,7 +14,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from emailops.cache import RawMessageCache
 from emailops.config import ServerConfig, SyncConfig
-from emailops.imap.connection import close_quietly, connect
+from emailops.imap.connection import connect, logout_quietly
 from emailops.imap.errors import ImapFolderMissingError, ImapTransientError
 from emailops.imap.sync import FolderSync, SyncReport
 from emailops.store import fulltext
@@ -58,7 +58,7 @@ def sync_once(
                 reports.append(SyncReport(folder, complete=False, missing=True))
         return reports
     finally:
-        close_quietly(client)
+        logout_quietly(client)
 
 
 def clear_index(engine: Engine, account: str) -> int:
@@ -104,7 +104,7 @@ def reindex(
         clear_index(engine, config.account)
         return sync_once(engine, server, config, connector=lambda _server: client)
     finally:
-        close_quietly(client)
+        logout_quietly(client)
 
 
 class BackupError(Exception):

@@ -19,9 +19,10 @@ import structlog
 from sqlalchemy import Engine
 
 from emailops.cache import RawMessageCache
+from emailops.clock import Clock, utc_now
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import SharedConnection
-from emailops.imap.sync import Clock, FolderSync, utc_now
+from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import FolderStatus, FolderWatcher
 from emailops.processes import is_dead_sibling
 from emailops.store import folders as folder_store

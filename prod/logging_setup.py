@@ -19,7 +19,6 @@ import contextlib
 import logging
 import logging.handlers
 import multiprocessing
-import smtplib
 import sys
 import threading
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import structlog
 from structlog.typing import EventDict
 
 from prod.redaction import REDACTOR
+from prod.smtplib_debug import route_smtplib_debug_to_logging
 
 if TYPE_CHECKING:
     from prod.runtime_settings import RuntimeSettings
@@ -346,10 +346,6 @@ def _register_secrets(settings: RuntimeSettings) -> None:
         REDACTOR.register(llm_password)
 
 
-def _smtplib_debug_to_logging(self: smtplib.SMTP, *args: Any) -> None:
-    logging.getLogger("smtplib").debug(" ".join(str(arg) for arg in args))
-
-
 def _log_unhandled(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
     logging.getLogger("emailops.unhandled").critical("unhandled exception", exc_info=(exc_type, exc, tb))
 
@@ -424,7 +420,7 @@ def configure_logging(
     )
     logging.captureWarnings(True)
     # smtplib prints its debug output (AUTH lines included) to stderr; route it through the pipeline.
-    smtplib.SMTP._print_debug = _smtplib_debug_to_logging  # type: ignore[attr-defined]
+    route_smtplib_debug_to_logging()
     sys.excepthook = _log_unhandled
     threading.excepthook = _log_unhandled_in_thread
     return pipeline

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
+from tenacity import wait_exponential
+
+from emailops.backoff import delay_seconds
 from emailops.processes import new_run_id
 from prod import heartbeat as state_file
 from prod import worker_status
@@ -75,8 +78,8 @@ class RestartPolicy:
     stable_after_seconds: float = 10.0
 
     def delay(self, consecutive_failures: int) -> float:
-        exponent = max(consecutive_failures - 1, 0)
-        return min(self.base_delay_seconds * 2**exponent, self.max_delay_seconds)
+        strategy = wait_exponential(multiplier=self.base_delay_seconds, max=self.max_delay_seconds)
+        return delay_seconds(strategy, consecutive_failures)
 
 
 @dataclass

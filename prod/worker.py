@@ -41,6 +41,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tenacity import wait_exponential
+
+from emailops.backoff import delay_seconds
+
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
 
@@ -58,8 +62,8 @@ EXIT_OK = 0
 EXIT_BOOT_FAILURE = 3
 EXIT_ORPHANED = 4
 
-ERROR_BACKOFF_INITIAL_SECONDS = 1.0
-ERROR_BACKOFF_MAX_SECONDS = 30.0
+# After a failed iteration: 1 s, doubling, at most 30 s.
+ERROR_BACKOFF = wait_exponential(multiplier=1.0, max=30.0)
 # Sleeps are cut into slices this long, so that stop requests and heartbeats are never late.
 _SLICE_SECONDS = 0.25
 
@@ -87,7 +91,7 @@ def load_factory(target: str) -> WorkUnitFactory:
 def error_backoff_seconds(consecutive_failures: int) -> float:
     if consecutive_failures <= 0:
         return 0.0
-    return min(ERROR_BACKOFF_INITIAL_SECONDS * 2 ** (consecutive_failures - 1), ERROR_BACKOFF_MAX_SECONDS)
+    return delay_seconds(ERROR_BACKOFF, consecutive_failures)
 
 
 class WorkerLoop:

@@ -43,7 +43,7 @@ SITES: dict[str, tuple[str, str, str]] = {
     "resync": ("emailops.store.messages", "remap_uidvalidity", "after"),  # UIDVALIDITY re-map
     "flags": ("emailops.store.messages", "update_flags", "after"),
     "expunge": ("emailops.store.messages", "mark_expunged", "after"),
-    "rules": ("emailops.replies.engine", "apply_rules", "after"),  # decided, not committed
+    "rules": ("emailops.replies.decisions", "apply_rules", "after"),  # decided, not committed
     "send": ("emailops.replies.smtp_sender.SmtpSender", "send", "before"),  # claimed, nothing sent
     "accepted": ("emailops.replies.outbox", "mark_sent", "before"),  # the server said 250
 }

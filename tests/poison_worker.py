@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from emailops.pipeline import MailPipeline
-from emailops.replies import engine as decisions
+from emailops.replies import decisions
 from prod import mail_worker
 from prod.runtime_settings import RuntimeSettings
 

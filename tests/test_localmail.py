@@ -34,7 +34,7 @@ def message(subject: str, body: str = "Hello.", to: str = ALICE) -> bytes:
 def subjects(server: LocalDovecot, user: str, folder: str = "INBOX") -> list[str]:
     with server.imap(user) as client:
         client.select_folder(folder, readonly=True)
-        fetched = client.fetch("1:*", [b"BODY.PEEK[HEADER.FIELDS (SUBJECT)]"])
+        fetched = client.fetch(client.search("ALL"), [b"BODY.PEEK[HEADER.FIELDS (SUBJECT)]"])
     headers = [fetched[uid][b"BODY[HEADER.FIELDS (SUBJECT)]"] for uid in sorted(fetched)]
     return [header.decode().removeprefix("Subject: ").strip() for header in headers]
 
@@ -144,7 +144,7 @@ def test_kill_drops_only_the_chosen_users_connections(dovecot: LocalDovecot) -> 
 
         assert dovecot.kill_imap_connections(ALICE) == 1
         with pytest.raises((imaplib.IMAP4.abort, OSError)):
-            alice.fetch("1:*", [b"BODY.PEEK[]"])
+            alice.fetch([1], [b"BODY.PEEK[]"])
         assert bob.noop()[0] is not None
     assert dovecot.imap_process_ids(ALICE) == []
 

@@ -163,7 +163,9 @@ def test_interrupted_sends_become_unknown_and_are_not_resent(engine: Engine) -> 
     assert state(engine, other).state is OutboxState.SENDING
     with engine.begin() as conn:
         assert outbox.recover_interrupted(conn, now=T0, claimed_before=T0 - timedelta(minutes=1)) == 0
-        assert outbox.recover_interrupted(conn, now=T0) == 1
+        assert outbox.recover_interrupted(conn, now=T0, claimed_before=T0 + timedelta(minutes=1)) == 1
+        with pytest.raises(ValueError):  # no filter: a live process's claim would be taken too
+            outbox.recover_interrupted(conn, now=T0)
     assert state(engine, other).state is OutboxState.UNKNOWN
     assert claim(engine, now=T0 + timedelta(days=1)) is None
     assert "may or may not" in (state(engine, mine).last_error or "")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from emailops.replies import engine as decisions
+from emailops.replies import decisions
 from prod.localmail.dovecot import LocalDovecot
 from prod.localmail.smtp_relay import LocalSmtpRelay
 from tests.index_helpers import ALICE, daemon_env

@@ -6,7 +6,7 @@ import pytest
 from imapclient import DELETED, DRAFT, FLAGGED, SEEN
 
 from emailops.replies import imap_actions
-from emailops.replies.engine import MailboxAction, MailboxActionKind
+from emailops.replies.decisions import MailboxAction, MailboxActionKind
 from emailops.replies.mailbox import MailboxSession
 from prod.localmail.dovecot import LocalDovecot
 from tests.conftest import MAIL_USERS

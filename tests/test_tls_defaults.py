@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from emailops.config import TlsSecurity
-from emailops.imap.connection import close_quietly, connect
+from emailops.imap.connection import connect, logout_quietly
 from emailops.imap.errors import ImapSecurityError
 from emailops.replies.smtp_sender import SmtpSecurityError, SmtpSender
 from prod.localmail.certs import make_test_certificates
@@ -71,11 +71,11 @@ def test_a_certificate_from_the_trusted_ca_for_another_host_name_is_refused(tmp_
         env = production_env(dovecot, tmp_path, EMAIL_TLS_CA_FILE=str(dovecot.ca_file))
         settings = settings_from(env)
         with pytest.raises(ImapSecurityError, match=r"match|mismatch"):
-            close_quietly(connect(settings.imap_config()))
+            logout_quietly(connect(settings.imap_config()))
         assert dovecot.imaps_port is not None
         implicit = replace(settings.imap_config(), port=dovecot.imaps_port, security=TlsSecurity.SSL)
         with pytest.raises(ImapSecurityError, match=r"match|mismatch"):
-            close_quietly(connect(implicit))
+            logout_quietly(connect(implicit))
 
 
 def test_smtp_default_is_starttls_and_refuses_a_certificate_for_another_host(

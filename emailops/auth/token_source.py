@@ -23,13 +23,12 @@ import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Engine, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from tenacity import wait_exponential
 
 from emailops.auth.crypto import TokenCipher
 from emailops.auth.errors import (
@@ -40,9 +39,12 @@ from emailops.auth.errors import (
 )
 from emailops.auth.sasl import sasl_strings
 from emailops.auth.token_endpoint import TokenEndpoint, TokenResponse
+from emailops.backoff import delay_seconds
+from emailops.clock import Clock, utc_now
 from emailops.config import OAuth2Config, OAuth2Flow
 from emailops.replies.outbox import as_utc
 from emailops.store.database import reading
+from emailops.store.dialect import insert_unless_present, locking
 from emailops.store.schema import oauth2_tokens
 
 log = structlog.get_logger(component="auth")
@@ -59,17 +61,14 @@ REFUSED = "refused"
 UNAVAILABLE = "unavailable"
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 def fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def backoff(failures: int, kind: str) -> timedelta:
     first, cap = REFUSED_BACKOFF if kind == REFUSED else UNAVAILABLE_BACKOFF
-    return min(cap, first * 2 ** max(0, failures - 1))
+    strategy = wait_exponential(multiplier=first.total_seconds(), max=cap.total_seconds())
+    return timedelta(seconds=delay_seconds(strategy, failures))
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ class TokenSource:
         config: OAuth2Config,
         *,
         endpoint: TokenEndpoint | None = None,
-        clock: Callable[[], datetime] = utc_now,
+        clock: Clock = utc_now,
         on_secret: Callable[[str], None] = lambda _secret: None,
     ) -> None:
         self.engine = engine
@@ -311,8 +310,8 @@ class TokenSource:
 
     def _row(self, conn: Connection, *, lock: bool = False) -> Any:
         query = select(oauth2_tokens).where(oauth2_tokens.c.account == self.config.account)
-        if lock and conn.dialect.name == "postgresql":
-            query = query.with_for_update()
+        if lock:
+            query = locking(conn, query)
         return conn.execute(query).first()
 
     def _seed_fingerprint(self) -> str | None:
@@ -325,9 +324,8 @@ class TokenSource:
         now = self.clock()
         seed = self.config.initial_refresh_token
         seed_print = self._seed_fingerprint()
-        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
         conn.execute(
-            insert(oauth2_tokens)
+            insert_unless_present(conn, oauth2_tokens, ["account"])
             .values(
                 account=self.config.account,
                 flow=self.config.flow.value,
@@ -336,7 +334,6 @@ class TokenSource:
                 failures=0,
                 updated_at=now,
             )
-            .on_conflict_do_nothing(index_elements=["account"])
         )
         if seed is None:
             return

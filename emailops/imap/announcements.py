@@ -5,7 +5,7 @@ after it. imaplib keeps such untagged answers in ``untagged_responses`` where no
 looks, or has already read them into its buffer, where ``IMAPClient.idle_check()`` (which waits on
 the socket) never looks. Both are checked before and while idling, or a message that arrived during
 a sync pass would wait for the next poll. These are the only reads of imaplib's state below
-imapclient besides the bulk fetch (``bulk_fetch.py``).
+imapclient besides the bulk fetch (``bulk_fetch.py``), both through ``imaplib_internals``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from enum import Enum
 
 from imapclient import IMAPClient
 
+from emailops.imap.imaplib_internals import read_ahead_buffer, set_aside_answers
+
 # Untagged answers that tell of a change in the selected folder.
 CHANGE_ANSWERS = ("EXISTS", "EXPUNGE", "RECENT", "FETCH", "VANISHED")
 
 
 def forget_unsolicited(client: IMAPClient) -> bool:
     """Drop the change announcements imaplib set aside during our own commands; True if any."""
-    stash = client._imap.untagged_responses
+    stash = set_aside_answers(client)
     return bool([stash.pop(kind) for kind in CHANGE_ANSWERS if kind in stash])
 
 
@@ -41,7 +43,7 @@ def pending_input(client: IMAPClient) -> PendingInput:
     timeout = sock.gettimeout()
     sock.setblocking(False)
     try:
-        peeked = client._imap.file.peek(1)
+        peeked = read_ahead_buffer(client).peek(1)
     except (BlockingIOError, ssl.SSLWantReadError):
         return PendingInput.NOTHING
     except OSError:

@@ -2,9 +2,10 @@
 
 imapclient parses every FETCH answer token by token in Python; for the bodies and sizes of
 thousands of messages that doubled the cost of an initial sync. The same connection's stdlib
-``imaplib.IMAP4.uid('FETCH', ...)`` already splits the answer into each message's head and its
-literal, and the few items we ask for around it are read here with regular expressions.
-Everything else still goes through imapclient.
+``imaplib.IMAP4.uid('FETCH', ...)`` (reached through ``imaplib_internals``) already splits the
+answer into each message's head and its literal, and the few items we ask for around it are read
+here with regular expressions. It also takes any message set, ``N:*`` included, which imapclient
+4's ``fetch()`` refuses. Everything else still goes through imapclient.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from imapclient import IMAPClient
+
+from emailops.imap.imaplib_internals import uid_command
 
 _UID = re.compile(rb"\bUID (\d+)")
 _FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
@@ -52,8 +55,7 @@ def message_set(uids: Iterable[int]) -> str:
 
 
 def _fetch(client: IMAPClient, messages: str, items: str) -> list[object]:
-    # imapclient keeps the stdlib connection it drives; its public uid() is what we call.
-    typ, data = client._imap.uid("FETCH", messages, items)
+    typ, data = uid_command(client, "FETCH", messages, items)
     if typ != "OK":
         raise BulkFetchError(f"UID FETCH {items} failed: {data!r}")
     return [item for item in data if item is not None]

@@ -12,7 +12,6 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
@@ -20,6 +19,7 @@ from tenacity import wait_exponential_jitter
 
 from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
 from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism
+from emailops.backoff import delay_seconds
 from emailops.config import AccessTokens, ServerConfig, TlsSecurity
 from emailops.imap.errors import (
     ImapAuthError,
@@ -30,14 +30,8 @@ from emailops.imap.errors import (
     ImapTransientError,
     classify_login_failure,
 )
-
-
-def tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """System CAs, plus ``ca_file`` when given; hostname checking on."""
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    return context
+from emailops.imap.imaplib_internals import silence_imaplib_debug
+from emailops.tls import verifying_context
 
 
 def connect(config: ServerConfig) -> imapclient.IMAPClient:
@@ -54,28 +48,27 @@ def connect(config: ServerConfig) -> imapclient.IMAPClient:
         else:
             client.login(config.username, config.password)
     except ImapError:
-        _close_quietly(client)
+        _drop_socket(client)
         raise
     except LoginError as exc:
-        _close_quietly(client)
+        _drop_socket(client)
         raise classify_login_failure(str(exc)) from None
     except (OSError, IMAPClientError) as exc:
         # A connection limit is often told by a BYE right at login.
-        _close_quietly(client)
+        _drop_socket(client)
         raise classify_login_failure(f"login to {config.host} interrupted: {exc}") from exc
     # Aware UTC datetimes for INTERNALDATE, not the local time of the machine.
     client.normalise_times = False
     if not logging.getLogger("imapclient.imaplib").isEnabledFor(logging.DEBUG):
-        # imapclient sets imaplib's debug level to 5, at which imaplib formats the repr of every
-        # response, whole messages included, before the logger drops it: a third of the cost of a
-        # bulk fetch. With DEBUG logging on, the protocol lines are still logged.
-        client._imap.debug = 0
+        # imaplib's formatting of every response at imapclient's debug level was a third of the
+        # cost of a bulk fetch. With DEBUG logging on, the protocol lines are still logged.
+        silence_imaplib_debug(client)
     try:
         if client.has_capability("CONDSTORE"):
             # Makes the server report HIGHESTMODSEQ and MODSEQ (RFC 7162 section 3.1).
             client.enable("CONDSTORE")
     except (OSError, IMAPClientError) as exc:
-        close_quietly(client)
+        logout_quietly(client)
         raise ImapTransientError(f"connection to {config.host} lost after login: {exc}") from exc
     return client
 
@@ -136,31 +129,32 @@ def _open(config: ServerConfig) -> imapclient.IMAPClient:
     timeout = config.timeout_seconds
     if config.security is TlsSecurity.SSL:
         return imapclient.IMAPClient(
-            config.host, config.port, ssl=True, ssl_context=tls_context(config.ca_file), timeout=timeout
+            config.host, config.port, ssl=True, ssl_context=verifying_context(config.ca_file), timeout=timeout
         )
     client = imapclient.IMAPClient(config.host, config.port, ssl=False, timeout=timeout)
     if config.security is TlsSecurity.STARTTLS:
         if not client.has_capability("STARTTLS"):
-            _close_quietly(client)
+            _drop_socket(client)
             raise ImapSecurityError(
                 f"{config.host}:{config.port} does not offer STARTTLS; refusing to log in in plaintext "
                 "(set EMAIL_IMAP_SECURITY=ssl for implicit TLS, or =none only on a trusted network)"
             )
-        client.starttls(tls_context(config.ca_file))
+        client.starttls(verifying_context(config.ca_file))
     return client
 
 
-def _close_quietly(client: imapclient.IMAPClient) -> None:
+def _drop_socket(client: imapclient.IMAPClient) -> None:
+    """Close the socket without a word to the server (for a connection that is broken or unwanted)."""
     with contextlib.suppress(OSError, IMAPClientError):
         client.shutdown()
 
 
-def close_quietly(client: imapclient.IMAPClient) -> None:
+def logout_quietly(client: imapclient.IMAPClient) -> None:
     """Log out, or just drop the socket when the connection is already broken."""
     try:
         client.logout()
     except (TimeoutError, OSError, IMAPClientError):
-        _close_quietly(client)
+        _drop_socket(client)
 
 
 class SharedConnection:
@@ -186,12 +180,12 @@ class SharedConnection:
 
     def drop(self, client: imapclient.IMAPClient) -> None:
         if client is self.client:
-            _close_quietly(client)
+            _drop_socket(client)
             self.client = None
 
     def close(self) -> None:
         if self.client is not None:
-            close_quietly(self.client)
+            logout_quietly(self.client)
             self.client = None
 
 
@@ -219,10 +213,4 @@ class ReconnectPolicy:
             strategy = self.too_many
         else:
             strategy = self.transient
-        return strategy(_Attempt(max(1, failures)))  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    # tenacity's wait strategies read only ``attempt_number`` from the retry state.
-    attempt_number: int
+        return delay_seconds(strategy, failures)

@@ -22,11 +22,10 @@ import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import structlog
 from imapclient import IMAPClient
@@ -35,6 +34,7 @@ from sqlalchemy import Engine, select
 
 from emailops import metrics
 from emailops.cache import CachedCopies, RawMessageCache
+from emailops.clock import Clock, utc_now
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_meta, fetch_sizes, message_set
@@ -56,12 +56,6 @@ BATCHES_IN_FLIGHT = 3
 # How much of an oversized message's text is fetched and indexed.
 PARTIAL_TEXT_BYTES = 1024 * 1024
 _MESSAGE_ID = re.compile(rb"<[^<>\s]+>")
-
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from imapclient import IMAPClient
 from emailops import metrics
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import PendingInput, forget_unsolicited, pending_input
-from emailops.imap.connection import ReconnectPolicy, SharedConnection, close_quietly, connect
+from emailops.imap.connection import ReconnectPolicy, SharedConnection, connect, logout_quietly
 from emailops.imap.errors import (
     CONNECTION_ERRORS,
     ImapAuthError,
@@ -158,7 +158,7 @@ class FolderWatcher:
             if self.idling:
                 with contextlib.suppress(*CONNECTION_ERRORS):
                     self.client.idle_done()
-            close_quietly(self.client)
+            logout_quietly(self.client)
         self.client = None
         self.idling = False
 

@@ -1,6 +1,6 @@
 """The decision's side of a model's reply: record the job, in the rules' transaction.
 
-The decision (``replies.engine.apply_rules``) has already run the robot checks and the limits and
+The decision (``replies.decisions.apply_rules``) has already run the robot checks and the limits and
 composed the reply once without text, which fixed its recipient and subject from the inbound
 headers; the model is never called inside it. What the job keeps is all the call needs: the
 rendered prompt (the message text in it bounded), the model and its parameters.

@@ -30,12 +30,11 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
 
 from emailops.replies.outbox import as_utc
 from emailops.store.db_clock import db_now
+from emailops.store.dialect import insert_unless_present, locking, serialise_on
 from emailops.store.schema import llm_calls, llm_jobs
 
 MAX_ERROR_CHARS = 2000
@@ -150,16 +149,7 @@ def insert_job(
         "created_at": now,
         "updated_at": now,
     }
-    if conn.dialect.name == "postgresql":
-        stmt: Any = (
-            pg_insert(llm_jobs).values(**values).on_conflict_do_nothing(constraint="uq_llm_jobs_inbound_rule")
-        )
-    else:
-        stmt = (
-            sqlite_insert(llm_jobs)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["account", "inbound_key", "rule_name"])
-        )
+    stmt = insert_unless_present(conn, llm_jobs, ["account", "inbound_key", "rule_name"]).values(**values)
     new_id = conn.execute(stmt.returning(llm_jobs.c.id)).scalar_one_or_none()
     if new_id is not None:
         return new_id, True
@@ -209,11 +199,7 @@ def working_claimers(conn: Connection, *, account: str) -> list[str]:
 def lock_budget(conn: Connection, *, account: str) -> None:
     """Serialise claims of the account's jobs until the transaction ends (PostgreSQL; SQLite's
     ``BEGIN IMMEDIATE`` already does), so the budget is counted and spent by one worker at a time."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-            {"key": f"emailops.llm-budget:{account}"},
-        )
+    serialise_on(conn, f"emailops.llm-budget:{account}")
 
 
 def calls_in_last_hour(conn: Connection, *, account: str) -> int:
@@ -262,8 +248,7 @@ def claim_next(
     in the budget. The caller checks the budget first, under ``lock_budget``. Commit right after."""
     stale = _stale(conn, claim_timeout, dead_claimers)
     due = _due(conn, account, stale).order_by(llm_jobs.c.next_attempt_at, llm_jobs.c.id).limit(1)
-    if conn.dialect.name == "postgresql":
-        due = due.with_for_update(skip_locked=True)
+    due = locking(conn, due, skip_locked=True)
     job_id = conn.execute(due).scalar_one_or_none()
     if job_id is None:
         return None
@@ -315,9 +300,7 @@ def mark_done(conn: Connection, job: LlmJob, *, outbox_id: int) -> bool:
 
 def still_claimed(conn: Connection, job: LlmJob) -> bool:
     """Lock and check the claim (PostgreSQL: the row stays locked until the transaction ends)."""
-    stmt = select(llm_jobs.c.id).where(_fenced(job))
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
+    stmt = locking(conn, select(llm_jobs.c.id).where(_fenced(job)))
     return conn.execute(stmt).first() is not None
 
 

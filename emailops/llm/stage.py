@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import structlog
 from sqlalchemy import Connection, Engine
+from tenacity import wait_exponential
 
 from emailops import metrics
+from emailops.backoff import delay_seconds
+from emailops.clock import Clock, utc_now
 from emailops.config import LlmConfig, ReplyConfig
 from emailops.llm import jobs
 from emailops.llm.client import ChatClient, ChatRequest, Completion, LlmError
@@ -34,14 +36,9 @@ from emailops.store.database import reading
 
 log = structlog.get_logger(component="llm")
 
-Clock = Callable[[], datetime]
 # How often an idle stage looks for due jobs, and how often "budget spent" is logged.
 POLL_SECONDS = 1.0
 BUDGET_LOG_SECONDS = 300.0
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class _Call:
@@ -87,7 +84,7 @@ class LlmStage:
         config: ReplyConfig,
         client: ChatClient,
         dead_runs: tuple[str, ...] = (),
-        clock: Clock = _utc_now,
+        clock: Clock = utc_now,
     ) -> None:
         assert config.llm is not None, "the model stage needs LlmConfig"
         self.engine = engine
@@ -295,5 +292,6 @@ class LlmStage:
         """The server's Retry-After when it gave one (at most a day), else exponential backoff."""
         if retry_after is not None:
             return timedelta(seconds=min(retry_after, 86400.0))
-        seconds = self.llm.backoff_initial_seconds * 2 ** max(0, attempts - 1)
-        return timedelta(seconds=min(seconds, self.llm.backoff_max_seconds))
+        llm = self.llm
+        strategy = wait_exponential(multiplier=llm.backoff_initial_seconds, max=llm.backoff_max_seconds)
+        return timedelta(seconds=delay_seconds(strategy, attempts))

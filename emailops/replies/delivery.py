@@ -8,14 +8,13 @@ dead claimer of this host, after ``STALE_CLAIM`` for others).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy import Connection, Engine
 
 from emailops import metrics
+from emailops.clock import Clock, utc_now
 from emailops.replies import outbox
 from emailops.replies.outbox import OutboxRow, OutboxState
 from emailops.replies.smtp_sender import (
@@ -27,10 +26,6 @@ from emailops.replies.smtp_sender import (
 )
 from emailops.request_ids import request_id
 from emailops.store import messages as message_store
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,7 @@ def deliver_next(
     envelope_from: str,
     max_attempts: int,
     account: str | None = None,
-    clock: Callable[[], datetime] = _utcnow,
+    clock: Clock = utc_now,
 ) -> DeliveryResult | None:
     """Deliver the next due ``send`` reply, or return ``None`` when nothing is due."""
     with engine.begin() as conn:

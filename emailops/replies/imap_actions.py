@@ -11,7 +11,7 @@ from datetime import datetime
 
 from imapclient import DELETED, DRAFT, FLAGGED, SEEN, IMAPClient
 
-from emailops.replies.engine import MailboxAction, MailboxActionKind
+from emailops.replies.decisions import MailboxAction, MailboxActionKind
 
 
 def add_flags(client: IMAPClient, uid: int, flags: Iterable[bytes | str] = (FLAGGED,)) -> None:

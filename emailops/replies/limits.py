@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, func, select
 
 from emailops.config import ReplyConfig
 from emailops.llm.jobs import OPEN_STATES
+from emailops.store.dialect import serialise_on
 from emailops.store.schema import llm_jobs, outbox
 
 _COUNTED = ((outbox, outbox.c.state != "cancelled"), (llm_jobs, llm_jobs.c.state.in_(OPEN_STATES)))
@@ -30,11 +31,7 @@ _COUNTED = ((outbox, outbox.c.state != "cancelled"), (llm_jobs, llm_jobs.c.state
 
 def lock_recipient(conn: Connection, *, account: str, recipient: str) -> None:
     """Serialise reply decisions for one recipient until the transaction ends (PostgreSQL only)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-            {"key": f"emailops.reply:{account}:{recipient}"},
-        )
+    serialise_on(conn, f"emailops.reply:{account}:{recipient}")
 
 
 def _count(

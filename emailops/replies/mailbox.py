@@ -16,7 +16,7 @@ from collections.abc import Callable
 from imapclient import IMAPClient
 
 from emailops.config import ServerConfig
-from emailops.imap.connection import close_quietly, connect
+from emailops.imap.connection import connect, logout_quietly
 from emailops.imap.errors import CONNECTION_ERRORS
 
 
@@ -70,6 +70,6 @@ class MailboxSession:
 
     def close(self) -> None:
         if self._client is not None:
-            close_quietly(self._client)
+            logout_quietly(self._client)
         self._client = None
         self._selected = None

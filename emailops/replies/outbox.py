@@ -32,10 +32,10 @@ from typing import Any
 
 import structlog
 from sqlalchemy import ColumnElement, Connection, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from tenacity import RetryCallState, wait_exponential
+from tenacity import wait_exponential
 
+from emailops.backoff import delay_seconds
+from emailops.store.dialect import insert_unless_present, locking
 from emailops.store.schema import outbox
 
 # 1 min, 2, 4, 8, ... capped at one hour between attempts.
@@ -62,10 +62,8 @@ def as_utc(moment: datetime) -> datetime:
 
 
 def backoff_delay(attempts: int) -> timedelta:
-    """The wait before the next try after ``attempts`` failed tries (tenacity's exponential wait)."""
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = max(1, attempts)
-    return timedelta(seconds=BACKOFF(state))
+    """The wait before the next try after ``attempts`` failed tries."""
+    return timedelta(seconds=delay_seconds(BACKOFF, attempts))
 
 
 @dataclass(frozen=True)
@@ -161,16 +159,7 @@ def insert_reply(
         "created_at": now,
         "updated_at": now,
     }
-    if conn.dialect.name == "postgresql":
-        stmt: Any = (
-            pg_insert(outbox).values(**values).on_conflict_do_nothing(constraint="uq_outbox_inbound_rule")
-        )
-    else:
-        stmt = (
-            sqlite_insert(outbox)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["account", "inbound_key", "rule_name"])
-        )
+    stmt = insert_unless_present(conn, outbox, ["account", "inbound_key", "rule_name"]).values(**values)
     new_id = conn.execute(stmt.returning(outbox.c.id)).scalar_one_or_none()
     if new_id is not None:
         return new_id, True
@@ -211,9 +200,7 @@ def claim_next(
         .order_by(outbox.c.next_attempt_at, outbox.c.id)
         .limit(1)
     )
-    postgres = conn.dialect.name == "postgresql"
-    if postgres:
-        due = due.with_for_update(skip_locked=True)
+    due = locking(conn, due, skip_locked=True)
     # On SQLite the transaction already holds the write lock, so the first candidate is ours; the
     # loop only matters if another writer slipped in (it cannot under BEGIN IMMEDIATE).
     for _ in range(3):
@@ -323,10 +310,12 @@ def recover_interrupted(
 ) -> int:
     """Rows left in ``sending`` by dead claimers become ``unknown``; returns how many.
 
-    ``claimers=None`` means every claimer (call it at start-up when no other process can be
-    sending); otherwise only rows claimed by those ids. ``claimed_before`` limits it to claims older
-    than that moment (a send never takes longer than the SMTP timeouts).
+    ``claimers``: only rows claimed by those ids. ``claimed_before``: only claims older than that
+    moment, by any claimer (a send never takes longer than the SMTP timeouts). One of them is
+    required: while the service runs, a claim may belong to a live process.
     """
+    if claimers is None and claimed_before is None:
+        raise ValueError("recover_interrupted needs claimers or claimed_before")
     stmt = update(outbox).where(outbox.c.state == OutboxState.SENDING.value)
     if claimers is not None:
         stmt = stmt.where(outbox.c.claimed_by.in_(claimers))

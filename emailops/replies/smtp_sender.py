@@ -32,6 +32,7 @@ import structlog
 from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
 from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism, oauthbearer, xoauth2
 from emailops.config import AccessTokens, ServerConfig, TlsSecurity
+from emailops.tls import verifying_context
 
 
 class SmtpSendError(Exception):
@@ -61,15 +62,6 @@ class PermanentSendError(SmtpSendError):
 
 class UncertainSendError(SmtpSendError):
     """Transmitted, but the final answer never came: the message may have been delivered."""
-
-
-def tls_context(config: ServerConfig) -> ssl.SSLContext:
-    """Verifying context: system CAs plus ``config.ca_file`` (create_default_context alone would
-    drop the system CAs when given a cafile)."""
-    context = ssl.create_default_context()
-    if config.ca_file is not None:
-        context.load_verify_locations(cafile=str(config.ca_file))
-    return context
 
 
 def _reply_text(raw: bytes | str) -> str:
@@ -131,7 +123,7 @@ class SmtpSender:
                     cfg.port,
                     local_hostname=self.local_hostname,
                     timeout=cfg.timeout_seconds,
-                    context=tls_context(cfg),
+                    context=verifying_context(cfg.ca_file),
                 )
             else:
                 smtp = smtplib.SMTP(
@@ -145,7 +137,7 @@ class SmtpSender:
                     raise SmtpSecurityError(
                         f"{cfg.host}:{cfg.port} does not offer STARTTLS; refusing to send in plaintext"
                     )
-                smtp.starttls(context=tls_context(cfg))
+                smtp.starttls(context=verifying_context(cfg.ca_file))
                 smtp.ehlo()
             if smtp.has_extn("auth") and cfg.username:
                 if cfg.tokens is not None:

@@ -8,18 +8,17 @@ quarantined after a few attempts), and outbox rows are claimed atomically.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import structlog
 from sqlalchemy import Connection, Engine
 
 from emailops import metrics
+from emailops.clock import Clock, utc_now
 from emailops.config import ReplyConfig
 from emailops.imap.errors import CONNECTION_ERRORS, ImapError
 from emailops.processes import is_dead_sibling
-from emailops.replies import engine as decisions
-from emailops.replies import imap_actions, outbox
+from emailops.replies import decisions, imap_actions, outbox
 from emailops.replies.delivery import deliver_next, inbound_origin, request_context
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.outbox import OutboxState
@@ -34,7 +33,6 @@ from emailops.store.quarantine import QuarantinedMessage
 
 log = structlog.get_logger(component="rules")
 
-Clock = Callable[[], datetime]
 
 # A claim older than this is from a process that died while sending (a send never lasts this long).
 STALE_CLAIM = timedelta(minutes=10)
@@ -44,10 +42,6 @@ OUTBOX_COUNT_SECONDS = 15.0
 # Set on an inbound message once a reply to it is recorded. The mailbox outlives the database: after
 # a restore from an older backup, or a new index, a message carrying it is never answered again.
 AUTO_REPLIED_KEYWORD = "$AutoReplied"
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class RulesStage:
@@ -63,7 +57,7 @@ class RulesStage:
         claimer: str | None = None,
         dead_runs: tuple[str, ...] = (),
         rules: RuleSetCache | None = None,
-        clock: Clock = _utc_now,
+        clock: Clock = utc_now,
         batch: int = 50,
         budget_seconds: float = 1.0,
     ) -> None:
@@ -253,7 +247,7 @@ class OutboxStage:
         sender: SmtpSender,
         mailbox: MailboxSession,
         dead_runs: tuple[str, ...] = (),
-        clock: Clock = _utc_now,
+        clock: Clock = utc_now,
         budget_seconds: float = 1.0,
     ) -> None:
         self.engine = engine

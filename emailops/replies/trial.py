@@ -20,8 +20,7 @@ from emailops.llm import jobs
 from emailops.llm.client import ChatClient, ChatRequest, LlmError
 from emailops.llm.prompt import EmptyReplyError, chat_messages, reply_text
 from emailops.mime.model import ParsedMessage
-from emailops.replies import engine as decisions
-from emailops.replies import outbox
+from emailops.replies import decisions, outbox
 from emailops.replies.compose import build_reply
 from emailops.rules.model import RuleSet
 

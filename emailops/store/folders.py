@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Insert, Update, and_, case, or_, select, update
+from sqlalchemy import Connection, Update, and_, case, or_, select, update
 
 from emailops.store.db_clock import db_now
+from emailops.store.dialect import insert_unless_present
 from emailops.store.schema import folders
 
 
@@ -42,23 +43,11 @@ def ensure_folder(conn: Connection, account: str, name: str) -> FolderState:
     state = get_folder(conn, account, name)
     if state is not None:
         return state
-    insert = _insert_ignore(conn).values(account=account, name=name)
+    insert = insert_unless_present(conn, folders, ["account", "name"]).values(account=account, name=name)
     conn.execute(insert)
     state = get_folder(conn, account, name)
     assert state is not None
     return state
-
-
-def _insert_ignore(conn: Connection) -> Insert:
-    # Each dialect's module is imported when used: the PostgreSQL one alone is a tenth of a
-    # second of every start on SQLite.
-    if conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects import sqlite
-
-        return sqlite.insert(folders).on_conflict_do_nothing(index_elements=["account", "name"])
-    from sqlalchemy.dialects import postgresql
-
-    return postgresql.insert(folders).on_conflict_do_nothing(index_elements=["account", "name"])
 
 
 def get_folder(conn: Connection, account: str, name: str) -> FolderState | None:

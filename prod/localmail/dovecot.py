@@ -511,12 +511,6 @@ class LocalDovecot:
     def users(self) -> dict[str, str]:
         return dict(self._users)
 
-    def add_user(self, user: str, password: str) -> None:
-        """Add or change an account; a running instance sees it at the next login."""
-        self._check_credentials(user, password)
-        self._users[user] = password
-        self._write_passwd_file()
-
     def password(self, user: str) -> str:
         try:
             return self._users[user]

@@ -165,17 +165,6 @@ class LocalOAuth2Server:
         with self._lock:
             next(d for d in self._devices.values() if d.user_code == user_code).denied = True
 
-    def wait_for_user_code(self, timeout: float = 10.0) -> str:
-        """The user code of the first device authorization request (waits for one)."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while not self._devices:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("no device authorization request in time")
-                self._lock.wait(remaining)
-            return next(iter(self._devices.values())).user_code
-
     def revoke_refresh_tokens(self) -> None:
         with self._lock:
             self._refresh.clear()
@@ -188,24 +177,10 @@ class LocalOAuth2Server:
         with self._lock:
             return token in self._refresh
 
-    def valid_access_tokens(self) -> list[str]:
-        now = time.time()
-        with self._lock:
-            return [token for token, access in self._access.items() if access.expires_at > now]
-
     def count(self, key: str) -> int:
         """Requests answered so far: ``token``, ``token:<grant_type>``, ``devicecode``, ``introspect``."""
         with self._lock:
             return self.requests[key]
-
-    def wait_for_count(self, key: str, count: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self.requests[key] < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"{self.requests[key]} of {count} {key} requests in time")
-                self._lock.wait(remaining)
 
     def introspect(self, token: str) -> dict[str, Any]:
         with self._lock:

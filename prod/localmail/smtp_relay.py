@@ -302,10 +302,6 @@ class LocalSmtpRelay:
 
     # ----------------------------------------------------------------------------- behaviour
 
-    def add_account(self, login: str, password: str) -> None:
-        with self._lock:
-            self._credentials[login] = password
-
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
     ) -> AuthResult:

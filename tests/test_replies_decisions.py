@@ -17,7 +17,13 @@ from structlog.testing import capture_logs
 
 from emailops.mime.model import Address
 from emailops.replies import outbox
-from emailops.replies.engine import Decision, MailboxAction, MailboxActionKind, apply_rules, mailbox_actions
+from emailops.replies.decisions import (
+    Decision,
+    MailboxAction,
+    MailboxActionKind,
+    apply_rules,
+    mailbox_actions,
+)
 from emailops.rules import RuleSet, load_rules
 from emailops.store.database import create_index_engine
 from emailops.store.schema import metadata

@@ -1,0 +1,103 @@
+"""Pins what ``emailops/imap/imaplib_internals.py`` relies on in imaplib below imapclient, against a
+real Dovecot: an upgrade of imapclient or Python that changes one of these fails here first."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from imapclient import IMAPClient
+
+from emailops.config import TlsSecurity
+from emailops.imap.announcements import PendingInput, pending_input
+from emailops.imap.connection import connect, logout_quietly
+from emailops.imap.imaplib_internals import (
+    read_ahead_buffer,
+    set_aside_answers,
+    silence_imaplib_debug,
+    uid_command,
+)
+from prod.localmail.dovecot import LocalDovecot
+from tests.index_helpers import ALICE, imap_config, message
+
+
+@pytest.fixture
+def client(dovecot: LocalDovecot) -> Iterator[IMAPClient]:
+    imap = connect(imap_config(dovecot))
+    yield imap
+    logout_quietly(imap)
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the server did not answer in time"
+        time.sleep(0.05)
+
+
+def test_raw_uid_fetch_splits_each_message_into_head_and_literal(
+    dovecot: LocalDovecot, client: IMAPClient
+) -> None:
+    raw = message(1)
+    dovecot.append(ALICE, "INBOX", raw)
+    client.select_folder("INBOX")
+    typ, data = uid_command(client, "FETCH", "1:*", "(UID RFC822.SIZE BODY.PEEK[])")
+    assert typ == "OK"
+    (head, literal), rest = data[0], data[1:]
+    assert isinstance(head, bytes) and b"UID 1 " in head and f"RFC822.SIZE {len(raw)}".encode() in head
+    assert literal == raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert rest == [b")"]
+    # A range past the last UID is still a range (RFC 3501: "*" is the largest UID): no error.
+    typ, _ = uid_command(client, "FETCH", "999:*", "(UID)")
+    assert typ == "OK"
+
+
+def test_untagged_answers_during_a_command_are_set_aside_by_kind(
+    dovecot: LocalDovecot, client: IMAPClient
+) -> None:
+    client.select_folder("INBOX")
+    dovecot.append(ALICE, "INBOX", message(1))
+
+    def told() -> bool:
+        client.search("ALL")  # imapclient claims the SEARCH answer, not the EXISTS beside it
+        return "EXISTS" in set_aside_answers(client)
+
+    _eventually(told)
+    assert set_aside_answers(client).pop("EXISTS")[-1] == b"1"
+
+
+def test_the_read_ahead_buffer_tells_data_from_nothing_over_tls(dovecot_tls: LocalDovecot) -> None:
+    # Over TLS, as the product is run. (Over a plaintext socket imaplib's buffered reader turns
+    # "nothing yet" into b"", which pending_input takes for a close: see the issue 15 report.)
+    assert dovecot_tls.imaps_port is not None
+    config = imap_config(
+        dovecot_tls, port=dovecot_tls.imaps_port, security=TlsSecurity.SSL, ca_file=dovecot_tls.ca_file
+    )
+    client = connect(config)
+    try:
+        client.select_folder("INBOX")
+        assert hasattr(read_ahead_buffer(client), "peek")
+        assert pending_input(client) is PendingInput.NOTHING
+        client.idle()
+        dovecot_tls.append(ALICE, "INBOX", message(1))
+        _eventually(lambda: pending_input(client) is PendingInput.DATA)
+        client.idle_done()
+    finally:
+        logout_quietly(client)
+
+
+def test_debug_level_zero_stops_imaplib_formatting_answers(dovecot: LocalDovecot) -> None:
+    imap = IMAPClient(dovecot.host, dovecot.imap_port, ssl=False, timeout=10)
+    try:
+        formatted: list[str] = []
+        imap._imap._mesg = lambda text, *args: formatted.append(text)
+        assert imap._imap.debug > 0  # imapclient turns imaplib's debug output on
+        imap.noop()
+        assert formatted
+        silence_imaplib_debug(imap)
+        formatted.clear()
+        imap.noop()
+        assert formatted == []
+    finally:
+        imap.shutdown()
