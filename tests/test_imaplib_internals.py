@@ -67,24 +67,34 @@ def test_untagged_answers_during_a_command_are_set_aside_by_kind(
     assert set_aside_answers(client).pop("EXISTS")[-1] == b"1"
 
 
-def test_the_read_ahead_buffer_tells_data_from_nothing_over_tls(dovecot_tls: LocalDovecot) -> None:
-    # Over TLS, as the product is run. (Over a plaintext socket imaplib's buffered reader turns
-    # "nothing yet" into b"", which pending_input takes for a close: see the issue 15 report.)
-    assert dovecot_tls.imaps_port is not None
-    config = imap_config(
-        dovecot_tls, port=dovecot_tls.imaps_port, security=TlsSecurity.SSL, ca_file=dovecot_tls.ca_file
-    )
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_pending_input_tells_nothing_from_data_from_a_close(
+    dovecot_tls: LocalDovecot, tls: bool
+) -> None:
+    # Over a plaintext socket imaplib's buffered reader turns "nothing yet" into b"", as it does
+    # end of file: before, every plaintext IDLE connection was taken for closed and dropped.
+    config = imap_config(dovecot_tls)
+    if tls:
+        assert dovecot_tls.imaps_port is not None
+        config = imap_config(
+            dovecot_tls, port=dovecot_tls.imaps_port, security=TlsSecurity.SSL, ca_file=dovecot_tls.ca_file
+        )
     client = connect(config)
     try:
         client.select_folder("INBOX")
         assert hasattr(read_ahead_buffer(client), "peek")
         assert pending_input(client) is PendingInput.NOTHING
         client.idle()
+        assert pending_input(client) is PendingInput.NOTHING
         dovecot_tls.append(ALICE, "INBOX", message(1))
         _eventually(lambda: pending_input(client) is PendingInput.DATA)
-        client.idle_done()
+        client.idle_done()  # reads what was pending
+        client.idle()
+        assert pending_input(client) is PendingInput.NOTHING
+        assert dovecot_tls.kill_imap_connections(ALICE) >= 1  # closed without BYE
+        _eventually(lambda: pending_input(client) is PendingInput.CLOSED)
     finally:
-        logout_quietly(client)
+        client.shutdown()
 
 
 def test_debug_level_zero_stops_imaplib_formatting_answers(dovecot: LocalDovecot) -> None:

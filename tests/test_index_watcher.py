@@ -221,3 +221,18 @@ def test_idle_connection_closed_without_bye_is_dropped_at_once_without_spinning(
     assert any(entry["event"] == "IMAP connection failed" for entry in logs)
     assert cpu < 0.5 * wall + 0.5, f"{cpu:.2f} s of CPU in {wall:.2f} s"
     watcher.close()
+
+
+def test_an_idle_connection_with_nothing_to_say_is_kept(dovecot: LocalDovecot, db_url: str) -> None:
+    # Over plaintext, "nothing to read yet" once looked like a close (or like input): the IDLE
+    # connection was left for a sync pass at every step, a round of commands a second.
+    engine = index_engine(db_url)
+    watcher = watcher_for(dovecot, engine, poll_interval_seconds=300)
+    step_until(watcher, lambda: watcher.idling)
+    client = watcher.client
+    with capture_logs() as logs:
+        reports = [watcher.step(0.2) for _ in range(10)]
+    assert reports == [None] * 10  # no sync pass: nothing happened
+    assert watcher.client is client and watcher.idling and watcher.failures == 0
+    assert not [entry for entry in logs if entry["log_level"] in ("warning", "error")]
+    watcher.close()

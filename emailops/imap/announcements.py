@@ -10,6 +10,7 @@ imapclient besides the bulk fetch (``bulk_fetch.py``), both through ``imaplib_in
 
 from __future__ import annotations
 
+import select
 import ssl
 from enum import Enum
 
@@ -38,8 +39,15 @@ class PendingInput(Enum):
 
 def pending_input(client: IMAPClient) -> PendingInput:
     """What the server has sent and we have not read yet: in imaplib's read-ahead buffer, or on
-    the socket. Never blocks."""
+    the socket. Never blocks.
+
+    A non-blocking read of a plaintext socket with nothing to read comes back empty from the
+    buffered reader, as end of file does: only a socket that polls readable and still reads
+    empty is closed. (Over TLS, "nothing yet" raises SSLWantReadError instead.)"""
     sock = client.socket()
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    readable = bool(poller.poll(0))
     timeout = sock.gettimeout()
     sock.setblocking(False)
     try:
@@ -50,4 +58,6 @@ def pending_input(client: IMAPClient) -> PendingInput:
         return PendingInput.CLOSED  # reset by the peer
     finally:
         sock.settimeout(timeout)
-    return PendingInput.DATA if peeked else PendingInput.CLOSED
+    if peeked:
+        return PendingInput.DATA
+    return PendingInput.CLOSED if readable else PendingInput.NOTHING
