@@ -88,18 +88,21 @@ def remove_state(state_dir: Path) -> None:
 
 
 RUN_ID_FILENAME = "run_id"
+RUNS_REMEMBERED = 20
 
 
-def previous_run_over(state_dir: Path, new_run: str, now: float) -> str | None:
-    """Record ``new_run`` as this STATE_DIR's supervisor run; return the previous run's id when
-    that run is known to be over: it left no state file (stopped cleanly), or a stale one, or one
-    naming a process that is gone (killed) or this very process (a container restarted with the
-    same pid). None when there was no previous run, or it may still be alive."""
+def previous_runs_over(state_dir: Path, new_run: str, now: float) -> tuple[str, ...]:
+    """Record ``new_run`` as this STATE_DIR's supervisor run; return the earlier runs when the last
+    one is known to be over: it left no state file (stopped cleanly), or a stale one, or one naming
+    a process that is gone (killed) or this very process (a container restarted with the same pid).
+    Earlier runs are returned too (newest first, the last ``RUNS_REMEMBERED``): a start killed
+    before it took over its predecessor's work leaves that work to the next. Empty when there was
+    no previous run, or it may still be alive."""
     path = state_dir / RUN_ID_FILENAME
     try:
-        previous = path.read_text(encoding="utf-8").strip() or None
+        earlier = tuple(path.read_text(encoding="utf-8").split())
     except FileNotFoundError:
-        previous = None
+        earlier = ()
     state = read_state(state_dir)
     over = (
         state is None
@@ -107,6 +110,5 @@ def previous_run_over(state_dir: Path, new_run: str, now: float) -> str | None:
         or state.pid == os.getpid()
         or not pid_alive(state.pid)
     )
-    path.write_text(new_run, encoding="utf-8")
-    return previous if over else None
-
+    path.write_text("\n".join((new_run, *earlier)[:RUNS_REMEMBERED]) + "\n", encoding="utf-8")
+    return earlier if over else ()

@@ -33,7 +33,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     # one of the same run takes its folders back at once (see ProcessIdentity.names_dead_sibling).
     run = os.environ.get(RUN_ID_ENV) or new_run_id()
     owner = str(ProcessIdentity.of_this_process(worker_id, run=run))
-    dead_runs = tuple(filter(None, [os.environ.get(PREVIOUS_RUN_ID_ENV)]))
+    dead_runs = tuple(filter(None, os.environ.get(PREVIOUS_RUN_ID_ENV, "").split(",")))
     sync_config = settings.sync_config()
     reply_config = settings.reply_config()
     # With OAuth2, one token source per worker; the workers share the token row in the index.

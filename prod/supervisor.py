@@ -153,10 +153,10 @@ class Supervisor:
     def run(self) -> int:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         worker_status.remove_all(self.settings.state_dir)  # a former run's workers
-        previous = state_file.previous_run_over(self.settings.state_dir, self.run_id, self.wall_clock())
-        if previous is not None:
-            # Leases and claims of the previous start (killed, or its container restarted) are free.
-            os.environ[PREVIOUS_RUN_ID_ENV] = previous
+        over = state_file.previous_runs_over(self.settings.state_dir, self.run_id, self.wall_clock())
+        if over:
+            # Leases and claims of earlier starts (killed, or the container restarted) are free.
+            os.environ[PREVIOUS_RUN_ID_ENV] = ",".join(over)
         self._log.info(
             "supervisor started", workers=self.settings.workers, target=self.target, run=self.run_id
         )

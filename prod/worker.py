@@ -54,8 +54,9 @@ DEFAULT_WORKER_TARGET = "prod.mail_worker:create_unit"
 # Set by the supervisor in its workers' environment: the random id of its start, which makes the
 # identity of each worker process unique (``emailops.processes.ProcessIdentity``).
 RUN_ID_ENV = "EMAILOPS_RUN_ID"
-# The run id of the supervisor's previous start with this STATE_DIR, set only when that start is
-# known to be over (its state file is gone or stale): its leases and claims are taken at once.
+# The run ids of the supervisor's earlier starts with this STATE_DIR (comma-separated), set only
+# when the last is known to be over (its state file is gone or stale): their leases and claims are
+# taken at once.
 PREVIOUS_RUN_ID_ENV = "EMAILOPS_PREVIOUS_RUN_ID"
 
 EXIT_OK = 0

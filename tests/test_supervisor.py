@@ -302,16 +302,17 @@ def test_the_previous_run_is_known_over_only_when_its_supervisor_is_gone(tmp_pat
     from prod import heartbeat as state_file
 
     now = time.time()
-    assert state_file.previous_run_over(tmp_path, "run-a", now) is None  # the first start here
-    assert state_file.previous_run_over(tmp_path, "run-b", now) == "run-a"  # stopped cleanly
+    assert state_file.previous_runs_over(tmp_path, "run-a", now) == ()  # the first start here
+    assert state_file.previous_runs_over(tmp_path, "run-b", now) == ("run-a",)  # stopped cleanly
     alive = state_file.SupervisorState(pid=os.getppid(), heartbeat=now, expected_workers=1, started_at=now)
     state_file.write_state(tmp_path, alive)
-    assert state_file.previous_run_over(tmp_path, "run-c", now + 1) is None
+    assert state_file.previous_runs_over(tmp_path, "run-c", now + 1) == ()
     # Killed: its state file is left behind and no longer rewritten.
     later = now + 2 + state_file.SUPERVISOR_STALE_SECONDS
-    assert state_file.previous_run_over(tmp_path, "run-d", later) == "run-c"
+    # Killed, and so was the start before it before it took over (the run of run-a is long gone).
+    assert state_file.previous_runs_over(tmp_path, "run-d", later) == ("run-c", "run-b", "run-a")
     # Killed a moment ago (the file is still fresh) and restarted at once: its pid is gone.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     dead = state_file.SupervisorState(pid=int(gone.stdout), heartbeat=now, expected_workers=1, started_at=now)
     state_file.write_state(tmp_path, dead)
-    assert state_file.previous_run_over(tmp_path, "run-e", now + 1) == "run-d"
+    assert state_file.previous_runs_over(tmp_path, "run-e", now + 1)[0] == "run-d"
