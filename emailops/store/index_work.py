@@ -14,10 +14,8 @@ from datetime import datetime
 
 from sqlalchemy import Connection, case, select, update
 
-from emailops.store.quarantine import QuarantinedMessage
+from emailops.store.quarantine import MAX_REASON_CHARS, QuarantinedMessage
 from emailops.store.schema import folders, index_quarantine
-
-MAX_REASON_CHARS = 1000
 
 
 def begin_attempt(conn: Connection, folder_id: int, uid: int) -> int:

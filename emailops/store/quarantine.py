@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# A quarantine reason is kept to this length (it may quote an exception's text).
+MAX_REASON_CHARS = 1000
+
 
 @dataclass(frozen=True)
 class QuarantinedMessage:

@@ -21,10 +21,8 @@ from datetime import timedelta
 from sqlalchemy import Connection, or_, select, update
 
 from emailops.store.db_clock import db_now
-from emailops.store.quarantine import QuarantinedMessage
+from emailops.store.quarantine import MAX_REASON_CHARS, QuarantinedMessage
 from emailops.store.schema import folders, messages
-
-MAX_REASON_CHARS = 1000
 
 
 def claim(conn: Connection, pk: int, claimer: str | None = None) -> int | None:
