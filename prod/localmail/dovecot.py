@@ -84,9 +84,22 @@ class DovecotError(RuntimeError):
 
 def free_loopback_port(host: str = LOOPBACK) -> int:
     """A TCP port that was free on ``host`` a moment ago (the kernel's choice for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_loopback_ports(1, host)[0]
+
+
+def free_loopback_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` different TCP ports that were free on ``host`` a moment ago.
+
+    The sockets are held until all are chosen: asked one at a time, the kernel may hand out a port
+    it has just given back (seen in CI: Dovecot refused a config whose IMAP and LMTP ports agreed).
+    """
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def wait_for_greeting(
@@ -258,9 +271,12 @@ class LocalDovecot:
 
         self.host = LOOPBACK
         self.imaps_host = SECOND_LOOPBACK if tls and not starttls_offered else LOOPBACK
-        self.imap_port = free_loopback_port(self.host)
-        self.lmtp_port = free_loopback_port(self.host)
-        self.imaps_port: int | None = free_loopback_port(self.imaps_host) if tls else None
+        self.imap_port, self.lmtp_port, same_host_imaps_port = free_loopback_ports(3, self.host)
+        self.imaps_port: int | None = None
+        if tls:
+            self.imaps_port = (
+                same_host_imaps_port if self.imaps_host == self.host else free_loopback_port(self.imaps_host)
+            )
 
         self.config_file = self.work_dir / "dovecot.conf"
         self.passwd_file = self.work_dir / "passwd"
