@@ -255,6 +255,32 @@ def test_flags_changed_while_a_sync_was_unfinished_are_taken(
     assert rows(engine, "SELECT count(*) FROM messages") == [(120,)]
 
 
+def test_expunges_after_an_interrupted_pass_are_seen_even_when_the_count_agrees(
+    dovecot: LocalDovecot, db_url: str
+) -> None:
+    """A pass that stored part of the new mail and stopped (time budget, or killed) leaves the
+    progress mark ahead of the last count. As many expunges as it stored made the next pass's count
+    agree with "last count + arrivals above the mark", and the expunged messages stayed live
+    (found by the crash harness)."""
+    for n in range(1, 11):
+        dovecot.append(ALICE, "INBOX", message(n))
+    engine = index_engine(db_url)
+    client = connect(imap_config(dovecot))
+    sync = FolderSync(engine, sync_config(fetch_batch_messages=2), "INBOX")
+    sync.sync(client)
+    for n in range(11, 15):
+        dovecot.deliver(ALICE, message(n))
+    assert not sync.sync(client, budget_seconds=0).complete  # UIDs 11 and 12 indexed
+    with dovecot.imap(ALICE) as other:
+        other.select_folder("INBOX")
+        other.delete_messages([3, 4])
+        other.expunge()
+    while not sync.sync(client).complete:
+        pass
+    assert rows(engine, "SELECT uid FROM messages WHERE expunged_at IS NOT NULL ORDER BY uid") == [(3,), (4,)]
+    assert rows(engine, "SELECT count(*) FROM messages WHERE expunged_at IS NULL") == [(12,)]
+
+
 def test_partial_passes_resume_where_they_stopped(dovecot: LocalDovecot, db_url: str) -> None:
     dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))
     engine = index_engine(db_url)

@@ -6,17 +6,35 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from imapclient import IMAPClient
 from structlog.testing import capture_logs
 
+from emailops.imap import parsing
+from emailops.imap.connection import connect
+from emailops.imap.sync import FolderSync
+from emailops.imap.watcher import FolderWatcher
 from emailops.replies import decisions
+from emailops.store import index_work
+from emailops.store.database import reading
 from prod.localmail.dovecot import LocalDovecot
 from prod.localmail.smtp_relay import LocalSmtpRelay
-from tests.index_helpers import ALICE, daemon_env
+from tests.index_helpers import (
+    ACCOUNT,
+    ALICE,
+    daemon_env,
+    imap_config,
+    index_engine,
+    message,
+    rows,
+    sync_config,
+)
 from tests.shell_workers import SupervisorProcess, wait_until
+from tests.test_index_watcher import step_until
 from tests.test_replies_e2e import RULES, Daemon, inbound
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,14 +134,6 @@ def test_a_message_that_indexing_keeps_failing_on_is_quarantined_and_the_folder_
 ) -> None:
     # Before, a pass that raised on a message started again at the same UID for ever: nothing
     # after it was indexed. A connection dropped meanwhile does not count against the message.
-    import time
-
-    from emailops.imap import parsing
-    from emailops.imap.sync import FolderSync
-    from emailops.imap.watcher import FolderWatcher
-    from tests.index_helpers import imap_config, index_engine, message, rows, sync_config
-    from tests.test_index_watcher import step_until
-
     real = parsing.parse_message
     poison_parses: list[int] = []
 
@@ -193,3 +203,83 @@ def test_the_claim_of_a_worker_known_dead_is_taken_back_at_once(db_url: str) -> 
             conn, "acct", claim_timeout=hour, max_attempts=3, dead_claimers=("host:run-a:4242:w1",)
         ) == (1, [])
     assert rows(engine, "SELECT rules_state, rules_attempts FROM messages") == [("pending", 1)]
+
+
+def test_a_message_quarantined_by_indexing_stays_set_aside_until_it_leaves_the_folder(
+    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The UID comparison that finds expunges also finds UIDs the index lacks and fetches them: it
+    fetched the quarantined message again, outside the attempt count (a poison message would stop
+    the folder once more). A quarantined message that leaves the folder leaves the listing; one
+    whose folder changes UIDVALIDITY stays set aside under its new UID."""
+    real = parsing.parse_message
+    poison_parses: list[bytes] = []
+
+    def failing_on_poison(raw: bytes, **kwargs: Any) -> Any:
+        if b"poison" in raw:
+            poison_parses.append(raw)
+            raise MemoryError("the parser gave up")
+        return real(raw, **kwargs)
+
+    monkeypatch.setattr(parsing, "parse_message", failing_on_poison)
+    dovecot.create_folder(ALICE, "Projects")
+    engine = index_engine(db_url)
+    client = connect_to(dovecot)
+    sync = FolderSync(engine, sync_config(folders=("Projects",)), "Projects")
+    sync.sync(client)
+    dovecot.append(ALICE, "Projects", message(1))
+    dovecot.append(ALICE, "Projects", message(2, subject="poison", message_id="<poison@example.org>"))
+    dovecot.append(ALICE, "Projects", message(3))
+    failed_passes = 0
+    while True:
+        try:
+            sync.sync(client)
+            break
+        except MemoryError:
+            failed_passes += 1
+            assert failed_passes < 10
+
+    def listed() -> list[tuple[int, str | None]]:
+        with reading(engine) as conn:
+            return [(e.uid, e.message_id) for e in index_work.list_quarantined(conn, ACCOUNT)]
+
+    assert listed() == [(2, "<poison@example.org>")]
+    parses = len(poison_parses)
+    with dovecot.imap(ALICE) as other:
+        other.select_folder("Projects")
+        other.delete_messages([1])
+        other.expunge()
+    assert sync.sync(client).expunged == 1  # the UID lists were compared
+    assert len(poison_parses) == parses, "the quarantined message was fetched again"
+    assert listed() == [(2, "<poison@example.org>")]
+    assert rows(engine, "SELECT uid FROM messages WHERE expunged_at IS NULL") == [(3,)]
+
+    # The folder is recreated with the same mail: new UIDVALIDITY, new UIDs.
+    with dovecot.imap(ALICE) as other:
+        other.select_folder("Projects")
+        kept = list(other.fetch(other.search("ALL"), ["BODY.PEEK[]"]).values())
+    dovecot.delete_folder(ALICE, "Projects")
+    dovecot.create_folder(ALICE, "Projects")
+    dovecot.append(ALICE, "Projects", message(4))
+    for data in kept:
+        dovecot.append(ALICE, "Projects", data[b"BODY[]"])
+    client = connect_to(dovecot)
+    assert sync.sync(client).resynced
+    assert len(poison_parses) == parses
+    assert listed() == [(2, "<poison@example.org>")]  # message(4), then the kept ones in order
+    with reading(engine) as conn:
+        (entry,) = index_work.list_quarantined(conn, ACCOUNT)
+    assert [(entry.uidvalidity,)] == rows(engine, "SELECT uidvalidity FROM folders WHERE name = 'Projects'")
+    assert rows(engine, "SELECT uid FROM messages WHERE expunged_at IS NULL ORDER BY uid") == [(1,), (3,)]
+
+    with dovecot.imap(ALICE) as other:
+        other.select_folder("Projects")
+        other.delete_messages([2])
+        other.expunge()
+    sync.sync(client)
+    assert listed() == []
+    assert len(poison_parses) == parses
+
+
+def connect_to(dovecot: LocalDovecot) -> IMAPClient:
+    return connect(imap_config(dovecot))

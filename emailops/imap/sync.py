@@ -373,6 +373,9 @@ class FolderSync:
             message_store.update_flags(
                 conn, state.id, status.uidvalidity, {uid: server_flags[uid] for uid in matched}
             )
+            index_work.remap_uidvalidity(
+                conn, state.id, state.uidvalidity, status.uidvalidity, uid_by_message_id
+            )
             leftovers = message_store.live_uids(conn, state.id, state.uidvalidity)
             report.expunged += message_store.mark_expunged(conn, state.id, state.uidvalidity, leftovers, now)
             # Everything now in the folder counts as already there: nothing of it is answered.
@@ -719,13 +722,17 @@ class FolderSync:
     def _reconcile_uids(
         self, client: IMAPClient, folder_id: int, status: MailboxStatus
     ) -> tuple[int, set[int]]:
-        """Mark what left the server as expunged; return (how many, UIDs the index is missing)."""
+        """Mark what left the server as expunged; return (how many, UIDs the index is missing).
+
+        A quarantined message is not missing: it stays set aside while it is on the server."""
         on_server = set(client.search("ALL"))
         with self.engine.begin() as conn:
             indexed = message_store.live_uids(conn, folder_id, status.uidvalidity)
             gone = indexed - on_server
             count = message_store.mark_expunged(conn, folder_id, status.uidvalidity, gone, self.clock())
-        return count, on_server - indexed
+            set_aside = index_work.quarantined_uids(conn, folder_id, status.uidvalidity)
+            index_work.forget_gone(conn, folder_id, status.uidvalidity, set_aside - on_server)
+        return count, on_server - indexed - set_aside
 
 
 def _message_id(client: IMAPClient, uid: int) -> str | None:

@@ -102,8 +102,16 @@ def touch_sync(conn: Connection, folder_id: int, now: datetime, fence: int | Non
 
 
 def save_progress(conn: Connection, folder_id: int, *, uidnext: int, fence: int | None = None) -> None:
-    """Record that every UID below ``uidnext`` is indexed (a pass in progress)."""
-    _write_state(conn, update(folders).where(folders.c.id == folder_id).values(uidnext=uidnext), fence)
+    """Record that every UID below ``uidnext`` is indexed (a pass in progress).
+
+    The server's count is forgotten with it: the next pass tells expunges by comparing the count
+    it sees with the last one plus the arrivals above ``uidnext``, and the last one was taken before
+    this pass's arrivals. Kept, an interrupted pass followed by as many expunges as it had stored
+    would look unchanged and leave the expunged messages live (seen in the crash harness); unknown,
+    the next pass compares the UID lists.
+    """
+    statement = update(folders).where(folders.c.id == folder_id).values(uidnext=uidnext, server_count=None)
+    _write_state(conn, statement, fence)
 
 
 def _write_state(conn: Connection, statement: Update, fence: int | None) -> None:

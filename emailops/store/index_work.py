@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Connection, case, select, update
+from sqlalchemy import Connection, case, delete, select, update
 
 from emailops.store.quarantine import MAX_REASON_CHARS, QuarantinedMessage
 from emailops.store.schema import folders, index_quarantine
@@ -24,9 +24,7 @@ def begin_attempt(conn: Connection, folder_id: int, uid: int) -> int:
         update(folders)
         .where(folders.c.id == folder_id)
         .values(
-            index_attempts=case(
-                (folders.c.index_attempt_uid == uid, folders.c.index_attempts + 1), else_=1
-            ),
+            index_attempts=case((folders.c.index_attempt_uid == uid, folders.c.index_attempts + 1), else_=1),
             index_attempt_uid=uid,
         )
         .returning(folders.c.index_attempts)
@@ -74,6 +72,40 @@ def quarantined_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[
             )
         ).scalars()
     )
+
+
+def forget_gone(conn: Connection, folder_id: int, uidvalidity: int, uids: set[int]) -> None:
+    """The quarantined ``uids`` left the server: there is nothing left to set aside."""
+    if uids:
+        conn.execute(
+            delete(index_quarantine).where(
+                index_quarantine.c.folder_id == folder_id,
+                index_quarantine.c.uidvalidity == uidvalidity,
+                index_quarantine.c.uid.in_(uids),
+            )
+        )
+
+
+def remap_uidvalidity(
+    conn: Connection, folder_id: int, old: int, new: int, uid_by_message_id: dict[str, int]
+) -> None:
+    """UIDVALIDITY changed: a quarantined message still in the folder (by Message-ID) stays set
+    aside under its new UID; the rest of the old generation is gone."""
+    rows = conn.execute(
+        select(index_quarantine.c.id, index_quarantine.c.message_id).where(
+            index_quarantine.c.folder_id == folder_id, index_quarantine.c.uidvalidity == old
+        )
+    ).all()
+    for row_id, message_id in rows:
+        uid = uid_by_message_id.get(message_id or "")
+        if uid is None:
+            conn.execute(delete(index_quarantine).where(index_quarantine.c.id == row_id))
+        else:
+            conn.execute(
+                update(index_quarantine)
+                .where(index_quarantine.c.id == row_id)
+                .values(uidvalidity=new, uid=uid)
+            )
 
 
 def list_quarantined(conn: Connection, account: str) -> list[QuarantinedMessage]:
