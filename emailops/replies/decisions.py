@@ -20,12 +20,13 @@ from enum import StrEnum
 
 import structlog
 from sqlalchemy import Connection
+from structlog.typing import FilteringBoundLogger
 
 from emailops.config import ReplyConfig
 from emailops.llm import decision as llm_decision
 from emailops.mime.model import ParsedMessage
 from emailops.replies import limits, outbox
-from emailops.replies.compose import AddressError, build_reply, clean_message_id
+from emailops.replies.compose import AddressError, ComposedReply, build_reply, clean_message_id
 from emailops.replies.robots import reply_suppression_reason
 from emailops.rules.matching import matching_rules
 from emailops.rules.model import Rule, RuleSet
@@ -116,138 +117,173 @@ def apply_rules(
     now: datetime,
 ) -> list[Decision]:
     """Decide for every matching rule; record replies in ``conn``'s transaction (see module doc)."""
-    log = structlog.get_logger().bind(component="rules", folder=folder, uid=uid, uidvalidity=uidvalidity)
-    key = inbound_key(parsed, folder=folder, uidvalidity=uidvalidity, uid=uid)
-    robot_reason: str | None = None
-    robots_checked = False
-    decisions: list[Decision] = []
-    for rule in matching_rules(rules, parsed, folder):
-        planned = () if config.dry_run else _rule_mailbox_actions(rule)
-        if rule.reply is None:
-            decisions.append(Decision(rule.name, None, mailbox_actions=planned, dry_run=config.dry_run))
-            log.info(
-                "rule matched",
-                rule=rule.name,
-                actions=[a.kind.value for a in _rule_mailbox_actions(rule)],
-                dry_run=config.dry_run,
-            )
-            continue
-        action = rule.reply.action.value
+    inbound = _Inbound(
+        conn=conn,
+        account=account,
+        message_pk=message_pk,
+        folder=folder,
+        parsed=parsed,
+        config=config,
+        now=now,
+        key=inbound_key(parsed, folder=folder, uidvalidity=uidvalidity, uid=uid),
+        log=structlog.get_logger().bind(component="rules", folder=folder, uid=uid, uidvalidity=uidvalidity),
+    )
+    return [_decide(inbound, rule) for rule in matching_rules(rules, parsed, folder)]
 
-        existing = outbox.find_reply(conn, account=account, inbound_key=key, rule_name=rule.name)
-        job = None if rule.reply.llm is None else llm_decision.find(conn, account, key, rule.name)
-        if existing is None and job is not None:
-            decisions.append(Decision(rule.name, action, llm_job_id=job, mailbox_actions=planned))
-            log.info("model reply already recorded", rule=rule.name, llm_job_id=job)
-            continue
-        if existing is not None:
-            decisions.append(Decision(rule.name, action, outbox_id=existing, mailbox_actions=planned))
-            log.info("reply already recorded", rule=rule.name, outbox_id=existing)
-            continue
 
-        if not robots_checked:
-            robot_reason = reply_suppression_reason(parsed, config)
-            robots_checked = True
-        reason = robot_reason
-        composed = None
-        if reason is None:
-            values = template_values(parsed, folder=folder, rule=rule.name, my_address=config.from_address)
-            try:
-                composed = build_reply(
-                    parsed,
-                    from_address=config.from_address,
-                    inbound_key=key,
-                    rule_name=rule.name,
-                    # A model's reply: the text comes later; composed now for its recipient and subject.
-                    body_text=rule.reply.body.render(values) if rule.reply.body else "",
-                    html_text=rule.reply.html.render(values, escape_html=True) if rule.reply.html else None,
-                    subject=rule.reply.subject.render(values) if rule.reply.subject else None,
-                    now=now,
-                )
-            except AddressError as exc:
-                reason = f"no valid address ({exc})"
-        if composed is not None:
-            limits.lock_recipient(conn, account=account, recipient=composed.recipient)
-            reason = limits.limit_reason(
-                conn,
-                account=account,
-                rule_name=rule.name,
-                recipient=composed.recipient,
-                once_per_sender_days=rule.reply.once_per_sender_days,
-                config=config,
-                now=outbox.as_utc(now),
-            )
-        if reason is None and rule.reply.llm is not None:
-            reason = llm_decision.unavailable_reason(config)
-        if reason is not None or composed is None:
-            decisions.append(
-                Decision(
-                    rule.name, action, suppressed=reason, mailbox_actions=planned, dry_run=config.dry_run
-                )
-            )
-            log.info(
-                "reply suppressed",
-                rule=rule.name,
-                reason=reason,
-                sender=_sender(parsed),
-                dry_run=config.dry_run,
-            )
-            continue
+@dataclass
+class _Inbound:
+    """One message being decided on, and what its rules share: the transaction, the outbox key,
+    the log context, and the robot check (made once, on the first rule that wants a reply)."""
 
-        if config.dry_run:
-            decisions.append(Decision(rule.name, action, dry_run=True))
-            log.info(
-                "dry run: would reply",
-                rule=rule.name,
-                reply_action=action,
-                recipient=composed.recipient,
-                subject=composed.subject,
-            )
-            continue
+    conn: Connection
+    account: str
+    message_pk: int | None
+    folder: str
+    parsed: ParsedMessage
+    config: ReplyConfig
+    now: datetime
+    key: str
+    log: FilteringBoundLogger
+    _robot_reason: str | None = None
+    _robots_checked: bool = False
 
-        if rule.reply.llm is not None:
-            job_id, created = llm_decision.record(
-                conn,
-                account=account,
-                inbound_key=key,
-                message_pk=message_pk,
-                rule=rule,
-                parsed=parsed,
-                folder=folder,
-                composed=composed,
-                config=config,
-                now=now,
-            )
-            decisions.append(
-                Decision(rule.name, action, llm_job_id=job_id, created=created, mailbox_actions=planned)
-            )
-            log.info("model reply recorded", rule=rule.name, reply_action=action, llm_job_id=job_id)
-            continue
+    def robot_reason(self) -> str | None:
+        if not self._robots_checked:
+            self._robot_reason = reply_suppression_reason(self.parsed, self.config)
+            self._robots_checked = True
+        return self._robot_reason
 
-        outbox_id, created = outbox.insert_reply(
-            conn,
-            account=account,
-            inbound_key=key,
-            message_pk=message_pk,
-            rule_name=rule.name,
-            action=action,
-            recipient=composed.recipient,
-            reply_message_id=composed.message_id,
-            subject=composed.subject,
-            raw=composed.raw,
-            now=now,
+
+def _decide(inbound: _Inbound, rule: Rule) -> Decision:
+    """One matching rule: its mailbox actions, and its reply recorded, found recorded, or suppressed."""
+    dry_run = inbound.config.dry_run
+    planned = () if dry_run else _rule_mailbox_actions(rule)
+    if rule.reply is None:
+        inbound.log.info(
+            "rule matched",
+            rule=rule.name,
+            actions=[a.kind.value for a in _rule_mailbox_actions(rule)],
+            dry_run=dry_run,
         )
-        decisions.append(
-            Decision(rule.name, action, outbox_id=outbox_id, created=created, mailbox_actions=planned)
+        return Decision(rule.name, None, mailbox_actions=planned, dry_run=dry_run)
+    action = rule.reply.action.value
+    recorded = _already_recorded(inbound, rule, action, planned)
+    if recorded is not None:
+        return recorded
+    composed, reason = _compose_unless_suppressed(inbound, rule)
+    if reason is not None or composed is None:
+        inbound.log.info(
+            "reply suppressed", rule=rule.name, reason=reason, sender=_sender(inbound.parsed), dry_run=dry_run
         )
-        log.info(
-            "reply recorded",
+        return Decision(rule.name, action, suppressed=reason, mailbox_actions=planned, dry_run=dry_run)
+    if dry_run:
+        inbound.log.info(
+            "dry run: would reply",
             rule=rule.name,
             reply_action=action,
-            outbox_id=outbox_id,
             recipient=composed.recipient,
+            subject=composed.subject,
         )
-    return decisions
+        return Decision(rule.name, action, dry_run=True)
+    return _record(inbound, rule, action, composed, planned)
+
+
+def _already_recorded(
+    inbound: _Inbound, rule: Rule, action: str, planned: tuple[MailboxAction, ...]
+) -> Decision | None:
+    """The reply (or the model's job) a run before this one recorded, reported as it is."""
+    assert rule.reply is not None
+    conn, account, key = inbound.conn, inbound.account, inbound.key
+    existing = outbox.find_reply(conn, account=account, inbound_key=key, rule_name=rule.name)
+    if existing is not None:
+        inbound.log.info("reply already recorded", rule=rule.name, outbox_id=existing)
+        return Decision(rule.name, action, outbox_id=existing, mailbox_actions=planned)
+    job = None if rule.reply.llm is None else llm_decision.find(conn, account, key, rule.name)
+    if job is not None:
+        inbound.log.info("model reply already recorded", rule=rule.name, llm_job_id=job)
+        return Decision(rule.name, action, llm_job_id=job, mailbox_actions=planned)
+    return None
+
+
+def _compose_unless_suppressed(inbound: _Inbound, rule: Rule) -> tuple[ComposedReply | None, str | None]:
+    """The reply composed, or why there is none: a robot, no valid address, a limit, no model."""
+    assert rule.reply is not None
+    reason = inbound.robot_reason()
+    if reason is not None:
+        return None, reason
+    parsed, config = inbound.parsed, inbound.config
+    values = template_values(parsed, folder=inbound.folder, rule=rule.name, my_address=config.from_address)
+    try:
+        composed = build_reply(
+            parsed,
+            from_address=config.from_address,
+            inbound_key=inbound.key,
+            rule_name=rule.name,
+            # A model's reply: the text comes later; composed now for its recipient and subject.
+            body_text=rule.reply.body.render(values) if rule.reply.body else "",
+            html_text=rule.reply.html.render(values, escape_html=True) if rule.reply.html else None,
+            subject=rule.reply.subject.render(values) if rule.reply.subject else None,
+            now=inbound.now,
+        )
+    except AddressError as exc:
+        return None, f"no valid address ({exc})"
+    limits.lock_recipient(inbound.conn, account=inbound.account, recipient=composed.recipient)
+    reason = limits.limit_reason(
+        inbound.conn,
+        account=inbound.account,
+        rule_name=rule.name,
+        recipient=composed.recipient,
+        once_per_sender_days=rule.reply.once_per_sender_days,
+        config=config,
+        now=outbox.as_utc(inbound.now),
+    )
+    if reason is None and rule.reply.llm is not None:
+        reason = llm_decision.unavailable_reason(config)
+    return composed, reason
+
+
+def _record(
+    inbound: _Inbound, rule: Rule, action: str, composed: ComposedReply, planned: tuple[MailboxAction, ...]
+) -> Decision:
+    """Store the reply ``pending`` in the outbox, or a model's reply as a job that will write it."""
+    assert rule.reply is not None
+    if rule.reply.llm is not None:
+        job_id, created = llm_decision.record(
+            inbound.conn,
+            account=inbound.account,
+            inbound_key=inbound.key,
+            message_pk=inbound.message_pk,
+            rule=rule,
+            parsed=inbound.parsed,
+            folder=inbound.folder,
+            composed=composed,
+            config=inbound.config,
+            now=inbound.now,
+        )
+        inbound.log.info("model reply recorded", rule=rule.name, reply_action=action, llm_job_id=job_id)
+        return Decision(rule.name, action, llm_job_id=job_id, created=created, mailbox_actions=planned)
+    outbox_id, created = outbox.insert_reply(
+        inbound.conn,
+        account=inbound.account,
+        inbound_key=inbound.key,
+        message_pk=inbound.message_pk,
+        rule_name=rule.name,
+        action=action,
+        recipient=composed.recipient,
+        reply_message_id=composed.message_id,
+        subject=composed.subject,
+        raw=composed.raw,
+        now=inbound.now,
+    )
+    inbound.log.info(
+        "reply recorded",
+        rule=rule.name,
+        reply_action=action,
+        outbox_id=outbox_id,
+        recipient=composed.recipient,
+    )
+    return Decision(rule.name, action, outbox_id=outbox_id, created=created, mailbox_actions=planned)
 
 
 def _sender(parsed: ParsedMessage) -> str:
