@@ -34,7 +34,7 @@ from sqlalchemy import Connection, delete, func, insert, or_, select, update
 
 from emailops.replies.outbox import as_utc
 from emailops.store.db_clock import db_now
-from emailops.store.dialect import insert_unless_present, locking, serialise_on
+from emailops.store.dialect import insert_once, locking, serialise_on
 from emailops.store.schema import llm_calls, llm_jobs
 
 MAX_ERROR_CHARS = 2000
@@ -149,13 +149,7 @@ def insert_job(
         "created_at": now,
         "updated_at": now,
     }
-    stmt = insert_unless_present(conn, llm_jobs, ["account", "inbound_key", "rule_name"]).values(**values)
-    new_id = conn.execute(stmt.returning(llm_jobs.c.id)).scalar_one_or_none()
-    if new_id is not None:
-        return new_id, True
-    existing = find_job(conn, account=account, inbound_key=inbound_key, rule_name=rule_name)
-    assert existing is not None, "the conflicting job vanished inside the transaction"
-    return existing, False
+    return insert_once(conn, llm_jobs, ["account", "inbound_key", "rule_name"], values)
 
 
 def get_job(conn: Connection, job_id: int) -> LlmJob | None:

@@ -35,7 +35,7 @@ from sqlalchemy import ColumnElement, Connection, func, select, update
 from tenacity import wait_exponential
 
 from emailops.backoff import delay_seconds
-from emailops.store.dialect import insert_unless_present, locking
+from emailops.store.dialect import insert_once, locking
 from emailops.store.schema import outbox
 
 # 1 min, 2, 4, 8, ... capped at one hour between attempts.
@@ -159,13 +159,7 @@ def insert_reply(
         "created_at": now,
         "updated_at": now,
     }
-    stmt = insert_unless_present(conn, outbox, ["account", "inbound_key", "rule_name"]).values(**values)
-    new_id = conn.execute(stmt.returning(outbox.c.id)).scalar_one_or_none()
-    if new_id is not None:
-        return new_id, True
-    existing = find_reply(conn, account=account, inbound_key=inbound_key, rule_name=rule_name)
-    assert existing is not None, "the conflicting outbox row vanished inside the transaction"
-    return existing, False
+    return insert_once(conn, outbox, ["account", "inbound_key", "rule_name"], values)
 
 
 def get_reply(conn: Connection, outbox_id: int) -> OutboxRow | None:

@@ -1,7 +1,8 @@
 """What differs between SQLite and PostgreSQL, for the modules that write outside ``store/``: they
 ask these functions and never read ``conn.dialect`` themselves.
 
-- An insert that yields to an existing row: ``INSERT .. ON CONFLICT (key) DO NOTHING`` (both).
+- An insert that yields to an existing row: ``INSERT .. ON CONFLICT (key) DO NOTHING`` (both),
+  and ``insert_once`` on it, which also tells the id of the row that was there.
 - Serialising writers: PostgreSQL takes locks (advisory transaction locks, ``FOR UPDATE``, with
   ``SKIP LOCKED`` for work queues); SQLite needs none, its write transaction (``BEGIN IMMEDIATE``,
   see ``database.py``) already excludes every other writer.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Insert, Select, Table, text
+from sqlalchemy import Connection, Insert, Select, Table, select, text
 
 _Query = TypeVar("_Query", bound=Select[Any])
 
@@ -30,6 +31,22 @@ def insert_unless_present(conn: Connection, table: Table, key: Sequence[str]) ->
     from sqlalchemy.dialects import postgresql
 
     return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(key))
+
+
+def insert_once(
+    conn: Connection, table: Table, key: Sequence[str], values: dict[str, object]
+) -> tuple[int, bool]:
+    """Insert ``values`` unless a row with the same ``key`` exists: ``(the row's id, created)``.
+
+    The queues' at-most-once rows (a reply, a model's job per message and rule) are made this way:
+    a decision run again finds the row its first run recorded."""
+    new_id = conn.execute(
+        insert_unless_present(conn, table, key).values(**values).returning(table.c.id)
+    ).scalar_one_or_none()
+    if new_id is not None:
+        return int(new_id), True
+    same_key = [table.c[name] == values[name] for name in key]
+    return int(conn.execute(select(table.c.id).where(*same_key)).scalar_one()), False
 
 
 def locking(conn: Connection, query: _Query, *, skip_locked: bool = False) -> _Query:
