@@ -39,12 +39,12 @@ def scrub_event(event: dict[str, Any], hint: dict[str, Any] | None = None) -> di
     """Sentry ``before_send``: remove request data, frame locals and bodies; mask secrets."""
     event.pop("request", None)
     event.pop("user", None)
-    return REDACTOR.redact(_scrub(event))
+    return REDACTOR.redact_dict(_scrub(event))
 
 
 def scrub_breadcrumb(crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sentry ``before_breadcrumb``: breadcrumbs are log lines and HTTP calls; mask them too."""
-    return REDACTOR.redact(_scrub(crumb))
+    return REDACTOR.redact_dict(_scrub(crumb))
 
 
 def init_error_tracking(settings: RuntimeSettings, *, worker: int | None) -> bool:
@@ -70,7 +70,7 @@ def init_error_tracking(settings: RuntimeSettings, *, worker: int | None) -> boo
         include_source_context=False,
         max_request_body_size="never",
         before_send=scrub_event,  # type: ignore[arg-type]
-        before_breadcrumb=scrub_breadcrumb,  # type: ignore[arg-type]
+        before_breadcrumb=scrub_breadcrumb,
         shutdown_timeout=FLUSH_TIMEOUT_SECONDS,
         integrations=[LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],
     )

@@ -62,7 +62,7 @@ _COMPONENT_BY_LOGGER_PREFIX = (
 _process_context: dict[str, Any] = {}
 
 
-class _Event(dict):
+class _Event(dict[str, Any]):
     """structlog's event dict as a stdlib record's ``msg``.
 
     Handlers outside the pipeline (Sentry's logging integration) see ``str(record.msg)``: the
@@ -128,7 +128,7 @@ def _event_to_message(_: Any, __: str, event_dict: EventDict) -> EventDict:
 
 
 def _redact(_: Any, __: str, event_dict: EventDict) -> EventDict:
-    return REDACTOR.redact(event_dict)
+    return REDACTOR.redact_dict(event_dict)
 
 
 def _order_keys(_: Any, __: str, event_dict: EventDict) -> EventDict:

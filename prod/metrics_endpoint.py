@@ -182,7 +182,7 @@ class MetricsEndpoint:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(directory))
+        MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
         endpoint = cls(directory, None)
         registry.register(SupervisorCollector(settings, lambda: endpoint._figures, log_lines))
         endpoint._server, _thread = start_http_server(
@@ -196,7 +196,7 @@ class MetricsEndpoint:
     def worker_gone(self, pid: int) -> None:
         from prometheus_client.multiprocess import mark_process_dead
 
-        mark_process_dead(pid, str(self.directory))
+        mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         self._server.shutdown()

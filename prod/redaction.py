@@ -16,7 +16,7 @@ import base64
 import json
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -132,15 +132,19 @@ class Redactor:
         if isinstance(data, bytes | bytearray):
             return self.redact_text(bytes(data).decode("utf-8", "replace"))
         if isinstance(data, dict):
-            return {
-                key: (MASK if _is_sensitive_key(key, value) else self.redact(value))
-                for key, value in data.items()
-            }
+            return self.redact_dict(data)
         if isinstance(data, list):
             return [self.redact(item) for item in data]
         if isinstance(data, tuple):
             return tuple(self.redact(item) for item in data)
         return data
+
+    def redact_dict(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``redact`` of a mapping (an event, a record), typed as what it returns."""
+        return {
+            key: (MASK if _is_sensitive_key(key, value) else self.redact(value))
+            for key, value in data.items()
+        }
 
 
 def _is_sensitive_key(key: object, value: object) -> bool:

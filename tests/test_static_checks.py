@@ -31,3 +31,19 @@ def test_bandit_finds_nothing_of_medium_or_high_severity() -> None:
     assert report["errors"] == []
     assert report["metrics"]["_totals"]["loc"] > 1000  # the packages were scanned, not an empty tree
     assert result.returncode == 0, result.stderr
+
+
+def test_lint_and_types_are_clean() -> None:
+    """ruff (the rules in pyproject.toml) and mypy --strict over the product's packages: a finding
+    fails the suite, not a review."""
+    for command in (["ruff", "check", "--no-cache", "."], ["mypy", "--no-incremental"]):
+        result = subprocess.run(
+            [sys.executable, "-m", *command],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout}{result.stderr}"
+        assert result.stdout.strip(), f"{command[0]} printed nothing: did it run?"

@@ -89,9 +89,9 @@ def fetch_bodies(client: IMAPClient, uids: Sequence[int], *, modseq: bool) -> li
         head, raw = item
         # Items after the literal, if the server put any there, come in the next element.
         tail = data[index + 1] if index + 1 < len(data) and isinstance(data[index + 1], bytes) else b""
-        meta = head + b" " + tail  # type: ignore[operator]
+        meta = head + b" " + tail
         uid = _UID.search(meta)
-        if uid is None or int(uid.group(1)) not in wanted or b"BODY[]" not in head:  # type: ignore[operator]
+        if uid is None or int(uid.group(1)) not in wanted or b"BODY[]" not in head:
             continue
         flags = _FLAGS.search(meta)
         date = _INTERNALDATE.search(meta)
@@ -102,7 +102,7 @@ def fetch_bodies(client: IMAPClient, uids: Sequence[int], *, modseq: bool) -> li
                 flags=tuple(flags.group(1).decode("utf-8", "replace").split()) if flags else (),
                 internal_date=_internal_date(date.group(1)) if date else None,
                 modseq=int(mod.group(1)) if mod else None,
-                raw=raw,  # type: ignore[arg-type]
+                raw=raw,
             )
         )
     return bodies
@@ -168,12 +168,12 @@ def fetch_meta(
             meta = item
         else:
             continue
-        uid = _UID.search(meta)  # type: ignore[arg-type]
-        flags = _FLAGS.search(meta)  # type: ignore[arg-type]
+        uid = _UID.search(meta)
+        flags = _FLAGS.search(meta)
         if uid is None or flags is None:  # every answer to this FETCH has both
             continue
-        mod = _MODSEQ.search(meta)  # type: ignore[arg-type]
-        date = _INTERNALDATE.search(meta)  # type: ignore[arg-type]
+        mod = _MODSEQ.search(meta)
+        date = _INTERNALDATE.search(meta)
         number = int(uid.group(1))
         earlier = found.get(number)
         if literal is None and earlier is not None:  # a later announcement: keep the header

@@ -68,7 +68,7 @@ class _HeaderClassPerKind(HeaderRegistry):
 
     def __init__(self) -> None:
         super().__init__()
-        self._classes: dict[type[BaseHeader], type[BaseHeader]] = {}
+        self._classes: dict[type, type[BaseHeader]] = {}
 
     def __getitem__(self, name: str) -> type[BaseHeader]:
         kind = self.registry.get(name.lower(), self.default_class)

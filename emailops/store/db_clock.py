@@ -8,6 +8,7 @@ the database that all workers share, inside the statement that uses it.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection, DateTime, func, type_coerce
 from sqlalchemy.sql.elements import ColumnElement
@@ -18,6 +19,7 @@ _SQLITE_FORMAT = "%Y-%m-%d %H:%M:%f000"
 
 def db_now(conn: Connection, offset: timedelta = timedelta(0)) -> ColumnElement[datetime]:
     """The database's current UTC time plus ``offset``: an expression for a statement."""
+    moment: ColumnElement[Any]
     if conn.dialect.name == "sqlite":
         moment = func.strftime(_SQLITE_FORMAT, "now", f"{offset.total_seconds():+.6f} seconds")
     else:

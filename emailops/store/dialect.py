@@ -10,7 +10,7 @@ ask these functions and never read ``conn.dialect`` themselves.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Insert, Select, Table, select, text
@@ -34,7 +34,7 @@ def insert_unless_present(conn: Connection, table: Table, key: Sequence[str]) ->
 
 
 def insert_once(
-    conn: Connection, table: Table, key: Sequence[str], values: dict[str, object]
+    conn: Connection, table: Table, key: Sequence[str], values: Mapping[str, object]
 ) -> tuple[int, bool]:
     """Insert ``values`` unless a row with the same ``key`` exists: ``(the row's id, created)``.
 

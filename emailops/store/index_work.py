@@ -20,15 +20,19 @@ from emailops.store.schema import folders, index_quarantine
 
 def begin_attempt(conn: Connection, folder_id: int, uid: int) -> int:
     """Count an attempt to index ``uid`` (commit before the work); the attempts so far, this one in."""
-    return conn.execute(
-        update(folders)
-        .where(folders.c.id == folder_id)
-        .values(
-            index_attempts=case((folders.c.index_attempt_uid == uid, folders.c.index_attempts + 1), else_=1),
-            index_attempt_uid=uid,
-        )
-        .returning(folders.c.index_attempts)
-    ).scalar_one()
+    return int(
+        conn.execute(
+            update(folders)
+            .where(folders.c.id == folder_id)
+            .values(
+                index_attempts=case(
+                    (folders.c.index_attempt_uid == uid, folders.c.index_attempts + 1), else_=1
+                ),
+                index_attempt_uid=uid,
+            )
+            .returning(folders.c.index_attempts)
+        ).scalar_one()
+    )
 
 
 def give_back_attempt(conn: Connection, folder_id: int, uid: int) -> None:
