@@ -18,7 +18,14 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from tenacity import wait_exponential_jitter
 
 from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
-from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism
+from emailops.auth.sasl import (
+    OAUTHBEARER,
+    NoOAuth2Mechanism,
+    TokenRefused,
+    TokenRefusedAgain,
+    choose_mechanism,
+    sign_in_with_one_refresh,
+)
 from emailops.backoff import delay_seconds
 from emailops.config import AccessTokens, ServerConfig, TlsSecurity
 from emailops.imap.errors import (
@@ -86,26 +93,24 @@ def _oauth2_login(client: imapclient.IMAPClient, config: ServerConfig, tokens: A
         mechanism = choose_mechanism(offered)
     except NoOAuth2Mechanism as exc:
         raise ImapAuthError(f"{config.host}: {exc}") from None
-    token = _access_token(tokens)
+
+    def sign_in(token: str) -> None:
+        try:
+            _authenticate(client, mechanism, config.username, token)
+        except LoginError as exc:
+            refusal = classify_login_failure(str(exc))
+            if not isinstance(refusal, ImapAuthError):
+                raise refusal from None
+            raise TokenRefused(str(exc)) from None
+
     try:
-        _authenticate(client, mechanism, config.username, token)
-        return
-    except LoginError as exc:
-        refusal = classify_login_failure(str(exc))
-        if not isinstance(refusal, ImapAuthError):
-            raise refusal from None
-    renewed = _access_token(tokens, rejected=token)
-    if renewed == token:
+        sign_in_with_one_refresh(lambda rejected: _access_token(tokens, rejected), sign_in)
+    except TokenRefusedAgain as exc:
+        what = "a freshly issued" if exc.second is None else "a newly refreshed"
+        said = "" if exc.second is None else f": {exc.second.detail}"
         raise ImapAuthError(
-            f"{config.host} refused a freshly issued OAuth2 access token ({mechanism}): check that the "
+            f"{config.host} refused {what} OAuth2 access token ({mechanism}{said}): check that the "
             "app may use IMAP for this mailbox (permissions, EMAIL_OAUTH2_SCOPES, EMAIL_USERNAME)"
-        )
-    try:
-        _authenticate(client, mechanism, config.username, renewed)
-    except LoginError as exc:
-        raise ImapAuthError(
-            f"{config.host} refused a newly refreshed OAuth2 access token ({mechanism}: {exc}): check that "
-            "the app may use IMAP for this mailbox (permissions, EMAIL_OAUTH2_SCOPES, EMAIL_USERNAME)"
         ) from None
 
 

@@ -30,7 +30,16 @@ import ssl
 import structlog
 
 from emailops.auth.errors import OAuth2Error, OAuth2UnavailableError
-from emailops.auth.sasl import OAUTHBEARER, NoOAuth2Mechanism, choose_mechanism, oauthbearer, xoauth2
+from emailops.auth.sasl import (
+    OAUTHBEARER,
+    NoOAuth2Mechanism,
+    TokenRefused,
+    TokenRefusedAgain,
+    choose_mechanism,
+    oauthbearer,
+    sign_in_with_one_refresh,
+    xoauth2,
+)
 from emailops.config import AccessTokens, ServerConfig, TlsSecurity
 from emailops.tls import verifying_context
 
@@ -170,26 +179,27 @@ class SmtpSender:
         except NoOAuth2Mechanism as exc:
             raise SmtpAuthError(f"{cfg.host}: {exc}") from None
         build = oauthbearer if mechanism == OAUTHBEARER else xoauth2
-        token = _access_token(tokens)
+
+        def sign_in(token: str) -> None:
+            try:
+                # On a refusal the server sends a JSON error as a challenge; the empty answer ends it.
+                smtp.auth(mechanism, lambda challenge=None: "" if challenge else build(cfg.username, token))
+            except smtplib.SMTPAuthenticationError as exc:
+                raise TokenRefused(f"{exc.smtp_code} {_reply_text(exc.smtp_error)}", exc.smtp_code) from None
+
         try:
-            # On a refusal the server sends a JSON error as a challenge; the empty answer ends it.
-            smtp.auth(mechanism, lambda challenge=None: "" if challenge else build(cfg.username, token))
-            return
-        except smtplib.SMTPAuthenticationError:
-            pass
-        renewed = _access_token(tokens, rejected=token)
-        if renewed == token:
+            sign_in_with_one_refresh(lambda rejected: _access_token(tokens, rejected), sign_in)
+        except TokenRefusedAgain as exc:
+            if exc.second is None:
+                raise SmtpAuthError(
+                    f"{cfg.host} refused a freshly issued OAuth2 access token ({mechanism}): check that the "
+                    "app may send as this mailbox (SMTP AUTH on, permissions, EMAIL_OAUTH2_SCOPES, "
+                    "EMAIL_USERNAME)"
+                ) from None
             raise SmtpAuthError(
-                f"{cfg.host} refused a freshly issued OAuth2 access token ({mechanism}): check that the app "
-                "may send as this mailbox (SMTP AUTH on, permissions, EMAIL_OAUTH2_SCOPES, EMAIL_USERNAME)"
-            )
-        try:
-            smtp.auth(mechanism, lambda challenge=None: "" if challenge else build(cfg.username, renewed))
-        except smtplib.SMTPAuthenticationError as exc:
-            raise SmtpAuthError(
-                f"{cfg.host} refused a newly refreshed OAuth2 access token ({mechanism}: {exc.smtp_code} "
-                f"{_reply_text(exc.smtp_error)}): check that the app may send as this mailbox",
-                code=exc.smtp_code,
+                f"{cfg.host} refused a newly refreshed OAuth2 access token "
+                f"({mechanism}: {exc.second.detail}): check that the app may send as this mailbox",
+                code=exc.second.code or 0,
             ) from None
 
     def _connection(self) -> smtplib.SMTP:
