@@ -7,7 +7,8 @@ import tracemalloc
 
 import pytest
 
-from emailops.mime.headers import MAX_HEADER_VALUE_CHARS, MAX_HEADERS
+from emailops.mime.header_block import MAX_HEADERS
+from emailops.mime.headers import MAX_HEADER_VALUE_CHARS
 from emailops.mime.parse import parse_message
 from tests.corpus.hostile import (
     CASES,

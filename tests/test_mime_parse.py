@@ -240,7 +240,7 @@ def test_mutated_messages_never_raise_and_stay_fast() -> None:
 def test_header_splitting_fast_path_agrees_with_the_line_by_line_one() -> None:
     """``split_header_block`` takes a one-regex path for well-formed blocks: wherever it does, its
     answer must be the careful path's, and everything odd must fall through to the careful path."""
-    from emailops.mime.headers import _split_line_by_line, _split_well_formed
+    from emailops.mime.header_block import _split_line_by_line, _split_well_formed
     from tests.corpus.hostile import hostile_corpus
 
     well_formed = (

@@ -31,7 +31,7 @@ class ParsedMessage:
 
     Header values are decoded (RFC 2047), single-line (CR, LF and NUL removed) and bounded in length.
     ``headers`` maps each lower-cased header name to its values in order (bounded in count), for the
-    rules and the robot checks; the parser gives a ``headers.HeaderBlock``, which decodes the raw
+    rules and the robot checks; the parser gives a ``header_block.HeaderBlock``, which decodes the raw
     header block on first use. ``return_path`` is ``None`` when there is no Return-Path header and
     ``""`` for the null return path ``<>``.
     """

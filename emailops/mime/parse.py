@@ -2,7 +2,7 @@
 
 Why not ``email.message_from_bytes``: the stdlib's ``policy.default`` header parsing is slow on real mail
 and pathological on crafted headers, and its parser copies every part's payload. Here the message is
-walked in place: headers are split by offsets (``headers.split_header_block``), multipart boundaries
+walked in place: headers are split by offsets (``header_block.split_header_block``), multipart boundaries
 are found with ``bytes.find`` on the original buffer, only text parts are decoded (and only as much of
 them as the body budget needs), and attachment sizes are computed from the encoded bytes without
 decoding them. Time is linear in the message and bounded by the limits below; memory is the raw
@@ -15,8 +15,8 @@ Bounds (each one recorded in ``problems`` when hit):
 - ``max_body_chars``: length of ``body_text`` (``body-truncated``);
 - ``MAX_DEPTH`` nested multiparts / message/rfc822 (``nesting-too-deep``), ``MAX_PARTS`` parts
   (``parts-truncated``), a boundary-search budget of a few times the message size
-  (``structure-truncated``), ``headers.MAX_HEADERS`` fields kept (``headers-truncated``) and
-  ``headers.MAX_HEADER_VALUE_BYTES`` per value (``header-value-truncated:NAME``).
+  (``structure-truncated``), ``header_block.MAX_HEADERS`` fields kept (``headers-truncated``) and
+  ``header_block.MAX_HEADER_VALUE_BYTES`` per value (``header-value-truncated:NAME``).
 
 ``truncated`` is true when the indexed text may be incomplete: the message was over
 ``max_message_bytes``, its text over ``max_body_chars`` or its structure search over budget.
@@ -38,23 +38,13 @@ import binascii
 import re
 from dataclasses import dataclass, field
 
-from emailops.mime.headers import (
-    MAX_HEADER_VALUE_CHARS,
-    HeaderBlock,
-    RawHeader,
-    decode_bytes,
-    decode_header_value,
-    header_text,
-    parse_addresses,
-    parse_date,
-    parse_message_ids,
-    parse_params,
-    problem_label,
-    single_line,
-    split_header_block,
-)
+from emailops.mime.addresses import parse_addresses, parse_date, parse_message_ids
+from emailops.mime.charsets import decode_bytes, problem_label
+from emailops.mime.header_block import HeaderBlock, RawHeader, split_header_block
+from emailops.mime.headers import MAX_HEADER_VALUE_CHARS, decode_header_value, header_text, single_line
 from emailops.mime.html_text import html_to_text
 from emailops.mime.model import Attachment, ParsedMessage
+from emailops.mime.parameters import parse_params
 from emailops.mime.threading import thread_key
 
 DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from emailops.mime.headers import HeaderBlock
+from emailops.mime.header_block import HeaderBlock
 from emailops.mime.model import Address, ParsedMessage
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, and_, bindparam, func, select, update
 
-from emailops.mime.headers import HeaderBlock
+from emailops.mime.header_block import HeaderBlock
 from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.store import fulltext
 from emailops.store.content import MessageContent

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, inspect, select, text
 
-from emailops.mime.headers import HeaderBlock, parse_date, split_header_block
+from emailops.mime.addresses import parse_date
+from emailops.mime.header_block import HeaderBlock, split_header_block
 from emailops.store import schema
 from emailops.store.fulltext import create_fulltext, set_fulltext_tuning
 from emailops.store.messages import sqlite_datetime
