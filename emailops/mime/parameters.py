@@ -10,6 +10,11 @@ import re
 from emailops.mime.charsets import decode_bytes, decode_encoded_words
 
 _PARAM_RE = re.compile(r';\s*([^\s=;"]+)\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)')
+_QUOTED_PAIR_RE = re.compile(r"\\(.)")
+_PERCENT_RE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+# One RFC 2231 section of a parameter: its number, whether it is percent-encoded, its text.
+_Section = tuple[int, bool, str]
 
 
 def parse_params(text: str, problems: list[str]) -> tuple[str, dict[str, str]]:
@@ -20,17 +25,24 @@ def parse_params(text: str, problems: list[str]) -> tuple[str, dict[str, str]]:
     """
     head, _, rest = text.partition(";")
     main = head.strip().lower()
-    params: dict[str, str] = {}
     if not rest:
-        return main, params
-    extended: dict[str, list[tuple[int, bool, str]]] = {}
+        return main, {}
+    params, extended = _split_params(rest)
+    for base, sections in extended.items():
+        params[base] = _join_sections(sections, problems)
+    for key, value in params.items():
+        if "=?" in value:
+            params[key] = decode_encoded_words(value, problems)
+    return main, params
+
+
+def _split_params(rest: str) -> tuple[dict[str, str], dict[str, list[_Section]]]:
+    """Plain parameters (the first of a name wins) and the RFC 2231 sections of the others."""
+    params: dict[str, str] = {}
+    extended: dict[str, list[_Section]] = {}
     for match in _PARAM_RE.finditer(";" + rest):
         key = match.group(1).lower()
-        value = match.group(2).strip()
-        if value.startswith('"'):
-            value = value[1:-1] if value.endswith('"') and len(value) > 1 else value[1:]
-            if "\\" in value:
-                value = re.sub(r"\\(.)", r"\1", value)
+        value = _unquote(match.group(2).strip())
         if "*" in key:
             base, _, section = key.partition("*")
             encoded = section.endswith("*") or section == ""
@@ -39,29 +51,34 @@ def parse_params(text: str, problems: list[str]) -> tuple[str, dict[str, str]]:
             extended.setdefault(base, []).append((index, encoded, value))
         elif key not in params:
             params[key] = value
-    for base, sections in extended.items():
-        sections.sort(key=lambda item: item[0])
-        charset: str | None = None
-        chunks: list[bytes] = []
-        for position, (_, encoded, value) in enumerate(sections):
-            if encoded and position == 0 and value.count("'") >= 2:
-                charset, _, value = value.split("'", 2)
-            if encoded:
-                chunks.append(_percent_decode(value))
-            else:
-                chunks.append(value.encode("utf-8", "surrogateescape"))
-        params[base] = decode_bytes(b"".join(chunks), charset or None, problems)
-    for key, value in params.items():
-        if "=?" in value:
-            params[key] = decode_encoded_words(value, problems)
-    return main, params
+    return params, extended
 
 
-_PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+def _unquote(value: str) -> str:
+    """A quoted string's content (also when its closing quote is missing); anything else as it is."""
+    if not value.startswith('"'):
+        return value
+    value = value[1:-1] if value.endswith('"') and len(value) > 1 else value[1:]
+    return _QUOTED_PAIR_RE.sub(r"\1", value) if "\\" in value else value
+
+
+def _join_sections(sections: list[_Section], problems: list[str]) -> str:
+    """One parameter's sections in order, decoded in the charset that its first section declares."""
+    sections.sort(key=lambda item: item[0])
+    charset: str | None = None
+    chunks: list[bytes] = []
+    for position, (_, encoded, value) in enumerate(sections):
+        if encoded and position == 0 and value.count("'") >= 2:
+            charset, _, value = value.split("'", 2)
+        if encoded:
+            chunks.append(_percent_decode(value))
+        else:
+            chunks.append(value.encode("utf-8", "surrogateescape"))
+    return decode_bytes(b"".join(chunks), charset or None, problems)
 
 
 def _percent_decode(value: str) -> bytes:
     data = value.encode("utf-8", "surrogateescape")
     if b"%" not in data:
         return data
-    return re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), data)
+    return _PERCENT_RE.sub(lambda m: bytes([int(m.group(1), 16)]), data)
