@@ -43,7 +43,7 @@ from emailops.mime.charsets import decode_bytes, problem_label
 from emailops.mime.header_block import HeaderBlock, RawHeader, split_header_block
 from emailops.mime.headers import MAX_HEADER_VALUE_CHARS, decode_header_value, header_text, single_line
 from emailops.mime.html_text import html_to_text
-from emailops.mime.model import Attachment, ParsedMessage
+from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.mime.parameters import parse_params
 from emailops.mime.threading import thread_key
 
@@ -144,7 +144,7 @@ def _parse(raw: bytes, max_message_bytes: int, max_body_chars: int) -> ParsedMes
     )
 
 
-def _addresses(first: dict[str, bytes], name: str, problems: list[str]) -> tuple:
+def _addresses(first: dict[str, bytes], name: str, problems: list[str]) -> tuple[Address, ...]:
     value = first.get(name)
     return parse_addresses(value, problems) if value is not None else ()
 
