@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 import emailops
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 
 pytestmark = [
     pytest.mark.container,
