@@ -8,6 +8,6 @@
 - ``python -m localmail.demo``: ``bin/run``'s zero-setup demo, the daemon against these servers.
 
 Nothing here is imported by the daemon itself, and none of it is in the wheel or the daemon's
-image; the modules are imported by their full names so that using one does not pull in the
-others' dependencies.
+image (tests/test_packaging.py); the modules are imported by their full names so that using one
+does not pull in the others' dependencies.
 """
