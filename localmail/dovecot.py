@@ -541,7 +541,8 @@ class LocalDovecot:
         root = self.home(user) / "Maildir"
         if folder.upper() == "INBOX":
             return root
-        return root / ("." + imap_utf7.encode(folder).decode("ascii"))
+        encoded: str = imap_utf7.encode(folder).decode("ascii")
+        return root / ("." + encoded)
 
     # ----------------------------------------------------------------------------- IMAP access
 
