@@ -24,7 +24,7 @@ from pathlib import Path
 
 import imapclient
 
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _LAUNCHER = Path(__file__).resolve().parent / "_measure_child.py"

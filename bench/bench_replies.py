@@ -5,7 +5,7 @@
     python -m bench.bench_replies --profile                # plus a py-spy profile of the burst workers
 
 Each scenario starts a fresh private Dovecot, an SMTP submission server (the test relay of
-``prod.localmail``, AUTH required, no TLS, accepting every recipient without passing anything on)
+``localmail``, AUTH required, no TLS, accepting every recipient without passing anything on)
 and ``python -m prod.run`` with ``LOG_LEVEL=WARNING`` and a rules file holding one reply rule. The
 daemon is warmed up with one answered message first (imports, IMAP in IDLE, SMTP connection open).
 
@@ -51,9 +51,9 @@ from typing import Any
 
 from bench._report import figure, headline, percentile, write_result
 from bench._servers import BENCH_PASSWORD, BENCH_USER, Daemon, PushProbe, emailops_env, start_dovecot
+from localmail.dovecot import LocalDovecot, default_scratch_root
+from localmail.smtp_relay import AcceptedMessage, LocalSmtpRelay
 from prod.heartbeat import SupervisorState, state_path
-from prod.localmail.dovecot import LocalDovecot, default_scratch_root
-from prod.localmail.smtp_relay import AcceptedMessage, LocalSmtpRelay
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("latency", "burst")

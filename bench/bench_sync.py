@@ -63,7 +63,7 @@ from bench._servers import (
     token_message,
 )
 from bench.imap_proxy import CountingProxy
-from prod.localmail.dovecot import LocalDovecot, default_scratch_root, free_loopback_port
+from localmail.dovecot import LocalDovecot, default_scratch_root, free_loopback_port
 
 SCENARIOS = ("initial", "idle-bytes", "idle-latency", "poll", "memory", "metrics")
 ACCOUNT = f"{BENCH_USER}@127.0.0.1"

@@ -39,7 +39,7 @@ from typing import Any
 from bench._report import figure, headline, write_result
 from bench._servers import BENCH_USER
 from bench.bench_replies import Rig, inbound_message, machine_busy_now, machine_cpu_ticks, running_rig
-from prod.localmail.dovecot import default_scratch_root
+from localmail.dovecot import default_scratch_root
 
 # A 10-minute window's least-squares slope moves by 0.6 kB/min for each 4 kB page that RSS gains
 # or loses once (a step of h in the middle of a window of T minutes gives a slope of 1.5 h / T), so

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 
 MAIL_USERS = {"alice@example.test": "alice-pw", "bob@example.test": "bob-pw"}
 PG_ADMIN_CONNINFO = os.environ.get(

@@ -11,7 +11,7 @@ from emailops.config import ServerConfig, SyncConfig, TlsSecurity
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
 from emailops.store.schema import folders
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 
 ALICE = "alice@example.test"
 ACCOUNT = "alice@example.test@127.0.0.1"

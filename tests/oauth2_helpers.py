@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from emailops.config import OAuth2Config, OAuth2Flow
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.oauth2_server import LocalOAuth2Server
+from localmail.dovecot import LocalDovecot
+from localmail.oauth2_server import LocalOAuth2Server
 from tests.conftest import MAIL_USERS
 from tests.index_helpers import ACCOUNT, ALICE, daemon_env
 

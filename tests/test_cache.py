@@ -12,7 +12,7 @@ from emailops.imap.connection import connect
 from emailops.maintenance import reindex
 from emailops.store import fulltext
 from emailops.store.database import reading
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, sync_config
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from localmail.dovecot import LocalDovecot
 from prod.cli import build_parser
-from prod.localmail.dovecot import LocalDovecot
 from tests.index_helpers import ALICE, daemon_env, message
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 import emailops
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 
 pytestmark = [
     pytest.mark.container,
@@ -168,6 +168,21 @@ def test_image_metadata(image: str, podman_env: dict[str, str]) -> None:
     assert "PYTHONDONTWRITEBYTECODE=1" in config["Env"]
     owner = _run(["podman", "run", "--rm", "--read-only", image, "stat", "-c", "%u:%g", "/data"], podman_env)
     assert owner.stdout.strip() == f"{APP_UID}:{APP_UID}"
+
+
+def test_image_holds_the_runtime_without_the_test_servers(image: str, podman_env: dict[str, str]) -> None:
+    """From the working directory, as ``python -m`` runs: the daemon's modules are there, the
+    test servers and the demo (``localmail``) and their dependency aiosmtpd are not."""
+    modules = ("prod.run", "prod.healthcheck", "emailops.pipeline", "localmail", "aiosmtpd")
+    probe = "import importlib.util as u, sys; print(*(u.find_spec(m) is not None for m in sys.argv[1:]))"
+    found = _run(["podman", "run", "--rm", "--read-only", image, "python", "-c", probe, *modules], podman_env)
+    assert dict(zip(modules, found.stdout.split(), strict=True)) == {
+        "prod.run": "True",
+        "prod.healthcheck": "True",
+        "emailops.pipeline": "True",
+        "localmail": "False",
+        "aiosmtpd": "False",
+    }
 
 
 @pytest.fixture

@@ -42,9 +42,9 @@ from sqlalchemy import Engine, text
 
 from emailops.imap.connection import connect
 from emailops.imap.sync import FolderSync
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 from prod.heartbeat import SupervisorState, state_path
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
 from tests.crash_workers import COMMIT_SITE
 from tests.index_helpers import ALICE, daemon_env, imap_config, index_engine, message, sync_config
 from tests.shell_workers import wait_until

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 from prod.heartbeat import SupervisorState, state_path
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
 from tests.index_helpers import ALICE, daemon_env, message
 
 REPO = Path(__file__).resolve().parents[1]

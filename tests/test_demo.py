@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from prod import demo, heartbeat
+from localmail import demo
+from prod import heartbeat
 
 REPO = Path(__file__).resolve().parent.parent
 WITHIN_SECONDS = 60
@@ -66,7 +67,7 @@ def test_demo_indexes_searches_replies_and_stops_cleanly(tmp_path: Path) -> None
     # bin/run chooses the demo when no account is configured; a developer's own .env would make
     # it run the real daemon, so then the demo module is started directly.
     command = (
-        [sys.executable, "-m", "prod.demo"] if _configured_dot_env() else [str(REPO / "bin" / "run")]
+        [sys.executable, "-m", "localmail.demo"] if _configured_dot_env() else [str(REPO / "bin" / "run")]
     ) + ["--data-dir", str(data_dir)]
     started = time.monotonic()
     process = subprocess.Popen(

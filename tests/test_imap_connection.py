@@ -12,7 +12,7 @@ from emailops.imap.errors import (
     ImapTooManyConnectionsError,
     ImapTransientError,
 )
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ALICE, imap_config
 
 

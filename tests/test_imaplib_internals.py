@@ -18,7 +18,7 @@ from emailops.imap.imaplib_internals import (
     silence_imaplib_debug,
     uid_command,
 )
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ALICE, imap_config, message
 
 
@@ -68,9 +68,7 @@ def test_untagged_answers_during_a_command_are_set_aside_by_kind(
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
-def test_pending_input_tells_nothing_from_data_from_a_close(
-    dovecot_tls: LocalDovecot, tls: bool
-) -> None:
+def test_pending_input_tells_nothing_from_data_from_a_close(dovecot_tls: LocalDovecot, tls: bool) -> None:
     # Over a plaintext socket imaplib's buffered reader turns "nothing yet" into b"", as it does
     # end of file: before, every plaintext IDLE connection was taken for closed and dropped.
     config = imap_config(dovecot_tls)

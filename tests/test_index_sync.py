@@ -12,7 +12,7 @@ from emailops.imap.sync import FolderSync
 from emailops.store import fulltext
 from emailops.store import messages as message_store
 from emailops.store.database import reading
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, rows, sync_config
 
 

@@ -15,7 +15,7 @@ from emailops.imap.watcher import FolderWatcher
 from emailops.store import fulltext
 from emailops.store import messages as message_store
 from emailops.store.database import reading
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 from tests.corpus.hostile import hostile_corpus, write_huge_attachment
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, rows, sync_config
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from prod.localmail.dovecot import LocalDovecot, free_loopback_port
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot, free_loopback_port
+from localmail.smtp_relay import LocalSmtpRelay
 from tests.chat_server import ChatServer
 from tests.index_helpers import ALICE, daemon_env, index_engine, rows
 from tests.test_daemon_e2e import REPO, healthcheck, supervisor_state, wait_for

@@ -30,8 +30,8 @@ from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.database import create_index_engine
 from emailops.store.schema import llm_calls
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 from tests.chat_server import ChatServer, Slow, Status
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, sync_config
 

@@ -16,9 +16,9 @@ import imapclient
 import pytest
 import sqlalchemy as sa
 
-from prod.localmail import dovecot as dovecot_module
-from prod.localmail.dovecot import DovecotError, LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail import dovecot as dovecot_module
+from localmail.dovecot import DovecotError, LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -223,7 +223,7 @@ def test_start_failure_reports_dovecots_own_error() -> None:
 def test_instances_of_killed_processes_are_cleaned_up() -> None:
     program = (
         "import sys\n"
-        "from prod.localmail.dovecot import LocalDovecot\n"
+        "from localmail.dovecot import LocalDovecot\n"
         "server = LocalDovecot({'alice@example.test': 'alice-pw'})\n"
         "server.start()\n"
         "print(server.work_dir, flush=True)\n"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from prod.localmail.dovecot import LocalDovecot, free_loopback_port
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot, free_loopback_port
+from localmail.smtp_relay import LocalSmtpRelay
 from prod.worker_status import read_status
 from tests.index_helpers import ALICE, daemon_env, message
 from tests.prometheus_server import PROMTOOL, LocalPrometheus

@@ -24,9 +24,9 @@ from emailops.imap.errors import ImapAuthError
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import OAUTH2_AUTH_RETRY_MAX_SECONDS, FolderWatcher
 from emailops.replies.smtp_sender import SmtpAuthError, SmtpSender
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.oauth2_server import LocalOAuth2Server
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot
+from localmail.oauth2_server import LocalOAuth2Server
+from localmail.smtp_relay import LocalSmtpRelay
 from tests.conftest import MAIL_USERS
 from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
 from tests.oauth2_helpers import (

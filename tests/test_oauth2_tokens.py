@@ -22,7 +22,7 @@ from emailops.auth.token_endpoint import DeviceAuthorization
 from emailops.auth.token_source import TokenSource
 from emailops.config import OAuth2Flow
 from emailops.store.schema import oauth2_tokens
-from prod.localmail.oauth2_server import LocalOAuth2Server
+from localmail.oauth2_server import LocalOAuth2Server
 from prod.redaction import MASK, Redactor
 from tests.index_helpers import ALICE, index_engine
 from tests.oauth2_helpers import APP_CLIENT_ID, CLIENT_ID, auth_server, oauth2_config

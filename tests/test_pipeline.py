@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
 from emailops.pipeline import LEASE_TTL, MailPipeline
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 from tests.index_helpers import (
     ALICE,
     age_leases,

@@ -21,8 +21,8 @@ from emailops.imap.watcher import FolderWatcher
 from emailops.replies import decisions
 from emailops.store import index_work
 from emailops.store.database import reading
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 from tests.index_helpers import (
     ACCOUNT,
     ALICE,

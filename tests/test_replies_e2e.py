@@ -26,8 +26,8 @@ from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.schema import outbox as outbox_table
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, sync_config
 
 BOB = "bob@example.test"

@@ -8,7 +8,7 @@ from imapclient import DELETED, DRAFT, FLAGGED, SEEN
 from emailops.replies import imap_actions
 from emailops.replies.decisions import MailboxAction, MailboxActionKind
 from emailops.replies.mailbox import MailboxSession
-from prod.localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot
 from tests.conftest import MAIL_USERS
 from tests.index_helpers import ALICE, imap_config
 

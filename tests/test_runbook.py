@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import emailops
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 from tests.shell_workers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent

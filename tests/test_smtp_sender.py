@@ -26,8 +26,8 @@ from emailops.replies.smtp_sender import (
 )
 from emailops.store.database import create_index_engine
 from emailops.store.schema import metadata
-from prod.localmail.dovecot import free_loopback_port
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.dovecot import free_loopback_port
+from localmail.smtp_relay import LocalSmtpRelay
 from tests.reply_factories import parsed_message
 
 USER, PASSWORD = "alice@example.test", "alice-pw-s3cret"

@@ -8,7 +8,7 @@ import smtplib
 
 import pytest
 
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.smtp_relay import LocalSmtpRelay
 from prod.smtplib_debug import route_smtplib_debug_to_logging
 
 

@@ -14,8 +14,8 @@ def test_bandit_finds_nothing_of_medium_or_high_severity() -> None:
     """Every medium or high finding is fixed, or justified where it stands (``# nosec BXXX``
     beside a comment that gives the reason)."""
     result = subprocess.run(
-        [sys.executable, "-m", "bandit", "-r", "emailops/", "prod/", "--severity-level", "medium",
-         "--format", "json", "--quiet"],
+        [sys.executable, "-m", "bandit", "-r", "emailops/", "prod/", "localmail/",
+         "--severity-level", "medium", "--format", "json", "--quiet"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -34,8 +34,8 @@ def test_bandit_finds_nothing_of_medium_or_high_severity() -> None:
 
 
 def test_lint_and_types_are_clean() -> None:
-    """ruff (the rules in pyproject.toml) and mypy --strict over the product's packages: a finding
-    fails the suite, not a review."""
+    """ruff (the rules in pyproject.toml) and mypy --strict over the product's packages and the
+    test servers (localmail): a finding fails the suite, not a review."""
     for command in (["ruff", "check", "--no-cache", "."], ["mypy", "--no-incremental"]):
         result = subprocess.run(
             [sys.executable, "-m", *command],

@@ -17,9 +17,9 @@ from emailops.config import TlsSecurity
 from emailops.imap.connection import connect, logout_quietly
 from emailops.imap.errors import ImapSecurityError
 from emailops.replies.smtp_sender import SmtpSecurityError, SmtpSender
-from prod.localmail.certs import make_test_certificates
-from prod.localmail.dovecot import LocalDovecot
-from prod.localmail.smtp_relay import LocalSmtpRelay
+from localmail.certs import make_test_certificates
+from localmail.dovecot import LocalDovecot
+from localmail.smtp_relay import LocalSmtpRelay
 from prod.runtime_settings import RuntimeSettings
 from tests.conftest import MAIL_USERS
 from tests.index_helpers import ALICE, daemon_env

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from prod.localmail.dovecot import LOOPBACK
+from localmail.dovecot import LOOPBACK
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 ACCESS_PREFIX = "eo-at-"

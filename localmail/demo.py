@@ -1,7 +1,7 @@
-"""``python -m prod.demo``: EmailOps working within a minute, with no mail account of one's own.
+"""``python -m localmail.demo``: EmailOps working within a minute, with no mail account of one's own.
 
 It starts a throwaway Dovecot (IMAP + LMTP) and an SMTP relay into it on loopback
-(``prod.localmail``, the servers of the test suite), with two accounts: ``demo@example.test``,
+(``localmail``, the servers of the test suite), with two accounts: ``demo@example.test``,
 the mailbox EmailOps watches, and ``visitor@example.org``, where automatic replies land. It loads
 the sample mail of ``examples/demo-mail/*.eml``, points the settings at those servers with state
 under ``data/demo`` (wiped at each start: the demo is throwaway) and the rules of
@@ -39,8 +39,8 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the servers are imported when started: aiosmtpd is a demo-only dependency
-    from prod.localmail.dovecot import LocalDovecot
-    from prod.localmail.smtp_relay import LocalSmtpRelay
+    from localmail.dovecot import LocalDovecot
+    from localmail.smtp_relay import LocalSmtpRelay
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_MAIL_DIR = REPO / "examples" / "demo-mail"
@@ -129,8 +129,8 @@ def send_visitor_message(smtp_host: str, smtp_port: int) -> None:
 
 def start_mail_servers() -> tuple[LocalDovecot, LocalSmtpRelay]:
     """A started LocalDovecot with the demo accounts and samples, and a relay into it."""
-    from prod.localmail.dovecot import LocalDovecot
-    from prod.localmail.smtp_relay import LocalSmtpRelay
+    from localmail.dovecot import LocalDovecot
+    from localmail.smtp_relay import LocalSmtpRelay
 
     dovecot = LocalDovecot(ACCOUNTS)
     try:
@@ -380,7 +380,7 @@ def run_mail_server(listen_host: str, imap_port: int, smtp_port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prod.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m localmail.demo", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="demo state (default: %(default)s)"
     )

@@ -31,8 +31,8 @@ from typing import Any, Literal
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from prod.localmail.certs import TestCertificates, make_test_certificates
-from prod.localmail.dovecot import (
+from localmail.certs import TestCertificates, make_test_certificates
+from localmail.dovecot import (
     LOOPBACK,
     LocalDovecot,
     default_scratch_root,

@@ -38,7 +38,7 @@ import imapclient
 from imapclient import imap_utf7
 
 from emailops.processes import pid_alive
-from prod.localmail.certs import LOOPBACK_NAMES, TestCertificates, make_test_certificates
+from localmail.certs import LOOPBACK_NAMES, TestCertificates, make_test_certificates
 
 DOVECOT_BINARY = "dovecot"
 DOVEADM_BINARY = "doveadm"
@@ -315,7 +315,7 @@ class LocalDovecot:
         work = self.work_dir
         listen = LOOPBACK if self.imaps_host == LOOPBACK else f"{LOOPBACK} {SECOND_LOOPBACK}"
         lines = [
-            "# Written by prod.localmail.dovecot.LocalDovecot for one test run.",
+            "# Written by localmail.dovecot.LocalDovecot for one test run.",
             "protocols = imap lmtp",
             f"listen = {listen}",
             f"base_dir = {work}/run",
@@ -541,7 +541,8 @@ class LocalDovecot:
         root = self.home(user) / "Maildir"
         if folder.upper() == "INBOX":
             return root
-        return root / ("." + imap_utf7.encode(folder).decode("ascii"))
+        encoded: str = imap_utf7.encode(folder).decode("ascii")
+        return root / ("." + encoded)
 
     # ----------------------------------------------------------------------------- IMAP access
 
