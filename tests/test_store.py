@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,40 @@ def test_sqlite_dates_stored_at_the_senders_offset_are_corrected(tmp_path: Path)
         conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version >= 4")
     assert [m.version for m in migrate(engine)] == [m.version for m in MIGRATIONS if m.version >= 4]
     assert rows(engine, "SELECT date FROM messages") == [("2024-05-06 07:00:00.000000",)]
+
+
+def test_sqlite_stores_moments_and_flags_as_earlier_versions_did(tmp_path: Path) -> None:
+    """Existing SQLite indexes are read and compared as text: a moment is naive UTC ISO text with
+    microseconds whatever its offset, a boolean 0 or 1."""
+    engine = index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    sent = datetime(2024, 5, 6, 9, 0, tzinfo=timezone(timedelta(hours=2)))
+    received = datetime(2024, 5, 6, 8, 30, 0, 123456, tzinfo=timezone(timedelta(hours=1)))
+    content = message_content(replace(parsed(1), date=sent))
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        message_store.insert_messages(
+            conn,
+            folder.id,
+            1,
+            [message_store.FetchedMessage(1, (), received, None, content)],
+            baseline_uidnext=None,
+            now=NOW,
+        )
+        folder_store.save_sync_state(conn, folder.id, uidvalidity=1, uidnext=2, highestmodseq=None, now=NOW)
+    assert rows(
+        engine,
+        "SELECT date, internal_date, indexed_at, typeof(date), has_attachments, truncated FROM messages",
+    ) == [
+        (
+            "2024-05-06 07:00:00.000000",
+            "2024-05-06 07:30:00.123456",
+            "2026-01-05 12:00:00.000000",
+            "text",
+            1,
+            0,
+        )
+    ]
+    assert rows(engine, "SELECT last_sync_at FROM folders") == [("2026-01-05 12:00:00.000000",)]
 
 
 def test_a_folder_lease_has_one_live_owner_and_a_new_epoch_at_each_takeover(db_url: str) -> None:

@@ -12,7 +12,7 @@ from emailops.mime.header_block import HeaderBlock
 from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.store import fulltext
 from emailops.store.content import MessageContent
-from emailops.store.schema import attachments, folders, messages
+from emailops.store.schema import attachments, folders, messages, sqlite_datetime
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,6 @@ def _sqlite_insert(conn: Connection, rows: list[dict[str, object]]) -> None:
     placeholders = ", ".join(f":{name}" for name in columns)
     statement = f"INSERT INTO messages ({quoted}) VALUES ({placeholders})"  # noqa: S608  # nosec B608
     conn.exec_driver_sql(statement, rows)
-
-
-def sqlite_datetime(moment: datetime) -> str:
-    """How a datetime is stored on SQLite: naive UTC ISO text, as SQLAlchemy writes it."""
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment.isoformat(" ", "microseconds")
 
 
 def insert_messages(

@@ -21,7 +21,7 @@ from emailops.mime.addresses import parse_date
 from emailops.mime.header_block import HeaderBlock, split_header_block
 from emailops.store import schema
 from emailops.store.fulltext import create_fulltext, set_fulltext_tuning
-from emailops.store.messages import sqlite_datetime
+from emailops.store.schema import sqlite_datetime
 
 # A lock key so that two processes starting at once do not both migrate (PostgreSQL).
 _PG_MIGRATION_LOCK = 0x656D61696C6F7073

@@ -6,6 +6,10 @@ so every write is idempotent on (account, folder, UIDVALIDITY, UID) as DESIGN.md
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -20,10 +24,44 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 
 metadata = MetaData()
+
+
+def sqlite_datetime(moment: datetime) -> str:
+    """How a moment is stored on SQLite, which keeps no time zone: its UTC time as ISO text with
+    microseconds (``2024-05-06 09:00:00.000000``), the text SQLAlchemy's SQLite ``DATETIME`` reads
+    back. A naive datetime is taken to be in UTC."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(" ", "microseconds")[:26]  # without the "+00:00" of an aware moment
+
+
+def _sqlite_bind(value: datetime | None) -> str | None:
+    return None if value is None else sqlite_datetime(value)
+
+
+class Timestamp(TypeDecorator[datetime]):
+    """A moment: ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL, ``DATETIME`` text on SQLite.
+
+    SQLite keeps no time zone, so a value is written there as its UTC time (``sqlite_datetime``):
+    SQLAlchemy's own SQLite ``DATETIME`` drops the offset and keeps the wall time, which reads a
+    +0200 Date back two hours late. It is read back by that ``DATETIME``, as a naive UTC datetime.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        # Replaces, not precedes, the SQLite DATETIME's own conversion, which takes only datetimes.
+        if dialect.name == "sqlite":
+            return _sqlite_bind
+        return super().bind_processor(dialect)
+
 
 # SQLite only treats "INTEGER PRIMARY KEY" as the rowid alias; BigInteger elsewhere.
 Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -43,12 +81,12 @@ folders = Table(
     # UIDNEXT when this UIDVALIDITY was first synced: messages below it were there before the
     # daemon and are never answered (issue 4, "mail that was there before").
     Column("baseline_uidnext", BigInteger),
-    Column("first_synced_at", DateTime(timezone=True)),
-    Column("last_sync_at", DateTime(timezone=True)),
-    Column("last_reconcile_at", DateTime(timezone=True)),
+    Column("first_synced_at", Timestamp),
+    Column("last_sync_at", Timestamp),
+    Column("last_reconcile_at", Timestamp),
     # Which worker watches the folder; a lease that expired may be taken over.
     Column("lease_owner", String(200)),
-    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("lease_expires_at", Timestamp),
     # The fencing token: raised at each change of the lease's holder (see store.folders).
     Column("lease_epoch", BigInteger, nullable=False, default=0, server_default="0"),
     # Attempts to index the folder's next new message (see store.index_work).
@@ -72,8 +110,8 @@ messages = Table(
     Column("addresses", Text, nullable=False, default=""),
     Column("to_addrs", Text, nullable=False, default=""),
     Column("cc_addrs", Text, nullable=False, default=""),
-    Column("date", DateTime(timezone=True)),
-    Column("internal_date", DateTime(timezone=True)),
+    Column("date", Timestamp),
+    Column("internal_date", Timestamp),
     Column("in_reply_to", String(1000)),
     Column("references", Text, nullable=False, default=""),
     Column("list_id", Text),
@@ -90,15 +128,15 @@ messages = Table(
     Column("truncated", Boolean, nullable=False, default=False),
     # Space-separated parser problems (see emailops.mime.parse).
     Column("problems", Text, nullable=False, default=""),
-    Column("indexed_at", DateTime(timezone=True), nullable=False),
-    Column("expunged_at", DateTime(timezone=True)),
+    Column("indexed_at", Timestamp, nullable=False),
+    Column("expunged_at", Timestamp),
     # history: there before the first sync, never answered; pending: rules not yet applied;
     # working: claimed by a worker; done: rules applied (decisions and outbox rows committed in the
     # same transaction); quarantined: the rules kept failing on it (see store.rules_work).
     Column("rules_state", String(16), nullable=False, default="history"),
     # Claims of the rules stage so far (committed before each), and when the last was made.
     Column("rules_attempts", Integer, nullable=False, default=0, server_default="0"),
-    Column("rules_claimed_at", DateTime(timezone=True)),
+    Column("rules_claimed_at", Timestamp),
     Column("rules_claimed_by", String(200)),
     Column("quarantine_reason", Text),
     UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_messages_folder_uidvalidity_uid"),
@@ -132,7 +170,7 @@ index_quarantine = Table(
     Column("message_id", String(1000)),
     Column("attempts", Integer, nullable=False),
     Column("reason", Text, nullable=False),
-    Column("quarantined_at", DateTime(timezone=True), nullable=False),
+    Column("quarantined_at", Timestamp, nullable=False),
     UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_index_quarantine_folder_uid"),
 )
 
@@ -154,11 +192,11 @@ outbox = Table(
     Column("raw", LargeBinary, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
-    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("next_attempt_at", Timestamp),
     Column("claimed_by", String(200)),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("sent_at", DateTime(timezone=True)),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Column("sent_at", Timestamp),
     UniqueConstraint("account", "inbound_key", "rule_name", name="uq_outbox_inbound_rule"),
 )
 Index("ix_outbox_state_next", outbox.c.state, outbox.c.next_attempt_at)
@@ -176,16 +214,16 @@ oauth2_tokens = Table(
     # SHA-256 of the EMAIL_OAUTH2_REFRESH_TOKEN that seeded refresh_token: a new value replaces it once.
     Column("seed_fingerprint", String(64)),
     Column("access_token", LargeBinary),
-    Column("access_expires_at", DateTime(timezone=True)),
-    Column("refreshed_at", DateTime(timezone=True)),
+    Column("access_expires_at", Timestamp),
+    Column("refreshed_at", Timestamp),
     # Consecutive failed token requests; none is made before next_attempt_at (no storm when revoked).
     Column("failures", Integer, nullable=False, default=0),
-    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("next_attempt_at", Timestamp),
     # refused (needs the operator) or unavailable (network, 5xx), with the reason (never a token).
     Column("last_error_kind", String(16)),
     Column("last_error", Text),
-    Column("last_error_at", DateTime(timezone=True)),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("last_error_at", Timestamp),
+    Column("updated_at", Timestamp, nullable=False),
 )
 
 # A reply a language model is asked to write (rules with llm_prompt), one per (account, inbound
@@ -216,12 +254,12 @@ llm_jobs = Table(
     # Claims so far, counted when claimed (the claim's fencing token).
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
-    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("next_attempt_at", Timestamp, nullable=False),
     Column("claimed_by", String(200)),
-    Column("claimed_at", DateTime(timezone=True)),
+    Column("claimed_at", Timestamp),
     Column("outbox_id", Id, ForeignKey("outbox.id", ondelete="SET NULL")),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
     UniqueConstraint("account", "inbound_key", "rule_name", name="uq_llm_jobs_inbound_rule"),
 )
 Index("ix_llm_jobs_state_next", llm_jobs.c.state, llm_jobs.c.next_attempt_at)
@@ -233,7 +271,7 @@ llm_calls = Table(
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("account", String(320), nullable=False),
-    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", Timestamp, nullable=False),
 )
 Index("ix_llm_calls_account_started", llm_calls.c.account, llm_calls.c.started_at)
 
@@ -242,5 +280,5 @@ schema_migrations = Table(
     metadata,
     Column("version", Integer, primary_key=True, autoincrement=False),
     Column("name", String(200), nullable=False),
-    Column("applied_at", DateTime(timezone=True), nullable=False),
+    Column("applied_at", Timestamp, nullable=False),
 )
