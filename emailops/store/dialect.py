@@ -5,7 +5,7 @@ ask these functions and never read ``conn.dialect`` themselves.
   and ``insert_once`` on it, which also tells the id of the row that was there.
 - Serialising writers: PostgreSQL takes locks (advisory transaction locks, ``FOR UPDATE``, with
   ``SKIP LOCKED`` for work queues); SQLite needs none, its write transaction (``BEGIN IMMEDIATE``,
-  see ``database.py``) already excludes every other writer.
+  see ``database.py``) already excludes every other writer (``writer_is_exclusive``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ def insert_once(
         return int(new_id), True
     same_key = [table.c[name] == values[name] for name in key]
     return int(conn.execute(select(table.c.id).where(*same_key)).scalar_one()), False
+
+
+def writer_is_exclusive(conn: Connection) -> bool:
+    """Whether a write transaction excludes every other writer until it ends (SQLite), so that
+    what it read of the rows it is about to write stays true until it commits."""
+    return conn.dialect.name == "sqlite"
 
 
 def locking(conn: Connection, query: _Query, *, skip_locked: bool = False) -> _Query:

@@ -12,7 +12,8 @@ from emailops.mime.header_block import HeaderBlock
 from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.store import fulltext
 from emailops.store.content import MessageContent
-from emailops.store.schema import attachments, folders, messages, sqlite_datetime
+from emailops.store.dialect import insert_unless_present, writer_is_exclusive
+from emailops.store.schema import attachments, folders, messages
 
 
 @dataclass(frozen=True)
@@ -43,24 +44,24 @@ def _row(
     }
 
 
+_KEY = ("folder_id", "uidvalidity", "uid")
+
+
 def _insert_new(
     conn: Connection, folder_id: int, uidvalidity: int, rows: list[dict[str, object]]
 ) -> dict[int, int]:
     """Insert the rows not indexed yet; return uid -> primary key of those inserted.
 
-    PostgreSQL: one INSERT .. ON CONFLICT DO NOTHING RETURNING. SQLite: the write transaction is
-    exclusive (BEGIN IMMEDIATE), so the UIDs present are read first and a plain executemany
-    inserts the rest, which is several times faster than SQLAlchemy's RETURNING batches there.
+    One statement on both databases, executed with the batch's rows: INSERT .. ON CONFLICT DO
+    NOTHING. Where another writer may insert the same UIDs meanwhile (PostgreSQL), RETURNING tells
+    which rows this one inserted. Where the writer is exclusive (SQLite), the UIDs present are read
+    first, only the rest are inserted, and their keys are read back: SQLAlchemy executes RETURNING
+    there as multi-row VALUES batches, which made storing slower than this.
     """
-    if conn.dialect.name != "sqlite":
-        from sqlalchemy.dialects.postgresql import insert
-
-        statement = (
-            insert(messages)
-            .on_conflict_do_nothing(index_elements=["folder_id", "uidvalidity", "uid"])
-            .returning(messages.c.id, messages.c.uid)
-        )
-        return {uid: pk for pk, uid in conn.execute(statement, rows).all()}
+    statement = insert_unless_present(conn, messages, _KEY)
+    if not writer_is_exclusive(conn):
+        returning = statement.returning(messages.c.id, messages.c.uid)
+        return {uid: pk for pk, uid in conn.execute(returning, rows).all()}
     uids = [int(row["uid"]) for row in rows]  # type: ignore[call-overload]
     in_batch = and_(
         messages.c.folder_id == folder_id,
@@ -71,41 +72,13 @@ def _insert_new(
     fresh = [row for row in rows if row["uid"] not in present]
     if not fresh:
         return {}
-    _sqlite_insert(conn, fresh)
+    conn.execute(statement, fresh)
     wanted = {int(row["uid"]) for row in fresh}  # type: ignore[call-overload]
     return {
         uid: pk
         for pk, uid in conn.execute(select(messages.c.id, messages.c.uid).where(in_batch)).all()
         if uid in wanted
     }
-
-
-_SQLITE_DATETIMES = ("date", "internal_date", "indexed_at")
-_SQLITE_BOOLEANS = ("has_attachments", "truncated")
-
-
-def _sqlite_insert(conn: Connection, rows: list[dict[str, object]]) -> None:
-    """``INSERT`` through the driver: SQLAlchemy's per-value bind processing was a fifth of an
-    initial sync's storing. Values are converted as SQLAlchemy stores them on SQLite (datetimes
-    as naive UTC ISO text, booleans as 0/1), so either path reads back the same."""
-    columns = list(rows[0])
-    texts: dict[datetime, str] = {}  # a batch shares its indexed_at, and often its dates
-    for row in rows:
-        for name in _SQLITE_DATETIMES:
-            moment = row.get(name)
-            if isinstance(moment, datetime):
-                text = texts.get(moment)
-                if text is None:
-                    text = texts[moment] = sqlite_datetime(moment)
-                row[name] = text
-        for name in _SQLITE_BOOLEANS:
-            if name in row:
-                row[name] = int(bool(row[name]))
-    # The names are _row's keys (the schema's columns), never input; values are bound.
-    quoted = ", ".join(f'"{name}"' for name in columns)
-    placeholders = ", ".join(f":{name}" for name in columns)
-    statement = f"INSERT INTO messages ({quoted}) VALUES ({placeholders})"  # noqa: S608  # nosec B608
-    conn.exec_driver_sql(statement, rows)
 
 
 def insert_messages(
