@@ -1,16 +1,23 @@
 """Incremental sync of one IMAP folder into the index.
 
-Per folder the index keeps UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ. One pass:
+Per folder the index keeps UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ and the server's message count. A
+pass that finds the folder unselected asks STATUS first, and ends there when it shows what the
+last pass saved: one round trip, whatever the folder's size. Otherwise (``FolderSync._pass``, one
+method a step):
 
-1. SELECT (read-only, so indexing never changes a flag): UIDVALIDITY, UIDNEXT, EXISTS, HIGHESTMODSEQ.
-   A poll with nothing new ends here: one round trip, whatever the folder's size.
-2. A changed UIDVALIDITY: rows are re-mapped to their new UIDs by Message-ID (no duplicate, no
+1. SELECT (read-only, so indexing never changes a flag): UIDVALIDITY, UIDNEXT, EXISTS, HIGHESTMODSEQ;
+   and the folder's state in the index. When they agree (and no reconcile is asked for), steps 3
+   to 5 are skipped.
+2. The first sync records its baseline (mail below it was there before: none of it is answered).
+   A changed UIDVALIDITY: rows are re-mapped to their new UIDs by Message-ID (no duplicate, no
    re-answer), the rest of the old generation is marked expunged.
-3. New UIDs (UIDNEXT moved): sizes first, then BODY.PEEK[] in batches bounded by count and bytes;
-   a message above ``max_message_bytes`` is fetched as its header and a bounded part of its text.
+3. New UIDs (UIDNEXT moved): sizes first, then BODY.PEEK[] in batches bounded by count and bytes,
+   downloaded, parsed and stored at once (``fetch_pipeline``); a message above
+   ``max_message_bytes`` is fetched as its header and a bounded part of its text (``download``).
 4. Flags: with CONDSTORE, only what changed since HIGHESTMODSEQ; without, by a periodic reconcile.
-5. Expunges: when EXISTS differs from the live rows, one UID SEARCH tells which UIDs left (marked
-   expunged, never dropped) and which are missing (fetched).
+5. Expunges: when EXISTS differs from the last count plus the arrivals, one UID SEARCH tells which
+   UIDs left (marked expunged, never dropped) and which are missing (fetched).
+6. What SELECT showed is saved as the folder's state: the next pass starts from it.
 Every write is idempotent on (folder, UIDVALIDITY, UID): a pass killed at any point and run again
 leaves the same index.
 """
@@ -210,70 +217,34 @@ class FolderSync:
         reconcile: bool,
         budget_seconds: float | None,
     ) -> SyncReport:
+        """The steps of the module's docstring, in its order."""
         deadline = None if budget_seconds is None else started + budget_seconds
         status = self.select(client)
         state = self._folder_state()
-        condstore = status.highestmodseq is not None
+        flags_unknown = self._flags_unknown(state, status)
+        state = self._first_sync_or_resync(client, state, status, report)
+        if reconcile or not self._unchanged(state, status):
+            arrived, report.complete = self._fetch_new(client, state, status, report, deadline)
+            if not report.complete:
+                return self._finish(report, started)
+            report.flags_changed += self._flag_changes(
+                client, state, status, reconcile=reconcile, flags_unknown=flags_unknown
+            )
+            self._expunges(client, state, status, report, reconcile=reconcile, arrived=arrived)
+        self._save_state(state.id, status, reconcile=reconcile)
+        return self._finish(report, started)
+
+    def _flags_unknown(self, state: folder_store.FolderState, status: MailboxStatus) -> bool:
+        """Whether the last pass left rows whose flags must all be compared (read before step 2)."""
         # A pass that ended before recording HIGHESTMODSEQ (cut by its time budget, killed, or
         # killed right after a UIDVALIDITY re-map) left rows whose flags may have changed since
         # they were fetched, and no MODSEQ to ask CHANGEDSINCE from: all their flags are compared.
-        flags_unknown = (
-            condstore
+        return (
+            status.highestmodseq is not None
             and state.highestmodseq is None
             and state.uidvalidity == status.uidvalidity
             and self._has_rows(state.id, status.uidvalidity)
         )
-
-        if state.uidvalidity is None or state.baseline_uidnext is None:
-            state = self._begin_first_sync(state, status)
-        elif state.uidvalidity != status.uidvalidity:
-            state = self._resync(client, state, status, report)
-
-        # Nothing arrived (same UIDNEXT) and the count is the same, so nothing left either; with
-        # CONDSTORE an unchanged HIGHESTMODSEQ also rules out flag changes. No row is counted: the
-        # cost does not grow with the folder.
-        unchanged = (
-            not reconcile
-            and state.uidnext is not None
-            and state.uidnext == status.uidnext
-            and state.server_count == status.exists
-            and (not condstore or state.highestmodseq == status.highestmodseq)
-        )
-        if not unchanged:
-            arrived = 0
-            if status.uidnext is None or state.uidnext is None or status.uidnext > state.uidnext:
-                arrived, report.complete = self._fetch_new(
-                    client, state, status, state.uidnext or 1, report, deadline
-                )
-                if not report.complete:
-                    return self._finish(report, started)
-            if condstore and state.highestmodseq is not None and state.highestmodseq != status.highestmodseq:
-                report.flags_changed += self._flags_since(client, state.id, status, state.highestmodseq)
-            if (reconcile and not condstore) or flags_unknown:
-                report.flags_changed += self._reconcile_flags(client, state.id, status)
-            # What the server should hold if nothing was expunged: the last count plus the arrivals.
-            # A mismatch (or a periodic reconcile without CONDSTORE) compares the UID lists.
-            previous = state.server_count if state.uidnext is not None else 0
-            expected = None if previous is None else previous + arrived
-            if (reconcile and not condstore) or expected != status.exists:
-                expunged, missing = self._reconcile_uids(client, state.id, status)
-                report.expunged += expunged
-                if missing:
-                    self._fetch_uids(client, state, status, sorted(missing), report)
-
-        with self.engine.begin() as conn:
-            folder_store.save_sync_state(
-                conn,
-                state.id,
-                fence=self.fence,
-                uidvalidity=status.uidvalidity,
-                uidnext=status.uidnext,
-                highestmodseq=status.highestmodseq,
-                server_count=status.exists,
-                now=self.clock(),
-                reconciled=reconcile,
-            )
-        return self._finish(report, started)
 
     def _has_rows(self, folder_id: int, uidvalidity: int) -> bool:
         with reading(self.engine) as conn:
@@ -284,6 +255,33 @@ class FolderSync:
                     .limit(1)
                 ).first()
                 is not None
+            )
+
+    def _unchanged(self, state: folder_store.FolderState, status: MailboxStatus) -> bool:
+        """Whether SELECT shows the folder as the last pass left it: then steps 3 to 5 are skipped."""
+        # Nothing arrived (same UIDNEXT) and the count is the same, so nothing left either; with
+        # CONDSTORE an unchanged HIGHESTMODSEQ also rules out flag changes. No row is counted: the
+        # cost does not grow with the folder.
+        return (
+            state.uidnext is not None
+            and state.uidnext == status.uidnext
+            and state.server_count == status.exists
+            and (status.highestmodseq is None or state.highestmodseq == status.highestmodseq)
+        )
+
+    def _save_state(self, folder_id: int, status: MailboxStatus, *, reconcile: bool) -> None:
+        """Step 6: what SELECT showed is what the index now holds."""
+        with self.engine.begin() as conn:
+            folder_store.save_sync_state(
+                conn,
+                folder_id,
+                fence=self.fence,
+                uidvalidity=status.uidvalidity,
+                uidnext=status.uidnext,
+                highestmodseq=status.highestmodseq,
+                server_count=status.exists,
+                now=self.clock(),
+                reconciled=reconcile,
             )
 
     def _folder_state(self) -> folder_store.FolderState:
@@ -310,6 +308,20 @@ class FolderSync:
         return report
 
     # -- state transitions -------------------------------------------------------------------
+
+    def _first_sync_or_resync(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        report: SyncReport,
+    ) -> folder_store.FolderState:
+        """Step 2: the state the rest of the pass goes on from."""
+        if state.uidvalidity is None or state.baseline_uidnext is None:
+            return self._begin_first_sync(state, status)
+        if state.uidvalidity != status.uidvalidity:
+            return self._resync(client, state, status, report)
+        return state
 
     def _begin_first_sync(
         self, state: folder_store.FolderState, status: MailboxStatus
@@ -393,12 +405,14 @@ class FolderSync:
         client: IMAPClient,
         state: folder_store.FolderState,
         status: MailboxStatus,
-        start: int,
         report: SyncReport,
         deadline: float | None,
     ) -> tuple[int, bool]:
-        """Fetch UIDs from ``start`` on. Returns how many the server holds from ``start`` on, and
-        False when the deadline stopped the fetch (progress is saved)."""
+        """Step 3: fetch the UIDs from the progress mark (UIDNEXT) on. Returns how many the server
+        holds from there on, and False when the deadline stopped the fetch (progress is saved)."""
+        if status.uidnext is not None and state.uidnext is not None and status.uidnext <= state.uidnext:
+            return 0, True
+        start = state.uidnext or 1
         # "N:*" always names the last message, even when its UID is below N: filter.
         sizes = {uid: size for uid, size in fetch_sizes(client, f"{start}:*").items() if uid >= start}
         with reading(self.engine) as conn:
@@ -591,6 +605,46 @@ class FolderSync:
         metrics.parse_problems(problem_kinds)
 
     # -- flags and expunges ------------------------------------------------------------------
+
+    def _flag_changes(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        *,
+        reconcile: bool,
+        flags_unknown: bool,
+    ) -> int:
+        """Step 4: how many rows' flags changed."""
+        condstore = status.highestmodseq is not None
+        changed = 0
+        if condstore and state.highestmodseq is not None and state.highestmodseq != status.highestmodseq:
+            changed += self._flags_since(client, state.id, status, state.highestmodseq)
+        if (reconcile and not condstore) or flags_unknown:
+            changed += self._reconcile_flags(client, state.id, status)
+        return changed
+
+    def _expunges(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        report: SyncReport,
+        *,
+        reconcile: bool,
+        arrived: int,
+    ) -> None:
+        """Step 5, after ``arrived`` new UIDs were fetched: expunged rows marked, missing ones fetched."""
+        condstore = status.highestmodseq is not None
+        # What the server should hold if nothing was expunged: the last count plus the arrivals.
+        # A mismatch (or a periodic reconcile without CONDSTORE) compares the UID lists.
+        previous = state.server_count if state.uidnext is not None else 0
+        expected = None if previous is None else previous + arrived
+        if (reconcile and not condstore) or expected != status.exists:
+            expunged, missing = self._reconcile_uids(client, state.id, status)
+            report.expunged += expunged
+            if missing:
+                self._fetch_uids(client, state, status, sorted(missing), report)
 
     def _flags_since(self, client: IMAPClient, folder_id: int, status: MailboxStatus, modseq: int) -> int:
         response = fetch_meta(client, "1:*", modseq=True, changed_since=modseq)
