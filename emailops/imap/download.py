@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from imapclient import IMAPClient
@@ -21,6 +22,7 @@ from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_meta, mess
 PARTIAL_TEXT_BYTES = 1024 * 1024
 
 
+@dataclass
 class BatchDownloader:
     """Downloads the batches of one run of UIDs of a folder generation; called with a batch.
 
@@ -28,24 +30,18 @@ class BatchDownloader:
     ``with`` block waits for the copies still being written.
     """
 
-    def __init__(
-        self,
-        client: IMAPClient,
-        config: SyncConfig,
-        folder: str,
-        uidvalidity: int,
-        sizes: Mapping[int, int],
-        cache: RawMessageCache | None,
-    ) -> None:
-        self.client = client
-        self.config = config
-        self.folder = folder
-        self.uidvalidity = uidvalidity
-        self.sizes = sizes
-        self.cache = cache
-        self._copies: CachedCopies = {}
-        if cache is not None:
-            self._copies = cache.listing(config.account, folder, uidvalidity)
+    client: IMAPClient
+    config: SyncConfig
+    folder: str
+    uidvalidity: int
+    sizes: Mapping[int, int]
+    cache: RawMessageCache | None
+    _copies: CachedCopies = field(init=False, default_factory=dict)
+    _cache_writer: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.cache is not None:
+            self._copies = self.cache.listing(self.config.account, self.folder, self.uidvalidity)
         self._cache_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache")
 
     def __enter__(self) -> BatchDownloader:

@@ -222,7 +222,10 @@ class FolderSync:
         status = self.select(client)
         state = self._folder_state()
         flags_unknown = self._flags_unknown(state, status)
-        state = self._first_sync_or_resync(client, state, status, report)
+        if state.uidvalidity is None or state.baseline_uidnext is None:
+            state = self._begin_first_sync(state, status)
+        elif state.uidvalidity != status.uidvalidity:
+            state = self._resync(client, state, status, report)
         if reconcile or not self._unchanged(state, status):
             arrived, report.complete = self._fetch_new(client, state, status, report, deadline)
             if not report.complete:
@@ -308,20 +311,6 @@ class FolderSync:
         return report
 
     # -- state transitions -------------------------------------------------------------------
-
-    def _first_sync_or_resync(
-        self,
-        client: IMAPClient,
-        state: folder_store.FolderState,
-        status: MailboxStatus,
-        report: SyncReport,
-    ) -> folder_store.FolderState:
-        """Step 2: the state the rest of the pass goes on from."""
-        if state.uidvalidity is None or state.baseline_uidnext is None:
-            return self._begin_first_sync(state, status)
-        if state.uidvalidity != status.uidvalidity:
-            return self._resync(client, state, status, report)
-        return state
 
     def _begin_first_sync(
         self, state: folder_store.FolderState, status: MailboxStatus
