@@ -90,6 +90,4 @@ class BatchDownloader:
             return []
         header = data.get(b"BODY[HEADER]") or b""
         text = next((v for k, v in data.items() if k.startswith(b"BODY[TEXT]")), b"") or b""
-        return [
-            FetchedBody(uid, stored_flags(meta.flags), meta.internal_date, meta.modseq, header + text)  # type: ignore[operator]
-        ]
+        return [FetchedBody(uid, stored_flags(meta.flags), meta.internal_date, meta.modseq, header + text)]
