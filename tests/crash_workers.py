@@ -38,7 +38,7 @@ from prod.runtime_settings import RuntimeSettings
 # site -> (module, attribute, "before" or "after" the call). The attribute is the one the product
 # code looks up at call time (``module.function``), so that replacing it reaches every caller.
 SITES: dict[str, tuple[str, str, str]] = {
-    "fetch": ("emailops.imap.sync", "fetch_bodies", "before"),  # mid-batch: earlier batches stored
+    "fetch": ("emailops.imap.download", "fetch_bodies", "before"),  # mid-batch: earlier batches stored
     "store": ("emailops.store.messages", "insert_messages", "after"),  # rows written, not committed
     "resync": ("emailops.store.messages", "remap_uidvalidity", "after"),  # UIDVALIDITY re-map
     "flags": ("emailops.store.messages", "update_flags", "after"),

@@ -39,6 +39,12 @@ class FetchedBody:
     raw: bytes
 
 
+def stored_flags(flags: Iterable[str]) -> tuple[str, ...]:
+    """The flags the index keeps of a message."""
+    # \Recent belongs to one IMAP session (RFC 3501 2.3.2), not to the message: not stored.
+    return tuple(flag for flag in flags if flag.lower() != "\\recent")
+
+
 def message_set(uids: Iterable[int]) -> str:
     """``1:3,7,9:10`` for [1, 2, 3, 7, 9, 10]: short command lines for long runs of UIDs."""
     ordered = sorted(set(uids))

@@ -1,29 +1,35 @@
 """Incremental sync of one IMAP folder into the index.
 
-Per folder the index keeps UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ. One pass:
+Per folder the index keeps UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ and the server's message count. A
+pass that finds the folder unselected asks STATUS first, and ends there when it shows what the
+last pass saved: one round trip, whatever the folder's size. Otherwise (``FolderSync._pass``, one
+method a step):
 
-1. SELECT (read-only, so indexing never changes a flag): UIDVALIDITY, UIDNEXT, EXISTS, HIGHESTMODSEQ.
-   A poll with nothing new ends here: one round trip, whatever the folder's size.
-2. A changed UIDVALIDITY: rows are re-mapped to their new UIDs by Message-ID (no duplicate, no
+1. SELECT (read-only, so indexing never changes a flag): UIDVALIDITY, UIDNEXT, EXISTS, HIGHESTMODSEQ;
+   and the folder's state in the index. When they agree (and no reconcile is asked for), steps 3
+   to 5 are skipped.
+2. The first sync records its baseline (mail below it was there before: none of it is answered).
+   A changed UIDVALIDITY: rows are re-mapped to their new UIDs by Message-ID (no duplicate, no
    re-answer), the rest of the old generation is marked expunged.
-3. New UIDs (UIDNEXT moved): sizes first, then BODY.PEEK[] in batches bounded by count and bytes;
-   a message above ``max_message_bytes`` is fetched as its header and a bounded part of its text.
+3. New UIDs (UIDNEXT moved): sizes first, then BODY.PEEK[] in batches bounded by count and bytes,
+   downloaded, parsed and stored at once (``fetch_pipeline``); a message above
+   ``max_message_bytes`` is fetched as its header and a bounded part of its text (``download``).
 4. Flags: with CONDSTORE, only what changed since HIGHESTMODSEQ; without, by a periodic reconcile.
-5. Expunges: when EXISTS differs from the live rows, one UID SEARCH tells which UIDs left (marked
-   expunged, never dropped) and which are missing (fetched).
+5. Expunges: when EXISTS differs from the last count plus the arrivals, one UID SEARCH tells which
+   UIDs left (marked expunged, never dropped) and which are missing (fetched).
+6. What SELECT showed is saved as the folder's state: the next pass starts from it.
 Every write is idempotent on (folder, UIDVALIDITY, UID): a pass killed at any point and run again
 leaves the same index.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -33,13 +39,15 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import Engine, select
 
 from emailops import metrics
-from emailops.cache import CachedCopies, RawMessageCache
+from emailops.cache import RawMessageCache
 from emailops.clock import Clock, utc_now
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
-from emailops.imap.bulk_fetch import FetchedBody, fetch_bodies, fetch_meta, fetch_sizes, message_set
+from emailops.imap.bulk_fetch import FetchedBody, fetch_meta, fetch_sizes, message_set, stored_flags
+from emailops.imap.download import BatchDownloader
 from emailops.imap.errors import CONNECTION_ERRORS, ImapFolderMissingError
-from emailops.imap.parsing import HELPER_THRESHOLD, Parsed, Parser
+from emailops.imap.fetch_pipeline import fetch_parse_store
+from emailops.imap.parsing import Parsed
 from emailops.request_ids import request_id
 from emailops.store import folders as folder_store
 from emailops.store import index_work
@@ -51,10 +59,6 @@ log = structlog.get_logger(component="index")
 # What decides whether DEBUG lines are rendered (structlog hands them to the standard library).
 _stdlib_log = logging.getLogger(__name__)
 
-# Batches downloaded but not yet stored, at most (each is bounded by SyncConfig's batch limits).
-BATCHES_IN_FLIGHT = 3
-# How much of an oversized message's text is fetched and indexed.
-PARTIAL_TEXT_BYTES = 1024 * 1024
 _MESSAGE_ID = re.compile(rb"<[^<>\s]+>")
 
 
@@ -109,12 +113,6 @@ def _missing_folder_told(client: IMAPClient, folder: str) -> Iterator[None]:
         if isinstance(exc, IMAPClientAbortError) or client.folder_exists(folder):
             raise
         raise ImapFolderMissingError(f"folder {folder!r} does not exist on the server ({exc})") from exc
-
-
-def _flags(values: Iterable[bytes | str]) -> tuple[str, ...]:
-    # \Recent belongs to one IMAP session (RFC 3501 2.3.2), not to the message: not stored.
-    decoded = (v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values)
-    return tuple(flag for flag in decoded if flag.lower() != "\\recent")
 
 
 class FolderSync:
@@ -219,70 +217,37 @@ class FolderSync:
         reconcile: bool,
         budget_seconds: float | None,
     ) -> SyncReport:
+        """The steps of the module's docstring, in its order."""
         deadline = None if budget_seconds is None else started + budget_seconds
         status = self.select(client)
         state = self._folder_state()
-        condstore = status.highestmodseq is not None
-        # A pass that ended before recording HIGHESTMODSEQ (cut by its time budget, killed, or
-        # killed right after a UIDVALIDITY re-map) left rows whose flags may have changed since
-        # they were fetched, and no MODSEQ to ask CHANGEDSINCE from: all their flags are compared.
-        flags_unknown = (
-            condstore
-            and state.highestmodseq is None
-            and state.uidvalidity == status.uidvalidity
-            and self._has_rows(state.id, status.uidvalidity)
-        )
-
+        flags_unknown = self._flags_unknown(state, status)
         if state.uidvalidity is None or state.baseline_uidnext is None:
             state = self._begin_first_sync(state, status)
         elif state.uidvalidity != status.uidvalidity:
             state = self._resync(client, state, status, report)
-
-        # Nothing arrived (same UIDNEXT) and the count is the same, so nothing left either; with
-        # CONDSTORE an unchanged HIGHESTMODSEQ also rules out flag changes. No row is counted: the
-        # cost does not grow with the folder.
-        unchanged = (
-            not reconcile
-            and state.uidnext is not None
-            and state.uidnext == status.uidnext
-            and state.server_count == status.exists
-            and (not condstore or state.highestmodseq == status.highestmodseq)
-        )
-        if not unchanged:
-            arrived = 0
-            if status.uidnext is None or state.uidnext is None or status.uidnext > state.uidnext:
-                arrived, report.complete = self._fetch_new(
-                    client, state, status, state.uidnext or 1, report, deadline
-                )
-                if not report.complete:
-                    return self._finish(report, started)
-            if condstore and state.highestmodseq is not None and state.highestmodseq != status.highestmodseq:
-                report.flags_changed += self._flags_since(client, state.id, status, state.highestmodseq)
-            if (reconcile and not condstore) or flags_unknown:
-                report.flags_changed += self._reconcile_flags(client, state.id, status)
-            # What the server should hold if nothing was expunged: the last count plus the arrivals.
-            # A mismatch (or a periodic reconcile without CONDSTORE) compares the UID lists.
-            previous = state.server_count if state.uidnext is not None else 0
-            expected = None if previous is None else previous + arrived
-            if (reconcile and not condstore) or expected != status.exists:
-                expunged, missing = self._reconcile_uids(client, state.id, status)
-                report.expunged += expunged
-                if missing:
-                    self._fetch_uids(client, state, status, sorted(missing), report)
-
-        with self.engine.begin() as conn:
-            folder_store.save_sync_state(
-                conn,
-                state.id,
-                fence=self.fence,
-                uidvalidity=status.uidvalidity,
-                uidnext=status.uidnext,
-                highestmodseq=status.highestmodseq,
-                server_count=status.exists,
-                now=self.clock(),
-                reconciled=reconcile,
+        if reconcile or not self._unchanged(state, status):
+            arrived, report.complete = self._fetch_new(client, state, status, report, deadline)
+            if not report.complete:
+                return self._finish(report, started)
+            report.flags_changed += self._flag_changes(
+                client, state, status, reconcile=reconcile, flags_unknown=flags_unknown
             )
+            self._expunges(client, state, status, report, reconcile=reconcile, arrived=arrived)
+        self._save_state(state.id, status, reconcile=reconcile)
         return self._finish(report, started)
+
+    def _flags_unknown(self, state: folder_store.FolderState, status: MailboxStatus) -> bool:
+        """Whether the last pass left rows whose flags must all be compared (read before step 2)."""
+        # A pass that ended before recording HIGHESTMODSEQ (cut by its time budget, killed, or
+        # killed right after a UIDVALIDITY re-map) left rows whose flags may have changed since
+        # they were fetched, and no MODSEQ to ask CHANGEDSINCE from: all their flags are compared.
+        return (
+            status.highestmodseq is not None
+            and state.highestmodseq is None
+            and state.uidvalidity == status.uidvalidity
+            and self._has_rows(state.id, status.uidvalidity)
+        )
 
     def _has_rows(self, folder_id: int, uidvalidity: int) -> bool:
         with reading(self.engine) as conn:
@@ -293,6 +258,33 @@ class FolderSync:
                     .limit(1)
                 ).first()
                 is not None
+            )
+
+    def _unchanged(self, state: folder_store.FolderState, status: MailboxStatus) -> bool:
+        """Whether SELECT shows the folder as the last pass left it: then steps 3 to 5 are skipped."""
+        # Nothing arrived (same UIDNEXT) and the count is the same, so nothing left either; with
+        # CONDSTORE an unchanged HIGHESTMODSEQ also rules out flag changes. No row is counted: the
+        # cost does not grow with the folder.
+        return (
+            state.uidnext is not None
+            and state.uidnext == status.uidnext
+            and state.server_count == status.exists
+            and (status.highestmodseq is None or state.highestmodseq == status.highestmodseq)
+        )
+
+    def _save_state(self, folder_id: int, status: MailboxStatus, *, reconcile: bool) -> None:
+        """Step 6: what SELECT showed is what the index now holds."""
+        with self.engine.begin() as conn:
+            folder_store.save_sync_state(
+                conn,
+                folder_id,
+                fence=self.fence,
+                uidvalidity=status.uidvalidity,
+                uidnext=status.uidnext,
+                highestmodseq=status.highestmodseq,
+                server_count=status.exists,
+                now=self.clock(),
+                reconciled=reconcile,
             )
 
     def _folder_state(self) -> folder_store.FolderState:
@@ -364,7 +356,7 @@ class FolderSync:
                 found = _MESSAGE_ID.search(meta.message_id_header or b"")
                 if found:
                     uid_by_message_id.setdefault(found.group().decode("ascii", "replace"), uid)
-                server_flags[uid] = (_flags(meta.flags), meta.modseq)
+                server_flags[uid] = (stored_flags(meta.flags), meta.modseq)
         now = self.clock()
         with self.engine.begin() as conn:
             matched = message_store.remap_uidvalidity(
@@ -402,12 +394,14 @@ class FolderSync:
         client: IMAPClient,
         state: folder_store.FolderState,
         status: MailboxStatus,
-        start: int,
         report: SyncReport,
         deadline: float | None,
     ) -> tuple[int, bool]:
-        """Fetch UIDs from ``start`` on. Returns how many the server holds from ``start`` on, and
-        False when the deadline stopped the fetch (progress is saved)."""
+        """Step 3: fetch the UIDs from the progress mark (UIDNEXT) on. Returns how many the server
+        holds from there on, and False when the deadline stopped the fetch (progress is saved)."""
+        if status.uidnext is not None and state.uidnext is not None and status.uidnext <= state.uidnext:
+            return 0, True
+        start = state.uidnext or 1
         # "N:*" always names the last message, even when its UID is below N: filter.
         sizes = {uid: size for uid, size in fetch_sizes(client, f"{start}:*").items() if uid >= start}
         with reading(self.engine) as conn:
@@ -510,70 +504,32 @@ class FolderSync:
             return True
         if sizes is None:
             sizes = fetch_sizes(client, message_set(uids))
-        parser = Parser(
-            max_message_bytes=self.config.max_message_bytes,
-            max_body_chars=self.config.max_body_chars,
-            use_helper=len(uids) >= HELPER_THRESHOLD,
-        )
-        # Three stages run at once: this thread downloads batch k+2 while the helper process
-        # parses batch k+1 and the store thread writes batch k (SQLite's own work, the full-text
-        # index above all, runs there without the GIL). Batches are stored in order, and after a
-        # failed store none is (its progress mark would claim the failed batch). At most
-        # BATCHES_IN_FLIGHT batches are held, so memory stays bounded.
-        store_failed = threading.Event()
-
-        def store(bodies: list[FetchedBody], job: Future[Parsed], batch_started: float) -> None:
-            if store_failed.is_set():
-                raise RuntimeError("an earlier batch failed to store")
-            try:
-                self._store(state, status, bodies, job, report, save_progress, batch_started)
-            except BaseException:
-                store_failed.set()
-                raise
-
-        copies: CachedCopies = {}
-        if self.cache is not None:
-            copies = self.cache.listing(self.config.account, self.folder, status.uidvalidity)
-        with (
-            parser,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache") as cache_writer,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as store_thread,
-        ):
-            in_flight: deque[Future[None]] = deque()
-            complete = True
-            for batch in self._batches(uids, sizes):
-                batch_started = time.monotonic()
-                bodies = self._download(client, batch, sizes, status.uidvalidity, copies, cache_writer)
-                job = parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies])
-                in_flight.append(store_thread.submit(store, bodies, job, batch_started))
-                while in_flight and (in_flight[0].done() or len(in_flight) > BATCHES_IN_FLIGHT):
-                    in_flight.popleft().result()
-                if deadline is not None and time.monotonic() > deadline and batch[-1] != uids[-1]:
-                    complete = False
-                    break
-            while in_flight:
-                in_flight.popleft().result()
-        return complete
+        store = functools.partial(self._store, state, status, report, save_progress)
+        with BatchDownloader(
+            client, self.config, self.folder, status.uidvalidity, sizes, self.cache
+        ) as download:
+            return fetch_parse_store(uids, sizes, self.config, download, store, deadline)
 
     def _store(
         self,
         state: folder_store.FolderState,
         status: MailboxStatus,
-        bodies: list[FetchedBody],
-        job: Future[Parsed],
         report: SyncReport,
         save_progress: bool,
+        bodies: list[FetchedBody],
+        contents: Parsed,
         batch_started: float,
     ) -> None:
+        """The store stage of ``fetch_parse_store``: one batch in one transaction."""
         fetched = [
             message_store.FetchedMessage(
                 uid=body.uid,
-                flags=_flags(body.flags),
+                flags=stored_flags(body.flags),
                 internal_date=body.internal_date,
                 modseq=body.modseq,
                 content=content,
             )
-            for body, content in zip(bodies, job.result(), strict=True)
+            for body, content in zip(bodies, contents, strict=True)
         ]
         for item in fetched:
             columns = item.content.columns
@@ -637,83 +593,58 @@ class FolderSync:
                 )
         metrics.parse_problems(problem_kinds)
 
-    def _batches(self, uids: Sequence[int], sizes: dict[int, int]) -> Iterator[list[int]]:
-        batch: list[int] = []
-        batch_bytes = 0
-        for uid in uids:
-            size = min(sizes.get(uid, 0), self.config.max_message_bytes)
-            if batch and (
-                len(batch) >= self.config.fetch_batch_messages
-                or batch_bytes + size > self.config.fetch_batch_bytes
-            ):
-                yield batch
-                batch, batch_bytes = [], 0
-            batch.append(uid)
-            batch_bytes += size
-        if batch:
-            yield batch
+    # -- flags and expunges ------------------------------------------------------------------
 
-    def _download(
+    def _flag_changes(
         self,
         client: IMAPClient,
-        uids: list[int],
-        sizes: dict[int, int],
-        uidvalidity: int,
-        copies: CachedCopies,
-        cache_writer: ThreadPoolExecutor,
-    ) -> list[FetchedBody]:
-        """The raw messages of ``uids``: from the cache (``copies`` lists what it holds), or
-        downloaded (and then cached)."""
-        account, folder = self.config.account, self.folder
-        cache = self.cache
-        cached = cache.get_many(account, folder, uidvalidity, uids, copies) if cache is not None else {}
-        large = [
-            uid for uid in uids if sizes.get(uid, 0) > self.config.max_message_bytes and uid not in cached
-        ]
-        whole = [uid for uid in uids if uid not in cached and uid not in large]
-        condstore = client.has_capability("CONDSTORE")
-        bodies = fetch_bodies(client, whole, modseq=condstore) if whole else []
-        if self.cache is not None and bodies:
-            cache_writer.submit(
-                self.cache.put_many, account, folder, uidvalidity, {body.uid: body.raw for body in bodies}
-            )
-        if cached:
-            found = fetch_meta(client, message_set(cached), modseq=condstore, internal_date=True)
-            for uid in sorted(found.keys() & cached.keys()):
-                meta = found[uid]
-                bodies.append(
-                    FetchedBody(uid, _flags(meta.flags), meta.internal_date, meta.modseq, cached[uid])
-                )
-        for uid in large:
-            bodies += self._download_beginning(client, uid, condstore)
-        return bodies
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        *,
+        reconcile: bool,
+        flags_unknown: bool,
+    ) -> int:
+        """Step 4: how many rows' flags changed."""
+        condstore = status.highestmodseq is not None
+        changed = 0
+        if condstore and state.highestmodseq is not None and state.highestmodseq != status.highestmodseq:
+            changed += self._flags_since(client, state.id, status, state.highestmodseq)
+        if (reconcile and not condstore) or flags_unknown:
+            changed += self._reconcile_flags(client, state.id, status)
+        return changed
 
-    def _download_beginning(self, client: IMAPClient, uid: int, condstore: bool) -> list[FetchedBody]:
-        """A message above the limit: its header and the first part of its text, never the whole."""
-        items = ["BODY.PEEK[HEADER]", f"BODY.PEEK[TEXT]<0.{PARTIAL_TEXT_BYTES}>"]
-        data = client.fetch([uid], items).get(uid)
-        # Flags from answers that name their UID (see fetch_meta), not from imapclient's merge.
-        meta = fetch_meta(client, str(uid), modseq=condstore, internal_date=True).get(uid)
-        if data is None or meta is None:
-            return []
-        header = data.get(b"BODY[HEADER]") or b""
-        text = next((v for k, v in data.items() if k.startswith(b"BODY[TEXT]")), b"") or b""
-        return [
-            FetchedBody(uid, _flags(meta.flags), meta.internal_date, meta.modseq, header + text)  # type: ignore[operator]
-        ]
-
-    # -- flags and expunges ------------------------------------------------------------------
+    def _expunges(
+        self,
+        client: IMAPClient,
+        state: folder_store.FolderState,
+        status: MailboxStatus,
+        report: SyncReport,
+        *,
+        reconcile: bool,
+        arrived: int,
+    ) -> None:
+        """Step 5, after ``arrived`` new UIDs were fetched: expunged rows marked, missing ones fetched."""
+        condstore = status.highestmodseq is not None
+        # What the server should hold if nothing was expunged: the last count plus the arrivals.
+        # A mismatch (or a periodic reconcile without CONDSTORE) compares the UID lists.
+        previous = state.server_count if state.uidnext is not None else 0
+        expected = None if previous is None else previous + arrived
+        if (reconcile and not condstore) or expected != status.exists:
+            expunged, missing = self._reconcile_uids(client, state.id, status)
+            report.expunged += expunged
+            if missing:
+                self._fetch_uids(client, state, status, sorted(missing), report)
 
     def _flags_since(self, client: IMAPClient, folder_id: int, status: MailboxStatus, modseq: int) -> int:
         response = fetch_meta(client, "1:*", modseq=True, changed_since=modseq)
-        server = {uid: (_flags(meta.flags), meta.modseq) for uid, meta in response.items()}
+        server = {uid: (stored_flags(meta.flags), meta.modseq) for uid, meta in response.items()}
         with self.engine.begin() as conn:
             return message_store.update_flags(conn, folder_id, status.uidvalidity, server)
 
     def _reconcile_flags(self, client: IMAPClient, folder_id: int, status: MailboxStatus) -> int:
         condstore = status.highestmodseq is not None
         server = {
-            uid: (_flags(meta.flags), meta.modseq)
+            uid: (stored_flags(meta.flags), meta.modseq)
             for uid, meta in fetch_meta(client, "1:*", modseq=condstore).items()
         }
         with self.engine.begin() as conn:
