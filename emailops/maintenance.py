@@ -16,7 +16,8 @@ from emailops.cache import RawMessageCache
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.connection import connect, logout_quietly
 from emailops.imap.errors import ImapFolderMissingError, ImapTransientError
-from emailops.imap.sync import FolderSync, SyncReport
+from emailops.imap.folder_status import SyncReport
+from emailops.imap.sync import FolderSync
 from emailops.store import fulltext
 from emailops.store.schema import folders, messages
 

@@ -11,7 +11,8 @@ method a step):
 2. The first sync records its baseline (mail below it was there before: none of it is answered).
    A changed UIDVALIDITY: rows are re-mapped to their new UIDs by Message-ID (no duplicate, no
    re-answer), the rest of the old generation is marked expunged.
-3. New UIDs (UIDNEXT moved): sizes first, then BODY.PEEK[] in batches bounded by count and bytes,
+3. New UIDs (UIDNEXT moved; ``new_mail``, with an attempt counted so that a message that keeps
+   failing is quarantined): sizes first, then BODY.PEEK[] in batches bounded by count and bytes,
    downloaded, parsed and stored at once (``fetch_pipeline``); a message above
    ``max_message_bytes`` is fetched as its header and a bounded part of its text (``download``).
 4. Flags: with CONDSTORE, only what changed since HIGHESTMODSEQ; without, by a periodic reconcile.
@@ -24,31 +25,25 @@ leaves the same index.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import structlog
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import Engine, select
 
-from emailops import metrics
 from emailops.cache import RawMessageCache
 from emailops.clock import Clock, utc_now
 from emailops.config import SyncConfig
 from emailops.imap.announcements import forget_unsolicited
-from emailops.imap.bulk_fetch import FetchedBody, fetch_meta, fetch_sizes, message_set, stored_flags
-from emailops.imap.download import BatchDownloader
-from emailops.imap.errors import CONNECTION_ERRORS, ImapFolderMissingError
-from emailops.imap.fetch_pipeline import fetch_parse_store
-from emailops.imap.parsing import Parsed
-from emailops.request_ids import request_id
+from emailops.imap.bulk_fetch import fetch_meta, stored_flags
+from emailops.imap.errors import ImapFolderMissingError
+from emailops.imap.folder_status import MailboxStatus, SyncReport, mailbox_status
+from emailops.imap.new_mail import FolderIndexer
 from emailops.store import folders as folder_store
 from emailops.store import index_work
 from emailops.store import messages as message_store
@@ -60,47 +55,6 @@ log = structlog.get_logger(component="index")
 _stdlib_log = logging.getLogger(__name__)
 
 _MESSAGE_ID = re.compile(rb"<[^<>\s]+>")
-
-
-@dataclass(frozen=True)
-class MailboxStatus:
-    uidvalidity: int
-    uidnext: int | None
-    exists: int
-    highestmodseq: int | None
-
-
-@dataclass
-class SyncReport:
-    folder: str
-    new: int = 0
-    flags_changed: int = 0
-    expunged: int = 0
-    resynced: bool = False
-    seconds: float = 0.0
-    new_message_pks: list[int] = field(default_factory=list)
-    # False when the pass stopped at its time budget; the next pass carries on where it stopped.
-    complete: bool = True
-    # True when the folder does not exist on the server (``sync_once`` goes on with the others).
-    missing: bool = False
-
-
-def _status(response: dict[bytes, object]) -> MailboxStatus:
-    def number(key: bytes) -> int | None:
-        value = response.get(key)
-        if isinstance(value, list | tuple):
-            value = value[0] if value else None
-        return int(value) if value is not None else None  # type: ignore[call-overload]
-
-    uidvalidity = number(b"UIDVALIDITY")
-    if uidvalidity is None:
-        raise ValueError("the server's SELECT answer has no UIDVALIDITY")
-    return MailboxStatus(
-        uidvalidity=uidvalidity,
-        uidnext=number(b"UIDNEXT"),
-        exists=number(b"EXISTS") or 0,
-        highestmodseq=number(b"HIGHESTMODSEQ"),
-    )
 
 
 @contextmanager
@@ -142,7 +96,7 @@ class FolderSync:
     def select(self, client: IMAPClient) -> MailboxStatus:
         with _missing_folder_told(client, self.folder):
             response = client.select_folder(self.folder, readonly=True)
-        status = _status(response)
+        status = mailbox_status(response)
         self._selected_on = client
         forget_unsolicited(client)  # what SELECT itself announced is in ``status``
         return status
@@ -227,15 +181,34 @@ class FolderSync:
         elif state.uidvalidity != status.uidvalidity:
             state = self._resync(client, state, status, report)
         if reconcile or not self._unchanged(state, status):
-            arrived, report.complete = self._fetch_new(client, state, status, report, deadline)
+            indexer = self._indexer(state, status, report)
+            arrived, report.complete = indexer.fetch_new(client, deadline)
             if not report.complete:
                 return self._finish(report, started)
             report.flags_changed += self._flag_changes(
                 client, state, status, reconcile=reconcile, flags_unknown=flags_unknown
             )
-            self._expunges(client, state, status, report, reconcile=reconcile, arrived=arrived)
+            self._expunges(client, indexer, reconcile=reconcile, arrived=arrived)
         self._save_state(state.id, status, reconcile=reconcile)
         return self._finish(report, started)
+
+    def _indexer(
+        self, state: folder_store.FolderState, status: MailboxStatus, report: SyncReport
+    ) -> FolderIndexer:
+        """Steps 3 and 5 index messages by UID (``new_mail``), as of this pass's state."""
+        return FolderIndexer(
+            engine=self.engine,
+            config=self.config,
+            folder=self.folder,
+            cache=self.cache,
+            clock=self.clock,
+            fence=self.fence,
+            log=self.log,
+            history_lines=_stdlib_log.isEnabledFor(logging.DEBUG),
+            state=state,
+            status=status,
+            report=report,
+        )
 
     def _flags_unknown(self, state: folder_store.FolderState, status: MailboxStatus) -> bool:
         """Whether the last pass left rows whose flags must all be compared (read before step 2)."""
@@ -387,212 +360,6 @@ class FolderSync:
         assert fresh is not None
         return fresh
 
-    # -- fetching ----------------------------------------------------------------------------
-
-    def _fetch_new(
-        self,
-        client: IMAPClient,
-        state: folder_store.FolderState,
-        status: MailboxStatus,
-        report: SyncReport,
-        deadline: float | None,
-    ) -> tuple[int, bool]:
-        """Step 3: fetch the UIDs from the progress mark (UIDNEXT) on. Returns how many the server
-        holds from there on, and False when the deadline stopped the fetch (progress is saved)."""
-        if status.uidnext is not None and state.uidnext is not None and status.uidnext <= state.uidnext:
-            return 0, True
-        start = state.uidnext or 1
-        # "N:*" always names the last message, even when its UID is below N: filter.
-        sizes = {uid: size for uid, size in fetch_sizes(client, f"{start}:*").items() if uid >= start}
-        with reading(self.engine) as conn:
-            known = set(
-                conn.execute(
-                    select(messages.c.uid).where(
-                        messages.c.folder_id == state.id,
-                        messages.c.uidvalidity == status.uidvalidity,
-                        messages.c.uid >= start,
-                    )
-                ).scalars()
-            )
-            set_aside = index_work.quarantined_uids(conn, state.id, status.uidvalidity)
-        wanted = sorted(uid for uid in sizes if uid not in known and uid not in set_aside)
-        complete = self._fetch_counting_attempts(client, state, status, wanted, report, sizes, deadline)
-        return len(sizes), complete
-
-    def _fetch_counting_attempts(
-        self,
-        client: IMAPClient,
-        state: folder_store.FolderState,
-        status: MailboxStatus,
-        wanted: list[int],
-        report: SyncReport,
-        sizes: dict[int, int],
-        deadline: float | None,
-    ) -> bool:
-        """Fetch new mail with an attempt counted on its first message before the work (see
-        ``store.index_work``): retried alone, then quarantined, so that no message stops the folder."""
-        if not wanted:
-            return True
-        first = wanted[0]
-        with self.engine.begin() as conn:
-            attempts = index_work.begin_attempt(conn, state.id, first)
-        if attempts > self.config.max_attempts_per_message:
-            self._quarantine(client, state, status, first, attempts - 1)
-            return self._fetch_counting_attempts(client, state, status, wanted[1:], report, sizes, deadline)
-        try:
-            if attempts > 1:
-                # Tried before and not indexed: alone this time, so that it holds back no other.
-                self._fetch_uids(client, state, status, [first], report, sizes, save_progress=True)
-                wanted = wanted[1:]
-            return self._fetch_uids(
-                client, state, status, wanted, report, sizes, deadline, save_progress=True
-            )
-        except CONNECTION_ERRORS:
-            with self.engine.begin() as conn:
-                index_work.give_back_attempt(conn, state.id, first)
-            raise
-
-    def _quarantine(
-        self,
-        client: IMAPClient,
-        state: folder_store.FolderState,
-        status: MailboxStatus,
-        uid: int,
-        attempts: int,
-    ) -> None:
-        message_id = _message_id(client, uid)
-        reason = f"indexing did not finish in {attempts} attempts (it raised, or hung or killed the worker)"
-        with self.engine.begin() as conn:
-            index_work.quarantine(
-                conn,
-                state.id,
-                status.uidvalidity,
-                uid,
-                message_id=message_id,
-                attempts=attempts,
-                reason=reason,
-                now=self.clock(),
-            )
-            folder_store.save_progress(conn, state.id, uidnext=uid + 1, fence=self.fence)
-        metrics.message_quarantined("index")
-        self.log.error(
-            "message quarantined: indexing it keeps failing; the folder goes on (emailops quarantine)",
-            uid=uid,
-            message_id=message_id,
-            attempts=attempts,
-            reason=reason,
-        )
-
-    def _fetch_uids(
-        self,
-        client: IMAPClient,
-        state: folder_store.FolderState,
-        status: MailboxStatus,
-        uids: Sequence[int],
-        report: SyncReport,
-        sizes: dict[int, int] | None = None,
-        deadline: float | None = None,
-        *,
-        save_progress: bool = False,
-    ) -> bool:
-        """Fetch and index ``uids`` (ascending) in batches; False when stopped by the deadline.
-
-        With ``save_progress`` every batch also records UIDNEXT as one past its last UID, in the same
-        transaction: all UIDs below it are indexed, so a pass cut short (or killed) resumes there.
-        """
-        if not uids:
-            return True
-        if sizes is None:
-            sizes = fetch_sizes(client, message_set(uids))
-        store = functools.partial(self._store, state, status, report, save_progress)
-        with BatchDownloader(
-            client, self.config, self.folder, status.uidvalidity, sizes, self.cache
-        ) as download:
-            return fetch_parse_store(uids, sizes, self.config, download, store, deadline)
-
-    def _store(
-        self,
-        state: folder_store.FolderState,
-        status: MailboxStatus,
-        report: SyncReport,
-        save_progress: bool,
-        bodies: list[FetchedBody],
-        contents: Parsed,
-        batch_started: float,
-    ) -> None:
-        """The store stage of ``fetch_parse_store``: one batch in one transaction."""
-        fetched = [
-            message_store.FetchedMessage(
-                uid=body.uid,
-                flags=stored_flags(body.flags),
-                internal_date=body.internal_date,
-                modseq=body.modseq,
-                content=content,
-            )
-            for body, content in zip(bodies, contents, strict=True)
-        ]
-        for item in fetched:
-            columns = item.content.columns
-            if "message-truncated:" in str(columns["problems"]):
-                self.log.warning(
-                    "large message indexed from its beginning", uid=item.uid, size=columns["size"]
-                )
-        with self.engine.begin() as conn:
-            inserted = message_store.insert_messages(
-                conn,
-                state.id,
-                status.uidvalidity,
-                fetched,
-                baseline_uidnext=state.baseline_uidnext,
-                now=self.clock(),
-            )
-            if save_progress and bodies:
-                folder_store.save_progress(
-                    conn, state.id, uidnext=max(body.uid for body in bodies) + 1, fence=self.fence
-                )
-        report.new_message_pks += inserted.values()
-        metrics.index_batch(time.monotonic() - batch_started)
-        if inserted:
-            self._tell_indexed(fetched, inserted, state.baseline_uidnext, status.uidvalidity)
-
-    def _tell_indexed(
-        self,
-        fetched: list[message_store.FetchedMessage],
-        inserted: dict[int, int],
-        baseline_uidnext: int | None,
-        uidvalidity: int,
-    ) -> None:
-        """Metrics and the "message indexed" line of each message of a committed batch.
-
-        The line is INFO for new mail (arrived after the folder's first sync: what the rules see,
-        whose ``request_id`` their decision and the reply's delivery repeat), DEBUG for mail that was
-        there before: one INFO line for each of 100,000 old messages would cost the initial sync
-        about half its time (85 us a line) and tell nothing the "folder synced" line does not.
-        """
-        metrics.messages_indexed(self.folder, len(inserted))
-        committed = self.clock()
-        history_lines = _stdlib_log.isEnabledFor(logging.DEBUG)
-        problem_kinds: Counter[str] = Counter()
-        for item in fetched:
-            if item.uid not in inserted:
-                continue
-            problems = str(item.content.columns["problems"])
-            if problems and metrics.enabled():
-                problem_kinds.update(metrics.problem_kind(problem) for problem in problems.split())
-            new_mail = baseline_uidnext is not None and item.uid >= baseline_uidnext
-            if new_mail and item.internal_date is not None:
-                metrics.index_lag((committed - item.internal_date).total_seconds())
-            if new_mail or history_lines:
-                (self.log.info if new_mail else self.log.debug)(
-                    "message indexed",
-                    uid=item.uid,
-                    size=item.content.columns["size"],
-                    parse_ms=round(item.content.parse_seconds * 1000, 2),
-                    problems=problems,
-                    request_id=request_id(self.config.account, self.folder, uidvalidity, item.uid),
-                )
-        metrics.parse_problems(problem_kinds)
-
     # -- flags and expunges ------------------------------------------------------------------
 
     def _flag_changes(
@@ -613,17 +380,9 @@ class FolderSync:
             changed += self._reconcile_flags(client, state.id, status)
         return changed
 
-    def _expunges(
-        self,
-        client: IMAPClient,
-        state: folder_store.FolderState,
-        status: MailboxStatus,
-        report: SyncReport,
-        *,
-        reconcile: bool,
-        arrived: int,
-    ) -> None:
+    def _expunges(self, client: IMAPClient, indexer: FolderIndexer, *, reconcile: bool, arrived: int) -> None:
         """Step 5, after ``arrived`` new UIDs were fetched: expunged rows marked, missing ones fetched."""
+        state, status = indexer.state, indexer.status
         condstore = status.highestmodseq is not None
         # What the server should hold if nothing was expunged: the last count plus the arrivals.
         # A mismatch (or a periodic reconcile without CONDSTORE) compares the UID lists.
@@ -631,9 +390,9 @@ class FolderSync:
         expected = None if previous is None else previous + arrived
         if (reconcile and not condstore) or expected != status.exists:
             expunged, missing = self._reconcile_uids(client, state.id, status)
-            report.expunged += expunged
+            indexer.report.expunged += expunged
             if missing:
-                self._fetch_uids(client, state, status, sorted(missing), report)
+                indexer.fetch_uids(client, sorted(missing))
 
     def _flags_since(self, client: IMAPClient, folder_id: int, status: MailboxStatus, modseq: int) -> int:
         response = fetch_meta(client, "1:*", modseq=True, changed_since=modseq)
@@ -664,16 +423,3 @@ class FolderSync:
             set_aside = index_work.quarantined_uids(conn, folder_id, status.uidvalidity)
             index_work.forget_gone(conn, folder_id, status.uidvalidity, set_aside - on_server)
         return count, on_server - indexed - set_aside
-
-
-def _message_id(client: IMAPClient, uid: int) -> str | None:
-    """The message's Message-ID, read from its header alone (best effort: the message is bad)."""
-    try:
-        answer = client.fetch([uid], ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).get(uid, {})
-    except IMAPClientAbortError:
-        raise
-    except IMAPClientError:
-        return None
-    raw = next((value for key, value in answer.items() if key.startswith(b"BODY[HEADER")), b"")
-    _, _, value = bytes(raw or b"").partition(b":")
-    return value.strip().decode("ascii", "replace")[:998] or None

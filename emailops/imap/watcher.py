@@ -30,7 +30,8 @@ from emailops.imap.errors import (
     ImapSecurityError,
     ImapTransientError,
 )
-from emailops.imap.sync import FolderSync, SyncReport
+from emailops.imap.folder_status import SyncReport
+from emailops.imap.sync import FolderSync
 
 log = structlog.get_logger(component="imap")
 
