@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from imapclient import DELETED, DRAFT, FLAGGED, SEEN
 
+from emailops.imap.announcements import CHANGE_ANSWERS
+from emailops.imap.imaplib_internals import set_aside_answers
 from emailops.replies import imap_actions
 from emailops.replies.decisions import MailboxAction, MailboxActionKind
 from emailops.replies.mailbox import MailboxSession
@@ -69,4 +71,21 @@ def test_a_session_closed_by_the_server_while_idle_is_reopened_before_use(doveco
     with dovecot.imap(ALICE) as client:
         client.select_folder("INBOX")
         assert FLAGGED in client.get_flags([uid])[uid]
+    session.close()
+
+
+def test_a_long_lived_session_keeps_no_announcement_of_the_mail_that_arrives(dovecot: LocalDovecot) -> None:
+    # The session lives as long as the worker, and each use NOOPs into a folder where mail keeps
+    # arriving: imaplib set the EXISTS and RECENT answers aside, two more per message, for ever.
+    session = MailboxSession(imap_config(dovecot))
+    session.client("INBOX")
+    for n in range(20):
+        dovecot.deliver(ALICE, RAW.replace(b"<x@y>", f"<x{n}@y>".encode()))
+        client = session.client("INBOX")
+        (uid,) = client.search(["HEADER", "Message-ID", f"<x{n}@y>"])
+        imap_actions.add_flags(client, uid)
+        # The NOOP made the new message known to the session: the STORE took effect.
+        assert FLAGGED in client.get_flags([uid])[uid]
+    kept = set_aside_answers(session.client("INBOX"))
+    assert {kind: kept[kind] for kind in CHANGE_ANSWERS if kind in kept} == {}
     session.close()

@@ -5,6 +5,11 @@ use reconnects. A connection left unused for a while is checked with a NOOP befo
 because servers close idle connections (Dovecot after 30 minutes, NAT tables sooner) and the
 change that found out would otherwise be lost. Callers run these changes only after the database
 commit that decided them.
+
+The session lives as long as the worker. imaplib keeps every untagged answer that no command
+claims (the ``EXISTS`` and ``RECENT`` each NOOP brings while mail arrives) in a dict it empties
+only on SELECT, so ``client()`` drops them: the session acts on UIDs and needs none of them, and
+kept they grew by two entries per message answered, for ever (issue 14).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from imapclient import IMAPClient
 
 from emailops.config import ServerConfig
+from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.connection import connect, logout_quietly
 from emailops.imap.errors import CONNECTION_ERRORS
 
@@ -59,6 +65,7 @@ class MailboxSession:
             # A session sees messages that arrived since its SELECT only after the server told it:
             # a UID STORE to a message it does not know yet is silently ignored (RFC 3501 6.4.8).
             self._client.noop()
+        forget_unsolicited(self._client)
         return self._client
 
     def drop(self) -> None:
