@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -15,7 +16,7 @@ from emailops.store import folders as folder_store
 from emailops.store import fulltext
 from emailops.store import messages as message_store
 from emailops.store.content import message_content
-from emailops.store.database import create_index_engine, reading
+from emailops.store.database import SQLITE_CACHE_KIB, SQLITE_POOL_SIZE, create_index_engine, reading
 from emailops.store.migrations import MIGRATIONS, current_version, migrate
 from tests.index_helpers import age_leases, index_engine, rows
 
@@ -322,3 +323,18 @@ def test_a_former_holder_cannot_write_the_folder_state_after_a_takeover(db_url: 
             write(conn)
     with engine.connect() as conn:
         assert folder_store.get_folder(conn, "acct", "INBOX").uidnext == 9  # type: ignore[union-attr]
+
+
+def test_a_sqlite_engine_keeps_a_bounded_number_of_connections_each_with_a_bounded_page_cache(
+    tmp_path: Path,
+) -> None:
+    # What a long-running worker holds for SQLite at rest: SQLITE_POOL_SIZE connections, each with
+    # a page cache of SQLITE_CACHE_KIB (issue 14).
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    with contextlib.ExitStack() as stack:
+        connections = [stack.enter_context(reading(engine)) for _ in range(SQLITE_POOL_SIZE + 2)]
+        assert engine.pool.checkedout() == SQLITE_POOL_SIZE + 2  # more than the pool keeps, at once
+        for conn in connections:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -SQLITE_CACHE_KIB
+    assert engine.pool.checkedin() == SQLITE_POOL_SIZE
+    engine.dispose()

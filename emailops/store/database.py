@@ -12,6 +12,16 @@ from sqlalchemy.engine import make_url
 
 # How long a SQLite writer waits for another writer before failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The page cache of each SQLite connection, in KiB (PRAGMA cache_size=-N). It fills as the index
+# grows and stays at this size: a long-running worker's memory holds this much per pooled
+# connection (issue 14). In WAL mode a connection's cache is dropped whenever another connection
+# has committed since its last transaction, so it serves only runs of work by one writer (a sync
+# pass); what it misses comes from the OS page cache. SQLite's own default, chosen on purpose.
+SQLITE_CACHE_KIB = 2000
+# SQLite connections kept open in an engine's pool between uses (each with its page cache). A
+# worker uses one at a time; more are opened when needed (SQLAlchemy's max_overflow) and closed
+# on return, so the memory held at rest is bounded by this times SQLITE_CACHE_KIB.
+SQLITE_POOL_SIZE = 2
 
 
 def create_index_engine(url: str, **kwargs: Any) -> Engine:
@@ -20,6 +30,8 @@ def create_index_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if "poolclass" not in kwargs:
+                kwargs.setdefault("pool_size", SQLITE_POOL_SIZE)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
@@ -36,6 +48,7 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cursor.close()
 
 
