@@ -28,6 +28,7 @@ Lifecycle and exit codes:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import importlib
 import os
@@ -67,6 +68,8 @@ EXIT_ORPHANED = 4
 ERROR_BACKOFF = wait_exponential(multiplier=1.0, max=30.0)
 # Sleeps are cut into slices this long, so that stop requests and heartbeats are never late.
 _SLICE_SECONDS = 0.25
+# How often a worker hands the memory malloc holds free back to the system (see _FreedMemoryTrim).
+MALLOC_TRIM_INTERVAL_SECONDS = 60.0
 
 
 class WorkUnit(Protocol):
@@ -212,6 +215,31 @@ class _StatusWriter:
             self._failing = False
 
 
+class _FreedMemoryTrim:
+    """Gives the pages glibc's malloc keeps free back to the system, at most every
+    MALLOC_TRIM_INTERVAL_SECONDS.
+
+    glibc returns freed memory to the system only from the top of its heap: a free page below a
+    block still in use stays resident. Under steady mail a worker's heap (SQLite, message parsing,
+    composing replies) is freed in a new pattern each time, and the pages kept free grew by about
+    70 kB a minute in the soak of issue 14 (``mallinfo2().fordblks``), with nothing leaked.
+    ``malloc_trim(0)`` releases every whole free page of every arena (madvise); it takes about a
+    millisecond on a worker's heap. Without glibc (musl) there is no such function and nothing is
+    done."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._malloc_trim: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        self._clock = clock
+        self._next = clock() + MALLOC_TRIM_INTERVAL_SECONDS
+
+    def __call__(self) -> None:
+        now = self._clock()
+        if self._malloc_trim is None or now < self._next:
+            return
+        self._next = now + MALLOC_TRIM_INTERVAL_SECONDS
+        self._malloc_trim(0)
+
+
 def _watch_parent(flags: _StopFlags, grace_seconds: float, log: Any) -> None:
     while not flags.orphaned:
         time.sleep(0.5)
@@ -259,10 +287,12 @@ def worker_main(spec: WorkerSpec) -> None:
             exit_code = EXIT_BOOT_FAILURE
             return
         write_status = _StatusWriter(spec.settings.state_dir, spec.worker_id, unit, log)
+        trim = _FreedMemoryTrim()
 
         def beat() -> None:
             spec.heartbeat.value = time.monotonic()
             write_status()
+            trim()
 
         beat()
         log.info("worker started", target=spec.target)
