@@ -50,7 +50,15 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import figure, headline, percentile, write_result
-from bench._servers import BENCH_PASSWORD, BENCH_USER, Daemon, PushProbe, emailops_env, start_dovecot
+from bench._servers import (
+    BENCH_PASSWORD,
+    BENCH_USER,
+    Daemon,
+    PushProbe,
+    emailops_env,
+    start_dovecot,
+    synthetic_messages,
+)
 from localmail.dovecot import LocalDovecot, default_scratch_root
 from localmail.smtp_relay import AcceptedMessage, LocalSmtpRelay
 from prod.heartbeat import SupervisorState, state_path
@@ -115,13 +123,20 @@ class Rig:
 
 
 @contextlib.contextmanager
-def running_rig(scratch: Path, name: str, workers: int, extra: dict[str, str]) -> Iterator[Rig]:
-    """Fresh Dovecot, relay and ``prod.run``; returns once a warm-up message has been answered."""
+def running_rig(
+    scratch: Path, name: str, workers: int, extra: dict[str, str], preload: int = 0
+) -> Iterator[Rig]:
+    """Fresh Dovecot, relay and ``prod.run``; returns once a warm-up message has been answered.
+
+    ``preload`` synthetic messages are put into INBOX before the daemon starts (its first sync
+    indexes them; none is answered)."""
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
     (work / "rules.toml").write_text(RULES_TOML)
     with contextlib.ExitStack() as stack:
         dovecot = start_dovecot()
         stack.callback(dovecot.close)
+        if preload:
+            dovecot.bulk_load(BENCH_USER, "INBOX", synthetic_messages(preload))
         relay = TimedRelay()
         relay.start()
         stack.callback(relay.close)

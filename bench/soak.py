@@ -19,19 +19,27 @@ growth that slows down is a cache filling up, growth that does not is a leak), a
 used per minute. A process whose slope exceeds ``GROWTH_LIMIT_KB_PER_MINUTE`` grows; the target is
 that none does. A worker replaced during the run is reported (a finding in itself); its figures are
 those of its last process. Samples and figures go to ``bench/results/soak[-idle].json``.
+
+With ``--probe SECONDS`` the workers run ``bench.memory_probe`` (the production unit, measured from
+inside every SECONDS): at the end the probe's figures are printed per worker, each with its start,
+end and slope over the same window (RSS split into anonymous, file and shared memory; SQLite's
+memory and page caches; glibc's heap; descriptors and threads; the pool; Python's blocks; with
+``--tracemalloc FRAMES`` the lines whose allocations grew most). ``--env NAME=VALUE`` sets a
+variable in the daemon's environment (e.g. ``MALLOC_ARENA_MAX=2``), to try a setting without a change.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,14 @@ from typing import Any
 from bench._report import figure, headline, write_result
 from bench._servers import BENCH_USER
 from bench.bench_replies import Rig, inbound_message, machine_busy_now, machine_cpu_ticks, running_rig
+from bench.memory_probe import (
+    PROBE_BASELINE_ENV,
+    PROBE_FILE_ENV,
+    PROBE_SECONDS_ENV,
+    PROBE_TRACEMALLOC_ENV,
+    TARGET,
+    read_samples,
+)
 from localmail.dovecot import default_scratch_root
 
 # A 10-minute window's least-squares slope moves by 0.6 kB/min for each 4 kB page that RSS gains
@@ -216,11 +232,101 @@ def report(summaries: list[dict[str, Any]]) -> None:
         )
 
 
+# Probe figures: (label, how to read it from a sample, unit divisor, unit name).
+_PROBE_FIGURES: list[tuple[str, Callable[[dict[str, Any]], float | None], float, str]] = [
+    ("VmRSS", lambda s: s.get("VmRSS"), 1, "kB"),
+    ("RssAnon", lambda s: s.get("RssAnon"), 1, "kB"),
+    ("RssFile", lambda s: s.get("RssFile"), 1, "kB"),
+    ("RssShmem", lambda s: s.get("RssShmem"), 1, "kB"),
+    ("sqlite3_memory_used", lambda s: s.get("sqlite", {}).get("memory_used"), 1024, "kB"),
+    ("sqlite page cache (heap)", lambda s: s.get("sqlite", {}).get("pagecache_heap"), 1024, "kB"),
+    (
+        "page cache of pooled connections",
+        lambda s: sum(s["sqlite"]["pooled_connection_cache_used"]) if "sqlite" in s else None,
+        1024,
+        "kB",
+    ),
+    ("malloc arena (heap)", lambda s: s.get("mallinfo2", {}).get("arena"), 1024, "kB"),
+    ("malloc hblkhd (mmap'd)", lambda s: s.get("mallinfo2", {}).get("hblkhd"), 1024, "kB"),
+    ("malloc uordblks (in use)", lambda s: s.get("mallinfo2", {}).get("uordblks"), 1024, "kB"),
+    ("malloc fordblks (free, kept)", lambda s: s.get("mallinfo2", {}).get("fordblks"), 1024, "kB"),
+    ("malloc keepcost (trimmable top)", lambda s: s.get("mallinfo2", {}).get("keepcost"), 1024, "kB"),
+    ("tracemalloc current", lambda s: s.get("tracemalloc", {}).get("current"), 1024, "kB"),
+    ("Python allocated blocks", lambda s: s.get("allocated_blocks"), 1, "blocks"),
+    ("compiled statements cached", lambda s: s.get("compiled_cache"), 1, "statements"),
+    ("file descriptors", lambda s: s.get("fds"), 1, "fds"),
+    ("threads", lambda s: s.get("Threads"), 1, "threads"),
+    ("pool: connections checked in", lambda s: s.get("pool", {}).get("checkedin"), 1, "conns"),
+]
+
+
+def summarise_probe(samples: list[dict[str, Any]], t0: float, warm_up_seconds: float) -> list[dict[str, Any]]:
+    """Per worker (its last pid): each probe figure's start, end and slope over the window."""
+    last_pid: dict[int, int] = {sample["worker"]: sample["pid"] for sample in samples}
+    results: list[dict[str, Any]] = []
+    for worker, pid in sorted(last_pid.items()):
+        window = [
+            s for s in samples if s["pid"] == pid and s["worker"] == worker and s["t"] - t0 >= warm_up_seconds
+        ]
+        figures: dict[str, Any] = {}
+        for label, read, divisor, unit in _PROBE_FIGURES:
+            points = [(s["t"] - t0, value / divisor) for s in window if (value := read(s)) is not None]
+            if len(points) < 3:
+                continue
+            slope = slope_per_minute(points)
+            half = slope_per_minute(points[len(points) // 2 :])
+            figures[label] = {
+                "unit": unit,
+                "start": round(points[0][1], 1),
+                "end": round(points[-1][1], 1),
+                "slope_per_minute": round(slope or 0.0, 2),
+                "second_half_slope_per_minute": round(half or 0.0, 2),
+            }
+        top = next((s["tracemalloc"].get("top_growth") for s in reversed(window) if "tracemalloc" in s), None)
+        results.append(
+            {
+                "worker": worker,
+                "pid": pid,
+                "samples": len(window),
+                "figures": figures,
+                "pool": window[-1]["pool"] if window else None,
+                "tracemalloc_top_growth": top,
+            }
+        )
+    return results
+
+
+def report_probe(workers: list[dict[str, Any]]) -> None:
+    for worker in workers:
+        headline(f"probe of worker {worker['worker']} (pid {worker['pid']}, {worker['samples']} samples)")
+        for label, item in worker["figures"].items():
+            figure(
+                label,
+                f"{item['start']:,.1f} -> {item['end']:,.1f} {item['unit']}, "
+                f"slope {item['slope_per_minute']:+.2f}/min "
+                f"(second half {item['second_half_slope_per_minute']:+.2f})",
+            )
+        figure("pool at the end", json.dumps(worker["pool"]))
+        for line in worker["tracemalloc_top_growth"] or []:
+            growth = f"{line['size_diff'] / 1024:+9,.1f} kB {line['count_diff']:+7,} blocks"
+            print(f"     {growth}  {line['where']}")
+
+
 def run_soak(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    extra = {"LOG_LEVEL": "INFO", "REPLY_MAX_PER_HOUR": "100000"}
-    with running_rig(scratch, "soak", args.workers, extra) as rig:
+    extra = {"LOG_LEVEL": "INFO", "REPLY_MAX_PER_HOUR": "100000", **dict(args.env)}
+    probe_file = scratch / "probe.jsonl"
+    if args.probe:
+        extra |= {
+            "EMAILOPS_WORKER_TARGET": TARGET,
+            PROBE_FILE_ENV: str(probe_file),
+            PROBE_SECONDS_ENV: str(args.probe),
+            PROBE_TRACEMALLOC_ENV: str(args.tracemalloc),
+            PROBE_BASELINE_ENV: str(args.warm_up * 60),
+        }
+    with running_rig(scratch, "soak", args.workers, extra, preload=args.preload) as rig:
         base_replies = len(rig.relay.accepted)
         busy_before, ticks_before = machine_cpu_ticks()
+        t0 = time.time()
         with contextlib.ExitStack() as stack:
             delivered = [0] if args.idle else stack.enter_context(steady_mail(rig, args.every))
             series = sample_until(rig, args.minutes * 60, args.sample)
@@ -231,7 +337,7 @@ def run_soak(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         replies = len(rig.relay.accepted) - base_replies
     summaries = [summarise(process, args.warm_up * 60) for process in series.values()]
     headline(
-        f"{args.minutes} min, WORKERS={args.workers}, "
+        f"{args.minutes} min, WORKERS={args.workers}, {args.preload} messages preloaded, "
         + ("no mail" if args.idle else f"a message every {args.every} s")
     )
     figure("messages delivered / replies accepted", f"{delivered[0]} / {replies}")
@@ -240,18 +346,32 @@ def run_soak(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         f"{(busy_after - busy_before) / max(1, ticks_after - ticks_before):.0%}",
     )
     report(summaries)
+    probe_samples = read_samples(probe_file) if args.probe else []
+    probe = summarise_probe(probe_samples, t0, args.warm_up * 60)
+    report_probe(probe)
     return {
         "minutes": args.minutes,
         "warm_up_minutes": args.warm_up,
         "workers": args.workers,
         "idle": args.idle,
+        "preload": args.preload,
         "every_seconds": None if args.idle else args.every,
         "delivered": delivered[0],
         "replies": replies,
         "growth_limit_kb_per_minute": GROWTH_LIMIT_KB_PER_MINUTE,
+        "environment": dict(args.env),
         "processes": summaries,
+        "probe": probe,
         "samples_t_rss_kb_cpu_ticks": {label: process.samples for label, process in series.items()},
+        "probe_samples": probe_samples,
     }
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -265,7 +385,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="WORKERS")
     parser.add_argument("--every", type=float, default=3.0, help="seconds between two messages")
     parser.add_argument("--idle", action="store_true", help="deliver nothing: the daemon idles")
+    parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N messages in INBOX before the start: the soak runs on an index of that size",
+    )
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between two samples")
+    parser.add_argument(
+        "--probe",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="run the workers under bench.memory_probe, sampling every SECONDS (0: off)",
+    )
+    parser.add_argument(
+        "--tracemalloc", type=int, default=0, metavar="FRAMES", help="with --probe: trace Python allocations"
+    )
+    parser.add_argument(
+        "--env",
+        type=_name_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a variable in the daemon's environment (repeatable)",
+    )
     parser.add_argument(
         "--scratch",
         default=default_scratch_root(),
