@@ -170,9 +170,7 @@ def cmd_quarantine(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
     account = settings.sync_config().account
     with _index(settings) as engine, reading(engine) as conn:
-        entries = [
-            {"stage": "index", **asdict(e)} for e in index_work.list_quarantined(conn, account)
-        ] + [
+        entries = [{"stage": "index", **asdict(e)} for e in index_work.list_quarantined(conn, account)] + [
             {"stage": "rules", **asdict(e)} for e in rules_work.list_quarantined(conn, account)
         ]
     if args.json:

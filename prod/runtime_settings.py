@@ -187,6 +187,7 @@ class RuntimeSettings(BaseSettings):
             for key in keys:
                 check_key(key)
         return value
+
     # Monitoring: the supervisor serves Prometheus' /metrics on METRICS_ADDR:METRICS_PORT (unset: off);
     # the healthcheck is unhealthy once no watched folder has synced for this long (at least two
     # poll intervals: see health_max_sync_age).

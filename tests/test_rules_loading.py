@@ -108,13 +108,13 @@ def test_template_file_is_relative_to_rules_file(tmp_path: Path) -> None:
         (
             # RE2 runs in linear time and cannot run backreferences or look-around.
             '[[rules]]\nname = "x"\n[rules.match]\nbody_regex = "(a)\\\\1"\n[rules.reply]\ntemplate = "a"\n',
-            'rule "x" (#1): match.body_regex: invalid regular expression \'(a)\\\\1\': '
+            "rule \"x\" (#1): match.body_regex: invalid regular expression '(a)\\\\1': "
             "invalid escape sequence",
         ),
         (
             '[[rules]]\nname = "x"\n[rules.match.headers_regex]\n"X-Tag" = "a(?=b)"\n'
             '[rules.reply]\ntemplate = "a"\n',
-            'rule "x" (#1): match.headers_regex.X-Tag: invalid regular expression \'a(?=b)\': '
+            "rule \"x\" (#1): match.headers_regex.X-Tag: invalid regular expression 'a(?=b)': "
             "invalid perl operator",
         ),
         (

@@ -36,7 +36,11 @@ def test_bandit_finds_nothing_of_medium_or_high_severity() -> None:
 def test_lint_and_types_are_clean() -> None:
     """ruff (the rules in pyproject.toml) and mypy --strict over the product's packages and the
     test servers (localmail): a finding fails the suite, not a review."""
-    for command in (["ruff", "check", "--no-cache", "."], ["mypy", "--no-incremental"]):
+    for command in (
+        ["ruff", "check", "--no-cache", "."],
+        ["ruff", "format", "--check", "--no-cache", "."],
+        ["mypy", "--no-incremental"],
+    ):
         result = subprocess.run(
             [sys.executable, "-m", *command],
             cwd=REPO,

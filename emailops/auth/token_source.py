@@ -325,8 +325,7 @@ class TokenSource:
         seed = self.config.initial_refresh_token
         seed_print = self._seed_fingerprint()
         conn.execute(
-            insert_unless_present(conn, oauth2_tokens, ["account"])
-            .values(
+            insert_unless_present(conn, oauth2_tokens, ["account"]).values(
                 account=self.config.account,
                 flow=self.config.flow.value,
                 refresh_token=self.cipher.encrypt(seed) if seed else None,
