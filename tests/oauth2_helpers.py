@@ -4,6 +4,7 @@ an encryption key, configs and daemon environments pointing at it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,19 @@ CLIENT_ID = "emailops-test-client"
 CLIENT_SECRET = "eo-cs-5f1e0c2d9a8b7c6d"
 TOKEN_KEY = "u4p3Vd9HkQ1v6mN2xR8sT0yZ5bC7eF1gH3jK5lM7nP0="
 APP_CLIENT_ID = "emailops-app-client"
+
+
+class Clock:
+    """A token source's clock that the test moves (e.g. past FRESH_TOKEN_AGE without waiting)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 def oauth2_server(**options: object) -> LocalOAuth2Server:

@@ -20,10 +20,10 @@ from emailops.auth.token_endpoint import TokenResponse
 from emailops.auth.token_source import TokenSource
 from emailops.config import ServerConfig, TlsSecurity
 from emailops.imap.connection import connect
-from emailops.imap.errors import ImapAuthError
+from emailops.imap.errors import ImapAuthError, ImapTransientError
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import OAUTH2_AUTH_RETRY_MAX_SECONDS, FolderWatcher
-from emailops.replies.smtp_sender import SmtpAuthError, SmtpSender
+from emailops.replies.smtp_sender import SmtpAuthError, SmtpSender, TransientSendError
 from localmail.dovecot import LocalDovecot
 from localmail.oauth2_server import LocalOAuth2Server
 from localmail.smtp_relay import LocalSmtpRelay
@@ -34,6 +34,7 @@ from tests.oauth2_helpers import (
     CLIENT_ID,
     CLIENT_SECRET,
     TOKEN_KEY,
+    Clock,
     auth_server,
     bearer_user,
     dovecot_oauth2,
@@ -196,6 +197,60 @@ def test_smtp_refused_token_is_an_auth_error_naming_the_fix(
             sender.send(envelope_from=ALICE, recipient="bob@example.org", raw=message(2))
     assert auth_server.count("token:refresh_token") == 1  # the fresh token was not refreshed again
     assert "freshly issued OAuth2 access token" in str(refused.value)
+
+
+def test_a_token_refused_before_it_expires_is_replaced_once_and_an_outage_is_not_a_refusal(
+    auth_server: LocalOAuth2Server, dovecot_oauth2: LocalDovecot, tmp_path: Path
+) -> None:
+    """The mail servers stop accepting an access token that has not expired (revoked early): IMAP
+    and SMTP each sign in after exactly one refresh. A token endpoint that cannot answer then is a
+    transient failure (retried soon), not a refusal that needs `emailops auth login`."""
+    clock = Clock()  # moved past FRESH_TOKEN_AGE: a refused token older than that is refreshed
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    tokens = TokenSource(
+        index_engine(f"sqlite:///{tmp_path / 'index.db'}"),
+        oauth2_config(auth_server, initial_refresh_token=seed),
+        clock=clock,
+    )
+    imap = imap_config(dovecot_oauth2, password="", tokens=tokens)
+    connect(imap).logout()
+    assert auth_server.count("token:refresh_token") == 1
+
+    def revoke_early() -> str:
+        """Revoke the current access token at the servers; it is not due for a refresh."""
+        current = tokens.access_token()
+        auth_server.revoke_access_tokens()
+        clock.advance(120)
+        assert tokens.access_token() == current
+        return current
+
+    refused = revoke_early()
+    client = connect(imap)
+    assert client.select_folder("INBOX", readonly=True)[b"EXISTS"] == 0
+    client.logout()
+    assert auth_server.count("token:refresh_token") == 2
+    assert tokens.access_token() != refused
+
+    with LocalSmtpRelay(None, {}, bearer_user=bearer_user(auth_server)) as relay:
+        smtp = ServerConfig(relay.host, relay.port, ALICE, "", TlsSecurity.NONE, tokens=tokens)
+        revoke_early()
+        with SmtpSender(smtp) as sender:
+            sender.send(envelope_from=ALICE, recipient="bob@example.org", raw=message(1))
+        assert relay.accepted[0].auth_login == ALICE
+        assert auth_server.count("token:refresh_token") == 3
+
+        revoke_early()
+        auth_server.outage_status = 503
+        with pytest.raises(ImapTransientError, match=r"no OAuth2 access token.*HTTP 503"):
+            connect(imap)
+        with SmtpSender(smtp) as sender, pytest.raises(TransientSendError) as smtp_outage:
+            sender.send(envelope_from=ALICE, recipient="bob@example.org", raw=message(2))
+        assert not isinstance(smtp_outage.value, SmtpAuthError)
+        assert "no OAuth2 access token" in str(smtp_outage.value)
+    status = tokens.status()
+    assert status is not None and status.signed_in and status.last_error_kind == "unavailable"
+    # One request was answered 503; SMTP, within the token source's backoff, made none.
+    assert auth_server.count("token:refresh_token") == 4
 
 
 @pytest.fixture

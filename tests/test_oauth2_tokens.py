@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import multiprocessing
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,20 +24,9 @@ from emailops.store.schema import oauth2_tokens
 from localmail.oauth2_server import LocalOAuth2Server
 from prod.redaction import MASK, Redactor
 from tests.index_helpers import ALICE, index_engine
-from tests.oauth2_helpers import APP_CLIENT_ID, CLIENT_ID, auth_server, oauth2_config
+from tests.oauth2_helpers import APP_CLIENT_ID, CLIENT_ID, Clock, auth_server, oauth2_config
 
 __all__ = ["auth_server"]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 def source(
