@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,8 +43,9 @@ from tests.oauth2_helpers import (
     oauth2_env,
 )
 from tests.test_daemon_e2e import wait_for
+from tests.test_sentry import _SentryEndpoint, endpoint
 
-__all__ = ["auth_server", "dovecot_oauth2"]
+__all__ = ["auth_server", "dovecot_oauth2", "endpoint"]
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = (
@@ -377,11 +379,14 @@ def test_daemon_indexes_and_replies_across_expiry_rotation_and_restart_without_l
     assert '"logger":"imapclient' in joined and '"level":"DEBUG"' in joined  # DEBUG was on
     assert '"level":"ERROR"' not in joined
     assert_no_secret(texts, auth_server)
-    # The database (and a copy of it, as `emailops backup` makes) holds the tokens encrypted only.
-    stored = [path.read_bytes().decode("latin-1") for path in tmp_path.glob("emailops.db*")]
-    assert stored and rows(engine, "SELECT count(*) FROM oauth2_tokens WHERE refresh_token IS NOT NULL") == [
-        (1,)
-    ]
+    # The database and a copy made by `emailops backup` hold the tokens, encrypted only.
+    backup = tmp_path / "backup.db"
+    copied = emailops(env, "backup", str(backup))
+    assert copied.returncode == 0, copied.stderr
+    stored = [path.read_bytes().decode("latin-1") for path in [*tmp_path.glob("emailops.db*"), backup]]
+    with_refresh_token = "SELECT count(*) FROM oauth2_tokens WHERE refresh_token IS NOT NULL"
+    assert rows(engine, with_refresh_token) == [(1,)]
+    assert rows(index_engine(f"sqlite:///{backup}"), with_refresh_token) == [(1,)]
     assert_no_secret(stored, auth_server)
 
 
@@ -428,6 +433,7 @@ def test_daemon_with_revoked_refresh_token_logs_one_error_and_no_storm(
     )
     daemon = Daemon(env, tmp_path)
     daemon_factory.append(daemon)
+    started = time.monotonic()
     daemon.start()
 
     def health() -> dict[str, object]:
@@ -454,10 +460,55 @@ def test_daemon_with_revoked_refresh_token_logs_one_error_and_no_storm(
     # The container is unhealthy once no folder has synced for HEALTH_MAX_SYNC_AGE_SECONDS, and says
     # why, so that the runbook's "container unhealthy" alert fires.
     wait_for(lambda: health().get("error_type") == "ImapSignInRefused", 60, "unhealthy: sign-in refused")
+    # Within the stated time: HEALTH_MAX_SYNC_AGE_SECONDS (4 s) from the workers' start, plus the
+    # start of the processes and the healthcheck's own runs on a busy machine (9 s seen on 2 cores).
+    assert time.monotonic() - started < 4 + 16
     unhealthy = health()
     assert unhealthy["ok"] is False and "emailops auth login" in str(unhealthy["error"])
+    assert auth_server.count("token") == 1  # still none after the first, well within its minute
     daemon.stop()
     assert_no_secret([*daemon.output(), status.stdout, json.dumps(unhealthy)], auth_server)
+
+
+def test_sentry_events_of_a_refused_sign_in_hold_no_token(
+    auth_server: LocalOAuth2Server,
+    dovecot_oauth2: LocalDovecot,
+    daemon_factory: list[Daemon],
+    endpoint: _SentryEndpoint,
+    tmp_path: Path,
+) -> None:
+    """Sentry is an output too: the event of a refused sign-in, with the log lines before it as
+    breadcrumbs, carries no token, SASL string, client secret or key, at LOG_LEVEL=DEBUG."""
+    auth_server.access_token_seconds = 8
+    env = oauth2_env(
+        dovecot_oauth2,
+        auth_server,
+        tmp_path,
+        EMAIL_OAUTH2_REFRESH_TOKEN=auth_server.issue_refresh_token(ALICE, CLIENT_ID),
+        LOG_LEVEL="DEBUG",
+        SENTRY_DSN=endpoint.dsn,
+    )
+    engine = index_engine(env["INDEX_DB_URL"])
+    daemon = Daemon(env, tmp_path)
+    daemon_factory.append(daemon)
+    daemon.start()
+    wait_for(lambda: bool(rows(engine, "SELECT 1 FROM folders WHERE last_sync_at IS NOT NULL")), 30, "sync")
+    access = [token for token in auth_server.issued if token.startswith("eo-at-")][-1]
+    # The refresh token is revoked and the access token expires: the next sign-in is refused.
+    auth_server.revoke_refresh_tokens()
+    wait_for(lambda: not auth_server.introspect(access)["active"], 30, "access token expired")
+    assert dovecot_oauth2.kill_imap_connections(ALICE, signal.SIGTERM) >= 1
+
+    def refused() -> list[dict[str, object]]:
+        return [event for event in endpoint.events() if "sign-in with OAuth2 refused" in json.dumps(event)]
+
+    wait_for(lambda: bool(refused()), 30, "the refused sign-in reached Sentry")
+    daemon.stop()
+    event = refused()[0]
+    crumbs = [str(crumb.get("message")) for crumb in event["breadcrumbs"]["values"]]  # type: ignore[index]
+    for logged in ("oauth2 access token refreshed", "oauth2 token request failed"):
+        assert any(crumb.startswith(logged) for crumb in crumbs), crumbs
+    assert_no_secret([raw.decode("utf-8", "replace") for raw in endpoint.raw_envelopes], auth_server)
 
 
 def test_refused_sign_in_is_retried_within_minutes_and_resumes_after_login(
