@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,25 @@ def test_new_key_prints_a_usable_key() -> None:
     )
     assert result.returncode == 0
     Fernet(result.stdout.strip().encode())
+
+
+def test_every_sign_in_setting_is_documented_with_its_default() -> None:
+    """README's settings table and .env.example list each EMAIL_AUTH / EMAIL_OAUTH2_* setting, and
+    both show the default of those that have one."""
+    fields = {
+        name: field
+        for name, field in RuntimeSettings.model_fields.items()
+        if name == "email_auth" or name.startswith("email_oauth2_")
+    }
+    assert len(fields) == 11
+    readme = (REPO / "README.md").read_text()
+    example = (REPO / ".env.example").read_text()
+    for name, field in fields.items():
+        variable = name.upper()
+        rows = [line for line in readme.splitlines() if line.startswith(f"| `{variable}` |")]
+        assert len(rows) == 1, variable
+        assert re.search(rf"^(# )?{variable}=", example, re.MULTILINE), variable
+        default = getattr(field.default, "value", field.default)
+        if default not in (None, "", ()):
+            assert rows[0].split("|")[2].strip() == f"`{default}`", variable
+            assert re.search(rf"^{variable}={default}$", example, re.MULTILINE), variable
