@@ -150,6 +150,7 @@ def test_auth_login_status_logout_end_to_end(
     assert status.returncode == 0
     shown = json.loads(status.stdout)
     assert shown["signed_in"] is True and shown["flow"] == "refresh_token" and shown["last_refresh"]
+    assert shown["provider"] == "custom" and shown["access_expires_at"] > shown["last_refresh"]
     assert shown["account"] == f"{ALICE}@{dovecot_oauth2.host}" and shown["last_error"] is None
 
     dovecot_oauth2.deliver(ALICE, message(1))
