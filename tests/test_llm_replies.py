@@ -97,7 +97,7 @@ class Daemon:
             account=ACCOUNT,
             claimer=owner,
             config=self.config,
-            client=ChatClient(llm.base_url, api_key=llm.api_key, timeout_seconds=llm.timeout_seconds),
+            client=ChatClient.for_config(llm),
         )
         self.pipeline = MailPipeline(
             self.engine,
@@ -173,10 +173,16 @@ def start(
     return daemon
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["completion", "stream"])
 def test_a_draft_threaded_under_the_original_in_drafts_with_the_draft_flag(
-    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path, chat: ChatServer
+    dovecot: LocalDovecot,
+    smtp_relay: LocalSmtpRelay,
+    db_url: str,
+    tmp_path: Path,
+    chat: ChatServer,
+    stream: bool,
 ) -> None:
-    daemon = start(dovecot, smtp_relay, db_url, tmp_path, rules(), llm_config(chat))
+    daemon = start(dovecot, smtp_relay, db_url, tmp_path, rules(), llm_config(chat, stream=stream))
     try:
         original = inbound("I need help with my invoice", "Where is my invoice for March?")
         dovecot.deliver(ALICE, original)
@@ -197,6 +203,7 @@ def test_a_draft_threaded_under_the_original_in_drafts_with_the_draft_flag(
     # What the model was asked: the rule's prompt with the sender and the message text, the model.
     [asked] = chat.requests
     assert asked.body["model"] == "tiny" and asked.body["max_tokens"] == 200
+    assert asked.body["stream"] is stream
     assert asked.body["messages"][0]["role"] == "system"
     assert asked.prompt.rstrip() == "Answer Bob politely. Their message:\nWhere is my invoice for March?"
     assert asked.headers["Authorization"] == "Bearer sk-test-key-123456"
