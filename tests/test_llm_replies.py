@@ -430,10 +430,14 @@ def test_the_hourly_budget_holds_across_two_workers_and_jobs_wait(db_url: str, c
         while sum(1 for j in _all_jobs(setup) if j.state is jobs.JobState.FAILED) < 3:
             assert time.monotonic() < deadline, "three calls not made"
             time.sleep(0.05)
-        # Both workers keep trying for a while: still three calls, three jobs waiting.
+        # Both workers look for work again and each finds the budget spent (the stage notes when it
+        # last said so): still three calls, three jobs waiting.
         for stage in stages:
+            stage.next_budget_log = 0.0
             stage.next_poll = 0.0
-        time.sleep(1.5)
+        while not all(stage.next_budget_log > 0 for stage in stages):
+            assert time.monotonic() < deadline + 10, "a worker did not find the budget spent"
+            time.sleep(0.05)
         assert len(chat.requests) == 3
         states = sorted(j.state.value for j in _all_jobs(setup))
         assert states == ["failed"] * 3 + ["pending"] * 3
