@@ -101,8 +101,8 @@ def _readable(raw: bytes) -> str:
     message = message_from_bytes(raw, policy=policy.default)
     lines = [f"{name}: {value}" for name, value in message.items()]
     body = message.get_body(("plain",))
-    lines += ["", body.get_content().rstrip() if body is not None else ""]
-    return "\n".join("    " + line for line in lines)
+    lines += ["", *(body.get_content().rstrip().splitlines() if body is not None else [])]
+    return "\n".join(("    " + line).rstrip() for line in lines)
 
 
 def cmd_llm(settings: RuntimeSettings, args: argparse.Namespace) -> int:

@@ -177,6 +177,7 @@ def test_rules_test_prints_the_decision_and_the_draft_and_records_nothing(
     robot = tmp_path / "robot.eml"
     robot.write_bytes(inbound(8, "out of office", extra="Auto-Submitted: auto-replied\r\n"))
 
+    chat.reply = lambda _r: MODEL_TEXT + "\n\nBest regards,\nSupport"
     answered = emailops(env, "rules", "test", str(asking))
     assert answered.returncode == 0, answered.stderr
     out = answered.stdout
@@ -185,7 +186,8 @@ def test_rules_test_prints_the_decision_and_the_draft_and_records_nothing(
     assert "draft saved to the Drafts folder would be:" in out
     assert f"To: Bob <{BOB}>" in out and "Subject: Re: help with order 7" in out
     assert "In-Reply-To: <order-7@example.test>" in out
-    assert MODEL_TEXT in out
+    # The body is indented like the headers, every line of it.
+    assert f"    {MODEL_TEXT}\n\n    Best regards,\n    Support\n" in out
     assert "model tiny-model:" in out
     assert "nothing was sent or saved" in answered.stderr
     assert "Can I change my delivery address?" in chat.requests[0].prompt
