@@ -72,6 +72,10 @@ def test_a_stream_is_read_even_when_not_asked_for_and_its_deadline_spans_it(serv
     completion = client.complete(REQUEST)
     assert (completion.text, completion.finish_reason) == ("Hello back.", "stop")
     assert (completion.tokens_in, completion.tokens_out) == (None, None)  # no usage was asked for
+    # Only CR and LF end a line of the stream: a raw U+2028 in a chunk's text is part of it.
+    raw = '{"choices": [{"delta": {"content": "one\u2028two"}, "finish_reason": "stop"}]}'
+    server.script.append(Raw(f"data: {raw}\n\ndata: [DONE]\n\n".encode(), content_type="text/event-stream"))
+    assert client.complete(REQUEST).text == "one\u2028two"
 
     server.script.append(Drip(0.6))  # 4 chunks: 2.4 s in all
     started = time.monotonic()

@@ -16,6 +16,7 @@ whichever was asked, as some servers and proxies always stream. The client:
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -32,6 +33,7 @@ from emailops.config import LlmConfig
 MAX_RESPONSE_BYTES = 2 * 1024 * 1024
 MAX_REASON_CHARS = 300
 _CHUNK = 64 * 1024
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 class LlmError(Exception):
@@ -203,7 +205,8 @@ def _parse_stream(body: bytes, clean: Callable[[str], str]) -> Completion:
     usage: dict[str, Any] = {}
     finish_reason: str | None = None
     ended = False
-    for line in body.decode("utf-8", "replace").splitlines():
+    # Lines end at CR, LF or CRLF only (str.splitlines would also cut at U+2028 inside a chunk).
+    for line in _SSE_LINE_END.split(body.decode("utf-8", "replace")):
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
