@@ -136,6 +136,8 @@ class LlmConfig:
     # Retry-After replaces it).
     backoff_initial_seconds: float = 30.0
     backoff_max_seconds: float = 1800.0
+    # Ask for the answer as server-sent events (a proxy that cuts idle connections sees bytes flow).
+    stream: bool = False
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,7 @@ def cmd_rules_test(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     config = settings.reply_config()
     llm = config.llm
-    client = (
-        ChatClient(llm.base_url, api_key=llm.api_key, timeout_seconds=llm.timeout_seconds) if llm else None
-    )
+    client = ChatClient.for_config(llm) if llm else None
     parsed = parse_message(raw, max_message_bytes=settings.max_message_bytes)
     with _index(settings) as engine:
         outcomes = try_rules(
@@ -103,8 +101,8 @@ def _readable(raw: bytes) -> str:
     message = message_from_bytes(raw, policy=policy.default)
     lines = [f"{name}: {value}" for name, value in message.items()]
     body = message.get_body(("plain",))
-    lines += ["", body.get_content().rstrip() if body is not None else ""]
-    return "\n".join("    " + line for line in lines)
+    lines += ["", *(body.get_content().rstrip().splitlines() if body is not None else [])]
+    return "\n".join(("    " + line).rstrip() for line in lines)
 
 
 def cmd_llm(settings: RuntimeSettings, args: argparse.Namespace) -> int:

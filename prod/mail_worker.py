@@ -50,11 +50,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         ),
     ]
     if reply_config.llm is not None:
-        client = ChatClient(
-            reply_config.llm.base_url,
-            api_key=reply_config.llm.api_key,
-            timeout_seconds=reply_config.llm.timeout_seconds,
-        )
+        client = ChatClient.for_config(reply_config.llm)
         stages.append(
             LlmStage(
                 engine,

@@ -126,6 +126,7 @@ class RuntimeSettings(BaseSettings):
     llm_timeout_seconds: float = Field(default=60.0, gt=0, le=600)
     llm_max_input_chars: int = Field(default=8000, ge=100, le=1_000_000)
     llm_max_requests_per_hour: int = Field(default=60, ge=1)
+    llm_stream: bool = False
 
     # Supervision
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0)
@@ -361,6 +362,7 @@ class RuntimeSettings(BaseSettings):
             timeout_seconds=self.llm_timeout_seconds,
             max_input_chars=self.llm_max_input_chars,
             max_requests_per_hour=self.llm_max_requests_per_hour,
+            stream=self.llm_stream,
             # The call runs beside the worker's loop and ends within the timeout; a claim older
             # than twice that (and than a hung worker's kill) is from a worker that died.
             claim_timeout_seconds=max(2 * self.llm_timeout_seconds + 30, 2 * self.heartbeat_timeout_seconds),

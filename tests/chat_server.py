@@ -1,9 +1,13 @@
 """A chat-completions server on loopback for the tests: the OpenAI protocol, non-streaming and
-streaming (``"stream": true``: server-sent events ending in ``data: [DONE]``).
+streaming (``"stream": true``: server-sent events, a first chunk with the role, the text a word a
+chunk, the finish reason, with ``stream_options.include_usage`` a last chunk with the usage and no
+choices, then ``data: [DONE]``).
 
 It answers every request with ``reply(request)`` unless a scripted answer is queued
-(``script.append(...)``): ``Slow(seconds)`` waits before answering, ``Status(429, retry_after=2)``
-or ``Status(500)`` answers an error, ``Raw(body)`` answers 200 with a body that is not a completion.
+(``script.append(...)``): ``Slow(seconds)`` waits before answering, ``Drip(seconds)`` streams the
+answer (asked for or not) waiting that long before each chunk, ``Status(429, retry_after=2)``
+or ``Status(500)`` answers an error, ``Raw(body)`` answers 200 with a body as it is (not a
+completion, or a broken event stream with ``content_type="text/event-stream"``).
 ``requests`` keeps every request (headers and JSON body); ``started`` is set when a request arrives
 (a test can kill a worker during the call).
 """
@@ -19,10 +23,17 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+JSON = "application/json"
+
 
 @dataclass(frozen=True)
 class Slow:
     seconds: float
+
+
+@dataclass(frozen=True)
+class Drip:
+    seconds_per_chunk: float
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class Raw:
     """A 200 answer with this body as it is (not a chat completion)."""
 
     body: bytes
+    content_type: str = JSON
 
 
 @dataclass
@@ -56,7 +68,7 @@ def echo_reply(request: Received) -> str:
 @dataclass
 class ChatServer:
     reply: Callable[[Received], str] = echo_reply
-    script: deque[Slow | Status | Raw] = field(default_factory=deque)
+    script: deque[Slow | Drip | Status | Raw] = field(default_factory=deque)
     requests: list[Received] = field(default_factory=list)
     started: threading.Event = field(default_factory=threading.Event)
     # Every successful answer waits until this is set (set at start; a test clears it to hold calls).
@@ -89,7 +101,7 @@ class ChatServer:
                     self._json(step.code, {"error": {"message": f"scripted {step.code}"}}, headers)
                     return
                 if isinstance(step, Raw):
-                    self._send(200, step.body, {})
+                    self._send(200, step.body, {}, step.content_type)
                     return
                 if isinstance(step, Slow):
                     deadline = time.monotonic() + step.seconds
@@ -97,7 +109,9 @@ class ChatServer:
                         time.sleep(0.05)
                 server.release.wait(60)
                 text = server.reply(received)
-                if body.get("stream"):
+                if isinstance(step, Drip):
+                    self._stream(text, body, pause=step.seconds_per_chunk)
+                elif body.get("stream"):
                     self._stream(text, body)
                 else:
                     self._json(200, _completion(text, body))
@@ -105,10 +119,12 @@ class ChatServer:
             def _json(self, code: int, data: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 self._send(code, json.dumps(data).encode(), headers or {})
 
-            def _send(self, code: int, payload: bytes, headers: dict[str, str]) -> None:
+            def _send(
+                self, code: int, payload: bytes, headers: dict[str, str], content_type: str = JSON
+            ) -> None:
                 try:
                     self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(payload)))
                     for name, value in headers.items():
                         self.send_header(name, value)
@@ -117,7 +133,7 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)
 
-            def _stream(self, text: str, body: dict[str, Any]) -> None:
+            def _stream(self, text: str, body: dict[str, Any], pause: float = 0.0) -> None:
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
@@ -125,26 +141,24 @@ class ChatServer:
                     self.send_header("Connection", "close")
                     self.end_headers()
                     words = text.split(" ")
-                    for index, word in enumerate(words):
-                        piece = word if index == 0 else " " + word
-                        chunk = {
-                            "id": "chatcmpl-test",
-                            "object": "chat.completion.chunk",
-                            "model": body.get("model", ""),
-                            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
-                        }
-                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                        self.wfile.flush()
-                    last = {
-                        "id": "chatcmpl-test",
-                        "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                    }
-                    self.wfile.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+                    deltas = [{"role": "assistant"}]
+                    deltas += [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
+                    for delta in deltas:
+                        time.sleep(pause)
+                        self._event({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}, body)
+                    self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, body)
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        self._event({"choices": [], "usage": _completion(text, body)["usage"]}, body)
+                    self.wfile.write(b"data: [DONE]\n\n")
                     self.wfile.flush()
                     self.close_connection = True
                 except (BrokenPipeError, ConnectionResetError):
                     pass
+
+            def _event(self, chunk: dict[str, Any], body: dict[str, Any]) -> None:
+                head = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": body.get("model")}
+                self.wfile.write(f"data: {json.dumps(head | chunk)}\n\n".encode())
+                self.wfile.flush()
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

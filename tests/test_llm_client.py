@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 
 from emailops.llm.client import ChatClient, ChatRequest, LlmError
-from tests.chat_server import ChatServer, Raw, Slow, Status
+from tests.chat_server import ChatServer, Drip, Raw, Slow, Status
 
 KEY = "sk-test-0123456789abcdef"
 REQUEST = ChatRequest(
@@ -52,19 +51,64 @@ def test_no_key_no_authorization_header(server: ChatServer) -> None:
     assert "Authorization" not in server.requests[0].headers
 
 
-def test_the_test_server_streams_server_sent_events(server: ChatServer) -> None:
-    """The server speaks the streaming protocol too (the client asks for non-streaming answers)."""
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})
-    url = server.base_url + "/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    request = urllib.request.Request(url, data=body.encode(), headers=headers)  # noqa: S310 (loopback http)
-    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (loopback http)
-        assert response.headers["Content-Type"] == "text/event-stream"
-        events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(event) for event in events[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello back."
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+def test_a_streamed_answer_with_usage_and_the_request_as_sent(server: ChatServer) -> None:
+    completion = ChatClient(server.base_url, api_key=KEY, timeout_seconds=5, stream=True).complete(REQUEST)
+
+    assert completion.text == "Hello back."
+    assert completion.finish_reason == "stop"
+    assert completion.tokens_in and completion.tokens_in > 0
+    assert completion.tokens_out and completion.tokens_out > 0
+    [received] = server.requests
+    assert received.headers["Accept"] == "text/event-stream"
+    assert received.body["stream"] is True
+    assert received.body["stream_options"] == {"include_usage": True}
+
+
+def test_a_stream_is_read_even_when_not_asked_for_and_its_deadline_spans_it(server: ChatServer) -> None:
+    """Some servers and proxies always stream. Each chunk comes within the timeout, the whole
+    answer does not: the timeout bounds the call, not the wait for one chunk."""
+    client = ChatClient(server.base_url, timeout_seconds=5)
+    server.script.append(Drip(0.05))
+    completion = client.complete(REQUEST)
+    assert (completion.text, completion.finish_reason) == ("Hello back.", "stop")
+    assert (completion.tokens_in, completion.tokens_out) == (None, None)  # no usage was asked for
+    # Only CR and LF end a line of the stream: a raw U+2028 in a chunk's text is part of it.
+    raw = '{"choices": [{"delta": {"content": "one\u2028two"}, "finish_reason": "stop"}]}'
+    server.script.append(Raw(f"data: {raw}\n\ndata: [DONE]\n\n".encode(), content_type="text/event-stream"))
+    assert client.complete(REQUEST).text == "one\u2028two"
+
+    server.script.append(Drip(0.6))  # 4 chunks: 2.4 s in all
+    started = time.monotonic()
+    with pytest.raises(LlmError) as caught:
+        ChatClient(server.base_url, timeout_seconds=1).complete(REQUEST)
+    assert caught.value.retryable and "no answer within 1 s" in caught.value.reason
+    assert time.monotonic() - started < 2
+
+
+def test_a_stream_cut_short_or_reporting_an_error_is_retryable_and_never_shows_the_key(
+    server: ChatServer,
+) -> None:
+    piece = b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]}\n\n'
+    failure = json.dumps({"error": {"message": f"overloaded, key {KEY}"}}).encode()
+    server.script.extend(
+        [
+            Raw(piece, content_type="text/event-stream"),
+            Raw(piece + b"data: " + failure + b"\n\n", content_type="text/event-stream"),
+            Raw(piece + b"data: {not json\n\n", content_type="text/event-stream"),
+        ]
+    )
+    client = ChatClient(server.base_url, api_key=KEY, timeout_seconds=5, stream=True)
+    reasons = []
+    for _ in range(3):
+        with pytest.raises(LlmError) as caught:
+            client.complete(REQUEST)
+        assert caught.value.retryable
+        reasons.append(caught.value.reason)
+    assert reasons == [
+        "the answer's stream ended before its end ([DONE])",
+        "the stream reported an error: overloaded, key **********",
+        "the answer's stream has a chunk that is not a JSON object",
+    ]
 
 
 def test_429_is_retryable_with_the_servers_retry_after(server: ChatServer) -> None:

@@ -88,7 +88,8 @@ def test_sigkill_during_a_model_call_ends_with_one_draft_and_the_key_is_in_no_ou
     env: dict[str, str], dovecot: LocalDovecot, chat: ChatServer, tmp_path: Path
 ) -> None:
     chat.release.clear()  # every call waits until the test lets it answer
-    env = {**env, "METRICS_PORT": str(free_loopback_port())}
+    # Streamed answers here (rules test below asks for whole ones): tokens come in the last chunk.
+    env = {**env, "METRICS_PORT": str(free_loopback_port()), "LLM_STREAM": "true"}
     with (tmp_path / "stdout.log").open("w") as stdout, (tmp_path / "stderr.log").open("w") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "prod.run"], env=env, cwd=REPO, stdout=stdout, stderr=stderr
@@ -130,6 +131,7 @@ def test_sigkill_during_a_model_call_ends_with_one_draft_and_the_key_is_in_no_ou
     assert MODEL_TEXT in message_from_bytes(draft).get_payload(decode=True).decode()
     assert len(chat.requests) == 2  # the killed call and the retried one
     assert all(r.headers["Authorization"] == f"Bearer {KEY}" for r in chat.requests)
+    assert all(r.body["stream"] is True for r in chat.requests)
 
     stdout_text = (tmp_path / "stdout.log").read_text()
     stderr_text = (tmp_path / "stderr.log").read_text()
@@ -175,6 +177,7 @@ def test_rules_test_prints_the_decision_and_the_draft_and_records_nothing(
     robot = tmp_path / "robot.eml"
     robot.write_bytes(inbound(8, "out of office", extra="Auto-Submitted: auto-replied\r\n"))
 
+    chat.reply = lambda _r: MODEL_TEXT + "\n\nBest regards,\nSupport"
     answered = emailops(env, "rules", "test", str(asking))
     assert answered.returncode == 0, answered.stderr
     out = answered.stdout
@@ -183,10 +186,12 @@ def test_rules_test_prints_the_decision_and_the_draft_and_records_nothing(
     assert "draft saved to the Drafts folder would be:" in out
     assert f"To: Bob <{BOB}>" in out and "Subject: Re: help with order 7" in out
     assert "In-Reply-To: <order-7@example.test>" in out
-    assert MODEL_TEXT in out
+    # The body is indented like the headers, every line of it.
+    assert f"    {MODEL_TEXT}\n\n    Best regards,\n    Support\n" in out
     assert "model tiny-model:" in out
     assert "nothing was sent or saved" in answered.stderr
     assert "Can I change my delivery address?" in chat.requests[0].prompt
+    assert chat.requests[0].body["stream"] is False
 
     suppressed = emailops(env, "rules", "test", "--json", str(robot))
     [outcome] = json.loads(suppressed.stdout)

@@ -1,5 +1,6 @@
 """The model-call queue's claims: a graceful stop gives the job back, an expired claim is taken
-over, and the former holder's late answer cannot finish the job (fencing by attempt)."""
+over, and the former holder's late answer cannot finish the job (fencing by attempt); a 429 waits
+the server's Retry-After, and a job given up is reported."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from emailops.llm import jobs
 from emailops.llm.client import ChatClient
 from emailops.llm.stage import LlmStage
 from emailops.processes import ProcessIdentity
-from tests.chat_server import ChatServer
+from tests.chat_server import ChatServer, Status
 from tests.index_helpers import ACCOUNT, ALICE, index_engine
 
 
@@ -116,3 +117,36 @@ def test_an_expired_claim_is_taken_over_and_the_late_answer_is_refused(
     job = the_job(engine)
     assert (job.state, job.attempts) == (jobs.JobState.FAILED, 2)
     assert job.last_error == "the inbound message is no longer in the index"
+
+
+def test_a_429_waits_the_servers_retry_after_and_a_job_given_up_is_reported(
+    engine: Engine, chat: ChatServer
+) -> None:
+    chat.script.extend([Status(429, retry_after="3"), Status(500)])
+    llm = LlmConfig(
+        base_url=chat.base_url,
+        timeout_seconds=10,
+        max_attempts=2,
+        backoff_initial_seconds=0.1,
+        backoff_max_seconds=0.1,
+    )
+    worker = LlmStage(
+        engine,
+        account=ACCOUNT,
+        claimer=str(ProcessIdentity.of_this_process(1, run="retry-after")),
+        config=ReplyConfig(from_address=ALICE, llm=llm),
+        client=ChatClient(chat.base_url, timeout_seconds=10),
+    )
+    with capture_logs() as logs:
+        until(lambda: the_job(engine).last_error is not None, worker.run_once)
+        waiting = the_job(engine)
+        assert (waiting.state, waiting.attempts) == (jobs.JobState.PENDING, 1)
+        # The server's 3 s, not the 0.1 s of the worker's own backoff.
+        wait = (waiting.next_attempt_at - waiting.updated_at).total_seconds()
+        assert 2.9 <= wait <= 3.1
+        until(lambda: the_job(engine).state is jobs.JobState.FAILED, worker.run_once)
+    assert len(chat.requests) == 2
+    assert the_job(engine).last_error == "gave up after 2 attempts: HTTP 500: scripted 500"
+    calls = [(e["log_level"], e["outcome"], e.get("status")) for e in logs if e["event"] == "model call"]
+    assert calls == [("warning", "retry", 429), ("error", "failed", 500)]
+    assert all(e["component"] == "llm" for e in logs if e["event"] == "model call")

@@ -36,16 +36,18 @@ from tests.chat_server import ChatServer, Slow, Status
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, sync_config
 
 BOB = "bob@example.test"
+CAROL = "carol@example.test"
 EVE = "eve@evil.example"
 MODEL_TEXT = "Dear Bob, thank you for writing. The invoice is attached to your account page."
 
 
-def rules(draft: bool | None = None) -> str:
+def rules(draft: bool | None = None, subject: str | None = None) -> str:
     draft_line = "" if draft is None else f"draft = {'true' if draft else 'false'}\n"
+    subject_line = "" if subject is None else f'subject = "{subject}"\n'
     return (
         '[[rules]]\nname = "support-ai"\n[rules.match]\nsubject = "help"\n[rules.reply]\n'
         'llm_prompt = """Answer {sender_name} politely. Their message:\n{body}"""\n'
-        f'llm_model = "tiny"\nllm_max_tokens = 200\n{draft_line}'
+        f'llm_model = "tiny"\nllm_max_tokens = 200\n{draft_line}{subject_line}'
     )
 
 
@@ -97,7 +99,7 @@ class Daemon:
             account=ACCOUNT,
             claimer=owner,
             config=self.config,
-            client=ChatClient(llm.base_url, api_key=llm.api_key, timeout_seconds=llm.timeout_seconds),
+            client=ChatClient.for_config(llm),
         )
         self.pipeline = MailPipeline(
             self.engine,
@@ -173,10 +175,16 @@ def start(
     return daemon
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["completion", "stream"])
 def test_a_draft_threaded_under_the_original_in_drafts_with_the_draft_flag(
-    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path, chat: ChatServer
+    dovecot: LocalDovecot,
+    smtp_relay: LocalSmtpRelay,
+    db_url: str,
+    tmp_path: Path,
+    chat: ChatServer,
+    stream: bool,
 ) -> None:
-    daemon = start(dovecot, smtp_relay, db_url, tmp_path, rules(), llm_config(chat))
+    daemon = start(dovecot, smtp_relay, db_url, tmp_path, rules(), llm_config(chat, stream=stream))
     try:
         original = inbound("I need help with my invoice", "Where is my invoice for March?")
         dovecot.deliver(ALICE, original)
@@ -197,6 +205,7 @@ def test_a_draft_threaded_under_the_original_in_drafts_with_the_draft_flag(
     # What the model was asked: the rule's prompt with the sender and the message text, the model.
     [asked] = chat.requests
     assert asked.body["model"] == "tiny" and asked.body["max_tokens"] == 200
+    assert asked.body["stream"] is stream
     assert asked.body["messages"][0]["role"] == "system"
     assert asked.prompt.rstrip() == "Answer Bob politely. Their message:\nWhere is my invoice for March?"
     assert asked.headers["Authorization"] == "Bearer sk-test-key-123456"
@@ -207,7 +216,9 @@ def test_a_draft_threaded_under_the_original_in_drafts_with_the_draft_flag(
 def test_draft_false_sends_through_smtp_once(
     dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path, chat: ChatServer
 ) -> None:
-    daemon = start(dovecot, smtp_relay, db_url, tmp_path, rules(draft=False), llm_config(chat))
+    # The rule's subject applies as for a template reply.
+    rule = rules(draft=False, subject="{subject} [case {rule}]")
+    daemon = start(dovecot, smtp_relay, db_url, tmp_path, rule, llm_config(chat))
     try:
         dovecot.deliver(ALICE, inbound("help please", "Can you call me?"))
         daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
@@ -223,10 +234,41 @@ def test_draft_false_sends_through_smtp_once(
     [sent] = smtp_relay.accepted
     assert sent.rcpt_tos == (BOB,)
     [reply] = inbox_of(dovecot, BOB)
-    assert reply["Subject"] == "Re: help please"
+    assert reply["Subject"] == "help please [case support-ai]"
     assert reply.get_payload(decode=True).decode().strip() == MODEL_TEXT
     assert len(chat.requests) == 1
     assert drafts_of(dovecot) == []
+
+
+def test_a_model_call_in_flight_holds_up_neither_indexing_nor_template_replies(
+    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path, chat: ChatServer
+) -> None:
+    """While the model has not answered, a new message is indexed, decided and its template reply
+    sent; then the answer arrives and the draft is made."""
+    ack = '\n[[rules]]\nname = "ack"\n[rules.match]\nsubject = "order"\n[rules.reply]\ntemplate = "Got it."\n'
+    order = (
+        f"From: Carol <{CAROL}>\r\nTo: {ALICE}\r\nSubject: my order\r\n"
+        "Message-ID: <order-1@example.test>\r\nDate: Tue, 2 Jan 2024 10:00:00 +0000\r\n\r\nThanks.\r\n"
+    ).encode()
+    chat.release.clear()  # the model answers only when the test lets it
+    daemon = start(dovecot, smtp_relay, db_url, tmp_path, rules() + ack, llm_config(chat, timeout_seconds=60))
+    try:
+        dovecot.deliver(ALICE, inbound("help", "a question for the model"))
+        daemon.run_until(chat.started.is_set)
+        dovecot.deliver(ALICE, order)
+        daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
+        call = daemon.llm_stage.call
+        assert call is not None and not call.finished.is_set()  # the model is still writing
+        assert [j.state for j in daemon.jobs()] == [jobs.JobState.WORKING]
+        assert _rules_done(daemon.engine) == 2
+        chat.release.set()
+        daemon.run_until(lambda: sorted(daemon.outbox()) == [("draft", "sent", BOB), ("send", "sent", CAROL)])
+    finally:
+        chat.release.set()
+        daemon.close()
+    [sent] = smtp_relay.accepted
+    assert sent.rcpt_tos == (CAROL,)
+    assert len(drafts_of(dovecot)) == 1
 
 
 def test_a_mail_asking_to_send_elsewhere_is_answered_only_to_its_sender(
@@ -388,10 +430,14 @@ def test_the_hourly_budget_holds_across_two_workers_and_jobs_wait(db_url: str, c
         while sum(1 for j in _all_jobs(setup) if j.state is jobs.JobState.FAILED) < 3:
             assert time.monotonic() < deadline, "three calls not made"
             time.sleep(0.05)
-        # Both workers keep trying for a while: still three calls, three jobs waiting.
+        # Both workers look for work again and each finds the budget spent (the stage notes when it
+        # last said so): still three calls, three jobs waiting.
         for stage in stages:
+            stage.next_budget_log = 0.0
             stage.next_poll = 0.0
-        time.sleep(1.5)
+        while not all(stage.next_budget_log > 0 for stage in stages):
+            assert time.monotonic() < deadline + 10, "a worker did not find the budget spent"
+            time.sleep(0.05)
         assert len(chat.requests) == 3
         states = sorted(j.state.value for j in _all_jobs(setup))
         assert states == ["failed"] * 3 + ["pending"] * 3
