@@ -12,19 +12,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from localmail.dovecot import LocalDovecot, free_loopback_port
 from localmail.smtp_relay import LocalSmtpRelay
 from prod.worker_status import read_status
 from tests.index_helpers import ALICE, daemon_env, message
-from tests.prometheus_server import PROMTOOL, LocalPrometheus
+from tests.prometheus_server import PROMTOOL, LocalPrometheus, scraped
 from tests.test_daemon_e2e import REPO, healthcheck, supervisor_state, wait_for
 from tests.test_replies_e2e import inbound
 
@@ -77,17 +75,6 @@ def health(env: dict[str, str], *args: str) -> dict[str, Any]:
     answer: dict[str, Any] = json.loads(result.stdout)
     assert result.returncode == (0 if answer["ok"] else 1), result
     return answer
-
-
-def scraped(env: dict[str, str], name: str, **labels: str) -> float | None:
-    """The value of one sample on the daemon's /metrics (METRICS_PORT), None when it is absent."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{env['METRICS_PORT']}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return None
 
 
 def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
