@@ -273,6 +273,27 @@ def test_the_healthcheck_says_why_no_folder_syncs(
     assert (refused or 0) >= 1 if refused_sign_ins else refused is None
 
 
+def test_a_refused_smtp_sign_in_is_counted(dovecot: LocalDovecot, data: Path, stop_daemon: list[Any]) -> None:
+    """The SMTP server does not know the account's password (IMAP does): the reply is retried later,
+    counted as such, and the refusal as an SMTP sign-in failure (EmailOpsSignInRefused's input)."""
+    with LocalSmtpRelay(dovecot, {ALICE: "not-alices-password"}) as relay:
+        env = daemon_env(
+            dovecot, data, EMAIL_SMTP_PORT=str(relay.port), METRICS_PORT=str(free_loopback_port())
+        )
+        stop_daemon.append(start_daemon(env, data))
+        wait_for(lambda: health(env)["ok"], 30, "healthy")
+        dovecot.deliver(ALICE, inbound("help", n=1))
+
+        def refused() -> bool:
+            return (scraped(env, "emailops_auth_failures_total", protocol="smtp") or 0) >= 1
+
+        wait_for(refused, 30, "the refused SMTP sign-in counted")
+        assert (scraped(env, "emailops_smtp_errors_total", kind="transient") or 0) >= 1
+        assert (scraped(env, "emailops_replies_total", rule="ack", outcome="retry") or 0) >= 1
+        assert scraped(env, "emailops_auth_failures_total", protocol="imap") is None
+        assert relay.accepted == []
+
+
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
     check = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert check.returncode == 0 and "SUCCESS: 11 rules found" in check.stdout, check
