@@ -127,7 +127,7 @@ def enable() -> None:
         ),
         imap_errors=Counter(
             "emailops_imap_errors",
-            "IMAP failures, by kind (unreachable, auth, folder_missing, tls, too_many_connections).",
+            "IMAP failures, by kind (connection, auth, folder_missing, tls, too_many_connections).",
             ["kind"],
             registry=None,
         ),

@@ -1,7 +1,8 @@
 """A real Prometheus (Debian's ``prometheus`` package) on loopback, for the monitoring tests.
 
 It scrapes one target every second as job ``emailops``, with the given rule files loaded, keeps
-its data in a folder of the test, and answers queries over its HTTP API.
+its data in a folder of the test, and answers queries over its HTTP API. ``scraped`` reads one
+sample straight from a daemon's /metrics, for tests that need no Prometheus.
 """
 
 from __future__ import annotations
@@ -12,14 +13,28 @@ import shutil
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from localmail.dovecot import free_loopback_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 READY_SECONDS = 60.0
+
+
+def scraped(env: dict[str, str], name: str, **labels: str) -> float | None:
+    """The value of one sample on the daemon's /metrics (METRICS_PORT), None when it is absent."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{env['METRICS_PORT']}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
 
 
 class LocalPrometheus:

@@ -93,6 +93,24 @@ def failing_unit(settings: RuntimeSettings, worker_id: int) -> FailingUnit:
     return FailingUnit(worker_id, settings.email_password.get_secret_value())
 
 
+class OutboxGaugeUnit(JournalingUnit):
+    """The first worker process sets the outbox gauge (a "live" gauge) to 7 and writes its pid in
+    ``outbox-gauge-set``; later processes set nothing: a scrape shows 7 while that value is kept."""
+
+    def run_once(self) -> None:
+        marker = _record_dir() / "outbox-gauge-set"
+        if not marker.exists():
+            from emailops import metrics
+
+            metrics.outbox_depth({"sent": 7}, ["sent"])
+            marker.write_text(str(os.getpid()))
+        super().run_once()
+
+
+def outbox_gauge_unit(settings: RuntimeSettings, worker_id: int) -> OutboxGaugeUnit:
+    return OutboxGaugeUnit(worker_id)
+
+
 # -- helpers shared by the shell tests (processes started from a temp dir, settings from env vars)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,5 @@
-"""``emailops.metrics`` off and on, the bounded labels, and the supervisor's count of log lines.
+"""``emailops.metrics`` off and on, the bounded labels, the supervisor's count of log lines, and
+the endpoint's life: off without METRICS_PORT, emptied at start, a dead worker's gauges dropped.
 
 The whole path (workers' files summed by the supervisor's endpoint, scraped by Prometheus) is
 tested in test_monitoring_e2e.py.
@@ -8,16 +9,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from emailops import metrics
+from localmail.dovecot import free_loopback_port
 from prod.logging_setup import LogCollector, _LineHandler
-from tests.shell_workers import REPO_ROOT, shell_env
+from tests.shell_workers import REPO_ROOT, SupervisorProcess, shell_env, wait_until
 
 # Every reason text the replies code gives (robots.py, limits.py, engine.py), one of each shape.
 REASONS = {
@@ -146,3 +152,80 @@ def test_a_metrics_port_in_use_stops_the_start_naming_it(tmp_path: Path) -> None
         f"invalid configuration: METRICS_PORT: cannot listen on 127.0.0.1:{port}"
         in json.loads(line)["message"]
     )
+
+
+# A scrape: (sample name, its labels sorted) -> value.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _scrape(port: int) -> Samples:
+    """The daemon's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _scrape_when_up(port: int) -> Samples | None:
+    """A scrape once the supervisor reports its one worker up, else None."""
+    try:
+        samples = _scrape(port)
+    except OSError:
+        return None
+    return samples if samples.get(("emailops_workers_up", ())) == 1 else None
+
+
+def test_without_metrics_port_there_is_no_endpoint_and_no_file(tmp_path: Path) -> None:
+    env = shell_env(tmp_path)
+    with SupervisorProcess(tmp_path, env) as supervisor:
+        units = tmp_path / "units"
+        assert wait_until(lambda: any("end 1" in f.read_text() for f in units.glob("unit-1-*.log")), 30)
+        messages = [record["message"] for record in supervisor.records()]
+    assert "metrics endpoint listening" not in messages, messages
+    assert not (tmp_path / "state" / "metrics").exists()
+
+
+def test_a_start_empties_the_files_of_the_last_run(tmp_path: Path) -> None:
+    """Values a former run left in STATE_DIR/metrics are not served: the directory is emptied."""
+    stale = tmp_path / "state" / "metrics"
+    stale.mkdir(parents=True)
+    code = "from emailops import metrics\nmetrics.enable()\nmetrics.messages_indexed('Stale', 5)\n"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(stale), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, check=True)
+    assert list(stale.glob("counter_*.db"))  # the former run's file, about to be removed
+    port = free_loopback_port()
+    with SupervisorProcess(tmp_path, shell_env(tmp_path, METRICS_PORT=str(port))):
+        samples = wait_until(lambda: _scrape_when_up(port), 30)
+    assert samples is not None, "the endpoint never reported its worker up"
+    assert ("emailops_messages_indexed_total", (("folder", "Stale"),)) not in samples
+    assert not [name for name, _ in samples if name.startswith("emailops_messages_indexed")]
+
+
+def test_a_dead_workers_live_gauges_are_dropped(tmp_path: Path) -> None:
+    """The outbox gauge of a worker killed with -9 leaves the scrape (counters staying is checked
+    with a real daemon in test_monitoring_e2e.py)."""
+    port = free_loopback_port()
+    env = shell_env(
+        tmp_path, METRICS_PORT=str(port), EMAILOPS_WORKER_TARGET="tests.shell_workers:outbox_gauge_unit"
+    )
+    outbox = ("emailops_outbox_replies", (("state", "sent"),))
+    died = ("emailops_worker_restarts_total", (("reason", "died"),))
+
+    def with_gauge() -> Samples | None:
+        samples = _scrape_when_up(port)
+        return samples if samples and outbox in samples else None
+
+    def after_the_restart() -> Samples | None:
+        samples = _scrape_when_up(port)  # up again: the replacement runs
+        return samples if samples and samples.get(died) == 1 else None
+
+    with SupervisorProcess(tmp_path, env):
+        before = wait_until(with_gauge, 30)
+        assert before is not None and before[outbox] == 7, before
+        os.kill(int((tmp_path / "units" / "outbox-gauge-set").read_text()), signal.SIGKILL)
+        after = wait_until(after_the_restart, 30)
+    assert after is not None, "the supervisor never counted the worker's death"
+    assert outbox not in after  # the replacement set no value; the dead process's one is gone

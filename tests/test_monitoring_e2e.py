@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from localmail.dovecot import LocalDovecot, free_loopback_port
 from localmail.smtp_relay import LocalSmtpRelay
 from prod.worker_status import read_status
 from tests.index_helpers import ALICE, daemon_env, message
-from tests.prometheus_server import PROMTOOL, LocalPrometheus
+from tests.prometheus_server import PROMTOOL, LocalPrometheus, scraped
 from tests.test_daemon_e2e import REPO, healthcheck, supervisor_state, wait_for
 from tests.test_replies_e2e import inbound
 
@@ -116,6 +117,8 @@ def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
         counted('sum(emailops_messages_indexed_total{folder="Archive"})', 4)
         counted('sum(emailops_parse_problems_total{kind="header-missing"})', 2)  # Date, Message-ID
         counted("emailops_workers_up", 2)
+        # At least one batch in each folder, each timed from its download to its commit.
+        assert (prometheus.value("sum(emailops_index_batch_duration_seconds_count)") or 0) >= 2
 
         # New mail: two answered; Bob's second and a list's message are not.
         dovecot.deliver(ALICE, inbound("help 1", n=1))
@@ -183,12 +186,23 @@ def test_prometheus_counts_what_the_daemon_did_across_a_worker_restart(
         ("smtp", "reply sent"),
     ]
     assert len({r["request_id"] for r in indexed}) == 6
+    # The operator's grep of the log file finds exactly those lines.
+    needle = f'"request_id":"{indexed[0]["request_id"]}"'
+    grepped = [line for line in (data / "logs" / "app.log").read_text().splitlines() if needle in line]
+    assert [json.loads(line) for line in grepped] == story
 
 
 def test_the_healthcheck_fails_while_the_server_is_unreachable_and_recovers(
     dovecot: LocalDovecot, data: Path, stop_daemon: list[Any]
 ) -> None:
-    env = daemon_env(dovecot, data, WORKERS="2", HEALTH_MAX_SYNC_AGE_SECONDS="4", POLL_INTERVAL_SECONDS="1")
+    env = daemon_env(
+        dovecot,
+        data,
+        WORKERS="2",
+        HEALTH_MAX_SYNC_AGE_SECONDS="4",
+        POLL_INTERVAL_SECONDS="1",
+        METRICS_PORT=str(free_loopback_port()),
+    )
     stop_daemon.append(start_daemon(env, data))
     wait_for(lambda: health(env)["ok"], 30, "healthy")
     assert healthcheck(env).stdout.strip() == '{"ok": true, "env": "test", "log_level": "INFO", "workers": 2}'
@@ -214,26 +228,70 @@ def test_the_healthcheck_fails_while_the_server_is_unreachable_and_recovers(
     (folder,) = [f for w in detail["workers"] for f in w.get("folders", [])]
     assert folder["last_error"]["error_type"] == "ImapServerUnreachable"
 
+    back = time.time()
     dovecot.start()
     wait_for(lambda: health(env)["ok"], 90, "healthy again once Dovecot is back")
+    # The metrics tell the same story: failures by kind, the reconnection, the folder's fresh sync.
+    assert (scraped(env, "emailops_imap_errors_total", kind="connection") or 0) >= 1
+    wait_for(lambda: (scraped(env, "emailops_imap_reconnects_total") or 0) >= 1, 30, "reconnect counted")
+    last_sync = scraped(env, "emailops_folder_last_sync_timestamp_seconds", folder="INBOX")
+    assert last_sync is not None and last_sync >= back
 
 
 @pytest.mark.parametrize(
-    ("setting", "error_type"),
+    ("setting", "error_type", "kind", "refused_sign_ins"),
     [
-        ({"EMAIL_PASSWORD": "not-the-password"}, "ImapSignInRefused"),
-        ({"EMAIL_FOLDERS": "NoSuchFolder"}, "ImapFolderMissing"),
+        ({"EMAIL_PASSWORD": "not-the-password"}, "ImapSignInRefused", "auth", True),
+        ({"EMAIL_FOLDERS": "NoSuchFolder"}, "ImapFolderMissing", "folder_missing", False),
     ],
 )
 def test_the_healthcheck_says_why_no_folder_syncs(
-    dovecot: LocalDovecot, data: Path, stop_daemon: list[Any], setting: dict[str, str], error_type: str
+    dovecot: LocalDovecot,
+    data: Path,
+    stop_daemon: list[Any],
+    setting: dict[str, str],
+    error_type: str,
+    kind: str,
+    refused_sign_ins: bool,
 ) -> None:
-    env = daemon_env(dovecot, data, HEALTH_MAX_SYNC_AGE_SECONDS="3", POLL_INTERVAL_SECONDS="1", **setting)
+    env = daemon_env(
+        dovecot,
+        data,
+        HEALTH_MAX_SYNC_AGE_SECONDS="3",
+        POLL_INTERVAL_SECONDS="1",
+        METRICS_PORT=str(free_loopback_port()),
+        **setting,
+    )
     stop_daemon.append(start_daemon(env, data))
     wait_for(lambda: health(env).get("error_type") == error_type, 60, error_type)
     answer = health(env)
     assert answer["ok"] is False and list(answer) == ["ok", "error", "error_type"]
     assert env["EMAIL_PASSWORD"] not in json.dumps(answer)
+    # Counted by kind; a refused sign-in also as such (emailops_auth_failures_total, its alert).
+    assert (scraped(env, "emailops_imap_errors_total", kind=kind) or 0) >= 1
+    refused = scraped(env, "emailops_auth_failures_total", protocol="imap")
+    assert (refused or 0) >= 1 if refused_sign_ins else refused is None
+
+
+def test_a_refused_smtp_sign_in_is_counted(dovecot: LocalDovecot, data: Path, stop_daemon: list[Any]) -> None:
+    """The SMTP server does not know the account's password (IMAP does): the reply is retried later,
+    counted as such, and the refusal as an SMTP sign-in failure (EmailOpsSignInRefused's input)."""
+    with LocalSmtpRelay(dovecot, {ALICE: "not-alices-password"}) as relay:
+        env = daemon_env(
+            dovecot, data, EMAIL_SMTP_PORT=str(relay.port), METRICS_PORT=str(free_loopback_port())
+        )
+        stop_daemon.append(start_daemon(env, data))
+        wait_for(lambda: health(env)["ok"], 30, "healthy")
+        dovecot.deliver(ALICE, inbound("help", n=1))
+
+        def refused() -> bool:
+            return (scraped(env, "emailops_auth_failures_total", protocol="smtp") or 0) >= 1
+
+        wait_for(refused, 30, "the refused SMTP sign-in counted")
+        assert (scraped(env, "emailops_smtp_errors_total", kind="transient") or 0) >= 1
+        assert (scraped(env, "emailops_replies_total", rule="ack", outcome="retry") or 0) >= 1
+        assert scraped(env, "emailops_auth_failures_total", protocol="imap") is None
+        assert relay.accepted == []
 
 
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:

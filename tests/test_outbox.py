@@ -98,7 +98,7 @@ def test_a_reply_accepted_by_the_server_is_recorded_sent_whoever_holds_the_row(e
     row_id = add(engine)
     assert claim(engine) is not None
     with engine.begin() as conn:
-        assert outbox.recover_interrupted(conn, now=T0, claimers=("w1",)) == 1
+        assert outbox.recover_interrupted(conn, now=T0, claimers=("w1",)) == ["ack"]
         # w1's server accepted the reply after all: it is sent, and no longer retryable.
         assert outbox.mark_sent(conn, row_id, claimer="w1", now=T0) is OutboxState.UNKNOWN
         assert not outbox.retry_reply(conn, row_id, now=T0)
@@ -158,12 +158,12 @@ def test_interrupted_sends_become_unknown_and_are_not_resent(engine: Engine) -> 
     assert claim(engine, "dead") is not None
     assert claim(engine, "alive") is not None
     with engine.begin() as conn:
-        assert outbox.recover_interrupted(conn, now=T0, claimers=("dead",)) == 1
+        assert outbox.recover_interrupted(conn, now=T0, claimers=("dead",)) == ["ack"]
     assert state(engine, mine).state is OutboxState.UNKNOWN
     assert state(engine, other).state is OutboxState.SENDING
     with engine.begin() as conn:
-        assert outbox.recover_interrupted(conn, now=T0, claimed_before=T0 - timedelta(minutes=1)) == 0
-        assert outbox.recover_interrupted(conn, now=T0, claimed_before=T0 + timedelta(minutes=1)) == 1
+        assert outbox.recover_interrupted(conn, now=T0, claimed_before=T0 - timedelta(minutes=1)) == []
+        assert outbox.recover_interrupted(conn, now=T0, claimed_before=T0 + timedelta(minutes=1)) == ["ack"]
         with pytest.raises(ValueError):  # no filter: a live process's claim would be taken too
             outbox.recover_interrupted(conn, now=T0)
     assert state(engine, other).state is OutboxState.UNKNOWN

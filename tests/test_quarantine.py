@@ -14,6 +14,7 @@ import pytest
 from imapclient import IMAPClient
 from structlog.testing import capture_logs
 
+from emailops import metrics
 from emailops.imap import parsing
 from emailops.imap.connection import connect
 from emailops.imap.sync import FolderSync
@@ -21,7 +22,7 @@ from emailops.imap.watcher import FolderWatcher
 from emailops.replies import decisions
 from emailops.store import index_work
 from emailops.store.database import reading
-from localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot, free_loopback_port
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.index_helpers import (
     ACCOUNT,
@@ -33,11 +34,21 @@ from tests.index_helpers import (
     rows,
     sync_config,
 )
+from tests.prometheus_server import scraped
 from tests.shell_workers import SupervisorProcess, wait_until
 from tests.test_index_watcher import step_until
 from tests.test_replies_e2e import RULES, Daemon, inbound
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def quarantined_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The stage of each message quarantined, as the code counts it in
+    ``emailops_messages_quarantined_total`` (metrics are off in this process: recorded here)."""
+    seen: list[str] = []
+    monkeypatch.setattr(metrics, "message_quarantined", seen.append)
+    return seen
 
 
 def quarantine_listing(env: dict[str, str]) -> list[dict[str, Any]]:
@@ -59,6 +70,7 @@ def test_a_message_whose_rules_raise_is_retried_then_quarantined(
     db_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    quarantined_stages: list[str],
 ) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
@@ -88,6 +100,7 @@ def test_a_message_whose_rules_raise_is_retried_then_quarantined(
     assert error["reason"] == "ValueError: cannot decide on this one"
     retries = [e for e in logs if e["event"] == "rules failed for a message; it will be tried again"]
     assert len(retries) == 2
+    assert quarantined_stages == ["rules"]
     assert [r[:2] for r in daemon.outbox()] == [("support-ack", "sent")]
 
 
@@ -106,6 +119,7 @@ def test_a_message_that_hangs_the_worker_is_quarantined_and_the_next_one_answere
         HEARTBEAT_TIMEOUT_SECONDS="3",
         LOG_FILE_ENABLED="true",
         PYTHONPATH=str(REPO),
+        METRICS_PORT=str(free_loopback_port()),
     )
     with SupervisorProcess(tmp_path, env) as supervisor:
         assert wait_until(lambda: supervisor.worker_pids(), 30), supervisor.stdout_lines()
@@ -125,12 +139,18 @@ def test_a_message_that_hangs_the_worker_is_quarantined_and_the_next_one_answere
         assert record["attempts"] == 3 and "did not finish" in record["reason"]
         assert record["message_id"].startswith("<in-1-")
         listing = quarantine_listing(env)
+        assert scraped(env, "emailops_messages_quarantined_total", stage="rules") == 1
+        assert (scraped(env, "emailops_worker_restarts_total", reason="hung") or 0) >= 1
     assert [(e["folder"], e["uid"], e["stage"], e["attempts"]) for e in listing] == [("INBOX", 1, "rules", 3)]
     assert [a.rcpt_tos for a in smtp_relay.accepted] == [("bob@example.test",)]
 
 
 def test_a_message_that_indexing_keeps_failing_on_is_quarantined_and_the_folder_goes_on(
-    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    dovecot: LocalDovecot,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    quarantined_stages: list[str],
 ) -> None:
     # Before, a pass that raised on a message started again at the same UID for ever: nothing
     # after it was indexed. A connection dropped meanwhile does not count against the message.
@@ -169,6 +189,7 @@ def test_a_message_that_indexing_keeps_failing_on_is_quarantined_and_the_folder_
     (error,) = [e for e in logs if e["log_level"] == "error"]
     assert error["event"].startswith("message quarantined: indexing")
     assert (error["uid"], error["message_id"], error["attempts"]) == (2, "<poison@example.org>", 3)
+    assert quarantined_stages == ["index"]
     env = daemon_env(dovecot, tmp_path, INDEX_DB_URL=db_url)
     listing = quarantine_listing(env)
     assert [(e["stage"], e["folder"], e["uid"], e["message_id"]) for e in listing] == [

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text, update
 
+from emailops import metrics
 from emailops.config import ReplyConfig, TlsSecurity
 from emailops.pipeline import MailPipeline
 from emailops.processes import ProcessIdentity
@@ -118,6 +119,17 @@ def rules_file(tmp_path: Path) -> Path:
     path = tmp_path / "rules.toml"
     path.write_text(RULES)
     return path
+
+
+@pytest.fixture
+def outcomes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(rule, outcome) of each reply, as the code counts them in ``emailops_replies_total``.
+
+    Metrics are off in this process: the calls are recorded here. test_monitoring_e2e.py sees the
+    counts reach Prometheus from a running daemon."""
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(metrics, "reply_outcome", lambda rule, outcome: seen.append((rule, outcome)))
+    return seen
 
 
 @pytest.fixture
@@ -242,7 +254,7 @@ def test_header_injection_gives_no_extra_header_or_recipient(
 
 
 def test_smtp_down_then_up_delivers_once(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay
+    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, outcomes: list[tuple[str, str]]
 ) -> None:
     smtp_relay.stop()
     dovecot.deliver(ALICE, inbound("help while down", n=1))
@@ -253,10 +265,11 @@ def test_smtp_down_then_up_delivers_once(
     daemon.settle(1.0)
     assert len(smtp_relay.accepted) == 1
     assert [r[1] for r in daemon.outbox()] == ["sent"]
+    assert outcomes == [("support-ack", "queued"), ("support-ack", "retry"), ("support-ack", "sent")]
 
 
 def test_a_permanent_refusal_fails_with_its_reason(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay
+    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, outcomes: list[tuple[str, str]]
 ) -> None:
     smtp_relay.fail_next(550, "5.7.1 mailbox unavailable")
     dovecot.deliver(ALICE, inbound("help", n=1))
@@ -264,6 +277,7 @@ def test_a_permanent_refusal_fails_with_its_reason(
     (row,) = daemon.outbox()
     assert "550" in str(row[3]) and "mailbox unavailable" in str(row[3])
     assert smtp_relay.accepted == []
+    assert outcomes == [("support-ack", "queued"), ("support-ack", "failed")]
 
 
 def _claim_then_die(db_url: str) -> None:
@@ -281,7 +295,11 @@ def _claim_then_die(db_url: str) -> None:
 
 
 def test_a_crash_between_claim_and_send_leaves_unknown_and_is_not_resent(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str
+    daemon: Daemon,
+    dovecot: LocalDovecot,
+    smtp_relay: LocalSmtpRelay,
+    db_url: str,
+    outcomes: list[tuple[str, str]],
 ) -> None:
     smtp_relay.stop()  # keep the reply in the outbox until the dying worker claims it
     dovecot.deliver(ALICE, inbound("help", n=1))
@@ -298,6 +316,8 @@ def test_a_crash_between_claim_and_send_leaves_unknown_and_is_not_resent(
     (row,) = daemon.outbox()
     assert row[1] == "unknown" and "interrupted" in str(row[3])
     assert smtp_relay.accepted == []
+    # Counted as unknown once, by the process that found the claim interrupted (the alert's input).
+    assert outcomes[-1] == ("support-ack", "unknown") and outcomes.count(("support-ack", "unknown")) == 1
     with daemon.engine.connect() as conn:
         assert [r.state for r in outbox.list_replies(conn, states=("unknown",))] == ["unknown"]
 
@@ -337,6 +357,7 @@ def test_dry_run_logs_decisions_and_sends_nothing(
     db_url: str,
     rules_file: Path,
     capsys: pytest.CaptureFixture[str],
+    outcomes: list[tuple[str, str]],
 ) -> None:
     daemon = Daemon(dovecot, smtp_relay, db_url, rules_file, dry_run=True)
     daemon.run_until(daemon.watching)
@@ -346,6 +367,7 @@ def test_dry_run_logs_decisions_and_sends_nothing(
     daemon.close()
     assert smtp_relay.accepted == [] and daemon.outbox() == []
     assert "dry run: would reply" in capsys.readouterr().out
+    assert outcomes == [("support-ack", "dry_run")]
 
 
 def test_a_copy_of_each_sent_reply_goes_to_sent(

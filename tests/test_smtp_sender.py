@@ -12,6 +12,7 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
+from emailops import metrics
 from emailops.config import ServerConfig, TlsSecurity
 from emailops.replies import outbox
 from emailops.replies.compose import build_reply
@@ -242,6 +243,29 @@ def test_4xx_then_success_and_5xx_failed_with_reason(engine: Engine, relay: Loca
     assert [a.rcpt_tos for a in relay.accepted] == [("a@example.org",)]
 
 
+def test_no_answer_after_data_leaves_the_reply_unknown_and_counts_it(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Metrics are off in this process: what the delivery counts is recorded here.
+    counted: list[tuple[str, str]] = []
+    monkeypatch.setattr(metrics, "reply_outcome", lambda rule, outcome: counted.append((rule, outcome)))
+    monkeypatch.setattr(metrics, "smtp_error", lambda kind, auth=False: counted.append(("smtp", kind)))
+    row_id = queue(engine, "<a@x>", "a@example.org")
+    port = free_loopback_port("127.0.0.1")
+    controller = Controller(_SilentAfterData(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        config = ServerConfig(**{**smtp_config(port).__dict__, "timeout_seconds": 0.5})
+        with SmtpSender(config) as sender:
+            result = deliver_next(
+                engine, sender, claimer="w1", envelope_from=USER, max_attempts=5, clock=lambda: T0
+            )
+    finally:
+        controller.stop()
+    assert result is not None and (result.outbox_id, result.state) == (row_id, OutboxState.UNKNOWN)
+    assert counted == [("ack", "unknown"), ("smtp", "uncertain")]
+
+
 def test_a_send_the_database_no_longer_expects_ends_sent_and_cannot_be_retried(
     engine: Engine, relay: LocalSmtpRelay
 ) -> None:
@@ -253,7 +277,7 @@ def test_a_send_the_database_no_longer_expects_ends_sent_and_cannot_be_retried(
     class TakenOverMidSend(SmtpSender):
         def send(self, **kwargs: object) -> str:
             with engine.begin() as conn:
-                assert outbox.recover_interrupted(conn, now=T0, claimers=("w1",)) == 1
+                assert outbox.recover_interrupted(conn, now=T0, claimers=("w1",)) == ["ack"]
             return super().send(**kwargs)  # type: ignore[arg-type]
 
     with TakenOverMidSend(smtp_config(relay.port)) as sender, capture_logs() as logs:

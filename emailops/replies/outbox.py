@@ -301,8 +301,9 @@ def recover_interrupted(
     now: datetime,
     claimers: tuple[str, ...] | None = None,
     claimed_before: datetime | None = None,
-) -> int:
-    """Rows left in ``sending`` by dead claimers become ``unknown``; returns how many.
+) -> list[str]:
+    """Rows left in ``sending`` by dead claimers become ``unknown``; returns their rule names (one
+    per row, for the metrics: an interrupted reply's outcome is unknown like an uncertain send's).
 
     ``claimers``: only rows claimed by those ids. ``claimed_before``: only claims older than that
     moment, by any claimer (a send never takes longer than the SMTP timeouts). One of them is
@@ -315,20 +316,22 @@ def recover_interrupted(
         stmt = stmt.where(outbox.c.claimed_by.in_(claimers))
     if claimed_before is not None:
         stmt = stmt.where(outbox.c.updated_at < as_utc(claimed_before))
-    result = conn.execute(
-        stmt.values(
-            state=OutboxState.UNKNOWN.value,
-            last_error="interrupted while sending: the reply may or may not have been delivered",
-            updated_at=as_utc(now),
-        )
+    rules = list(
+        conn.execute(
+            stmt.values(
+                state=OutboxState.UNKNOWN.value,
+                last_error="interrupted while sending: the reply may or may not have been delivered",
+                updated_at=as_utc(now),
+            ).returning(outbox.c.rule_name)
+        ).scalars()
     )
-    if result.rowcount:
+    if rules:
         structlog.get_logger().warning(
             "outbox replies interrupted while sending are now unknown",
             component="smtp",
-            count=result.rowcount,
+            count=len(rules),
         )
-    return result.rowcount
+    return rules
 
 
 def list_replies(

@@ -294,9 +294,10 @@ class OutboxStage:
         with self.engine.begin() as conn:
             claimers = outbox.sending_claimers(conn)
             dead = tuple(c for c in claimers if is_dead_sibling(self.claimer, c, self.dead_runs))
-            if dead:
-                outbox.recover_interrupted(conn, now=now, claimers=dead)
-            outbox.recover_interrupted(conn, now=now, claimed_before=now - STALE_CLAIM)
+            unknown = outbox.recover_interrupted(conn, now=now, claimers=dead) if dead else []
+            unknown += outbox.recover_interrupted(conn, now=now, claimed_before=now - STALE_CLAIM)
+        for rule in unknown:
+            metrics.reply_outcome(rule, "unknown")
 
     def _send_next(self) -> bool:
         result = deliver_next(
