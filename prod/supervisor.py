@@ -296,6 +296,7 @@ class Supervisor:
             self._log.error(
                 "worker is hung; killing it",
                 worker=slot.worker_id,
+                worker_pid=slot.process.pid if slot.process is not None else None,
                 reason=slot.kill_reason,
                 silent_seconds=round(silent_for, 1),
             )

@@ -705,10 +705,10 @@ def test_hung_workers_are_replaced_and_the_work_goes_on(harness: CrashHarness) -
     harness.settle()  # indexed as a clean sync sees it, and answered: exactly once (check_replies)
     assert wait_until(lambda: not any(_pgid(pid) for pid in hung), timeout=10)  # killed and reaped
     records = [json.loads(line) for line in harness.log_path.read_text().splitlines() if line.startswith("{")]
-    hung_kills = [r for r in records if r["message"] == "worker is hung; killing it"]
-    assert sorted(r["worker"] for r in hung_kills) == [1, 2] and {r["reason"] for r in hung_kills} == {
-        "no heartbeat"
-    }
+    # Each stopped worker was killed for its silence. On a busy machine a replacement may be killed
+    # too (3 s is a tight heartbeat limit), so the count of kill lines is not the check.
+    hung_kills = {r["worker_pid"]: r["reason"] for r in records if r["message"] == "worker is hung; killing it"}
+    assert {pid: hung_kills.get(pid) for pid in hung} == dict.fromkeys(hung, "no heartbeat")
     with harness.engine.connect() as conn:
         states = conn.execute(text("SELECT state, count(*) FROM outbox GROUP BY state")).all()
     assert states == [("sent", len(harness.help_ids))]
