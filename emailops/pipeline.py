@@ -13,7 +13,7 @@ import selectors
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from sqlalchemy import Engine
@@ -26,6 +26,9 @@ from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import FolderStatus, FolderWatcher
 from emailops.processes import is_dead_sibling
 from emailops.store import folders as folder_store
+
+if TYPE_CHECKING:
+    from emailops.replies.smtp_sender import SmtpSender, SmtpSignInStatus
 
 log = structlog.get_logger(component="index")
 
@@ -55,6 +58,7 @@ class MailPipeline:
         dead_runs: tuple[str, ...] = (),
         workers: int = 1,
         stages: Sequence[AfterIndexStage] = (),
+        smtp: SmtpSender | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
         step_seconds: float = 1.0,
@@ -66,6 +70,8 @@ class MailPipeline:
         # Runs of this host known to be over (see processes.is_dead_sibling): their leases are free.
         self.dead_runs = dead_runs
         self.stages = list(stages)
+        # The outbox stage's sender, whose sign-ins smtp_status() reports (None: no outbox here).
+        self.smtp = smtp
         self.clock = clock
         self.monotonic = monotonic
         self.step_seconds = step_seconds
@@ -121,6 +127,10 @@ class MailPipeline:
     def status(self) -> list[FolderStatus]:
         """What each folder this worker watches last saw (for the operator's view and health)."""
         return [watcher.status() for watcher in self.watchers.values()]
+
+    def smtp_status(self) -> SmtpSignInStatus | None:
+        """Whether the SMTP server refuses the account's sign-in (for the operator and health)."""
+        return None if self.smtp is None else self.smtp.sign_in_status()
 
     def close(self) -> None:
         for folder, watcher in self.watchers.items():

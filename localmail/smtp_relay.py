@@ -314,6 +314,11 @@ class LocalSmtpRelay:
         accepted = known is not None and known == password
         return AuthResult(success=accepted, handled=False, auth_data=auth_data if accepted else None)
 
+    def set_password(self, login: str, password: str) -> None:
+        """Accept ``password`` for ``login`` from the next AUTH on (as an operator fixing it would)."""
+        with self._lock:
+            self._credentials[login] = password
+
     def _bearer_user(self, token: str) -> str | None:
         return self._bearer_check(token) if self._bearer_check is not None else None
 

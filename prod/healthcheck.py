@@ -20,11 +20,16 @@ Unhealthy, exit 1: ``{"ok": false, "error": "...", "error_type": "..."}``, check
   but none has synced for ``HEALTH_MAX_SYNC_AGE_SECONDS`` (at least two poll intervals; counted from
   the start of the oldest worker when none has synced yet). ``error_type`` says why, from the last
   IMAP error the workers saw: ``ImapServerUnreachable``, ``ImapSignInRefused``, ``ImapFolderMissing``,
-  ``ImapTlsFailed``, ``ImapTooManyConnections``, or ``FolderSyncStale`` when no error explains it.
+  ``ImapTlsFailed``, ``ImapTooManyConnections``, or ``FolderSyncStale`` when no error explains it;
+- ``SmtpSignInRefused``: replies are due but the SMTP server has refused the account's sign-in
+  (password or OAuth2) for ``HEALTH_MAX_SYNC_AGE_SECONDS`` (the same limit), with no successful
+  sign-in by any worker since (the status files' ``smtp``). Healthy again once a reply is sent. A
+  daemon with no reply due does not use SMTP, so it is never unhealthy for this.
 
 No IMAP connection, no structlog/sentry import: it answers in a few hundred milliseconds.
 ``--verbose`` adds a ``detail`` object: the supervisor's pid, and for each worker its pid, state,
-heartbeat age, uptime, and each folder it watches with the age of its last sync and its last error.
+heartbeat age, uptime, each folder it watches with the age of its last sync and its last error,
+and its SMTP sign-ins (``smtp``: ages of the last sign-in and of the current refusal, last error).
 Error texts go through the redactor with the password registered: no secret is printed.
 """
 
@@ -57,6 +62,7 @@ SYNC_ERROR_TYPES = {
     "too_many_connections": "ImapTooManyConnections",
 }
 SYNC_STALE = "FolderSyncStale"
+SMTP_SIGN_IN_REFUSED = "SmtpSignInRefused"
 
 
 class Unhealthy(Exception):
@@ -163,8 +169,10 @@ def _age(now: float, moment: float | None) -> float | None:
     return None if moment is None else round(now - moment, 1)
 
 
-def _check_sync(settings: RuntimeSettings, state: state_file.SupervisorState, detail: dict[str, Any]) -> None:
-    """Unhealthy when the workers watch folders and none has synced for the configured time."""
+def _read_statuses(
+    settings: RuntimeSettings, state: state_file.SupervisorState, detail: dict[str, Any]
+) -> list[worker_status.WorkerStatus]:
+    """The status files of the current workers; each one's view goes into ``detail``."""
     now = time.time()
     statuses = []
     for worker, shown in zip(state.workers, detail.get("workers", []), strict=True):
@@ -187,6 +195,28 @@ def _check_sync(settings: RuntimeSettings, state: state_file.SupervisorState, de
             }
             for folder in status.folders
         ]
+        if status.smtp is not None:
+            shown["smtp"] = _smtp_detail(now, status.smtp)
+    return statuses
+
+
+def _smtp_detail(now: float, smtp: worker_status.SmtpReport) -> dict[str, Any]:
+    return {
+        "last_sign_in_age_seconds": _age(now, smtp.signed_in_at),
+        "refused_for_seconds": _age(now, smtp.refused_since),
+        "last_error": None
+        if smtp.error is None
+        else {
+            "error_type": SMTP_SIGN_IN_REFUSED,
+            "error": smtp.error,
+            "age_seconds": _age(now, smtp.error_at),
+        },
+    }
+
+
+def _check_sync(settings: RuntimeSettings, statuses: list[worker_status.WorkerStatus]) -> None:
+    """Unhealthy when the workers watch folders and none has synced for the configured time."""
+    now = time.time()
     watching = [status for status in statuses if status.folders]
     if not watching:
         return  # nothing watched here (all folders held by another container, or not a mail unit)
@@ -208,6 +238,39 @@ def _check_sync(settings: RuntimeSettings, state: state_file.SupervisorState, de
     )
 
 
+def _check_smtp(settings: RuntimeSettings, statuses: list[worker_status.WorkerStatus]) -> None:
+    """Unhealthy when the SMTP server has refused the sign-in for the configured time, with no
+    successful sign-in by any worker since. SMTP is used only for due replies: a daemon with none
+    has no refusal to report."""
+    reports = [status.smtp for status in statuses if status.smtp is not None]
+    signed_in = max((report.signed_in_at for report in reports if report.signed_in_at), default=0.0)
+    # A worker refused since before another one's sign-in is not refused "continuously".
+    refusing = [report for report in reports if report.refused_since and report.refused_since > signed_in]
+    if not refusing:
+        return
+    since = min(report.refused_since or 0.0 for report in refusing)
+    limit = settings.health_max_sync_age
+    now = time.time()
+    if now - since <= limit:
+        return
+    latest = max(refusing, key=lambda report: report.error_at or 0.0)
+    raise Unhealthy(
+        SMTP_SIGN_IN_REFUSED,
+        f"the SMTP server {settings.email_smtp_host}:{settings.email_smtp_port} has refused the account's "
+        f"sign-in for {now - since:.0f} s (limit {limit:.0f} s), so no reply is sent; last error: "
+        f"{latest.error}; fix: {_smtp_fix(settings)}; healthy again once a reply is sent",
+    )
+
+
+def _smtp_fix(settings: RuntimeSettings) -> str:
+    if settings.email_auth == "oauth2":
+        return (
+            "allow the app to send as EMAIL_USERNAME (Microsoft 365: enable Authenticated SMTP for the "
+            "mailbox; the SMTP scope in EMAIL_OAUTH2_SCOPES), or sign in again with `emailops auth login`"
+        )
+    return "check EMAIL_USERNAME/EMAIL_PASSWORD (Microsoft 365: enable Authenticated SMTP for the mailbox)"
+
+
 def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
     """The healthcheck's answer and exit code."""
     from prod.runtime_settings import ConfigError, RuntimeSettings
@@ -224,7 +287,9 @@ def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
         _check_state_dir(settings.state_dir)
         _check_database(settings.index_db_url)
         state = _check_processes(settings, detail)
-        _check_sync(settings, state, detail)
+        statuses = _read_statuses(settings, state, detail)
+        _check_sync(settings, statuses)
+        _check_smtp(settings, statuses)
     except Unhealthy as exc:
         answer: dict[str, Any] = {"ok": False, "error": exc.error, "error_type": exc.error_type}
         code = 1

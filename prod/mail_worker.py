@@ -61,13 +61,14 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
                 dead_runs=dead_runs,
             )
         )
+    sender = SmtpSender(settings.smtp_config(tokens))
     stages.append(
         OutboxStage(
             engine,
             account=sync_config.account,
             claimer=owner,
             config=reply_config,
-            sender=SmtpSender(settings.smtp_config(tokens)),
+            sender=sender,
             mailbox=MailboxSession(imap),
             dead_runs=dead_runs,
         )
@@ -80,4 +81,5 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         dead_runs=dead_runs,
         workers=settings.workers,
         stages=stages,
+        smtp=sender,
     )

@@ -7,6 +7,7 @@ Contract with the unit (the mail pipeline implements it in ``prod.mail_worker``)
     unit.close()      # release connections; called once on a graceful stop
     unit.status()     # optional: what each watched folder last saw (emailops.imap.watcher.FolderStatus),
                       # written to STATE_DIR/worker-<n>.json about every second (prod.worker_status)
+    unit.smtp_status()  # optional, with status(): its SMTP sign-ins (SmtpSignInStatus, or None)
 
 With ``METRICS_PORT`` set, ``emailops.metrics`` is enabled before the unit is built: the values go to
 the supervisor's prometheus-client multiprocess directory (PROMETHEUS_MULTIPROC_DIR, inherited).
@@ -186,24 +187,33 @@ class _StatusWriter:
         self._state_dir = state_dir
         self._worker_id = worker_id
         self._status: Callable[[], list[Any]] | None = getattr(unit, "status", None)
+        self._smtp_status: Callable[[], Any] = getattr(unit, "smtp_status", lambda: None)
         self._log = log
         self._started_at = time.time()
         self._next_write = 0.0
         self._failing = False
 
     def __call__(self) -> None:
-        from prod.worker_status import STATUS_WRITE_INTERVAL_SECONDS, FolderReport, WorkerStatus, write_status
+        from prod.worker_status import (
+            STATUS_WRITE_INTERVAL_SECONDS,
+            FolderReport,
+            SmtpReport,
+            WorkerStatus,
+            write_status,
+        )
 
         now = time.monotonic()
         if self._status is None or now < self._next_write:
             return
         self._next_write = now + STATUS_WRITE_INTERVAL_SECONDS
+        smtp = self._smtp_status()
         status = WorkerStatus(
             worker=self._worker_id,
             pid=os.getpid(),
             started_at=self._started_at,
             updated_at=time.time(),
             folders=[FolderReport(**dataclasses.asdict(folder)) for folder in self._status()],
+            smtp=None if smtp is None else SmtpReport(**dataclasses.asdict(smtp)),
         )
         try:
             write_status(self._state_dir, status)

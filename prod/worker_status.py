@@ -2,9 +2,11 @@
 
 A worker whose unit reports a status (the mail pipeline: ``MailPipeline.status()``) rewrites
 ``STATE_DIR/worker-<n>.json`` about every second, atomically: its pid, start time, and for each
-folder it watches the last successful sync and the last IMAP error (``ImapError.kind`` and text).
+folder it watches the last successful sync and the last IMAP error (``ImapError.kind`` and text),
+and, for a unit that sends replies, its SMTP sign-ins (``SmtpSender.sign_in_status()``).
 The healthcheck reads these files (``--verbose`` shows them) and fails when no watched folder has
-synced for ``HEALTH_MAX_SYNC_AGE_SECONDS``, naming the error the workers last saw. The supervisor
+synced for ``HEALTH_MAX_SYNC_AGE_SECONDS``, naming the error the workers last saw, or when the SMTP
+server has refused the sign-in for that long with no successful sign-in since. The supervisor
 removes the files at its start and stop. Standard library only: the healthcheck imports this.
 """
 
@@ -36,12 +38,23 @@ class FolderReport:
 
 
 @dataclass(frozen=True)
+class SmtpReport:
+    """The worker's SMTP sign-ins (``emailops.replies.smtp_sender.SmtpSignInStatus``, UNIX times)."""
+
+    signed_in_at: float | None = None
+    refused_since: float | None = None
+    error: str | None = None
+    error_at: float | None = None
+
+
+@dataclass(frozen=True)
 class WorkerStatus:
     worker: int
     pid: int
     started_at: float
     updated_at: float
     folders: list[FolderReport] = field(default_factory=list)
+    smtp: SmtpReport | None = None  # None: the unit sends no mail
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -50,7 +63,8 @@ class WorkerStatus:
     def from_json(cls, text: str) -> WorkerStatus:
         data: dict[str, Any] = json.loads(text)
         folders = [FolderReport(**folder) for folder in data.pop("folders", [])]
-        return cls(folders=folders, **data)
+        smtp = data.pop("smtp", None)
+        return cls(folders=folders, smtp=None if smtp is None else SmtpReport(**smtp), **data)
 
 
 def status_path(state_dir: Path, worker: int) -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from prod.heartbeat import SupervisorState, WorkerState, write_state
-from prod.worker_status import FolderReport, WorkerStatus, write_status
+from prod.worker_status import FolderReport, SmtpReport, WorkerStatus, write_status
+from tests.oauth2_helpers import TOKEN_KEY
 from tests.shell_workers import PASSWORD, healthy_line, run_healthcheck, shell_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -223,7 +224,11 @@ def test_fewer_live_workers_than_expected(tmp_path: Path, cause: str) -> None:
 
 
 def _write_worker_status(
-    env: dict[str, str], worker: int, *folders: FolderReport, started_ago: float
+    env: dict[str, str],
+    worker: int,
+    *folders: FolderReport,
+    started_ago: float,
+    smtp: SmtpReport | None = None,
 ) -> None:
     now = time.time()
     write_status(
@@ -234,6 +239,7 @@ def _write_worker_status(
             started_at=now - started_ago,
             updated_at=now,
             folders=list(folders),
+            smtp=smtp,
         ),
     )
 
@@ -323,3 +329,90 @@ def test_a_status_file_of_another_process_is_ignored(tmp_path: Path) -> None:
     write_status(Path(env["STATE_DIR"]), stale)
     output, code, _ = run_healthcheck(tmp_path, env)
     assert (output, code) == (healthy_line(env), 0)
+
+
+REFUSED = (
+    "authentication failed: 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
+)
+
+
+def _refused(since_ago: float, *, signed_in_ago: float | None = None) -> SmtpReport:
+    now = time.time()
+    signed_in = None if signed_in_ago is None else now - signed_in_ago
+    return SmtpReport(signed_in_at=signed_in, refused_since=now - since_ago, error=REFUSED, error_at=now - 1)
+
+
+def test_smtp_refusing_the_sign_in_longer_than_the_limit_is_unhealthy(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5")
+    _write_state(env)
+    inbox = FolderReport("INBOX", time.time() - 5)
+    _write_worker_status(env, 1, inbox, started_ago=600, smtp=_refused(50, signed_in_ago=300))
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert (output, code) == (healthy_line(env), 0)  # refused, but not yet for the limit
+    _write_worker_status(env, 1, inbox, started_ago=600, smtp=_refused(70, signed_in_ago=300))
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "SmtpSignInRefused"
+    _assert_age_message(
+        answer["error"],
+        "the SMTP server 127.0.0.1:1025 has refused the account's sign-in for {} s (limit 60 s), so no "
+        f"reply is sent; last error: {REFUSED}; fix: check EMAIL_USERNAME/EMAIL_PASSWORD (Microsoft 365: "
+        "enable Authenticated SMTP for the mailbox); healthy again once a reply is sent",
+        70,
+    )
+    smtp = json.loads(run_healthcheck(tmp_path, env, "--verbose")[0])["detail"]["workers"][0]["smtp"]
+    assert 300 <= smtp["last_sign_in_age_seconds"] < 310 and 70 <= smtp["refused_for_seconds"] < 80
+    assert smtp["last_error"]["error_type"] == "SmtpSignInRefused" and smtp["last_error"]["error"] == REFUSED
+
+
+def test_a_sign_in_by_another_worker_since_the_refusal_is_healthy(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, WORKERS="2", HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5")
+    _write_state(env)
+    _write_worker_status(env, 1, started_ago=600, smtp=_refused(200))
+    _write_worker_status(env, 2, started_ago=600, smtp=SmtpReport(signed_in_at=time.time() - 100))
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert (output, code) == (healthy_line(env), 0)
+    # Worker 2 refused too since then: the refusal is continuous from its start, 90 s ago.
+    _write_worker_status(env, 2, started_ago=600, smtp=_refused(90, signed_in_ago=100))
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "SmtpSignInRefused"
+    assert "has refused the account's sign-in for 9" in answer["error"], answer
+
+
+def test_smtp_unused_or_signed_in_is_healthy(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, WORKERS="2", HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5")
+    _write_state(env)
+    _write_worker_status(env, 1, started_ago=600, smtp=SmtpReport())  # no reply was due
+    # Refused long ago, signed in since: the last error is shown, no longer current.
+    past = SmtpReport(signed_in_at=time.time() - 10, error=REFUSED, error_at=time.time() - 500)
+    _write_worker_status(env, 2, started_ago=600, smtp=past)
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert (output, code) == (healthy_line(env), 0)
+    first, second = json.loads(run_healthcheck(tmp_path, env, "--verbose")[0])["detail"]["workers"]
+    assert first["smtp"] == {
+        "last_sign_in_age_seconds": None,
+        "refused_for_seconds": None,
+        "last_error": None,
+    }
+    assert second["smtp"]["refused_for_seconds"] is None and second["smtp"]["last_error"]["error"] == REFUSED
+
+
+def test_an_smtp_refusal_with_oauth2_names_the_oauth2_fix(tmp_path: Path) -> None:
+    env = shell_env(
+        tmp_path,
+        HEALTH_MAX_SYNC_AGE_SECONDS="60",
+        POLL_INTERVAL_SECONDS="5",
+        EMAIL_PASSWORD=None,
+        EMAIL_AUTH="oauth2",
+        EMAIL_OAUTH2_PROVIDER="microsoft",
+        EMAIL_OAUTH2_CLIENT_ID="11111111-2222-3333-4444-555555555555",
+        EMAIL_OAUTH2_TOKEN_KEY=TOKEN_KEY,
+    )
+    _write_state(env)
+    _write_worker_status(env, 1, started_ago=600, smtp=_refused(70))
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "SmtpSignInRefused"
+    assert answer["error"].endswith(
+        "fix: allow the app to send as EMAIL_USERNAME (Microsoft 365: enable Authenticated SMTP for the "
+        "mailbox; the SMTP scope in EMAIL_OAUTH2_SCOPES), or sign in again with `emailops auth login`; "
+        "healthy again once a reply is sent"
+    ), answer

@@ -294,6 +294,65 @@ def test_a_refused_smtp_sign_in_is_counted(dovecot: LocalDovecot, data: Path, st
         assert relay.accepted == []
 
 
+def test_the_healthcheck_fails_while_smtp_refuses_the_sign_in_and_recovers_after_a_send(
+    dovecot: LocalDovecot, data: Path, stop_daemon: list[Any]
+) -> None:
+    """IMAP works, the SMTP server refuses the password: healthy while no reply is due, unhealthy
+    (SmtpSignInRefused) once a reply has been refused for longer than the limit, healthy again
+    after the next reply is sent with the fixed credentials."""
+    with LocalSmtpRelay(dovecot, {ALICE: "not-alices-password"}) as relay:
+        env = daemon_env(
+            dovecot,
+            data,
+            EMAIL_SMTP_PORT=str(relay.port),
+            HEALTH_MAX_SYNC_AGE_SECONDS="3",
+            POLL_INTERVAL_SECONDS="1",
+        )
+        stop_daemon.append(start_daemon(env, data))
+
+        def worker() -> dict[str, Any]:
+            """The worker's view in ``--verbose`` ({} before the supervisor wrote its state)."""
+            workers = health(env, "--verbose").get("detail", {}).get("workers", [{}])
+            return dict(workers[0])
+
+        # No reply due: SMTP unused for longer than the limit, and healthy.
+        wait_for(lambda: worker().get("uptime_seconds", 0) > 5, 30, "the worker ran past the limit")
+        assert worker()["smtp"] == {
+            "last_sign_in_age_seconds": None,
+            "refused_for_seconds": None,
+            "last_error": None,
+        }
+        assert (
+            healthcheck(env).stdout.strip()
+            == '{"ok": true, "env": "test", "log_level": "INFO", "workers": 1}'
+        )
+
+        dovecot.deliver(ALICE, inbound("help", n=1))
+        wait_for(lambda: health(env).get("error_type") == "SmtpSignInRefused", 60, "SmtpSignInRefused")
+        answer = health(env)
+        assert answer["ok"] is False and list(answer) == ["ok", "error", "error_type"]
+        assert answer["error"].startswith(
+            f"the SMTP server 127.0.0.1:{relay.port} has refused the account's sign-in"
+        )
+        assert "authentication failed: 535" in answer["error"]
+        assert "check EMAIL_USERNAME/EMAIL_PASSWORD" in answer["error"]
+        assert env["EMAIL_PASSWORD"] not in json.dumps(health(env, "--verbose"))
+        smtp = worker()["smtp"]
+        assert smtp["last_sign_in_age_seconds"] is None and smtp["refused_for_seconds"] > 3
+        assert smtp["last_error"]["error_type"] == "SmtpSignInRefused"
+        assert relay.accepted == []
+
+        relay.set_password(ALICE, env["EMAIL_PASSWORD"])
+        # Another sender: the rule answers each address once; the first reply waits out its backoff.
+        dovecot.deliver(ALICE, inbound("help", sender="Carol <carol@example.org>", n=2))
+        (sent,) = relay.wait_for_accepted(1, timeout=60)
+        assert sent.rcpt_tos == ("carol@example.org",)
+        wait_for(lambda: health(env)["ok"], 30, "healthy again after the reply was sent")
+        smtp = worker()["smtp"]
+        assert smtp["refused_for_seconds"] is None and smtp["last_sign_in_age_seconds"] is not None
+        assert smtp["last_error"]["error_type"] == "SmtpSignInRefused"  # kept, no longer current
+
+
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
     check = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert check.returncode == 0 and "SUCCESS: 11 rules found" in check.stdout, check

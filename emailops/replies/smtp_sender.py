@@ -15,6 +15,9 @@ Outcomes: ``send`` returns on 250 and otherwise raises
 - ``UncertainSendError``: the whole message was transmitted but no answer came back - the server
   may have accepted it, so it must not be resent automatically.
 
+``sign_in_status()`` tells the operator (the worker status file, the healthcheck) whether the
+server refuses the account's sign-in: since when, and the last refusal's text.
+
 The envelope sender is the configured From address rather than the null path RFC 3834 section 3.3
 suggests: authenticated submission servers commonly refuse ``MAIL FROM:<>``. Loops are prevented by
 ``Auto-Submitted: auto-replied`` and the robot checks instead.
@@ -26,6 +29,9 @@ import re
 import smtplib
 import socket
 import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -85,6 +91,20 @@ def _classify(code: int, reply: bytes | str, stage: str) -> SmtpSendError:
     return TransientSendError(message, code=code)
 
 
+@dataclass(frozen=True)
+class SmtpSignInStatus:
+    """What the sender's sign-ins last saw (UNIX times; all None while SMTP has not been used).
+
+    ``signed_in_at``: the last connection set up for sending (signed in, or no sign-in asked).
+    ``refused_since``: the first refusal (``SmtpAuthError``) since then, None when none since.
+    ``error`` / ``error_at``: the last refusal, kept after a later sign-in (as ``FolderStatus``)."""
+
+    signed_in_at: float | None = None
+    refused_since: float | None = None
+    error: str | None = None
+    error_at: float | None = None
+
+
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
@@ -100,12 +120,20 @@ def _access_token(tokens: AccessTokens, rejected: str | None = None) -> str:
 class SmtpSender:
     """Sends messages over one lazily opened SMTP connection; ``close()`` when the burst is over."""
 
-    def __init__(self, config: ServerConfig, *, local_hostname: str | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        local_hostname: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         # gethostname() needs no DNS lookup (getfqdn() can stall for seconds in a container).
         self.local_hostname = local_hostname or socket.gethostname() or "localhost"
         self._smtp: smtplib.SMTP | None = None
         self.connections_opened = 0
+        self._wall_clock = wall_clock
+        self._sign_in = SmtpSignInStatus()
         self._log = structlog.get_logger().bind(component="smtp", host=config.host, port=config.port)
 
     def __enter__(self) -> SmtpSender:
@@ -113,6 +141,9 @@ class SmtpSender:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    def sign_in_status(self) -> SmtpSignInStatus:
+        return self._sign_in
 
     def close(self) -> None:
         smtp, self._smtp = self._smtp, None
@@ -213,7 +244,20 @@ class SmtpSender:
                 pass
             self._log.info("smtp connection dropped; reconnecting")
             self.close()
-        self._smtp = self._connect()
+        now = self._wall_clock()
+        try:
+            self._smtp = self._connect()
+        except SmtpAuthError as exc:
+            self._sign_in = SmtpSignInStatus(
+                signed_in_at=self._sign_in.signed_in_at,
+                refused_since=self._sign_in.refused_since or now,
+                error=str(exc),
+                error_at=now,
+            )
+            raise
+        self._sign_in = SmtpSignInStatus(
+            signed_in_at=self._wall_clock(), error=self._sign_in.error, error_at=self._sign_in.error_at
+        )
         return self._smtp
 
     def send(self, *, envelope_from: str, recipient: str, raw: bytes) -> str:
