@@ -19,6 +19,7 @@ from emailops.imap.errors import ImapFolderMissingError, ImapTransientError
 from emailops.imap.folder_status import SyncReport
 from emailops.imap.sync import FolderSync
 from emailops.store import fulltext
+from emailops.store.database import create_private_file
 from emailops.store.schema import folders, messages
 
 log = structlog.get_logger(component="index")
@@ -114,7 +115,8 @@ class BackupError(Exception):
 
 def backup_sqlite(database_url: str, target: Path) -> int:
     """A consistent copy of the SQLite index, safe while the daemon writes (SQLite's online backup
-    API copies a snapshot, WAL included). Returns the copy's size in bytes."""
+    API copies a snapshot, WAL included). Returns the copy's size in bytes. The copy is a new file
+    readable by its owner only (0600), as the index the project creates."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         raise BackupError("emailops backup copies a SQLite index; back PostgreSQL up with pg_dump")
@@ -127,6 +129,7 @@ def backup_sqlite(database_url: str, target: Path) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
+    create_private_file(partial)
     source = sqlite3.connect(source_path, timeout=30)
     try:
         copy = sqlite3.connect(partial)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -149,11 +151,23 @@ def test_reindex_with_the_server_down_keeps_the_index(env: dict[str, str], dovec
     assert len(json.loads(emailops(env, "search", "--json", "otter").stdout)) == 2
 
 
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """The commands run with umask 022 (inherited), which made their files 0644 before."""
+    umask = os.umask(0o022)
+    yield
+    os.umask(umask)
+
+
+@pytest.mark.usefixtures("usual_umask")
 def test_backup_is_a_consistent_copy(env: dict[str, str], tmp_path: Path) -> None:
     assert emailops(env, "sync", "--once").returncode == 0
     target = tmp_path / "backups" / "emailops-backup.db"
     backed_up = emailops(env, "backup", str(target))
     assert backed_up.returncode == 0, backed_up.stderr
+    # The index the CLI created and the copy are readable by their owner only.
+    assert stat.S_IMODE((tmp_path / "emailops.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
     with sqlite3.connect(target) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (2,)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -338,3 +340,31 @@ def test_a_sqlite_engine_keeps_a_bounded_number_of_connections_each_with_a_bound
             assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -SQLITE_CACHE_KIB
     assert engine.pool.checkedin() == SQLITE_POOL_SIZE
     engine.dispose()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_new_sqlite_index_and_its_wal_are_private_an_existing_file_keeps_its_mode(tmp_path: Path) -> None:
+    umask = os.umask(0o022)  # the usual umask, which made the index 0644 before
+    try:
+        new = tmp_path / "new" / "index.sqlite3"
+        engine = index_engine(f"sqlite:///{new}")
+        with engine.begin() as conn:
+            folder_store.ensure_folder(conn, "acct", "INBOX")
+        # The pool keeps a connection open, so the -wal and -shm files are there.
+        wal, shm = new.with_name(new.name + "-wal"), new.with_name(new.name + "-shm")
+        assert [_mode(path) for path in (new, wal, shm)] == [0o600, 0o600, 0o600]
+        engine.dispose()
+
+        existing = tmp_path / "operators.sqlite3"
+        existing.touch()
+        existing.chmod(0o640)
+        engine = index_engine(f"sqlite:///{existing}")
+        with reading(engine) as conn:
+            assert current_version(conn) == len(MIGRATIONS)
+        assert _mode(existing) == 0o640
+        engine.dispose()
+    finally:
+        os.umask(umask)

@@ -1,7 +1,13 @@
-"""Engines for the index: SQLite (WAL, busy timeout, foreign keys) or PostgreSQL (psycopg 3)."""
+"""Engines for the index: SQLite (WAL, busy timeout, foreign keys) or PostgreSQL (psycopg 3).
+
+A SQLite file the project creates is readable by its owner only (0600): it holds everyone's mail.
+SQLite gives the -wal and -shm files the database file's permissions. A file that exists already
+(the operator's) keeps its mode.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,12 +30,29 @@ SQLITE_CACHE_KIB = 2000
 SQLITE_POOL_SIZE = 2
 
 
+# The mode of a SQLite file (index or backup) the project creates.
+PRIVATE_FILE_MODE = 0o600
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 (an empty file is an empty SQLite database), unless it
+    exists: then, or when another process creates it first, its mode is left as it is."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(descriptor)
+
+
 def create_index_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; the SQLite file's directory is created when missing."""
+    """An engine for ``url``; the SQLite file's directory is created when missing, and the file
+    with mode 0600 (see the module's docstring)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if not parsed.query.get("uri"):  # a file: URI names the file with its parameters
+                create_private_file(Path(parsed.database))
             if "poolclass" not in kwargs:
                 kwargs.setdefault("pool_size", SQLITE_POOL_SIZE)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
