@@ -707,7 +707,9 @@ def test_hung_workers_are_replaced_and_the_work_goes_on(harness: CrashHarness) -
     records = [json.loads(line) for line in harness.log_path.read_text().splitlines() if line.startswith("{")]
     # Each stopped worker was killed for its silence. On a busy machine a replacement may be killed
     # too (3 s is a tight heartbeat limit), so the count of kill lines is not the check.
-    hung_kills = {r["worker_pid"]: r["reason"] for r in records if r["message"] == "worker is hung; killing it"}
+    hung_kills = {
+        r["worker_pid"]: r["reason"] for r in records if r["message"] == "worker is hung; killing it"
+    }
     assert {pid: hung_kills.get(pid) for pid in hung} == dict.fromkeys(hung, "no heartbeat")
     with harness.engine.connect() as conn:
         states = conn.execute(text("SELECT state, count(*) FROM outbox GROUP BY state")).all()
