@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from prod import heartbeat as state_file
 from prod.runtime_settings import RuntimeSettings
 from prod.supervisor import SlotState, Supervisor
 from prod.worker import MALLOC_TRIM_INTERVAL_SECONDS, _FreedMemoryTrim
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Before the fix, the 2,000 iterations below kept about 4,000 more blocks (two 4-tuples and one
 # 5-tuple per state write, up to the 2,000 that each free list holds); after it, a few dozen.
@@ -103,3 +108,43 @@ def test_a_worker_hands_the_memory_malloc_keeps_free_back_every_interval() -> No
     trim()
     assert _resident_anonymous_kb() < before - 8_000  # 3 whole free pages in each freed piece
     assert len(blocks) == 1_000
+
+
+_MMAP_PROBE = """
+import ctypes, sys
+from prod.worker import fix_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold()
+libc.free(libc.malloc(1_500_000))  # a mapped block freed: glibc would now raise its threshold
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(300_000)
+print(libc.mallinfo2().hblkhd - before)
+libc.free(block)
+"""
+
+
+@pytest.mark.parametrize(("mode", "mapped"), [("fixed", True), ("glibc default", False)])
+def test_a_worker_keeps_mapping_large_buffers_after_freeing_a_mapped_block(mode: str, mapped: bool) -> None:
+    # Issue 14: after the worker freed one mapped block of about 1 MB, glibc served every buffer
+    # below that size from the heap and kept it there once freed. The default case shows that the
+    # probe can tell the two apart.
+    result = subprocess.run(
+        [sys.executable, "-c", _MMAP_PROBE, mode.split()[0]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    mapped_bytes = int(result.stdout)
+    assert (mapped_bytes >= 300_000) is mapped, (mode, mapped_bytes)
