@@ -189,7 +189,8 @@ def test_rules_test_prints_the_decision_and_the_draft_and_records_nothing(
     # The body is indented like the headers, every line of it.
     assert f"    {MODEL_TEXT}\n\n    Best regards,\n    Support\n" in out
     assert "model tiny-model:" in out
-    assert "nothing was sent or saved" in answered.stderr
+    # The trial's decisions are rolled back: no "reply recorded" line says otherwise.
+    assert answered.stderr.splitlines() == ["nothing was sent or saved"]
     assert "Can I change my delivery address?" in chat.requests[0].prompt
     assert chat.requests[0].body["stream"] is False
 

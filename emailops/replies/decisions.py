@@ -115,8 +115,12 @@ def apply_rules(
     rules: RuleSet,
     config: ReplyConfig,
     now: datetime,
+    log: FilteringBoundLogger | None = None,
 ) -> list[Decision]:
-    """Decide for every matching rule; record replies in ``conn``'s transaction (see module doc)."""
+    """Decide for every matching rule; record replies in ``conn``'s transaction (see module doc).
+
+    ``log``: where the decisions are logged, the daemon's log by default."""
+    log = log or structlog.get_logger()
     inbound = _Inbound(
         conn=conn,
         account=account,
@@ -126,7 +130,7 @@ def apply_rules(
         config=config,
         now=now,
         key=inbound_key(parsed, folder=folder, uidvalidity=uidvalidity, uid=uid),
-        log=structlog.get_logger().bind(component="rules", folder=folder, uid=uid, uidvalidity=uidvalidity),
+        log=log.bind(component="rules", folder=folder, uid=uid, uidvalidity=uidvalidity),
     )
     return [_decide(inbound, rule) for rule in matching_rules(rules, parsed, folder)]
 

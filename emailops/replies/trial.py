@@ -9,11 +9,14 @@ transaction) and composed as the stage would compose it. Nothing is sent or save
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
+import structlog
 from sqlalchemy import Engine
+from structlog.typing import FilteringBoundLogger
 
 from emailops.config import ReplyConfig
 from emailops.llm import jobs
@@ -23,6 +26,14 @@ from emailops.mime.model import ParsedMessage
 from emailops.replies import decisions, outbox
 from emailops.replies.compose import build_reply
 from emailops.rules.model import RuleSet
+
+
+def _warnings_only() -> FilteringBoundLogger:
+    """The configured log, keeping only warnings and errors."""
+    logger: FilteringBoundLogger = structlog.wrap_logger(
+        None, wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING), trial=True
+    )
+    return logger
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ def try_rules(
                 rules=rules,
                 config=config,
                 now=now,
+                # "reply recorded" of work rolled back would mislead: the outcome is printed instead.
+                log=_warnings_only(),
             )
             for decision in made:
                 actions = tuple(a.kind.value for a in decision.mailbox_actions)
