@@ -41,8 +41,6 @@ from prod.metrics_endpoint import Figures, MetricsEndpoint
 from prod.worker import EXIT_BOOT_FAILURE, PREVIOUS_RUN_ID_ENV, RUN_ID_ENV, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
-    from multiprocessing.synchronize import Event
-
     from prod.runtime_settings import RuntimeSettings
 
 EXIT_OK = 0
@@ -87,7 +85,7 @@ class WorkerSlot:
     worker_id: int
     state: SlotState = SlotState.BACKOFF
     process: BaseProcess | None = None
-    stop_event: Event | None = None
+    stop_requested: Any = None  # multiprocessing RawValue("b"): 1 once the supervisor asks for a stop
     heartbeat: Any = None  # multiprocessing RawValue("d"): monotonic time of the last beat, 0 = not booted
     exiting: Any = None  # multiprocessing RawValue("b"): 1 once the worker's loop has ended
     started_at: float = 0.0
@@ -220,8 +218,8 @@ class Supervisor:
             exit_deadline=now + max(grace, self.settings.shutdown_timeout_seconds),
         )
         for slot in self.slots:
-            if slot.stop_event is not None:
-                slot.stop_event.set()
+            if slot.stop_requested is not None:
+                slot.stop_requested.value = 1
             if slot.state in (SlotState.STARTING, SlotState.RUNNING):
                 slot.state = SlotState.STOPPING
             elif slot.state is SlotState.BACKOFF:
@@ -247,7 +245,9 @@ class Supervisor:
     # -- processes
 
     def _spawn(self, slot: WorkerSlot, now: float) -> None:
-        slot.stop_event = self._context.Event()
+        # Shared memory, not an Event: an Event is named semaphores in /dev/shm, which outlive a
+        # kill -9 of the whole process group (the resource tracker that unlinks them dies too).
+        slot.stop_requested = self._context.RawValue("b", 0)
         slot.heartbeat = self._context.RawValue("d", 0.0)
         slot.exiting = self._context.RawValue("b", 0)
         channel = self.log_collector.open_channel() if self.log_collector is not None else None
@@ -255,7 +255,7 @@ class Supervisor:
             worker_id=slot.worker_id,
             target=self.target,
             settings=self.settings,
-            stop_event=slot.stop_event,
+            stop_requested=slot.stop_requested,
             heartbeat=slot.heartbeat,
             exiting=slot.exiting,
             log_channel=channel,
@@ -368,7 +368,7 @@ class Supervisor:
     def _backoff(self, slot: WorkerSlot, now: float, delay: float) -> None:
         slot.state = SlotState.BACKOFF
         slot.next_start_at = now + delay
-        slot.stop_event = None
+        slot.stop_requested = None
         slot.heartbeat = None
         slot.exiting = None
 

@@ -48,8 +48,6 @@ from tenacity import wait_exponential
 from emailops.backoff import delay_seconds
 
 if TYPE_CHECKING:
-    from multiprocessing.synchronize import Event
-
     from prod.runtime_settings import RuntimeSettings
 
 DEFAULT_WORKER_TARGET = "prod.mail_worker:create_unit"
@@ -155,7 +153,8 @@ class WorkerSpec:
     worker_id: int
     target: str
     settings: RuntimeSettings
-    stop_event: Event
+    # Shared flag (multiprocessing RawValue): set by the supervisor to ask for a stop.
+    stop_requested: Any
     # Shared double (multiprocessing RawValue): time.monotonic() of the last beat, 0.0 until booted.
     heartbeat: Any
     # Shared flag (multiprocessing RawValue): set once the loop has ended, the unit finished; what
@@ -167,8 +166,8 @@ class WorkerSpec:
 class _StopFlags:
     """Why the loop should stop. Signal handlers only set a flag; the loop reads them."""
 
-    def __init__(self, stop_event: Event, parent_pid: int) -> None:
-        self._stop_event = stop_event
+    def __init__(self, stop_requested: Any, parent_pid: int) -> None:
+        self._stop_requested = stop_requested
         self._parent_pid = parent_pid
         self.terminated = False
 
@@ -177,7 +176,7 @@ class _StopFlags:
         return os.getppid() != self._parent_pid
 
     def __call__(self) -> bool:
-        return self.terminated or self.orphaned or self._stop_event.is_set()
+        return self.terminated or self.orphaned or bool(self._stop_requested.value)
 
 
 class _StatusWriter:
@@ -284,7 +283,7 @@ def worker_main(spec: WorkerSpec) -> None:
     from prod.error_tracking import flush_error_tracking, init_error_tracking
     from prod.logging_setup import configure_logging, get_logger
 
-    flags = _StopFlags(spec.stop_event, os.getppid())
+    flags = _StopFlags(spec.stop_requested, os.getppid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: setattr(flags, "terminated", True))
 

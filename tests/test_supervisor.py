@@ -208,6 +208,11 @@ def test_kill_9_of_the_supervisor_leaves_no_worker_behind(tmp_path: Path) -> Non
     with SupervisorProcess(tmp_path, env) as supervisor:
         pids = wait_until(lambda: len(supervisor.worker_pids()) == 2 and supervisor.worker_pids(), 20)
         assert pids
+        # Nothing is left in /dev/shm either: no process of the daemon holds a named semaphore
+        # (a file there that only a clean exit removes); its shared memory is unlinked at once.
+        for pid in (supervisor.pid, *pids.values()):
+            mapped = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            assert [line for line in mapped if "/dev/shm/" in line and "(deleted)" not in line] == []
         os.kill(supervisor.pid, signal.SIGKILL)
         supervisor.wait(timeout=5)
         assert wait_until(lambda: not any(pid_alive(pid) for pid in pids.values()), 10)
