@@ -166,20 +166,18 @@ def largest_step(points: list[tuple[float, float]]) -> Step | None:
 
     Tells a one-time step (a table that doubles once, a cache that fills at once) from growth that
     goes on: a step leaves both sides flat, a leak does not flatten on either side."""
-    best: tuple[float, int] | None = None
+    best: tuple[float, float, tuple[float, float, float], tuple[float, float, float]] | None = None
     for split in range(2, len(points) - 1):
         before, after = points[:split], points[split:]
         if min(before[-1][0] - before[0][0], after[-1][0] - after[0][0]) < _STEP_SIDE_MINUTES * 60:
             continue
-        residuals = _fit(before)[2] + _fit(after)[2]
+        fit_before, fit_after = _fit(before), _fit(after)
+        residuals = fit_before[2] + fit_after[2]
         if best is None or residuals < best[0]:
-            best = (residuals, split)
+            best = (residuals, after[0][0], fit_before, fit_after)
     if best is None:
         return None
-    split = best[1]
-    slope_1, intercept_1, _ = _fit(points[:split])
-    slope_2, intercept_2, _ = _fit(points[split:])
-    at = points[split][0]
+    _, at, (slope_1, intercept_1, _), (slope_2, intercept_2, _) = best
     return Step(at, (intercept_2 + slope_2 * at) - (intercept_1 + slope_1 * at), 60 * slope_1, 60 * slope_2)
 
 
