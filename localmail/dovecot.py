@@ -20,25 +20,21 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import re
 import shutil
 import signal
-import smtplib
 import socket
 import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 
-import imapclient
 from imapclient import imap_utf7
 
 from emailops.processes import pid_alive
 from localmail.certs import LOOPBACK_NAMES, TestCertificates, make_test_certificates
+from localmail.imap_server import LocalImapServer, LocalServerError
 
 DOVECOT_BINARY = "dovecot"
 DOVEADM_BINARY = "doveadm"
@@ -75,10 +71,9 @@ _MAILDIR_FLAG_LETTERS = {
     "\\seen": "S",
     "\\deleted": "T",
 }
-_APPENDUID = re.compile(rb"\[APPENDUID \d+ (\d+)\]", re.IGNORECASE)
 
 
-class DovecotError(RuntimeError):
+class DovecotError(LocalServerError):
     """The local Dovecot could not be started, stopped or driven."""
 
 
@@ -130,16 +125,6 @@ def wait_for_greeting(
     raise DovecotError(f"no greeting from {host}:{port} in time: {last_error}")
 
 
-def lmtp_deliver(host: str, port: int, mail_from: str, recipient: str, raw: bytes) -> None:
-    """One LMTP transaction for one recipient; raises ``smtplib.SMTPException`` on refusal.
-
-    One recipient per transaction because LMTP answers DATA once per recipient and
-    ``smtplib.LMTP`` reads only the first answer.
-    """
-    with smtplib.LMTP(host, port, timeout=30) as lmtp:
-        lmtp.sendmail(mail_from, [recipient], raw)
-
-
 def default_scratch_root() -> str | None:
     """Where throwaway servers keep their files: memory (``/dev/shm``) when there is one.
 
@@ -153,14 +138,14 @@ def default_scratch_root() -> str | None:
     return None
 
 
-def remove_orphaned_work_dirs() -> None:
+def remove_orphaned_work_dirs(prefix: str = WORK_DIR_PREFIX) -> None:
     """Stop and delete instances whose owning process died without ``close()`` (killed runs).
 
     Work folders live in memory (``/dev/shm``), so a leaked one holds RAM until reboot. An
     instance whose owner is still alive (another test run on this machine) is never touched.
     """
     root = Path(default_scratch_root() or tempfile.gettempdir())
-    for work_dir in root.glob(WORK_DIR_PREFIX + "*"):
+    for work_dir in root.glob(prefix + "*"):
         try:
             owner = int((work_dir / OWNER_FILE).read_text())
         except (OSError, ValueError):
@@ -201,7 +186,7 @@ def _check_traversable_by(path: Path, uid: int, gid: int) -> None:
             )
 
 
-class LocalDovecot:
+class LocalDovecot(LocalImapServer):
     """One private Dovecot instance: IMAP (plain, optionally IMAPS and STARTTLS) and LMTP.
 
     ``users`` maps login names (``alice@example.test`` or a bare ``alice``) to plain passwords.
@@ -214,6 +199,8 @@ class LocalDovecot:
     and kept across ``restart()``. ``work_dir`` (made if missing) holds everything; without it a
     temporary folder is made and removed again by ``close()``.
     """
+
+    kind = "dovecot"
 
     def __init__(
         self,
@@ -467,32 +454,11 @@ class LocalDovecot:
                     os.killpg(process.pid, signal.SIGKILL)
             time.sleep(0.01)
 
-    def restart(self) -> None:
-        """Stop and start again on the same ports with the same mail."""
-        self.stop()
-        self.start()
-
     def close(self) -> None:
         """Stop, and remove the work folder if this instance made it."""
         self.stop()
         if self._owns_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def __enter__(self) -> LocalDovecot:
-        try:
-            self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run, and the work folder must not be left behind
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _log_tail(self, lines: int = 30) -> str:
         text = ""
@@ -523,16 +489,6 @@ class LocalDovecot:
         # Dovecot re-reads passwd-file when it changes; the rename makes the change atomic.
         temporary.replace(self.passwd_file)
 
-    @property
-    def users(self) -> dict[str, str]:
-        return dict(self._users)
-
-    def password(self, user: str) -> str:
-        try:
-            return self._users[user]
-        except KeyError:
-            raise KeyError(f"{user!r} is not an account of this Dovecot") from None
-
     def home(self, user: str) -> Path:
         return self._home_root / user
 
@@ -543,58 +499,6 @@ class LocalDovecot:
             return root
         encoded: str = imap_utf7.encode(folder).decode("ascii")
         return root / ("." + encoded)
-
-    # ----------------------------------------------------------------------------- IMAP access
-
-    @contextlib.contextmanager
-    def imap(self, user: str, *, timeout: float = 30.0) -> Iterator[imapclient.IMAPClient]:
-        """A logged-in IMAPClient over the plain port (loopback), logged out afterwards."""
-        client = imapclient.IMAPClient(self.host, self.imap_port, ssl=False, timeout=timeout)
-        try:
-            client.login(user, self.password(user))
-            yield client
-        finally:
-            with contextlib.suppress(Exception):
-                client.logout()
-
-    def append(
-        self,
-        user: str,
-        folder: str,
-        raw: bytes,
-        flags: Iterable[str] = (),
-        internaldate: datetime | None = None,
-    ) -> int:
-        """APPEND one message and return its UID (from UIDPLUS' APPENDUID)."""
-        with self.imap(user) as client:
-            response = client.append(folder, raw, tuple(flags), internaldate)
-        match = _APPENDUID.search(response)
-        if match is None:
-            raise DovecotError(f"APPEND gave no APPENDUID: {response!r}")
-        return int(match.group(1))
-
-    def create_folder(self, user: str, folder: str) -> None:
-        with self.imap(user) as client:
-            client.create_folder(folder)
-
-    def delete_folder(self, user: str, folder: str) -> None:
-        """Delete a folder; creating it again gives it a new UIDVALIDITY."""
-        with self.imap(user) as client:
-            client.delete_folder(folder)
-
-    def folder_status(self, user: str, folder: str = "INBOX") -> dict[str, int]:
-        """STATUS of a folder: ``messages``, ``uidnext``, ``uidvalidity``, ``unseen``."""
-        with self.imap(user) as client:
-            status = client.folder_status(folder, [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN"])
-        return {key.decode().lower(): int(value) for key, value in status.items()}
-
-    # ----------------------------------------------------------------------------- delivery
-
-    def deliver(self, user: str | Iterable[str], raw: bytes, mail_from: str = "sender@example.org") -> None:
-        """Deliver like an MTA would, over LMTP, into INBOX of each recipient."""
-        recipients = [user] if isinstance(user, str) else list(user)
-        for recipient in recipients:
-            lmtp_deliver(self.host, self.lmtp_port, mail_from, recipient, raw)
 
     def bulk_load(
         self,
@@ -691,15 +595,3 @@ class LocalDovecot:
                 continue
             pids.append(int(entry.name))
         return pids
-
-    def kill_imap_connections(self, user: str | None = None, sig: int = signal.SIGKILL) -> int:
-        """Kill IMAP session processes, dropping their connections mid-command; returns how many.
-
-        SIGKILL (the default) drops the connection with no BYE, like a crash or a network cut;
-        SIGTERM lets Dovecot say BYE first.
-        """
-        pids = self.imap_process_ids(user)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        return len(pids)

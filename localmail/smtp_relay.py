@@ -1,10 +1,10 @@
-"""A throwaway authenticated SMTP submission server on loopback that hands mail to a LocalDovecot.
+"""A throwaway authenticated SMTP submission server on loopback that hands mail to a local IMAP server.
 
 It plays the part of the operator's outgoing mail server: it requires AUTH (PLAIN or LOGIN, and
 XOAUTH2 / OAUTHBEARER with bearer tokens when given a way to check them),
 optionally offers STARTTLS and/or implicit TLS, records every message it accepts, and passes each
 one on over LMTP, so a reply sent to a local account lands in that account's INBOX. Recipients
-that the Dovecot does not know are accepted and only recorded, like mail a real relay would send
+that the mail server does not know are accepted and only recorded, like mail a real relay would send
 on to the internet. Failures can be injected at RCPT or DATA, and the server can be stopped and
 started again on the same port to simulate an outage.
 """
@@ -32,13 +32,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from localmail.certs import TestCertificates, make_test_certificates
-from localmail.dovecot import (
-    LOOPBACK,
-    LocalDovecot,
-    default_scratch_root,
-    free_loopback_port,
-    lmtp_deliver,
-)
+from localmail.dovecot import LOOPBACK, default_scratch_root, free_loopback_port
+from localmail.imap_server import LocalImapServer, lmtp_deliver
 
 FailureStage = Literal["RCPT", "DATA"]
 SERVER_NAME = "relay.example.test"
@@ -52,7 +47,7 @@ class AcceptedMessage:
     rcpt_tos: tuple[str, ...]
     data: bytes
     auth_login: str | None
-    # Recipients the Dovecot accepted over LMTP; the others were only recorded.
+    # Recipients the mail server accepted over LMTP; the others were only recorded.
     delivered_to: tuple[str, ...]
 
 
@@ -183,8 +178,8 @@ class LocalSmtpRelay:
 
     ``credentials`` maps login names to passwords accepted by AUTH PLAIN/LOGIN. With ``starttls``
     the plain port offers STARTTLS; with ``implicit_tls`` a second port speaks TLS from the first
-    byte. Both use ``certificates``, by default the Dovecot's (so one ``ca_file`` verifies both
-    servers), or a fresh test CA when the Dovecot has none. ``auth_require_tls`` refuses AUTH
+    byte. Both use ``certificates``, by default the mail server's (so one ``ca_file`` verifies both
+    servers), or a fresh test CA when the mail server has none. ``auth_require_tls`` refuses AUTH
     before TLS, as a strict provider would. ``bearer_user`` maps an OAuth2 access token to the
     account it is valid for (None: invalid), enabling AUTH XOAUTH2 and OAUTHBEARER;
     ``auth_exclude`` names mechanisms not to offer (e.g. ``("OAUTHBEARER",)``, as Microsoft 365).
@@ -192,7 +187,7 @@ class LocalSmtpRelay:
 
     def __init__(
         self,
-        dovecot: LocalDovecot | None,
+        mail_server: LocalImapServer | None,
         credentials: Mapping[str, str],
         *,
         starttls: bool = False,
@@ -202,7 +197,7 @@ class LocalSmtpRelay:
         bearer_user: Callable[[str], str | None] | None = None,
         auth_exclude: tuple[str, ...] = (),
     ) -> None:
-        self.dovecot = dovecot
+        self.mail_server = mail_server
         self._bearer_check = bearer_user
         self._auth_exclude = auth_exclude
         self._credentials = dict(credentials)
@@ -214,7 +209,7 @@ class LocalSmtpRelay:
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self.certificates: TestCertificates | None = None
         if starttls or implicit_tls or auth_require_tls:
-            self.certificates = certificates or (dovecot.certificates if dovecot else None)
+            self.certificates = certificates or (mail_server.certificates if mail_server else None)
             if self.certificates is None:
                 self._scratch = tempfile.TemporaryDirectory(
                     prefix="emailops-smtp-", dir=default_scratch_root()
@@ -352,17 +347,17 @@ class LocalSmtpRelay:
         return f"{plan.code} {plan.text}"
 
     def _hand_off(self, mail_from: str, rcpt_tos: list[str], data: bytes) -> list[str]:
-        """LMTP each recipient into the Dovecot; returns those it accepted.
+        """LMTP each recipient into the mail server; returns those it accepted.
 
         A permanent refusal means "not a local account" and is not an error; a transient one or
-        an unreachable Dovecot raises, and the client gets a 451.
+        an unreachable mail server raises, and the client gets a 451.
         """
-        if self.dovecot is None:
+        if self.mail_server is None:
             return []
         delivered = []
         for recipient in rcpt_tos:
             try:
-                lmtp_deliver(self.dovecot.host, self.dovecot.lmtp_port, mail_from, recipient, data)
+                lmtp_deliver(self.mail_server.host, self.mail_server.lmtp_port, mail_from, recipient, data)
             except smtplib.SMTPRecipientsRefused as refusal:
                 code = next(iter(refusal.recipients.values()))[0]
                 if code < 500:
