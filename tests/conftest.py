@@ -1,4 +1,9 @@
-"""Fixtures for real servers: a fresh Dovecot per test, an SMTP relay into it, and databases.
+"""Fixtures for real servers: a fresh Dovecot (or Cyrus) per test, an SMTP relay into it, databases.
+
+``imap_server`` runs a test once against Dovecot and once against Cyrus IMAP (unpacked from
+Debian's packages, see localmail.cyrus_packages); the tests of behaviour that every IMAP server
+must give the daemon (sync, IDLE, flags, expunges, UIDVALIDITY, replies, dropped connections)
+take it. Other tests use ``dovecot``, whose configuration can also hide capabilities or add TLS.
 
 PostgreSQL is the server at 127.0.0.1:5432 (trust auth, user ``postgres``); each test that asks
 for it gets a new, empty database that is dropped afterwards. ``EMAILOPS_TEST_PG_ADMIN`` (a libpq
@@ -17,7 +22,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from localmail.cyrus import LocalCyrus
 from localmail.dovecot import LocalDovecot
+from localmail.imap_server import LocalImapServer
 from localmail.smtp_relay import LocalSmtpRelay
 
 MAIL_USERS = {"alice@example.test": "alice-pw", "bob@example.test": "bob-pw"}
@@ -47,10 +54,24 @@ def dovecot_tls() -> Iterator[LocalDovecot]:
         yield server
 
 
+@pytest.fixture(params=["dovecot", "cyrus"])
+def imap_server(request: pytest.FixtureRequest) -> Iterator[LocalImapServer]:
+    """A started Dovecot, then a started Cyrus, each with the accounts of ``dovecot`` (no TLS).
+
+    A Cyrus that is not unpacked fails the test (bin/test unpacks it), as a missing Dovecot does.
+    """
+    server_class: type[LocalDovecot | LocalCyrus] = LocalDovecot if request.param == "dovecot" else LocalCyrus
+    with server_class(MAIL_USERS) as server:
+        yield server
+
+
 @pytest.fixture
-def smtp_relay(dovecot: LocalDovecot) -> Iterator[LocalSmtpRelay]:
-    """A started SMTP relay (AUTH with the same accounts, no TLS) that delivers into ``dovecot``."""
-    with LocalSmtpRelay(dovecot, MAIL_USERS) as relay:
+def smtp_relay(request: pytest.FixtureRequest) -> Iterator[LocalSmtpRelay]:
+    """A started SMTP relay (AUTH with the same accounts, no TLS) that delivers into the test's
+    ``imap_server`` if it has one, else into ``dovecot``."""
+    server_fixture = "imap_server" if "imap_server" in request.fixturenames else "dovecot"
+    server: LocalImapServer = request.getfixturevalue(server_fixture)
+    with LocalSmtpRelay(server, MAIL_USERS) as relay:
         yield relay
 
 

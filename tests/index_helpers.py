@@ -1,4 +1,4 @@
-"""Shared builders for the index tests: configs pointing at a LocalDovecot, simple messages."""
+"""Shared builders for the index tests: configs pointing at a local IMAP server, simple messages."""
 
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ from emailops.config import ServerConfig, SyncConfig, TlsSecurity
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
 from emailops.store.schema import folders
-from localmail.dovecot import LocalDovecot
+from localmail.imap_server import LocalImapServer
 
 ALICE = "alice@example.test"
 ACCOUNT = "alice@example.test@127.0.0.1"
 
 
-def imap_config(dovecot: LocalDovecot, **overrides: object) -> ServerConfig:
+def imap_config(server: LocalImapServer, **overrides: object) -> ServerConfig:
     values: dict[str, object] = {
-        "host": dovecot.host,
-        "port": dovecot.imap_port,
+        "host": server.host,
+        "port": server.imap_port,
         "username": ALICE,
-        "password": dovecot.password(ALICE),
+        "password": server.password(ALICE),
         "security": TlsSecurity.NONE,
         "timeout_seconds": 10.0,
     }
@@ -63,21 +63,21 @@ def rows(engine: Engine, sql: str) -> list[tuple[object, ...]]:
         return [tuple(r) for r in conn.execute(text(sql)).all()]
 
 
-def daemon_env(dovecot: LocalDovecot, data: Path, **overrides: str) -> dict[str, str]:
-    """Environment for ``python -m emailops`` / ``prod.run`` against ``dovecot``, state under ``data``."""
+def daemon_env(server: LocalImapServer, data: Path, **overrides: str) -> dict[str, str]:
+    """Environment for ``python -m emailops`` / ``prod.run`` against ``server``, state under ``data``."""
     import os
 
     env = {key: value for key, value in os.environ.items() if not key.startswith(("EMAIL_", "SENTRY_"))}
     env.update(
         {
-            "EMAIL_IMAP_HOST": dovecot.host,
-            "EMAIL_IMAP_PORT": str(dovecot.imap_port),
+            "EMAIL_IMAP_HOST": server.host,
+            "EMAIL_IMAP_PORT": str(server.imap_port),
             "EMAIL_IMAP_SECURITY": "none",
             "EMAIL_SMTP_HOST": "127.0.0.1",
             "EMAIL_SMTP_PORT": "2525",
             "EMAIL_SMTP_SECURITY": "none",
             "EMAIL_USERNAME": ALICE,
-            "EMAIL_PASSWORD": dovecot.password(ALICE),
+            "EMAIL_PASSWORD": server.password(ALICE),
             "INDEX_DB_URL": f"sqlite:///{data / 'emailops.db'}",
             "STATE_DIR": str(data / "state"),
             "CACHE_DIR": str(data / "cache"),

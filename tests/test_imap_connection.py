@@ -13,6 +13,7 @@ from emailops.imap.errors import (
     ImapTransientError,
 )
 from localmail.dovecot import LocalDovecot
+from localmail.imap_server import LocalImapServer
 from tests.index_helpers import ALICE, imap_config
 
 
@@ -45,9 +46,9 @@ def test_starttls_not_offered_is_an_error_not_a_plaintext_login() -> None:
         assert "alice-pw" not in dovecot.log_text()
 
 
-def test_wrong_password_is_an_auth_error_retried_slowly(dovecot: LocalDovecot) -> None:
+def test_wrong_password_is_an_auth_error_retried_slowly(imap_server: LocalImapServer) -> None:
     with pytest.raises(ImapAuthError) as caught:
-        connect(imap_config(dovecot, password="wrong"))
+        connect(imap_config(imap_server, password="wrong"))
     policy = ReconnectPolicy()
     assert policy.delay(caught.value, 1) >= 60
     assert policy.delay(caught.value, 10) <= 3600 + 10
@@ -56,7 +57,7 @@ def test_wrong_password_is_an_auth_error_retried_slowly(dovecot: LocalDovecot) -
     assert policy.delay(ImapTooManyConnectionsError("x"), 1) >= 30
 
 
-def test_server_down_is_transient(dovecot: LocalDovecot) -> None:
-    dovecot.stop()
+def test_server_down_is_transient(imap_server: LocalImapServer) -> None:
+    imap_server.stop()
     with pytest.raises(ImapTransientError):
-        connect(imap_config(dovecot))
+        connect(imap_config(imap_server))

@@ -13,16 +13,17 @@ from emailops.store import fulltext
 from emailops.store import messages as message_store
 from emailops.store.database import reading
 from localmail.dovecot import LocalDovecot
+from localmail.imap_server import LocalImapServer
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, rows, sync_config
 
 
 def test_initial_sync_indexes_everything_without_touching_flags(
-    dovecot: LocalDovecot, db_url: str, tmp_path: Path
+    imap_server: LocalImapServer, db_url: str, tmp_path: Path
 ) -> None:
     for n in range(1, 31):
-        dovecot.append(ALICE, "INBOX", message(n), flags=("\\Flagged",) if n == 7 else ())
+        imap_server.append(ALICE, "INBOX", message(n), flags=("\\Flagged",) if n == 7 else ())
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     report = FolderSync(engine, sync_config(tmp_path, fetch_batch_messages=7), "INBOX").sync(client)
 
     assert report.new == 30 and report.complete
@@ -41,11 +42,11 @@ def test_initial_sync_indexes_everything_without_touching_flags(
     ]
 
 
-def test_poll_with_nothing_new_changes_nothing(dovecot: LocalDovecot, db_url: str) -> None:
+def test_poll_with_nothing_new_changes_nothing(imap_server: LocalImapServer, db_url: str) -> None:
     for n in range(1, 6):
-        dovecot.append(ALICE, "INBOX", message(n))
+        imap_server.append(ALICE, "INBOX", message(n))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(), "INBOX")
     sync.sync(client)
     again = sync.sync(client)
@@ -53,16 +54,16 @@ def test_poll_with_nothing_new_changes_nothing(dovecot: LocalDovecot, db_url: st
     assert rows(engine, "SELECT count(*) FROM messages") == [(5,)]
 
 
-def test_new_mail_flags_and_expunge_are_applied(dovecot: LocalDovecot, db_url: str) -> None:
+def test_new_mail_flags_and_expunge_are_applied(imap_server: LocalImapServer, db_url: str) -> None:
     for n in range(1, 6):
-        dovecot.append(ALICE, "INBOX", message(n))
+        imap_server.append(ALICE, "INBOX", message(n))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(), "INBOX")
     sync.sync(client)
 
-    dovecot.deliver(ALICE, message(6))
-    with dovecot.imap(ALICE) as other:
+    imap_server.deliver(ALICE, message(6))
+    with imap_server.imap(ALICE) as other:
         other.select_folder("INBOX")
         other.add_flags([2], [b"\\Answered"])
         other.delete_messages([3])
@@ -79,14 +80,14 @@ def test_new_mail_flags_and_expunge_are_applied(dovecot: LocalDovecot, db_url: s
         assert fulltext.search(conn, ACCOUNT, "token3x") == []
 
 
-def test_new_mail_alone_is_reported_as_no_flag_change(dovecot: LocalDovecot, db_url: str) -> None:
-    dovecot.append(ALICE, "INBOX", message(1))
+def test_new_mail_alone_is_reported_as_no_flag_change(imap_server: LocalImapServer, db_url: str) -> None:
+    imap_server.append(ALICE, "INBOX", message(1))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(), "INBOX")
     sync.sync(client)
     for n in range(2, 5):
-        dovecot.deliver(ALICE, message(n))
+        imap_server.deliver(ALICE, message(n))
     report = sync.sync(client)
     assert report.new == 3 and report.flags_changed == 0
 
@@ -111,23 +112,23 @@ def test_flags_and_expunges_without_condstore_by_reconcile(db_url: str) -> None:
     assert rows(engine, "SELECT uid FROM messages WHERE expunged_at IS NOT NULL") == [(5,)]
 
 
-def test_uidvalidity_change_remaps_by_message_id(dovecot: LocalDovecot, db_url: str) -> None:
-    dovecot.create_folder(ALICE, "Projects")
+def test_uidvalidity_change_remaps_by_message_id(imap_server: LocalImapServer, db_url: str) -> None:
+    imap_server.create_folder(ALICE, "Projects")
     for n in range(1, 5):
-        dovecot.append(ALICE, "Projects", message(n))
+        imap_server.append(ALICE, "Projects", message(n))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(folders=("Projects",)), "Projects")
     sync.sync(client)
     with engine.begin() as conn:  # pretend message 4 arrived after the first sync and was answered
         conn.exec_driver_sql("UPDATE messages SET rules_state = 'done' WHERE uid = 4")
     before = rows(engine, "SELECT id, message_id FROM messages ORDER BY id")
 
-    dovecot.delete_folder(ALICE, "Projects")
-    dovecot.create_folder(ALICE, "Projects")
+    imap_server.delete_folder(ALICE, "Projects")
+    imap_server.create_folder(ALICE, "Projects")
     # The recreated mailbox: messages 2..4 again (new UIDs, new order), 1 gone, 5 new.
     for n in (4, 3, 2, 5):
-        dovecot.append(ALICE, "Projects", message(n))
+        imap_server.append(ALICE, "Projects", message(n))
     report = sync.sync(client)
 
     assert report.resynced
@@ -150,21 +151,23 @@ def test_uidvalidity_change_remaps_by_message_id(dovecot: LocalDovecot, db_url: 
     assert rows(engine, "SELECT count(*) FROM messages") == [(5,)]
 
 
-def test_uidvalidity_change_takes_the_flags_of_the_new_generation(dovecot: LocalDovecot, db_url: str) -> None:
+def test_uidvalidity_change_takes_the_flags_of_the_new_generation(
+    imap_server: LocalImapServer, db_url: str
+) -> None:
     """A re-mapped row describes the message now on the server, flags included (found by the
     crash harness: the old flags stayed, while a sync from scratch saw the new ones)."""
-    dovecot.create_folder(ALICE, "Projects")
-    dovecot.append(ALICE, "Projects", message(1), flags=[r"\Seen"])
-    dovecot.append(ALICE, "Projects", message(2))
+    imap_server.create_folder(ALICE, "Projects")
+    imap_server.append(ALICE, "Projects", message(1), flags=[r"\Seen"])
+    imap_server.append(ALICE, "Projects", message(2))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(folders=("Projects",)), "Projects")
     sync.sync(client)
 
-    dovecot.delete_folder(ALICE, "Projects")
-    dovecot.create_folder(ALICE, "Projects")
-    dovecot.append(ALICE, "Projects", message(1))
-    dovecot.append(ALICE, "Projects", message(2), flags=[r"\Flagged"])
+    imap_server.delete_folder(ALICE, "Projects")
+    imap_server.create_folder(ALICE, "Projects")
+    imap_server.append(ALICE, "Projects", message(1))
+    imap_server.append(ALICE, "Projects", message(2), flags=[r"\Flagged"])
     assert sync.sync(client).resynced
     assert rows(engine, "SELECT uid, message_id, flags FROM messages ORDER BY uid") == [
         (1, "<note-1@example.org>", ""),
@@ -173,19 +176,19 @@ def test_uidvalidity_change_takes_the_flags_of_the_new_generation(dovecot: Local
 
 
 def test_a_flag_change_announced_during_a_pass_is_not_given_to_another_uid(
-    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+    imap_server: LocalImapServer, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Dovecot tells of another session's flag change with an untagged FETCH that names the message
     by sequence number only, even inside a UID FETCH. Read as a UID, it flagged another message
     (found by the crash harness: the rules' $AutoReplied of UID 305 landed on UID 291)."""
     for n in range(1, 8):
-        dovecot.append(ALICE, "INBOX", message(n))
-    with dovecot.imap(ALICE) as other:
+        imap_server.append(ALICE, "INBOX", message(n))
+    with imap_server.imap(ALICE) as other:
         other.select_folder("INBOX")
         other.delete_messages([2])
         other.expunge()  # from here on, sequence number 5 is UID 6
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(), "INBOX")
     sync.sync(client)
 
@@ -193,12 +196,12 @@ def test_a_flag_change_announced_during_a_pass_is_not_given_to_another_uid(
 
     def select_then_another_session_flags_uid_6(self: FolderSync, imap: object) -> object:
         status = real_select(self, imap)  # type: ignore[arg-type]
-        with dovecot.imap(ALICE) as other:
+        with imap_server.imap(ALICE) as other:
             other.select_folder("INBOX")
             other.add_flags([6], [b"$AutoReplied"])
         return status
 
-    with dovecot.imap(ALICE) as other:
+    with imap_server.imap(ALICE) as other:
         other.select_folder("INBOX")
         other.add_flags([7], [b"\\Flagged"])  # HIGHESTMODSEQ moves: the pass asks CHANGEDSINCE
     monkeypatch.setattr(FolderSync, "select", select_then_another_session_flags_uid_6)
@@ -212,11 +215,13 @@ def test_a_flag_change_announced_during_a_pass_is_not_given_to_another_uid(
     ]
 
 
-def test_a_message_above_the_size_limit_keeps_its_flags_and_date(dovecot: LocalDovecot, db_url: str) -> None:
+def test_a_message_above_the_size_limit_keeps_its_flags_and_date(
+    imap_server: LocalImapServer, db_url: str
+) -> None:
     big = message(1, body="large " * 40_000)  # 240 kB, above the 64 kB limit below
-    dovecot.append(ALICE, "INBOX", big, flags=[r"\Seen", r"\Flagged"])
+    imap_server.append(ALICE, "INBOX", big, flags=[r"\Seen", r"\Flagged"])
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     FolderSync(engine, sync_config(max_message_bytes=64 * 1024), "INBOX").sync(client)
     ((flags, truncated, dated),) = rows(
         engine, "SELECT flags, truncated, internal_date IS NOT NULL FROM messages"
@@ -226,16 +231,16 @@ def test_a_message_above_the_size_limit_keeps_its_flags_and_date(dovecot: LocalD
 
 @pytest.mark.parametrize("interrupted", ["by its time budget", "after a UIDVALIDITY re-map"])
 def test_flags_changed_while_a_sync_was_unfinished_are_taken(
-    dovecot: LocalDovecot, db_url: str, interrupted: str
+    imap_server: LocalImapServer, db_url: str, interrupted: str
 ) -> None:
     """Until a pass completes, no HIGHESTMODSEQ is recorded to ask CHANGEDSINCE from: the pass that
     completes compares every flag (found by the crash harness: a worker killed after a re-map lost
     the flag changes made before its replacement's first pass)."""
-    dovecot.create_folder(ALICE, "Projects")
+    imap_server.create_folder(ALICE, "Projects")
     for n in range(1, 121):
-        dovecot.append(ALICE, "Projects", message(n))
+        imap_server.append(ALICE, "Projects", message(n))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     config = sync_config(folders=("Projects",), fetch_batch_messages=50)
     sync = FolderSync(engine, config, "Projects")
     if interrupted == "by its time budget":
@@ -246,7 +251,7 @@ def test_flags_changed_while_a_sync_was_unfinished_are_taken(
             conn.exec_driver_sql(
                 "UPDATE folders SET highestmodseq = NULL, uidnext = NULL, server_count = NULL"
             )
-    with dovecot.imap(ALICE) as other:
+    with imap_server.imap(ALICE) as other:
         other.select_folder("Projects")
         other.add_flags([1], [b"\\Flagged"])
     while not sync.sync(client).complete:
@@ -256,22 +261,22 @@ def test_flags_changed_while_a_sync_was_unfinished_are_taken(
 
 
 def test_expunges_after_an_interrupted_pass_are_seen_even_when_the_count_agrees(
-    dovecot: LocalDovecot, db_url: str
+    imap_server: LocalImapServer, db_url: str
 ) -> None:
     """A pass that stored part of the new mail and stopped (time budget, or killed) leaves the
     progress mark ahead of the last count. As many expunges as it stored made the next pass's count
     agree with "last count + arrivals above the mark", and the expunged messages stayed live
     (found by the crash harness)."""
     for n in range(1, 11):
-        dovecot.append(ALICE, "INBOX", message(n))
+        imap_server.append(ALICE, "INBOX", message(n))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(fetch_batch_messages=2), "INBOX")
     sync.sync(client)
     for n in range(11, 15):
-        dovecot.deliver(ALICE, message(n))
+        imap_server.deliver(ALICE, message(n))
     assert not sync.sync(client, budget_seconds=0).complete  # UIDs 11 and 12 indexed
-    with dovecot.imap(ALICE) as other:
+    with imap_server.imap(ALICE) as other:
         other.select_folder("INBOX")
         other.delete_messages([3, 4])
         other.expunge()
@@ -281,10 +286,10 @@ def test_expunges_after_an_interrupted_pass_are_seen_even_when_the_count_agrees(
     assert rows(engine, "SELECT count(*) FROM messages WHERE expunged_at IS NULL") == [(12,)]
 
 
-def test_partial_passes_resume_where_they_stopped(dovecot: LocalDovecot, db_url: str) -> None:
-    dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))
+def test_partial_passes_resume_where_they_stopped(imap_server: LocalImapServer, db_url: str) -> None:
+    imap_server.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(fetch_batch_messages=50), "INBOX")
     first = sync.sync(client, budget_seconds=0)
     assert not first.complete and first.new == 50
@@ -299,29 +304,29 @@ def test_partial_passes_resume_where_they_stopped(dovecot: LocalDovecot, db_url:
 
 @pytest.mark.parametrize("resume_from_scratch", [False, True])
 def test_interrupted_first_sync_neither_loses_nor_duplicates(
-    dovecot: LocalDovecot, db_url: str, resume_from_scratch: bool
+    imap_server: LocalImapServer, db_url: str, resume_from_scratch: bool
 ) -> None:
     """A pass killed between batches (process death): the next pass completes the folder."""
-    dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 101)))
+    imap_server.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 101)))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(fetch_batch_messages=30), "INBOX")
     sync.sync(client, budget_seconds=0)
     if resume_from_scratch:  # as if the progress marker was lost too: dedup by (uidvalidity, uid)
         with engine.begin() as conn:
             conn.exec_driver_sql("UPDATE folders SET uidnext = NULL")
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     report = FolderSync(engine, sync_config(fetch_batch_messages=30), "INBOX").sync(client)
     assert report.complete
     assert rows(engine, "SELECT count(*), count(DISTINCT uid) FROM messages") == [(100, 100)]
 
 
 def test_a_batch_that_fails_to_store_stops_the_pass_and_the_next_pass_fills_it(
-    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+    imap_server: LocalImapServer, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Batches are stored by a thread while later ones download and parse. When one fails, none
     after it is stored: its progress mark would claim the failed batch as indexed."""
-    dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))  # parsed by the helper
+    imap_server.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 401)))  # parsed by the helper
     engine = index_engine(db_url)
     insert = message_store.insert_messages
     calls: list[int] = []
@@ -333,7 +338,7 @@ def test_a_batch_that_fails_to_store_stops_the_pass_and_the_next_pass_fills_it(
         return insert(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(message_store, "insert_messages", fail_the_second_batch)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     with pytest.raises(OperationalError):
         FolderSync(engine, sync_config(fetch_batch_messages=50), "INBOX").sync(client)
     assert len(calls) == 2
@@ -342,19 +347,19 @@ def test_a_batch_that_fails_to_store_stops_the_pass_and_the_next_pass_fills_it(
 
     monkeypatch.setattr(message_store, "insert_messages", insert)
     report = FolderSync(engine, sync_config(fetch_batch_messages=50), "INBOX").sync(
-        connect(imap_config(dovecot))
+        connect(imap_config(imap_server))
     )
     assert report.complete and report.new == 350
     assert rows(engine, "SELECT count(*), count(DISTINCT uid), max(uid) FROM messages") == [(400, 400, 400)]
 
 
 def test_a_poll_with_nothing_new_is_one_status_command(
-    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+    imap_server: LocalImapServer, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for n in range(1, 4):
-        dovecot.append(ALICE, "INBOX", message(n))
+        imap_server.append(ALICE, "INBOX", message(n))
     engine = index_engine(db_url)
-    client = connect(imap_config(dovecot))
+    client = connect(imap_config(imap_server))
     sync = FolderSync(engine, sync_config(), "INBOX")
     sync.sync(client)
     commands: list[str] = []
@@ -369,6 +374,6 @@ def test_a_poll_with_nothing_new_is_one_status_command(
     assert sync.sync(client).new == 0
     assert commands == ["folder_status"]
     commands.clear()
-    dovecot.deliver(ALICE, message(4))
+    imap_server.deliver(ALICE, message(4))
     assert sync.sync(client).new == 1
     assert commands[:2] == ["folder_status", "select_folder"]

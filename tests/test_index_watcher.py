@@ -16,6 +16,7 @@ from emailops.store import fulltext
 from emailops.store import messages as message_store
 from emailops.store.database import reading
 from localmail.dovecot import LocalDovecot
+from localmail.imap_server import LocalImapServer
 from tests.corpus.hostile import hostile_corpus, write_huge_attachment
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, rows, sync_config
 
@@ -34,18 +35,18 @@ def count(engine: Engine) -> int:
     return int(rows(engine, "SELECT count(*) FROM messages")[0][0])  # type: ignore[call-overload]
 
 
-def watcher_for(dovecot: LocalDovecot, engine: Engine, **config: object) -> FolderWatcher:
+def watcher_for(imap_server: LocalImapServer, engine: Engine, **config: object) -> FolderWatcher:
     sync_cfg = sync_config(**config)
-    return FolderWatcher(imap_config(dovecot), sync_cfg, FolderSync(engine, sync_cfg, "INBOX"))
+    return FolderWatcher(imap_config(imap_server), sync_cfg, FolderSync(engine, sync_cfg, "INBOX"))
 
 
-def test_new_mail_is_indexed_at_once_with_idle(dovecot: LocalDovecot, db_url: str) -> None:
+def test_new_mail_is_indexed_at_once_with_idle(imap_server: LocalImapServer, db_url: str) -> None:
     engine = index_engine(db_url)
     # A long poll interval: only IDLE can bring the new message in time.
-    watcher = watcher_for(dovecot, engine, poll_interval_seconds=300)
+    watcher = watcher_for(imap_server, engine, poll_interval_seconds=300)
     step_until(watcher, lambda: watcher.idling)
     for n in range(1, 4):
-        dovecot.deliver(ALICE, message(n))
+        imap_server.deliver(ALICE, message(n))
         # Generous on a busy machine (about 0.1 s here); the poll would take 300 s.
         step_until(watcher, lambda n=n: count(engine) == n, timeout=10)
     with reading(engine) as conn:
@@ -65,9 +66,9 @@ def test_without_idle_the_folder_is_polled(db_url: str) -> None:
 
 
 def test_connection_killed_mid_fetch_recovers_without_duplicates(
-    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+    imap_server: LocalImapServer, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dovecot.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 301)))
+    imap_server.bulk_load(ALICE, "INBOX", (message(n) for n in range(1, 301)))
     engine = index_engine(db_url)
     insert = message_store.insert_messages
     kills: list[int] = []
@@ -75,11 +76,11 @@ def test_connection_killed_mid_fetch_recovers_without_duplicates(
     def insert_then_kill(*args: object, **kwargs: object) -> list[int]:
         inserted = insert(*args, **kwargs)  # type: ignore[arg-type]
         if not kills:
-            kills.append(dovecot.kill_imap_connections(ALICE))
+            kills.append(imap_server.kill_imap_connections(ALICE))
         return inserted
 
     monkeypatch.setattr(message_store, "insert_messages", insert_then_kill)
-    watcher = watcher_for(dovecot, engine, fetch_batch_messages=40)
+    watcher = watcher_for(imap_server, engine, fetch_batch_messages=40)
     step_until(watcher, lambda: count(engine) == 300 and watcher.idling, timeout=30)
     assert kills and kills[0] >= 1
     assert watcher.failures == 0  # reconnected
@@ -87,21 +88,23 @@ def test_connection_killed_mid_fetch_recovers_without_duplicates(
     watcher.close()
 
 
-def test_server_restart_while_idle_then_mail_delivered_meanwhile(dovecot: LocalDovecot, db_url: str) -> None:
+def test_server_restart_while_idle_then_mail_delivered_meanwhile(
+    imap_server: LocalImapServer, db_url: str
+) -> None:
     engine = index_engine(db_url)
-    watcher = watcher_for(dovecot, engine, poll_interval_seconds=300)
+    watcher = watcher_for(imap_server, engine, poll_interval_seconds=300)
     step_until(watcher, lambda: watcher.idling)
-    dovecot.stop()
+    imap_server.stop()
     step_until(watcher, lambda: not watcher.connected, timeout=10)
     watcher.step(0.1)  # a failed reconnect while the server is down
-    dovecot.start()
-    dovecot.deliver(ALICE, message(1))
+    imap_server.start()
+    imap_server.deliver(ALICE, message(1))
     step_until(watcher, lambda: count(engine) == 1, timeout=20)
     watcher.close()
 
 
 def test_a_folder_missing_on_the_server_is_told_and_checked_again_slowly(
-    dovecot: LocalDovecot, db_url: str
+    imap_server: LocalImapServer, db_url: str
 ) -> None:
     # A typo in EMAIL_FOLDERS is not a connection failure: no reconnect every second (a login storm
     # that gets accounts locked), an error that names the folder, and indexing once it exists.
@@ -109,7 +112,7 @@ def test_a_folder_missing_on_the_server_is_told_and_checked_again_slowly(
     now = [1000.0]
     sync_cfg = sync_config()
     watcher = FolderWatcher(
-        imap_config(dovecot),
+        imap_config(imap_server),
         sync_cfg,
         FolderSync(engine, sync_cfg, "Projects"),
         monotonic=lambda: now[0],
@@ -128,8 +131,8 @@ def test_a_folder_missing_on_the_server_is_told_and_checked_again_slowly(
     assert not any(entry["event"] == "IMAP connection failed" for entry in logs)
     assert delays[0] >= 50 and delays[1] > delays[0]  # a minute, then longer
 
-    dovecot.create_folder(ALICE, "Projects")
-    dovecot.append(ALICE, "Projects", message(1))
+    imap_server.create_folder(ALICE, "Projects")
+    imap_server.append(ALICE, "Projects", message(1))
     now[0] = watcher.next_connect_at
     report = watcher.step(0.1)
     assert report is not None and report.new == 1 and watcher.failures == 0
@@ -139,6 +142,7 @@ def test_a_folder_missing_on_the_server_is_told_and_checked_again_slowly(
 def test_hostile_corpus_is_fully_indexed_and_searchable(
     dovecot: LocalDovecot, db_url: str, tmp_path: Path
 ) -> None:
+    # Dovecot only: Cyrus refuses messages with NUL bytes at APPEND, and the corpus has some.
     corpus = hostile_corpus()
     for _name, raw in corpus:
         dovecot.append(ALICE, "INBOX", raw)
@@ -165,22 +169,22 @@ def test_hostile_corpus_is_fully_indexed_and_searchable(
 
 
 def test_mail_arriving_during_a_pass_is_not_left_for_the_next_poll(
-    dovecot: LocalDovecot, db_url: str, monkeypatch: pytest.MonkeyPatch
+    imap_server: LocalImapServer, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for n in range(1, 4):
-        dovecot.append(ALICE, "INBOX", message(n))
+        imap_server.append(ALICE, "INBOX", message(n))
     engine = index_engine(db_url)
     insert = message_store.insert_messages
     delivered: list[bool] = []
 
     def insert_while_mail_arrives(*args: object, **kwargs: object) -> list[int]:
         if not delivered:  # during the first pass, after its SELECT
-            dovecot.deliver(ALICE, message(99))
+            imap_server.deliver(ALICE, message(99))
             delivered.append(True)
         return insert(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(message_store, "insert_messages", insert_while_mail_arrives)
-    watcher = watcher_for(dovecot, engine, poll_interval_seconds=300)
+    watcher = watcher_for(imap_server, engine, poll_interval_seconds=300)
     took = step_until(watcher, lambda: count(engine) == 4 and watcher.idling, timeout=10)
     assert took < 5  # not the 300 s poll
     watcher.close()
@@ -204,16 +208,16 @@ def test_idle_over_implicit_tls(dovecot_tls: LocalDovecot, db_url: str) -> None:
 
 
 def test_idle_connection_closed_without_bye_is_dropped_at_once_without_spinning(
-    dovecot: LocalDovecot, db_url: str
+    imap_server: LocalImapServer, db_url: str
 ) -> None:
     # A server restart, a NAT gateway or a load balancer may close an IDLE connection with no BYE.
     # A closed socket is always readable and imapclient's idle_check() returns [] at end of file:
     # the watcher must see the end at once and reconnect, not spin on the socket until the next poll.
     engine = index_engine(db_url)
-    watcher = watcher_for(dovecot, engine, poll_interval_seconds=300)
+    watcher = watcher_for(imap_server, engine, poll_interval_seconds=300)
     step_until(watcher, lambda: watcher.idling)
-    assert dovecot.kill_imap_connections(ALICE) >= 1  # the kernel closes the socket: FIN, no BYE
-    dovecot.deliver(ALICE, message(1))
+    assert imap_server.kill_imap_connections(ALICE) >= 1  # the kernel closes the socket: FIN, no BYE
+    imap_server.deliver(ALICE, message(1))
     cpu_before, wall_before = time.process_time(), time.monotonic()
     with capture_logs() as logs:
         step_until(watcher, lambda: count(engine) == 1, timeout=20)
@@ -223,11 +227,11 @@ def test_idle_connection_closed_without_bye_is_dropped_at_once_without_spinning(
     watcher.close()
 
 
-def test_an_idle_connection_with_nothing_to_say_is_kept(dovecot: LocalDovecot, db_url: str) -> None:
+def test_an_idle_connection_with_nothing_to_say_is_kept(imap_server: LocalImapServer, db_url: str) -> None:
     # Over plaintext, "nothing to read yet" once looked like a close (or like input): the IDLE
     # connection was left for a sync pass at every step, a round of commands a second.
     engine = index_engine(db_url)
-    watcher = watcher_for(dovecot, engine, poll_interval_seconds=300)
+    watcher = watcher_for(imap_server, engine, poll_interval_seconds=300)
     step_until(watcher, lambda: watcher.idling)
     client = watcher.client
     with capture_logs() as logs:

@@ -27,7 +27,7 @@ from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.schema import outbox as outbox_table
-from localmail.dovecot import LocalDovecot
+from localmail.imap_server import LocalImapServer
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, sync_config
 
@@ -52,8 +52,8 @@ def inbound(subject: str, *, sender: str = f"Bob <{BOB}>", n: int = 1, extra: st
     ).encode()
 
 
-def mailbox_of(dovecot: LocalDovecot, user: str) -> list[Message]:
-    with dovecot.imap(user) as client:
+def mailbox_of(imap_server: LocalImapServer, user: str) -> list[Message]:
+    with imap_server.imap(user) as client:
         client.select_folder("INBOX", readonly=True)
         uids = client.search("ALL")
         return [message_from_bytes(d[b"BODY[]"]) for d in client.fetch(uids, ["BODY.PEEK[]"]).values()]
@@ -63,12 +63,17 @@ class Daemon:
     """The worker pipeline of Alice's account, stepped in this process."""
 
     def __init__(
-        self, dovecot: LocalDovecot, relay: LocalSmtpRelay, db_url: str, rules_file: Path, **reply: object
+        self,
+        imap_server: LocalImapServer,
+        relay: LocalSmtpRelay,
+        db_url: str,
+        rules_file: Path,
+        **reply: object,
     ):
         self.engine: Engine = index_engine(db_url)
         self.config = ReplyConfig(from_address=ALICE, own_addresses=(ALICE,), rules_file=rules_file, **reply)  # type: ignore[arg-type]
-        imap = imap_config(dovecot)
-        smtp = imap_config(dovecot, port=relay.port, security=TlsSecurity.NONE)
+        imap = imap_config(imap_server)
+        smtp = imap_config(imap_server, port=relay.port, security=TlsSecurity.NONE)
         owner = str(ProcessIdentity.of_this_process(1, run="test"))
         self.pipeline = MailPipeline(
             self.engine,
@@ -134,22 +139,22 @@ def outcomes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def daemon(
-    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
+    imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
 ) -> Iterator[Daemon]:
-    running = Daemon(dovecot, smtp_relay, db_url, rules_file)
+    running = Daemon(imap_server, smtp_relay, db_url, rules_file)
     running.run_until(running.watching)
     yield running
     running.close()
 
 
 def test_one_reply_with_the_right_headers(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay
+    daemon: Daemon, imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay
 ) -> None:
     original = inbound("I need help", n=1)
-    dovecot.deliver(ALICE, original)
+    imap_server.deliver(ALICE, original)
     daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
     daemon.settle(1.0)
-    (reply,) = mailbox_of(dovecot, BOB)
+    (reply,) = mailbox_of(imap_server, BOB)
     inbound_id = message_from_bytes(original)["Message-ID"]
     assert reply["Subject"] == "Re: I need help"
     assert reply["From"] == ALICE and parseaddr(reply["To"])[1] == BOB
@@ -170,12 +175,12 @@ ROBOTS = {
 
 
 def test_no_reply_to_robots_lists_or_ourselves(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay
+    daemon: Daemon, imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay
 ) -> None:
     for n, extra in enumerate(ROBOTS.values(), start=1):
-        dovecot.deliver(ALICE, inbound("help", n=n, extra=extra))
+        imap_server.deliver(ALICE, inbound("help", n=n, extra=extra))
     # A bounce: the null reverse path, which the delivery records as "Return-Path: <>".
-    dovecot.deliver(ALICE, inbound("help", n=5), mail_from="")
+    imap_server.deliver(ALICE, inbound("help", n=5), mail_from="")
     for n, sender in enumerate(
         (
             "MAILER-DAEMON@example.test",
@@ -187,7 +192,7 @@ def test_no_reply_to_robots_lists_or_ourselves(
         ),
         start=10,
     ):
-        dovecot.deliver(ALICE, inbound("help", sender=sender, n=n))
+        imap_server.deliver(ALICE, inbound("help", sender=sender, n=n))
     daemon.run_until(lambda: _rules_done(daemon) == 11)
     daemon.settle(1.0)
     assert smtp_relay.accepted == []
@@ -211,29 +216,29 @@ def _rules_done(daemon: Daemon) -> int:
 
 
 def test_one_reply_per_sender_within_the_window_and_none_after_restart(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
+    daemon: Daemon, imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
 ) -> None:
-    dovecot.deliver(ALICE, inbound("help 1", n=1))
+    imap_server.deliver(ALICE, inbound("help 1", n=1))
     daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
-    dovecot.deliver(ALICE, inbound("help 2", n=2))
+    imap_server.deliver(ALICE, inbound("help 2", n=2))
     daemon.run_until(lambda: _rules_done(daemon) == 2)
     daemon.settle(1.0)
     assert len(smtp_relay.accepted) == 1
     daemon.close()
-    restarted = Daemon(dovecot, smtp_relay, db_url, rules_file)
+    restarted = Daemon(imap_server, smtp_relay, db_url, rules_file)
     restarted.run_until(restarted.watching)
     restarted.settle(2.0)
     restarted.close()
     assert len(smtp_relay.accepted) == 1
-    assert len(mailbox_of(dovecot, BOB)) == 1
+    assert len(mailbox_of(imap_server, BOB)) == 1
 
 
 def test_mail_present_before_the_first_sync_is_not_answered(
-    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
+    imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
 ) -> None:
     for n in range(1, 4):
-        dovecot.deliver(ALICE, inbound("help, old mail", n=n))
-    daemon = Daemon(dovecot, smtp_relay, db_url, rules_file)
+        imap_server.deliver(ALICE, inbound("help, old mail", n=n))
+    daemon = Daemon(imap_server, smtp_relay, db_url, rules_file)
     daemon.run_until(daemon.watching)
     daemon.settle(1.5)
     daemon.close()
@@ -241,10 +246,10 @@ def test_mail_present_before_the_first_sync_is_not_answered(
 
 
 def test_header_injection_gives_no_extra_header_or_recipient(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay
+    daemon: Daemon, imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay
 ) -> None:
     subject = "help =?utf-8?q?me=0D=0ABcc:_evil@example.test?="
-    dovecot.deliver(ALICE, inbound(subject, sender=f"=?utf-8?q?Bob=0D=0ACc:_x@evil.test?= <{BOB}>", n=1))
+    imap_server.deliver(ALICE, inbound(subject, sender=f"=?utf-8?q?Bob=0D=0ACc:_x@evil.test?= <{BOB}>", n=1))
     daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
     (accepted,) = smtp_relay.accepted
     assert list(accepted.rcpt_tos) == [BOB]
@@ -254,10 +259,10 @@ def test_header_injection_gives_no_extra_header_or_recipient(
 
 
 def test_smtp_down_then_up_delivers_once(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, outcomes: list[tuple[str, str]]
+    daemon: Daemon, imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, outcomes: list[tuple[str, str]]
 ) -> None:
     smtp_relay.stop()
-    dovecot.deliver(ALICE, inbound("help while down", n=1))
+    imap_server.deliver(ALICE, inbound("help while down", n=1))
     daemon.run_until(lambda: any(r[1] == "pending" and r[3] for r in daemon.outbox()))
     smtp_relay.start()
     make_due(daemon)  # skip the backoff wait instead of sleeping a minute
@@ -269,10 +274,10 @@ def test_smtp_down_then_up_delivers_once(
 
 
 def test_a_permanent_refusal_fails_with_its_reason(
-    daemon: Daemon, dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, outcomes: list[tuple[str, str]]
+    daemon: Daemon, imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, outcomes: list[tuple[str, str]]
 ) -> None:
     smtp_relay.fail_next(550, "5.7.1 mailbox unavailable")
-    dovecot.deliver(ALICE, inbound("help", n=1))
+    imap_server.deliver(ALICE, inbound("help", n=1))
     daemon.run_until(lambda: bool(daemon.outbox()) and daemon.outbox()[0][1] == "failed")
     (row,) = daemon.outbox()
     assert "550" in str(row[3]) and "mailbox unavailable" in str(row[3])
@@ -296,13 +301,13 @@ def _claim_then_die(db_url: str) -> None:
 
 def test_a_crash_between_claim_and_send_leaves_unknown_and_is_not_resent(
     daemon: Daemon,
-    dovecot: LocalDovecot,
+    imap_server: LocalImapServer,
     smtp_relay: LocalSmtpRelay,
     db_url: str,
     outcomes: list[tuple[str, str]],
 ) -> None:
     smtp_relay.stop()  # keep the reply in the outbox until the dying worker claims it
-    dovecot.deliver(ALICE, inbound("help", n=1))
+    imap_server.deliver(ALICE, inbound("help", n=1))
     daemon.run_until(lambda: bool(daemon.outbox()))
     make_due(daemon)
     smtp_relay.start()
@@ -323,23 +328,23 @@ def test_a_crash_between_claim_and_send_leaves_unknown_and_is_not_resent(
 
 
 def test_draft_flag_and_move_actions(
-    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path
+    imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path
 ) -> None:
     for folder in ("Drafts", "Handled"):
-        dovecot.create_folder(ALICE, folder)
+        imap_server.create_folder(ALICE, folder)
     rules = tmp_path / "draft-rules.toml"
     rules.write_text(
         '[[rules]]\nname = "draft-it"\n[rules.match]\nsubject = "quote"\n'
         '[rules.reply]\ntemplate = "Draft for {sender_name}"\ndraft = true\n'
         '[rules.actions]\nflag = true\nmove = "Handled"\n'
     )
-    daemon = Daemon(dovecot, smtp_relay, db_url, rules)
+    daemon = Daemon(imap_server, smtp_relay, db_url, rules)
     daemon.run_until(daemon.watching)
-    dovecot.deliver(ALICE, inbound("quote please", n=1))
+    imap_server.deliver(ALICE, inbound("quote please", n=1))
     daemon.run_until(lambda: bool(daemon.outbox()) and daemon.outbox()[0][1] == "sent")
     daemon.close()
     assert smtp_relay.accepted == []
-    with dovecot.imap(ALICE) as client:
+    with imap_server.imap(ALICE) as client:
         client.select_folder("Drafts", readonly=True)
         (draft,) = client.fetch(client.search("ALL"), ["BODY.PEEK[]", "FLAGS"]).values()
         assert b"\\Draft" in draft[b"FLAGS"]
@@ -352,16 +357,16 @@ def test_draft_flag_and_move_actions(
 
 
 def test_dry_run_logs_decisions_and_sends_nothing(
-    dovecot: LocalDovecot,
+    imap_server: LocalImapServer,
     smtp_relay: LocalSmtpRelay,
     db_url: str,
     rules_file: Path,
     capsys: pytest.CaptureFixture[str],
     outcomes: list[tuple[str, str]],
 ) -> None:
-    daemon = Daemon(dovecot, smtp_relay, db_url, rules_file, dry_run=True)
+    daemon = Daemon(imap_server, smtp_relay, db_url, rules_file, dry_run=True)
     daemon.run_until(daemon.watching)
-    dovecot.deliver(ALICE, inbound("help in dry run", n=1))
+    imap_server.deliver(ALICE, inbound("help in dry run", n=1))
     daemon.run_until(lambda: _rules_done(daemon) == 1)
     daemon.settle(1.0)
     daemon.close()
@@ -371,16 +376,16 @@ def test_dry_run_logs_decisions_and_sends_nothing(
 
 
 def test_a_copy_of_each_sent_reply_goes_to_sent(
-    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
+    imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, db_url: str, rules_file: Path
 ) -> None:
-    dovecot.create_folder(ALICE, "Sent")
-    daemon = Daemon(dovecot, smtp_relay, db_url, rules_file, save_sent_copy=True)
+    imap_server.create_folder(ALICE, "Sent")
+    daemon = Daemon(imap_server, smtp_relay, db_url, rules_file, save_sent_copy=True)
     daemon.run_until(daemon.watching)
-    dovecot.deliver(ALICE, inbound("help with a copy", n=1))
+    imap_server.deliver(ALICE, inbound("help with a copy", n=1))
     daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
     daemon.settle(0.5)
     daemon.close()
-    with dovecot.imap(ALICE) as client:
+    with imap_server.imap(ALICE) as client:
         client.select_folder("Sent", readonly=True)
         (copy,) = client.fetch(client.search("ALL"), ["BODY.PEEK[]", "FLAGS"]).values()
     assert b"\\Seen" in copy[b"FLAGS"]
@@ -388,19 +393,19 @@ def test_a_copy_of_each_sent_reply_goes_to_sent(
 
 
 def test_restoring_an_older_backup_does_not_answer_again(
-    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, tmp_path: Path, rules_file: Path
+    imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, tmp_path: Path, rules_file: Path
 ) -> None:
     from emailops.maintenance import backup_sqlite
 
     db_url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
-    daemon = Daemon(dovecot, smtp_relay, db_url, rules_file)
+    daemon = Daemon(imap_server, smtp_relay, db_url, rules_file)
     daemon.run_until(daemon.watching)
     daemon.settle(0.5)
     backup_sqlite(db_url, tmp_path / "before.sqlite3")  # taken before the mail below arrives
-    dovecot.deliver(ALICE, inbound("help before the disaster", n=1))
+    imap_server.deliver(ALICE, inbound("help before the disaster", n=1))
     daemon.run_until(lambda: len(smtp_relay.accepted) == 1)
     daemon.close()
-    with dovecot.imap(ALICE) as client:
+    with imap_server.imap(ALICE) as client:
         client.select_folder("INBOX", readonly=True)
         assert b"$AutoReplied" in next(iter(client.get_flags(client.search("ALL")).values()))
 
@@ -408,7 +413,7 @@ def test_restoring_an_older_backup_does_not_answer_again(
     (tmp_path / "before.sqlite3").replace(tmp_path / "index.sqlite3")
     for suffix in ("-wal", "-shm"):
         (tmp_path / f"index.sqlite3{suffix}").unlink(missing_ok=True)
-    restored = Daemon(dovecot, smtp_relay, db_url, rules_file)
+    restored = Daemon(imap_server, smtp_relay, db_url, rules_file)
     restored.run_until(lambda: _rules_done(restored) == 1)
     restored.settle(1.0)
     restored.close()
@@ -416,20 +421,20 @@ def test_restoring_an_older_backup_does_not_answer_again(
 
 
 def test_mailbox_changes_reach_mail_that_arrived_after_the_session_opened(
-    dovecot: LocalDovecot, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path
+    imap_server: LocalImapServer, smtp_relay: LocalSmtpRelay, db_url: str, tmp_path: Path
 ) -> None:
     """The actions session selected INBOX for the first message; the second must not be missed."""
     rules = tmp_path / "flag-rules.toml"
     rules.write_text(
         '[[rules]]\nname = "flag-it"\n[rules.match]\nsubject = "flag"\n[rules.actions]\nflag = true\n'
     )
-    daemon = Daemon(dovecot, smtp_relay, db_url, rules)
+    daemon = Daemon(imap_server, smtp_relay, db_url, rules)
     daemon.run_until(daemon.watching)
     for n in (1, 2, 3):
-        dovecot.deliver(ALICE, inbound(f"flag me {n}", n=n))
+        imap_server.deliver(ALICE, inbound(f"flag me {n}", n=n))
         daemon.run_until(lambda n=n: _rules_done(daemon) == n)
     daemon.close()
-    with dovecot.imap(ALICE) as client:
+    with imap_server.imap(ALICE) as client:
         client.select_folder("INBOX", readonly=True)
         flags = client.get_flags(client.search("ALL"))
     assert len(flags) == 3 and all(b"\\Flagged" in f for f in flags.values()), flags

@@ -11,6 +11,7 @@ from emailops.replies import imap_actions
 from emailops.replies.decisions import MailboxAction, MailboxActionKind
 from emailops.replies.mailbox import MailboxSession
 from localmail.dovecot import LocalDovecot
+from localmail.imap_server import LocalImapServer
 from tests.conftest import MAIL_USERS
 from tests.index_helpers import ALICE, imap_config
 
@@ -58,29 +59,33 @@ def test_append_draft_and_sent() -> None:
             assert SEEN in client.get_flags([sent])[sent] and DRAFT not in client.get_flags([sent])[sent]
 
 
-def test_a_session_closed_by_the_server_while_idle_is_reopened_before_use(dovecot: LocalDovecot) -> None:
+def test_a_session_closed_by_the_server_while_idle_is_reopened_before_use(
+    imap_server: LocalImapServer,
+) -> None:
     # Servers close connections left idle (Dovecot after 30 minutes, NAT tables sooner): the
     # first rule action after a quiet spell must not be the one that finds out and is lost.
-    uid = dovecot.append(ALICE, "INBOX", RAW)
+    uid = imap_server.append(ALICE, "INBOX", RAW)
     now = [0.0]
-    session = MailboxSession(imap_config(dovecot), monotonic=lambda: now[0])
+    session = MailboxSession(imap_config(imap_server), monotonic=lambda: now[0])
     session.client("INBOX")
-    assert dovecot.kill_imap_connections(ALICE) == 1
+    assert imap_server.kill_imap_connections(ALICE) == 1
     now[0] += MailboxSession.IDLE_CHECK_SECONDS + 1
     imap_actions.perform(session.client("INBOX"), uid, [MailboxAction(MailboxActionKind.FLAG)])
-    with dovecot.imap(ALICE) as client:
+    with imap_server.imap(ALICE) as client:
         client.select_folder("INBOX")
         assert FLAGGED in client.get_flags([uid])[uid]
     session.close()
 
 
-def test_a_long_lived_session_keeps_no_announcement_of_the_mail_that_arrives(dovecot: LocalDovecot) -> None:
+def test_a_long_lived_session_keeps_no_announcement_of_the_mail_that_arrives(
+    imap_server: LocalImapServer,
+) -> None:
     # The session lives as long as the worker, and each use NOOPs into a folder where mail keeps
     # arriving: imaplib set the EXISTS and RECENT answers aside, two more per message, for ever.
-    session = MailboxSession(imap_config(dovecot))
+    session = MailboxSession(imap_config(imap_server))
     session.client("INBOX")
     for n in range(20):
-        dovecot.deliver(ALICE, RAW.replace(b"<x@y>", f"<x{n}@y>".encode()))
+        imap_server.deliver(ALICE, RAW.replace(b"<x@y>", f"<x{n}@y>".encode()))
         client = session.client("INBOX")
         (uid,) = client.search(["HEADER", "Message-ID", f"<x{n}@y>"])
         imap_actions.add_flags(client, uid)
