@@ -128,6 +128,8 @@ def fetch(root: Path | None = None) -> CyrusInstallation:
     root = root or default_root()
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)
+    if subprocess.run(["apt-cache", "show", PACKAGES[0]], capture_output=True, check=False).returncode:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)  # no package lists yet (fresh machine)
     packages = packages_to_fetch()
     debs = root / "debs"
     shutil.rmtree(debs, ignore_errors=True)  # no older versions next to the new ones
