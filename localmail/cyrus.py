@@ -13,32 +13,17 @@ As an operator's Cyrus must, it runs ``idled`` and has the ``socket`` folder und
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import secrets
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import imapclient
-
 from localmail.cyrus_packages import CyrusInstallation, CyrusNotUnpacked, find_installation
-from localmail.dovecot import (
-    LOOPBACK,
-    OWNER_FILE,
-    READY_TIMEOUT_SECONDS,
-    STOP_GRACE_SECONDS,
-    default_scratch_root,
-    free_loopback_ports,
-    remove_orphaned_work_dirs,
-    wait_for_greeting,
-)
-from localmail.imap_server import LocalImapServer, LocalServerError
+from localmail.dovecot import LOOPBACK, free_loopback_ports, new_work_dir
+from localmail.imap_server import LocalImapServer, LocalServerError, start_in_own_session
 
 CYRUS_USER = "mail"
 WORK_DIR_PREFIX = "emailops-cyrus-"
@@ -61,6 +46,7 @@ class LocalCyrus(LocalImapServer):
     """
 
     kind = "cyrus"
+    error_class = CyrusError
 
     def __init__(
         self,
@@ -87,9 +73,7 @@ class LocalCyrus(LocalImapServer):
 
         self._owns_work_dir = work_dir is None
         if work_dir is None:
-            remove_orphaned_work_dirs(WORK_DIR_PREFIX)
-            work_dir = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=default_scratch_root()))
-            (work_dir / OWNER_FILE).write_text(str(os.getpid()))
+            work_dir = new_work_dir(WORK_DIR_PREFIX)
         self.work_dir = work_dir.resolve()
         self.host = LOOPBACK
         self.imap_port, self.lmtp_port = free_loopback_ports(2, self.host)
@@ -98,7 +82,6 @@ class LocalCyrus(LocalImapServer):
         self.config_dir = self.work_dir / "config"
         self.sasldb = self.work_dir / "sasldb2"
         self._stderr_file = self.work_dir / "master-stderr.log"
-        self._process: subprocess.Popen[bytes] | None = None
         self._accounts_created = False
         self._prepare_files()
 
@@ -138,8 +121,6 @@ class LocalCyrus(LocalImapServer):
             "sasl_pwcheck_method: auxprop",
             "sasl_auxprop_plugin: sasldb",
             f"sasl_sasldb_path: {self.sasldb}",
-            # Tests do not need crash safety of the mail store.
-            "skiplist_always_checkpoint: no",
         ]
         return "\n".join(lines) + "\n"
 
@@ -169,92 +150,31 @@ class LocalCyrus(LocalImapServer):
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+    def _launch(self) -> subprocess.Popen[bytes]:
+        # -D: stay in the foreground; -p: the pid file orphan clean-up looks for.
+        master = [str(self._installation.bin_dir / "master"), "-D", "-C", str(self.config_file)]
+        master += ["-M", str(self.services_file), "-p", str(self.work_dir / "run" / "master.pid")]
+        return start_in_own_session(master, self._stderr_file, self._installation.environment())
 
-    def start(self) -> None:
-        """Start the master; return once IMAP and LMTP greet and idled listens."""
-        if self.running:
-            return
-        with self._stderr_file.open("ab") as stderr:
-            # -D: stay in the foreground; -p: the pid file orphan clean-up looks for.
-            master = [str(self._installation.bin_dir / "master"), "-D", "-C", str(self.config_file)]
-            master += ["-M", str(self.services_file), "-p", str(self.work_dir / "run" / "master.pid")]
-            self._process = subprocess.Popen(
-                master,
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                env=self._installation.environment(),
-                start_new_session=True,
-            )
-        process = self._process
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-
-        def alive() -> bool:
-            return process.poll() is None
-
-        try:
-            wait_for_greeting(self.host, self.imap_port, b"* OK", deadline, alive)
-            wait_for_greeting(self.host, self.lmtp_port, b"220", deadline, alive)
-            idle_socket = self.config_dir / "socket" / "idle"
-            while not idle_socket.exists():
-                if time.monotonic() > deadline or not alive():
-                    raise CyrusError("idled did not start")
-                time.sleep(0.02)
-            if not self._accounts_created:
-                self._create_accounts()
-        except (LocalServerError, OSError) as error:
-            exit_code = process.poll()
-            self.stop()
-            raise CyrusError(
-                f"Cyrus did not become ready ({error}; exit code {exit_code}).\n{self.log_text()}"
-            ) from error
+    def _finish_start(self, deadline: float, alive: Callable[[], bool]) -> None:
+        """Wait for idled too (IDLE without it is Cyrus's 60 s check); make the accounts once."""
+        idle_socket = self.config_dir / "socket" / "idle"
+        while not idle_socket.exists():
+            if time.monotonic() > deadline or not alive():
+                raise CyrusError("idled did not start")
+            time.sleep(0.02)
+        if not self._accounts_created:
+            self._create_accounts()
 
     def _create_accounts(self) -> None:
         """Each user's INBOX is a mailbox the admin creates (Cyrus makes none on login by default)."""
-        with self._admin_imap() as admin:
+        with self.signed_in(ADMIN_USER, self._admin_password) as admin:
             for user in self._users:
                 admin.create_folder(f"user/{user}")
         self._accounts_created = True
 
-    @contextlib.contextmanager
-    def _admin_imap(self) -> Iterator[imapclient.IMAPClient]:
-        client = imapclient.IMAPClient(self.host, self.imap_port, ssl=False, timeout=30)
-        try:
-            client.login(ADMIN_USER, self._admin_password)
-            yield client
-        finally:
-            with contextlib.suppress(Exception):
-                client.logout()
-
-    def stop(self) -> None:
-        """Stop the master and all its processes (clients are disconnected); mail stays."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_GRACE_SECONDS)
-        # Services outlive the master briefly; the ports are only free once they are gone.
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while True:
-            try:
-                os.killpg(process.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        self.stop()
-        if self._owns_work_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def log_text(self) -> str:
         """The master's output (Cyrus logs to syslog, which the tests do not run)."""

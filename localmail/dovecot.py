@@ -34,7 +34,7 @@ from imapclient import imap_utf7
 
 from emailops.processes import pid_alive
 from localmail.certs import LOOPBACK_NAMES, TestCertificates, make_test_certificates
-from localmail.imap_server import LocalImapServer, LocalServerError
+from localmail.imap_server import LocalImapServer, LocalServerError, start_in_own_session, wait_for_greeting
 
 DOVECOT_BINARY = "dovecot"
 DOVEADM_BINARY = "doveadm"
@@ -44,12 +44,9 @@ LOOPBACK = "127.0.0.1"
 # address: Dovecot 2.3 can switch TLS off only per local address (a ``local`` block), and the
 # plain port must then have TLS off so that it does not offer STARTTLS.
 SECOND_LOOPBACK = "127.0.0.2"
-READY_TIMEOUT_SECONDS = 15.0
 WORK_DIR_PREFIX = "emailops-dovecot-"
 # Holds the pid of the process that made a temporary work folder, for orphan clean-up.
 OWNER_FILE = "owner.pid"
-# Dovecot's processes end within milliseconds of SIGTERM; past this they are killed.
-STOP_GRACE_SECONDS = 2.0
 
 # Dovecot 2.3.19's post-login capability list. Dovecot 2.3 can only replace the list
 # (``imap_capability``), not subtract from it, so hiding a capability means writing this list
@@ -97,34 +94,6 @@ def free_loopback_ports(count: int, host: str = LOOPBACK) -> list[int]:
         return ports
 
 
-def wait_for_greeting(
-    host: str, port: int, prefix: bytes, deadline: float, alive: Callable[[], bool] = lambda: True
-) -> None:
-    """Return once a TCP server on ``host:port`` greets with ``prefix``; raise at ``deadline``.
-
-    An empty ``prefix`` waits only until the port accepts connections.
-
-    Connect attempts are retried until the deadline, with a short pause only after a refusal;
-    ``alive`` returning False (the server process has exited) ends the wait at once.
-    """
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if not alive():
-            raise DovecotError("the server process exited")
-        try:
-            with socket.create_connection((host, port), timeout=1.0) as sock:
-                if not prefix:
-                    return  # a TLS port speaks only after the client's hello: listening is enough
-                greeting = sock.recv(512)
-            if greeting.startswith(prefix):
-                return
-            last_error = DovecotError(f"unexpected greeting {greeting[:80]!r}")
-        except OSError as error:
-            last_error = error
-        time.sleep(0.02)
-    raise DovecotError(f"no greeting from {host}:{port} in time: {last_error}")
-
-
 def default_scratch_root() -> str | None:
     """Where throwaway servers keep their files: memory (``/dev/shm``) when there is one.
 
@@ -160,12 +129,12 @@ def remove_orphaned_work_dirs(prefix: str = WORK_DIR_PREFIX) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _process_group_alive(group_id: int) -> bool:
-    try:
-        os.killpg(group_id, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def new_work_dir(prefix: str) -> Path:
+    """A new temporary work folder for a server, after removing those of killed runs."""
+    remove_orphaned_work_dirs(prefix)
+    work_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=default_scratch_root()))
+    (work_dir / OWNER_FILE).write_text(str(os.getpid()))
+    return work_dir
 
 
 def _check_traversable_by(path: Path, uid: int, gid: int) -> None:
@@ -201,6 +170,7 @@ class LocalDovecot(LocalImapServer):
     """
 
     kind = "dovecot"
+    error_class = DovecotError
 
     def __init__(
         self,
@@ -248,9 +218,7 @@ class LocalDovecot(LocalImapServer):
 
         self._owns_work_dir = work_dir is None
         if work_dir is None:
-            remove_orphaned_work_dirs()
-            work_dir = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=default_scratch_root()))
-            (work_dir / OWNER_FILE).write_text(str(os.getpid()))
+            work_dir = new_work_dir(WORK_DIR_PREFIX)
         self.work_dir = work_dir.resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.work_dir.chmod(0o711)
@@ -401,66 +369,14 @@ class LocalDovecot(LocalImapServer):
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def start(self) -> None:
-        """Start the master and return once IMAP and LMTP greet (raises with the log otherwise)."""
-        if self.running:
-            return
-        with self._stderr_file.open("ab") as stderr:
-            self._process = subprocess.Popen(
-                [DOVECOT_BINARY, "-F", "-c", str(self.config_file)],
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        process = self._process
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    def _launch(self) -> subprocess.Popen[bytes]:
+        return start_in_own_session([DOVECOT_BINARY, "-F", "-c", str(self.config_file)], self._stderr_file)
 
-        def alive() -> bool:
-            return process.poll() is None
+    def _finish_start(self, deadline: float, alive: Callable[[], bool]) -> None:
+        if self.imaps_port is not None:
+            wait_for_greeting(self.imaps_host, self.imaps_port, b"", deadline, alive)
 
-        try:
-            wait_for_greeting(self.host, self.imap_port, b"* OK", deadline, alive)
-            wait_for_greeting(self.host, self.lmtp_port, b"220", deadline, alive)
-            if self.imaps_port is not None:
-                wait_for_greeting(self.imaps_host, self.imaps_port, b"", deadline, alive)
-        except DovecotError as error:
-            exit_code = process.poll()
-            self.stop()
-            raise DovecotError(
-                f"Dovecot did not become ready ({error}; exit code {exit_code}).\n{self._log_tail()}"
-            ) from error
-
-    def stop(self) -> None:
-        """Stop the master and all its processes (clients are disconnected); mail stays."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        # Signalling the whole group (the master runs in its own session) stops every process at
-        # once; SIGTERM to the master alone makes it wait about a second for its children.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_GRACE_SECONDS)
-        # Children may outlive the master briefly; the ports are only free once they are gone.
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while _process_group_alive(process.pid):
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        """Stop, and remove the work folder if this instance made it."""
-        self.stop()
-        if self._owns_work_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def _log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 30) -> str:
         text = ""
         for path in (self._stderr_file, self.log_file):
             if path.exists():

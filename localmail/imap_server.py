@@ -8,13 +8,18 @@ test written against this class runs unchanged against either server.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
 import signal
 import smtplib
+import socket
+import subprocess
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from os import kill
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -23,10 +28,85 @@ import imapclient
 from localmail.certs import TestCertificates
 
 _APPENDUID = re.compile(rb"\[APPENDUID \d+ (\d+)\]", re.IGNORECASE)
+READY_TIMEOUT_SECONDS = 15.0
+# The servers' processes end within milliseconds of SIGTERM; past this they are killed.
+STOP_GRACE_SECONDS = 2.0
 
 
 class LocalServerError(RuntimeError):
     """A local mail server could not be started, stopped or driven."""
+
+
+def wait_for_greeting(
+    host: str, port: int, prefix: bytes, deadline: float, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Return once a TCP server on ``host:port`` greets with ``prefix``; raise at ``deadline``.
+
+    An empty ``prefix`` waits only until the port accepts connections.
+
+    Connect attempts are retried until the deadline, with a short pause only after a refusal;
+    ``alive`` returning False (the server process has exited) ends the wait at once.
+    """
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if not alive():
+            raise LocalServerError("the server process exited")
+        try:
+            with socket.create_connection((host, port), timeout=1.0) as sock:
+                if not prefix:
+                    return  # a TLS port speaks only after the client's hello: listening is enough
+                greeting = sock.recv(512)
+            if greeting.startswith(prefix):
+                return
+            last_error = LocalServerError(f"unexpected greeting {greeting[:80]!r}")
+        except OSError as error:
+            last_error = error
+        time.sleep(0.02)
+    raise LocalServerError(f"no greeting from {host}:{port} in time: {last_error}")
+
+
+def _process_group_alive(group_id: int) -> bool:
+    try:
+        os.killpg(group_id, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_in_own_session(
+    command: list[str], output_file: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a server's master in a new session (its own process group), output appended to a file."""
+    with output_file.open("ab") as output:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the group ``process`` leads, SIGKILL what is left after the grace time; wait for all."""
+    # Signalling the whole group stops every process at once; SIGTERM to the master alone makes
+    # Dovecot wait about a second for its children.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    # Children may outlive the master briefly; the ports are only free once they are gone.
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while _process_group_alive(process.pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 def lmtp_deliver(host: str, port: int, mail_from: str, recipient: str, raw: bytes) -> None:
@@ -44,6 +124,12 @@ class LocalImapServer(ABC):
 
     #: Which server this is ("dovecot", "cyrus"): for test ids and failure messages.
     kind: str
+    #: What ``start()`` raises when the server does not become ready.
+    error_class: type[LocalServerError] = LocalServerError
+    _process: subprocess.Popen[bytes] | None = None
+    #: Holds everything the instance owns; removed by ``close()`` when the instance made it.
+    work_dir: Path
+    _owns_work_dir: bool
     host: str
     imap_port: int
     lmtp_port: int
@@ -54,20 +140,50 @@ class LocalImapServer(ABC):
     # ----------------------------------------------------------------------------- lifecycle
 
     @abstractmethod
-    def start(self) -> None:
-        """Start the server and return once IMAP and LMTP greet."""
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """Start the server's master process in its own session (``start_in_own_session``)."""
 
     @abstractmethod
-    def stop(self) -> None:
-        """Stop the server and all its processes (clients are disconnected); mail stays."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Stop, and remove the work folder if this instance made it."""
+    def _finish_start(self, deadline: float, alive: Callable[[], bool]) -> None:
+        """What else must be ready once IMAP and LMTP greet; raise ``LocalServerError`` if not."""
 
     @property
-    @abstractmethod
-    def running(self) -> bool: ...
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start the master and return once IMAP and LMTP greet (raises with the log otherwise)."""
+        if self.running:
+            return
+        process = self._process = self._launch()
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+
+        def alive() -> bool:
+            return process.poll() is None
+
+        try:
+            wait_for_greeting(self.host, self.imap_port, b"* OK", deadline, alive)
+            wait_for_greeting(self.host, self.lmtp_port, b"220", deadline, alive)
+            self._finish_start(deadline, alive)
+        except (LocalServerError, OSError) as error:
+            exit_code = process.poll()
+            self.stop()
+            raise self.error_class(
+                f"{self.kind.capitalize()} did not become ready ({error}; exit code {exit_code}).\n"
+                f"{self.log_tail()}"
+            ) from error
+
+    def stop(self) -> None:
+        """Stop the master and all its processes (clients are disconnected); mail stays."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            stop_process_group(process)
+
+    def close(self) -> None:
+        """Stop, and remove the work folder if this instance made it."""
+        self.stop()
+        if self._owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def restart(self) -> None:
         """Stop and start again on the same ports with the same mail."""
@@ -94,6 +210,10 @@ class LocalImapServer(ABC):
     def log_text(self) -> str:
         """The server's log so far (for assertions and for failure messages)."""
 
+    @abstractmethod
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the server's logs, for failure messages."""
+
     # ----------------------------------------------------------------------------- accounts
 
     @property
@@ -108,12 +228,20 @@ class LocalImapServer(ABC):
 
     # ----------------------------------------------------------------------------- IMAP access
 
-    @contextlib.contextmanager
-    def imap(self, user: str, *, timeout: float = 30.0) -> Iterator[imapclient.IMAPClient]:
+    def imap(
+        self, user: str, *, timeout: float = 30.0
+    ) -> contextlib.AbstractContextManager[imapclient.IMAPClient]:
         """A logged-in IMAPClient over the plain port (loopback), logged out afterwards."""
+        return self.signed_in(user, self.password(user), timeout=timeout)
+
+    @contextlib.contextmanager
+    def signed_in(
+        self, user: str, password: str, *, timeout: float = 30.0
+    ) -> Iterator[imapclient.IMAPClient]:
+        """As ``imap``, for a login that is not one of ``users`` (an admin, a wrong password)."""
         client = imapclient.IMAPClient(self.host, self.imap_port, ssl=False, timeout=timeout)
         try:
-            client.login(user, self.password(user))
+            client.login(user, password)
             yield client
         finally:
             with contextlib.suppress(Exception):
@@ -183,5 +311,5 @@ class LocalImapServer(ABC):
         pids = self.imap_process_ids(user)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                kill(pid, sig)
+                os.kill(pid, sig)
         return len(pids)

@@ -24,10 +24,11 @@ def test_accounts_delivery_and_restart_keep_mail_and_uidvalidity() -> None:
         cyrus.deliver([ALICE, BOB], RAW)
         uid = cyrus.append(ALICE, "INBOX", RAW.replace(b"<c1@x>", b"<c2@x>"))
         before = cyrus.folder_status(ALICE)
-        client = imaplib.IMAP4(cyrus.host, cyrus.imap_port)
-        with pytest.raises(imaplib.IMAP4.error, match="authentication failure"):
-            client.login(ALICE, "not-alices-password")
-        client.logout()
+        with (
+            pytest.raises(imaplib.IMAP4.error, match="authentication failure"),
+            cyrus.signed_in(ALICE, "not-alices-password"),
+        ):
+            pass
 
         cyrus.restart()
         assert cyrus.folder_status(ALICE) == before
