@@ -1,4 +1,4 @@
-"""Incremental sync against a real Dovecot: initial sync, new mail, flags, expunges, UIDVALIDITY."""
+"""Incremental sync against Dovecot and Cyrus: initial sync, new mail, flags, expunges, UIDVALIDITY."""
 
 from __future__ import annotations
 

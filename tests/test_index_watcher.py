@@ -1,4 +1,4 @@
-"""The folder watcher against a real Dovecot: IDLE, polling, dropped connections, restarts, bad mail."""
+"""The folder watcher against Dovecot and Cyrus: IDLE, polling, dropped connections, restarts, bad mail."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Automatic replies end to end: a real Dovecot, an SMTP relay delivering into it, the worker pipeline.
+"""Automatic replies end to end: a real IMAP server (Dovecot, Cyrus), an SMTP relay into it, the pipeline.
 
 Alice's account runs the pipeline; Bob and others write to Alice; replies land in their mailboxes.
 """

@@ -1,4 +1,4 @@
-"""Mailbox actions against a real Dovecot: flag, seen, move (MOVE and the COPY fallback), appends."""
+"""Mailbox actions against real servers: flag, seen, move (MOVE and the COPY fallback), appends."""
 
 from __future__ import annotations
 
