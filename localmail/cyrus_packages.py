@@ -21,7 +21,8 @@ ROOT_ENVIRONMENT_VARIABLE = "EMAILOPS_CYRUS_ROOT"
 PACKAGES = ("cyrus-imapd", "cyrus-common", "sasl2-bin")
 # Written last: a folder without it is an interrupted unpack and is made again.
 READY_FILE = "unpacked.txt"
-LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib", "lib")
+# Debian's multiarch library folders (usr/lib/x86_64-linux-gnu, ...), relative to a root.
+LIBRARY_DIR_PATTERNS = ("usr/lib/*-linux-gnu", "lib/*-linux-gnu")
 BINARIES = ("master", "imapd", "lmtpd", "idled", "ctl_cyrusdb")
 
 
@@ -52,10 +53,23 @@ class CyrusInstallation:
         return self.tree / "usr" / "sbin" / "saslpasswd2"
 
     def environment(self) -> dict[str, str]:
-        """This process's environment with the unpacked libraries found first."""
-        paths = [str(self.tree / d) for d in LIBRARY_DIRS if (self.tree / d).is_dir()]
+        """This process's environment with the unpacked libraries and SASL plugins found first.
+
+        libsasl2 looks for its plugins (PLAIN, LOGIN, sasldb) only where it was built to, unless
+        ``SASL_PATH`` says otherwise: the unpacked ones (when the machine lacks libsasl2-modules)
+        come first, the machine's after.
+        """
+        library_dirs = [d for pattern in LIBRARY_DIR_PATTERNS for d in sorted(self.tree.glob(pattern))]
         inherited = os.environ.get("LD_LIBRARY_PATH")
-        return {**os.environ, "LD_LIBRARY_PATH": ":".join([*paths, *([inherited] if inherited else [])])}
+        sasl_dirs = [
+            *self.tree.glob("usr/lib/*-linux-gnu/sasl2"),
+            *Path("/").glob("usr/lib/*-linux-gnu/sasl2"),
+        ]
+        return {
+            **os.environ,
+            "LD_LIBRARY_PATH": ":".join([*map(str, library_dirs), *([inherited] if inherited else [])]),
+            "SASL_PATH": ":".join(map(str, sasl_dirs)),
+        }
 
 
 def find_installation(root: Path | None = None) -> CyrusInstallation:

@@ -71,3 +71,13 @@ def test_fetch_unpacks_a_cyrus_that_runs() -> None:
             assert cyrus.folder_status(ALICE)["messages"] == 1
     finally:
         shutil.rmtree(root)
+
+
+def test_the_sasl_plugins_are_looked_for_where_they_are_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libsasl2 finds PLAIN and sasldb only in SASL_PATH (or where it was built to look): on a
+    # machine without libsasl2-modules they are in the unpacked tree. An inherited path is replaced.
+    monkeypatch.setenv("SASL_PATH", str(tmp_path))
+    with LocalCyrus(MAIL_USERS) as cyrus:
+        assert cyrus.folder_status(ALICE)["messages"] == 0
