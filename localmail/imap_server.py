@@ -122,7 +122,7 @@ def lmtp_deliver(host: str, port: int, mail_from: str, recipient: str, raw: byte
 class LocalImapServer(ABC):
     """One private IMAP + LMTP server on loopback with password accounts (plain IMAP on ``imap_port``)."""
 
-    #: Which server this is ("dovecot", "cyrus"): for test ids and failure messages.
+    #: Which server this is ("dovecot", "cyrus"), as failure messages name it.
     kind: str
     #: What ``start()`` raises when the server does not become ready.
     error_class: type[LocalServerError] = LocalServerError
