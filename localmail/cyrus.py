@@ -223,10 +223,11 @@ class LocalCyrus(LocalImapServer):
         for entry in (self.config_dir / "proc").iterdir():
             try:
                 fields = entry.read_text().split("\t")
-                parent = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            except (OSError, IndexError):
+                state, parent = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except (OSError, ValueError):
                 continue  # the session ended meanwhile
-            if fields[0] != "imap" or int(parent) != self._process.pid:
+            # A killed session stays registered until the master reaps it (a zombie until then).
+            if fields[0] != "imap" or state == "Z" or int(parent) != self._process.pid:
                 continue
             if user is not None and (len(fields) < 3 or fields[2] != user):
                 continue

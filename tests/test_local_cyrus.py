@@ -5,6 +5,7 @@ from __future__ import annotations
 import imaplib
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,11 @@ def test_killing_the_sessions_of_one_user_leaves_the_others() -> None:
         with pytest.raises((imaplib.IMAP4.abort, OSError)):
             alice.noop()
         assert bob.noop()[0].startswith(b"Completed")
+        deadline = time.monotonic() + 5  # the killed process is gone once its exit completes
+        while cyrus.imap_process_ids(ALICE) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert cyrus.imap_process_ids(ALICE) == []
+        assert len(cyrus.imap_process_ids(BOB)) == 1
 
 
 def test_a_cyrus_not_unpacked_fails_with_how_to_unpack_it(
