@@ -1,18 +1,28 @@
-"""Mailbox actions against a real Dovecot: flag, seen, move (MOVE and the COPY fallback), appends."""
+"""Mailbox actions against a real Dovecot: flag, seen, move (MOVE and the COPY fallback), appends,
+and none on a UID whose folder was recreated since the message was indexed."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 from imapclient import DELETED, DRAFT, FLAGGED, SEEN
+from structlog.testing import capture_logs
 
+from emailops.config import ReplyConfig
 from emailops.imap.announcements import CHANGE_ANSWERS
 from emailops.imap.imaplib_internals import set_aside_answers
+from emailops.pipeline import MailPipeline
+from emailops.processes import ProcessIdentity
 from emailops.replies import imap_actions
 from emailops.replies.decisions import MailboxAction, MailboxActionKind
 from emailops.replies.mailbox import MailboxSession
+from emailops.replies.stages import RulesStage
 from localmail.dovecot import LocalDovecot
 from tests.conftest import MAIL_USERS
-from tests.index_helpers import ALICE, imap_config
+from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, rows, sync_config
 
 USER = "alice@example.test"
 RAW = b"From: bob@example.test\r\nTo: alice@example.test\r\nSubject: hi\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n"
@@ -89,3 +99,87 @@ def test_a_long_lived_session_keeps_no_announcement_of_the_mail_that_arrives(dov
     kept = set_aside_answers(session.client("INBOX"))
     assert {kind: kept[kind] for kind in CHANGE_ANSWERS if kind in kept} == {}
     session.close()
+
+
+MOVE_RULE = """
+[[rules]]
+name = "file-invoices"
+folders = ["Work"]
+[rules.match]
+subject = "invoice"
+[rules.actions]
+flag = true
+move = "Archive"
+"""
+
+
+def work_message(subject: str, n: int) -> bytes:
+    return (
+        f"From: bob@example.test\r\nTo: {ALICE}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <work-{n}@example.test>\r\n\r\nbody {n}\r\n"
+    ).encode()
+
+
+def test_a_rule_action_does_not_touch_the_message_that_took_the_uid_in_a_recreated_folder(
+    dovecot: LocalDovecot, db_url: str, tmp_path: Path
+) -> None:
+    # The message is indexed under one UIDVALIDITY; before its rules run, the folder is deleted and
+    # created again and another message gets the same UID. The rule's flag and move must not hit it.
+    dovecot.create_folder(ALICE, "Work")
+    dovecot.create_folder(ALICE, "Archive")
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text(MOVE_RULE)
+    engine = index_engine(db_url)
+    config = ReplyConfig(from_address=ALICE, own_addresses=(ALICE,), rules_file=rules_file)
+    imap = imap_config(dovecot)
+    indexing = MailPipeline(
+        engine, imap, sync_config(folders=("Work",)), owner=str(ProcessIdentity.of_this_process(1, run="t"))
+    )
+    stage = RulesStage(engine, account=ACCOUNT, config=config, mailbox=MailboxSession(imap))
+
+    def index_until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline, "not indexed in time"
+            indexing.run_once()
+
+    try:
+        index_until(lambda: any(w.idling for w in indexing.watchers.values()))
+        old_uid = dovecot.append(ALICE, "Work", work_message("invoice 1", 1))
+        index_until(lambda: rows(engine, "SELECT rules_state FROM messages") == [("pending",)])
+        (indexed_under,) = rows(engine, "SELECT uidvalidity FROM messages")
+        dovecot.delete_folder(ALICE, "Work")
+        dovecot.create_folder(ALICE, "Work")
+        other_uid = dovecot.append(ALICE, "Work", work_message("lunch", 2))
+        assert other_uid == old_uid
+        assert dovecot.folder_status(ALICE, "Work")["uidvalidity"] != indexed_under[0]
+
+        with capture_logs() as logs:
+            assert stage.run_once()
+        with dovecot.imap(ALICE) as client:
+            client.select_folder("Work", readonly=True)
+            assert client.search(["ALL"]) == [other_uid]
+            assert FLAGGED not in client.get_flags([other_uid])[other_uid]
+            client.select_folder("Archive", readonly=True)
+            assert client.search(["ALL"]) == []
+        (skipped,) = [e for e in logs if e["event"].startswith("mailbox change asked by a rule not made")]
+        assert skipped["uid"] == old_uid and skipped["uidvalidity"] == indexed_under[0]
+        assert skipped["folder_uidvalidity"] == dovecot.folder_status(ALICE, "Work")["uidvalidity"]
+        assert skipped["actions"] == ["flag", "move"] and skipped["log_level"] == "warning"
+
+        # Once the index has the folder's new UIDVALIDITY, a message that arrives is filed as the
+        # rule says (the resync itself indexes what is there as history: not for the rules).
+        current = dovecot.folder_status(ALICE, "Work")["uidvalidity"]
+        index_until(lambda: rows(engine, "SELECT uidvalidity FROM folders") == [(current,)])
+        new_uid = dovecot.append(ALICE, "Work", work_message("invoice 3", 3))
+        index_until(lambda: ("pending",) in rows(engine, "SELECT rules_state FROM messages"))
+        assert stage.run_once()
+        with dovecot.imap(ALICE) as client:
+            client.select_folder("Work", readonly=True)
+            assert client.search(["ALL"]) == [other_uid] and new_uid != other_uid
+            client.select_folder("Archive", readonly=True)
+            (filed,) = client.search(["ALL"])
+            assert FLAGGED in client.get_flags([filed])[filed]
+    finally:
+        stage.close()
+        indexing.close()

@@ -26,6 +26,20 @@ from emailops.imap.connection import connect, logout_quietly
 from emailops.imap.errors import CONNECTION_ERRORS
 
 
+class FolderRecreated(Exception):
+    """The folder's UIDVALIDITY is not the one a message was indexed under: its UIDs name other
+    messages now, so nothing is done with them."""
+
+    def __init__(self, folder: str, expected: int, current: int | None) -> None:
+        super().__init__(
+            f"folder {folder!r} has UIDVALIDITY {current}, not {expected}: it was recreated and its "
+            "UIDs name other messages"
+        )
+        self.folder = folder
+        self.expected = expected
+        self.current = current
+
+
 class MailboxSession:
     # Unused for longer than this, the connection is checked (one NOOP) before it is used again.
     IDLE_CHECK_SECONDS = 60.0
@@ -42,6 +56,8 @@ class MailboxSession:
         self.monotonic = monotonic
         self._client: IMAPClient | None = None
         self._selected: str | None = None
+        # The UIDVALIDITY the SELECT of ``_selected`` reported: within one selection it cannot change.
+        self._uidvalidity: int | None = None
         self._last_used = 0.0
 
     def client(self, folder: str | None = None) -> IMAPClient:
@@ -58,9 +74,12 @@ class MailboxSession:
         if self._client is None:
             self._client = self.connector(self.server)
             self._selected = None
+            self._uidvalidity = None
         if folder is not None and folder != self._selected:
-            self._client.select_folder(folder)
+            selected = self._client.select_folder(folder)
             self._selected = folder
+            uidvalidity = selected.get(b"UIDVALIDITY")
+            self._uidvalidity = int(uidvalidity) if uidvalidity is not None else None
         elif folder is not None and not checked:
             # A session sees messages that arrived since its SELECT only after the server told it:
             # a UID STORE to a message it does not know yet is silently ignored (RFC 3501 6.4.8).
@@ -68,15 +87,25 @@ class MailboxSession:
         forget_unsolicited(self._client)
         return self._client
 
+    def client_for_uids(self, folder: str, uidvalidity: int) -> IMAPClient:
+        """The connection with ``folder`` selected read-write, for UIDs read under ``uidvalidity``;
+        raises ``FolderRecreated`` when the folder's UIDVALIDITY is another one."""
+        client = self.client(folder)
+        if self._uidvalidity != uidvalidity:
+            raise FolderRecreated(folder, uidvalidity, self._uidvalidity)
+        return client
+
     def drop(self) -> None:
         if self._client is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 self._client.shutdown()
         self._client = None
         self._selected = None
+        self._uidvalidity = None
 
     def close(self) -> None:
         if self._client is not None:
             logout_quietly(self._client)
         self._client = None
         self._selected = None
+        self._uidvalidity = None

@@ -20,7 +20,7 @@ from emailops.imap.errors import CONNECTION_ERRORS, ImapError
 from emailops.processes import is_dead_sibling
 from emailops.replies import decisions, imap_actions, outbox
 from emailops.replies.delivery import deliver_next, inbound_origin, request_context
-from emailops.replies.mailbox import MailboxSession
+from emailops.replies.mailbox import FolderRecreated, MailboxSession
 from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.request_ids import request_id
@@ -142,7 +142,7 @@ class RulesStage:
         replied = any(d.outbox_id is not None or d.llm_job_id is not None for d in made)
         if (actions or replied) and not self.config.dry_run:
             with structlog.contextvars.bound_contextvars(request_id=rid):
-                self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
+                self._change_mailbox(stored, actions, replied=replied)
 
     def _apply(
         self, conn: Connection, pk: int, stored: message_store.StoredMessage, ruleset: RuleSet, rid: str
@@ -191,13 +191,25 @@ class RulesStage:
             )
 
     def _change_mailbox(
-        self, folder: str, uid: int, actions: list[decisions.MailboxAction], *, replied: bool
+        self, stored: message_store.StoredMessage, actions: list[decisions.MailboxAction], *, replied: bool
     ) -> None:
+        folder, uid = stored.folder, stored.uid
         try:
-            client = self.mailbox.client(folder)
+            client = self.mailbox.client_for_uids(folder, stored.uidvalidity)
             if replied:  # first: a move must carry the keyword along
                 imap_actions.add_flags(client, uid, [AUTO_REPLIED_KEYWORD])
             imap_actions.perform(client, uid, actions)
+        except FolderRecreated as exc:
+            log.warning(
+                "mailbox change asked by a rule not made: the folder was recreated since the message "
+                "was indexed, and its UID now names another message",
+                folder=folder,
+                uid=uid,
+                uidvalidity=exc.expected,
+                folder_uidvalidity=exc.current,
+                actions=[a.kind.value for a in actions],
+                replied_keyword=replied,
+            )
         except (ImapError, *CONNECTION_ERRORS) as exc:
             self.mailbox.drop()
             log.error(
