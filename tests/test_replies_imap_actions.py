@@ -16,7 +16,8 @@ from emailops.imap.announcements import CHANGE_ANSWERS
 from emailops.imap.imaplib_internals import set_aside_answers
 from emailops.pipeline import MailPipeline
 from emailops.processes import ProcessIdentity
-from emailops.replies import imap_actions
+from emailops.replies import appends, imap_actions
+from emailops.replies.appends import AppendOutcome
 from emailops.replies.decisions import MailboxAction, MailboxActionKind
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.stages import RulesStage
@@ -57,15 +58,29 @@ def test_append_draft_and_sent() -> None:
     with LocalDovecot(MAIL_USERS) as dovecot:
         dovecot.create_folder(USER, "Drafts")
         dovecot.create_folder(USER, "Sent")
+        session = MailboxSession(imap_config(dovecot))
+        assert appends.save_draft(session, RAW, "<x@y>", folder="Drafts").outcome is AppendOutcome.SAVED
+        assert appends.save_sent_copy(session, RAW, "<x@y>", folder="Sent").outcome is AppendOutcome.SAVED
+        # A draft already in the folder is not saved again.
+        assert appends.save_draft(session, RAW, "<x@y>", folder="Drafts").outcome is AppendOutcome.FOUND
+        session.close()
         with dovecot.imap(USER) as client:
-            imap_actions.append_draft(client, RAW, folder="Drafts")
-            imap_actions.append_sent(client, RAW, folder="Sent")
             client.select_folder("Drafts", readonly=True)
             (draft,) = client.search(["ALL"])
             assert {DRAFT, SEEN} <= set(client.get_flags([draft])[draft])
             client.select_folder("Sent", readonly=True)
             (sent,) = client.search(["ALL"])
             assert SEEN in client.get_flags([sent])[sent] and DRAFT not in client.get_flags([sent])[sent]
+
+
+def test_a_draft_refused_by_the_server_is_not_saved_and_may_be_tried_again(dovecot: LocalDovecot) -> None:
+    session = MailboxSession(imap_config(dovecot))
+    # No such folder: the SELECT before the APPEND is refused.
+    refused = appends.save_draft(session, RAW, "<x@y>", folder="Drafts")
+    assert refused.outcome is AppendOutcome.NOT_SAVED and refused.error
+    copy = appends.save_sent_copy(session, RAW, "<x@y>", folder="Sent")
+    assert copy.outcome is AppendOutcome.NOT_SAVED and "TRYCREATE" in (copy.error or "")
+    session.close()
 
 
 def test_a_session_closed_by_the_server_while_idle_is_reopened_before_use(dovecot: LocalDovecot) -> None:
