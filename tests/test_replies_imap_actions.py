@@ -19,7 +19,7 @@ from emailops.processes import ProcessIdentity
 from emailops.replies import appends, imap_actions
 from emailops.replies.appends import AppendOutcome
 from emailops.replies.decisions import MailboxAction, MailboxActionKind
-from emailops.replies.mailbox import MailboxSession
+from emailops.replies.mailbox import FolderRecreated, MailboxSession
 from emailops.replies.stages import RulesStage
 from localmail.dovecot import LocalDovecot
 from tests.conftest import MAIL_USERS
@@ -198,3 +198,25 @@ def test_a_rule_action_does_not_touch_the_message_that_took_the_uid_in_a_recreat
     finally:
         stage.close()
         indexing.close()
+
+
+def test_a_selection_made_before_the_folder_was_recreated_is_not_trusted(dovecot: LocalDovecot) -> None:
+    # The session selected the folder, then it was recreated: the UIDVALIDITY checked is the one a
+    # new SELECT reports, for UIDs of the old folder and of the new one alike.
+    dovecot.create_folder(ALICE, "Work")
+    dovecot.append(ALICE, "Work", work_message("invoice 1", 1))
+    old = dovecot.folder_status(ALICE, "Work")["uidvalidity"]
+    session = MailboxSession(imap_config(dovecot))
+    session.client_for_uids("Work", old)
+    dovecot.delete_folder(ALICE, "Work")
+    dovecot.create_folder(ALICE, "Work")
+    uid = dovecot.append(ALICE, "Work", work_message("invoice 2", 2))
+    new = dovecot.folder_status(ALICE, "Work")["uidvalidity"]
+    with pytest.raises(FolderRecreated) as raised:
+        session.client_for_uids("Work", old)
+    assert (raised.value.expected, raised.value.current) == (old, new)
+    imap_actions.add_flags(session.client_for_uids("Work", new), uid)
+    session.close()
+    with dovecot.imap(ALICE) as client:
+        client.select_folder("Work", readonly=True)
+        assert FLAGGED in client.get_flags([uid])[uid]
