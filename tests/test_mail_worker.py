@@ -16,6 +16,7 @@ from localmail.smtp_relay import LocalSmtpRelay
 from prod.mail_worker import create_unit
 from prod.runtime_settings import RuntimeSettings
 from tests.index_helpers import ALICE, daemon_env
+from tests.test_replies_e2e import inbound
 
 RULES = """
 [[rules]]
@@ -62,11 +63,7 @@ def test_a_worker_makes_rule_changes_and_saves_sent_copies_over_one_imap_session
         try:
             run_until(unit, lambda: any(w.idling for w in unit.watchers.values()))
             watching = len(proxy.sessions())
-            dovecot.deliver(
-                ALICE,
-                b"From: Bob <bob@example.test>\r\nTo: alice@example.test\r\nSubject: help please\r\n"
-                b"Message-ID: <help-1@example.test>\r\n\r\nplease help\r\n",
-            )
+            dovecot.deliver(ALICE, inbound("help please"))
             run_until(unit, lambda: sum(s.count("APPEND") for s in proxy.sessions()) == 1)
         finally:
             unit.close()

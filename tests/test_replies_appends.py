@@ -28,8 +28,7 @@ from emailops.replies.stages import OutboxStage, RulesStage
 from localmail.dovecot import LocalDovecot
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, sync_config
-
-BOB = "bob@example.test"
+from tests.test_replies_e2e import inbound
 
 
 def rules(*, draft: bool) -> str:
@@ -103,14 +102,6 @@ class Worker:
         self.pipeline.close()
 
 
-def inbound(n: int = 1) -> bytes:
-    return (
-        f"From: Bob <{BOB}>\r\nTo: {ALICE}\r\nSubject: help please\r\n"
-        f"Message-ID: <in-{n}-{time.monotonic_ns()}@example.test>\r\n"
-        f"Date: Tue, 2 Jan 2024 10:00:00 +0000\r\n\r\nplease help me {n}\r\n"
-    ).encode()
-
-
 def in_folder(dovecot: LocalDovecot, folder: str) -> list[int]:
     with dovecot.imap(ALICE) as client:
         client.select_folder(folder, readonly=True)
@@ -152,7 +143,7 @@ def test_a_draft_whose_append_answer_was_lost_is_found_in_the_folder_and_not_sav
     worker = start(dovecot, smtp_relay, proxy, db_url, tmp_path, draft=True)
     try:
         proxy.lose_answer_to("APPEND")
-        dovecot.deliver(ALICE, inbound())
+        dovecot.deliver(ALICE, inbound("help please"))
         with capture_logs() as logs:
             worker.run_until(lambda: appends_sent(proxy) == 1 and worker.replies()[0][1] != "sending")
             # Had the lost answer been taken for a failure, the draft would be due again now.
@@ -179,7 +170,7 @@ def test_a_draft_whose_outcome_stays_unknown_is_searched_for_before_the_retry_sa
         worker.mailbox.client()  # the session's connection is open: only new ones are refused
         proxy.refusing = True
         proxy.lose_answer_to("APPEND")
-        dovecot.deliver(ALICE, inbound())
+        dovecot.deliver(ALICE, inbound("help please"))
         with capture_logs() as logs:
             worker.run_until(lambda: [r[1] for r in worker.replies()] == ["unknown"])
         [(reply_id, _state, _attempts, error)] = worker.replies()
@@ -215,7 +206,7 @@ def test_a_sent_copy_whose_append_answer_was_lost_is_told_apart_from_a_failure(
         worker.mailbox.client()
         proxy.refusing = not reachable
         proxy.lose_answer_to("APPEND")
-        dovecot.deliver(ALICE, inbound())
+        dovecot.deliver(ALICE, inbound("help please"))
         with capture_logs() as logs:
             worker.run_until(lambda: any(e["event"].startswith("copy of a sent reply") for e in logs))
     finally:

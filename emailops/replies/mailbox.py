@@ -95,7 +95,14 @@ class MailboxSession:
         The folder is selected again each time (one round trip, as the NOOP would be): a selection
         made before the folder was recreated still shows the old folder."""
         client = self.client()
-        self._select(client, folder)
+        try:
+            self._select(client, folder)
+        except CONNECTION_ERRORS:
+            # Dovecot refuses (SERVERBUG) a SELECT in a session that had the folder open before it
+            # was recreated; a new session opens it afresh. A SELECT touches no UID: safe to repeat.
+            self.drop()
+            client = self.client()
+            self._select(client, folder)
         if self._uidvalidity != uidvalidity:
             raise FolderRecreated(folder, uidvalidity, self._uidvalidity)
         return client
