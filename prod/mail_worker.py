@@ -39,12 +39,15 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     # With OAuth2, one token source per worker; the workers share the token row in the index.
     tokens = token_source(settings, engine)
     imap = settings.imap_config(tokens)
+    # One IMAP session for what the rules change in the mailbox and for the outbox's drafts and
+    # Sent copies (the stages run in turn, never at once); the watchers have their own.
+    mailbox = MailboxSession(imap)
     stages: list[AfterIndexStage] = [
         RulesStage(
             engine,
             account=sync_config.account,
             config=reply_config,
-            mailbox=MailboxSession(imap),
+            mailbox=mailbox,
             claimer=owner,
             dead_runs=dead_runs,
         ),
@@ -69,7 +72,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
             claimer=owner,
             config=reply_config,
             sender=sender,
-            mailbox=MailboxSession(imap),
+            mailbox=mailbox,
             dead_runs=dead_runs,
         )
     )

@@ -1,15 +1,15 @@
 """Mailbox changes rules ask for, made with an ``imapclient.IMAPClient`` after the database commit.
 
-The flag/seen/move functions expect the message's folder to be selected read-write and address the
-message by UID. Appends (drafts, Sent copies) need no selected folder.
+The functions expect the message's folder to be selected read-write (``MailboxSession.client_for_uids``,
+which checks the folder's UIDVALIDITY) and address the message by UID. Drafts and Sent copies are
+saved by ``appends``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
 
-from imapclient import DELETED, DRAFT, FLAGGED, SEEN, IMAPClient
+from imapclient import DELETED, FLAGGED, SEEN, IMAPClient
 
 from emailops.replies.decisions import MailboxAction, MailboxActionKind
 
@@ -34,18 +34,6 @@ def move(client: IMAPClient, uid: int, folder: str) -> None:
         client.uid_expunge([uid])
     # Without UIDPLUS the message stays marked \Deleted: a plain EXPUNGE would also remove other
     # messages that someone else marked deleted.
-
-
-def append_draft(
-    client: IMAPClient, raw: bytes, *, folder: str = "Drafts", when: datetime | None = None
-) -> None:
-    client.append(folder, raw, flags=[DRAFT, SEEN], msg_time=when)
-
-
-def append_sent(
-    client: IMAPClient, raw: bytes, *, folder: str = "Sent", when: datetime | None = None
-) -> None:
-    client.append(folder, raw, flags=[SEEN], msg_time=when)
 
 
 def perform(client: IMAPClient, uid: int, actions: Iterable[MailboxAction]) -> None:

@@ -10,6 +10,10 @@ The session lives as long as the worker. imaplib keeps every untagged answer tha
 claims (the ``EXISTS`` and ``RECENT`` each NOOP brings while mail arrives) in a dict it empties
 only on SELECT, so ``client()`` drops them: the session acts on UIDs and needs none of them, and
 kept they grew by two entries per message answered, for ever (issue 14).
+
+A UID names a message only within one UIDVALIDITY of its folder: a folder deleted and created again
+numbers other messages from 1. ``client_for_uids`` selects the folder and gives the connection only
+if the UIDVALIDITY that SELECT reports is the one the caller's UIDs were read under.
 """
 
 from __future__ import annotations
@@ -24,6 +28,20 @@ from emailops.config import ServerConfig
 from emailops.imap.announcements import forget_unsolicited
 from emailops.imap.connection import connect, logout_quietly
 from emailops.imap.errors import CONNECTION_ERRORS
+
+
+class FolderRecreated(Exception):
+    """The folder's UIDVALIDITY is not the one a message was indexed under: its UIDs name other
+    messages now, so nothing is done with them."""
+
+    def __init__(self, folder: str, expected: int, current: int | None) -> None:
+        super().__init__(
+            f"folder {folder!r} has UIDVALIDITY {current}, not {expected}: it was recreated and its "
+            "UIDs name other messages"
+        )
+        self.folder = folder
+        self.expected = expected
+        self.current = current
 
 
 class MailboxSession:
@@ -42,6 +60,8 @@ class MailboxSession:
         self.monotonic = monotonic
         self._client: IMAPClient | None = None
         self._selected: str | None = None
+        # The UIDVALIDITY the SELECT of ``_selected`` reported.
+        self._uidvalidity: int | None = None
         self._last_used = 0.0
 
     def client(self, folder: str | None = None) -> IMAPClient:
@@ -58,9 +78,9 @@ class MailboxSession:
         if self._client is None:
             self._client = self.connector(self.server)
             self._selected = None
+            self._uidvalidity = None
         if folder is not None and folder != self._selected:
-            self._client.select_folder(folder)
-            self._selected = folder
+            self._select(self._client, folder)
         elif folder is not None and not checked:
             # A session sees messages that arrived since its SELECT only after the server told it:
             # a UID STORE to a message it does not know yet is silently ignored (RFC 3501 6.4.8).
@@ -68,15 +88,42 @@ class MailboxSession:
         forget_unsolicited(self._client)
         return self._client
 
+    def client_for_uids(self, folder: str, uidvalidity: int) -> IMAPClient:
+        """The connection with ``folder`` selected read-write, for UIDs read under ``uidvalidity``;
+        raises ``FolderRecreated`` when the folder's UIDVALIDITY is another one.
+
+        The folder is selected again each time (one round trip, as the NOOP would be): a selection
+        made before the folder was recreated still shows the old folder."""
+        client = self.client()
+        try:
+            self._select(client, folder)
+        except CONNECTION_ERRORS:
+            # Dovecot refuses (SERVERBUG) a SELECT in a session that had the folder open before it
+            # was recreated; a new session opens it afresh. A SELECT touches no UID: safe to repeat.
+            self.drop()
+            client = self.client()
+            self._select(client, folder)
+        if self._uidvalidity != uidvalidity:
+            raise FolderRecreated(folder, uidvalidity, self._uidvalidity)
+        return client
+
+    def _select(self, client: IMAPClient, folder: str) -> None:
+        self._selected = None  # until the SELECT succeeded
+        uidvalidity = client.select_folder(folder).get(b"UIDVALIDITY")
+        self._selected = folder
+        self._uidvalidity = int(uidvalidity) if uidvalidity is not None else None
+
     def drop(self) -> None:
         if self._client is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 self._client.shutdown()
         self._client = None
         self._selected = None
+        self._uidvalidity = None
 
     def close(self) -> None:
         if self._client is not None:
             logout_quietly(self._client)
         self._client = None
         self._selected = None
+        self._uidvalidity = None

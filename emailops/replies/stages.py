@@ -18,9 +18,10 @@ from emailops.clock import Clock, utc_now
 from emailops.config import ReplyConfig
 from emailops.imap.errors import CONNECTION_ERRORS, ImapError
 from emailops.processes import is_dead_sibling
-from emailops.replies import decisions, imap_actions, outbox
+from emailops.replies import appends, decisions, imap_actions, outbox
+from emailops.replies.appends import AppendOutcome
 from emailops.replies.delivery import deliver_next, inbound_origin, request_context
-from emailops.replies.mailbox import MailboxSession
+from emailops.replies.mailbox import FolderRecreated, MailboxSession
 from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.request_ids import request_id
@@ -142,7 +143,7 @@ class RulesStage:
         replied = any(d.outbox_id is not None or d.llm_job_id is not None for d in made)
         if (actions or replied) and not self.config.dry_run:
             with structlog.contextvars.bound_contextvars(request_id=rid):
-                self._change_mailbox(stored.folder, stored.uid, actions, replied=replied)
+                self._change_mailbox(stored, actions, replied=replied)
 
     def _apply(
         self, conn: Connection, pk: int, stored: message_store.StoredMessage, ruleset: RuleSet, rid: str
@@ -191,13 +192,25 @@ class RulesStage:
             )
 
     def _change_mailbox(
-        self, folder: str, uid: int, actions: list[decisions.MailboxAction], *, replied: bool
+        self, stored: message_store.StoredMessage, actions: list[decisions.MailboxAction], *, replied: bool
     ) -> None:
+        folder, uid = stored.folder, stored.uid
         try:
-            client = self.mailbox.client(folder)
+            client = self.mailbox.client_for_uids(folder, stored.uidvalidity)
             if replied:  # first: a move must carry the keyword along
                 imap_actions.add_flags(client, uid, [AUTO_REPLIED_KEYWORD])
             imap_actions.perform(client, uid, actions)
+        except FolderRecreated as exc:
+            log.warning(
+                "mailbox change asked by a rule not made: the folder was recreated since the message "
+                "was indexed, and its UID now names another message",
+                folder=folder,
+                uid=uid,
+                uidvalidity=exc.expected,
+                folder_uidvalidity=exc.current,
+                actions=[a.kind.value for a in actions],
+                replied_keyword=replied,
+            )
         except (ImapError, *CONNECTION_ERRORS) as exc:
             self.mailbox.drop()
             log.error(
@@ -320,11 +333,26 @@ class OutboxStage:
             row = outbox.get_reply(conn, outbox_id)
         if row is None:
             return
-        try:
-            imap_actions.append_sent(self.mailbox.client(), row.raw, folder=self.config.sent_folder)
-        except (ImapError, *CONNECTION_ERRORS) as exc:
-            self.mailbox.drop()
-            log.warning("copy of a sent reply to the Sent folder failed", outbox_id=outbox_id, error=str(exc))
+        folder = self.config.sent_folder
+        result = appends.save_sent_copy(self.mailbox, row.raw, row.reply_message_id, folder=folder)
+        if result.saved:
+            log.info(
+                "copy of a sent reply saved in the Sent folder",
+                outbox_id=outbox_id,
+                folder=folder,
+                **({"found_in_folder": True} if result.outcome is AppendOutcome.FOUND else {}),
+            )
+        elif result.outcome is AppendOutcome.UNKNOWN:
+            log.warning(
+                "copy of a sent reply may or may not be in the Sent folder; not saved again",
+                outbox_id=outbox_id,
+                folder=folder,
+                error=result.error,
+            )
+        else:
+            log.warning(
+                "copy of a sent reply to the Sent folder failed", outbox_id=outbox_id, error=result.error
+            )
 
     def _save_next_draft(self) -> bool:
         with self.engine.begin() as conn:
@@ -334,19 +362,33 @@ class OutboxStage:
             origin = inbound_origin(conn, row) if row is not None else None
         if row is None:
             return False
-        try:
-            imap_actions.append_draft(self.mailbox.client(), row.raw, folder=self.config.drafts_folder)
-        except (ImapError, *CONNECTION_ERRORS) as exc:
-            self.mailbox.drop()
+        folder = self.config.drafts_folder
+        result = appends.save_draft(self.mailbox, row.raw, row.reply_message_id, folder=folder)
+        if result.outcome is AppendOutcome.NOT_SAVED:
             with self.engine.begin() as conn:
                 outbox.mark_transient_failure(
                     conn,
                     row,
                     claimer=self.claimer,
-                    reason=f"saving the draft failed: {exc}",
+                    reason=f"saving the draft failed: {result.error}",
                     now=self.clock(),
                     max_attempts=self.config.send_max_attempts,
                 )
+            return True
+        if result.outcome is AppendOutcome.UNKNOWN:
+            # Never saved again blindly; ``emailops outbox retry`` searches the folder first.
+            with self.engine.begin() as conn:
+                outbox.mark_unknown(
+                    conn, row.id, claimer=self.claimer, reason=str(result.error), now=self.clock()
+                )
+            metrics.reply_outcome(row.rule_name, "unknown")
+            log.warning(
+                "draft may or may not be saved: the answer to APPEND was lost",
+                outbox_id=row.id,
+                folder=folder,
+                error=result.error,
+                **request_context(origin),
+            )
             return True
         with self.engine.begin() as conn:
             taken_from = outbox.mark_sent(conn, row.id, claimer=self.claimer, now=self.clock())
@@ -354,7 +396,8 @@ class OutboxStage:
         log.info(
             "reply saved as a draft",
             outbox_id=row.id,
-            folder=self.config.drafts_folder,
+            folder=folder,
+            **({"found_in_folder": True} if result.outcome is AppendOutcome.FOUND else {}),
             **({"previous_state": taken_from.value} if taken_from else {}),
             **request_context(origin),
         )
