@@ -453,6 +453,7 @@ class LocalDovecot:
         # once; SIGTERM to the master alone makes it wait about a second for its children.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGCONT)  # a frozen server (``freeze``) handles it too
         try:
             process.wait(timeout=STOP_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
@@ -466,6 +467,18 @@ class LocalDovecot:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
             time.sleep(0.01)
+
+    def freeze(self) -> None:
+        """Stop every process of the server where it stands (SIGSTOP to its process group), as a
+        hung or overloaded server: the kernel still accepts connections, nothing answers."""
+        assert self._process is not None, "Dovecot is not running"
+        os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let the processes stopped by ``freeze`` go on (SIGCONT); connections left open resume."""
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGCONT)
 
     def restart(self) -> None:
         """Stop and start again on the same ports with the same mail."""

@@ -37,7 +37,7 @@ from emailops.imap.errors import (
     ImapTransientError,
     classify_login_failure,
 )
-from emailops.imap.imaplib_internals import silence_imaplib_debug
+from emailops.imap.imaplib_internals import WaitMarkingIMAPClient, silence_imaplib_debug
 from emailops.tls import verifying_context
 
 
@@ -133,10 +133,10 @@ def _authenticate(client: imapclient.IMAPClient, mechanism: str, user: str, toke
 def _open(config: ServerConfig) -> imapclient.IMAPClient:
     timeout = config.timeout_seconds
     if config.security is TlsSecurity.SSL:
-        return imapclient.IMAPClient(
+        return WaitMarkingIMAPClient(
             config.host, config.port, ssl=True, ssl_context=verifying_context(config.ca_file), timeout=timeout
         )
-    client = imapclient.IMAPClient(config.host, config.port, ssl=False, timeout=timeout)
+    client = WaitMarkingIMAPClient(config.host, config.port, ssl=False, timeout=timeout)
     if config.security is TlsSecurity.STARTTLS:
         if not client.has_capability("STARTTLS"):
             _drop_socket(client)
