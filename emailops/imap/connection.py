@@ -2,7 +2,8 @@
 folders, and the reconnect policy.
 
 TLS certificates are verified against the system CAs plus ``ca_file``; STARTTLS that the server does
-not offer is an error (no silent plaintext); every socket operation has a timeout.
+not offer is an error (no silent plaintext); every socket operation has a timeout and is a
+network wait (``emailops.network_waits``): a worker waiting on a frozen server is not taken for hung.
 """
 
 from __future__ import annotations
