@@ -88,3 +88,40 @@ def test_a_missing_move_folder_is_one_warning_per_load_or_created(
         dovecot.deliver(ALICE, message(4, subject="invoice 3"))
         assert wait_until(lambda: _count(supervisor, FAILED) == 3, 60)
         assert len(_missing_warnings(supervisor)) == 2
+
+
+def test_a_check_the_server_cannot_answer_is_tried_again_a_minute_later(dovecot: LocalDovecot) -> None:
+    from structlog.testing import capture_logs
+
+    from emailops.replies.mailbox import MailboxSession
+    from emailops.replies.move_folders import MoveFolderCheck
+    from emailops.rules.loader import parse_rules
+    from localmail.dovecot import free_loopback_port
+    from tests.index_helpers import imap_config
+
+    ruleset = parse_rules(
+        {"rules": [{"name": "r", "actions": {"move": {"folder": "Later", "create": True}}}]},
+        path=Path("x.toml"),
+    )
+    clock = [100.0]
+    nobody = MailboxSession(imap_config(dovecot, port=free_loopback_port()))
+    check = MoveFolderCheck(nobody, create=True, monotonic=lambda: clock[0])
+    with capture_logs() as logs:
+        check(ruleset)
+        clock[0] += MoveFolderCheck.RETRY_SECONDS - 1
+        check(ruleset)  # not yet: the server is not asked every second
+    assert [entry["event"] for entry in logs] == [
+        "could not check the rules' move folders on the server; trying again"
+    ]
+    assert "Later" not in _folders(dovecot)
+
+    check.mailbox = MailboxSession(imap_config(dovecot))
+    clock[0] += 2
+    with capture_logs() as logs:
+        check(ruleset)
+        check(ruleset)  # checked once per load of the rules
+    assert [(entry["event"], entry["folder"]) for entry in logs] == [
+        ("created the folder the rules move mail to", "Later")
+    ]
+    assert "Later" in _folders(dovecot)
+    check.mailbox.close()
