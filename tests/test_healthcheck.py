@@ -427,7 +427,13 @@ def test_a_server_not_answering_for_longer_than_the_timeout_is_named(tmp_path: P
     def status(worker: int, silent_for: float) -> WorkerStatus:
         silent = WaitReport("imap", "imap.example.com:993", now - silent_for)
         return WorkerStatus(
-            worker, os.getpid(), now - 600, now, [FolderReport("INBOX", now - 5)], None, silent, [silent]
+            worker=worker,
+            pid=os.getpid(),
+            started_at=now - 600,
+            updated_at=now,
+            folders=[FolderReport("INBOX", now - 5)],
+            waiting=silent,
+            not_answering=[silent],
         )
 
     # One timeout, not yet longer than EMAIL_TIMEOUT_SECONDS: healthy, and shown by --verbose.
