@@ -64,6 +64,7 @@ def test_a_frozen_server_gets_no_worker_killed_and_is_named_by_the_healthcheck(
         endpoint = f"{dovecot.host}:{dovecot.imap_port}"
         named: dict[str, object] = {}
         waits_seen: set[str] = set()
+        error_types: set[str] = set()
         dovecot.freeze()
         frozen_at = time.monotonic()
         try:
@@ -72,6 +73,7 @@ def test_a_frozen_server_gets_no_worker_killed_and_is_named_by_the_healthcheck(
                 if waiting is not None:
                     waits_seen.add(waiting["endpoint"])
                 answer = _health(tmp_path, env)
+                error_types.add(str(answer.get("error_type")))
                 if answer.get("error_type") == "ImapServerNotAnswering":
                     named = answer
                 time.sleep(0.5)
@@ -86,6 +88,7 @@ def test_a_frozen_server_gets_no_worker_killed_and_is_named_by_the_healthcheck(
         # While frozen: the status said what the worker waited for, the healthcheck named the server.
         assert waits_seen == {endpoint}
         assert named and endpoint in str(named["error"]), named
+        assert "WorkersMissing" not in error_types
         # The folders timed out one after another, longer together than the heartbeat timeout.
         timeouts = [
             record
