@@ -94,6 +94,7 @@ def stop_process_group(process: subprocess.Popen[bytes]) -> None:
     # Dovecot wait about a second for its children.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGCONT)  # a frozen server (``freeze``) handles it too
     try:
         process.wait(timeout=STOP_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
@@ -178,6 +179,18 @@ class LocalImapServer(ABC):
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             stop_process_group(process)
+
+    def freeze(self) -> None:
+        """Stop every process of the server where it stands (SIGSTOP to its process group), as a
+        hung or overloaded server: the kernel still accepts connections, nothing answers."""
+        assert self._process is not None, f"{self.kind} is not running"
+        os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let the processes stopped by ``freeze`` go on (SIGCONT); connections left open resume."""
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop, and remove the work folder if this instance made it."""

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from emailops.config import ServerConfig
+    from emailops.replies.move_folders import MoveFolder
+    from emailops.rules.model import RuleSet
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -259,13 +261,48 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
     except RulesError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FAILED
+    missing: list[MoveFolder] = []
+    if args.server:
+        if settings is None:
+            print(
+                "emailops rules check --server: the account's settings (EMAIL_*) are needed", file=sys.stderr
+            )
+            return EXIT_CONFIG
+        missing = _missing_move_folders(settings, ruleset)
+    failing = [target for target in missing if not target.create]
+    code = EXIT_FAILED if failing else EXIT_OK
     if args.json:
-        _print_json({"file": str(path), "rules": [rule.name for rule in ruleset.rules]})
-        return EXIT_OK
+        answer: dict[str, Any] = {"file": str(path), "rules": [rule.name for rule in ruleset.rules]}
+        if args.server:
+            answer["missing_folders"] = [asdict(target) for target in missing]
+        _print_json(answer)
+        return code
     for rule in ruleset.rules:
         print(f"ok: {rule.name}")
-    print(f"{path}: {len(ruleset)} rule(s) valid")
-    return EXIT_OK
+    for target in missing:
+        rules = ", ".join(f'"{name}"' for name in target.rules)
+        what = "the daemon creates it (create = true)" if target.create else "those moves would fail"
+        print(
+            f'missing folder "{target.folder}": the server does not have it; moved to by rule {rules}; {what}'
+        )
+    print(
+        f"{path}: {len(ruleset)} rule(s) valid"
+        + (f", {len(failing)} move folder(s) missing" if failing else "")
+    )
+    return code
+
+
+def _missing_move_folders(settings: RuntimeSettings, ruleset: RuleSet) -> list[MoveFolder]:
+    """The rules' move folders the account's IMAP server does not list (signs in, one LIST)."""
+    from emailops.imap.connection import connect, logout_quietly
+    from emailops.replies.move_folders import missing_move_folders
+
+    with _index(settings) as engine:
+        client = connect(_imap(settings, engine))
+        try:
+            return missing_move_folders(client, ruleset)
+        finally:
+            logout_quietly(client)
 
 
 def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
@@ -503,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rules_check.add_argument("file", nargs="?", type=Path, help="the rules file (default: RULES_FILE)")
     rules_check.add_argument("--json", action="store_true", help="print the valid rules' names as JSON")
+    rules_check.add_argument(
+        "--server",
+        action="store_true",
+        help="also sign in to the IMAP server and list the folders rules move mail to that it does not "
+        "have (exit 1 unless the rule says create = true)",
+    )
     rules_check.set_defaults(handler=cmd_rules_check, settings_optional=True)
 
     from prod.cli_llm import add_commands

@@ -16,6 +16,10 @@ Unhealthy, exit 1: ``{"ok": false, "error": "...", "error_type": "..."}``, check
 - ``SupervisorStale``: the supervisor has not rewritten its state for ``SUPERVISOR_STALE_SECONDS``;
 - ``WorkersMissing``: fewer live workers than ``WORKERS`` (live: pid exists and last heartbeat
   younger than ``HEARTBEAT_TIMEOUT_SECONDS``);
+- ``ImapServerNotAnswering``: a worker's calls to the IMAP server have timed out for longer than
+  ``EMAIL_TIMEOUT_SECONDS`` with no answer since (the server accepts connections but says nothing:
+  frozen, overloaded, or a firewall dropping packets); ``error`` names the server (host:port) and
+  since when. The workers wait for it and stay alive (``emailops.network_waits``);
 - the work is not being done: the workers watch folders (their status files, ``prod.worker_status``)
   but none has synced for ``HEALTH_MAX_SYNC_AGE_SECONDS`` (at least two poll intervals; counted from
   the start of the oldest worker when none has synced yet). ``error_type`` says why, from the last
@@ -29,7 +33,8 @@ Unhealthy, exit 1: ``{"ok": false, "error": "...", "error_type": "..."}``, check
 No IMAP connection, no structlog/sentry import: it answers in a few hundred milliseconds.
 ``--verbose`` adds a ``detail`` object: the supervisor's pid, and for each worker its pid, state,
 heartbeat age, uptime, each folder it watches with the age of its last sync and its last error,
-and its SMTP sign-ins (``smtp``: ages of the last sign-in and of the current refusal, last error).
+the server it waits for now (``waiting``) and those not answering (``not_answering``), each with
+its age, and its SMTP sign-ins (``smtp``: ages of the last sign-in and of the current refusal, last error).
 Error texts go through the redactor with the password registered: no secret is printed.
 """
 
@@ -62,6 +67,8 @@ SYNC_ERROR_TYPES = {
     "too_many_connections": "ImapTooManyConnections",
 }
 SYNC_STALE = "FolderSyncStale"
+# emailops.network_waits service -> error_type, when its server does not answer.
+NOT_ANSWERING_TYPES = {"imap": "ImapServerNotAnswering"}
 SMTP_SIGN_IN_REFUSED = "SmtpSignInRefused"
 
 
@@ -197,7 +204,38 @@ def _read_statuses(
         ]
         if status.smtp is not None:
             shown["smtp"] = _smtp_detail(now, status.smtp)
+        if status.waiting is not None:
+            shown["waiting"] = _wait_detail(now, status.waiting)
+        if status.not_answering:
+            shown["not_answering"] = [_wait_detail(now, report) for report in status.not_answering]
     return statuses
+
+
+def _wait_detail(now: float, report: worker_status.WaitReport) -> dict[str, Any]:
+    return {"service": report.service, "endpoint": report.endpoint, "age_seconds": _age(now, report.since)}
+
+
+def _check_servers_answer(settings: RuntimeSettings, statuses: list[worker_status.WorkerStatus]) -> None:
+    """Unhealthy when a worker's calls to the IMAP server have timed out for longer than one
+    timeout, with no answer since: the error names the server and since when."""
+    now = time.time()
+    silent = [
+        (report, status.worker)
+        for status in statuses
+        for report in status.not_answering
+        if report.service in NOT_ANSWERING_TYPES and now - report.since > settings.email_timeout_seconds
+    ]
+    if not silent:
+        return
+    oldest, _ = min(silent, key=lambda entry: entry[0].since)
+    workers = sorted({worker for report, worker in silent if report.endpoint == oldest.endpoint})
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(oldest.since))
+    raise Unhealthy(
+        NOT_ANSWERING_TYPES[oldest.service],
+        f"the {oldest.service.upper()} server {oldest.endpoint} has not answered since {since} "
+        f"({now - oldest.since:.0f} s; each call gives up after EMAIL_TIMEOUT_SECONDS="
+        f"{settings.email_timeout_seconds:g}); worker(s) {', '.join(map(str, workers))} wait for it",
+    )
 
 
 def _smtp_detail(now: float, smtp: worker_status.SmtpReport) -> dict[str, Any]:
@@ -288,6 +326,7 @@ def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
         _check_database(settings.index_db_url)
         state = _check_processes(settings, detail)
         statuses = _read_statuses(settings, state, detail)
+        _check_servers_answer(settings, statuses)
         _check_sync(settings, statuses)
         _check_smtp(settings, statuses)
     except Unhealthy as exc:

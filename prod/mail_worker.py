@@ -50,6 +50,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
             mailbox=mailbox,
             claimer=owner,
             dead_runs=dead_runs,
+            check_move_folders=worker_id == 1,
         ),
     ]
     if reply_config.llm is not None:

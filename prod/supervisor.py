@@ -15,7 +15,8 @@ finish their current unit, then kills them; SIGINT gives them ``QUICK_STOP_SECON
 (a worker that has finished its unit and is exiting gets up to ``SHUTDOWN_TIMEOUT_SECONDS``); a second
 signal kills at once, unless it came within ``REPEATED_SIGNAL_SECONDS`` of the first (the same
 request delivered twice). A worker whose heartbeat is older than ``HEARTBEAT_TIMEOUT_SECONDS`` (or that
-has not booted within it) is killed and replaced.
+has not booted within it) is killed and replaced; one waiting on a mail server beats meanwhile
+(``prod.worker``), so a frozen server gets no worker killed.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ Contract with the unit (the mail pipeline implements it in ``prod.mail_worker``)
                       # written to STATE_DIR/worker-<n>.json about every second (prod.worker_status)
     unit.smtp_status()  # optional, with status(): its SMTP sign-ins (SmtpSignInStatus, or None)
 
+A unit that blocks on a server marks the call (``emailops.network_waits.WAITS.waiting``); while
+such a call is in its bound, a thread of the worker beats for the loop (and writes the status with
+what it waits for), so only a loop stuck elsewhere, or in a call past its bound, looks hung.
+
 With ``METRICS_PORT`` set, ``emailops.metrics`` is enabled before the unit is built: the values go to
 the supervisor's prometheus-client multiprocess directory (PROMETHEUS_MULTIPROC_DIR, inherited).
 
@@ -46,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tenacity import wait_exponential
 
 from emailops.backoff import delay_seconds
+from emailops.network_waits import WAITS
 
 if TYPE_CHECKING:
     from prod.runtime_settings import RuntimeSettings
@@ -67,6 +72,8 @@ EXIT_ORPHANED = 4
 ERROR_BACKOFF = wait_exponential(multiplier=1.0, max=30.0)
 # Sleeps are cut into slices this long, so that stop requests and heartbeats are never late.
 _SLICE_SECONDS = 0.25
+# How often the waiting-beat thread looks whether the loop waits on a server.
+WAIT_BEAT_INTERVAL_SECONDS = 0.5
 # How often a worker hands the memory malloc holds free back to the system (see _FreedMemoryTrim).
 MALLOC_TRIM_INTERVAL_SECONDS = 60.0
 
@@ -180,48 +187,80 @@ class _StopFlags:
 
 
 class _StatusWriter:
-    """Writes the unit's status, when it reports one, at most every STATUS_WRITE_INTERVAL_SECONDS."""
+    """Writes the unit's status, when it reports one, at most every STATUS_WRITE_INTERVAL_SECONDS.
 
-    def __init__(self, state_dir: Path, worker_id: int, unit: object, log: Any) -> None:
+    Called by the loop (``from_unit``: the unit's folders and SMTP sign-ins are asked again) and by
+    the thread that beats while the loop waits on a server (the last reports from the unit, the
+    waits now): the unit is only ever asked from its own thread."""
+
+    def __init__(self, state_dir: Path, worker_id: int, unit: object, unit_thread: int, log: Any) -> None:
         self._state_dir = state_dir
         self._worker_id = worker_id
         self._status: Callable[[], list[Any]] | None = getattr(unit, "status", None)
         self._smtp_status: Callable[[], Any] = getattr(unit, "smtp_status", lambda: None)
+        self._unit_thread = unit_thread
         self._log = log
         self._started_at = time.time()
         self._next_write = 0.0
         self._failing = False
+        self._folders: list[Any] = []
+        self._smtp: Any = None
+        self._lock = threading.Lock()
 
-    def __call__(self) -> None:
+    def __call__(self, *, from_unit: bool = True) -> None:
         from prod.worker_status import (
             STATUS_WRITE_INTERVAL_SECONDS,
             FolderReport,
             SmtpReport,
+            WaitReport,
             WorkerStatus,
             write_status,
         )
 
-        now = time.monotonic()
-        if self._status is None or now < self._next_write:
-            return
-        self._next_write = now + STATUS_WRITE_INTERVAL_SECONDS
-        smtp = self._smtp_status()
-        status = WorkerStatus(
-            worker=self._worker_id,
-            pid=os.getpid(),
-            started_at=self._started_at,
-            updated_at=time.time(),
-            folders=[FolderReport(**dataclasses.asdict(folder)) for folder in self._status()],
-            smtp=None if smtp is None else SmtpReport(**dataclasses.asdict(smtp)),
-        )
-        try:
-            write_status(self._state_dir, status)
-        except OSError as exc:
-            if not self._failing:  # once, not every second
-                self._log.warning("writing the worker status failed", error=str(exc))
-            self._failing = True
-        else:
-            self._failing = False
+        with self._lock:
+            now = time.monotonic()
+            if self._status is None or now < self._next_write:
+                return
+            self._next_write = now + STATUS_WRITE_INTERVAL_SECONDS
+            if from_unit:
+                self._folders = [FolderReport(**dataclasses.asdict(folder)) for folder in self._status()]
+                smtp = self._smtp_status()
+                self._smtp = None if smtp is None else SmtpReport(**dataclasses.asdict(smtp))
+            waiting = WAITS.in_flight(self._unit_thread)
+            status = WorkerStatus(
+                worker=self._worker_id,
+                pid=os.getpid(),
+                started_at=self._started_at,
+                updated_at=time.time(),
+                folders=self._folders,
+                smtp=self._smtp,
+                waiting=None
+                if waiting is None
+                else WaitReport(waiting.service, waiting.endpoint, waiting.since),
+                not_answering=[
+                    WaitReport(silence.service, silence.endpoint, silence.since)
+                    for silence in WAITS.silences()
+                ],
+            )
+            try:
+                write_status(self._state_dir, status)
+            except OSError as exc:
+                if not self._failing:  # once, not every second
+                    self._log.warning("writing the worker status failed", error=str(exc))
+                self._failing = True
+            else:
+                self._failing = False
+
+
+def _beat_while_waiting(
+    unit_thread: int, beat: Callable[[], None], stopped: threading.Event, interval: float
+) -> None:
+    """Beat for the loop while it waits on a server, within the bound of the call it waits in: a
+    worker whose folders time out one after another against a frozen server is alive. A loop stuck
+    anywhere else, or in a call past its bound, gets no beat from here and is killed as hung."""
+    while not stopped.wait(interval):
+        if WAITS.in_flight(unit_thread) is not None:
+            beat()
 
 
 # glibc's mallopt parameter number and the threshold the worker fixes (see fix_mmap_threshold).
@@ -315,7 +354,8 @@ def worker_main(spec: WorkerSpec) -> None:
             )
             exit_code = EXIT_BOOT_FAILURE
             return
-        write_status = _StatusWriter(spec.settings.state_dir, spec.worker_id, unit, log)
+        unit_thread = threading.get_ident()
+        write_status = _StatusWriter(spec.settings.state_dir, spec.worker_id, unit, unit_thread, log)
         fix_mmap_threshold()
         trim = _FreedMemoryTrim()
 
@@ -324,11 +364,23 @@ def worker_main(spec: WorkerSpec) -> None:
             write_status()
             trim()
 
+        def beat_while_waiting() -> None:
+            spec.heartbeat.value = time.monotonic()
+            write_status(from_unit=False)
+
         beat()
+        waits_watched = threading.Event()
+        threading.Thread(
+            target=_beat_while_waiting,
+            args=(unit_thread, beat_while_waiting, waits_watched, WAIT_BEAT_INTERVAL_SECONDS),
+            name="wait-beat",
+            daemon=True,
+        ).start()
         log.info("worker started", target=spec.target)
         try:
             WorkerLoop(unit, beat=beat, stop_requested=flags, log=log).run()
         finally:
+            waits_watched.set()
             spec.exiting.value = 1
             try:
                 unit.close()

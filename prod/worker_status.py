@@ -3,7 +3,9 @@
 A worker whose unit reports a status (the mail pipeline: ``MailPipeline.status()``) rewrites
 ``STATE_DIR/worker-<n>.json`` about every second, atomically: its pid, start time, and for each
 folder it watches the last successful sync and the last IMAP error (``ImapError.kind`` and text),
-and, for a unit that sends replies, its SMTP sign-ins (``SmtpSender.sign_in_status()``).
+and, for a unit that sends replies, its SMTP sign-ins (``SmtpSender.sign_in_status()``); and the
+server its loop waits for now and the servers that have stopped answering (``emailops.network_waits``),
+written also while the loop is blocked on one.
 The healthcheck reads these files (``--verbose`` shows them) and fails when no watched folder has
 synced for ``HEALTH_MAX_SYNC_AGE_SECONDS``, naming the error the workers last saw, or when the SMTP
 server has refused the sign-in for that long with no successful sign-in since. The supervisor
@@ -48,6 +50,16 @@ class SmtpReport:
 
 
 @dataclass(frozen=True)
+class WaitReport:
+    """A server of ``service`` (``imap``, ``smtp``) at ``endpoint`` (host:port), since a UNIX time:
+    the call the worker waits in, or the first of the calls that timed out with no answer since."""
+
+    service: str
+    endpoint: str
+    since: float
+
+
+@dataclass(frozen=True)
 class WorkerStatus:
     worker: int
     pid: int
@@ -55,6 +67,8 @@ class WorkerStatus:
     updated_at: float
     folders: list[FolderReport] = field(default_factory=list)
     smtp: SmtpReport | None = None  # None: the unit sends no mail
+    waiting: WaitReport | None = None  # None: the loop is not waiting on a server now
+    not_answering: list[WaitReport] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -64,7 +78,15 @@ class WorkerStatus:
         data: dict[str, Any] = json.loads(text)
         folders = [FolderReport(**folder) for folder in data.pop("folders", [])]
         smtp = data.pop("smtp", None)
-        return cls(folders=folders, smtp=None if smtp is None else SmtpReport(**smtp), **data)
+        waiting = data.pop("waiting", None)
+        silent = [WaitReport(**report) for report in data.pop("not_answering", [])]
+        return cls(
+            folders=folders,
+            smtp=None if smtp is None else SmtpReport(**smtp),
+            waiting=None if waiting is None else WaitReport(**waiting),
+            not_answering=silent,
+            **data,
+        )
 
 
 def status_path(state_dir: Path, worker: int) -> Path:

@@ -32,6 +32,7 @@ class JournalingUnit:
     """Appends ``begin N`` and ``end N`` to ``unit-<worker>-<pid>.log`` around a short sleep."""
 
     def __init__(self, worker_id: int) -> None:
+        self.worker_id = worker_id
         self.journal = _record_dir() / f"unit-{worker_id}-{os.getpid()}.log"
         self.count = 0
         self.log = logging.getLogger("tests.shell_workers")
@@ -74,6 +75,28 @@ class HangingUnit(JournalingUnit):
 
 def hanging_unit(settings: RuntimeSettings, worker_id: int) -> JournalingUnit:
     return HangingUnit(worker_id) if worker_id == 1 else JournalingUnit(worker_id)
+
+
+class NetworkWaitingUnit(JournalingUnit):
+    """The second unit of each first process waits on a server (``WAITS.waiting``) for
+    ``SHELL_WORKER_WAIT_SECONDS``: worker 1 within the wait's bound, then it goes on; worker 2 in a
+    wait whose bound is 1 s, as a call stuck past its socket timeout. Each writes ``waiting-<n>``."""
+
+    def run_once(self) -> None:
+        from emailops.network_waits import WAITS
+
+        marker = _record_dir() / f"waiting-{self.worker_id}"
+        if self.count >= 1 and not marker.exists():
+            seconds = float(os.environ["SHELL_WORKER_WAIT_SECONDS"])
+            bound = seconds + 30 if self.worker_id == 1 else 1.0
+            marker.write_text(str(os.getpid()))
+            with WAITS.waiting("imap", "192.0.2.1:143", bound):
+                time.sleep(seconds)
+        super().run_once()
+
+
+def network_waiting_unit(settings: RuntimeSettings, worker_id: int) -> NetworkWaitingUnit:
+    return NetworkWaitingUnit(worker_id)
 
 
 class FailingUnit(JournalingUnit):

@@ -220,6 +220,40 @@ def test_rules_check_names_the_rule_and_field_and_needs_no_account(tmp_path: Pat
     assert example.returncode == 0, example.stderr
 
 
+def test_rules_check_server_lists_the_move_folders_the_server_does_not_have(
+    env: dict[str, str], dovecot: LocalDovecot, tmp_path: Path
+) -> None:
+    dovecot.create_folder(ALICE, "Archive")
+    rules = tmp_path / "moves.toml"
+    rules.write_text(
+        '[[rules]]\nname = "to-accounting"\n[rules.actions]\nmove = "Accounting"\n'
+        '[[rules]]\nname = "to-archive"\n[rules.actions]\nmove = "Archive"\n'
+        '[[rules]]\nname = "to-later"\n[rules.actions]\nmove = { folder = "Later", create = true }\n'
+    )
+    offline = emailops(env, "rules", "check", str(rules))
+    assert offline.returncode == 0 and "missing" not in offline.stdout, offline.stdout
+
+    checked = emailops(env, "rules", "check", "--server", str(rules))
+    assert checked.returncode == 1, checked.stderr
+    missing = [line for line in checked.stdout.splitlines() if line.startswith("missing folder")]
+    assert missing == [
+        'missing folder "Accounting": the server does not have it; moved to by rule "to-accounting"; '
+        "those moves would fail",
+        'missing folder "Later": the server does not have it; moved to by rule "to-later"; '
+        "the daemon creates it (create = true)",
+    ]
+    assert checked.stdout.splitlines()[-1] == f"{rules}: 3 rule(s) valid, 1 move folder(s) missing"
+    as_json = json.loads(emailops(env, "rules", "check", "--server", "--json", str(rules)).stdout)
+    assert as_json["missing_folders"] == [
+        {"folder": "Accounting", "rules": ["to-accounting"], "create": False},
+        {"folder": "Later", "rules": ["to-later"], "create": True},
+    ]
+
+    dovecot.create_folder(ALICE, "Accounting")
+    fixed = emailops(env, "rules", "check", "--server", str(rules))
+    assert fixed.returncode == 0 and "Accounting" not in fixed.stdout, fixed.stdout
+
+
 def test_outbox_list_retry_cancel(env: dict[str, str], tmp_path: Path) -> None:
     from datetime import UTC, datetime
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from prod.heartbeat import SupervisorState, WorkerState, write_state
-from prod.worker_status import FolderReport, SmtpReport, WorkerStatus, write_status
+from prod.worker_status import FolderReport, SmtpReport, WaitReport, WorkerStatus, write_status
 from tests.oauth2_helpers import TOKEN_KEY
 from tests.shell_workers import PASSWORD, healthy_line, run_healthcheck, shell_env
 
@@ -416,3 +416,43 @@ def test_an_smtp_refusal_with_oauth2_names_the_oauth2_fix(tmp_path: Path) -> Non
         "mailbox; the SMTP scope in EMAIL_OAUTH2_SCOPES), or sign in again with `emailops auth login`; "
         "healthy again once a reply is sent"
     ), answer
+
+
+def test_a_server_not_answering_for_longer_than_the_timeout_is_named(tmp_path: Path) -> None:
+    env = shell_env(tmp_path, WORKERS="2", EMAIL_TIMEOUT_SECONDS="30")
+    _write_state(env)
+    now = time.time()
+    state_dir = Path(env["STATE_DIR"])
+
+    def status(worker: int, silent_for: float) -> WorkerStatus:
+        silent = WaitReport("imap", "imap.example.com:993", now - silent_for)
+        return WorkerStatus(
+            worker=worker,
+            pid=os.getpid(),
+            started_at=now - 600,
+            updated_at=now,
+            folders=[FolderReport("INBOX", now - 5)],
+            waiting=silent,
+            not_answering=[silent],
+        )
+
+    # One timeout, not yet longer than EMAIL_TIMEOUT_SECONDS: healthy, and shown by --verbose.
+    write_status(state_dir, status(1, 25))
+    assert run_healthcheck(tmp_path, env)[:2] == (healthy_line(env), 0)
+    first = json.loads(run_healthcheck(tmp_path, env, "--verbose")[0])["detail"]["workers"][0]
+    assert (
+        first["waiting"]["endpoint"] == "imap.example.com:993" and 25 <= first["waiting"]["age_seconds"] < 35
+    )
+    assert [w["endpoint"] for w in first["not_answering"]] == ["imap.example.com:993"]
+
+    write_status(state_dir, status(1, 95))
+    write_status(state_dir, status(2, 40))
+    answer = _unhealthy(tmp_path, env)
+    assert answer["error_type"] == "ImapServerNotAnswering"
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 95))
+    _assert_age_message(
+        answer["error"],
+        f"the IMAP server imap.example.com:993 has not answered since {since} ({{}} s; each call gives "
+        "up after EMAIL_TIMEOUT_SECONDS=30); worker(s) 1, 2 wait for it",
+        95,
+    )

@@ -3,6 +3,8 @@ real Dovecot: an upgrade of imapclient or Python that changes one of these fails
 
 from __future__ import annotations
 
+import imaplib
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,6 +20,7 @@ from emailops.imap.imaplib_internals import (
     silence_imaplib_debug,
     uid_command,
 )
+from emailops.network_waits import WAITS, Wait
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ALICE, imap_config, message
 
@@ -109,3 +112,31 @@ def test_debug_level_zero_stops_imaplib_formatting_answers(dovecot: LocalDovecot
         assert formatted == []
     finally:
         imap.shutdown()
+
+
+def test_every_call_on_the_socket_is_a_network_wait_and_a_timeout_a_silence(
+    dovecot: LocalDovecot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint = f"{dovecot.host}:{dovecot.imap_port}"
+    seen: list[Wait | None] = []
+    readline = imaplib.IMAP4.readline
+
+    def watched_readline(imap: imaplib.IMAP4) -> bytes:  # what the worker's beat thread sees
+        seen.append(WAITS.in_flight(threading.get_ident()))
+        return readline(imap)
+
+    monkeypatch.setattr(imaplib.IMAP4, "readline", watched_readline)
+    client = connect(imap_config(dovecot, timeout_seconds=1.0))
+    client.noop()
+    assert seen and all(wait is not None and wait.endpoint == endpoint for wait in seen)
+    assert endpoint not in {silence.endpoint for silence in WAITS.silences()}
+    dovecot.freeze()
+    try:
+        with pytest.raises(TimeoutError):
+            client.noop()
+        assert endpoint in {silence.endpoint for silence in WAITS.silences()}
+    finally:
+        dovecot.thaw()
+        client.shutdown()
+    logout_quietly(connect(imap_config(dovecot)))  # an answer from the server ends the silence
+    assert endpoint not in {silence.endpoint for silence in WAITS.silences()}

@@ -238,3 +238,40 @@ def test_cache_reloads_when_a_template_file_changes(tmp_path: Path) -> None:
     tpl.write_text("second {sender}", encoding="utf-8")
     _touch_later(tpl)
     assert cache.get().rules[0].reply.body.source == "second {sender}"  # type: ignore[union-attr]
+
+
+def test_move_takes_a_folder_or_a_table_with_create(tmp_path: Path) -> None:
+    rules = load_rules(
+        write(
+            tmp_path,
+            '[[rules]]\nname = "a"\n[rules.actions]\nmove = "Archive"\n'
+            '[[rules]]\nname = "b"\n[rules.actions]\nmove = { folder = "Accounting", create = true }\n'
+            '[[rules]]\nname = "c"\n[rules.actions]\nmove = { folder = "Later" }\n',
+        )
+    )
+    assert [(r.move_to, r.create_move_folder) for r in rules.rules] == [
+        ("Archive", False),
+        ("Accounting", True),
+        ("Later", False),
+    ]
+    example = load_rules(EXAMPLE).rules[1]
+    assert (example.move_to, example.create_move_folder) == ("Accounting", True)
+
+
+@pytest.mark.parametrize(
+    ("move", "expected"),
+    [
+        ('{ folder = "A", create = "yes" }', 'rule "x" (#1): actions.move.create: '),
+        (
+            '{ folder = "A", make = true }',
+            'rule "x" (#1): actions.move.make: unknown key; known keys here: create, folder',
+        ),
+        ("{ create = true }", 'rule "x" (#1): actions.move.folder: must be a folder name'),
+        ('{ folder = " " }', 'rule "x" (#1): actions.move.folder: must be a folder name'),
+        ("3", 'rule "x" (#1): actions.move: must be a folder name, or { folder = "...", create = true }'),
+    ],
+)
+def test_a_bad_move_names_the_rule_and_key(tmp_path: Path, move: str, expected: str) -> None:
+    with pytest.raises(RulesError) as info:
+        load_rules(write(tmp_path, f'[[rules]]\nname = "x"\n[rules.actions]\nmove = {move}\n'))
+    assert expected in str(info.value)

@@ -2,7 +2,8 @@
 folders, and the reconnect policy.
 
 TLS certificates are verified against the system CAs plus ``ca_file``; STARTTLS that the server does
-not offer is an error (no silent plaintext); every socket operation has a timeout.
+not offer is an error (no silent plaintext); every socket operation has a timeout and is a
+network wait (``emailops.network_waits``): a worker waiting on a frozen server is not taken for hung.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from emailops.imap.errors import (
     ImapTransientError,
     classify_login_failure,
 )
-from emailops.imap.imaplib_internals import silence_imaplib_debug
+from emailops.imap.imaplib_internals import WaitMarkingIMAPClient, silence_imaplib_debug
 from emailops.tls import verifying_context
 
 
@@ -133,10 +134,10 @@ def _authenticate(client: imapclient.IMAPClient, mechanism: str, user: str, toke
 def _open(config: ServerConfig) -> imapclient.IMAPClient:
     timeout = config.timeout_seconds
     if config.security is TlsSecurity.SSL:
-        return imapclient.IMAPClient(
+        return WaitMarkingIMAPClient(
             config.host, config.port, ssl=True, ssl_context=verifying_context(config.ca_file), timeout=timeout
         )
-    client = imapclient.IMAPClient(config.host, config.port, ssl=False, timeout=timeout)
+    client = WaitMarkingIMAPClient(config.host, config.port, ssl=False, timeout=timeout)
     if config.security is TlsSecurity.STARTTLS:
         if not client.has_capability("STARTTLS"):
             _drop_socket(client)

@@ -22,6 +22,7 @@ from emailops.replies import appends, decisions, imap_actions, outbox
 from emailops.replies.appends import AppendOutcome
 from emailops.replies.delivery import deliver_next, inbound_origin, request_context
 from emailops.replies.mailbox import FolderRecreated, MailboxSession
+from emailops.replies.move_folders import MoveFolderCheck
 from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.request_ids import request_id
@@ -61,6 +62,7 @@ class RulesStage:
         clock: Clock = utc_now,
         batch: int = 50,
         budget_seconds: float = 1.0,
+        check_move_folders: bool = True,
     ) -> None:
         self.engine = engine
         self.account = account
@@ -74,6 +76,10 @@ class RulesStage:
         # Read now, so that a broken rules file is in the log at start-up rather than at the first
         # new mail (which, with no good rules in force, is then indexed and never answered).
         self.rules.get()
+        # Each load's move folders are checked on the server once (one worker of a daemon is enough).
+        self.move_folders = (
+            MoveFolderCheck(mailbox, create=not config.dry_run) if check_move_folders else None
+        )
         self.clock = clock
         self.batch = batch
         self.budget_seconds = budget_seconds
@@ -81,6 +87,8 @@ class RulesStage:
 
     def run_once(self) -> bool:
         started = time.monotonic()
+        if self.move_folders is not None:
+            self.move_folders(self.rules.get())
         if started >= self.next_stall_check:
             self._recover_stalled()
             self.next_stall_check = started + min(60.0, self.config.rules_claim_timeout_seconds / 2)

@@ -59,6 +59,7 @@ _LLM_KEYS = {"llm_prompt", "llm_prompt_file", "llm_model", "llm_max_tokens", "ll
 # A model's reply is bounded: a draft of a few pages at most.
 MAX_LLM_TOKENS = 8192
 _ACTION_KEYS = {"flag", "mark_seen", "move", "stop"}
+_MOVE_KEYS = {"folder", "create"}
 
 
 class _RuleContext:
@@ -142,9 +143,7 @@ def _parse_rule(raw: dict[str, Any], *, path: Path, index: int, sources: list[Pa
     flag = _bool(ctx, actions, "flag", "actions.flag")
     mark_seen = _bool(ctx, actions, "mark_seen", "actions.mark_seen")
     stop = _bool(ctx, actions, "stop", "actions.stop")
-    move_to = actions.get("move")
-    if move_to is not None and (not isinstance(move_to, str) or not move_to.strip()):
-        raise ctx.error("actions.move", "must be a folder name")
+    move_to, create_move_folder = _parse_move(ctx, actions.get("move"))
     if reply is None and not (flag or mark_seen or stop or move_to):
         raise ctx.error(
             "reply", "the rule does nothing: give it [rules.reply] or an action in [rules.actions]"
@@ -160,8 +159,25 @@ def _parse_rule(raw: dict[str, Any], *, path: Path, index: int, sources: list[Pa
         flag=flag,
         mark_seen=mark_seen,
         move_to=move_to,
+        create_move_folder=create_move_folder,
         stop=stop,
     )
+
+
+def _parse_move(ctx: _RuleContext, move: Any) -> tuple[str | None, bool]:
+    """``move = "Folder"``, or ``move = { folder = "Folder", create = true }``: the folder, and
+    whether to create it when the server does not have it."""
+    if move is None:
+        return None, False
+    if isinstance(move, dict):
+        _reject_unknown(ctx, "actions.move.", move, _MOVE_KEYS)
+        folder = move.get("folder")
+        if not isinstance(folder, str) or not folder.strip():
+            raise ctx.error("actions.move.folder", "must be a folder name")
+        return folder, _bool(ctx, move, "create", "actions.move.create")
+    if not isinstance(move, str) or not move.strip():
+        raise ctx.error("actions.move", 'must be a folder name, or { folder = "...", create = true }')
+    return move, False
 
 
 def _parse_match(ctx: _RuleContext, match: dict[str, Any]) -> tuple[bool, tuple[Condition, ...]]:

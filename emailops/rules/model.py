@@ -79,6 +79,8 @@ class Rule:
     flag: bool = False
     mark_seen: bool = False
     move_to: str | None = None
+    # The folder ``move_to`` is created when the server does not have it (``move = { create = true }``).
+    create_move_folder: bool = False
     # Stop evaluating later rules when this one matched.
     stop: bool = False
 
