@@ -121,9 +121,12 @@ def _llm_jobs(conn: Connection) -> None:
 
 
 def _reply_history(conn: Connection) -> None:
+    """The per-sender indexes gain the account as first column (see schema); the hourly cap and
+    the history purge get theirs."""
     timestamp = "DATETIME" if conn.dialect.name == "sqlite" else "TIMESTAMP WITH TIME ZONE"
     for table in (schema.outbox, schema.llm_jobs):
         _add_column(conn, table.name, "purged_at", timestamp)
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS ix_{table.name}_recipient_created")
         for index in table.indexes:
             index.create(conn, checkfirst=True)
 
@@ -140,7 +143,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(9, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),
     Migration(10, "llm_jobs and llm_calls: replies written by a language model", _llm_jobs),
     Migration(
-        12, "outbox, llm_jobs: purged_at; indexes of the hourly cap and the history purge", _reply_history
+        12, "outbox, llm_jobs: purged_at; indexes of the reply limits and the history purge", _reply_history
     ),
 )
 

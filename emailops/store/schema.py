@@ -202,8 +202,9 @@ outbox = Table(
     UniqueConstraint("account", "inbound_key", "rule_name", name="uq_outbox_inbound_rule"),
 )
 Index("ix_outbox_state_next", outbox.c.state, outbox.c.next_attempt_at)
-Index("ix_outbox_recipient_created", outbox.c.recipient, outbox.c.created_at)
-# The hourly cap counts one account's replies of the last hour (replies.limits).
+# The indexes of the reply limits (replies.limits): per sender (account and recipient both equal,
+# so SQLite's planner prefers it to the next one), and the hourly cap of the account.
+Index("ix_outbox_account_recipient_created", outbox.c.account, outbox.c.recipient, outbox.c.created_at)
 Index("ix_outbox_account_created", outbox.c.account, outbox.c.created_at)
 # Rows the history purge has still to look at: only the last REPLY_HISTORY_DAYS, whatever the total.
 Index(
@@ -276,7 +277,9 @@ llm_jobs = Table(
     UniqueConstraint("account", "inbound_key", "rule_name", name="uq_llm_jobs_inbound_rule"),
 )
 Index("ix_llm_jobs_state_next", llm_jobs.c.state, llm_jobs.c.next_attempt_at)
-Index("ix_llm_jobs_recipient_created", llm_jobs.c.recipient, llm_jobs.c.created_at)
+Index(
+    "ix_llm_jobs_account_recipient_created", llm_jobs.c.account, llm_jobs.c.recipient, llm_jobs.c.created_at
+)
 Index("ix_llm_jobs_account_created", llm_jobs.c.account, llm_jobs.c.created_at)
 Index(
     "ix_llm_jobs_unpurged_created",
