@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, inspect, select, update
 
 from emailops.config import LlmConfig
 from emailops.llm import jobs
@@ -21,7 +21,7 @@ from emailops.replies.decisions import Decision, apply_rules
 from emailops.replies.history import PURGE_INTERVAL_SECONDS, HistoryPurgeStage, purge_batch
 from emailops.rules import RuleSet, load_rules
 from emailops.store.database import create_index_engine
-from emailops.store.migrations import migrate
+from emailops.store.migrations import MIGRATIONS, migrate
 from emailops.store.schema import llm_jobs as jobs_table
 from emailops.store.schema import outbox as outbox_table
 from tests.reply_factories import parsed_message, reply_config
@@ -322,3 +322,27 @@ def test_every_worker_purges_with_the_setting(tmp_path: Path, monkeypatch: pytes
         assert purge.engine is unit.engine
     finally:
         unit.close()
+
+
+def test_an_index_of_version_10_is_migrated_with_its_replies_kept(engine: Engine) -> None:
+    reply = add_reply(engine, "<before@x>", created=T0)
+    with engine.begin() as conn:  # back to version 10: no purged_at, the per-sender index on recipient
+        for table in ("outbox", "llm_jobs"):
+            for index in ("account_recipient_created", "account_created", "unpurged_created"):
+                conn.exec_driver_sql(f"DROP INDEX ix_{table}_{index}")
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN purged_at")
+            former = f"CREATE INDEX ix_{table}_recipient_created ON {table} (recipient, created_at)"
+            conn.exec_driver_sql(former)
+        conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version > 10")
+
+    assert [m.version for m in migrate(engine)] == [m.version for m in MIGRATIONS if m.version > 10]
+    schema = inspect(engine)
+    for table in ("outbox", "llm_jobs"):
+        assert "purged_at" in {column["name"] for column in schema.get_columns(table)}
+        assert {index["name"] for index in schema.get_indexes(table)} >= {
+            f"ix_{table}_account_recipient_created",
+            f"ix_{table}_account_created",
+            f"ix_{table}_unpurged_created",
+        }
+        assert f"ix_{table}_recipient_created" not in {index["name"] for index in schema.get_indexes(table)}
+    assert contents(engine)["outbox"] == {reply: (RAW, False)}
