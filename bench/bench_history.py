@@ -28,9 +28,9 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from bench._report import figure, headline, write_result
 from emailops.config import ReplyConfig
 from emailops.mime.parse import parse_message
 from emailops.replies.decisions import apply_rules
+from emailops.replies.history import purge_batch
 from emailops.rules import RuleSet, load_rules
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
@@ -192,22 +193,52 @@ def captured_statements(engine: Engine) -> Iterator[list[tuple[str, Any]]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def cap_query_plans(engine: Engine, rules: RuleSet) -> list[tuple[str, list[str]]]:
-    """The reply limits' count queries of one decision, each with its plan."""
+Plans = list[tuple[str, list[str]]]
+
+
+def query_plans(engine: Engine, work: Callable[[Connection], object], prefix: str) -> Plans:
+    """The statements starting with ``prefix`` that ``work`` runs (in a transaction then rolled
+    back), each with its plan: SQLite ``EXPLAIN QUERY PLAN``, PostgreSQL ``EXPLAIN ANALYZE``."""
     with engine.connect() as conn:
         transaction = conn.begin()
         try:
             with captured_statements(engine) as seen:
-                decide(conn, rules, 0)
-            counts = [(s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT COUNT(*)")]
+                work(conn)
+            chosen = [(s, p) for s, p in seen if s.lstrip().upper().startswith(prefix)]
             explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN ANALYZE "
             plans = []
-            for statement, parameters in counts:
+            for statement, parameters in chosen:
                 rows = conn.exec_driver_sql(explain + statement, parameters).all()
                 plans.append((" ".join(statement.split()), [str(row[-1]) for row in rows]))
         finally:
             transaction.rollback()
     return plans
+
+
+def cap_query_plans(engine: Engine, rules: RuleSet) -> Plans:
+    """The reply limits' count queries of one decision, each with its plan."""
+    return query_plans(engine, lambda conn: decide(conn, rules, 0), "SELECT COUNT(*)")
+
+
+def purge_query_plans(engine: Engine) -> Plans:
+    """The selects of one batch of the next day's purge, each with its plan."""
+    tomorrow = NOW + timedelta(days=1)
+    cutoff = tomorrow - timedelta(days=HISTORY_DAYS)
+    return query_plans(engine, lambda conn: purge_batch(conn, older_than=cutoff, now=tomorrow), "SELECT")
+
+
+def daily_purge(engine: Engine) -> list[tuple[int, float]]:
+    """The purge of the day after NOW, in its batches: (rows emptied, seconds) of each, the empty
+    last one included. The history was filled as purged up to NOW, so this is one day's replies."""
+    tomorrow = NOW + timedelta(days=1)
+    batches = []
+    while True:
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            emptied = purge_batch(conn, older_than=tomorrow - timedelta(days=HISTORY_DAYS), now=tomorrow)
+        batches.append((emptied, time.perf_counter() - started))
+        if not emptied:
+            return batches
 
 
 @contextmanager
@@ -258,13 +289,23 @@ def run_backend(backend: str, sizes: list[int], args: argparse.Namespace, rules:
             )
         ratio = medians[sizes[-1]] / medians[sizes[0]]
         figure(f"ratio {sizes[-1]:,} / {sizes[0]:,}", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
+        show_plans("purge queries", sizes[-1], purge_query_plans(engines[-1]))
+        batches = daily_purge(engines[-1])
+        slowest = max(seconds for _, seconds in batches) * 1000
+        emptied = sum(rows for rows, _ in batches)
+        label = f"next day's purge, {sizes[-1]:,} past replies"
+        figure(label, f"{emptied:,} rows in {len(batches)} batches, slowest {slowest:.1f} ms")
         plans = cap_query_plans(engines[-1], rules)
-        print(f"   cap queries on {sizes[-1]:,} past replies:")
-        for statement, plan in plans:
-            print(f"     {statement}")
-            for line in plan:
-                print(f"       {line}")
-    return {"median_ms": medians, "p95_ms": p95, "ratio": ratio, "plans": plans}
+        show_plans("cap queries", sizes[-1], plans)
+    return {"median_ms": medians, "p95_ms": p95, "ratio": ratio, "plans": plans, "purge": batches}
+
+
+def show_plans(what: str, size: int, plans: Plans) -> None:
+    print(f"   {what} on {size:,} past replies:")
+    for statement, plan in plans:
+        print(f"     {statement}")
+        for line in plan:
+            print(f"       {line}")
 
 
 def main() -> None:

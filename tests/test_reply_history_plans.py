@@ -1,5 +1,6 @@
-"""The reply limits' count queries (replies.limits) use the indexes of migration 12 on a long
-history, on SQLite and PostgreSQL: their cost follows the replies in their window, not the total.
+"""The reply limits' count queries (replies.limits) and the history purge (replies.history) use
+the indexes of migration 12 on a long history, on SQLite and PostgreSQL: their cost follows the
+replies in their window, not the total.
 
 The history and the plans come from ``bench.bench_history``, which measures the same decision.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from bench.bench_history import RULES, cap_query_plans, fill_history
+from bench.bench_history import RULES, cap_query_plans, fill_history, purge_query_plans
 from emailops.rules import load_rules
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
@@ -45,3 +46,13 @@ def test_the_cap_queries_use_their_indexes(engine: Engine, tmp_path: Path) -> No
         else:
             # PostgreSQL may count the open jobs from the state index instead: few are open.
             assert "Index Scan" in shown or "Index Only Scan" in shown, (statement, shown)
+
+
+def test_the_purge_reads_only_the_rows_not_purged_yet(engine: Engine) -> None:
+    fill_history(engine, 20_000)
+    plans = purge_query_plans(engine)
+
+    assert len(plans) == 2
+    for statement, plan in plans:
+        table = "llm_jobs" if " FROM llm_jobs " in statement else "outbox"
+        assert f"ix_{table}_unpurged_created" in "\n".join(plan), (statement, plan)
