@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, inspect, select, update
+from sqlalchemy import Engine, inspect, select, text, update
 
 from emailops.config import LlmConfig
 from emailops.llm import jobs
@@ -346,3 +346,22 @@ def test_an_index_of_version_10_is_migrated_with_its_replies_kept(engine: Engine
         }
         assert f"ix_{table}_recipient_created" not in {index["name"] for index in schema.get_indexes(table)}
     assert contents(engine)["outbox"] == {reply: (RAW, False)}
+
+
+@pytest.mark.postgres
+def test_two_workers_purging_at_once_take_different_rows(pg_url: str) -> None:
+    engine = create_index_engine(pg_url)
+    migrate(engine)
+    now = T0 + timedelta(days=200)
+    rows = [add_reply(engine, f"<old-{n}@x>", created=now - timedelta(days=91 + n)) for n in range(4)]
+    cutoff = now - timedelta(days=90)
+    with engine.connect() as first, engine.connect() as second:
+        first_batch, second_batch = first.begin(), second.begin()
+        assert purge_batch(first, older_than=cutoff, now=now, limit=2) == 2
+        # The first worker's rows are locked until it commits: the second takes the next ones at once.
+        second.execute(text("SET LOCAL lock_timeout = '2s'"))
+        assert purge_batch(second, older_than=cutoff, now=now, limit=2) == 2
+        first_batch.commit()
+        second_batch.commit()
+    assert contents(engine)["outbox"] == {row: (b"", True) for row in rows}
+    engine.dispose()

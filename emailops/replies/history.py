@@ -9,7 +9,7 @@ its recipient, action, state and time, which the reply limits count. Only rows t
 row is never sent or asked again (``retry`` refuses it). ``purged_at`` says when.
 
 Every worker purges once a day (``HistoryPurgeStage``), in batches of one short transaction each,
-so no purge holds the write lock long; workers purging at once only find less to do.
+so no purge holds the write lock long; workers purging at once share the rows out.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine, Table, select, update
 from emailops.clock import Clock, utc_now
 from emailops.llm.jobs import JobState
 from emailops.replies.outbox import OutboxState
+from emailops.store.dialect import locking
 from emailops.store.schema import llm_jobs, outbox
 
 log = structlog.get_logger(component="rules")
@@ -49,14 +50,15 @@ def purge_batch(conn: Connection, *, older_than: datetime, now: datetime, limit:
             table.c.created_at < older_than,
             table.c.state.not_in(unfinished),
         )
-        batch = list(conn.execute(ids.order_by(table.c.created_at).limit(limit)).scalars())
+        # Workers purging at once take different rows (PostgreSQL; SQLite has one writer).
+        oldest = locking(conn, ids.order_by(table.c.created_at).limit(limit), skip_locked=True)
+        batch = list(conn.execute(oldest).scalars())
         if batch:
-            conn.execute(
+            emptied += conn.execute(
                 update(table)
                 .where(table.c.id.in_(batch), table.c.purged_at.is_(None))
                 .values({column: blank, "purged_at": now})
-            )
-        emptied += len(batch)
+            ).rowcount
     return emptied
 
 
