@@ -24,6 +24,8 @@ from emailops.store.database import create_index_engine
 from emailops.store.migrations import MIGRATIONS, migrate
 from emailops.store.schema import llm_jobs as jobs_table
 from emailops.store.schema import outbox as outbox_table
+from prod.mail_worker import create_unit
+from prod.runtime_settings import ConfigError, RuntimeSettings
 from tests.reply_factories import parsed_message, reply_config
 
 T0 = datetime(2024, 5, 6, 8, 0, 0, tzinfo=UTC)
@@ -294,14 +296,8 @@ def test_a_call_does_at_most_its_budget_of_batches(engine: Engine) -> None:
     assert sum(purged for _, purged in contents(engine)["outbox"].values()) == 5
 
 
-def test_every_worker_purges_with_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from prod.mail_worker import create_unit
-    from prod.runtime_settings import RuntimeSettings
-
-    monkeypatch.chdir(tmp_path)  # no .env
-    rules_file = tmp_path / "rules.toml"
-    rules_file.write_text(ACK_RULE)
-    settings = RuntimeSettings.from_env(
+def worker_settings(tmp_path: Path, **values: Any) -> RuntimeSettings:
+    return RuntimeSettings.from_env(
         state_dir=tmp_path / "state",
         cache_dir=tmp_path / "cache",
         index_db_url=f"sqlite:///{tmp_path / 'emailops.db'}",
@@ -311,10 +307,19 @@ def test_every_worker_purges_with_the_setting(tmp_path: Path, monkeypatch: pytes
         email_smtp_port=1025,
         email_username="me@example.net",
         email_password="test-password",
-        rules_file=rules_file,
-        reply_history_days=30,
         log_file_enabled=False,
+        **values,
     )
+
+
+def test_every_worker_purges_with_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.delenv("REPLY_HISTORY_DAYS", raising=False)
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text(ACK_RULE)
+    assert worker_settings(tmp_path, rules_file=rules_file).reply_history_days == 90
+    monkeypatch.setenv("REPLY_HISTORY_DAYS", "30")
+    settings = worker_settings(tmp_path, rules_file=rules_file)
     unit = create_unit(settings, 1)
     try:
         (purge,) = [stage for stage in unit.stages if isinstance(stage, HistoryPurgeStage)]
@@ -322,6 +327,22 @@ def test_every_worker_purges_with_the_setting(tmp_path: Path, monkeypatch: pytes
         assert purge.engine is unit.engine
     finally:
         unit.close()
+    monkeypatch.setenv("REPLY_HISTORY_DAYS", "0")
+    with pytest.raises(ConfigError, match="REPLY_HISTORY_DAYS"):
+        worker_settings(tmp_path, rules_file=rules_file)
+
+
+def test_reply_history_days_is_documented_with_its_default() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    rows = [
+        line
+        for line in (repo / "README.md").read_text().splitlines()
+        if line.startswith("| `REPLY_HISTORY_DAYS` |")
+    ]
+    assert len(rows) == 1 and rows[0].split("|")[2].strip() == "`90`"
+    example = (repo / ".env.example").read_text().splitlines()
+    assert [line for line in example if line.startswith("REPLY_HISTORY_DAYS=")] == ["REPLY_HISTORY_DAYS=90"]
+    assert RuntimeSettings.model_fields["reply_history_days"].default == 90
 
 
 def test_an_index_of_version_10_is_migrated_with_its_replies_kept(engine: Engine) -> None:
