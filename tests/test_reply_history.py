@@ -6,6 +6,8 @@ Runs on SQLite and PostgreSQL (``db_url``); the index is made by the migrations,
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,8 +26,10 @@ from emailops.store.database import create_index_engine
 from emailops.store.migrations import MIGRATIONS, migrate
 from emailops.store.schema import llm_jobs as jobs_table
 from emailops.store.schema import outbox as outbox_table
+from localmail.dovecot import LocalDovecot
 from prod.mail_worker import create_unit
 from prod.runtime_settings import ConfigError, RuntimeSettings
+from tests.index_helpers import ALICE, daemon_env, index_engine
 from tests.reply_factories import parsed_message, reply_config
 
 T0 = datetime(2024, 5, 6, 8, 0, 0, tzinfo=UTC)
@@ -386,3 +390,48 @@ def test_two_workers_purging_at_once_take_different_rows(pg_url: str) -> None:
         second_batch.commit()
     assert contents(engine)["outbox"] == {row: (b"", True) for row in rows}
     engine.dispose()
+
+
+def test_the_operator_is_told_why_a_purged_reply_is_not_retried(
+    dovecot: LocalDovecot, tmp_path: Path
+) -> None:
+    env = daemon_env(dovecot, tmp_path)
+    engine = index_engine(env["INDEX_DB_URL"])
+    created = datetime.now(UTC) - timedelta(days=91)
+    with engine.begin() as conn:
+        old, young = (
+            outbox.insert_reply(
+                conn,
+                account=f"{ALICE}@127.0.0.1",
+                inbound_key=f"<in-{n}@example.org>",
+                message_pk=None,
+                rule_name="ack",
+                action="send",
+                recipient="person@example.org",
+                reply_message_id=f"<reply-{n}@example.test>",
+                subject="Re: question",
+                raw=RAW,
+                now=created + timedelta(days=n),
+            )[0]
+            for n in (0, 90)
+        )
+        conn.execute(update(outbox_table).values(state="failed", last_error="550 no such user"))
+        purge_batch(conn, older_than=datetime.now(UTC) - timedelta(days=90), now=datetime.now(UTC))
+    engine.dispose()
+
+    def emailops(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "emailops", *args],
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    refused = emailops("outbox", "retry", str(old), str(young))
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"not changed: reply {old}: its text was purged (REPLY_HISTORY_DAYS); there is nothing to send"
+    )
+    assert f"retry: reply {young}" in refused.stdout
