@@ -120,6 +120,9 @@ def _llm_jobs(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.llm_jobs, schema.llm_calls])
 
 
+_REPLY_HISTORY_INDEXES = ("account_recipient_created", "account_created", "unpurged_created")
+
+
 def _reply_history(conn: Connection) -> None:
     """The per-sender indexes gain the account as first column (see schema); the hourly cap and
     the history purge get theirs."""
@@ -127,8 +130,10 @@ def _reply_history(conn: Connection) -> None:
     for table in (schema.outbox, schema.llm_jobs):
         _add_column(conn, table.name, "purged_at", timestamp)
         conn.exec_driver_sql(f"DROP INDEX IF EXISTS ix_{table.name}_recipient_created")
+        added = {f"ix_{table.name}_{name}" for name in _REPLY_HISTORY_INDEXES}
         for index in table.indexes:
-            index.create(conn, checkfirst=True)
+            if index.name in added:
+                index.create(conn, checkfirst=True)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
