@@ -324,6 +324,8 @@ def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
         why = (
             "no such reply"
             if reply is None
+            else "its text was purged (REPLY_HISTORY_DAYS); there is nothing to send"
+            if args.action == "retry" and not reply.raw
             else f"it is {reply.state}; {args.action} applies to {allowed} replies"
         )
         print(f"not changed: reply {reply_id}: {why}", file=sys.stderr)

@@ -8,6 +8,7 @@ from emailops.llm.client import ChatClient
 from emailops.llm.stage import LlmStage
 from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.processes import ProcessIdentity, new_run_id
+from emailops.replies.history import HistoryPurgeStage
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage
@@ -22,7 +23,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     """Open the index (migrating it if needed) and build this worker's pipeline.
 
     Stages after indexing: the rules (new mail only), the model's replies (when LLM_BASE_URL is
-    set), then the outbox (SMTP delivery, drafts).
+    set), then the outbox (SMTP delivery, drafts), and the daily purge of the reply history.
     """
     problem = settings.llm_rules_problem()
     if problem:
@@ -77,6 +78,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
             dead_runs=dead_runs,
         )
     )
+    stages.append(HistoryPurgeStage(engine, history_days=settings.reply_history_days))
     return MailPipeline(
         engine,
         imap,

@@ -115,6 +115,7 @@ class RuntimeSettings(BaseSettings):
     reply_max_per_sender_per_day: int = Field(default=3, ge=1)
     reply_max_per_hour: int = Field(default=100, ge=1)
     reply_send_max_attempts: int = Field(default=5, ge=1)
+    reply_history_days: int = Field(default=90, ge=1)
     save_sent_copy: bool = False
     sent_folder: str = "Sent"
     drafts_folder: str = "Drafts"

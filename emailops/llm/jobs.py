@@ -347,7 +347,7 @@ def list_jobs(
 
 
 def retry_job(conn: Connection, job_id: int, *, account: str) -> bool:
-    """Operator: a failed job is asked of the model again, with fresh attempts."""
+    """Operator: a failed job, not purged, is asked of the model again, with fresh attempts."""
     return (
         conn.execute(
             update(llm_jobs)
@@ -355,6 +355,7 @@ def retry_job(conn: Connection, job_id: int, *, account: str) -> bool:
                 llm_jobs.c.id == job_id,
                 llm_jobs.c.account == account,
                 llm_jobs.c.state == JobState.FAILED.value,
+                llm_jobs.c.purged_at.is_(None),  # its prompt is gone (replies.history)
             )
             .values(
                 state=JobState.PENDING.value,

@@ -352,10 +352,14 @@ def list_replies(
 
 
 def retry_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
-    """Operator: a failed or unknown reply goes back to pending with fresh attempts."""
+    """Operator: a failed or unknown reply, not purged, goes back to pending with fresh attempts."""
     result = conn.execute(
         update(outbox)
-        .where(outbox.c.id == outbox_id, outbox.c.state.in_([s.value for s in RETRYABLE]))
+        .where(
+            outbox.c.id == outbox_id,
+            outbox.c.state.in_([s.value for s in RETRYABLE]),
+            outbox.c.purged_at.is_(None),  # its text is gone (replies.history)
+        )
         .values(
             state=OutboxState.PENDING.value,
             attempts=0,

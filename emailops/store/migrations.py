@@ -120,6 +120,22 @@ def _llm_jobs(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.llm_jobs, schema.llm_calls])
 
 
+_REPLY_HISTORY_INDEXES = ("account_recipient_created", "account_created", "unpurged_created")
+
+
+def _reply_history(conn: Connection) -> None:
+    """The per-sender indexes gain the account as first column (see schema); the hourly cap and
+    the history purge get theirs."""
+    timestamp = "DATETIME" if conn.dialect.name == "sqlite" else "TIMESTAMP WITH TIME ZONE"
+    for table in (schema.outbox, schema.llm_jobs):
+        _add_column(conn, table.name, "purged_at", timestamp)
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS ix_{table.name}_recipient_created")
+        added = {f"ix_{table.name}_{name}" for name in _REPLY_HISTORY_INDEXES}
+        for index in table.indexes:
+            if index.name in added:
+                index.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -131,6 +147,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "folders: index attempts; index_quarantine", _index_attempts),
     Migration(9, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),
     Migration(10, "llm_jobs and llm_calls: replies written by a language model", _llm_jobs),
+    Migration(
+        12, "outbox, llm_jobs: purged_at; indexes of the reply limits and the history purge", _reply_history
+    ),
 )
 
 

@@ -197,10 +197,22 @@ outbox = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     Column("sent_at", Timestamp),
+    # When raw was emptied, REPLY_HISTORY_DAYS after created_at (see store.history); the row stays.
+    Column("purged_at", Timestamp),
     UniqueConstraint("account", "inbound_key", "rule_name", name="uq_outbox_inbound_rule"),
 )
 Index("ix_outbox_state_next", outbox.c.state, outbox.c.next_attempt_at)
-Index("ix_outbox_recipient_created", outbox.c.recipient, outbox.c.created_at)
+# The indexes of the reply limits (replies.limits): per sender (account and recipient both equal,
+# so SQLite's planner prefers it to the next one), and the hourly cap of the account.
+Index("ix_outbox_account_recipient_created", outbox.c.account, outbox.c.recipient, outbox.c.created_at)
+Index("ix_outbox_account_created", outbox.c.account, outbox.c.created_at)
+# Rows the history purge has still to look at: only the last REPLY_HISTORY_DAYS, whatever the total.
+Index(
+    "ix_outbox_unpurged_created",
+    outbox.c.created_at,
+    sqlite_where=outbox.c.purged_at.is_(None),
+    postgresql_where=outbox.c.purged_at.is_(None),
+)
 
 # The OAuth2 sign-in of an account, shared by every worker and container (issue 11). Tokens are
 # Fernet-encrypted (emailops.auth.crypto); a refresh holds this row locked (FOR UPDATE / BEGIN
@@ -260,10 +272,21 @@ llm_jobs = Table(
     Column("outbox_id", Id, ForeignKey("outbox.id", ondelete="SET NULL")),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    # When prompt was emptied, REPLY_HISTORY_DAYS after created_at (see store.history).
+    Column("purged_at", Timestamp),
     UniqueConstraint("account", "inbound_key", "rule_name", name="uq_llm_jobs_inbound_rule"),
 )
 Index("ix_llm_jobs_state_next", llm_jobs.c.state, llm_jobs.c.next_attempt_at)
-Index("ix_llm_jobs_recipient_created", llm_jobs.c.recipient, llm_jobs.c.created_at)
+Index(
+    "ix_llm_jobs_account_recipient_created", llm_jobs.c.account, llm_jobs.c.recipient, llm_jobs.c.created_at
+)
+Index("ix_llm_jobs_account_created", llm_jobs.c.account, llm_jobs.c.created_at)
+Index(
+    "ix_llm_jobs_unpurged_created",
+    llm_jobs.c.created_at,
+    sqlite_where=llm_jobs.c.purged_at.is_(None),
+    postgresql_where=llm_jobs.c.purged_at.is_(None),
+)
 
 # One row per model call started, by the database's clock: the hourly budget shared by all workers.
 llm_calls = Table(
