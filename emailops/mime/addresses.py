@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import NamedTuple
 
-from emailops.mime.charsets import decode_encoded_words
+from emailops.mime.charsets import ENCODED_WORD_RE, decode_encoded_words
 from emailops.mime.header_block import MAX_HEADER_VALUE_BYTES
 from emailops.mime.headers import header_text, single_line
 from emailops.mime.model import Address
@@ -43,10 +43,22 @@ def parse_addresses(raw: bytes, problems: list[str]) -> tuple[Address, ...]:
     if len(text) > MAX_ADDRESS_HEADER_CHARS:
         problems.append("addresses-truncated")
         text = text[:MAX_ADDRESS_HEADER_CHARS]
-    pairs = _simple_addresses(text) if "=?" not in text else None
+    pairs = _simple_addresses(text) if "=?" not in text or _plain_encoded_words(text) else None
     if pairs is not None:
-        return tuple(_address(name, email) for name, email in pairs[:MAX_ADDRESSES])
+        return tuple(
+            _address(decode_encoded_words(name, problems) if "=?" in name else name, email)
+            for name, email in pairs[:MAX_ADDRESSES]
+        )
     return address_list(text, problems)
+
+
+_SPACE_OR_SPECIAL_RE = re.compile(r'[\s<>(),;:@\\"]')
+
+
+def _plain_encoded_words(text: str) -> bool:
+    """Whether no encoded word of ``text`` holds a blank or a special: then it reads the same as
+    one word of a display name, which the simple forms may hold."""
+    return not any(_SPACE_OR_SPECIAL_RE.search(word.group()) for word in ENCODED_WORD_RE.finditer(text))
 
 
 def _address(name: str, email: str) -> Address:
@@ -181,8 +193,9 @@ def _addr_spec(tokens: list[_Token]) -> str:
     return "".join(t.text for t in tokens if t.kind not in ("comment", "<", ">"))
 
 
-# The forms nearly all mail uses: "a@b", "Name <a@b>", "\"Name\" <a@b>", comma-separated. Anything
-# else (comments, groups, quoted commas, routes, escapes, encoded words) is read by its tokens.
+# The forms nearly all mail uses: "a@b", "Name <a@b>", "\"Name\" <a@b>", comma-separated, names
+# with encoded words. Anything else (comments, groups, quoted commas, routes, escapes) is read by
+# its tokens.
 _SIMPLE_ADDRESS_RE = re.compile(
     r'\s*(?:"([^"\\]*)"|([^<>"(),;:@\\]*?))\s*<([^<>"(),;:@\s\\]+@[^<>"(),;:@\s\\]+)>\s*'
     r'|\s*([^<>"(),;:@\s\\]+@[^<>"(),;:@\s\\]+)\s*'
