@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from typing import NamedTuple
 
 from emailops.mime.charsets import ENCODED_WORD_RE, decode_encoded_words
 from emailops.mime.header_block import MAX_HEADER_VALUE_BYTES
@@ -21,64 +22,180 @@ MAX_MESSAGE_IDS = 256
 
 
 def parse_addresses(raw: bytes, problems: list[str]) -> tuple[Address, ...]:
-    """Addresses of a To/From/Cc-style header value; display names decoded from RFC 2047.
+    """The mailboxes of a From/To/Cc/Reply-To-style value (RFC 5322 address-list), in order.
 
-    Encoded words are masked before the address syntax is parsed, so that an encoded ``@``, ``,``
-    or ``:`` (``=?utf-8?q?boss@evil?= <a@b>``) can never produce an address of its own.
-    ``email.utils.getaddresses`` is pure Python and has had pathological cases on crafted input, so
-    its input is bounded to ``MAX_ADDRESS_HEADER_CHARS``.
+    Every path that needs a message's addresses gets them from here (indexing, the migration that
+    re-parses stored headers, the configured From). Read leniently, as real mail is written:
+
+    - a display name is its words (atoms, quoted strings unescaped, RFC 2047 encoded words decoded)
+      one space apart; comments are not part of it, but a mailbox with no display name takes its
+      comments as one (``a@b (Ann)``, an old convention);
+    - the members of a group (``Team: a@b, c@d;``) are listed, the group's name is dropped, and an
+      empty group (``undisclosed-recipients:;``) has none; ``;`` also separates outside a group;
+    - a source route (``<@relay1,@relay2:a@b>``) is dropped: the address is ``a@b``;
+    - an encoded word is one token: what it encodes (``=?utf-8?q?a=2C_b@evil?=``) never separates
+      or makes an address, nor does a comma, ``@`` or ``<`` written raw inside one.
+
+    Work is linear in the value, bounded to ``MAX_ADDRESS_HEADER_CHARS`` characters; at most
+    ``MAX_ADDRESSES`` addresses are returned.
     """
     text = header_text(raw, problems)
     if len(text) > MAX_ADDRESS_HEADER_CHARS:
         problems.append("addresses-truncated")
         text = text[:MAX_ADDRESS_HEADER_CHARS]
-    words: list[str] = []
-    if "=?" in text:
-        text, words = _mask_encoded_words(text)
-    pairs = _simple_addresses(text)
-    if pairs is None:
-        try:
-            pairs = email.utils.getaddresses([text])
-        except Exception:
-            problems.append("addresses-unparsable")
-            return ()
+    pairs = _simple_addresses(text) if "=?" not in text or _plain_encoded_words(text) else None
+    if pairs is not None:
+        return tuple(
+            _address(decode_encoded_words(name, problems) if "=?" in name else name, email)
+            for name, email in pairs[:MAX_ADDRESSES]
+        )
+    return address_list(text, problems)
+
+
+_SPACE_OR_SPECIAL_RE = re.compile(r'[\s<>(),;:@\\"]')
+
+
+def _plain_encoded_words(text: str) -> bool:
+    """Whether no encoded word of ``text`` holds a blank or a special: then it reads the same as
+    one word of a display name, which the simple forms may hold."""
+    return not any(_SPACE_OR_SPECIAL_RE.search(word.group()) for word in ENCODED_WORD_RE.finditer(text))
+
+
+def _address(name: str, email: str) -> Address:
+    return Address(single_line(name, 512), single_line(email, 512).replace(" ", ""))
+
+
+def address_list(text: str, problems: list[str]) -> tuple[Address, ...]:
+    """``parse_addresses`` of an unfolded value, by its tokens (``parse_addresses`` reads the
+    common simple forms faster, to the same result)."""
     addresses: list[Address] = []
-    for name, addr in pairs[:MAX_ADDRESSES]:
-        if not addr and not name:
+    mailbox: list[_Token] = []
+    in_angle = False
+    for token in _tokens(text):
+        kind = token.kind
+        if not in_angle and (kind == "," or kind == ";" or kind == ":"):
+            # ":" starts a group: what came before it is the group's name, not a mailbox.
+            if kind != ":":
+                _add_mailbox(mailbox, addresses, problems)
+            mailbox = []
+            if len(addresses) >= MAX_ADDRESSES:
+                break
             continue
-        if words:
-            name = decode_encoded_words(_unmask(name, words), problems)
-            addr = _unmask(addr, words)
-        addresses.append(Address(single_line(name, 512), single_line(addr, 512).replace(" ", "")))
-    return tuple(addresses)
+        if kind == "<":
+            in_angle = True
+        elif kind == ">":
+            in_angle = False
+        mailbox.append(token)
+    _add_mailbox(mailbox, addresses, problems)
+    return tuple(addresses[:MAX_ADDRESSES])
 
 
-_MASK = "qqewqq"  # an atom to stand for an encoded word: letters, then its index, then "x"
-_MASK_RE = re.compile(_MASK + r"(\d{1,6})x")
+class _Token(NamedTuple):
+    # "atom", "quoted", "encoded", "literal", "comment", or the special character itself.
+    kind: str
+    text: str  # as written (a quoted string with its quotes and escapes)
+    spaced: bool  # whitespace (or a comment) came before it
 
 
-def _mask_encoded_words(text: str) -> tuple[str, list[str]]:
-    words: list[str] = []
-    if _MASK in text:  # keep the mask unambiguous: text that already holds it is left unmasked
-        return text, words
-
-    def replace(match: re.Match[str]) -> str:
-        words.append(match.group(0))
-        return f"{_MASK}{len(words) - 1}x"
-
-    return ENCODED_WORD_RE.sub(replace, text), words
-
-
-def _unmask(text: str, words: list[str]) -> str:
-    if _MASK not in text:
-        return text
-    return _MASK_RE.sub(
-        lambda match: words[int(match.group(1))] if int(match.group(1)) < len(words) else "", text
-    )
+# One token at a time, each alternative consuming up to a character it cannot contain: linear. An
+# atom stops before "=?" so that an encoded word glued to text is a token of its own.
+_TOKEN_RE = re.compile(
+    r"(?P<space>\s+)"
+    r"|(?P<encoded>=\?[^?\s]{1,64}\?[bBqQ]\?[^?]*\?=)"
+    r'|(?P<quoted>"(?:[^"\\]|\\.)*"?)'
+    r"|(?P<literal>\[(?:[^\]\\]|\\.)*\]?)"
+    r"|(?P<special>[<>,;:@.()])"
+    r'|(?P<atom>(?:[^\s"()<>\[\],;:@.=\\]|=(?!\?)|\\.?)+|[\]=\\])'
+)
+_ESCAPE_RE = re.compile(r"\\(.)")
 
 
-# The forms nearly all mail uses: "a@b", "Name <a@b>", "\"Name\" <a@b>", comma-separated. Anything
-# else (comments, groups, quoted commas, route addresses, escapes) goes to email.utils.getaddresses.
+def _tokens(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    position = 0
+    spaced = False
+    while position < len(text):
+        if text[position] == "(":
+            end = _comment_end(text, position)
+            closed = end - 1 if end <= len(text) else len(text)
+            tokens.append(_Token("comment", text[position + 1 : closed], spaced))
+            position, spaced = end, True
+            continue
+        match = _TOKEN_RE.match(text, position)
+        assert match is not None  # the last alternative takes any character the others do not
+        kind = match.lastgroup or "atom"
+        if kind == "space":
+            spaced = True
+        else:
+            tokens.append(_Token(match.group() if kind == "special" else kind, match.group(), spaced))
+            spaced = False
+        position = match.end()
+    return tokens
+
+
+def _comment_end(text: str, start: int) -> int:
+    """The offset after the comment opened at ``start`` (nested comments included); beyond the end
+    of ``text`` (``len(text) + 1``) when it is never closed."""
+    depth = 0
+    position = start
+    while position < len(text):
+        char = text[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return position + 1
+        position += 1
+    return len(text) + 1
+
+
+def _add_mailbox(tokens: list[_Token], addresses: list[Address], problems: list[str]) -> None:
+    kinds = [t.kind for t in tokens]
+    name = ""
+    if "<" in kinds:
+        opened = kinds.index("<")
+        closed = kinds.index(">", opened) if ">" in kinds[opened:] else len(tokens)
+        name = _phrase(tokens[:opened], problems)
+        inside = tokens[opened + 1 : closed]
+        inside_kinds = kinds[opened + 1 : closed]
+        if inside_kinds[:1] == ["@"] and ":" in inside_kinds:  # a source route: @a,@b:
+            inside = inside[inside_kinds.index(":") + 1 :]
+        email = _addr_spec(inside)
+    else:
+        email = _addr_spec(tokens)
+    if not name:
+        comments = [_unescaped(t.text) for t in tokens if t.kind == "comment"]
+        name = decode_encoded_words(single_line(" ".join(comments)), problems)
+    if email or name:
+        addresses.append(_address(name, email))
+
+
+def _phrase(tokens: list[_Token], problems: list[str]) -> str:
+    """A display name: the words one space apart where the value had space, comments left out."""
+    pieces: list[str] = []
+    for token in tokens:
+        if token.kind == "comment":
+            continue
+        word = _unescaped(token.text[1:].removesuffix('"')) if token.kind == "quoted" else token.text
+        pieces.append((" " if token.spaced and pieces else "") + word)
+    return decode_encoded_words(single_line("".join(pieces)), problems)
+
+
+def _unescaped(text: str) -> str:
+    return _ESCAPE_RE.sub(r"\1", text) if "\\" in text else text
+
+
+def _addr_spec(tokens: list[_Token]) -> str:
+    return "".join(t.text for t in tokens if t.kind not in ("comment", "<", ">"))
+
+
+# The forms nearly all mail uses: "a@b", "Name <a@b>", "\"Name\" <a@b>", comma-separated, names
+# with encoded words. Anything else (comments, groups, quoted commas, routes, escapes) is read by
+# its tokens.
 _SIMPLE_ADDRESS_RE = re.compile(
     r'\s*(?:"([^"\\]*)"|([^<>"(),;:@\\]*?))\s*<([^<>"(),;:@\s\\]+@[^<>"(),;:@\s\\]+)>\s*'
     r'|\s*([^<>"(),;:@\s\\]+@[^<>"(),;:@\s\\]+)\s*'

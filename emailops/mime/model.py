@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,7 +16,18 @@ class Address:
     email: str
 
     def __str__(self) -> str:
-        return f"{self.name} <{self.email}>" if self.name else self.email
+        """The mailbox as RFC 5322 writes it: a name with specials (``Doe, John``) is quoted, so the
+        text reads back as this one address."""
+        if not self.name:
+            return self.email
+        name = self.name
+        if _NEEDS_QUOTES.search(name):
+            name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return f"{name} <{self.email}>"
+
+
+# RFC 5322 specials (and the quote and backslash themselves): a display name holding one is quoted.
+_NEEDS_QUOTES = re.compile(r'[()<>\[\]:;@\\,."]')
 
 
 @dataclass(frozen=True)

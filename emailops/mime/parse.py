@@ -27,7 +27,7 @@ Other problems: ``header-missing:{from,date,message-id}``, ``header-duplicate:NA
 ``encoded-word-broken``, ``charset-unknown:LABEL``, ``charset-mismatch:LABEL``, ``charset-broken:CODEC``,
 ``base64-broken``, ``quoted-printable-broken``, ``encoding-unknown:CTE``, ``body-nul``,
 ``content-type-invalid``, ``multipart-boundary-missing``, ``multipart-no-parts``,
-``multipart-unterminated``, ``date-invalid``, ``addresses-truncated``, ``addresses-unparsable``,
+``multipart-unterminated``, ``date-invalid``, ``addresses-truncated``,
 ``problems-truncated`` (more than ``MAX_PROBLEMS`` distinct ones), and ``parser-error:TYPE`` if a bug
 escaped all of the above (the message is then indexed with empty fields rather than lost).
 """

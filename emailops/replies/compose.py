@@ -37,8 +37,9 @@ from email.header import decode_header, make_header
 from email.headerregistry import Address as HeaderAddress
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime
 
+from emailops.mime.addresses import parse_addresses
 from emailops.mime.model import Address, ParsedMessage
 
 # References keeps the first id of the thread and the most recent ones (RFC 5322 section 3.6.4).
@@ -131,10 +132,10 @@ def validate_addr_spec(value: str) -> str:
 
 def parse_from_address(value: str) -> HeaderAddress:
     """The configured sender (``addr`` or ``Name <addr>``) as one header address."""
-    pairs = getaddresses([value])
-    if len(pairs) != 1:
+    parsed = parse_addresses(value.encode("utf-8", "surrogateescape"), [])
+    if len(parsed) != 1:
         raise AddressError(f"the From address must be exactly one address: {value!r}")
-    name, addr = pairs[0]
+    name, addr = parsed[0].name, parsed[0].email
     validate_addr_spec(addr)
     local, _, domain = addr.rpartition("@")
     return HeaderAddress(display_name=one_line(name), username=local, domain=domain)

@@ -1,9 +1,11 @@
 """Try the rules on one message without acting: ``emailops rules test FILE.eml``.
 
-The decision is the daemon's own (``engine.apply_rules``), made against the real index so that
+The decision is the daemon's own (``decisions.apply_rules``), made against the real index so that
 "already answered this sender" and the caps are what they would be, inside a transaction that is
-rolled back: nothing is recorded. A model's reply is then asked of the model for real (outside the
-transaction) and composed as the stage would compose it. Nothing is sent or saved.
+rolled back: nothing is recorded. The message is indexed in that transaction and read back as the
+daemon reads it (``messages.load_message``), so the rules see what they would see in the daemon.
+A model's reply is then asked of the model for real (outside the transaction) and composed as the
+stage would compose it. Nothing is sent or saved.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from structlog.typing import FilteringBoundLogger
 
 from emailops.config import ReplyConfig
@@ -26,6 +28,9 @@ from emailops.mime.model import ParsedMessage
 from emailops.replies import decisions, outbox
 from emailops.replies.compose import build_reply
 from emailops.rules.model import RuleSet
+from emailops.store import folders as folder_store
+from emailops.store import messages as message_store
+from emailops.store.content import message_content
 
 
 def _warnings_only() -> FilteringBoundLogger:
@@ -77,13 +82,14 @@ def try_rules(
     with engine.connect() as conn:
         transaction = conn.begin()
         try:
+            parsed, pk = _stored(conn, account, folder, parsed, now)
             made = decisions.apply_rules(
                 conn,
                 account=account,
-                message_pk=None,
+                message_pk=pk,
                 folder=folder,
-                uidvalidity=0,
-                uid=0,
+                uidvalidity=_TRIAL_UIDVALIDITY,
+                uid=_TRIAL_UID,
                 parsed=parsed,
                 rules=rules,
                 config=config,
@@ -130,6 +136,26 @@ def try_rules(
         actions = tuple(a.kind.value for a in decision.mailbox_actions)
         outcomes[index] = _ask_model(client, job, parsed, config, now, decision.rule, actions)
     return outcomes
+
+
+# Where the trial's message is indexed for the length of the trial: no server gives a UID or a
+# UIDVALIDITY of 0 (RFC 3501 section 2.3.1.1), so no indexed message is in the way.
+_TRIAL_UIDVALIDITY = 0
+_TRIAL_UID = 0
+
+
+def _stored(
+    conn: Connection, account: str, folder: str, parsed: ParsedMessage, now: datetime
+) -> tuple[ParsedMessage, int]:
+    """``parsed`` indexed in ``folder`` and read back as the daemon reads it; and its row's key."""
+    folder_id = folder_store.ensure_folder(conn, account, folder).id
+    item = message_store.FetchedMessage(_TRIAL_UID, (), now, None, message_content(parsed))
+    inserted = message_store.insert_messages(
+        conn, folder_id, _TRIAL_UIDVALIDITY, [item], baseline_uidnext=None, now=now
+    )
+    stored = message_store.load_message(conn, inserted[_TRIAL_UID])
+    assert stored is not None  # inserted just now, in this transaction
+    return stored.parsed, stored.pk
 
 
 def _ask_model(

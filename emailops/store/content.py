@@ -8,7 +8,7 @@ a dataclass per message cost more than the parse of its headers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from emailops.mime.header_block import HeaderBlock
@@ -25,6 +25,13 @@ def _addresses(values: Iterable[Address]) -> str:
     return ", ".join(str(a) for a in values)
 
 
+def address_lists(by_field: Mapping[str, Iterable[Address]]) -> dict[str, list[list[str]]]:
+    """The ``messages.address_lists`` value: each header's addresses as ``[name, email]`` pairs in
+    order (``by_field``: "from", "to", "cc", "reply-to"), headers without an address left out."""
+    lists = {field: [[a.name, a.email] for a in found] for field, found in by_field.items()}
+    return {field: pairs for field, pairs in lists.items() if pairs}
+
+
 def header_block(parsed: ParsedMessage) -> bytes:
     """The raw header block the index keeps (rebuilt from decoded values if that is all there is)."""
     headers = parsed.headers
@@ -39,8 +46,9 @@ def message_content(parsed: ParsedMessage) -> MessageContent:
         "from_addr": sender.email if sender else "",
         "from_name": sender.name if sender else "",
         "addresses": _addresses((*parsed.from_, *parsed.to, *parsed.cc, *parsed.reply_to)),
-        "to_addrs": _addresses(parsed.to),
-        "cc_addrs": _addresses(parsed.cc),
+        "address_lists": address_lists(
+            {"from": parsed.from_, "to": parsed.to, "cc": parsed.cc, "reply-to": parsed.reply_to}
+        ),
         "date": parsed.date,
         "in_reply_to": parsed.in_reply_to,
         "references": " ".join(parsed.references),

@@ -329,13 +329,18 @@ def load_message(conn: Connection, pk: int) -> StoredMessage | None:
         )
     ).all()
     headers = HeaderBlock(row["header_block"])
+    lists: Mapping[str, list[list[str]]] = row["address_lists"]
+
+    def addresses(field: str) -> tuple[Address, ...]:
+        return tuple(Address(name, email) for name, email in lists.get(field, ()))
+
     parsed = ParsedMessage(
         message_id=row["message_id"],
         subject=row["subject"],
-        from_=(Address(row["from_name"], row["from_addr"]),) if row["from_addr"] else (),
-        to=_split_addresses(row["to_addrs"]),
-        cc=_split_addresses(row["cc_addrs"]),
-        reply_to=_split_addresses(", ".join(headers.get("reply-to", ()))),
+        from_=addresses("from"),
+        to=addresses("to"),
+        cc=addresses("cc"),
+        reply_to=addresses("reply-to"),
         date=_aware(row["date"]),
         in_reply_to=row["in_reply_to"],
         references=tuple(row["references"].split()),
@@ -365,12 +370,6 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
-
-
-def _split_addresses(value: str) -> tuple[Address, ...]:
-    from email.utils import getaddresses
-
-    return tuple(Address(name, email) for name, email in getaddresses([value]) if email)
 
 
 def _return_path(headers: Mapping[str, tuple[str, ...]]) -> str | None:

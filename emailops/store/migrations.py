@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, inspect, select, text
+from sqlalchemy import Connection, Engine, bindparam, inspect, select, text, update
 
-from emailops.mime.addresses import parse_date
+from emailops.mime.addresses import parse_addresses, parse_date
 from emailops.mime.header_block import HeaderBlock, split_header_block
 from emailops.store import schema
+from emailops.store.content import address_lists
 from emailops.store.fulltext import create_fulltext, set_fulltext_tuning
 from emailops.store.schema import sqlite_datetime
 
@@ -120,6 +121,51 @@ def _llm_jobs(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.llm_jobs, schema.llm_calls])
 
 
+# Rows re-parsed per statement by _address_lists: bounded memory on an index of any size.
+_REPARSE_BATCH = 1000
+
+
+def _address_lists(conn: Connection) -> None:
+    """To and Cc were stored as "Name <addr>" strings joined by ", ", unquoted, and read back split
+    at every comma ("Doe, John <a@b>" read as "Doe" and "John <a@b>"). Each row's From, To, Cc and
+    Reply-To are parsed again from its stored header block, by the parser that indexes new mail."""
+    json_type = (
+        "JSON NOT NULL DEFAULT '{}'" if conn.dialect.name == "sqlite" else "JSONB NOT NULL DEFAULT '{}'"
+    )
+    _add_column(conn, "messages", "address_lists", json_type)
+    if "to_addrs" not in {c["name"] for c in inspect(conn).get_columns("messages")}:
+        return  # created with address_lists: nothing stored the old way
+    store = (
+        update(schema.messages)
+        .where(schema.messages.c.id == bindparam("pk"))
+        .values(address_lists=bindparam("lists", type_=schema.AddressLists))
+    )
+    last = 0
+    while True:
+        batch = conn.execute(
+            select(schema.messages.c.id, schema.messages.c.header_block)
+            .where(schema.messages.c.id > last)
+            .order_by(schema.messages.c.id)
+            .limit(_REPARSE_BATCH)
+        ).all()
+        if not batch:
+            break
+        conn.execute(store, [{"pk": pk, "lists": _reparsed_addresses(block)} for pk, block in batch])
+        last = batch[-1][0]
+    conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN to_addrs")
+    conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN cc_addrs")
+
+
+def _reparsed_addresses(block: bytes) -> dict[str, list[list[str]]]:
+    fields, _ = split_header_block(block, 0, len(block), [])
+    first: dict[str, bytes] = {}
+    for name, value in fields:
+        first.setdefault(name, value)
+    return address_lists(
+        {name: parse_addresses(first[name], []) for name in ("from", "to", "cc", "reply-to") if name in first}
+    )
+
+
 _REPLY_HISTORY_INDEXES = ("account_recipient_created", "account_created", "unpurged_created")
 
 
@@ -147,6 +193,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "folders: index attempts; index_quarantine", _index_attempts),
     Migration(9, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),
     Migration(10, "llm_jobs and llm_calls: replies written by a language model", _llm_jobs),
+    Migration(11, "messages.address_lists (parsed) replaces to_addrs and cc_addrs (strings)", _address_lists),
     Migration(
         12, "outbox, llm_jobs: purged_at; indexes of the reply limits and the history purge", _reply_history
     ),

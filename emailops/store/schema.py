@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 
 metadata = MetaData()
@@ -62,6 +64,9 @@ class Timestamp(TypeDecorator[datetime]):
             return _sqlite_bind
         return super().bind_processor(dialect)
 
+
+# JSON text on SQLite, jsonb on PostgreSQL.
+AddressLists = JSON().with_variant(JSONB(), "postgresql")
 
 # SQLite only treats "INTEGER PRIMARY KEY" as the rowid alias; BigInteger elsewhere.
 Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -106,10 +111,12 @@ messages = Table(
     Column("subject", Text, nullable=False, default=""),
     Column("from_addr", String(1000), nullable=False, default=""),
     Column("from_name", Text, nullable=False, default=""),
-    # Every address of From, To, Cc and Reply-To, as "Name <addr>" joined by ", " (searched).
+    # Every address of From, To, Cc and Reply-To, as "Name <addr>" joined by ", " (searched only:
+    # the addresses themselves are read from address_lists).
     Column("addresses", Text, nullable=False, default=""),
-    Column("to_addrs", Text, nullable=False, default=""),
-    Column("cc_addrs", Text, nullable=False, default=""),
+    # The addresses as parsed, name and address apart: {"from": [[name, addr], ...], "to": ...,
+    # "cc": ..., "reply-to": ...}, fields without an address left out (see store.content).
+    Column("address_lists", AddressLists, nullable=False),
     Column("date", Timestamp),
     Column("internal_date", Timestamp),
     Column("in_reply_to", String(1000)),
