@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from emailops.config import ServerConfig
+    from emailops.maintenance import IndexInUseError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -184,11 +185,42 @@ def cmd_quarantine(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
-    from emailops.maintenance import reindex
+    from emailops.maintenance import IndexInUseError, reindex
 
     with _index(settings) as engine:
-        reports = reindex(engine, _imap(settings, engine), settings.sync_config())
+        try:
+            reports = reindex(engine, _imap(settings, engine), settings.sync_config())
+        except IndexInUseError as exc:
+            print(f"emailops reindex: refused, nothing changed: {_lease_holder(exc)}", file=sys.stderr)
+            return EXIT_FAILED
     return _print_reports(reports, args.json)
+
+
+def _lease_holder(exc: IndexInUseError) -> str:
+    """Which process holds the index and how to stop it, in one line."""
+    import socket
+
+    from emailops.processes import ProcessIdentity
+
+    lease = exc.lease
+    holder = ProcessIdentity.parse(lease.owner)
+    who = f"worker {holder.worker} (pid {holder.pid} on host {holder.host})" if holder else lease.owner
+    supervisor = _parent_pid(holder.pid) if holder and holder.host == socket.gethostname() else None
+    stop = f"`kill -TERM {supervisor}` (its supervisor)" if supervisor else "SIGTERM to its supervisor"
+    return (
+        f"a running daemon holds the index: {who} watches folder {lease.folder!r} "
+        f"(lease until {lease.expires_at:%H:%M:%S} UTC); stop the daemon first (`docker compose stop app`, "
+        f"or {stop}), then run reindex again"
+    )
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` on this host (Linux /proc), None when it cannot be read."""
+    try:
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ")" ends it.
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def cmd_backup(settings: RuntimeSettings, args: argparse.Namespace) -> int:
