@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -333,3 +334,19 @@ def test_reindex_refuses_while_a_daemon_holds_the_index(
 
 def _children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_utf16_subject_without_a_byte_order_mark_is_found(
+    env: dict[str, str], dovecot: LocalDovecot
+) -> None:
+    """As SpamAssassin's t/data/spam/utf16.eml writes it: ``=?utf-16?b?RABlAHMA...?=``."""
+    subject = base64.b64encode("Design your future".encode("utf-16-le")).decode()
+    dovecot.append(
+        ALICE,
+        "INBOX",
+        f"From: a@example.org\r\nTo: {ALICE}\r\nSubject: =?utf-16?b?{subject}?=\r\n"
+        "Message-ID: <utf16@example.org>\r\n\r\nbody\r\n".encode(),
+    )
+    assert emailops(env, "sync", "--once").returncode == 0
+    (hit,) = json.loads(emailops(env, "search", "--json", "design").stdout)
+    assert hit["subject"] == "Design your future"
