@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import Connection, and_, bindparam, func, select, update
 
@@ -293,9 +293,7 @@ def message_origin(conn: Connection, pk: int) -> MessageOrigin | None:
     if row is None:
         return None
     account, folder, uidvalidity, uid, indexed_at = row
-    committed = _aware(indexed_at)
-    assert committed is not None  # the column is NOT NULL
-    return MessageOrigin(account, folder, int(uidvalidity), int(uid), committed)
+    return MessageOrigin(account, folder, int(uidvalidity), int(uid), indexed_at)
 
 
 @dataclass(frozen=True)
@@ -336,7 +334,7 @@ def load_message(conn: Connection, pk: int) -> StoredMessage | None:
         to=_split_addresses(row["to_addrs"]),
         cc=_split_addresses(row["cc_addrs"]),
         reply_to=_split_addresses(", ".join(headers.get("reply-to", ()))),
-        date=_aware(row["date"]),
+        date=row["date"],
         in_reply_to=row["in_reply_to"],
         references=tuple(row["references"].split()),
         list_id=row["list_id"],
@@ -359,12 +357,6 @@ def load_message(conn: Connection, pk: int) -> StoredMessage | None:
         rules_state=row["rules_state"],
         parsed=parsed,
     )
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 def _split_addresses(value: str) -> tuple[Address, ...]:
@@ -414,7 +406,7 @@ def folder_stats(conn: Connection, account: str) -> list[FolderStats]:
             uidvalidity=uidvalidity,
             messages=int(live_count or 0),
             expunged=int(total) - int(live_count or 0),
-            last_sync=_aware(last_sync),
+            last_sync=last_sync,
         )
         for name, uidvalidity, total, live_count, last_sync in rows
     ]
