@@ -261,7 +261,8 @@ def _record(
             rule=rule,
             parsed=inbound.parsed,
             folder=inbound.folder,
-            composed=composed,
+            recipient=composed.recipient,
+            subject=composed.subject,
             config=inbound.config,
             now=inbound.now,
         )
