@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prod.cli_common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from prod.cli_common import json_default as _json_default
+from prod.cli_common import open_index as _index
+from prod.cli_common import positive_int as _positive_int
+from prod.cli_common import print_json as _print_json
 from prod.runtime_settings import ConfigError, RuntimeSettings
 
 if TYPE_CHECKING:
@@ -24,38 +28,6 @@ if TYPE_CHECKING:
 
     from emailops.config import ServerConfig
     from emailops.maintenance import IndexInUseError
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 78
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _print_json(value: object) -> None:
-    print(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
-
-
-@contextmanager
-def _index(settings: RuntimeSettings) -> Iterator[Engine]:
-    """The index, migrated, for one command. Disposed at the end of the command: that closes the
-    SQLite connections (checkpointing the WAL) before the process exits, rather than leaving them
-    to the garbage collector (which ``emailops.__main__`` skips at exit)."""
-    from emailops.store.database import create_index_engine
-    from emailops.store.migrations import migrate
-
-    engine = create_index_engine(settings.index_db_url)
-    try:
-        migrate(engine)
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def _imap(settings: RuntimeSettings, engine: Engine) -> ServerConfig:
@@ -301,7 +273,7 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
 
 
 def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
+    from datetime import UTC
 
     from emailops.replies import outbox
 
@@ -584,17 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     new_key.set_defaults(handler=cmd_auth_new_key, settings_optional=True)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (SQLite takes a negative LIMIT as none)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
