@@ -1,7 +1,8 @@
 """The index's tables (SQLAlchemy Core). Column meanings are contracts; migrations create them.
 
 Identity of an indexed message is (folder_id, uidvalidity, uid): a folder row is one (account, name),
-so every write is idempotent on (account, folder, UIDVALIDITY, UID) as DESIGN.md requires.
+so every write is idempotent on (account, folder, UIDVALIDITY, UID): a write repeated after a crash,
+or made by a second worker, leaves one row per message.
 """
 
 from __future__ import annotations
