@@ -80,7 +80,7 @@ def init_error_tracking(settings: RuntimeSettings, *, worker: int | None) -> boo
     """
     if not settings.sentry_dsn:
         return False
-    # Imported here: without a DSN, processes do not pay for importing the SDK (~0.3 s).
+    # Imported here: without a DSN, processes do not pay for importing the SDK.
     import sentry_sdk
     from sentry_sdk.integrations.logging import LoggingIntegration
 

@@ -56,7 +56,7 @@ def _insert_new(
     NOTHING. Where another writer may insert the same UIDs meanwhile (PostgreSQL), RETURNING tells
     which rows this one inserted. Where the writer is exclusive (SQLite), the UIDs present are read
     first, only the rest are inserted, and their keys are read back: SQLAlchemy executes RETURNING
-    there as multi-row VALUES batches, which made storing the corpus 5 % slower than this.
+    there as multi-row VALUES batches, which is slower than this (bench/README.md).
     """
     statement = insert_unless_present(conn, messages, _KEY)
     if not writer_is_exclusive(conn):
