@@ -238,7 +238,7 @@ def fix_mmap_threshold() -> bool:
     message, a reply, SQLite's statements) came from the heap and, once freed, stayed there: the
     free memory kept (``mallinfo2().fordblks``) grew in the soak, with nothing in use growing.
     Setting the parameter turns the adjustment off, so such buffers are mapped and given back when
-    freed, and the free memory kept stays flat (figures: bench/README.md, "Soak"). Without glibc
+    freed, and the free memory kept stays flat (figures: bench/README.md). Without glibc
     there is no mallopt and nothing is done."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
@@ -251,7 +251,7 @@ class _FreedMemoryTrim:
     glibc returns freed memory to the system only from the top of its heap: a free page below a
     block still in use stays resident. Under steady mail a worker's heap (SQLite, message parsing,
     composing replies) is freed in a new pattern each time, and the pages kept free grew steadily
-    in the soak (``mallinfo2().fordblks``; bench/README.md, "Soak"), with nothing leaked.
+    in the soak (``mallinfo2().fordblks``; figures: bench/README.md), with nothing leaked.
     ``malloc_trim(0)`` releases every whole free page of every arena (madvise), cheaply on a
     worker's heap. Without glibc (musl) there is no such function and nothing is done."""
 
