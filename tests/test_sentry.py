@@ -5,8 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import signal
-import subprocess
-import sys
 import threading
 import zlib
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ import pytest
 
 import emailops
 from prod.error_tracking import WITHHELD
-from tests.shell_workers import PASSWORD, SupervisorProcess, shell_env, wait_until
+from tests.shell_workers import PASSWORD, SupervisorProcess, run_python, shell_env, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -132,15 +130,7 @@ password = settings.email_password.get_secret_value()
 get_logger("smtp").info("breadcrumb with Authorization: Bearer " + password)
 raise ConnectionError("IMAP login failed: LOGIN bob " + password)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_python(tmp_path, env, code)
     assert result.returncode == 1
     events = endpoint.events()
     assert len(events) == 1, result.stdout
@@ -192,15 +182,7 @@ def _breadcrumbs(tmp_path: Path, endpoint: _SentryEndpoint, **overrides: str) ->
         **overrides,
     )
     code = _BREADCRUMB_RUN.format(personal=_PERSONAL)
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_python(tmp_path, env, code)
     assert result.returncode == 0, result.stderr
     (event,) = [e for e in endpoint.events() if e["logentry"]["message"] == "delivery stopped"]
     crumbs: list[dict[str, Any]] = event["breadcrumbs"]["values"]
