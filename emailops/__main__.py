@@ -14,8 +14,8 @@ def main() -> int:
         return cli_main()
     finally:
         # Interpreter shutdown ends with a full garbage collection over every object still alive,
-        # all of the imported modules included: 0.1-0.2 s, a tenth of a catch-up of 6,000
-        # messages. Nothing left at this point needs it: each command closes what it opened (the
+        # all of the imported modules included (its cost: bench/README.md). Nothing left at this
+        # point needs it: each command closes what it opened (the
         # index engine is disposed, files and connections are closed by their ``with``), so the
         # survivors are moved out of the collector's reach and the process exits at once.
         gc.freeze()

@@ -20,6 +20,7 @@ from emailops.imap.folder_status import SyncReport
 from emailops.imap.sync import FolderSync
 from emailops.store import fulltext
 from emailops.store.database import create_private_file
+from emailops.store.folders import LiveLease, live_lease
 from emailops.store.schema import folders, messages
 
 log = structlog.get_logger(component="index")
@@ -63,13 +64,28 @@ def sync_once(
         logout_quietly(client)
 
 
+class IndexInUseError(Exception):
+    """A daemon holds a folder lease of the account: clearing the index under it would race its
+    sync, so nothing was changed."""
+
+    def __init__(self, lease: LiveLease) -> None:
+        super().__init__(
+            f"{lease.owner} holds folder {lease.folder!r} until {lease.expires_at:%Y-%m-%d %H:%M:%S}"
+        )
+        self.lease = lease
+
+
 def clear_index(engine: Engine, account: str) -> int:
     """Forget every indexed message of ``account`` and its folders' sync state; return how many.
 
     The outbox stays: it is the memory of what was answered. A later sync takes the mail that is in
-    the folders then as already there (history), so a rebuild never answers old mail.
+    the folders then as already there (history), so a rebuild never answers old mail. Refused
+    (``IndexInUseError``, nothing changed) while a daemon holds a lease of the account.
     """
     with engine.begin() as conn:
+        lease = live_lease(conn, account)
+        if lease is not None:
+            raise IndexInUseError(lease)
         folder_ids = list(conn.execute(select(folders.c.id).where(folders.c.account == account)).scalars())
         removed = conn.execute(delete(messages).where(messages.c.folder_id.in_(folder_ids))).rowcount
         conn.execute(
@@ -99,7 +115,8 @@ def reindex(
 ) -> list[SyncReport]:
     """Rebuild the index from IMAP (raw messages come from the cache where it has them).
 
-    The IMAP connection is opened first: an unreachable server leaves the index as it was.
+    Refused while a daemon watches the account (``IndexInUseError``). The IMAP connection is opened
+    before anything is cleared: an unreachable server leaves the index as it was.
     """
     client = connector(server)
     try:

@@ -10,53 +10,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prod.cli_common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    json_default,
+    open_index,
+    positive_int,
+    print_json,
+)
 from prod.runtime_settings import ConfigError, RuntimeSettings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from emailops.config import ServerConfig
+    from emailops.maintenance import IndexInUseError
     from emailops.replies.move_folders import MoveFolder
     from emailops.rules.model import RuleSet
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 78
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _print_json(value: object) -> None:
-    print(json.dumps(value, default=_json_default, ensure_ascii=False, indent=2))
-
-
-@contextmanager
-def _index(settings: RuntimeSettings) -> Iterator[Engine]:
-    """The index, migrated, for one command. Disposed at the end of the command: that closes the
-    SQLite connections (checkpointing the WAL) before the process exits, rather than leaving them
-    to the garbage collector (which ``emailops.__main__`` skips at exit)."""
-    from emailops.store.database import create_index_engine
-    from emailops.store.migrations import migrate
-
-    engine = create_index_engine(settings.index_db_url)
-    try:
-        migrate(engine)
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def _imap(settings: RuntimeSettings, engine: Engine) -> ServerConfig:
@@ -74,7 +51,7 @@ def cmd_sync(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     if not args.once:
         print("emailops sync runs once with --once; the daemon is `python -m prod.run`", file=sys.stderr)
         return 2
-    with _index(settings) as engine:
+    with open_index(settings) as engine:
         reports = sync_once(engine, _imap(settings, engine), settings.sync_config())
     return _print_reports(reports, args.json)
 
@@ -83,7 +60,7 @@ def _print_reports(reports: Sequence[Any], as_json: bool) -> int:
     """The reports, one line per folder; exit 1 when a configured folder is not on the server."""
     code = EXIT_FAILED if any(r.missing for r in reports) else EXIT_OK
     if as_json:
-        _print_json([{k: v for k, v in asdict(r).items() if k != "new_message_pks"} for r in reports])
+        print_json([{k: v for k, v in asdict(r).items() if k != "new_message_pks"} for r in reports])
         return code
     for r in reports:
         if r.missing:
@@ -106,7 +83,7 @@ def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
     query = " ".join(args.query)
     account = settings.sync_config().account
-    with _index(settings) as engine, reading(engine) as conn:
+    with open_index(settings) as engine, reading(engine) as conn:
         if args.folder is not None and get_folder(conn, account, args.folder) is None:
             # A mistyped folder would otherwise look like a search that found nothing.
             known = ", ".join(f.name for f in folder_stats(conn, account)) or "none yet"
@@ -115,7 +92,7 @@ def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
             return 2
         hits = search(conn, account, query, folder=args.folder, limit=args.limit)
     if args.json:
-        _print_json(
+        print_json(
             [
                 {
                     "folder": h.folder,
@@ -141,7 +118,7 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.store.database import reading
     from emailops.store.messages import folder_stats
 
-    with _index(settings) as engine, reading(engine) as conn:
+    with open_index(settings) as engine, reading(engine) as conn:
         stats = folder_stats(conn, settings.sync_config().account)
     result = {
         "messages_total": sum(s.messages for s in stats),
@@ -157,7 +134,7 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         ],
     }
     if args.json:
-        _print_json(result)
+        print_json(result)
         return EXIT_OK
     for s in stats:
         last = s.last_sync.isoformat(timespec="seconds") if s.last_sync else "never"
@@ -171,12 +148,12 @@ def cmd_quarantine(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.store.database import reading
 
     account = settings.sync_config().account
-    with _index(settings) as engine, reading(engine) as conn:
+    with open_index(settings) as engine, reading(engine) as conn:
         entries = [{"stage": "index", **asdict(e)} for e in index_work.list_quarantined(conn, account)] + [
             {"stage": "rules", **asdict(e)} for e in rules_work.list_quarantined(conn, account)
         ]
     if args.json:
-        _print_json(entries)
+        print_json(entries)
         return EXIT_OK
     for e in entries:
         where = f"{e['folder']}:{e['uid']}  {e['message_id'] or '(no Message-ID)'}"
@@ -186,11 +163,42 @@ def cmd_quarantine(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
-    from emailops.maintenance import reindex
+    from emailops.maintenance import IndexInUseError, reindex
 
-    with _index(settings) as engine:
-        reports = reindex(engine, _imap(settings, engine), settings.sync_config())
+    with open_index(settings) as engine:
+        try:
+            reports = reindex(engine, _imap(settings, engine), settings.sync_config())
+        except IndexInUseError as exc:
+            print(f"emailops reindex: refused, nothing changed: {_lease_holder(exc)}", file=sys.stderr)
+            return EXIT_FAILED
     return _print_reports(reports, args.json)
+
+
+def _lease_holder(exc: IndexInUseError) -> str:
+    """Which process holds the index and how to stop it, in one line."""
+    import socket
+
+    from emailops.processes import ProcessIdentity
+
+    lease = exc.lease
+    holder = ProcessIdentity.parse(lease.owner)
+    who = f"worker {holder.worker} (pid {holder.pid} on host {holder.host})" if holder else lease.owner
+    supervisor = _parent_pid(holder.pid) if holder and holder.host == socket.gethostname() else None
+    stop = f"`kill -TERM {supervisor}` (its supervisor)" if supervisor else "SIGTERM to its supervisor"
+    return (
+        f"a running daemon holds the index: {who} watches folder {lease.folder!r} "
+        f"(lease until {lease.expires_at:%H:%M:%S} UTC); stop the daemon first (`docker compose stop app`, "
+        f"or {stop}), then run reindex again"
+    )
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` on this host (Linux /proc), None when it cannot be read."""
+    try:
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ")" ends it.
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def cmd_backup(settings: RuntimeSettings, args: argparse.Namespace) -> int:
@@ -202,7 +210,7 @@ def cmd_backup(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         print(f"backup failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
-        _print_json({"path": str(args.path.resolve()), "bytes": size, "integrity": "ok"})
+        print_json({"path": str(args.path.resolve()), "bytes": size, "integrity": "ok"})
     else:
         print(f"backup written to {args.path} ({size} bytes, integrity ok)")
     return EXIT_OK
@@ -216,7 +224,7 @@ def cmd_check_config(settings: RuntimeSettings, args: argparse.Namespace) -> int
         return problem
     values = settings.masked()
     if args.json:
-        _print_json(values)
+        print_json(values)
     else:
         for name, value in values.items():
             print(f"{name}={value if not isinstance(value, list) else ','.join(map(str, value))}")
@@ -236,9 +244,7 @@ def cmd_migrate(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     if args.json:
-        _print_json(
-            {"applied": [{"version": m.version, "name": m.name} for m in applied], "version": version}
-        )
+        print_json({"applied": [{"version": m.version, "name": m.name} for m in applied], "version": version})
         return EXIT_OK
     for migration in applied:
         print(f"applied {migration.version}: {migration.name}")
@@ -275,7 +281,7 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
         answer: dict[str, Any] = {"file": str(path), "rules": [rule.name for rule in ruleset.rules]}
         if args.server:
             answer["missing_folders"] = [asdict(target) for target in missing]
-        _print_json(answer)
+        print_json(answer)
         return code
     for rule in ruleset.rules:
         print(f"ok: {rule.name}")
@@ -297,7 +303,7 @@ def _missing_move_folders(settings: RuntimeSettings, ruleset: RuleSet) -> list[M
     from emailops.imap.connection import connect, logout_quietly
     from emailops.replies.move_folders import missing_move_folders
 
-    with _index(settings) as engine:
+    with open_index(settings) as engine:
         client = connect(_imap(settings, engine))
         try:
             return missing_move_folders(client, ruleset)
@@ -306,7 +312,7 @@ def _missing_move_folders(settings: RuntimeSettings, ruleset: RuleSet) -> list[M
 
 
 def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
+    from datetime import UTC
 
     from emailops.replies import outbox
 
@@ -336,7 +342,7 @@ def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.replies import outbox
 
     account = settings.sync_config().account
-    with _index(settings) as engine:
+    with open_index(settings) as engine:
         if args.action in ("retry", "cancel"):
             return _change_replies(engine, args)
         states = tuple(args.state) if args.state else None
@@ -354,7 +360,7 @@ def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         "sent_at",
     )
     if args.json:
-        _print_json([{name: getattr(r, name) for name in fields} for r in replies])
+        print_json([{name: getattr(r, name) for name in fields} for r in replies])
         return EXIT_OK
     for r in replies:
         error = f"  ({r.last_error})" if r.last_error else ""
@@ -378,7 +384,7 @@ def cmd_auth(settings: RuntimeSettings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    with _index(settings) as engine:
+    with open_index(settings) as engine:
         source = _token_source_or_none(settings, engine)
         try:
             if args.auth_command == "login":
@@ -469,7 +475,7 @@ def _auth_status(settings: RuntimeSettings, source: Any, args: argparse.Namespac
 
 def _report(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
     if args.json:
-        print(json.dumps(result, default=_json_default, ensure_ascii=False), flush=True)
+        print(json.dumps(result, default=json_default, ensure_ascii=False), flush=True)
         return
     for line in lines:
         print(line)
@@ -502,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query", nargs="+", help='words (all must match), "phrases", prefix*')
     search.add_argument("--folder", help="only this folder")
     search.add_argument(
-        "--limit", type=_positive_int, default=20, help="at most this many results (default 20)"
+        "--limit", type=positive_int, default=20, help="at most this many results (default 20)"
     )
     search.add_argument("--json", action="store_true", help="print a JSON list")
     search.set_defaults(handler=cmd_search)
@@ -564,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["pending", "sending", "sent", "failed", "unknown", "cancelled"],
         help="only replies in this state (repeatable)",
     )
-    box_list.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50)")
+    box_list.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
     box_list.add_argument("--json", action="store_true", help="print a JSON list")
     for action, text in (
         (
@@ -597,17 +603,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     new_key.set_defaults(handler=cmd_auth_new_key, settings_optional=True)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (SQLite takes a negative LIMIT as none)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
-from prod.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, _index, _positive_int, _print_json
+from prod.cli_common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, open_index, positive_int, print_json
 from prod.runtime_settings import RuntimeSettings
 
 JOB_STATES = ["pending", "working", "done", "failed", "cancelled"]
@@ -36,7 +36,7 @@ def cmd_rules_test(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     llm = config.llm
     client = ChatClient.for_config(llm) if llm else None
     parsed = parse_message(raw, max_message_bytes=settings.max_message_bytes)
-    with _index(settings) as engine:
+    with open_index(settings) as engine:
         outcomes = try_rules(
             engine,
             account=settings.sync_config().account,
@@ -48,7 +48,7 @@ def cmd_rules_test(settings: RuntimeSettings, args: argparse.Namespace) -> int:
             now=datetime.now(UTC),
         )
     if args.json:
-        _print_json([_outcome_json(o) for o in outcomes])
+        print_json([_outcome_json(o) for o in outcomes])
     else:
         _print_outcomes(outcomes, rules_path)
     return EXIT_FAILED if any(o.verdict == "model failed" for o in outcomes) else EXIT_OK
@@ -109,7 +109,7 @@ def cmd_llm(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.llm import jobs
 
     account = settings.sync_config().account
-    with _index(settings) as engine:
+    with open_index(settings) as engine:
         if args.action in ("retry", "cancel"):
             change = jobs.retry_job if args.action == "retry" else jobs.cancel_job
             with engine.begin() as conn:
@@ -135,7 +135,7 @@ def cmd_llm(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         "outbox_id",
     )
     if args.json:
-        _print_json(
+        print_json(
             [{name: getattr(j, name) for name in fields} | {"created_at": j.created_at} for j in found]
         )
         return EXIT_OK
@@ -174,7 +174,7 @@ def add_commands(commands: Any, rules_commands: Any) -> None:
     llm.set_defaults(handler=cmd_llm, action="list", state=None, limit=50, json=False)
     listing = llm_commands.add_parser("list", help="the newest jobs first (default), failed ones with why")
     listing.add_argument("--state", action="append", choices=JOB_STATES, help="only this state (repeatable)")
-    listing.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
     for action, text in (
         ("retry", "ask the model again: failed jobs back to pending with fresh attempts"),

@@ -28,9 +28,10 @@ class DatabaseUrl:
         if not self.password:
             return original
         scheme, _, rest = original.partition("://")
-        credentials, _, location = rest.rpartition("@")
+        authority, slash, path = rest.partition("/")
+        credentials, _, host = authority.rpartition("@")
         user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{location}"
+        return f"{scheme}://{user}:***@{host}{slash}{path}"
 
 
 def parse_database_url(text: str) -> DatabaseUrl:

@@ -5,12 +5,18 @@ events tagged with ``environment=ENV``, ``release=emailops.__version__`` and the
 (``supervisor`` for the supervisor). ``scrub_event`` runs on every event: request data, local
 variables and message bodies are dropped, and every remaining string goes through the redactor
 that masks the password (all its spellings), authorization data and URL passwords.
+
+Breadcrumbs (the log lines before an event) carry no recipient, subject or message text unless
+``SENTRY_SEND_PII=true``: a line of the product's own logging keeps its event name (a constant;
+its fields never reach Sentry), a library's line keeps only its template (``"[%s] %r"``), not the
+values formatted into it, and a line without a template is withheld.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import emailops
@@ -20,6 +26,7 @@ if TYPE_CHECKING:
     from prod.runtime_settings import RuntimeSettings
 
 FLUSH_TIMEOUT_SECONDS = 2.0
+WITHHELD = "(text withheld; SENTRY_SEND_PII=true sends it)"
 
 # Keys whose values may carry message content or credentials; dropped wherever they appear.
 _DROPPED_KEYS = frozenset(
@@ -42,9 +49,28 @@ def scrub_event(event: dict[str, Any], hint: dict[str, Any] | None = None) -> di
     return REDACTOR.redact_dict(_scrub(event))
 
 
-def scrub_breadcrumb(crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Sentry ``before_breadcrumb``: breadcrumbs are log lines and HTTP calls; mask them too."""
-    return REDACTOR.redact_dict(_scrub(crumb))
+Scrubber = Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]]
+
+
+def breadcrumb_scrubber(*, send_pii: bool) -> Scrubber:
+    """Sentry ``before_breadcrumb``: breadcrumbs are log lines and HTTP calls; secrets are masked in
+    all of them, and without ``send_pii`` a log line's text is cut to what names no person."""
+
+    def scrub(crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+        record = (hint or {}).get("log_record")
+        if not send_pii and isinstance(record, logging.LogRecord):
+            crumb = {**crumb, "message": _impersonal_text(record), "data": {}}
+        return REDACTOR.redact_dict(_scrub(crumb))
+
+    return scrub
+
+
+def _impersonal_text(record: logging.LogRecord) -> str:
+    if isinstance(record.msg, dict):  # a structlog event: its text is the event name
+        return str(record.msg)
+    if record.args and isinstance(record.msg, str):
+        return record.msg
+    return WITHHELD
 
 
 def init_error_tracking(settings: RuntimeSettings, *, worker: int | None) -> bool:
@@ -54,7 +80,7 @@ def init_error_tracking(settings: RuntimeSettings, *, worker: int | None) -> boo
     """
     if not settings.sentry_dsn:
         return False
-    # Imported here: without a DSN, processes do not pay for importing the SDK (~0.3 s).
+    # Imported here: without a DSN, processes do not pay for importing the SDK.
     import sentry_sdk
     from sentry_sdk.integrations.logging import LoggingIntegration
 
@@ -70,7 +96,7 @@ def init_error_tracking(settings: RuntimeSettings, *, worker: int | None) -> boo
         include_source_context=False,
         max_request_body_size="never",
         before_send=scrub_event,  # type: ignore[arg-type]
-        before_breadcrumb=scrub_breadcrumb,
+        before_breadcrumb=breadcrumb_scrubber(send_pii=settings.sentry_send_pii),
         shutdown_timeout=FLUSH_TIMEOUT_SECONDS,
         integrations=[LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],
     )

@@ -322,6 +322,7 @@ def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
         REDACTOR.register(settings.email_password.get_secret_value(), username=settings.email_username)
         for secret in settings.oauth2_secrets():
             REDACTOR.register(secret)
+        REDACTOR.register_url_password(settings.index_db_url)
         _check_state_dir(settings.state_dir)
         _check_database(settings.index_db_url)
         state = _check_processes(settings, detail)

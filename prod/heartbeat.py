@@ -41,8 +41,8 @@ class SupervisorState:
     def to_json(self) -> str:
         # Not ``dataclasses.asdict``: it calls ``fields()``, whose ``tuple(generator)`` CPython
         # allocates with 10 slots and then shrinks, and each shrunk tuple ends in the free list of
-        # its size when freed. Written every second, that made the supervisor's memory grow by
-        # 14 kB a minute until those free lists were full (issue 14).
+        # its size when freed. Written every second, that made the supervisor's memory grow until
+        # those free lists were full (bench/README.md, "Soak").
         data = {**vars(self), "workers": [vars(worker) for worker in self.workers]}
         return json.dumps(data, separators=(",", ":"))
 

@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import urlsplit
 
 import structlog
 from structlog.typing import EventDict
@@ -336,14 +335,10 @@ def _register_secrets(settings: RuntimeSettings) -> None:
     REDACTOR.register(settings.email_password.get_secret_value(), username=settings.email_username)
     for secret in settings.oauth2_secrets():
         REDACTOR.register(secret)
-    db_password = urlsplit(settings.index_db_url).password
-    if db_password:
-        REDACTOR.register(db_password)
+    REDACTOR.register_url_password(settings.index_db_url)
     if settings.llm_api_key.get_secret_value():
         REDACTOR.register(settings.llm_api_key.get_secret_value())
-    llm_password = urlsplit(settings.llm_base_url).password
-    if llm_password:
-        REDACTOR.register(llm_password)
+    REDACTOR.register_url_password(settings.llm_base_url)
 
 
 def _log_unhandled(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 from emailops.llm.client import ChatClient
-from emailops.llm.stage import LlmStage
 from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.processes import ProcessIdentity, new_run_id
 from emailops.replies.history import HistoryPurgeStage
+from emailops.replies.llm_stage import LlmStage
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage

@@ -18,7 +18,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 MASK = "**********"
 
@@ -103,6 +103,14 @@ class Redactor:
             known = set(self._values) | secret_variants(secret, username=username)
             # Longest first, so that a variant containing another is masked whole.
             self._values = tuple(sorted(known, key=len, reverse=True))
+
+    def register_url_password(self, url: str) -> None:
+        """Mask the password of ``url`` as written there (percent-encoded) and decoded, as the
+        driver sends it and its errors may print it."""
+        written = urlsplit(url).password
+        if written:
+            self.register(written)
+            self.register(unquote(written))
 
     def clear(self) -> None:
         with self._lock:

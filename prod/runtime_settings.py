@@ -68,6 +68,7 @@ class RuntimeSettings(BaseSettings):
     cache_dir: Path = Path("/data/cache")
     workers: int = Field(default=1, ge=1, le=64)
     sentry_dsn: str = ""
+    sentry_send_pii: bool = False
 
     # Email (runbook: "Email Configuration"; all required)
     email_imap_host: str = Field(min_length=1)

@@ -49,7 +49,7 @@ EXIT_FATAL = 3
 QUICK_STOP_SECONDS = 1.0
 # A stop signal this soon after the first is the same request delivered twice, not an operator
 # asking again: `timeout`, `kill -- -PGID` and a terminal's Ctrl-C reach the whole process group
-# while a parent (the demo, a wrapper script) forwards the request a moment later (0.2 s, seen).
+# while a parent (the demo, a wrapper script) forwards the request a moment later.
 REPEATED_SIGNAL_SECONDS = 1.0
 LOOP_INTERVAL_SECONDS = 0.2
 

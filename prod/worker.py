@@ -273,12 +273,12 @@ def fix_mmap_threshold() -> bool:
 
     By default glibc raises the threshold to the size of every mmap'd block freed, up to 32 MiB,
     and the trim threshold to twice that. A worker frees such a block early (CPython's table of
-    interned strings, about 1 MB, when it doubles), and from then on every buffer below that size
-    (a large message, a reply, SQLite's statements) came from the heap and, once freed, stayed
-    there: the free memory kept (``mallinfo2().fordblks``) grew about 4.5 kB a minute in the soak
-    of issue 14, with nothing in use growing. Setting the parameter turns the adjustment off, so
-    such buffers are mapped and given back when freed; measured, the free memory kept stayed flat
-    (+0.4 kB/min over 45 minutes). Without glibc there is no mallopt and nothing is done."""
+    interned strings, when it doubles), and from then on every buffer below that size (a large
+    message, a reply, SQLite's statements) came from the heap and, once freed, stayed there: the
+    free memory kept (``mallinfo2().fordblks``) grew in the soak, with nothing in use growing.
+    Setting the parameter turns the adjustment off, so such buffers are mapped and given back when
+    freed, and the free memory kept stays flat (figures: bench/README.md). Without glibc
+    there is no mallopt and nothing is done."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
@@ -289,11 +289,10 @@ class _FreedMemoryTrim:
 
     glibc returns freed memory to the system only from the top of its heap: a free page below a
     block still in use stays resident. Under steady mail a worker's heap (SQLite, message parsing,
-    composing replies) is freed in a new pattern each time, and the pages kept free grew by about
-    70 kB a minute in the soak of issue 14 (``mallinfo2().fordblks``), with nothing leaked.
-    ``malloc_trim(0)`` releases every whole free page of every arena (madvise); it takes about a
-    millisecond on a worker's heap. Without glibc (musl) there is no such function and nothing is
-    done."""
+    composing replies) is freed in a new pattern each time, and the pages kept free grew steadily
+    in the soak (``mallinfo2().fordblks``; figures: bench/README.md), with nothing leaked.
+    ``malloc_trim(0)`` releases every whole free page of every arena (madvise), cheaply on a
+    worker's heap. Without glibc (musl) there is no such function and nothing is done."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._malloc_trim: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)

@@ -13,6 +13,7 @@ import resource
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,19 @@ class SupervisorProcess:
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def run_python(tmp_path: Path, env: dict[str, str], code: str) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` (dedented) in ``tmp_path`` with ``env``; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def run_healthcheck(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[str, int, float]:

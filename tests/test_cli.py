@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -306,3 +310,77 @@ def test_outbox_list_retry_cancel(env: dict[str, str], tmp_path: Path) -> None:
     assert states == {ids[0]: "pending", ids[1]: "cancelled"}
     plain = emailops(env, "outbox")
     assert plain.returncode == 0 and "person1@example.org" in plain.stdout
+
+
+def test_reindex_refuses_while_a_daemon_holds_the_index(
+    env: dict[str, str], dovecot: LocalDovecot, tmp_path: Path
+) -> None:
+    (tmp_path / "rules.toml").write_text(
+        '[[rules]]\nname = "ack"\n[rules.match]\nsubject = "help"\n[rules.reply]\ntemplate = "Got it"\n'
+    )
+    with (tmp_path / "daemon.log").open("w") as output:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "prod.run"], env=env, cwd=REPO, stdout=output, stderr=output
+        )
+    try:
+        database = tmp_path / "emailops.db"
+
+        def indexed() -> list[tuple[object, ...]]:
+            with sqlite3.connect(database) as db:
+                return db.execute("SELECT uidvalidity, uid FROM messages ORDER BY uid").fetchall()
+
+        def leased() -> bool:
+            try:
+                with sqlite3.connect(database) as db:
+                    return bool(db.execute("SELECT 1 FROM folders WHERE lease_owner IS NOT NULL").fetchall())
+            except sqlite3.OperationalError:  # no index yet
+                return False
+
+        deadline = time.monotonic() + 60
+        while not (leased() and len(indexed()) == 2):
+            assert daemon.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "daemon.log"
+            ).read_text()
+            time.sleep(0.2)
+        before = indexed()
+
+        refused = emailops(env, "reindex")
+        assert refused.returncode == 1
+        (line,) = refused.stderr.splitlines()
+        assert line.startswith("emailops reindex: refused, nothing changed: a running daemon holds the index")
+        worker = int(line.split("(pid ", 1)[1].split()[0])
+        assert worker in _children(daemon.pid)
+        assert f"(pid {worker} on host {socket.gethostname()})" in line and "folder 'INBOX'" in line
+        assert f"stop the daemon first (`docker compose stop app`, or `kill -TERM {daemon.pid}`" in line
+        assert refused.stdout == ""
+        assert indexed() == before
+
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+        rebuilt = emailops(env, "reindex")
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert "INBOX: 2 new" in rebuilt.stdout
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_utf16_subject_without_a_byte_order_mark_is_found(
+    env: dict[str, str], dovecot: LocalDovecot
+) -> None:
+    """As SpamAssassin's t/data/spam/utf16.eml writes it: ``=?utf-16?b?RABlAHMA...?=``."""
+    subject = base64.b64encode("Design your future".encode("utf-16-le")).decode()
+    dovecot.append(
+        ALICE,
+        "INBOX",
+        f"From: a@example.org\r\nTo: {ALICE}\r\nSubject: =?utf-16?b?{subject}?=\r\n"
+        "Message-ID: <utf16@example.org>\r\n\r\nbody\r\n".encode(),
+    )
+    assert emailops(env, "sync", "--once").returncode == 0
+    (hit,) = json.loads(emailops(env, "search", "--json", "design").stdout)
+    assert hit["subject"] == "Design your future"

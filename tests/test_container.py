@@ -1,7 +1,7 @@
 """The container image, proven with podman: it builds, starts, indexes, reports healthy, stops cleanly.
 
 There is no Docker engine on these machines and no registry to pull ``python:3.11-slim`` from, so
-(see shared/notes/containers-here.md) the test makes a stand-in base image with debootstrap
+the test makes a stand-in base image with debootstrap
 (Debian bookworm's Python 3.11, once per machine: about a minute with a warm mirror) and tags it
 with the name the Dockerfile's FROM uses, runs podman with runc and capped ulimits through a
 private ``CONTAINERS_CONF``, and builds in Docker format (OCI drops HEALTHCHECK). The container

@@ -1,12 +1,17 @@
 """Crash consistency: SIGKILL the daemon at seeded random points, then prove nothing was lost,
-nothing is there twice and no reply went out twice (DESIGN.md, "Guarantees").
+nothing is there twice and no reply went out twice. The guarantee: once the daemon has caught up
+after any kill, the index holds each message of the mailbox exactly once, keyed by (folder,
+UIDVALIDITY, UID), with its current flags and nothing expunged left live; and the SMTP relay got
+at most one reply to each inbound message (a reply interrupted after the relay accepted it is left
+``unknown``, shown by ``emailops outbox``, never resent).
 
 The daemon (``python -m prod.run``, two workers, folders INBOX and Archive) runs against a real
 Dovecot and SMTP relay, with ``tests.crash_workers:crash_unit`` as its worker target: the production
 pipeline plus kill points armed from here. Each kill point is drawn from a generator seeded by
-``EMAILOPS_CRASH_SEED`` (random when unset; the seed is printed, and in every failure, so that a
-run can be replayed: the same seed draws the same mailbox changes, sites, scopes and delays, while
-where a delay lands still depends on the machine's timing). A kill point SIGKILLs one worker (the
+``EMAILOPS_CRASH_SEED`` (``DEFAULT_SEED`` when unset, so that CI is repeatable; a new one each
+run with ``random``; the seed is printed, and in every failure, so that a run can be replayed: the
+same seed draws the same mailbox changes, sites, scopes and delays, while where a delay lands
+still depends on the machine's timing). A kill point SIGKILLs one worker (the
 supervisor replaces it) or the whole supervisor with its workers (the harness starts it again),
 either at a site (a batch being fetched or written, any commit, a UIDVALIDITY re-map, flag and
 expunge writes, a rules decision, a reply claimed, a reply the SMTP server accepted but not yet

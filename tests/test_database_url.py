@@ -51,3 +51,10 @@ def test_masking_hides_the_password_only() -> None:
     url = "postgresql+psycopg://emailops:s3cret@db:5432/index"
     assert parse_database_url(url).masked(url) == "postgresql+psycopg://emailops:***@db:5432/index"
     assert "s3cret" not in repr(parse_database_url(url))
+
+
+def test_masking_keeps_an_at_sign_in_the_query_apart_from_the_password() -> None:
+    url = "postgresql+psycopg://emailops:p%40ss@db/index?application_name=worker@host"
+    assert parse_database_url(url).masked(url) == (
+        "postgresql+psycopg://emailops:***@db/index?application_name=worker@host"
+    )

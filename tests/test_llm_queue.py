@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 from emailops.config import LlmConfig, ReplyConfig
 from emailops.llm import jobs
 from emailops.llm.client import ChatClient
-from emailops.llm.stage import LlmStage
 from emailops.processes import ProcessIdentity
+from emailops.replies.llm_stage import LlmStage
 from tests.chat_server import ChatServer, Status
 from tests.index_helpers import ACCOUNT, ALICE, index_engine
 

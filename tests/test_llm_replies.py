@@ -22,9 +22,9 @@ from sqlalchemy import Engine, text, update
 from emailops.config import LlmConfig, ReplyConfig, TlsSecurity
 from emailops.llm import jobs
 from emailops.llm.client import ChatClient
-from emailops.llm.stage import LlmStage
 from emailops.pipeline import MailPipeline
 from emailops.processes import ProcessIdentity
+from emailops.replies.llm_stage import LlmStage
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage

@@ -7,33 +7,19 @@ import json
 import re
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from prod.logging_setup import KEY_ORDER, LOG_FILE_BACKUPS, _RotatingFileSink
-from tests.shell_workers import PASSWORD, SupervisorProcess, shell_env, wait_until
+from tests.shell_workers import PASSWORD, SupervisorProcess, run_python, shell_env, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 REQUIRED_KEYS = ("ts", "level", "logger", "message", "pid", "thread")
 USERNAME = "bob@example.test"
-
-
-def _run_python(tmp_path: Path, env: dict[str, str], code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def _assert_log_line(line: str) -> dict[str, object]:
@@ -47,7 +33,7 @@ def _assert_log_line(line: str) -> dict[str, object]:
 
 def test_structlog_and_stdlib_records_render_alike(tmp_path: Path) -> None:
     env = shell_env(tmp_path, LOG_LEVEL="INFO")
-    result = _run_python(
+    result = run_python(
         tmp_path,
         env,
         """
@@ -89,7 +75,7 @@ def test_structlog_and_stdlib_records_render_alike(tmp_path: Path) -> None:
 
 def test_cli_logs_to_stderr_only(tmp_path: Path) -> None:
     env = shell_env(tmp_path, LOG_LEVEL="DEBUG")
-    result = _run_python(
+    result = run_python(
         tmp_path,
         env,
         """
@@ -188,7 +174,7 @@ def test_no_secret_at_debug_in_imap_smtp_and_url_output(tmp_path: Path) -> None:
     controller, port = _smtp_server_with_auth()
     try:
         env = shell_env(tmp_path, LOG_LEVEL="DEBUG", SMTP_TEST_PORT=str(port))
-        result = _run_python(
+        result = run_python(
             tmp_path,
             env,
             r"""
@@ -249,3 +235,34 @@ def test_no_secret_at_debug_in_imap_smtp_and_url_output(tmp_path: Path) -> None:
     assert any("LOGIN **" in m for m in messages)
     assert any("postgresql+psycopg://bob:**********@db/x" in m for m in messages)
     assert all(r["component"] == "smtp" for r in records if r["logger"] == "smtplib")
+
+
+DB_PASSWORD = "Db p@ss/w0rd%q!"  # characters a URL must percent-encode
+
+
+def test_database_password_is_masked_decoded_and_percent_encoded(tmp_path: Path) -> None:
+    written = quote(DB_PASSWORD, safe="")
+    env = shell_env(tmp_path, INDEX_DB_URL=f"postgresql+psycopg://emailops:{written}@127.0.0.1:5432/emailops")
+    result = run_python(
+        tmp_path,
+        env,
+        f"""
+        import logging
+        from prod.runtime_settings import RuntimeSettings
+        from prod.logging_setup import configure_logging
+
+        settings = RuntimeSettings.from_env()
+        pipeline = configure_logging(settings, process_role="supervisor")
+        # As a driver holds it (decoded) and as the URL spells it.
+        logging.getLogger("psycopg").warning("options: %r", {{"dbname": "x", "p": {DB_PASSWORD!r}}})
+        logging.getLogger("sqlalchemy.engine").warning("url as written: %s", {written!r})
+        pipeline.close()
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    messages = [str(_assert_log_line(line)["message"]) for line in result.stdout.splitlines()]
+    assert "options: {'dbname': 'x', 'p': '**********'}" in messages
+    assert "url as written: **********" in messages
+    output = result.stdout + (tmp_path / "logs" / "app.log").read_text()
+    for spelling in (DB_PASSWORD, written, json.dumps(DB_PASSWORD)[1:-1]):
+        assert spelling not in output

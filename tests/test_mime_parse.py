@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import codecs
 import random
 import time
 from datetime import UTC, datetime, timedelta, timezone
@@ -265,3 +266,27 @@ def test_header_splitting_fast_path_agrees_with_the_line_by_line_one() -> None:
         assert fast is None or fast == careful, raw[:80]
     assert all(_split_well_formed(raw, 0, len(raw), 1000) is not None for raw in well_formed)
     assert all(_split_well_formed(raw, 0, len(raw), 1000) is None for raw in odd)
+
+
+# As in SpamAssassin's t/data/spam/utf16.eml: UTF-16 without a byte-order mark (little-endian).
+UTF16_SUBJECT = "=?utf-16?b?" + base64.b64encode("Design your future".encode("utf-16-le")).decode() + "?="
+
+
+def test_utf16_without_a_byte_order_mark_decodes_as_bytes_decode_does() -> None:
+    body = "Plain text, sent as UTF-16.\n".encode("utf-16-le")
+    parsed = parse_message(
+        f"From: a@example.org\r\nSubject: {UTF16_SUBJECT}\r\n".encode()
+        + b"Content-Type: text/plain; charset=utf-16\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(body)
+    )
+    assert parsed.subject == "Design your future" == "Design your future".encode("utf-16-le").decode("utf-16")
+    assert parsed.body_text == "Plain text, sent as UTF-16.\n"
+    assert not [
+        problem for problem in parsed.problems if problem.startswith(("charset", "body", "header-nul"))
+    ]
+    # A byte-order mark still decides, and UTF-32 reads the same way.
+    big_endian = codecs.BOM_UTF16_BE + "Grüße".encode("utf-16-be")
+    utf32 = "Grüße".encode("utf-32-le")
+    for charset, data in (("utf-16", big_endian), ("utf-32", utf32)):
+        word = f"=?{charset}?b?{base64.b64encode(data).decode()}?="
+        assert parse_message(f"Subject: {word}\r\n\r\n".encode()).subject == "Grüße"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import signal
-import subprocess
-import sys
 import threading
 import zlib
 from collections.abc import Iterator
@@ -17,7 +15,8 @@ from typing import Any
 import pytest
 
 import emailops
-from tests.shell_workers import PASSWORD, SupervisorProcess, shell_env, wait_until
+from prod.error_tracking import WITHHELD
+from tests.shell_workers import PASSWORD, SupervisorProcess, run_python, shell_env, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,15 +130,7 @@ password = settings.email_password.get_secret_value()
 get_logger("smtp").info("breadcrumb with Authorization: Bearer " + password)
 raise ConnectionError("IMAP login failed: LOGIN bob " + password)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_python(tmp_path, env, code)
     assert result.returncode == 1
     events = endpoint.events()
     assert len(events) == 1, result.stdout
@@ -154,3 +145,68 @@ raise ConnectionError("IMAP login failed: LOGIN bob " + password)
     assert PASSWORD not in result.stdout + result.stderr
     # The unhandled exception was logged as one JSON line too.
     assert json.loads(result.stdout.splitlines()[-1])["level"] == "CRITICAL"
+
+
+_PERSONAL = ("hans.mueller@example.org", "Merger plans for Q3", "please keep the merger quiet")
+_BREADCRUMB_RUN = """
+import logging
+from sqlalchemy import text
+from prod.runtime_settings import RuntimeSettings
+from prod.logging_setup import configure_logging, get_logger
+from prod.error_tracking import init_error_tracking
+from emailops.store.database import create_index_engine
+
+settings = RuntimeSettings.from_env()
+configure_logging(settings, process_role="supervisor")
+init_error_tracking(settings, worker=None)
+recipient, subject, body = {personal!r}
+log = get_logger("replies")
+log.info("reply queued", recipient=recipient, subject=subject)
+# At LOG_LEVEL=DEBUG SQLAlchemy logs each statement with its parameters at INFO.
+engine = create_index_engine(settings.index_db_url)
+with engine.connect() as connection:
+    values = dict(recipient=recipient, subject=subject, body=body)
+    connection.execute(text("SELECT :recipient, :subject, :body"), values)
+logging.getLogger("imapclient").warning("unexpected untagged response: %r", subject)
+logging.getLogger("urllib3").warning("Subject: " + subject)
+log.error("delivery stopped")
+"""
+
+
+def _breadcrumbs(tmp_path: Path, endpoint: _SentryEndpoint, **overrides: str) -> list[dict[str, Any]]:
+    env = shell_env(
+        tmp_path,
+        SENTRY_DSN=endpoint.dsn,
+        LOG_LEVEL="DEBUG",
+        INDEX_DB_URL=f"sqlite:///{tmp_path}/i.db",
+        **overrides,
+    )
+    code = _BREADCRUMB_RUN.format(personal=_PERSONAL)
+    result = run_python(tmp_path, env, code)
+    assert result.returncode == 0, result.stderr
+    (event,) = [e for e in endpoint.events() if e["logentry"]["message"] == "delivery stopped"]
+    crumbs: list[dict[str, Any]] = event["breadcrumbs"]["values"]
+    return crumbs
+
+
+def test_breadcrumbs_carry_no_recipient_subject_or_text_by_default(
+    tmp_path: Path, endpoint: _SentryEndpoint
+) -> None:
+    crumbs = _breadcrumbs(tmp_path, endpoint)
+    for raw in endpoint.raw_envelopes:
+        for personal in _PERSONAL:
+            assert personal.encode() not in raw
+    by_category = {crumb["category"]: crumb["message"] for crumb in crumbs}
+    assert by_category["emailops.replies"] == "reply queued"
+    assert by_category["imapclient"] == "unexpected untagged response: %r"
+    assert by_category["urllib3"] == WITHHELD
+    sql = [crumb["message"] for crumb in crumbs if crumb["category"].startswith("sqlalchemy.engine")]
+    assert "[%s] %r" in sql  # the parameters' line, without the parameters
+
+
+def test_breadcrumbs_carry_the_text_with_sentry_send_pii(tmp_path: Path, endpoint: _SentryEndpoint) -> None:
+    crumbs = _breadcrumbs(tmp_path, endpoint, SENTRY_SEND_PII="true")
+    messages = "\n".join(str(crumb["message"]) for crumb in crumbs)
+    for personal in _PERSONAL:
+        assert personal in messages
+    _assert_no_secret(endpoint)

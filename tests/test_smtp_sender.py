@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import os
+import socket
+import struct
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +27,7 @@ from emailops.replies.delivery import deliver_next
 from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import (
     PermanentSendError,
+    SmtpAuthError,
     SmtpSecurityError,
     SmtpSender,
     TransientSendError,
@@ -161,6 +169,73 @@ def test_no_answer_after_data_is_uncertain() -> None:
             sender.send(envelope_from=USER, recipient="a@example.org", raw=raw_reply())
     finally:
         controller.stop()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def _resetting_server() -> Iterator[int]:
+    """A loopback port whose server accepts each connection and resets it at once (RST)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            connection, _ = listener.accept()
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        socket.create_connection(listener.getsockname()).close()  # wakes accept() to see stop
+        thread.join(5)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "failure", ["sign-in refused", "certificate not trusted", "unreadable CA file", "refused", "reset"]
+)
+def test_a_hundred_failed_sends_leave_no_socket_open(failure: str, tmp_path: Path) -> None:
+    """Every failed connection setup closes its socket itself. The errors are kept (as a log record
+    or an error tracker may keep them) and the cyclic garbage collector is off while the sends fail,
+    so a socket left for the collector stays open and is counted."""
+    garbage_ca = tmp_path / "ca.pem"
+    garbage_ca.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(LocalSmtpRelay(None, {USER: PASSWORD}, starttls=True))
+        config = {
+            "sign-in refused": ServerConfig(**{**smtp_config(relay.port).__dict__, "password": "wrong-pw"}),
+            "certificate not trusted": smtp_config(relay.port, TlsSecurity.STARTTLS),
+            "unreadable CA file": smtp_config(relay.port, TlsSecurity.STARTTLS, garbage_ca),
+            "refused": smtp_config(free_loopback_port("127.0.0.1")),
+            "reset": smtp_config(stack.enter_context(_resetting_server())),
+        }[failure]
+        expected = {"sign-in refused": SmtpAuthError, "certificate not trusted": SmtpSecurityError}
+        kept: list[BaseException] = []
+        gc.collect()
+        before = _open_descriptors()
+        gc.disable()
+        try:
+            for _ in range(100):
+                sender = SmtpSender(config)
+                with pytest.raises(expected.get(failure, TransientSendError)) as failed:
+                    sender.send(envelope_from=USER, recipient="a@example.org", raw=raw_reply())
+                sender.close()
+                kept.append(failed.value)
+            # The relay's end of each connection closes shortly after the client's.
+            deadline = time.monotonic() + 15
+            while _open_descriptors() > before and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _open_descriptors() - before <= 0
+        finally:
+            gc.enable()
+        assert relay.accepted == []
 
 
 # ------------------------------------------------------------------------- deliver_next + outbox

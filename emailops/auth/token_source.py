@@ -42,7 +42,6 @@ from emailops.auth.token_endpoint import TokenEndpoint, TokenResponse
 from emailops.backoff import delay_seconds
 from emailops.clock import Clock, utc_now
 from emailops.config import OAuth2Config, OAuth2Flow
-from emailops.replies.outbox import as_utc
 from emailops.store.database import reading
 from emailops.store.dialect import insert_unless_present, locking
 from emailops.store.schema import oauth2_tokens
@@ -151,7 +150,7 @@ class TokenSource:
                 return token  # another worker refreshed while this one waited for the lock
             if rejected is not None and self._is_fresh(row, rejected, now):
                 return rejected
-            if row.next_attempt_at is not None and now < as_utc(row.next_attempt_at):
+            if row.next_attempt_at is not None and now < row.next_attempt_at:
                 raise _stored_error(row)
             if self.config.flow is OAuth2Flow.REFRESH_TOKEN and row.refresh_token is None:
                 raise OAuth2RefusedError(f"no OAuth2 sign-in stored for {self.config.account}: {LOGIN_FIX}")
@@ -275,13 +274,13 @@ class TokenSource:
             account=row.account,
             flow=row.flow,
             signed_in=signed_in,
-            access_expires_at=_maybe_utc(row.access_expires_at),
-            refreshed_at=_maybe_utc(row.refreshed_at),
+            access_expires_at=row.access_expires_at,
+            refreshed_at=row.refreshed_at,
             failures=row.failures or 0,
-            next_attempt_at=_maybe_utc(row.next_attempt_at),
+            next_attempt_at=row.next_attempt_at,
             last_error_kind=row.last_error_kind,
             last_error=row.last_error,
-            last_error_at=_maybe_utc(row.last_error_at),
+            last_error_at=row.last_error_at,
         )
 
     def logout(self) -> bool:
@@ -360,7 +359,7 @@ class TokenSource:
         if row.flow != self.config.flow.value:
             return None
         token = self.cipher.decrypt(row.access_token)
-        cached = _Cached(token, as_utc(row.access_expires_at), as_utc(row.refreshed_at or now))
+        cached = _Cached(token, row.access_expires_at, row.refreshed_at or now)
         if token == rejected or _due(cached, now):
             return None
         if self._cached is None or self._cached.token != token:
@@ -371,10 +370,7 @@ class TokenSource:
     def _is_fresh(self, row: Any, rejected: str, now: datetime) -> bool:
         if row.access_token is None or row.refreshed_at is None:
             return False
-        return (
-            self.cipher.decrypt(row.access_token) == rejected
-            and now - as_utc(row.refreshed_at) < FRESH_TOKEN_AGE
-        )
+        return self.cipher.decrypt(row.access_token) == rejected and now - row.refreshed_at < FRESH_TOKEN_AGE
 
     def _announce(self, response: TokenResponse) -> None:
         if response.refresh_token:
@@ -393,12 +389,8 @@ def _due(cached: _Cached, now: datetime) -> bool:
     return now >= cached.expires_at - margin
 
 
-def _maybe_utc(value: datetime | None) -> datetime | None:
-    return as_utc(value) if value is not None else None
-
-
 def _stored_error(row: Any) -> OAuth2Error:
-    after = as_utc(row.next_attempt_at).isoformat(timespec="seconds")
+    after = row.next_attempt_at.isoformat(timespec="seconds")
     message = f"{row.last_error} (no new token request before {after})"
     if row.last_error_kind == UNAVAILABLE:
         return OAuth2UnavailableError(message)

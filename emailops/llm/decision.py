@@ -16,7 +16,6 @@ from emailops.config import ReplyConfig
 from emailops.llm import jobs
 from emailops.llm.prompt import render_prompt
 from emailops.mime.model import ParsedMessage
-from emailops.replies.compose import ComposedReply
 from emailops.rules.model import Rule
 
 
@@ -40,11 +39,13 @@ def record(
     rule: Rule,
     parsed: ParsedMessage,
     folder: str,
-    composed: ComposedReply,
+    recipient: str,
+    subject: str,
     config: ReplyConfig,
     now: datetime,
 ) -> tuple[int, bool]:
-    """Record the pending job for ``rule``'s reply; ``(job id, created)``."""
+    """Record the pending job for ``rule``'s reply to ``recipient`` under ``subject`` (as the
+    decision composed them); ``(job id, created)``."""
     assert rule.reply is not None and rule.reply.llm is not None and config.llm is not None
     spec = rule.reply.llm
     prompt = render_prompt(
@@ -62,8 +63,8 @@ def record(
         message_pk=message_pk,
         rule_name=rule.name,
         action=rule.reply.action.value,
-        recipient=composed.recipient,
-        subject=composed.subject,
+        recipient=recipient,
+        subject=subject,
         prompt=prompt,
         model=spec.model or config.llm.model,
         max_tokens=spec.max_tokens or config.llm.max_tokens,

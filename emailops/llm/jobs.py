@@ -32,7 +32,6 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, or_, select, update
 
-from emailops.replies.outbox import as_utc
 from emailops.store.db_clock import db_now
 from emailops.store.dialect import insert_once, locking, serialise_on
 from emailops.store.schema import llm_calls, llm_jobs
@@ -94,11 +93,11 @@ class LlmJob:
             state=JobState(row["state"]),
             attempts=row["attempts"],
             last_error=row["last_error"],
-            next_attempt_at=as_utc(row["next_attempt_at"]),
+            next_attempt_at=row["next_attempt_at"],
             claimed_by=row["claimed_by"],
             outbox_id=row["outbox_id"],
-            created_at=as_utc(row["created_at"]),
-            updated_at=as_utc(row["updated_at"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
         )
 
 
@@ -130,7 +129,6 @@ def insert_job(
 ) -> tuple[int, bool]:
     """Record a pending job; a no-op when (account, inbound_key, rule_name) exists.
     Returns ``(job id, created)``."""
-    now = as_utc(now)
     values = {
         "account": account,
         "inbound_key": inbound_key,

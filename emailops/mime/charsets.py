@@ -60,6 +60,13 @@ def lookup_charset(label: str) -> str | None:
     return info.name
 
 
+# UTF-16 and UTF-32 read the byte order from a byte-order mark. Their incremental decoders refuse
+# text without one (``UnicodeError``, not ``UnicodeDecodeError``); ``bytes.decode`` takes it in the
+# machine's byte order, which is what such mail (little-endian, from Windows) needs. These are the
+# functions ``bytes.decode`` calls: (data, errors, byte order 0 = by BOM or native, final).
+_BYTE_ORDER_SNIFFING = {"utf-16": codecs.utf_16_ex_decode, "utf-32": codecs.utf_32_ex_decode}
+
+
 def decode_bytes(data: bytes, charset: str | None, problems: list[str], *, final: bool = True) -> str:
     """Decode bytes declared in ``charset``; unknown or wrong charsets fall back and are recorded.
 
@@ -76,6 +83,8 @@ def decode_bytes(data: bytes, charset: str | None, problems: list[str], *, final
     if codec == "utf-8" and data.isascii():
         return data.decode("ascii")
     try:
+        if codec in _BYTE_ORDER_SNIFFING:
+            return _BYTE_ORDER_SNIFFING[codec](data, "strict", 0, final)[0]
         return codecs.getincrementaldecoder(codec)("strict").decode(data, final)
     except UnicodeDecodeError:
         pass

@@ -431,10 +431,11 @@ class _BodyWalker:
             data = binascii.a2b_qp(data)
         elif encoding not in _TEXT_ENCODINGS:
             self.problems.append("encoding-unknown:" + problem_label(encoding))
-        if b"\x00" in data:
-            self.problems.append("body-nul")
-            data = data.replace(b"\x00", b"")
         text = decode_bytes(data, charset, self.problems, final=not partial)
+        # Removed after decoding: in UTF-16 and UTF-32 zero bytes are part of the characters.
+        if "\x00" in text:
+            self.problems.append("body-nul")
+            text = text.replace("\x00", "")
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
         if partial or len(text) > budget:

@@ -240,7 +240,7 @@ def _compose_unless_suppressed(inbound: _Inbound, rule: Rule) -> tuple[ComposedR
         recipient=composed.recipient,
         once_per_sender_days=rule.reply.once_per_sender_days,
         config=config,
-        now=outbox.as_utc(inbound.now),
+        now=inbound.now,
     )
     if reason is None and rule.reply.llm is not None:
         reason = llm_decision.unavailable_reason(config)
@@ -261,7 +261,8 @@ def _record(
             rule=rule,
             parsed=inbound.parsed,
             folder=inbound.folder,
-            composed=composed,
+            recipient=composed.recipient,
+            subject=composed.subject,
             config=inbound.config,
             now=inbound.now,
         )

@@ -37,7 +37,7 @@ def move(client: IMAPClient, uid: int, folder: str) -> None:
 
 
 def perform(client: IMAPClient, uid: int, actions: Iterable[MailboxAction]) -> None:
-    """Apply ``engine.mailbox_actions(...)`` to one message, in order (a move comes last)."""
+    """Apply ``decisions.mailbox_actions(...)`` to one message, in order (a move comes last)."""
     for action in actions:
         if action.kind is MailboxActionKind.FLAG:
             add_flags(client, uid)

@@ -26,7 +26,7 @@ own two short transactions around the SMTP conversation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -54,11 +54,6 @@ class OutboxState(StrEnum):
 
 RETRYABLE = (OutboxState.FAILED, OutboxState.UNKNOWN)
 CANCELLABLE = (OutboxState.PENDING, OutboxState.FAILED, OutboxState.UNKNOWN)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """An aware UTC datetime; a naive one is taken to be UTC already (SQLite returns those)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def backoff_delay(attempts: int) -> timedelta:
@@ -89,9 +84,6 @@ class OutboxRow:
 
     @classmethod
     def from_mapping(cls, row: Any) -> OutboxRow:
-        def moment(value: datetime | None) -> datetime | None:
-            return as_utc(value) if value is not None else None
-
         return cls(
             id=row["id"],
             account=row["account"],
@@ -106,11 +98,11 @@ class OutboxRow:
             raw=bytes(row["raw"]),
             attempts=row["attempts"],
             last_error=row["last_error"],
-            next_attempt_at=moment(row["next_attempt_at"]),
+            next_attempt_at=row["next_attempt_at"],
             claimed_by=row["claimed_by"],
-            created_at=as_utc(row["created_at"]),
-            updated_at=as_utc(row["updated_at"]),
-            sent_at=moment(row["sent_at"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            sent_at=row["sent_at"],
         )
 
 
@@ -142,7 +134,6 @@ def insert_reply(
 
     Returns ``(outbox id, created)``; ``created`` is False when the row was already there.
     """
-    now = as_utc(now)
     values = {
         "account": account,
         "inbound_key": inbound_key,
@@ -168,7 +159,7 @@ def get_reply(conn: Connection, outbox_id: int) -> OutboxRow | None:
 
 
 def _due(now: datetime, account: str | None) -> list[ColumnElement[bool]]:
-    conditions = [outbox.c.state == OutboxState.PENDING.value, outbox.c.next_attempt_at <= as_utc(now)]
+    conditions = [outbox.c.state == OutboxState.PENDING.value, outbox.c.next_attempt_at <= now]
     if account is not None:
         conditions.append(outbox.c.account == account)
     return conditions
@@ -187,7 +178,6 @@ def claim_next(
 
     Commit right after: the claim must be durable before the SMTP conversation starts.
     """
-    now = as_utc(now)
     due = (
         select(outbox.c.id)
         .where(*_due(now, account), outbox.c.action == action)
@@ -225,7 +215,7 @@ def _finish(conn: Connection, row_id: int, claimer: str, now: datetime, **values
             outbox.c.state == OutboxState.SENDING.value,
             outbox.c.claimed_by == claimer,
         )
-        .values(updated_at=as_utc(now), **values)
+        .values(updated_at=now, **values)
     )
     return result.rowcount == 1
 
@@ -236,11 +226,11 @@ def mark_sent(conn: Connection, row_id: int, *, claimer: str, now: datetime) -> 
     stale and made it ``unknown``, or the operator cancelled it meanwhile): that keeps ``retry``
     from sending it again. Returns the state the row was in when it was not ours any more, else None.
     """
-    sent = {"state": OutboxState.SENT.value, "sent_at": as_utc(now), "last_error": None}
+    sent = {"state": OutboxState.SENT.value, "sent_at": now, "last_error": None}
     if _finish(conn, row_id, claimer, now, **sent):
         return None
     previous = conn.execute(select(outbox.c.state).where(outbox.c.id == row_id)).scalar_one()
-    conn.execute(update(outbox).where(outbox.c.id == row_id).values(updated_at=as_utc(now), **sent))
+    conn.execute(update(outbox).where(outbox.c.id == row_id).values(updated_at=now, **sent))
     return OutboxState(previous)
 
 
@@ -273,7 +263,7 @@ def mark_transient_failure(
         state=OutboxState.PENDING.value,
         claimed_by=None,
         last_error=reason[:MAX_ERROR_CHARS],
-        next_attempt_at=as_utc(now) + backoff_delay(row.attempts),
+        next_attempt_at=now + backoff_delay(row.attempts),
     )
     return OutboxState.PENDING
 
@@ -315,13 +305,13 @@ def recover_interrupted(
     if claimers is not None:
         stmt = stmt.where(outbox.c.claimed_by.in_(claimers))
     if claimed_before is not None:
-        stmt = stmt.where(outbox.c.updated_at < as_utc(claimed_before))
+        stmt = stmt.where(outbox.c.updated_at < claimed_before)
     rules = list(
         conn.execute(
             stmt.values(
                 state=OutboxState.UNKNOWN.value,
                 last_error="interrupted while sending: the reply may or may not have been delivered",
-                updated_at=as_utc(now),
+                updated_at=now,
             ).returning(outbox.c.rule_name)
         ).scalars()
     )
@@ -364,8 +354,8 @@ def retry_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
             state=OutboxState.PENDING.value,
             attempts=0,
             claimed_by=None,
-            next_attempt_at=as_utc(now),
-            updated_at=as_utc(now),
+            next_attempt_at=now,
+            updated_at=now,
         )
     )
     return result.rowcount == 1
@@ -376,6 +366,6 @@ def cancel_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
     result = conn.execute(
         update(outbox)
         .where(outbox.c.id == outbox_id, outbox.c.state.in_([s.value for s in CANCELLABLE]))
-        .values(state=OutboxState.CANCELLED.value, claimed_by=None, updated_at=as_utc(now))
+        .values(state=OutboxState.CANCELLED.value, claimed_by=None, updated_at=now)
     )
     return result.rowcount == 1

@@ -157,35 +157,8 @@ class SmtpSender:
     def _connect(self) -> smtplib.SMTP:
         cfg = self.config
         try:
-            if cfg.security is TlsSecurity.SSL:
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    cfg.host,
-                    cfg.port,
-                    local_hostname=self.local_hostname,
-                    timeout=cfg.timeout_seconds,
-                    context=verifying_context(cfg.ca_file),
-                )
-            else:
-                smtp = smtplib.SMTP(
-                    cfg.host, cfg.port, local_hostname=self.local_hostname, timeout=cfg.timeout_seconds
-                )
-            smtp.set_debuglevel(0)
-            smtp.ehlo()
-            if cfg.security is TlsSecurity.STARTTLS:
-                if not smtp.has_extn("starttls"):
-                    smtp.close()
-                    raise SmtpSecurityError(
-                        f"{cfg.host}:{cfg.port} does not offer STARTTLS; refusing to send in plaintext"
-                    )
-                smtp.starttls(context=verifying_context(cfg.ca_file))
-                smtp.ehlo()
-            if smtp.has_extn("auth") and cfg.username:
-                if cfg.tokens is not None:
-                    self._oauth2_auth(smtp, cfg.tokens)
-                else:
-                    smtp.login(cfg.username, cfg.password)
+            smtp = self._open_and_sign_in()
         except SmtpSendError:
-            smtp.close()
             raise
         except smtplib.SMTPAuthenticationError as exc:
             raise SmtpAuthError(
@@ -201,6 +174,43 @@ class SmtpSender:
             raise TransientSendError(f"cannot connect to {cfg.host}:{cfg.port}: {exc}") from None
         self.connections_opened += 1
         self._log.info("smtp connected", security=cfg.security.value)
+        return smtp
+
+    def _open_and_sign_in(self) -> smtplib.SMTP:
+        """A connection protected and signed in as configured; on any failure its socket is closed
+        here rather than left to the garbage collector."""
+        cfg = self.config
+        context = verifying_context(cfg.ca_file) if cfg.security is not TlsSecurity.NONE else None
+        if cfg.security is TlsSecurity.SSL:
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                cfg.host,
+                cfg.port,
+                local_hostname=self.local_hostname,
+                timeout=cfg.timeout_seconds,
+                context=context,
+            )
+        else:
+            smtp = smtplib.SMTP(
+                cfg.host, cfg.port, local_hostname=self.local_hostname, timeout=cfg.timeout_seconds
+            )
+        try:
+            smtp.set_debuglevel(0)
+            smtp.ehlo()
+            if cfg.security is TlsSecurity.STARTTLS:
+                if not smtp.has_extn("starttls"):
+                    raise SmtpSecurityError(
+                        f"{cfg.host}:{cfg.port} does not offer STARTTLS; refusing to send in plaintext"
+                    )
+                smtp.starttls(context=context)
+                smtp.ehlo()
+            if smtp.has_extn("auth") and cfg.username:
+                if cfg.tokens is not None:
+                    self._oauth2_auth(smtp, cfg.tokens)
+                else:
+                    smtp.login(cfg.username, cfg.password)
+        except BaseException:
+            smtp.close()
+            raise
         return smtp
 
     def _oauth2_auth(self, smtp: smtplib.SMTP, tokens: AccessTokens) -> None:

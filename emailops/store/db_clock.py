@@ -1,7 +1,7 @@
 """The database server's clock, as SQL: what leases and claims are timed by.
 
-Hosts' clocks drift apart (seen: 30 s between containers), so a lease written with one host's time
-and checked with another's can expire early or never. Every lease and claim time is computed in
+Hosts' clocks drift apart (containers too), so a lease written with one host's time and checked
+with another's can expire early or never. Every lease and claim time is computed in
 the database that all workers share, inside the statement that uses it.
 """
 

@@ -150,6 +150,31 @@ def lease_owner(conn: Connection, folder_id: int) -> str | None:
     return conn.execute(select(folders.c.lease_owner).where(folders.c.id == folder_id)).scalar_one_or_none()
 
 
+@dataclass(frozen=True)
+class LiveLease:
+    """A folder watched right now: who holds it and until when (the database's clock, UTC)."""
+
+    folder: str
+    owner: str
+    expires_at: datetime
+
+
+def live_lease(conn: Connection, account: str) -> LiveLease | None:
+    """A lease on one of ``account``'s folders that has not expired, if any (the one that lasts
+    longest): a daemon is watching the account."""
+    row = conn.execute(
+        select(folders.c.name, folders.c.lease_owner, folders.c.lease_expires_at)
+        .where(
+            folders.c.account == account,
+            folders.c.lease_owner.is_not(None),
+            folders.c.lease_expires_at >= db_now(conn),
+        )
+        .order_by(folders.c.lease_expires_at.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else LiveLease(row.name, row.lease_owner, row.lease_expires_at)
+
+
 def is_orphaned(conn: Connection, folder_id: int, unwatched_for: timedelta) -> bool:
     """No live lease, and neither a lease nor a sync for ``unwatched_for``: nobody is watching it.
     (``last_sync_at`` is written with the syncing host's clock: a skew shortens or lengthens the

@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, text
+
+from emailops.store.schema import Timestamp
 
 _TOKEN = re.compile(r'"([^"]*)"|(\S+)')
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -151,7 +153,11 @@ def search(
     compiled = _fts5_query(query) if sqlite else _pg_query(query)
     if not compiled:
         return []
-    statement = text(_SQLITE_SEARCH if sqlite else _PG_SEARCH).bindparams(bindparam("folder", type_=None))
+    statement = (
+        text(_SQLITE_SEARCH if sqlite else _PG_SEARCH)
+        .bindparams(bindparam("folder", type_=None))
+        .columns(date=Timestamp())
+    )
     rows = conn.execute(
         statement, {"q": compiled, "account": account, "folder": folder, "limit": limit}
     ).all()
@@ -163,16 +169,8 @@ def search(
             message_id=row[3],
             from_=f"{row[5]} <{row[4]}>" if row[5] else row[4],
             subject=row[6],
-            date=_as_datetime(row[7]),
+            date=row[7],
             snippet=" ".join((row[8] or "").split()),
         )
         for row in rows
     ]
-
-
-def _as_datetime(value: object) -> datetime | None:
-    """Dates are stored in UTC; SQLite hands them back as naive ISO strings."""
-    if value is None:
-        return None
-    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

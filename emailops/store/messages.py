@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import Connection, and_, bindparam, func, select, update
 
@@ -56,7 +56,7 @@ def _insert_new(
     NOTHING. Where another writer may insert the same UIDs meanwhile (PostgreSQL), RETURNING tells
     which rows this one inserted. Where the writer is exclusive (SQLite), the UIDs present are read
     first, only the rest are inserted, and their keys are read back: SQLAlchemy executes RETURNING
-    there as multi-row VALUES batches, which made storing the corpus 5 % slower than this.
+    there as multi-row VALUES batches, which is slower than this (bench/README.md).
     """
     statement = insert_unless_present(conn, messages, _KEY)
     if not writer_is_exclusive(conn):
@@ -293,9 +293,7 @@ def message_origin(conn: Connection, pk: int) -> MessageOrigin | None:
     if row is None:
         return None
     account, folder, uidvalidity, uid, indexed_at = row
-    committed = _aware(indexed_at)
-    assert committed is not None  # the column is NOT NULL
-    return MessageOrigin(account, folder, int(uidvalidity), int(uid), committed)
+    return MessageOrigin(account, folder, int(uidvalidity), int(uid), indexed_at)
 
 
 @dataclass(frozen=True)
@@ -341,7 +339,7 @@ def load_message(conn: Connection, pk: int) -> StoredMessage | None:
         to=addresses("to"),
         cc=addresses("cc"),
         reply_to=addresses("reply-to"),
-        date=_aware(row["date"]),
+        date=row["date"],
         in_reply_to=row["in_reply_to"],
         references=tuple(row["references"].split()),
         list_id=row["list_id"],
@@ -364,12 +362,6 @@ def load_message(conn: Connection, pk: int) -> StoredMessage | None:
         rules_state=row["rules_state"],
         parsed=parsed,
     )
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 def _return_path(headers: Mapping[str, tuple[str, ...]]) -> str | None:
@@ -413,7 +405,7 @@ def folder_stats(conn: Connection, account: str) -> list[FolderStats]:
             uidvalidity=uidvalidity,
             messages=int(live_count or 0),
             expunged=int(total) - int(live_count or 0),
-            last_sync=_aware(last_sync),
+            last_sync=last_sync,
         )
         for name, uidvalidity, total, live_count, last_sync in rows
     ]

@@ -1,7 +1,8 @@
 """The index's tables (SQLAlchemy Core). Column meanings are contracts; migrations create them.
 
 Identity of an indexed message is (folder_id, uidvalidity, uid): a folder row is one (account, name),
-so every write is idempotent on (account, folder, UIDVALIDITY, UID) as DESIGN.md requires.
+so every write is idempotent on (account, folder, UIDVALIDITY, UID): a write repeated after a crash,
+or made by a second worker, leaves one row per message.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def _sqlite_bind(value: datetime | None) -> str | None:
 
 
 class Timestamp(TypeDecorator[datetime]):
-    """A moment: ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL, ``DATETIME`` text on SQLite.
+    """A moment: ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL, ``DATETIME`` text on SQLite; read back
+    as an aware UTC datetime on both.
 
     SQLite keeps no time zone, so a value is written there as its UTC time (``sqlite_datetime``):
     SQLAlchemy's own SQLite ``DATETIME`` drops the offset and keeps the wall time, which reads a
-    +0200 Date back two hours late. It is read back by that ``DATETIME``, as a naive UTC datetime.
+    +0200 Date back two hours late. PostgreSQL answers in the session's time zone; both are turned
+    into UTC when read. A naive value is taken to be UTC on both.
     """
 
     impl = DateTime(timezone=True)
@@ -63,6 +66,15 @@ class Timestamp(TypeDecorator[datetime]):
         if dialect.name == "sqlite":
             return _sqlite_bind
         return super().bind_processor(dialect)
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        # PostgreSQL would take a naive value in the session's time zone; SQLite takes it as UTC.
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 # JSON text on SQLite, jsonb on PostgreSQL.

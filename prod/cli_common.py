@@ -1,0 +1,59 @@
+"""What every ``emailops`` command shares: exit codes, the index, JSON output, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from prod.runtime_settings import RuntimeSettings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 78
+
+
+def json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def print_json(value: object) -> None:
+    print(json.dumps(value, default=json_default, ensure_ascii=False, indent=2))
+
+
+@contextmanager
+def open_index(settings: RuntimeSettings) -> Iterator[Engine]:
+    """The index, migrated, for one command. Disposed at the end of the command: that closes the
+    SQLite connections (checkpointing the WAL) before the process exits, rather than leaving them
+    to the garbage collector (which ``emailops.__main__`` skips at exit)."""
+    from emailops.store.database import create_index_engine
+    from emailops.store.migrations import migrate
+
+    engine = create_index_engine(settings.index_db_url)
+    try:
+        migrate(engine)
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (SQLite takes a negative LIMIT as none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
