@@ -30,11 +30,12 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, update
 
 from emailops.replies.outbox import as_utc
+from emailops.store import work_queue
 from emailops.store.db_clock import db_now
-from emailops.store.dialect import insert_once, locking, serialise_on
+from emailops.store.dialect import insert_once, serialise_on
 from emailops.store.schema import llm_calls, llm_jobs
 
 MAX_ERROR_CHARS = 2000
@@ -157,37 +158,35 @@ def get_job(conn: Connection, job_id: int) -> LlmJob | None:
     return LlmJob.from_mapping(row) if row else None
 
 
-def _due(conn: Connection, account: str, stale: Any) -> Any:
-    return select(llm_jobs.c.id).where(
-        llm_jobs.c.account == account,
-        or_(
-            (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn)),
-            stale,
-        ),
-    )
+QUEUE = work_queue.WorkQueue(
+    table=llm_jobs,
+    state=llm_jobs.c.state,
+    attempts=llm_jobs.c.attempts,
+    claimed_by=llm_jobs.c.claimed_by,
+    claimed_at=llm_jobs.c.claimed_at,
+    pending=JobState.PENDING.value,
+    working=JobState.WORKING.value,
+    of_account=lambda account: llm_jobs.c.account == account,
+)
+
+
+def _claimable(
+    conn: Connection, account: str, claim_timeout: timedelta, dead_claimers: tuple[str, ...]
+) -> ColumnElement[bool]:
+    """Pending and due, or a claim of a worker that died or hung mid-call."""
+    due = (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn))
+    stale = work_queue.stale(conn, QUEUE, claim_timeout=claim_timeout, dead_claimers=dead_claimers)
+    return (llm_jobs.c.account == account) & or_(due, stale)
 
 
 def has_due(conn: Connection, *, account: str, claim_timeout: timedelta) -> bool:
     """A read: is a job due (an idle worker's loop takes no write lock to find there is none)."""
-    return conn.execute(_due(conn, account, _stale(conn, claim_timeout, ())).limit(1)).first() is not None
-
-
-def _stale(conn: Connection, claim_timeout: timedelta, dead_claimers: tuple[str, ...]) -> Any:
-    """Claims of workers that died or hung mid-call: expired, or of a process known to be gone."""
-    expired = llm_jobs.c.claimed_at < db_now(conn, -claim_timeout)
-    if dead_claimers:
-        expired = or_(expired, llm_jobs.c.claimed_by.in_(dead_claimers))
-    return (llm_jobs.c.state == JobState.WORKING.value) & expired
+    due = select(llm_jobs.c.id).where(_claimable(conn, account, claim_timeout, ())).limit(1)
+    return conn.execute(due).first() is not None
 
 
 def working_claimers(conn: Connection, *, account: str) -> list[str]:
-    return list(
-        conn.execute(
-            select(llm_jobs.c.claimed_by)
-            .where(llm_jobs.c.account == account, llm_jobs.c.state == JobState.WORKING.value)
-            .distinct()
-        ).scalars()
-    )
+    return work_queue.working_claimers(conn, QUEUE, account)
 
 
 def lock_budget(conn: Connection, *, account: str) -> None:
@@ -214,13 +213,10 @@ def give_up_stale(
 ) -> int:
     """Stale claims that used up their attempts fail (a job that hangs or kills the worker every
     time must not cost calls for ever). Returns how many."""
+    stale = work_queue.stale(conn, QUEUE, claim_timeout=claim_timeout, dead_claimers=dead_claimers)
     return conn.execute(
         update(llm_jobs)
-        .where(
-            llm_jobs.c.account == account,
-            _stale(conn, claim_timeout, dead_claimers),
-            llm_jobs.c.attempts >= max_attempts,
-        )
+        .where(llm_jobs.c.account == account, stale, llm_jobs.c.attempts >= max_attempts)
         .values(
             state=JobState.FAILED.value,
             claimed_by=None,
@@ -240,78 +236,39 @@ def claim_next(
 ) -> LlmJob | None:
     """Claim the next due job (pending and due, or a stale claim) for ``claimer`` and record the call
     in the budget. The caller checks the budget first, under ``lock_budget``. Commit right after."""
-    stale = _stale(conn, claim_timeout, dead_claimers)
-    due = _due(conn, account, stale).order_by(llm_jobs.c.next_attempt_at, llm_jobs.c.id).limit(1)
-    due = locking(conn, due, skip_locked=True)
-    job_id = conn.execute(due).scalar_one_or_none()
-    if job_id is None:
-        return None
-    claimed = conn.execute(
-        update(llm_jobs)
-        .where(
-            llm_jobs.c.id == job_id,
-            or_(
-                (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn)),
-                stale,
-            ),
-        )
-        .values(
-            state=JobState.WORKING.value,
-            attempts=llm_jobs.c.attempts + 1,
-            claimed_by=claimer,
-            claimed_at=db_now(conn),
-            updated_at=db_now(conn),
-        )
+    claim = work_queue.claim_next(
+        conn,
+        QUEUE,
+        claimer,
+        candidates=_claimable(conn, account, claim_timeout, dead_claimers),
+        order_by=(llm_jobs.c.next_attempt_at, llm_jobs.c.id),
+        values={"updated_at": db_now(conn)},
     )
-    if claimed.rowcount != 1:
+    if claim is None:
         return None
     conn.execute(insert(llm_calls).values(account=account, started_at=db_now(conn)))
     conn.execute(delete(llm_calls).where(llm_calls.c.started_at < db_now(conn, -2 * BUDGET_WINDOW)))
-    return get_job(conn, job_id)
+    return get_job(conn, claim.row_id)
 
 
-def _fenced(job: LlmJob) -> Any:
-    """Only the claim this worker holds: same claimer, same attempt, still working."""
-    return (
-        (llm_jobs.c.id == job.id)
-        & (llm_jobs.c.state == JobState.WORKING.value)
-        & (llm_jobs.c.claimed_by == job.claimed_by)
-        & (llm_jobs.c.attempts == job.attempts)
-    )
+def _claim(job: LlmJob) -> work_queue.Claim:
+    return work_queue.Claim(job.id, job.claimed_by, job.attempts)
 
 
 def mark_done(conn: Connection, job: LlmJob, *, outbox_id: int) -> bool:
     """In the transaction that recorded the reply; False when the claim is no longer ours."""
-    return (
-        conn.execute(
-            update(llm_jobs)
-            .where(_fenced(job))
-            .values(state=JobState.DONE.value, outbox_id=outbox_id, last_error=None, updated_at=db_now(conn))
-        ).rowcount
-        == 1
-    )
+    done = {"state": JobState.DONE.value, "outbox_id": outbox_id, "last_error": None}
+    return work_queue.settle(conn, QUEUE, _claim(job), {**done, "updated_at": db_now(conn)})
 
 
 def still_claimed(conn: Connection, job: LlmJob) -> bool:
     """Lock and check the claim (PostgreSQL: the row stays locked until the transaction ends)."""
-    stmt = locking(conn, select(llm_jobs.c.id).where(_fenced(job)))
-    return conn.execute(stmt).first() is not None
+    return work_queue.still_held(conn, QUEUE, _claim(job))
 
 
 def mark_failed(conn: Connection, job: LlmJob, *, reason: str) -> bool:
-    return (
-        conn.execute(
-            update(llm_jobs)
-            .where(_fenced(job))
-            .values(
-                state=JobState.FAILED.value,
-                claimed_by=None,
-                last_error=reason[:MAX_ERROR_CHARS],
-                updated_at=db_now(conn),
-            )
-        ).rowcount
-        == 1
-    )
+    failed = {"state": JobState.FAILED.value, "claimed_by": None, "last_error": reason[:MAX_ERROR_CHARS]}
+    return work_queue.settle(conn, QUEUE, _claim(job), {**failed, "updated_at": db_now(conn)})
 
 
 def mark_retry(
@@ -321,16 +278,17 @@ def mark_retry(
     if job.attempts >= max_attempts:
         mark_failed(conn, job, reason=f"gave up after {job.attempts} attempts: {reason}")
         return JobState.FAILED
-    conn.execute(
-        update(llm_jobs)
-        .where(_fenced(job))
-        .values(
-            state=JobState.PENDING.value,
-            claimed_by=None,
-            last_error=reason[:MAX_ERROR_CHARS],
-            next_attempt_at=db_now(conn, delay),
-            updated_at=db_now(conn),
-        )
+    work_queue.settle(
+        conn,
+        QUEUE,
+        _claim(job),
+        {
+            "state": JobState.PENDING.value,
+            "claimed_by": None,
+            "last_error": reason[:MAX_ERROR_CHARS],
+            "next_attempt_at": db_now(conn, delay),
+            "updated_at": db_now(conn),
+        },
     )
     return JobState.PENDING
 
@@ -348,36 +306,16 @@ def list_jobs(
 
 def retry_job(conn: Connection, job_id: int, *, account: str) -> bool:
     """Operator: a failed job is asked of the model again, with fresh attempts."""
-    return (
-        conn.execute(
-            update(llm_jobs)
-            .where(
-                llm_jobs.c.id == job_id,
-                llm_jobs.c.account == account,
-                llm_jobs.c.state == JobState.FAILED.value,
-            )
-            .values(
-                state=JobState.PENDING.value,
-                attempts=0,
-                next_attempt_at=db_now(conn),
-                updated_at=db_now(conn),
-            )
-        ).rowcount
-        == 1
+    fresh = work_queue.retry_values(QUEUE) | {"next_attempt_at": db_now(conn), "updated_at": db_now(conn)}
+    return work_queue.change_by_operator(
+        conn, QUEUE, job_id, account=account, allowed=(JobState.FAILED.value,), values=fresh
     )
 
 
 def cancel_job(conn: Connection, job_id: int, *, account: str) -> bool:
     """Operator: a pending or failed job is never asked (it stops counting to the reply limits)."""
-    return (
-        conn.execute(
-            update(llm_jobs)
-            .where(
-                llm_jobs.c.id == job_id,
-                llm_jobs.c.account == account,
-                llm_jobs.c.state.in_([JobState.PENDING.value, JobState.FAILED.value]),
-            )
-            .values(state=JobState.CANCELLED.value, claimed_by=None, updated_at=db_now(conn))
-        ).rowcount
-        == 1
+    cancelled = {"state": JobState.CANCELLED.value, "claimed_by": None, "updated_at": db_now(conn)}
+    allowed = (JobState.PENDING.value, JobState.FAILED.value)
+    return work_queue.change_by_operator(
+        conn, QUEUE, job_id, account=account, allowed=allowed, values=cancelled
     )

@@ -1,0 +1,198 @@
+"""The claimable-row helper on SQLite and PostgreSQL (``db_url``): claim, attempts, expiry by the
+database's clock and takeover, fencing by claimer and attempt, and the operator's retry and cancel
+of one account's row."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, select, update
+
+from emailops.store import work_queue
+from emailops.store.database import create_index_engine
+from emailops.store.db_clock import db_now
+from emailops.store.schema import Id, Timestamp
+
+tasks = Table(
+    "tasks",
+    MetaData(),
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account", String(100), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("claimed_by", String(200)),
+    Column("claimed_at", Timestamp),
+    Column("result", String(100)),
+)
+QUEUE = work_queue.WorkQueue(
+    table=tasks,
+    state=tasks.c.state,
+    attempts=tasks.c.attempts,
+    claimed_by=tasks.c.claimed_by,
+    claimed_at=tasks.c.claimed_at,
+    pending="pending",
+    working="working",
+    of_account=lambda account: tasks.c.account == account,
+)
+HOUR = timedelta(hours=1)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_index_engine(db_url)
+    tasks.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+def add(engine: Engine, account: str = "a", state: str = "pending") -> int:
+    with engine.begin() as conn:
+        return int(
+            conn.execute(
+                tasks.insert().values(account=account, state=state).returning(tasks.c.id)
+            ).scalar_one()
+        )
+
+
+def claim(engine: Engine, claimer: str, timeout: timedelta = HOUR) -> work_queue.Claim | None:
+    with engine.begin() as conn:
+        candidates = (tasks.c.state == "pending") | work_queue.stale(conn, QUEUE, claim_timeout=timeout)
+        return work_queue.claim_next(conn, QUEUE, claimer, candidates=candidates, order_by=(tasks.c.id,))
+
+
+def row(engine: Engine, row_id: int) -> dict[str, object]:
+    with engine.connect() as conn:
+        return dict(conn.execute(select(tasks).where(tasks.c.id == row_id)).mappings().one())
+
+
+def age_claim(engine: Engine, row_id: int, by: timedelta) -> None:
+    """Move the claim's time back by ``by``, by the database's clock (as if it was made then)."""
+    with engine.begin() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == row_id).values(claimed_at=db_now(conn, -by)))
+
+
+def test_claim_takes_the_first_pending_row_once_and_counts_the_attempt(engine: Engine) -> None:
+    first, second = add(engine), add(engine)
+    add(engine, state="done")
+    taken = claim(engine, "w1")
+    assert taken == work_queue.Claim(first, "w1", 1)
+    stored = row(engine, first)
+    assert stored["state"] == "working" and stored["claimed_by"] == "w1" and stored["attempts"] == 1
+    assert stored["claimed_at"] is not None
+    assert claim(engine, "w2") == work_queue.Claim(second, "w2", 1)
+    assert claim(engine, "w3") is None  # the done row is no candidate, the working ones are held
+
+
+def test_claim_row_is_refused_when_the_row_is_not_a_candidate(engine: Engine) -> None:
+    row_id = add(engine)
+    with engine.begin() as conn:
+        pending = tasks.c.state == "pending"
+        assert work_queue.claim_row(conn, QUEUE, row_id, None, candidates=pending) == work_queue.Claim(
+            row_id, None, 1
+        )
+        assert work_queue.claim_row(conn, QUEUE, row_id, "w2", candidates=pending) is None
+        # A claimer-less claim (a stage run without a process identity) is fenced on NULL.
+        assert work_queue.settle(conn, QUEUE, work_queue.Claim(row_id, None, 1), {"state": "done"})
+
+
+def test_an_expired_claim_is_taken_over_by_the_database_clock_and_the_old_holder_is_fenced(
+    engine: Engine,
+) -> None:
+    row_id = add(engine)
+    old = claim(engine, "w1")
+    assert old is not None
+    assert claim(engine, "w2") is None  # not expired: an hour's timeout, claimed just now
+    with engine.connect() as conn:
+        expired = select(tasks.c.id).where(work_queue.stale(conn, QUEUE, claim_timeout=HOUR))
+        assert conn.execute(expired).all() == []
+    age_claim(engine, row_id, HOUR + timedelta(minutes=1))
+    new = claim(engine, "w2")
+    assert new == work_queue.Claim(row_id, "w2", 2)
+    with engine.begin() as conn:
+        assert not work_queue.still_held(conn, QUEUE, old)
+        assert not work_queue.settle(conn, QUEUE, old, {"state": "done", "result": "w1's"})
+        assert work_queue.still_held(conn, QUEUE, new)
+        assert work_queue.settle(conn, QUEUE, new, {"state": "done", "result": "w2's"})
+    assert row(engine, row_id)["result"] == "w2's"
+
+
+def test_fencing_needs_the_same_attempt_not_only_the_same_claimer(engine: Engine) -> None:
+    row_id = add(engine)
+    first = claim(engine, "w1")
+    assert first is not None
+    age_claim(engine, row_id, 2 * HOUR)
+    again = claim(engine, "w1")  # the same process claims it again after its claim expired
+    assert again == work_queue.Claim(row_id, "w1", 2)
+    with engine.begin() as conn:
+        assert not work_queue.settle(conn, QUEUE, first, {"state": "done", "result": "late"})
+    assert row(engine, row_id)["result"] is None and row(engine, row_id)["state"] == "working"
+
+
+def test_dead_claimers_are_stale_at_once(engine: Engine) -> None:
+    row_id = add(engine)
+    assert claim(engine, "gone") is not None
+    with engine.begin() as conn:
+        assert work_queue.working_claimers(conn, QUEUE, "a") == ["gone"]
+        assert work_queue.working_claimers(conn, QUEUE, "b") == []
+        stale = work_queue.stale(conn, QUEUE, claim_timeout=None, dead_claimers=("gone",))
+        taken = work_queue.claim_next(conn, QUEUE, "w2", candidates=stale, order_by=(tasks.c.id,))
+    assert taken == work_queue.Claim(row_id, "w2", 2)
+    with engine.connect() as conn, pytest.raises(ValueError):
+        work_queue.stale(conn, QUEUE, claim_timeout=None)
+
+
+def test_operator_retry_and_cancel_change_only_the_named_accounts_row(engine: Engine) -> None:
+    mine, theirs = add(engine, "a", state="failed"), add(engine, "b", state="failed")
+    retry = work_queue.retry_values(QUEUE)
+    with engine.begin() as conn:
+        conn.execute(update(tasks).values(attempts=3, claimed_by="w1"))
+        # Account a's operator names b's row: refused, b's row untouched.
+        assert not work_queue.change_by_operator(
+            conn, QUEUE, theirs, account="a", allowed=("failed",), values=retry
+        )
+        assert work_queue.change_by_operator(
+            conn, QUEUE, mine, account="a", allowed=("failed",), values=retry
+        )
+        # A state that is not allowed: refused.
+        assert not work_queue.change_by_operator(
+            conn, QUEUE, mine, account="a", allowed=("failed",), values={"state": "cancelled"}
+        )
+        assert not work_queue.change_by_operator(
+            conn, QUEUE, theirs, account="a", allowed=("failed",), values={"state": "cancelled"}
+        )
+    assert {k: row(engine, mine)[k] for k in ("state", "attempts", "claimed_by")} == {
+        "state": "pending",
+        "attempts": 0,
+        "claimed_by": None,
+    }
+    assert {k: row(engine, theirs)[k] for k in ("state", "attempts", "claimed_by")} == {
+        "state": "failed",
+        "attempts": 3,
+        "claimed_by": "w1",
+    }
+    with engine.begin() as conn:
+        assert work_queue.change_by_operator(
+            conn, QUEUE, theirs, account="b", allowed=("failed",), values={"state": "cancelled"}
+        )
+    assert row(engine, theirs)["state"] == "cancelled"
+
+
+def test_concurrent_claimers_never_share_a_row(engine: Engine) -> None:
+    ids = {add(engine) for _ in range(30)}
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (taken := claim(engine, name)) is not None:
+            with lock:
+                claimed.append(taken.row_id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(claimed) == sorted(ids)
