@@ -4,8 +4,8 @@ of one account's row."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -27,16 +27,7 @@ tasks = Table(
     Column("claimed_at", Timestamp),
     Column("result", String(100)),
 )
-QUEUE = work_queue.WorkQueue(
-    table=tasks,
-    state=tasks.c.state,
-    attempts=tasks.c.attempts,
-    claimed_by=tasks.c.claimed_by,
-    claimed_at=tasks.c.claimed_at,
-    pending="pending",
-    working="working",
-    of_account=lambda account: tasks.c.account == account,
-)
+QUEUE = work_queue.WorkQueue.on(tasks, pending="pending", working="working")
 HOUR = timedelta(hours=1)
 
 
@@ -182,17 +173,13 @@ def test_operator_retry_and_cancel_change_only_the_named_accounts_row(engine: En
 
 def test_concurrent_claimers_never_share_a_row(engine: Engine) -> None:
     ids = {add(engine) for _ in range(30)}
-    claimed: list[int] = []
-    lock = threading.Lock()
 
-    def worker(name: str) -> None:
-        while (taken := claim(engine, name)) is not None:
-            with lock:
-                claimed.append(taken.row_id)
+    def drain(claimer: str) -> list[int]:
+        taken: list[int] = []
+        while (next_claim := claim(engine, claimer)) is not None:
+            taken.append(next_claim.row_id)
+        return taken
 
-    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(claimed) == sorted(ids)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        per_claimer = list(pool.map(drain, [f"w{n}" for n in range(4)]))
+    assert sorted(row_id for taken in per_claimer for row_id in taken) == sorted(ids)

@@ -158,16 +158,7 @@ def get_job(conn: Connection, job_id: int) -> LlmJob | None:
     return LlmJob.from_mapping(row) if row else None
 
 
-QUEUE = work_queue.WorkQueue(
-    table=llm_jobs,
-    state=llm_jobs.c.state,
-    attempts=llm_jobs.c.attempts,
-    claimed_by=llm_jobs.c.claimed_by,
-    claimed_at=llm_jobs.c.claimed_at,
-    pending=JobState.PENDING.value,
-    working=JobState.WORKING.value,
-    of_account=lambda account: llm_jobs.c.account == account,
-)
+QUEUE = work_queue.WorkQueue.on(llm_jobs, pending=JobState.PENDING.value, working=JobState.WORKING.value)
 
 
 def _claimable(

@@ -31,11 +31,12 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, Connection, func, select, update
+from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
 from tenacity import wait_exponential
 
 from emailops.backoff import delay_seconds
-from emailops.store.dialect import insert_once, locking
+from emailops.store import work_queue
+from emailops.store.dialect import insert_once
 from emailops.store.schema import outbox
 
 # 1 min, 2, 4, 8, ... capped at one hour between attempts.
@@ -180,6 +181,9 @@ def due_actions(conn: Connection, *, now: datetime, account: str | None = None) 
     return set(conn.execute(select(outbox.c.action).where(*_due(now, account)).distinct()).scalars())
 
 
+QUEUE = work_queue.WorkQueue.on(outbox, pending=OutboxState.PENDING.value, working=OutboxState.SENDING.value)
+
+
 def claim_next(
     conn: Connection, *, claimer: str, now: datetime, action: str = "send", account: str | None = None
 ) -> OutboxRow | None:
@@ -187,73 +191,59 @@ def claim_next(
 
     Commit right after: the claim must be durable before the SMTP conversation starts.
     """
-    now = as_utc(now)
-    due = (
-        select(outbox.c.id)
-        .where(*_due(now, account), outbox.c.action == action)
-        .order_by(outbox.c.next_attempt_at, outbox.c.id)
-        .limit(1)
+    claim = work_queue.claim_next(
+        conn,
+        QUEUE,
+        claimer,
+        candidates=and_(*_due(now, account), outbox.c.action == action),
+        order_by=(outbox.c.next_attempt_at, outbox.c.id),
+        values={"updated_at": as_utc(now)},
     )
-    due = locking(conn, due, skip_locked=True)
-    # On SQLite the transaction already holds the write lock, so the first candidate is ours; the
-    # loop only matters if another writer slipped in (it cannot under BEGIN IMMEDIATE).
-    for _ in range(3):
-        row_id = conn.execute(due).scalar_one_or_none()
-        if row_id is None:
-            return None
-        claimed = conn.execute(
-            update(outbox)
-            .where(outbox.c.id == row_id, outbox.c.state == OutboxState.PENDING.value)
-            .values(
-                state=OutboxState.SENDING.value,
-                claimed_by=claimer,
-                attempts=outbox.c.attempts + 1,
-                updated_at=now,
-            )
-        )
-        if claimed.rowcount == 1:
-            return get_reply(conn, row_id)
-    return None
+    return get_reply(conn, claim.row_id) if claim is not None else None
 
 
-def _finish(conn: Connection, row_id: int, claimer: str, now: datetime, **values: Any) -> bool:
-    """Move a row out of ``sending``, only if ``claimer`` still holds it."""
-    result = conn.execute(
-        update(outbox)
-        .where(
-            outbox.c.id == row_id,
-            outbox.c.state == OutboxState.SENDING.value,
-            outbox.c.claimed_by == claimer,
-        )
-        .values(updated_at=as_utc(now), **values)
-    )
-    return result.rowcount == 1
+def _finish(
+    conn: Connection, row_id: int, claimer: str, attempt: int | None, now: datetime, **values: Any
+) -> bool:
+    """Move a row out of ``sending``, only if ``claimer`` still holds it with claim ``attempt``
+    (None: whichever attempt it holds now)."""
+    if attempt is None:
+        held = select(outbox.c.attempts).where(outbox.c.id == row_id)
+        attempt = conn.execute(held).scalar_one_or_none()
+        if attempt is None:
+            return False
+    claim = work_queue.Claim(row_id, claimer, attempt)
+    return work_queue.settle(conn, QUEUE, claim, {"updated_at": as_utc(now), **values})
 
 
-def mark_sent(conn: Connection, row_id: int, *, claimer: str, now: datetime) -> OutboxState | None:
+def mark_sent(
+    conn: Connection, row_id: int, *, claimer: str, now: datetime, attempt: int | None = None
+) -> OutboxState | None:
     """Record that the server accepted the reply. It was delivered whatever the row says now, so
     the row ends ``sent`` even when ``claimer`` no longer holds it (another process found the claim
     stale and made it ``unknown``, or the operator cancelled it meanwhile): that keeps ``retry``
     from sending it again. Returns the state the row was in when it was not ours any more, else None.
     """
     sent = {"state": OutboxState.SENT.value, "sent_at": as_utc(now), "last_error": None}
-    if _finish(conn, row_id, claimer, now, **sent):
+    if _finish(conn, row_id, claimer, attempt, now, **sent):
         return None
     previous = conn.execute(select(outbox.c.state).where(outbox.c.id == row_id)).scalar_one()
     conn.execute(update(outbox).where(outbox.c.id == row_id).values(updated_at=as_utc(now), **sent))
     return OutboxState(previous)
 
 
-def mark_failed(conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime) -> bool:
-    return _finish(
-        conn, row_id, claimer, now, state=OutboxState.FAILED.value, last_error=reason[:MAX_ERROR_CHARS]
-    )
+def mark_failed(
+    conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime, attempt: int | None = None
+) -> bool:
+    failed = {"state": OutboxState.FAILED.value, "last_error": reason[:MAX_ERROR_CHARS]}
+    return _finish(conn, row_id, claimer, attempt, now, **failed)
 
 
-def mark_unknown(conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime) -> bool:
-    return _finish(
-        conn, row_id, claimer, now, state=OutboxState.UNKNOWN.value, last_error=reason[:MAX_ERROR_CHARS]
-    )
+def mark_unknown(
+    conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime, attempt: int | None = None
+) -> bool:
+    unknown = {"state": OutboxState.UNKNOWN.value, "last_error": reason[:MAX_ERROR_CHARS]}
+    return _finish(conn, row_id, claimer, attempt, now, **unknown)
 
 
 def mark_transient_failure(
@@ -261,14 +251,14 @@ def mark_transient_failure(
 ) -> OutboxState:
     """After a transient error: pending again with backoff, or failed once attempts are used up."""
     if row.attempts >= max_attempts:
-        mark_failed(
-            conn, row.id, claimer=claimer, reason=f"gave up after {row.attempts} attempts: {reason}", now=now
-        )
+        given_up = f"gave up after {row.attempts} attempts: {reason}"
+        mark_failed(conn, row.id, claimer=claimer, reason=given_up, now=now, attempt=row.attempts)
         return OutboxState.FAILED
     _finish(
         conn,
         row.id,
         claimer,
+        row.attempts,
         now,
         state=OutboxState.PENDING.value,
         claimed_by=None,
@@ -288,11 +278,7 @@ def count_by_state(conn: Connection, *, account: str | None = None) -> dict[str,
 
 def sending_claimers(conn: Connection) -> list[str]:
     """The distinct claimers of rows now in ``sending``."""
-    return list(
-        conn.execute(
-            select(outbox.c.claimed_by).where(outbox.c.state == OutboxState.SENDING.value).distinct()
-        ).scalars()
-    )
+    return work_queue.working_claimers(conn, QUEUE, None)
 
 
 def recover_interrupted(
@@ -300,29 +286,37 @@ def recover_interrupted(
     *,
     now: datetime,
     claimers: tuple[str, ...] | None = None,
+    claim_timeout: timedelta | None = None,
     claimed_before: datetime | None = None,
 ) -> list[str]:
     """Rows left in ``sending`` by dead claimers become ``unknown``; returns their rule names (one
     per row, for the metrics: an interrupted reply's outcome is unknown like an uncertain send's).
 
-    ``claimers``: only rows claimed by those ids. ``claimed_before``: only claims older than that
-    moment, by any claimer (a send never takes longer than the SMTP timeouts). One of them is
-    required: while the service runs, a claim may belong to a live process.
+    Rows that any of these select: ``claimers``, claimed by those ids; ``claim_timeout``, claims
+    older than that by the database's clock, by any claimer (a send never takes longer than the
+    SMTP timeouts); ``claimed_before``, claims last changed before that moment of the caller's
+    clock. One is required: while the service runs, a claim may belong to a live process.
     """
-    if claimers is None and claimed_before is None:
-        raise ValueError("recover_interrupted needs claimers or claimed_before")
-    stmt = update(outbox).where(outbox.c.state == OutboxState.SENDING.value)
-    if claimers is not None:
-        stmt = stmt.where(outbox.c.claimed_by.in_(claimers))
+    if claimers is None and claim_timeout is None and claimed_before is None:
+        raise ValueError("recover_interrupted needs claimers, claim_timeout or claimed_before")
+    stale: list[ColumnElement[bool]] = []
+    if claim_timeout is not None or claimers:
+        stale.append(work_queue.stale(conn, QUEUE, claim_timeout=claim_timeout, dead_claimers=claimers or ()))
     if claimed_before is not None:
-        stmt = stmt.where(outbox.c.updated_at < as_utc(claimed_before))
+        sending = outbox.c.state == OutboxState.SENDING.value
+        stale.append(sending & (outbox.c.updated_at < as_utc(claimed_before)))
+    if not stale:
+        return []
     rules = list(
         conn.execute(
-            stmt.values(
+            update(outbox)
+            .where(or_(*stale))
+            .values(
                 state=OutboxState.UNKNOWN.value,
                 last_error="interrupted while sending: the reply may or may not have been delivered",
                 updated_at=as_utc(now),
-            ).returning(outbox.c.rule_name)
+            )
+            .returning(outbox.c.rule_name)
         ).scalars()
     )
     if rules:
@@ -351,27 +345,20 @@ def list_replies(
     return [OutboxRow.from_mapping(r) for r in rows]
 
 
-def retry_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
-    """Operator: a failed or unknown reply goes back to pending with fresh attempts."""
-    result = conn.execute(
-        update(outbox)
-        .where(outbox.c.id == outbox_id, outbox.c.state.in_([s.value for s in RETRYABLE]))
-        .values(
-            state=OutboxState.PENDING.value,
-            attempts=0,
-            claimed_by=None,
-            next_attempt_at=as_utc(now),
-            updated_at=as_utc(now),
-        )
+def retry_reply(conn: Connection, outbox_id: int, *, now: datetime, account: str | None = None) -> bool:
+    """Operator: a failed or unknown reply of ``account`` goes back to pending with fresh attempts."""
+    fresh = work_queue.retry_values(QUEUE) | {"next_attempt_at": as_utc(now), "updated_at": as_utc(now)}
+    allowed = [s.value for s in RETRYABLE]
+    return work_queue.change_by_operator(
+        conn, QUEUE, outbox_id, account=account, allowed=allowed, values=fresh
     )
-    return result.rowcount == 1
 
 
-def cancel_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
-    """Operator: a pending, failed or unknown reply will never be sent (it stops counting to limits)."""
-    result = conn.execute(
-        update(outbox)
-        .where(outbox.c.id == outbox_id, outbox.c.state.in_([s.value for s in CANCELLABLE]))
-        .values(state=OutboxState.CANCELLED.value, claimed_by=None, updated_at=as_utc(now))
+def cancel_reply(conn: Connection, outbox_id: int, *, now: datetime, account: str | None = None) -> bool:
+    """Operator: a pending, failed or unknown reply of ``account`` will never be sent (it stops
+    counting to limits)."""
+    cancelled = {"state": OutboxState.CANCELLED.value, "claimed_by": None, "updated_at": as_utc(now)}
+    allowed = [s.value for s in CANCELLABLE]
+    return work_queue.change_by_operator(
+        conn, QUEUE, outbox_id, account=account, allowed=allowed, values=cancelled
     )
-    return result.rowcount == 1

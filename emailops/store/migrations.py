@@ -120,6 +120,11 @@ def _llm_jobs(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.llm_jobs, schema.llm_calls])
 
 
+def _outbox_claimed_at(conn: Connection) -> None:
+    timestamp = "DATETIME" if conn.dialect.name == "sqlite" else "TIMESTAMP WITH TIME ZONE"
+    _add_column(conn, "outbox", "claimed_at", timestamp)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -131,6 +136,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "folders: index attempts; index_quarantine", _index_attempts),
     Migration(9, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),
     Migration(10, "llm_jobs and llm_calls: replies written by a language model", _llm_jobs),
+    Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
 )
 
 

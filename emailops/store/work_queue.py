@@ -43,6 +43,31 @@ class WorkQueue:
     working: str
     of_account: Callable[[str], ColumnElement[bool]]
 
+    @classmethod
+    def on(
+        cls,
+        table: Table,
+        *,
+        pending: str,
+        working: str,
+        prefix: str = "",
+        of_account: Callable[[str], ColumnElement[bool]] | None = None,
+    ) -> WorkQueue:
+        """The queue of ``table`` whose columns are named ``state``, ``attempts``, ``claimed_by``
+        and ``claimed_at`` after ``prefix``; rows of an account by its ``account`` column unless
+        ``of_account`` says otherwise."""
+        columns = table.c
+        return cls(
+            table=table,
+            state=columns[f"{prefix}state"],
+            attempts=columns[f"{prefix}attempts"],
+            claimed_by=columns[f"{prefix}claimed_by"],
+            claimed_at=columns[f"{prefix}claimed_at"],
+            pending=pending,
+            working=working,
+            of_account=of_account or (lambda account: columns.account == account),
+        )
+
     @property
     def id(self) -> Column[Any]:
         return self.table.c.id
