@@ -183,3 +183,35 @@ def test_concurrent_claimers_never_share_a_row(engine: Engine) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         per_claimer = list(pool.map(drain, [f"w{n}" for n in range(4)]))
     assert sorted(row_id for taken in per_claimer for row_id in taken) == sorted(ids)
+
+
+def test_the_rules_stage_fences_by_claimer_and_attempt_and_recovers_one_account(engine: Engine) -> None:
+    """``store.rules_work`` on the helper: a decision of another claimer or an earlier attempt is
+    refused, and one account's recovery of stalled claims leaves another account's alone."""
+    from emailops.store import folders as folder_store
+    from emailops.store import messages as message_store
+    from emailops.store import rules_work
+    from emailops.store.migrations import migrate
+    from emailops.store.schema import messages
+    from tests.test_store import NOW, fetched
+
+    migrate(engine)
+    with engine.begin() as conn:
+        pks = {}
+        for account in ("a", "b"):
+            folder = folder_store.ensure_folder(conn, account, "INBOX")
+            inserted = message_store.insert_messages(
+                conn, folder.id, 1, [fetched(1)], baseline_uidnext=1, now=NOW
+            )
+            pks[account] = inserted[1]
+        assert rules_work.claim(conn, pks["a"], "w1") == 1
+        assert rules_work.claim(conn, pks["b"], "w1") == 1
+        assert not rules_work.finish(conn, pks["a"], 1, claimer="w2")  # another claimer
+        assert rules_work.release_failed(conn, pks["a"], 1, claimer="w2", reason="x", max_attempts=1) is None
+        conn.execute(update(messages).values(rules_claimed_at=db_now(conn, -2 * HOUR)))
+        assert rules_work.recover_stalled(conn, "a", claim_timeout=HOUR, max_attempts=3) == (1, [])
+        assert rules_work.claim(conn, pks["a"], "w2") == 2
+        assert not rules_work.finish(conn, pks["a"], 1, claimer="w1")  # the stale claim's decision
+        assert rules_work.finish(conn, pks["a"], 2, claimer="w2")
+        states = dict(conn.execute(select(messages.c.id, messages.c.rules_state)).all())
+    assert states == {pks["a"]: "done", pks["b"]: "working"}

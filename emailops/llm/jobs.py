@@ -28,15 +28,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Unpack
 
 from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, update
 
 from emailops.replies.outbox import as_utc
 from emailops.store import work_queue
 from emailops.store.db_clock import db_now
-from emailops.store.dialect import insert_once, serialise_on
+from emailops.store.dialect import serialise_on
 from emailops.store.schema import llm_calls, llm_jobs
+from emailops.store.work_queue import InboundReply, QueuedAnswer
 
 MAX_ERROR_CHARS = 2000
 BUDGET_WINDOW = timedelta(hours=1)
@@ -55,110 +56,50 @@ OPEN_STATES = (JobState.PENDING, JobState.WORKING, JobState.FAILED)
 
 
 @dataclass(frozen=True)
-class LlmJob:
-    id: int
-    account: str
-    inbound_key: str
-    message_pk: int | None
-    rule_name: str
-    action: str
-    recipient: str
+class LlmJob(QueuedAnswer):
     subject: str | None
     prompt: str
     model: str
     max_tokens: int
     temperature: float | None
     state: JobState
-    attempts: int
-    last_error: str | None
     next_attempt_at: datetime
-    claimed_by: str | None
     outbox_id: int | None
-    created_at: datetime
-    updated_at: datetime
 
     @classmethod
     def from_mapping(cls, row: Any) -> LlmJob:
-        return cls(
-            id=row["id"],
-            account=row["account"],
-            inbound_key=row["inbound_key"],
-            message_pk=row["message_pk"],
-            rule_name=row["rule_name"],
-            action=row["action"],
-            recipient=row["recipient"],
-            subject=row["subject"],
-            prompt=row["prompt"],
-            model=row["model"],
-            max_tokens=row["max_tokens"],
-            temperature=row["temperature"],
-            state=JobState(row["state"]),
-            attempts=row["attempts"],
-            last_error=row["last_error"],
-            next_attempt_at=as_utc(row["next_attempt_at"]),
-            claimed_by=row["claimed_by"],
-            outbox_id=row["outbox_id"],
-            created_at=as_utc(row["created_at"]),
-            updated_at=as_utc(row["updated_at"]),
-        )
+        return work_queue.row_as(cls, row, as_utc, state=JobState(row["state"]))
 
 
-def find_job(conn: Connection, *, account: str, inbound_key: str, rule_name: str) -> int | None:
-    return conn.execute(
-        select(llm_jobs.c.id).where(
-            llm_jobs.c.account == account,
-            llm_jobs.c.inbound_key == inbound_key,
-            llm_jobs.c.rule_name == rule_name,
-        )
-    ).scalar_one_or_none()
+QUEUE = work_queue.WorkQueue.on(llm_jobs, pending=JobState.PENDING.value, working=JobState.WORKING.value)
 
 
 def insert_job(
     conn: Connection,
     *,
-    account: str,
-    inbound_key: str,
-    message_pk: int | None,
-    rule_name: str,
-    action: str,
-    recipient: str,
     subject: str | None,
     prompt: str,
     model: str,
     max_tokens: int,
     temperature: float | None,
     now: datetime,
+    **inbound: Unpack[InboundReply],
 ) -> tuple[int, bool]:
     """Record a pending job; a no-op when (account, inbound_key, rule_name) exists.
     Returns ``(job id, created)``."""
-    now = as_utc(now)
-    values = {
-        "account": account,
-        "inbound_key": inbound_key,
-        "message_pk": message_pk,
-        "rule_name": rule_name,
-        "action": action,
-        "recipient": recipient.lower(),
+    call = {
         "subject": subject,
         "prompt": prompt,
         "model": model,
         "max_tokens": max_tokens,
         "temperature": temperature,
-        "state": JobState.PENDING.value,
-        "attempts": 0,
-        "next_attempt_at": db_now(conn),
-        "created_at": now,
-        "updated_at": now,
     }
-    return insert_once(conn, llm_jobs, ["account", "inbound_key", "rule_name"], values)
+    return work_queue.insert_for_inbound(conn, QUEUE, inbound, call, now=as_utc(now), due=db_now(conn))
 
 
 def get_job(conn: Connection, job_id: int) -> LlmJob | None:
     row = conn.execute(select(llm_jobs).where(llm_jobs.c.id == job_id)).mappings().first()
     return LlmJob.from_mapping(row) if row else None
-
-
-QUEUE = work_queue.WorkQueue.on(llm_jobs, pending=JobState.PENDING.value, working=JobState.WORKING.value)
 
 
 def _claimable(

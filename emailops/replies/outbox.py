@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Unpack
 
 import structlog
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
@@ -36,8 +36,8 @@ from tenacity import wait_exponential
 
 from emailops.backoff import delay_seconds
 from emailops.store import work_queue
-from emailops.store.dialect import insert_once
 from emailops.store.schema import outbox
+from emailops.store.work_queue import InboundReply, QueuedAnswer
 
 # 1 min, 2, 4, 8, ... capped at one hour between attempts.
 BACKOFF = wait_exponential(multiplier=60, min=60, max=3600)
@@ -68,99 +68,43 @@ def backoff_delay(attempts: int) -> timedelta:
 
 
 @dataclass(frozen=True)
-class OutboxRow:
-    id: int
-    account: str
-    inbound_key: str
-    message_pk: int | None
-    rule_name: str
-    action: str
+class OutboxRow(QueuedAnswer):
     state: OutboxState
-    recipient: str
     reply_message_id: str
     subject: str
     raw: bytes
-    attempts: int
-    last_error: str | None
     next_attempt_at: datetime | None
-    claimed_by: str | None
-    created_at: datetime
-    updated_at: datetime
     sent_at: datetime | None
 
     @classmethod
     def from_mapping(cls, row: Any) -> OutboxRow:
-        def moment(value: datetime | None) -> datetime | None:
-            return as_utc(value) if value is not None else None
+        return work_queue.row_as(cls, row, as_utc, state=OutboxState(row["state"]), raw=bytes(row["raw"]))
 
-        return cls(
-            id=row["id"],
-            account=row["account"],
-            inbound_key=row["inbound_key"],
-            message_pk=row["message_pk"],
-            rule_name=row["rule_name"],
-            action=row["action"],
-            state=OutboxState(row["state"]),
-            recipient=row["recipient"],
-            reply_message_id=row["reply_message_id"],
-            subject=row["subject"],
-            raw=bytes(row["raw"]),
-            attempts=row["attempts"],
-            last_error=row["last_error"],
-            next_attempt_at=moment(row["next_attempt_at"]),
-            claimed_by=row["claimed_by"],
-            created_at=as_utc(row["created_at"]),
-            updated_at=as_utc(row["updated_at"]),
-            sent_at=moment(row["sent_at"]),
-        )
+
+QUEUE = work_queue.WorkQueue.on(outbox, pending=OutboxState.PENDING.value, working=OutboxState.SENDING.value)
 
 
 def find_reply(conn: Connection, *, account: str, inbound_key: str, rule_name: str) -> int | None:
-    return conn.execute(
-        select(outbox.c.id).where(
-            outbox.c.account == account,
-            outbox.c.inbound_key == inbound_key,
-            outbox.c.rule_name == rule_name,
-        )
-    ).scalar_one_or_none()
+    return work_queue.find_for_inbound(
+        conn, outbox, account=account, inbound_key=inbound_key, rule_name=rule_name
+    )
 
 
 def insert_reply(
     conn: Connection,
     *,
-    account: str,
-    inbound_key: str,
-    message_pk: int | None,
-    rule_name: str,
-    action: str,
-    recipient: str,
     reply_message_id: str,
     subject: str,
     raw: bytes,
     now: datetime,
+    **inbound: Unpack[InboundReply],
 ) -> tuple[int, bool]:
     """Record a pending reply; a no-op when (account, inbound_key, rule_name) exists.
 
     Returns ``(outbox id, created)``; ``created`` is False when the row was already there.
     """
-    now = as_utc(now)
-    values = {
-        "account": account,
-        "inbound_key": inbound_key,
-        "message_pk": message_pk,
-        "rule_name": rule_name,
-        "action": action,
-        "state": OutboxState.PENDING.value,
-        "recipient": recipient.lower(),
-        "reply_message_id": reply_message_id,
-        "subject": subject,
-        "raw": raw,
-        "attempts": 0,
-        "next_attempt_at": now,
-        "created_at": now,
-        "updated_at": now,
-    }
-    return insert_once(conn, outbox, ["account", "inbound_key", "rule_name"], values)
+    reply = {"reply_message_id": reply_message_id, "subject": subject, "raw": raw}
+    return work_queue.insert_for_inbound(conn, QUEUE, inbound, reply, now=as_utc(now), due=as_utc(now))
 
 
 def get_reply(conn: Connection, outbox_id: int) -> OutboxRow | None:
@@ -179,9 +123,6 @@ def due_actions(conn: Connection, *, now: datetime, account: str | None = None) 
     """The actions (``send``, ``draft``) with a row due now: a read, so that an idle worker's loop
     takes no write lock just to find there is nothing to claim."""
     return set(conn.execute(select(outbox.c.action).where(*_due(now, account)).distinct()).scalars())
-
-
-QUEUE = work_queue.WorkQueue.on(outbox, pending=OutboxState.PENDING.value, working=OutboxState.SENDING.value)
 
 
 def claim_next(

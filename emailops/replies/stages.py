@@ -124,7 +124,7 @@ class RulesStage:
         rid: str | None = None
         try:
             with self.engine.begin() as conn:
-                if not rules_work.finish(conn, pk, attempt):
+                if not rules_work.finish(conn, pk, attempt, claimer=self.claimer):
                     return  # the claim stalled and was given to another worker meanwhile
                 stored = message_store.load_message(conn, pk)
                 if stored is None:
@@ -176,7 +176,12 @@ class RulesStage:
         reason = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
         with self.engine.begin() as conn:
             quarantined = rules_work.release_failed(
-                conn, pk, attempt, reason=reason, max_attempts=self.config.rules_max_attempts
+                conn,
+                pk,
+                attempt,
+                claimer=self.claimer,
+                reason=reason,
+                max_attempts=self.config.rules_max_attempts,
             )
         if quarantined is not None:
             _report_quarantined(quarantined)
