@@ -18,11 +18,11 @@ from emailops.llm.prompt import render_prompt
 from emailops.mime.model import ParsedMessage
 from emailops.replies.compose import ComposedReply
 from emailops.rules.model import Rule
-from emailops.store import work_queue
+from emailops.store import answer_queues
 
 
 def find(conn: Connection, account: str, inbound_key: str, rule_name: str) -> int | None:
-    return work_queue.find_for_inbound(
+    return answer_queues.find_for_inbound(
         conn, jobs.QUEUE.table, account=account, inbound_key=inbound_key, rule_name=rule_name
     )
 

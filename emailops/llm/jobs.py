@@ -33,11 +33,11 @@ from typing import Any, Unpack
 from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, update
 
 from emailops.replies.outbox import as_utc
-from emailops.store import work_queue
+from emailops.store import answer_queues, work_queue
+from emailops.store.answer_queues import InboundReply, QueuedAnswer
 from emailops.store.db_clock import db_now
 from emailops.store.dialect import serialise_on
 from emailops.store.schema import llm_calls, llm_jobs
-from emailops.store.work_queue import InboundReply, QueuedAnswer
 
 MAX_ERROR_CHARS = 2000
 BUDGET_WINDOW = timedelta(hours=1)
@@ -68,7 +68,7 @@ class LlmJob(QueuedAnswer):
 
     @classmethod
     def from_mapping(cls, row: Any) -> LlmJob:
-        return work_queue.row_as(cls, row, as_utc, state=JobState(row["state"]))
+        return answer_queues.row_as(cls, row, as_utc, state=JobState(row["state"]))
 
 
 QUEUE = work_queue.WorkQueue.on(llm_jobs, pending=JobState.PENDING.value, working=JobState.WORKING.value)
@@ -94,7 +94,7 @@ def insert_job(
         "max_tokens": max_tokens,
         "temperature": temperature,
     }
-    return work_queue.insert_for_inbound(conn, QUEUE, inbound, call, now=as_utc(now), due=db_now(conn))
+    return answer_queues.insert_for_inbound(conn, QUEUE, inbound, call, now=as_utc(now), due=db_now(conn))
 
 
 def get_job(conn: Connection, job_id: int) -> LlmJob | None:

@@ -35,9 +35,9 @@ from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, updat
 from tenacity import wait_exponential
 
 from emailops.backoff import delay_seconds
-from emailops.store import work_queue
+from emailops.store import answer_queues, work_queue
+from emailops.store.answer_queues import InboundReply, QueuedAnswer
 from emailops.store.schema import outbox
-from emailops.store.work_queue import InboundReply, QueuedAnswer
 
 # 1 min, 2, 4, 8, ... capped at one hour between attempts.
 BACKOFF = wait_exponential(multiplier=60, min=60, max=3600)
@@ -78,14 +78,14 @@ class OutboxRow(QueuedAnswer):
 
     @classmethod
     def from_mapping(cls, row: Any) -> OutboxRow:
-        return work_queue.row_as(cls, row, as_utc, state=OutboxState(row["state"]), raw=bytes(row["raw"]))
+        return answer_queues.row_as(cls, row, as_utc, state=OutboxState(row["state"]), raw=bytes(row["raw"]))
 
 
 QUEUE = work_queue.WorkQueue.on(outbox, pending=OutboxState.PENDING.value, working=OutboxState.SENDING.value)
 
 
 def find_reply(conn: Connection, *, account: str, inbound_key: str, rule_name: str) -> int | None:
-    return work_queue.find_for_inbound(
+    return answer_queues.find_for_inbound(
         conn, outbox, account=account, inbound_key=inbound_key, rule_name=rule_name
     )
 
@@ -104,7 +104,7 @@ def insert_reply(
     Returns ``(outbox id, created)``; ``created`` is False when the row was already there.
     """
     reply = {"reply_message_id": reply_message_id, "subject": subject, "raw": raw}
-    return work_queue.insert_for_inbound(conn, QUEUE, inbound, reply, now=as_utc(now), due=as_utc(now))
+    return answer_queues.insert_for_inbound(conn, QUEUE, inbound, reply, now=as_utc(now), due=as_utc(now))
 
 
 def get_reply(conn: Connection, outbox_id: int) -> OutboxRow | None:
