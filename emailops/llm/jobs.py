@@ -9,10 +9,9 @@ States (column ``llm_jobs.state``)::
        |                                                '----worker died: claim expires, claimed again
        '--- retry (operator) --- failed                  pending | failed --cancel--> cancelled
 
-Claiming is atomic (PostgreSQL ``FOR UPDATE SKIP LOCKED``; SQLite a conditional UPDATE inside the
-``BEGIN IMMEDIATE`` transaction) and timed by the database's clock (``store.db_clock``). The
-attempt is counted when claimed and is the claim's fencing token: a worker that lost its claim
-(it was paused past the claim timeout) cannot finish the job. A job is done in the same transaction
+Jobs are claimed with ``store.work_queue``: atomically, timed by the database's clock, the
+attempt counted when claimed and, with the claimer, the claim's fencing token: a worker that lost
+its claim (it was paused past the claim timeout) cannot finish the job. A job is done in the same transaction
 that records its reply in the outbox, whose unique key on (account, inbound message, rule) keeps
 it to one reply even if two workers both got an answer.
 

@@ -11,13 +11,13 @@ States (column ``outbox.state``)::
        '--- retry (operator) --- failed | unknown
     pending | failed | unknown --cancel (operator)--> cancelled
 
-A reply is never sent while another claimer holds it: claiming is atomic (PostgreSQL
-``FOR UPDATE SKIP LOCKED``; SQLite a conditional ``UPDATE ... WHERE state='pending'`` inside the
-short ``BEGIN IMMEDIATE`` transaction the engine opens). The claim is committed *before* the SMTP
-conversation, so a crash during it leaves the row in ``sending``; ``recover_interrupted`` turns
-such rows into ``unknown``, which only the operator can retry: a reply whose outcome is unknown is
-never resent blindly. Backoff across restarts lives in ``next_attempt_at``; the delay comes from a
-tenacity wait strategy.
+A reply is never sent while another claimer holds it: rows are claimed with ``store.work_queue``
+(atomic; the claim's time by the database's clock; each outcome written only by the claimer and
+attempt that hold the row). The claim is committed *before* the SMTP conversation, so a crash
+during it leaves the row in ``sending``; ``recover_interrupted`` turns such rows into ``unknown``,
+which only the operator can retry: a reply whose outcome is unknown is never resent blindly.
+Backoff across restarts lives in ``next_attempt_at`` (the sending worker's clock: when a retry is
+due, not who holds a claim); the delay comes from a tenacity wait strategy.
 
 Functions that take a ``Connection`` run in the caller's transaction; ``deliver_next`` manages its
 own two short transactions around the SMTP conversation.
