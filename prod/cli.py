@@ -311,7 +311,7 @@ def _missing_move_folders(settings: RuntimeSettings, ruleset: RuleSet) -> list[M
             logout_quietly(client)
 
 
-def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
+def _change_replies(engine: Engine, args: argparse.Namespace, account: str) -> int:
     from datetime import UTC
 
     from emailops.replies import outbox
@@ -320,7 +320,8 @@ def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
     *others, last = outbox.RETRYABLE if args.action == "retry" else outbox.CANCELLABLE
     allowed = f"{', '.join(others)} or {last}" if others else last
     with engine.begin() as conn:
-        done = [reply_id for reply_id in args.ids if change(conn, reply_id, now=datetime.now(UTC))]
+        now = datetime.now(UTC)
+        done = [reply_id for reply_id in args.ids if change(conn, reply_id, now=now, account=account)]
         refused = {
             reply_id: outbox.get_reply(conn, reply_id) for reply_id in sorted(set(args.ids) - set(done))
         }
@@ -328,8 +329,8 @@ def _change_replies(engine: Engine, args: argparse.Namespace) -> int:
         print(f"{args.action}: reply {reply_id}")
     for reply_id, reply in refused.items():
         why = (
-            "no such reply"
-            if reply is None
+            f"no such reply of {account}"
+            if reply is None or reply.account != account
             else "its text was purged (REPLY_HISTORY_DAYS); there is nothing to send"
             if args.action == "retry" and not reply.raw
             else f"it is {reply.state}; {args.action} applies to {allowed} replies"
@@ -344,7 +345,7 @@ def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     account = settings.sync_config().account
     with open_index(settings) as engine:
         if args.action in ("retry", "cancel"):
-            return _change_replies(engine, args)
+            return _change_replies(engine, args, account)
         states = tuple(args.state) if args.state else None
         with engine.connect() as conn:
             replies = outbox.list_replies(conn, states=states, account=account, limit=args.limit)

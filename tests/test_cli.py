@@ -384,3 +384,30 @@ def test_a_utf16_subject_without_a_byte_order_mark_is_found(
     assert emailops(env, "sync", "--once").returncode == 0
     (hit,) = json.loads(emailops(env, "search", "--json", "design").stdout)
     assert hit["subject"] == "Design your future"
+
+
+def test_outbox_retry_and_cancel_leave_another_accounts_replies_alone(env: dict[str, str]) -> None:
+    """The index may hold several accounts' replies; this command's account is the one configured."""
+    from sqlalchemy import update
+
+    from emailops.replies import outbox
+    from emailops.store.schema import outbox as outbox_table
+    from tests import test_outbox
+    from tests.index_helpers import index_engine
+
+    engine = index_engine(env["INDEX_DB_URL"])
+    theirs = test_outbox.add(engine, "<theirs@example.org>")  # of an account this command is not
+    with engine.begin() as conn:
+        conn.execute(update(outbox_table).values(state="failed", last_error="550"))
+    engine.dispose()
+
+    for action in ("retry", "cancel"):
+        refused = emailops(env, "outbox", action, str(theirs))
+        assert refused.returncode == 1
+        assert f"not changed: reply {theirs}: no such reply of {ALICE}@127.0.0.1" in refused.stderr
+    engine = index_engine(env["INDEX_DB_URL"])
+    with engine.connect() as conn:
+        row = outbox.get_reply(conn, theirs)
+    engine.dispose()
+    assert row is not None and (row.account, row.state, row.attempts) == (test_outbox.ACCOUNT, "failed", 0)
+    assert row.updated_at == test_outbox.T0

@@ -17,10 +17,13 @@ from emailops.llm import jobs
 from emailops.llm.prompt import render_prompt
 from emailops.mime.model import ParsedMessage
 from emailops.rules.model import Rule
+from emailops.store import answer_queues
 
 
 def find(conn: Connection, account: str, inbound_key: str, rule_name: str) -> int | None:
-    return jobs.find_job(conn, account=account, inbound_key=inbound_key, rule_name=rule_name)
+    return answer_queues.find_for_inbound(
+        conn, jobs.QUEUE.table, account=account, inbound_key=inbound_key, rule_name=rule_name
+    )
 
 
 def unavailable_reason(config: ReplyConfig) -> str | None:

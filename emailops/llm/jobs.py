@@ -9,10 +9,9 @@ States (column ``llm_jobs.state``)::
        |                                                '----worker died: claim expires, claimed again
        '--- retry (operator) --- failed                  pending | failed --cancel--> cancelled
 
-Claiming is atomic (PostgreSQL ``FOR UPDATE SKIP LOCKED``; SQLite a conditional UPDATE inside the
-``BEGIN IMMEDIATE`` transaction) and timed by the database's clock (``store.db_clock``). The
-attempt is counted when claimed and is the claim's fencing token: a worker that lost its claim
-(it was paused past the claim timeout) cannot finish the job. A job is done in the same transaction
+Jobs are claimed with ``store.work_queue``: atomically, timed by the database's clock, the
+attempt counted when claimed and, with the claimer, the claim's fencing token: a worker that lost
+its claim (it was paused past the claim timeout) cannot finish the job. A job is done in the same transaction
 that records its reply in the outbox, whose unique key on (account, inbound message, rule) keeps
 it to one reply even if two workers both got an answer.
 
@@ -28,12 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Unpack
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, update
 
+from emailops.store import answer_queues, work_queue
+from emailops.store.answer_queues import InboundReply, QueuedAnswer
 from emailops.store.db_clock import db_now
-from emailops.store.dialect import insert_once, locking, serialise_on
+from emailops.store.dialect import serialise_on
 from emailops.store.schema import llm_calls, llm_jobs
 
 MAX_ERROR_CHARS = 2000
@@ -53,101 +54,45 @@ OPEN_STATES = (JobState.PENDING, JobState.WORKING, JobState.FAILED)
 
 
 @dataclass(frozen=True)
-class LlmJob:
-    id: int
-    account: str
-    inbound_key: str
-    message_pk: int | None
-    rule_name: str
-    action: str
-    recipient: str
+class LlmJob(QueuedAnswer):
     subject: str | None
     prompt: str
     model: str
     max_tokens: int
     temperature: float | None
     state: JobState
-    attempts: int
-    last_error: str | None
     next_attempt_at: datetime
-    claimed_by: str | None
     outbox_id: int | None
-    created_at: datetime
-    updated_at: datetime
 
     @classmethod
     def from_mapping(cls, row: Any) -> LlmJob:
-        return cls(
-            id=row["id"],
-            account=row["account"],
-            inbound_key=row["inbound_key"],
-            message_pk=row["message_pk"],
-            rule_name=row["rule_name"],
-            action=row["action"],
-            recipient=row["recipient"],
-            subject=row["subject"],
-            prompt=row["prompt"],
-            model=row["model"],
-            max_tokens=row["max_tokens"],
-            temperature=row["temperature"],
-            state=JobState(row["state"]),
-            attempts=row["attempts"],
-            last_error=row["last_error"],
-            next_attempt_at=row["next_attempt_at"],
-            claimed_by=row["claimed_by"],
-            outbox_id=row["outbox_id"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-        )
+        return answer_queues.row_as(cls, row, state=JobState(row["state"]))
 
 
-def find_job(conn: Connection, *, account: str, inbound_key: str, rule_name: str) -> int | None:
-    return conn.execute(
-        select(llm_jobs.c.id).where(
-            llm_jobs.c.account == account,
-            llm_jobs.c.inbound_key == inbound_key,
-            llm_jobs.c.rule_name == rule_name,
-        )
-    ).scalar_one_or_none()
+QUEUE = work_queue.WorkQueue.on(llm_jobs, pending=JobState.PENDING.value, working=JobState.WORKING.value)
 
 
 def insert_job(
     conn: Connection,
     *,
-    account: str,
-    inbound_key: str,
-    message_pk: int | None,
-    rule_name: str,
-    action: str,
-    recipient: str,
     subject: str | None,
     prompt: str,
     model: str,
     max_tokens: int,
     temperature: float | None,
     now: datetime,
+    **inbound: Unpack[InboundReply],
 ) -> tuple[int, bool]:
     """Record a pending job; a no-op when (account, inbound_key, rule_name) exists.
     Returns ``(job id, created)``."""
-    values = {
-        "account": account,
-        "inbound_key": inbound_key,
-        "message_pk": message_pk,
-        "rule_name": rule_name,
-        "action": action,
-        "recipient": recipient.lower(),
+    call = {
         "subject": subject,
         "prompt": prompt,
         "model": model,
         "max_tokens": max_tokens,
         "temperature": temperature,
-        "state": JobState.PENDING.value,
-        "attempts": 0,
-        "next_attempt_at": db_now(conn),
-        "created_at": now,
-        "updated_at": now,
     }
-    return insert_once(conn, llm_jobs, ["account", "inbound_key", "rule_name"], values)
+    return answer_queues.insert_for_inbound(conn, QUEUE, inbound, call, now=now, due=db_now(conn))
 
 
 def get_job(conn: Connection, job_id: int) -> LlmJob | None:
@@ -155,37 +100,23 @@ def get_job(conn: Connection, job_id: int) -> LlmJob | None:
     return LlmJob.from_mapping(row) if row else None
 
 
-def _due(conn: Connection, account: str, stale: Any) -> Any:
-    return select(llm_jobs.c.id).where(
-        llm_jobs.c.account == account,
-        or_(
-            (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn)),
-            stale,
-        ),
-    )
+def _claimable(
+    conn: Connection, account: str, claim_timeout: timedelta, dead_claimers: tuple[str, ...]
+) -> ColumnElement[bool]:
+    """Pending and due, or a claim of a worker that died or hung mid-call."""
+    due = (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn))
+    stale = work_queue.stale(conn, QUEUE, claim_timeout=claim_timeout, dead_claimers=dead_claimers)
+    return (llm_jobs.c.account == account) & or_(due, stale)
 
 
 def has_due(conn: Connection, *, account: str, claim_timeout: timedelta) -> bool:
     """A read: is a job due (an idle worker's loop takes no write lock to find there is none)."""
-    return conn.execute(_due(conn, account, _stale(conn, claim_timeout, ())).limit(1)).first() is not None
-
-
-def _stale(conn: Connection, claim_timeout: timedelta, dead_claimers: tuple[str, ...]) -> Any:
-    """Claims of workers that died or hung mid-call: expired, or of a process known to be gone."""
-    expired = llm_jobs.c.claimed_at < db_now(conn, -claim_timeout)
-    if dead_claimers:
-        expired = or_(expired, llm_jobs.c.claimed_by.in_(dead_claimers))
-    return (llm_jobs.c.state == JobState.WORKING.value) & expired
+    due = select(llm_jobs.c.id).where(_claimable(conn, account, claim_timeout, ())).limit(1)
+    return conn.execute(due).first() is not None
 
 
 def working_claimers(conn: Connection, *, account: str) -> list[str]:
-    return list(
-        conn.execute(
-            select(llm_jobs.c.claimed_by)
-            .where(llm_jobs.c.account == account, llm_jobs.c.state == JobState.WORKING.value)
-            .distinct()
-        ).scalars()
-    )
+    return work_queue.working_claimers(conn, QUEUE, account)
 
 
 def lock_budget(conn: Connection, *, account: str) -> None:
@@ -212,13 +143,10 @@ def give_up_stale(
 ) -> int:
     """Stale claims that used up their attempts fail (a job that hangs or kills the worker every
     time must not cost calls for ever). Returns how many."""
+    stale = work_queue.stale(conn, QUEUE, claim_timeout=claim_timeout, dead_claimers=dead_claimers)
     return conn.execute(
         update(llm_jobs)
-        .where(
-            llm_jobs.c.account == account,
-            _stale(conn, claim_timeout, dead_claimers),
-            llm_jobs.c.attempts >= max_attempts,
-        )
+        .where(llm_jobs.c.account == account, stale, llm_jobs.c.attempts >= max_attempts)
         .values(
             state=JobState.FAILED.value,
             claimed_by=None,
@@ -238,78 +166,39 @@ def claim_next(
 ) -> LlmJob | None:
     """Claim the next due job (pending and due, or a stale claim) for ``claimer`` and record the call
     in the budget. The caller checks the budget first, under ``lock_budget``. Commit right after."""
-    stale = _stale(conn, claim_timeout, dead_claimers)
-    due = _due(conn, account, stale).order_by(llm_jobs.c.next_attempt_at, llm_jobs.c.id).limit(1)
-    due = locking(conn, due, skip_locked=True)
-    job_id = conn.execute(due).scalar_one_or_none()
-    if job_id is None:
-        return None
-    claimed = conn.execute(
-        update(llm_jobs)
-        .where(
-            llm_jobs.c.id == job_id,
-            or_(
-                (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn)),
-                stale,
-            ),
-        )
-        .values(
-            state=JobState.WORKING.value,
-            attempts=llm_jobs.c.attempts + 1,
-            claimed_by=claimer,
-            claimed_at=db_now(conn),
-            updated_at=db_now(conn),
-        )
+    claim = work_queue.claim_next(
+        conn,
+        QUEUE,
+        claimer,
+        candidates=_claimable(conn, account, claim_timeout, dead_claimers),
+        order_by=(llm_jobs.c.next_attempt_at, llm_jobs.c.id),
+        values={"updated_at": db_now(conn)},
     )
-    if claimed.rowcount != 1:
+    if claim is None:
         return None
     conn.execute(insert(llm_calls).values(account=account, started_at=db_now(conn)))
     conn.execute(delete(llm_calls).where(llm_calls.c.started_at < db_now(conn, -2 * BUDGET_WINDOW)))
-    return get_job(conn, job_id)
+    return get_job(conn, claim.row_id)
 
 
-def _fenced(job: LlmJob) -> Any:
-    """Only the claim this worker holds: same claimer, same attempt, still working."""
-    return (
-        (llm_jobs.c.id == job.id)
-        & (llm_jobs.c.state == JobState.WORKING.value)
-        & (llm_jobs.c.claimed_by == job.claimed_by)
-        & (llm_jobs.c.attempts == job.attempts)
-    )
+def _claim(job: LlmJob) -> work_queue.Claim:
+    return work_queue.Claim(job.id, job.claimed_by, job.attempts)
 
 
 def mark_done(conn: Connection, job: LlmJob, *, outbox_id: int) -> bool:
     """In the transaction that recorded the reply; False when the claim is no longer ours."""
-    return (
-        conn.execute(
-            update(llm_jobs)
-            .where(_fenced(job))
-            .values(state=JobState.DONE.value, outbox_id=outbox_id, last_error=None, updated_at=db_now(conn))
-        ).rowcount
-        == 1
-    )
+    done = {"state": JobState.DONE.value, "outbox_id": outbox_id, "last_error": None}
+    return work_queue.settle(conn, QUEUE, _claim(job), {**done, "updated_at": db_now(conn)})
 
 
 def still_claimed(conn: Connection, job: LlmJob) -> bool:
     """Lock and check the claim (PostgreSQL: the row stays locked until the transaction ends)."""
-    stmt = locking(conn, select(llm_jobs.c.id).where(_fenced(job)))
-    return conn.execute(stmt).first() is not None
+    return work_queue.still_held(conn, QUEUE, _claim(job))
 
 
 def mark_failed(conn: Connection, job: LlmJob, *, reason: str) -> bool:
-    return (
-        conn.execute(
-            update(llm_jobs)
-            .where(_fenced(job))
-            .values(
-                state=JobState.FAILED.value,
-                claimed_by=None,
-                last_error=reason[:MAX_ERROR_CHARS],
-                updated_at=db_now(conn),
-            )
-        ).rowcount
-        == 1
-    )
+    failed = {"state": JobState.FAILED.value, "claimed_by": None, "last_error": reason[:MAX_ERROR_CHARS]}
+    return work_queue.settle(conn, QUEUE, _claim(job), {**failed, "updated_at": db_now(conn)})
 
 
 def mark_retry(
@@ -319,16 +208,17 @@ def mark_retry(
     if job.attempts >= max_attempts:
         mark_failed(conn, job, reason=f"gave up after {job.attempts} attempts: {reason}")
         return JobState.FAILED
-    conn.execute(
-        update(llm_jobs)
-        .where(_fenced(job))
-        .values(
-            state=JobState.PENDING.value,
-            claimed_by=None,
-            last_error=reason[:MAX_ERROR_CHARS],
-            next_attempt_at=db_now(conn, delay),
-            updated_at=db_now(conn),
-        )
+    work_queue.settle(
+        conn,
+        QUEUE,
+        _claim(job),
+        {
+            "state": JobState.PENDING.value,
+            "claimed_by": None,
+            "last_error": reason[:MAX_ERROR_CHARS],
+            "next_attempt_at": db_now(conn, delay),
+            "updated_at": db_now(conn),
+        },
     )
     return JobState.PENDING
 
@@ -346,37 +236,22 @@ def list_jobs(
 
 def retry_job(conn: Connection, job_id: int, *, account: str) -> bool:
     """Operator: a failed job, not purged, is asked of the model again, with fresh attempts."""
-    return (
-        conn.execute(
-            update(llm_jobs)
-            .where(
-                llm_jobs.c.id == job_id,
-                llm_jobs.c.account == account,
-                llm_jobs.c.state == JobState.FAILED.value,
-                llm_jobs.c.purged_at.is_(None),  # its prompt is gone (replies.history)
-            )
-            .values(
-                state=JobState.PENDING.value,
-                attempts=0,
-                next_attempt_at=db_now(conn),
-                updated_at=db_now(conn),
-            )
-        ).rowcount
-        == 1
+    fresh = work_queue.retry_values(QUEUE) | {"next_attempt_at": db_now(conn), "updated_at": db_now(conn)}
+    return work_queue.change_by_operator(
+        conn,
+        QUEUE,
+        job_id,
+        account=account,
+        allowed=(JobState.FAILED.value,),
+        values=fresh,
+        also=(llm_jobs.c.purged_at.is_(None),),  # its prompt is gone (replies.history)
     )
 
 
 def cancel_job(conn: Connection, job_id: int, *, account: str) -> bool:
     """Operator: a pending or failed job is never asked (it stops counting to the reply limits)."""
-    return (
-        conn.execute(
-            update(llm_jobs)
-            .where(
-                llm_jobs.c.id == job_id,
-                llm_jobs.c.account == account,
-                llm_jobs.c.state.in_([JobState.PENDING.value, JobState.FAILED.value]),
-            )
-            .values(state=JobState.CANCELLED.value, claimed_by=None, updated_at=db_now(conn))
-        ).rowcount
-        == 1
+    cancelled = {"state": JobState.CANCELLED.value, "claimed_by": None, "updated_at": db_now(conn)}
+    allowed = (JobState.PENDING.value, JobState.FAILED.value)
+    return work_queue.change_by_operator(
+        conn, QUEUE, job_id, account=account, allowed=allowed, values=cancelled
     )

@@ -3,7 +3,7 @@
 Two short transactions around the SMTP conversation: the claim (``sending``) commits before the
 first byte goes out, the outcome commits after the answer. A crash in between leaves ``sending``,
 which ``outbox.recover_interrupted`` turns into ``unknown`` (see ``OutboxStage``: at once for a
-dead claimer of this host, after ``STALE_CLAIM`` for others).
+dead claimer of this host, after ``STALE_CLAIM`` by the database's clock for others).
 """
 
 from __future__ import annotations
@@ -65,13 +65,17 @@ def deliver_next(
         answer = sender.send(envelope_from=envelope_from, recipient=row.recipient, raw=row.raw)
     except PermanentSendError as exc:
         with engine.begin() as conn:
-            outbox.mark_failed(conn, row.id, claimer=claimer, reason=str(exc), now=clock())
+            outbox.mark_failed(
+                conn, row.id, claimer=claimer, reason=str(exc), now=clock(), attempt=row.attempts
+            )
         log.error("reply refused", reason=str(exc), code=exc.code)
         _count(row.rule_name, "failed", "permanent")
         return DeliveryResult(row.id, row.recipient, OutboxState.FAILED, str(exc), row.attempts)
     except UncertainSendError as exc:
         with engine.begin() as conn:
-            outbox.mark_unknown(conn, row.id, claimer=claimer, reason=str(exc), now=clock())
+            outbox.mark_unknown(
+                conn, row.id, claimer=claimer, reason=str(exc), now=clock(), attempt=row.attempts
+            )
         log.error("reply outcome unknown; not retried automatically", reason=str(exc))
         _count(row.rule_name, "unknown", "uncertain")
         return DeliveryResult(row.id, row.recipient, OutboxState.UNKNOWN, str(exc), row.attempts)
@@ -90,7 +94,7 @@ def deliver_next(
         _count(row.rule_name, outcome, "transient", auth=isinstance(exc, SmtpAuthError))
         return DeliveryResult(row.id, row.recipient, state, str(exc), row.attempts)
     with engine.begin() as conn:
-        taken_from = outbox.mark_sent(conn, row.id, claimer=claimer, now=clock())
+        taken_from = outbox.mark_sent(conn, row.id, claimer=claimer, now=clock(), attempt=row.attempts)
     if taken_from is None:
         log.info("reply sent", answer=answer)
     else:

@@ -11,13 +11,13 @@ States (column ``outbox.state``)::
        '--- retry (operator) --- failed | unknown
     pending | failed | unknown --cancel (operator)--> cancelled
 
-A reply is never sent while another claimer holds it: claiming is atomic (PostgreSQL
-``FOR UPDATE SKIP LOCKED``; SQLite a conditional ``UPDATE ... WHERE state='pending'`` inside the
-short ``BEGIN IMMEDIATE`` transaction the engine opens). The claim is committed *before* the SMTP
-conversation, so a crash during it leaves the row in ``sending``; ``recover_interrupted`` turns
-such rows into ``unknown``, which only the operator can retry: a reply whose outcome is unknown is
-never resent blindly. Backoff across restarts lives in ``next_attempt_at``; the delay comes from a
-tenacity wait strategy.
+A reply is never sent while another claimer holds it: rows are claimed with ``store.work_queue``
+(atomic; the claim's time by the database's clock; each outcome written only by the claimer and
+attempt that hold the row). The claim is committed *before* the SMTP conversation, so a crash
+during it leaves the row in ``sending``; ``recover_interrupted`` turns such rows into ``unknown``,
+which only the operator can retry: a reply whose outcome is unknown is never resent blindly.
+Backoff across restarts lives in ``next_attempt_at`` (the sending worker's clock: when a retry is
+due, not who holds a claim); the delay comes from a tenacity wait strategy.
 
 Functions that take a ``Connection`` run in the caller's transaction; ``deliver_next`` manages its
 own two short transactions around the SMTP conversation.
@@ -28,14 +28,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Unpack
 
 import structlog
-from sqlalchemy import ColumnElement, Connection, func, select, update
+from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
 from tenacity import wait_exponential
 
 from emailops.backoff import delay_seconds
-from emailops.store.dialect import insert_once, locking
+from emailops.store import answer_queues, work_queue
+from emailops.store.answer_queues import InboundReply, QueuedAnswer
 from emailops.store.schema import outbox
 
 # 1 min, 2, 4, 8, ... capped at one hour between attempts.
@@ -62,95 +63,43 @@ def backoff_delay(attempts: int) -> timedelta:
 
 
 @dataclass(frozen=True)
-class OutboxRow:
-    id: int
-    account: str
-    inbound_key: str
-    message_pk: int | None
-    rule_name: str
-    action: str
+class OutboxRow(QueuedAnswer):
     state: OutboxState
-    recipient: str
     reply_message_id: str
     subject: str
     raw: bytes
-    attempts: int
-    last_error: str | None
     next_attempt_at: datetime | None
-    claimed_by: str | None
-    created_at: datetime
-    updated_at: datetime
     sent_at: datetime | None
 
     @classmethod
     def from_mapping(cls, row: Any) -> OutboxRow:
-        return cls(
-            id=row["id"],
-            account=row["account"],
-            inbound_key=row["inbound_key"],
-            message_pk=row["message_pk"],
-            rule_name=row["rule_name"],
-            action=row["action"],
-            state=OutboxState(row["state"]),
-            recipient=row["recipient"],
-            reply_message_id=row["reply_message_id"],
-            subject=row["subject"],
-            raw=bytes(row["raw"]),
-            attempts=row["attempts"],
-            last_error=row["last_error"],
-            next_attempt_at=row["next_attempt_at"],
-            claimed_by=row["claimed_by"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            sent_at=row["sent_at"],
-        )
+        return answer_queues.row_as(cls, row, state=OutboxState(row["state"]), raw=bytes(row["raw"]))
+
+
+QUEUE = work_queue.WorkQueue.on(outbox, pending=OutboxState.PENDING.value, working=OutboxState.SENDING.value)
 
 
 def find_reply(conn: Connection, *, account: str, inbound_key: str, rule_name: str) -> int | None:
-    return conn.execute(
-        select(outbox.c.id).where(
-            outbox.c.account == account,
-            outbox.c.inbound_key == inbound_key,
-            outbox.c.rule_name == rule_name,
-        )
-    ).scalar_one_or_none()
+    return answer_queues.find_for_inbound(
+        conn, outbox, account=account, inbound_key=inbound_key, rule_name=rule_name
+    )
 
 
 def insert_reply(
     conn: Connection,
     *,
-    account: str,
-    inbound_key: str,
-    message_pk: int | None,
-    rule_name: str,
-    action: str,
-    recipient: str,
     reply_message_id: str,
     subject: str,
     raw: bytes,
     now: datetime,
+    **inbound: Unpack[InboundReply],
 ) -> tuple[int, bool]:
     """Record a pending reply; a no-op when (account, inbound_key, rule_name) exists.
 
     Returns ``(outbox id, created)``; ``created`` is False when the row was already there.
     """
-    values = {
-        "account": account,
-        "inbound_key": inbound_key,
-        "message_pk": message_pk,
-        "rule_name": rule_name,
-        "action": action,
-        "state": OutboxState.PENDING.value,
-        "recipient": recipient.lower(),
-        "reply_message_id": reply_message_id,
-        "subject": subject,
-        "raw": raw,
-        "attempts": 0,
-        "next_attempt_at": now,
-        "created_at": now,
-        "updated_at": now,
-    }
-    return insert_once(conn, outbox, ["account", "inbound_key", "rule_name"], values)
+    reply = {"reply_message_id": reply_message_id, "subject": subject, "raw": raw}
+    return answer_queues.insert_for_inbound(conn, QUEUE, inbound, reply, now=now, due=now)
 
 
 def get_reply(conn: Connection, outbox_id: int) -> OutboxRow | None:
@@ -178,72 +127,59 @@ def claim_next(
 
     Commit right after: the claim must be durable before the SMTP conversation starts.
     """
-    due = (
-        select(outbox.c.id)
-        .where(*_due(now, account), outbox.c.action == action)
-        .order_by(outbox.c.next_attempt_at, outbox.c.id)
-        .limit(1)
+    claim = work_queue.claim_next(
+        conn,
+        QUEUE,
+        claimer,
+        candidates=and_(*_due(now, account), outbox.c.action == action),
+        order_by=(outbox.c.next_attempt_at, outbox.c.id),
+        values={"updated_at": now},
     )
-    due = locking(conn, due, skip_locked=True)
-    # On SQLite the transaction already holds the write lock, so the first candidate is ours; the
-    # loop only matters if another writer slipped in (it cannot under BEGIN IMMEDIATE).
-    for _ in range(3):
-        row_id = conn.execute(due).scalar_one_or_none()
-        if row_id is None:
-            return None
-        claimed = conn.execute(
-            update(outbox)
-            .where(outbox.c.id == row_id, outbox.c.state == OutboxState.PENDING.value)
-            .values(
-                state=OutboxState.SENDING.value,
-                claimed_by=claimer,
-                attempts=outbox.c.attempts + 1,
-                updated_at=now,
-            )
-        )
-        if claimed.rowcount == 1:
-            return get_reply(conn, row_id)
-    return None
+    return get_reply(conn, claim.row_id) if claim is not None else None
 
 
-def _finish(conn: Connection, row_id: int, claimer: str, now: datetime, **values: Any) -> bool:
-    """Move a row out of ``sending``, only if ``claimer`` still holds it."""
-    result = conn.execute(
-        update(outbox)
-        .where(
-            outbox.c.id == row_id,
-            outbox.c.state == OutboxState.SENDING.value,
-            outbox.c.claimed_by == claimer,
-        )
-        .values(updated_at=now, **values)
-    )
-    return result.rowcount == 1
+def _finish(
+    conn: Connection, row_id: int, claimer: str, attempt: int | None, now: datetime, **values: Any
+) -> bool:
+    """Move a row out of ``sending``, only if ``claimer`` still holds it with claim ``attempt``
+    (None: whichever attempt it holds now)."""
+    if attempt is None:
+        held = select(outbox.c.attempts).where(outbox.c.id == row_id)
+        attempt = conn.execute(held).scalar_one_or_none()
+        if attempt is None:
+            return False
+    claim = work_queue.Claim(row_id, claimer, attempt)
+    return work_queue.settle(conn, QUEUE, claim, {"updated_at": now, **values})
 
 
-def mark_sent(conn: Connection, row_id: int, *, claimer: str, now: datetime) -> OutboxState | None:
+def mark_sent(
+    conn: Connection, row_id: int, *, claimer: str, now: datetime, attempt: int | None = None
+) -> OutboxState | None:
     """Record that the server accepted the reply. It was delivered whatever the row says now, so
     the row ends ``sent`` even when ``claimer`` no longer holds it (another process found the claim
     stale and made it ``unknown``, or the operator cancelled it meanwhile): that keeps ``retry``
     from sending it again. Returns the state the row was in when it was not ours any more, else None.
     """
     sent = {"state": OutboxState.SENT.value, "sent_at": now, "last_error": None}
-    if _finish(conn, row_id, claimer, now, **sent):
+    if _finish(conn, row_id, claimer, attempt, now, **sent):
         return None
     previous = conn.execute(select(outbox.c.state).where(outbox.c.id == row_id)).scalar_one()
     conn.execute(update(outbox).where(outbox.c.id == row_id).values(updated_at=now, **sent))
     return OutboxState(previous)
 
 
-def mark_failed(conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime) -> bool:
-    return _finish(
-        conn, row_id, claimer, now, state=OutboxState.FAILED.value, last_error=reason[:MAX_ERROR_CHARS]
-    )
+def mark_failed(
+    conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime, attempt: int | None = None
+) -> bool:
+    failed = {"state": OutboxState.FAILED.value, "last_error": reason[:MAX_ERROR_CHARS]}
+    return _finish(conn, row_id, claimer, attempt, now, **failed)
 
 
-def mark_unknown(conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime) -> bool:
-    return _finish(
-        conn, row_id, claimer, now, state=OutboxState.UNKNOWN.value, last_error=reason[:MAX_ERROR_CHARS]
-    )
+def mark_unknown(
+    conn: Connection, row_id: int, *, claimer: str, reason: str, now: datetime, attempt: int | None = None
+) -> bool:
+    unknown = {"state": OutboxState.UNKNOWN.value, "last_error": reason[:MAX_ERROR_CHARS]}
+    return _finish(conn, row_id, claimer, attempt, now, **unknown)
 
 
 def mark_transient_failure(
@@ -251,14 +187,14 @@ def mark_transient_failure(
 ) -> OutboxState:
     """After a transient error: pending again with backoff, or failed once attempts are used up."""
     if row.attempts >= max_attempts:
-        mark_failed(
-            conn, row.id, claimer=claimer, reason=f"gave up after {row.attempts} attempts: {reason}", now=now
-        )
+        given_up = f"gave up after {row.attempts} attempts: {reason}"
+        mark_failed(conn, row.id, claimer=claimer, reason=given_up, now=now, attempt=row.attempts)
         return OutboxState.FAILED
     _finish(
         conn,
         row.id,
         claimer,
+        row.attempts,
         now,
         state=OutboxState.PENDING.value,
         claimed_by=None,
@@ -278,11 +214,7 @@ def count_by_state(conn: Connection, *, account: str | None = None) -> dict[str,
 
 def sending_claimers(conn: Connection) -> list[str]:
     """The distinct claimers of rows now in ``sending``."""
-    return list(
-        conn.execute(
-            select(outbox.c.claimed_by).where(outbox.c.state == OutboxState.SENDING.value).distinct()
-        ).scalars()
-    )
+    return work_queue.working_claimers(conn, QUEUE, None)
 
 
 def recover_interrupted(
@@ -290,29 +222,37 @@ def recover_interrupted(
     *,
     now: datetime,
     claimers: tuple[str, ...] | None = None,
+    claim_timeout: timedelta | None = None,
     claimed_before: datetime | None = None,
 ) -> list[str]:
     """Rows left in ``sending`` by dead claimers become ``unknown``; returns their rule names (one
     per row, for the metrics: an interrupted reply's outcome is unknown like an uncertain send's).
 
-    ``claimers``: only rows claimed by those ids. ``claimed_before``: only claims older than that
-    moment, by any claimer (a send never takes longer than the SMTP timeouts). One of them is
-    required: while the service runs, a claim may belong to a live process.
+    Rows that any of these select: ``claimers``, claimed by those ids; ``claim_timeout``, claims
+    older than that by the database's clock, by any claimer (a send never takes longer than the
+    SMTP timeouts); ``claimed_before``, claims last changed before that moment of the caller's
+    clock. One is required: while the service runs, a claim may belong to a live process.
     """
-    if claimers is None and claimed_before is None:
-        raise ValueError("recover_interrupted needs claimers or claimed_before")
-    stmt = update(outbox).where(outbox.c.state == OutboxState.SENDING.value)
-    if claimers is not None:
-        stmt = stmt.where(outbox.c.claimed_by.in_(claimers))
+    if claimers is None and claim_timeout is None and claimed_before is None:
+        raise ValueError("recover_interrupted needs claimers, claim_timeout or claimed_before")
+    stale: list[ColumnElement[bool]] = []
+    if claim_timeout is not None or claimers:
+        stale.append(work_queue.stale(conn, QUEUE, claim_timeout=claim_timeout, dead_claimers=claimers or ()))
     if claimed_before is not None:
-        stmt = stmt.where(outbox.c.updated_at < claimed_before)
+        sending = outbox.c.state == OutboxState.SENDING.value
+        stale.append(sending & (outbox.c.updated_at < claimed_before))
+    if not stale:
+        return []
     rules = list(
         conn.execute(
-            stmt.values(
+            update(outbox)
+            .where(or_(*stale))
+            .values(
                 state=OutboxState.UNKNOWN.value,
                 last_error="interrupted while sending: the reply may or may not have been delivered",
                 updated_at=now,
-            ).returning(outbox.c.rule_name)
+            )
+            .returning(outbox.c.rule_name)
         ).scalars()
     )
     if rules:
@@ -341,31 +281,27 @@ def list_replies(
     return [OutboxRow.from_mapping(r) for r in rows]
 
 
-def retry_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
-    """Operator: a failed or unknown reply, not purged, goes back to pending with fresh attempts."""
-    result = conn.execute(
-        update(outbox)
-        .where(
-            outbox.c.id == outbox_id,
-            outbox.c.state.in_([s.value for s in RETRYABLE]),
-            outbox.c.purged_at.is_(None),  # its text is gone (replies.history)
-        )
-        .values(
-            state=OutboxState.PENDING.value,
-            attempts=0,
-            claimed_by=None,
-            next_attempt_at=now,
-            updated_at=now,
-        )
+def retry_reply(conn: Connection, outbox_id: int, *, now: datetime, account: str | None = None) -> bool:
+    """Operator: a failed or unknown reply of ``account``, not purged, goes back to pending with
+    fresh attempts."""
+    fresh = work_queue.retry_values(QUEUE) | {"next_attempt_at": now, "updated_at": now}
+    allowed = [s.value for s in RETRYABLE]
+    return work_queue.change_by_operator(
+        conn,
+        QUEUE,
+        outbox_id,
+        account=account,
+        allowed=allowed,
+        values=fresh,
+        also=(outbox.c.purged_at.is_(None),),  # its text is gone (replies.history)
     )
-    return result.rowcount == 1
 
 
-def cancel_reply(conn: Connection, outbox_id: int, *, now: datetime) -> bool:
-    """Operator: a pending, failed or unknown reply will never be sent (it stops counting to limits)."""
-    result = conn.execute(
-        update(outbox)
-        .where(outbox.c.id == outbox_id, outbox.c.state.in_([s.value for s in CANCELLABLE]))
-        .values(state=OutboxState.CANCELLED.value, claimed_by=None, updated_at=now)
+def cancel_reply(conn: Connection, outbox_id: int, *, now: datetime, account: str | None = None) -> bool:
+    """Operator: a pending, failed or unknown reply of ``account`` will never be sent (it stops
+    counting to limits)."""
+    cancelled = {"state": OutboxState.CANCELLED.value, "claimed_by": None, "updated_at": now}
+    allowed = [s.value for s in CANCELLABLE]
+    return work_queue.change_by_operator(
+        conn, QUEUE, outbox_id, account=account, allowed=allowed, values=cancelled
     )
-    return result.rowcount == 1

@@ -133,7 +133,7 @@ class RulesStage:
         rid: str | None = None
         try:
             with self.engine.begin() as conn:
-                if not rules_work.finish(conn, pk, attempt):
+                if not rules_work.finish(conn, pk, attempt, claimer=self.claimer):
                     return  # the claim stalled and was given to another worker meanwhile
                 stored = message_store.load_message(conn, pk)
                 if stored is None:
@@ -185,7 +185,12 @@ class RulesStage:
         reason = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
         with self.engine.begin() as conn:
             quarantined = rules_work.release_failed(
-                conn, pk, attempt, reason=reason, max_attempts=self.config.rules_max_attempts
+                conn,
+                pk,
+                attempt,
+                claimer=self.claimer,
+                reason=reason,
+                max_attempts=self.config.rules_max_attempts,
             )
         if quarantined is not None:
             _report_quarantined(quarantined)
@@ -310,13 +315,12 @@ class OutboxStage:
     def _recover_interrupted(self) -> None:
         """Replies left ``sending`` by a dead process become ``unknown`` (never resent blindly):
         at once for a claimer of this supervisor's run whose process is gone (see
-        ``ProcessIdentity``), after ``STALE_CLAIM`` for others."""
+        ``ProcessIdentity``), after ``STALE_CLAIM`` by the database's clock for others."""
         now = self.clock()
         with self.engine.begin() as conn:
             claimers = outbox.sending_claimers(conn)
             dead = tuple(c for c in claimers if is_dead_sibling(self.claimer, c, self.dead_runs))
-            unknown = outbox.recover_interrupted(conn, now=now, claimers=dead) if dead else []
-            unknown += outbox.recover_interrupted(conn, now=now, claimed_before=now - STALE_CLAIM)
+            unknown = outbox.recover_interrupted(conn, now=now, claimers=dead, claim_timeout=STALE_CLAIM)
         for rule in unknown:
             metrics.reply_outcome(rule, "unknown")
 
@@ -399,7 +403,9 @@ class OutboxStage:
             )
             return True
         with self.engine.begin() as conn:
-            taken_from = outbox.mark_sent(conn, row.id, claimer=self.claimer, now=self.clock())
+            taken_from = outbox.mark_sent(
+                conn, row.id, claimer=self.claimer, now=self.clock(), attempt=row.attempts
+            )
         metrics.reply_outcome(row.rule_name, "drafted")
         log.info(
             "reply saved as a draft",

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, case, delete, select, update
 
-from emailops.store.quarantine import MAX_REASON_CHARS, QuarantinedMessage
+from emailops.store.quarantine import MAX_REASON_CHARS, QuarantinedMessage, set_aside
 from emailops.store.schema import folders, index_quarantine
 
 
@@ -113,17 +113,5 @@ def remap_uidvalidity(
 
 
 def list_quarantined(conn: Connection, account: str) -> list[QuarantinedMessage]:
-    rows = conn.execute(
-        select(
-            folders.c.name,
-            index_quarantine.c.uidvalidity,
-            index_quarantine.c.uid,
-            index_quarantine.c.message_id,
-            index_quarantine.c.attempts,
-            index_quarantine.c.reason,
-        )
-        .join(folders, folders.c.id == index_quarantine.c.folder_id)
-        .where(folders.c.account == account)
-        .order_by(index_quarantine.c.id)
-    ).all()
-    return [QuarantinedMessage(*row) for row in rows]
+    of_account = folders.c.account == account
+    return set_aside(conn, index_quarantine, attempts="attempts", reason="reason", where=of_account)

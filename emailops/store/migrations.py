@@ -182,6 +182,11 @@ def _reply_history(conn: Connection) -> None:
                 index.create(conn, checkfirst=True)
 
 
+def _outbox_claimed_at(conn: Connection) -> None:
+    timestamp = "DATETIME" if conn.dialect.name == "sqlite" else "TIMESTAMP WITH TIME ZONE"
+    _add_column(conn, "outbox", "claimed_at", timestamp)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -197,6 +202,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         12, "outbox, llm_jobs: purged_at; indexes of the reply limits and the history purge", _reply_history
     ),
+    Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
 )
 
 

@@ -213,6 +213,8 @@ outbox = Table(
     Column("last_error", Text),
     Column("next_attempt_at", Timestamp),
     Column("claimed_by", String(200)),
+    # When the claim was made, by the database's clock (see store.work_queue).
+    Column("claimed_at", Timestamp),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     Column("sent_at", Timestamp),
