@@ -120,6 +120,28 @@ def _llm_jobs(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.llm_jobs, schema.llm_calls])
 
 
+# Append-only: the database itself refuses to change or delete an audit row, whoever asks.
+_AUDIT_APPEND_ONLY = {
+    "sqlite": [
+        f"CREATE TRIGGER audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
+        for verb in ("UPDATE", "DELETE")
+    ],
+    "postgresql": [
+        "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$",
+        "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
+        "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+    ],
+}
+
+
+def _users_and_audit_log(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.users, schema.audit_log])
+    for statement in _AUDIT_APPEND_ONLY[conn.dialect.name]:
+        conn.exec_driver_sql(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -131,6 +153,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "folders: index attempts; index_quarantine", _index_attempts),
     Migration(9, "oauth2_tokens: the account's OAuth2 sign-in, shared by all workers", _oauth2_tokens),
     Migration(10, "llm_jobs and llm_calls: replies written by a language model", _llm_jobs),
+    Migration(17, "users and the append-only audit_log of the operator console", _users_and_audit_log),
 )
 
 
