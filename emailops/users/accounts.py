@@ -176,8 +176,8 @@ def issue_api_token(engine: Engine, name: str, *, actor: Actor, clock: Clock = u
             actor,
             "user.token",
             name,
-            before={"had_api_token": before.has_api_token},
-            after={"had_api_token": True},
+            before={"has_api_token": before.has_api_token},
+            after={"has_api_token": True},
         )
     return token
 
