@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from emailops.audit import Actor, record
 from emailops.clock import Clock, utc_now
@@ -95,22 +96,23 @@ def add_user(
     except credentials.WeakPasswordError as exc:
         raise UserError(str(exc)) from exc
     now = clock()
-    with engine.begin() as conn:
-        if get_user(conn, name) is not None:
-            raise UserError(f"user {name!r} exists already")
-        conn.execute(
-            users.insert().values(
-                name=name,
-                role=role,
-                password_hash=password_hash,
-                disabled=False,
-                password_changed_at=now,
-                created_at=now,
-                updated_at=now,
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                users.insert().values(
+                    name=name,
+                    role=role,
+                    password_hash=password_hash,
+                    disabled=False,
+                    password_changed_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-        )
-        user = _existing(conn, name)
-        record(conn, actor, "user.add", name, after=_summary(user))
+            user = _existing(conn, name)
+            record(conn, actor, "user.add", name, after=_summary(user))
+    except IntegrityError:  # the name's unique key: there already, or added meanwhile
+        raise UserError(f"user {name!r} exists already") from None
     return user
 
 
