@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from emailops.audit import Actor
+    from emailops.users.accounts import User
 
 OpenIndex = Callable[[RuntimeSettings], AbstractContextManager["Engine"]]
 PrintJson = Callable[[object], None]
@@ -117,22 +119,9 @@ def _change_user(engine: Engine, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_users(found: list[Any], as_json: bool, print_json: PrintJson) -> int:
+def _print_users(found: list[User], as_json: bool, print_json: PrintJson) -> int:
     if as_json:
-        print_json(
-            [
-                {
-                    "name": u.name,
-                    "role": u.role.value,
-                    "disabled": u.disabled,
-                    "has_api_token": u.has_api_token,
-                    "token_created_at": u.token_created_at,
-                    "password_changed_at": u.password_changed_at,
-                    "created_at": u.created_at,
-                }
-                for u in found
-            ]
-        )
+        print_json([asdict(u) for u in found])  # a User holds no hash by design
         return EXIT_OK
     for u in found:
         state = "disabled" if u.disabled else "enabled"
@@ -174,22 +163,7 @@ def cmd_audit(
             conn, since=args.since, actions=args.action or (), actor=args.user, limit=args.limit
         )
     if args.json:
-        print_json(
-            [
-                {
-                    "id": e.id,
-                    "at": e.at,
-                    "actor": e.actor,
-                    "role": e.role,
-                    "source": e.source,
-                    "action": e.action,
-                    "target": e.target,
-                    "before": e.before,
-                    "after": e.after,
-                }
-                for e in entries
-            ]
-        )
+        print_json([asdict(e) for e in entries])
         return EXIT_OK
     for e in entries:
         change = "".join(

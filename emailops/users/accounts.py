@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from emailops.audit import Actor, record
 from emailops.clock import Clock, utc_now
 from emailops.replies.outbox import as_utc
+from emailops.store.dialect import locking
 from emailops.store.schema import users
 from emailops.users import credentials
 from emailops.users.permissions import Role
@@ -73,10 +74,11 @@ def get_user(conn: Connection, name: str) -> User | None:
 
 
 def _existing(conn: Connection, name: str) -> User:
-    user = get_user(conn, name)
-    if user is None:
+    """The user, locked until the transaction ends: its before/after in the audit log is exact."""
+    row = conn.execute(locking(conn, select(users).where(users.c.name == name))).one_or_none()
+    if row is None:
         raise UserError(f"no user {name!r}")
-    return user
+    return _user(row)
 
 
 def add_user(
