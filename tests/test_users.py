@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 import emailops.audit
 from emailops.audit import Actor, SecretInAuditError, list_entries, record
+from emailops.store.migrations import MIGRATIONS, migrate
 from emailops.store.schema import audit_log, users
 from emailops.users import accounts, credentials
 from emailops.users.accounts import UserError
@@ -274,3 +275,14 @@ def test_audit_entries_filter_by_time_action_and_actor(engine: Engine) -> None:
         assert [e.id for e in list_entries(conn, actions=["outbox.resolve"])] == [second.id]
         assert [e.id for e in list_entries(conn, actor="cli:ops")] == [first.id]
         assert [e.id for e in list_entries(conn, limit=1)] == [second.id]
+
+
+def test_the_users_migration_runs_again_on_a_database_brought_back_before_it(engine: Engine) -> None:
+    record(engine, ADMIN, "user.add", "alice")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version >= 17")
+    assert [m.version for m in migrate(engine)] == [m.version for m in MIGRATIONS if m.version >= 17]
+    with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+        conn.execute(audit_log.delete())
+    with engine.connect() as conn:
+        assert [e.target for e in list_entries(conn)] == ["alice"]

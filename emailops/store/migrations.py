@@ -120,16 +120,18 @@ def _llm_jobs(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.llm_jobs, schema.llm_calls])
 
 
-# Append-only: the database itself refuses to change or delete an audit row, whoever asks.
+# Append-only: the database itself refuses to change or delete an audit row, whoever asks. Each
+# statement can run again (a database brought back to an older version migrates again).
 _AUDIT_APPEND_ONLY = {
     "sqlite": [
-        f"CREATE TRIGGER audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
+        f"CREATE TRIGGER IF NOT EXISTS audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
         "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
         for verb in ("UPDATE", "DELETE")
     ],
     "postgresql": [
-        "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+        "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
         "$$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$",
+        "DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log",
         "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
         "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
     ],
