@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -48,10 +47,12 @@ def new_password() -> str:
     return secrets.token_urlsafe(18)
 
 
-@cache
-def _dummy_hash() -> str:
-    # Made with the current parameters, so that checking it costs what checking a real one does.
-    return HASHER.hash(secrets.token_urlsafe(18))
+# Checked in place of the hash of an unknown or disabled user: the hash of a random string nobody
+# kept, made with HASHER's parameters (a test keeps them equal), so checking it costs what checking
+# a real one does, from the first attempt on.
+DUMMY_HASH = (
+    "$argon2id$v=19$m=65536,t=3,p=4$We1rSV1ODoJQTeiuZjxtEw$amTqmLOMAVcpIwadddJ10RcR18saKuN/csvj2EsbY+c"
+)
 
 
 def password_matches(stored_hash: str | None, password: str) -> bool:
@@ -62,7 +63,7 @@ def password_matches(stored_hash: str | None, password: str) -> bool:
     if len(password) > MAX_PASSWORD_LENGTH:
         return False
     try:
-        HASHER.verify(stored_hash or _dummy_hash(), password)
+        HASHER.verify(stored_hash or DUMMY_HASH, password)
     except (VerificationError, InvalidHashError):
         return False
     return stored_hash is not None
