@@ -603,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
         "new-key", help="print a new random key for EMAIL_OAUTH2_TOKEN_KEY (the tokens' encryption key)"
     )
     new_key.set_defaults(handler=cmd_auth_new_key, settings_optional=True)
+
+    from prod.cli_users import add_commands as add_user_commands
+
+    add_user_commands(commands)
     return parser
 
 

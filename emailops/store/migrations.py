@@ -187,6 +187,30 @@ def _outbox_claimed_at(conn: Connection) -> None:
     _add_column(conn, "outbox", "claimed_at", timestamp)
 
 
+# Append-only: the database itself refuses to change or delete an audit row, whoever asks. Each
+# statement can run again (a database brought back to an older version migrates again).
+_AUDIT_APPEND_ONLY = {
+    "sqlite": [
+        f"CREATE TRIGGER IF NOT EXISTS audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
+        for verb in ("UPDATE", "DELETE")
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$",
+        "DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log",
+        "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
+        "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+    ],
+}
+
+
+def _users_and_audit_log(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.users, schema.audit_log])
+    for statement in _AUDIT_APPEND_ONLY[conn.dialect.name]:
+        conn.exec_driver_sql(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -203,6 +227,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         12, "outbox, llm_jobs: purged_at; indexes of the reply limits and the history purge", _reply_history
     ),
     Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
+    Migration(17, "users and the append-only audit_log of the operator console", _users_and_audit_log),
 )
 
 

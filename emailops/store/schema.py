@@ -319,6 +319,46 @@ llm_calls = Table(
 )
 Index("ix_llm_calls_account_started", llm_calls.c.account, llm_calls.c.started_at)
 
+# People who sign in to the operator console (issue 23), managed with `emailops users`. A password
+# is stored as an Argon2id hash; an API token as the SHA-256 of the token (never the token itself:
+# it is shown once). Roles and what each may do: emailops.users.permissions.
+users = Table(
+    "users",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(100), nullable=False, unique=True),
+    # viewer, operator or admin.
+    Column("role", String(16), nullable=False),
+    Column("password_hash", String(200), nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    # Hex SHA-256 of the user's one API token, NULL when none was issued; a new token replaces it.
+    Column("token_hash", String(64), unique=True),
+    Column("token_created_at", Timestamp),
+    Column("password_changed_at", Timestamp, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+# Who changed what (issue 23): append-only, kept when the user it names is removed (so no foreign
+# key). Triggers refuse UPDATE and DELETE (migration 17). before/after are JSON, never a secret.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    # The database's clock, like leases: the same on every host.
+    Column("at", Timestamp, nullable=False),
+    # A user's name, or cli:<OS user> for the command line.
+    Column("actor", String(200), nullable=False),
+    Column("role", String(16), nullable=False),
+    # The client's address (the console), NULL for the command line.
+    Column("source", String(100)),
+    Column("action", String(100), nullable=False),
+    Column("target", String(1000)),
+    Column("before_json", Text),
+    Column("after_json", Text),
+)
+Index("ix_audit_log_at", audit_log.c.at)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
