@@ -1,0 +1,50 @@
+"""The SQLite side: text matches as FTS5 queries on ``search_fts`` (one column of terms, the
+``ascii`` tokenizer; see ``terms.py``), flags with ``instr``, relevance by ``bm25``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, Subquery, column, func, literal, literal_column, select, table
+from sqlalchemy.sql.elements import KeyedColumnElement
+
+from emailops.search.textmatch import AnyOf, Phrase, TextExpr
+
+search_fts = table("search_fts", column("rowid"), column("terms"))
+
+
+def _phrase(phrase: Phrase) -> str:
+    return '"' + " ".join(phrase.terms) + '"' + ("*" if phrase.prefix else "")
+
+
+def fts5_query(expr: TextExpr) -> str:
+    """FTS5 query text of ``expr``: quoted terms of ``[a-z0-9]`` joined by AND, OR and NOT."""
+    if isinstance(expr, AnyOf):
+        return "(" + " OR ".join(_phrase(p) for p in expr.phrases) + ")"
+    query = "(" + " AND ".join(fts5_query(e) for e in expr.required) + ")"
+    for excluded in expr.excluded:
+        query = f"({query} NOT {fts5_query(excluded)})"
+    return query
+
+
+def _matching(expr: TextExpr) -> ColumnElement[bool]:
+    return literal_column("search_fts").op("MATCH")(literal(fts5_query(expr)))
+
+
+class SqliteBackend:
+    def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
+        return message_id.in_(select(search_fts.c.rowid).where(_matching(expr)))
+
+    def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
+        return func.instr(" " + func.lower(flags) + " ", " " + flag + " ") > 0
+
+    def scores(self, expr: AnyOf) -> Subquery:
+        """(message_pk, score) of the messages matching ``expr``; a lower score ranks first."""
+        return (
+            select(
+                search_fts.c.rowid.label("message_pk"),
+                func.bm25(literal_column("search_fts")).label("score"),
+            )
+            .where(_matching(expr))
+            .subquery()
+        )
