@@ -100,7 +100,7 @@ def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from zoneinfo import ZoneInfo
 
     from emailops.search.query import And, Folder, QueryError, parse
-    from emailops.search.service import SearchOptions, Sort, count, search, threads
+    from emailops.search.service import SearchOptions, Sort, count, message_keys, search, threads
     from emailops.store.database import reading
     from emailops.store.folders import get_folder
     from emailops.store.messages import folder_stats
@@ -131,6 +131,12 @@ def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         if args.count:
             print(count(conn, account, node, options))
             return EXIT_OK
+        if output == "ids":
+            keys = message_keys(conn, account, node, options)
+            for folder, uidvalidity, uid in keys:
+                print(f"{folder} {uidvalidity} {uid}")
+            print(f"{len(keys)} message(s)", file=sys.stderr)
+            return EXIT_OK
         if output == "threads":
             found = threads(conn, account, node, options)
             for t in found:
@@ -159,9 +165,6 @@ def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     for h in hits:
-        if output == "ids":
-            print(f"{h.folder} {h.uidvalidity} {h.uid}")
-            continue
         date = h.date.strftime("%Y-%m-%d %H:%M") if h.date else "-"
         print(f"{h.folder}:{h.uid}  {date}  {h.sender}  {h.subject}\n    {h.snippet.marked()}")
     print(f"{len(hits)} message(s)", file=sys.stderr)

@@ -144,7 +144,8 @@ class Compiler:
 
     def _leaf(self, node: Node, m: FromClause, f: FromClause) -> ColumnElement[bool]:
         handlers: dict[type, Callable[[Any, FromClause, FromClause], ColumnElement[bool]]] = {
-            MessageId: lambda n, m, f: m.c.message_id == n.value,
+            # Two-valued where a column may be NULL, so that NOT keeps the message.
+            MessageId: lambda n, m, f: and_(m.c.message_id.is_not(None), m.c.message_id == n.value),
             Thread: self._thread,
             Folder: lambda n, m, f: f.c.name == n.name,
             Account: self._account,

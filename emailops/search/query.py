@@ -377,8 +377,7 @@ class _Parser:
             if not tokens(value) and key not in ("from", "to", "cc", "recipient"):
                 raise self.error(f"expected letters or digits after {key}:", value_at)
             return Text(TEXT_OPERATORS[key], value, phrase, prefix)
-        if prefix:
-            raise self.error(f"expected a whole value after {key}: (* works on words only)", value_at)
+        value = raw  # the other operators compare whole values: a "*" is part of it
         return _value_operator(key, value, lambda message: self.error(message, value_at))
 
 

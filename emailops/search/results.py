@@ -14,7 +14,7 @@ from emailops.search.terms import fold, tokens
 
 SNIPPET_CHARS = 200
 _SNIPPET_LEAD = 60
-_SCANNED_CHARS = 50_000  # where a body is longer, its snippet comes from this much of its start
+_SCANNED_CHARS = 20_000  # where a body is longer, its snippet comes from this much of its start
 _CHUNK_RE = re.compile(r"[^\W_]+")
 
 
@@ -83,23 +83,35 @@ def _wanted(node: Node) -> _Wanted:
     return _Wanted(frozenset(words), tuple(prefixes), tuple(runs))
 
 
-def _marks(text: str, wanted: _Wanted) -> list[tuple[int, int]]:
+def _chunk_marks(chunk: re.Match[str], wanted: _Wanted) -> list[tuple[int, int]]:
+    text = chunk.group()
+    if text.isascii():  # one word, folded by lower()
+        word = text.lower()
+        hit = word in wanted.words or word.startswith(wanted.prefixes)
+        return [chunk.span()] if hit else []
+    marks: list[tuple[int, int]] = []
+    folded = fold(text)
+    for token in tokens(text):
+        if token.cjk:
+            for run in wanted.runs:
+                at = folded.find(run)
+                if at >= 0 and len(folded) == len(text):
+                    marks.append((chunk.start() + at, chunk.start() + at + len(run)))
+                elif at >= 0:
+                    marks.append(chunk.span())
+        elif token.text in wanted.words or token.text.startswith(wanted.prefixes):
+            marks.append(chunk.span())
+    return marks
+
+
+def _marks(text: str, wanted: _Wanted, *, first_only: bool = False) -> list[tuple[int, int]]:
     marks: list[tuple[int, int]] = []
     for chunk in _CHUNK_RE.finditer(text):
-        for token in tokens(chunk.group()):
-            if token.cjk:
-                folded = fold(chunk.group())
-                for run in wanted.runs:
-                    at = folded.find(run)
-                    if at >= 0 and len(folded) == len(chunk.group()):
-                        marks.append((chunk.start() + at, chunk.start() + at + len(run)))
-                    elif at >= 0:
-                        marks.append(chunk.span())
-            elif token.text in wanted.words or token.text.startswith(wanted.prefixes):
-                marks.append(chunk.span())
-                break
+        marks += _chunk_marks(chunk, wanted)
+        if marks and first_only:
+            break
     merged: list[tuple[int, int]] = []
-    for begin, end in sorted(marks):
+    for begin, end in sorted(set(marks)):
         if merged and begin < merged[-1][1]:
             merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
         else:
@@ -112,14 +124,14 @@ def snippet(body: str, node: Node) -> Snippet:
     with every matched word of the query (not under NOT) marked."""
     wanted = _wanted(_positive(node))
     scanned = body[:_SCANNED_CHARS]
-    found = _marks(scanned, wanted)
+    found = _marks(scanned, wanted, first_only=True) if wanted.words or wanted.prefixes or wanted.runs else []
     start = 0
     if found:
         start = max(0, found[0][0] - _SNIPPET_LEAD)
         space = scanned.rfind(" ", 0, start)
         start = space + 1 if space >= 0 and start - space < 20 else start
     text = " ".join(scanned[start : start + SNIPPET_CHARS * 2].split())[:SNIPPET_CHARS]
-    return Snippet(text, tuple(m for m in _marks(text, wanted) if m[1] <= len(text)))
+    return Snippet(text, tuple(_marks(text, wanted)))
 
 
 def _positive(node: Node) -> Node:

@@ -84,7 +84,7 @@ def search(conn: Connection, account: str, query: str | Node, options: SearchOpt
         messages.c.subject,
         message_date(messages),
         messages.c.thread_key,
-        func.substr(messages.c.body_text, 1, 50_000),
+        func.substr(messages.c.body_text, 1, 20_000),
     ).select_from(messages.join(folders, messages.c.folder_id == folders.c.id))
     statement = _ordered(prepared, statement.where(prepared.where), options.sort)
     rows = conn.execute(statement.limit(options.limit).offset(options.offset)).all()
@@ -103,6 +103,20 @@ def search(conn: Connection, account: str, query: str | Node, options: SearchOpt
         )
         for row in rows
     ]
+
+
+def message_keys(
+    conn: Connection, account: str, query: str | Node, options: SearchOptions
+) -> list[tuple[str, int, int]]:
+    """(folder, UIDVALIDITY, UID) of what ``search`` finds, in the same order, without reading
+    the messages' text (``--output ids``)."""
+    prepared = _prepare(conn, account, query, options)
+    statement = select(folders.c.name, messages.c.uidvalidity, messages.c.uid).select_from(
+        messages.join(folders, messages.c.folder_id == folders.c.id)
+    )
+    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
+    rows = conn.execute(statement.limit(options.limit).offset(options.offset)).all()
+    return [(str(row[0]), int(row[1]), int(row[2])) for row in rows]
 
 
 def count(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> int:
