@@ -322,8 +322,8 @@ class _Parser:
         char = self.peek()
         start = self.pos
         if char == "(":
-            self.pos += 1
             self.enter()
+            self.pos += 1
             node = self.or_expr(closing=")")
             if self.peek() != ")":
                 raise self.error("expected ) to close the ( here", start)
@@ -357,8 +357,8 @@ class _Parser:
             raise self.error(f"unknown operator {shown(name)}:; {hint}", start)
         value_at = self.pos
         if key == "thread" and self.pos < len(self.text) and self.text[self.pos] == "{":
-            self.pos += 1
             self.enter()
+            self.pos += 1
             inner = self.or_expr(closing="}")
             if self.peek() != "}":
                 raise self.error("expected } to close thread:{ here", value_at)
