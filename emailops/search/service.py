@@ -73,21 +73,7 @@ def _ordered(prepared: _Prepared, statement: Select[Any], sort: Sort) -> Select[
 def search(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[Hit]:
     """The messages of ``account`` (not expunged) matching ``query``, in ``options.sort`` order."""
     prepared = _prepare(conn, account, query, options)
-    statement = select(
-        messages.c.id,
-        folders.c.name,
-        messages.c.uidvalidity,
-        messages.c.uid,
-        messages.c.message_id,
-        messages.c.from_addr,
-        messages.c.from_name,
-        messages.c.subject,
-        message_date(messages),
-        messages.c.thread_key,
-        func.substr(messages.c.body_text, 1, 20_000),
-    ).select_from(messages.join(folders, messages.c.folder_id == folders.c.id))
-    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
-    rows = conn.execute(statement.limit(options.limit).offset(options.offset)).all()
+    rows = conn.execute(_search_statement(prepared, options)).all()
     return [
         Hit(
             message_pk=row[0],
@@ -103,6 +89,31 @@ def search(conn: Connection, account: str, query: str | Node, options: SearchOpt
         )
         for row in rows
     ]
+
+
+def search_statement(
+    conn: Connection, account: str, query: str | Node, options: SearchOptions
+) -> Select[Any]:
+    """The statement ``search`` runs (for EXPLAIN)."""
+    return _search_statement(_prepare(conn, account, query, options), options)
+
+
+def _search_statement(prepared: _Prepared, options: SearchOptions) -> Select[Any]:
+    statement: Select[Any] = select(
+        messages.c.id,
+        folders.c.name,
+        messages.c.uidvalidity,
+        messages.c.uid,
+        messages.c.message_id,
+        messages.c.from_addr,
+        messages.c.from_name,
+        messages.c.subject,
+        message_date(messages),
+        messages.c.thread_key,
+        func.substr(messages.c.body_text, 1, 20_000),
+    ).select_from(messages.join(folders, messages.c.folder_id == folders.c.id))
+    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
+    return statement.limit(options.limit).offset(options.offset)
 
 
 def message_keys(
