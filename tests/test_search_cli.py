@@ -11,20 +11,9 @@ import pytest
 
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ALICE, daemon_env
+from tests.test_cli import REPO, emailops
 
-REPO = Path(__file__).resolve().parents[1]
 SUBJECT_CJK = "外贸客户开发\uff0c势在必行"
-
-
-def emailops(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "emailops", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def mail(n: int, subject: str, body: str, sender: str, extra: str = "") -> bytes:

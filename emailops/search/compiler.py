@@ -77,8 +77,9 @@ class Scope:
 
 
 def message_date(m: FromClause) -> ColumnElement[Any]:
-    """A message's date: its Date header, or when the server received it where it has none."""
-    return func.coalesce(m.c.date, m.c.internal_date)
+    """A message's date: its Date header, else when the server received it, else when it was
+    indexed (never NULL, so both backends order alike and by the same index)."""
+    return func.coalesce(m.c.date, m.c.internal_date, m.c.indexed_at)
 
 
 def moment(point: DatePoint, scope: Scope) -> datetime:
@@ -116,65 +117,73 @@ class Compiler:
         self.backend = backend
         self.scope = scope
 
-    def visible(self, m: FromClause, f: FromClause) -> ColumnElement[bool]:
-        """The messages a search may return: the account's, not expunged."""
-        return and_(m.c.folder_id == f.c.id, f.c.account == self.scope.account, m.c.expunged_at.is_(None))
+    def visible(self, m: FromClause) -> ColumnElement[bool]:
+        """The messages a search may return: the account's, not expunged. (A subquery rather
+        than a join, so that the plan can walk the date index and stop at the limit.)"""
+        account_folders = select(folders.c.id).where(folders.c.account == self.scope.account)
+        return and_(m.c.expunged_at.is_(None), m.c.folder_id.in_(account_folders))
 
-    def condition(self, node: Node, m: FromClause, f: FromClause) -> ColumnElement[bool]:
+    def condition(self, node: Node, m: FromClause) -> ColumnElement[bool]:
         text = text_expr(node)
         if text is not None:
             return self.backend.text_match(m.c.id, text)
         if isinstance(node, Not):
-            return not_(self.condition(node.child, m, f))
+            return not_(self.condition(node.child, m))
         if isinstance(node, Or):
-            return or_(*(self.condition(child, m, f) for child in node.children))
+            return or_(*(self.condition(child, m) for child in node.children))
         if isinstance(node, And):
-            return self._and(node, m, f)
-        return self._leaf(node, m, f)
+            return self._and(node, m)
+        return self._leaf(node, m)
 
-    def _and(self, node: And, m: FromClause, f: FromClause) -> ColumnElement[bool]:
+    def _and(self, node: And, m: FromClause) -> ColumnElement[bool]:
         # The text children become one match (one index lookup), the rest plain conditions.
         texts = [c for c in node.children if text_expr(c.child if isinstance(c, Not) else c)]
         grouped = text_expr(And(tuple(texts))) if len(texts) > 1 else None
         rest = [c for c in node.children if grouped is None or c not in texts]
-        parts = [self.condition(child, m, f) for child in rest]
+        parts = [self.condition(child, m) for child in rest]
         if grouped is not None:
             parts.insert(0, self.backend.text_match(m.c.id, grouped))
         return and_(*parts)
 
-    def _leaf(self, node: Node, m: FromClause, f: FromClause) -> ColumnElement[bool]:
-        handlers: dict[type, Callable[[Any, FromClause, FromClause], ColumnElement[bool]]] = {
+    def _leaf(self, node: Node, m: FromClause) -> ColumnElement[bool]:
+        handlers: dict[type, Callable[[Any, FromClause], ColumnElement[bool]]] = {
             # Two-valued where a column may be NULL, so that NOT keeps the message.
-            MessageId: lambda n, m, f: and_(m.c.message_id.is_not(None), m.c.message_id == n.value),
+            MessageId: lambda n, m: and_(m.c.message_id.is_not(None), m.c.message_id == n.value),
             Thread: self._thread,
-            Folder: lambda n, m, f: f.c.name == n.name,
+            Folder: self._folder,
             Account: self._account,
             MimeType: self._mimetype,
-            HasAttachment: lambda n, m, f: m.c.has_attachments.is_(True),
+            HasAttachment: lambda n, m: m.c.has_attachments.is_(True),
             Is: self._is,
             DateRange: self._dates,
             Size: self._size,
         }
         if isinstance(node, Text):  # reached only through text_expr
             raise AssertionError("text is matched by text_expr")
-        return handlers[type(node)](node, m, f)
+        return handlers[type(node)](node, m)
 
-    def _thread(self, node: Thread, m: FromClause, f: FromClause) -> ColumnElement[bool]:
+    def _thread(self, node: Thread, m: FromClause) -> ColumnElement[bool]:
         if node.query is None:
             return m.c.thread_key == node.key
-        inner_m, inner_f = messages.alias(), folders.alias()
+        inner = messages.alias()
         keys = (
-            select(inner_m.c.thread_key)
-            .where(self.visible(inner_m, inner_f), self.condition(node.query, inner_m, inner_f))
+            select(inner.c.thread_key)
+            .where(self.visible(inner), self.condition(node.query, inner))
             .scalar_subquery()
         )
         return m.c.thread_key.in_(keys)
 
-    def _account(self, node: Account, m: FromClause, f: FromClause) -> ColumnElement[bool]:
+    def _folder(self, node: Folder, m: FromClause) -> ColumnElement[bool]:
+        named = select(folders.c.id).where(
+            folders.c.account == self.scope.account, folders.c.name == node.name
+        )
+        return m.c.folder_id.in_(named)
+
+    def _account(self, node: Account, m: FromClause) -> ColumnElement[bool]:
         names = sorted(fold(n) for n in self.scope.account_names) or [fold(self.scope.account)]
         return literal(fold(node.name)).in_(names)
 
-    def _mimetype(self, node: MimeType, m: FromClause, f: FromClause) -> ColumnElement[bool]:
+    def _mimetype(self, node: MimeType, m: FromClause) -> ColumnElement[bool]:
         content_type = func.lower(attachments.c.content_type)
         if "/" in node.value:
             wanted = content_type == node.value
@@ -183,7 +192,7 @@ class Compiler:
             wanted = func.substr(content_type, 1, len(prefix)) == prefix
         return exists().where(attachments.c.message_pk == m.c.id, wanted)
 
-    def _is(self, node: Is, m: FromClause, f: FromClause) -> ColumnElement[bool]:
+    def _is(self, node: Is, m: FromClause) -> ColumnElement[bool]:
         if node.flag is Flag.UNREAD:
             return not_(self.backend.has_flag(m.c.flags, IMAP_FLAGS[Flag.READ]))
         if node.flag is Flag.REPLIED:
@@ -192,7 +201,7 @@ class Compiler:
             return m.c.rules_state == "quarantined"
         return self.backend.has_flag(m.c.flags, IMAP_FLAGS[node.flag])
 
-    def _dates(self, node: DateRange, m: FromClause, f: FromClause) -> ColumnElement[bool]:
+    def _dates(self, node: DateRange, m: FromClause) -> ColumnElement[bool]:
         when = message_date(m)
         parts: list[ColumnElement[bool]] = [when.is_not(None)]
         if node.start is not None:
@@ -201,7 +210,7 @@ class Compiler:
             parts.append(when < moment(node.end, self.scope))
         return and_(*parts)
 
-    def _size(self, node: Size, m: FromClause, f: FromClause) -> ColumnElement[bool]:
+    def _size(self, node: Size, m: FromClause) -> ColumnElement[bool]:
         if node.larger_than is not None:
             return m.c.size > node.larger_than
         return m.c.size < (node.smaller_than or 0)

@@ -53,15 +53,15 @@ def _prepare(conn: Connection, account: str, query: str | Node, options: SearchO
     backend = _backend(conn)
     scope = Scope(account, options.account_names, options.timezone, options.now or datetime.now(UTC))
     compiler = Compiler(backend, scope)
-    where = compiler.visible(messages, folders)
-    return _Prepared(node, backend, where & compiler.condition(node, messages, folders))
+    where = compiler.visible(messages)
+    return _Prepared(node, backend, where & compiler.condition(node, messages))
 
 
 def _ordered(prepared: _Prepared, statement: Select[Any], sort: Sort) -> Select[Any]:
     when = message_date(messages)
-    newest = (when.desc().nulls_last(), messages.c.id.desc())
+    newest = (when.desc(), messages.c.id.desc())
     if sort is Sort.OLDEST:
-        return statement.order_by(when.asc().nulls_last(), messages.c.id.asc())
+        return statement.order_by(when.asc(), messages.c.id.asc())
     ranked = ranked_text(positive_text(prepared.node)) if sort is Sort.RELEVANCE else None
     if ranked is None:
         return statement.order_by(*newest)
@@ -133,8 +133,8 @@ def message_keys(
 def count(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> int:
     """How many messages ``search`` would find without a limit."""
     prepared = _prepare(conn, account, query, options)
-    statement = select(func.count()).select_from(messages.join(folders, messages.c.folder_id == folders.c.id))
-    return int(conn.execute(statement.where(prepared.where)).scalar_one())
+    statement = select(func.count()).select_from(messages).where(prepared.where)
+    return int(conn.execute(statement).scalar_one())
 
 
 def threads(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[ThreadHit]:
@@ -143,7 +143,6 @@ def threads(conn: Connection, account: str, query: str | Node, options: SearchOp
     prepared = _prepare(conn, account, query, options)
     when = message_date(messages)
     newest = func.max(when)
-    joined = messages.join(folders, messages.c.folder_id == folders.c.id)
     order = (
         (newest.asc(), messages.c.thread_key)
         if options.sort is Sort.OLDEST
@@ -151,7 +150,7 @@ def threads(conn: Connection, account: str, query: str | Node, options: SearchOp
     )
     grouped = (
         select(messages.c.thread_key, func.count(), newest)
-        .select_from(joined)
+        .select_from(messages)
         .where(prepared.where)
         .group_by(messages.c.thread_key)
         .order_by(*order)
@@ -163,9 +162,9 @@ def threads(conn: Connection, account: str, query: str | Node, options: SearchOp
     if page:
         latest = (
             select(messages.c.thread_key, messages.c.subject)
-            .select_from(joined)
+            .select_from(messages)
             .where(prepared.where, messages.c.thread_key.in_([row[0] for row in page]))
-            .order_by(when.desc().nulls_last(), messages.c.id.desc())
+            .order_by(when.desc(), messages.c.id.desc())
         )
         for key, subject in conn.execute(latest):
             subjects.setdefault(key, subject)

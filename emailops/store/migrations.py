@@ -162,7 +162,11 @@ def _search_language(conn: Connection) -> None:
 
 
 _SEARCH_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS ix_messages_search_date ON messages ((coalesce(date, internal_date)))",
+    # Newest first walks this index and stops at the limit; the flags, size and folder of a
+    # message are read from it, not from the row (whose body comes first on the page).
+    "CREATE INDEX IF NOT EXISTS ix_messages_search_date ON messages "
+    "((coalesce(date, internal_date, indexed_at)), id, folder_id, flags, size, has_attachments) "
+    "WHERE expunged_at IS NULL",
     "CREATE INDEX IF NOT EXISTS ix_messages_thread_key ON messages (thread_key)",
     "CREATE INDEX IF NOT EXISTS ix_outbox_message_pk ON outbox (message_pk)",
 )
