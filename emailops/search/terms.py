@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 MAX_WORD_CHARS = 64
+MAX_VALUE_CHARS = 256  # of a whole address, local part or domain compared by the address operators
 MAX_TERMS = 15_000
 MAX_DOCUMENT_CHARS = 400_000
 # Between fields and between two addresses: a term no query ever asks for.
@@ -136,7 +137,7 @@ class DocumentBuilder:
     def exact(self, tag: Tag, values: Iterable[str]) -> None:
         for value in values:
             if value:
-                self._add(tag + encode(fold(value)[: MAX_WORD_CHARS * 4]))
+                self._add(tag + encode(fold(value)[:MAX_VALUE_CHARS]))
 
     def result(self) -> str:
         return " ".join(self._terms)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from emailops.search.query import And, Node, Not, Or, Text, TextField
 from emailops.search.terms import (
     FREE_TEXT_TAGS,
-    MAX_WORD_CHARS,
+    MAX_VALUE_CHARS,
     Tag,
     cjk_terms,
     encode,
@@ -82,7 +82,7 @@ def text_leaf(leaf: Text) -> AnyOf:
     terms, prefix = _word_terms(leaf.value, leaf.prefix)
     if leaf.field in _WORD_TAGS:
         return AnyOf(tuple(_phrase(tag, terms, prefix) for tag in _WORD_TAGS[leaf.field]))
-    whole = fold(leaf.value.strip())[: MAX_WORD_CHARS * 4]
+    whole = fold(leaf.value.strip())[:MAX_VALUE_CHARS]
     phrases: list[Phrase] = []
     for name_tag, address_tag in _NAME_TAGS[leaf.field]:
         phrases.append(Phrase((address_tag + encode(whole),), leaf.prefix))

@@ -163,9 +163,10 @@ def _search_language(conn: Connection) -> None:
 
 _SEARCH_INDEXES = (
     # Newest first walks this index and stops at the limit; the flags, size and folder of a
-    # message are read from it, not from the row (whose body comes first on the page).
+    # message are read from it, not from the row (whose body comes before them). expunged_at is
+    # a column too, or SQLite does not take the index as covering.
     "CREATE INDEX IF NOT EXISTS ix_messages_search_date ON messages "
-    "((coalesce(date, internal_date, indexed_at)), id, folder_id, flags, size, has_attachments) "
+    "((coalesce(date, internal_date, indexed_at)), id, folder_id, flags, size, has_attachments, expunged_at) "
     "WHERE expunged_at IS NULL",
     "CREATE INDEX IF NOT EXISTS ix_messages_thread_key ON messages (thread_key)",
     "CREATE INDEX IF NOT EXISTS ix_outbox_message_pk ON outbox (message_pk)",
