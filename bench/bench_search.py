@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/dev/shm"))
     parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
     parser.add_argument("--explain", action="store_true", help="print each query's plan")
+    parser.add_argument("--reuse", action="store_true", help="measure the index of the last run again")
     args = parser.parse_args()
 
     corpus = load_corpus()
@@ -201,14 +202,16 @@ def main() -> None:
             continue
         if label == "sqlite":
             path = args.scratch / "emailops-bench-search.db"
-            for leftover in path.parent.glob(path.name + "*"):
+            for leftover in [] if args.reuse else path.parent.glob(path.name + "*"):
                 leftover.unlink()
             url = f"sqlite:///{path}"
+        elif args.reuse:
+            url = "postgresql+psycopg://postgres@127.0.0.1:5432/emailops_bench_search"
         else:
             url = _postgres(args.pg, "emailops_bench_search")
         engine = create_index_engine(url)
         migrate(engine)
-        seconds = fill(engine, corpus, args.messages)
+        seconds = 0.0 if args.reuse else fill(engine, corpus, args.messages)
         headline(f"{label}: {args.messages:,} messages indexed in {seconds:.0f} s")
         report[label] = {"fill_seconds": seconds, **measure(label, engine, corpus, args.runs, args.explain)}
         engine.dispose()

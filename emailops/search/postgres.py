@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Subquery, column, func, literal, literal_column, select, table
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Subquery,
+    column,
+    func,
+    literal,
+    literal_column,
+    select,
+    table,
+)
 from sqlalchemy.sql.elements import KeyedColumnElement
 
 from emailops.search.textmatch import AnyOf, Phrase, TextExpr
@@ -34,10 +44,24 @@ def _query(expr: TextExpr) -> ColumnElement[Any]:
     return func.to_tsquery(_SIMPLE, literal(tsquery(expr)))
 
 
+# Up to this many matches, a text match is read from the GIN index first and its messages looked
+# up by key ("OFFSET 0" keeps the planner from merging it into a walk of the date index, which
+# it picks for rare words too, as its estimate for a tsquery is far off). More matches, and the
+# date index is walked, stopping at the page's limit (measured: bench/README.md).
+FEW_MATCHES = 2_000
+
+
 class PostgresBackend:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
     def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
         matching = search_terms.c.vector.op("@@")(_query(expr))
-        return message_id.in_(select(search_terms.c.message_pk).where(matching))
+        keys = select(search_terms.c.message_pk).where(matching)
+        probe = select(func.count()).select_from(keys.limit(FEW_MATCHES).subquery())
+        if self.conn.execute(probe).scalar_one() < FEW_MATCHES:
+            return message_id.in_(keys.offset(0))
+        return message_id.in_(keys)
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
         return func.strpos(" " + func.lower(flags) + " ", " " + flag + " ") > 0

@@ -38,7 +38,7 @@ class SearchOptions:
 
 
 def _backend(conn: Connection) -> SqliteBackend | PostgresBackend:
-    return SqliteBackend(conn) if conn.dialect.name == "sqlite" else PostgresBackend()
+    return SqliteBackend(conn) if conn.dialect.name == "sqlite" else PostgresBackend(conn)
 
 
 @dataclass(frozen=True)
