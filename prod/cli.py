@@ -76,32 +76,68 @@ def _print_reports(reports: Sequence[Any], as_json: bool) -> int:
 
 
 def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
+    from zoneinfo import ZoneInfo
+
+    from emailops.search.query import And, Folder, QueryError, parse
+    from emailops.search.service import SearchOptions, Sort, count, message_keys, search, threads
     from emailops.store.database import reading
     from emailops.store.folders import get_folder
-    from emailops.store.fulltext import search
     from emailops.store.messages import folder_stats
 
-    query = " ".join(args.query)
+    try:
+        node = parse(" ".join(args.query))
+    except QueryError as error:
+        print(f"emailops search: {error}", file=sys.stderr)
+        return 2
     account = settings.sync_config().account
+    options = SearchOptions(
+        sort=Sort(args.sort),
+        limit=args.limit,
+        offset=args.offset,
+        timezone=ZoneInfo(settings.search_timezone),
+        account_names=frozenset({settings.email_username, account}),
+    )
+    output = "json" if args.json else args.output
     with open_index(settings) as engine, reading(engine) as conn:
-        if args.folder is not None and get_folder(conn, account, args.folder) is None:
-            # A mistyped folder would otherwise look like a search that found nothing.
-            known = ", ".join(f.name for f in folder_stats(conn, account)) or "none yet"
-            message = f"no folder {args.folder!r} in the index (indexed: {known})"
-            print(f"emailops search: {message}", file=sys.stderr)
-            return 2
-        hits = search(conn, account, query, folder=args.folder, limit=args.limit)
-    if args.json:
+        if args.folder is not None:
+            if get_folder(conn, account, args.folder) is None:
+                # A mistyped folder would otherwise look like a search that found nothing.
+                known = ", ".join(f.name for f in folder_stats(conn, account)) or "none yet"
+                message = f"no folder {args.folder!r} in the index (indexed: {known})"
+                print(f"emailops search: {message}", file=sys.stderr)
+                return 2
+            node = And((node, Folder(args.folder)))
+        if args.count:
+            print(count(conn, account, node, options))
+            return EXIT_OK
+        if output == "ids":
+            keys = message_keys(conn, account, node, options)
+            for folder, uidvalidity, uid in keys:
+                print(f"{folder} {uidvalidity} {uid}")
+            print(f"{len(keys)} message(s)", file=sys.stderr)
+            return EXIT_OK
+        if output == "threads":
+            found = threads(conn, account, node, options)
+            for t in found:
+                date = t.newest.strftime("%Y-%m-%d %H:%M") if t.newest else "-"
+                print(f"{date}  {t.messages:>4}  {t.subject}  thread:{t.thread_key}")
+            print(f"{len(found)} thread(s)", file=sys.stderr)
+            return EXIT_OK
+        hits = search(conn, account, node, options)
+    if output == "json":
         print_json(
             [
                 {
                     "folder": h.folder,
+                    "uidvalidity": h.uidvalidity,
                     "uid": h.uid,
                     "message_id": h.message_id,
-                    "from": h.from_,
+                    "thread": h.thread_key,
+                    "from": h.sender,
                     "subject": h.subject,
                     "date": h.date,
-                    "snippet": h.snippet,
+                    "snippet": h.snippet.text,
+                    "marks": [list(mark) for mark in h.snippet.marks],
                 }
                 for h in hits
             ]
@@ -109,7 +145,7 @@ def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         return EXIT_OK
     for h in hits:
         date = h.date.strftime("%Y-%m-%d %H:%M") if h.date else "-"
-        print(f"{h.folder}:{h.uid}  {date}  {h.from_}  {h.subject}\n    {h.snippet}")
+        print(f"{h.folder}:{h.uid}  {date}  {h.sender}  {h.subject}\n    {h.snippet.marked()}")
     print(f"{len(hits)} message(s)", file=sys.stderr)
     return EXIT_OK
 
@@ -505,13 +541,34 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--json", action="store_true", help="print the summary as JSON")
     sync.set_defaults(handler=cmd_sync)
 
-    search = commands.add_parser("search", help="full-text search over subject, addresses and body")
-    search.add_argument("query", nargs="+", help='words (all must match), "phrases", prefix*')
-    search.add_argument("--folder", help="only this folder")
-    search.add_argument(
-        "--limit", type=positive_int, default=20, help="at most this many results (default 20)"
+    from emailops.search.query import HELP as SEARCH_HELP
+
+    search = commands.add_parser(
+        "search",
+        help="search the index: words, phrases, from:, subject:, date:, is:unread, thread:, ...",
+        epilog=SEARCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    search.add_argument("--json", action="store_true", help="print a JSON list")
+    search.add_argument("query", nargs="+", help="the query (quote it for the shell)")
+    search.add_argument("--folder", help="only this folder (as folder:NAME)")
+    search.add_argument(
+        "--sort",
+        choices=["newest", "oldest", "relevance"],
+        default="newest",
+        help="order of the results (default newest first)",
+    )
+    search.add_argument(
+        "--limit", type=positive_int, default=50, help="at most this many results (default 50)"
+    )
+    search.add_argument("--offset", type=_count, default=0, help="skip this many results first")
+    search.add_argument("--count", action="store_true", help="print only how many messages match")
+    search.add_argument(
+        "--output",
+        choices=["summary", "json", "ids", "threads"],
+        default="summary",
+        help="summary (default); json; ids: FOLDER UIDVALIDITY UID per line; threads: one line per thread",
+    )
+    search.add_argument("--json", action="store_true", help="the same as --output json")
     search.set_defaults(handler=cmd_search)
 
     stats = commands.add_parser("stats", help="messages per folder and when each was last synced")
@@ -608,6 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_user_commands(commands)
     return parser
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,6 +93,8 @@ class RuntimeSettings(BaseSettings):
 
     # Storage (runbook: "Storage Configuration")
     index_db_url: str = "sqlite:////data/emailops.db"
+    # The time zone of the search's dates (date:, after:, before:), an IANA name.
+    search_timezone: str = "UTC"
 
     # Connection security. Unset means: chosen from the port (993 / 465 are implicit TLS).
     email_imap_security: TlsSecurity | None = None
@@ -178,6 +180,19 @@ class RuntimeSettings(BaseSettings):
             parts = urlsplit(value)
             if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS):
                 raise ValueError("must be an https:// URL (http:// only on loopback)")
+        return value
+
+    @field_validator("search_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except (ValueError, KeyError):
+            raise ValueError(
+                f"expected an IANA time zone such as UTC or Europe/Berlin, got {value!r}"
+            ) from None
         return value
 
     @field_validator("email_oauth2_token_key")

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from emailops.cache import RawMessageCache
 from emailops.imap.connection import connect
 from emailops.maintenance import reindex
-from emailops.store import fulltext
+from emailops.search.service import SearchOptions, search
 from emailops.store.database import reading
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, sync_config
@@ -77,8 +77,8 @@ def test_reindex_reads_raw_messages_from_the_cache(dovecot: LocalDovecot, tmp_pa
     cached.with_name(f"1-{len(doctored)}.eml").write_bytes(doctored)
     reindex(engine, imap_config(dovecot), config, connector=connect)
     with reading(engine) as conn:
-        assert [h.uid for h in fulltext.search(conn, ACCOUNT, "capybara")] == [1]
-        assert [h.uid for h in fulltext.search(conn, ACCOUNT, "token2x")] == [2]
+        assert [h.uid for h in search(conn, ACCOUNT, "capybara", SearchOptions())] == [1]
+        assert [h.uid for h in search(conn, ACCOUNT, "token2x", SearchOptions())] == [2]
 
 
 def test_a_listing_is_a_snapshot_read_by_later_batches(tmp_path: Path) -> None:

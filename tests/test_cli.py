@@ -105,7 +105,10 @@ def test_sync_search_stats(env: dict[str, str], tmp_path: Path) -> None:
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)
     assert {h["uid"] for h in hits} == {1, 2}
-    assert set(hits[0]) == {"folder", "uid", "message_id", "from", "subject", "date", "snippet"}
+    assert set(hits[0]) == {
+        *("folder", "uidvalidity", "uid", "message_id", "thread", "from", "subject", "date"),
+        *("snippet", "marks"),
+    }
     accented = json.loads(emailops(env, "search", "--json", "grüße").stdout)
     in_inbox = emailops(env, "search", "--json", "--folder", "INBOX", "otter")
     assert {h["uid"] for h in json.loads(in_inbox.stdout)} == {1, 2}

@@ -9,7 +9,7 @@ from sqlalchemy.exc import OperationalError
 
 from emailops.imap.connection import connect
 from emailops.imap.sync import FolderSync
-from emailops.store import fulltext
+from emailops.search.service import SearchOptions, search
 from emailops.store import messages as message_store
 from emailops.store.database import reading
 from localmail.dovecot import LocalDovecot
@@ -36,8 +36,8 @@ def test_initial_sync_indexes_everything_without_touching_flags(
     flags = client.get_flags(client.search("ALL"))
     assert not any(b"\\Seen" in f for f in flags.values())
     with reading(engine) as conn:
-        hits = fulltext.search(conn, ACCOUNT, "token17x")
-    assert [(h.uid, h.subject, h.from_) for h in hits] == [
+        hits = search(conn, ACCOUNT, "token17x", SearchOptions())
+    assert [(h.uid, h.subject, h.sender) for h in hits] == [
         (17, "note 17", "Sender 17 <sender17@example.org>")
     ]
 
@@ -77,7 +77,7 @@ def test_new_mail_flags_and_expunge_are_applied(imap_server: LocalImapServer, db
     # The expunged message is kept and marked, not dropped; search no longer shows it.
     assert rows(engine, "SELECT uid FROM messages WHERE expunged_at IS NOT NULL") == [(3,)]
     with reading(engine) as conn:
-        assert fulltext.search(conn, ACCOUNT, "token3x") == []
+        assert search(conn, ACCOUNT, "token3x", SearchOptions()) == []
 
 
 def test_new_mail_alone_is_reported_as_no_flag_change(imap_server: LocalImapServer, db_url: str) -> None:

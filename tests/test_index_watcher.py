@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import FolderWatcher
-from emailops.store import fulltext
+from emailops.search.service import SearchOptions, search
 from emailops.store import messages as message_store
 from emailops.store.database import reading
 from localmail.dovecot import LocalDovecot
@@ -50,7 +50,7 @@ def test_new_mail_is_indexed_at_once_with_idle(imap_server: LocalImapServer, db_
         # Generous on a busy machine (about 0.1 s here); the poll would take 300 s.
         step_until(watcher, lambda n=n: count(engine) == n, timeout=10)
     with reading(engine) as conn:
-        assert [h.uid for h in fulltext.search(conn, ACCOUNT, "token2x")] == [2]
+        assert [h.uid for h in search(conn, ACCOUNT, "token2x", SearchOptions())] == [2]
     watcher.close()
 
 
@@ -156,8 +156,8 @@ def test_hostile_corpus_is_fully_indexed_and_searchable(
     assert rows(engine, "SELECT count(DISTINCT uid) FROM messages") == [(len(corpus) + 1,)]
     with reading(engine) as conn:
         for word in ("armadillo", "narwhal", "flamingo", "manatee", "toucan"):
-            assert fulltext.search(conn, ACCOUNT, word), word
-        assert fulltext.search(conn, ACCOUNT, "scriptword") == []
+            assert search(conn, ACCOUNT, word, SearchOptions()), word
+        assert search(conn, ACCOUNT, "scriptword", SearchOptions()) == []
     truncated = rows(
         engine, "SELECT truncated, size > 50000000 FROM messages WHERE subject = 'huge attachment'"
     )

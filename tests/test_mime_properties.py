@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from emailops.mime.parse import parse_message
+from emailops.search.service import SearchOptions, search
 from emailops.store import folders as folder_store
-from emailops.store import fulltext
 from emailops.store import messages as message_store
 from emailops.store.content import message_content
 from emailops.store.database import reading
@@ -223,7 +223,7 @@ class PropertyRun:
         expected = self.by_marker.setdefault(marker, set())
         expected.add(first[uid])
         with reading(self.engine) as conn:
-            hits = fulltext.search(conn, ACCOUNT, marker, limit=len(expected) + 10)
+            hits = search(conn, ACCOUNT, marker, SearchOptions(limit=len(expected) + 10))
         assert {hit.message_pk for hit in hits} == expected
         self.examples += 1
 

@@ -14,8 +14,9 @@ from sqlalchemy import Engine, inspect
 
 from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.mime.parse import parse_message
+from emailops.search.query import QueryError
+from emailops.search.service import SearchOptions, search
 from emailops.store import folders as folder_store
-from emailops.store import fulltext
 from emailops.store import messages as message_store
 from emailops.store.content import message_content
 from emailops.store.database import SQLITE_CACHE_KIB, SQLITE_POOL_SIZE, create_index_engine, reading
@@ -82,7 +83,7 @@ def test_writes_are_idempotent_on_folder_uidvalidity_uid(db_url: str) -> None:
     ]
     assert rows(engine, "SELECT count(*) FROM attachments") == [(4,)]
     with reading(engine) as conn:
-        assert len(fulltext.search(conn, "acct", "body")) == 4
+        assert len(search(conn, "acct", "body", SearchOptions())) == 4
 
 
 def test_search_behaves_the_same_on_both_backends(db_url: str) -> None:
@@ -104,7 +105,7 @@ def test_search_behaves_the_same_on_both_backends(db_url: str) -> None:
     with reading(engine) as conn:
 
         def uids(query: str) -> list[int]:
-            return sorted(h.uid for h in fulltext.search(conn, "acct", query))
+            return sorted(h.uid for h in search(conn, "acct", query, SearchOptions()))
 
         assert uids("quarterly") == [1, 2]
         assert uids("quarterly numbers") == [1, 2]
@@ -114,11 +115,12 @@ def test_search_behaves_the_same_on_both_backends(db_url: str) -> None:
         assert uids("example.net") == [2]
         assert uids("Zürich") == [3]
         assert uids("crème") == [3]
-        assert uids('"unbalanced AND ( OR *') == []
-        assert uids("") == []
-        assert fulltext.search(conn, "other-account", "quarterly") == []
-        hit = fulltext.search(conn, "acct", "later")[0]
-        assert "later" in hit.snippet and hit.from_ == "Ann Example <bob@example.net>"
+        for unparsable in ('"unbalanced AND ( OR *', ""):
+            with pytest.raises(QueryError):
+                uids(unparsable)
+        assert search(conn, "other-account", "quarterly", SearchOptions()) == []
+        hit = search(conn, "acct", "later", SearchOptions())[0]
+        assert "[later]" in hit.snippet.marked() and hit.sender == "Ann Example <bob@example.net>"
 
 
 def test_flag_updates_write_and_count_only_real_changes(db_url: str) -> None:
@@ -153,7 +155,7 @@ def test_expunged_messages_are_kept_but_not_found(db_url: str) -> None:
         stats = message_store.folder_stats(conn, "acct")
     assert [(s.name, s.messages, s.expunged) for s in stats] == [("INBOX", 1, 1)]
     with reading(engine) as conn:
-        assert [h.uid for h in fulltext.search(conn, "acct", "body")] == [1]
+        assert [h.uid for h in search(conn, "acct", "body", SearchOptions())] == [1]
 
 
 def test_stored_message_round_trips_for_the_rules(db_url: str) -> None:
@@ -231,7 +233,7 @@ def test_message_dates_are_stored_as_the_utc_instant(db_url: str) -> None:
     pk = index_raw(engine, raw)
     with reading(engine) as conn:
         stored = message_store.load_message(conn, pk)
-        (hit,) = fulltext.search(conn, "acct", "zebra")
+        (hit,) = search(conn, "acct", "zebra", SearchOptions())
     assert stored is not None
     assert stored.parsed.date == hit.date == datetime(2024, 5, 6, 7, 0, tzinfo=UTC)
 

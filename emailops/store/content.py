@@ -13,12 +13,14 @@ from typing import NamedTuple
 
 from emailops.mime.header_block import HeaderBlock
 from emailops.mime.model import Address, ParsedMessage
+from emailops.store.fulltext import message_terms
 
 
 class MessageContent(NamedTuple):
     columns: dict[str, object]  # the content columns of the message's ``messages`` row
     attachments: tuple[tuple[str | None, str, int], ...]  # (filename, content type, size)
     parse_seconds: float = 0.0  # what parsing this message took (told in its "message indexed" line)
+    search_terms: str = ""  # what the full-text index keeps of it (``fulltext.message_terms``)
 
 
 def _addresses(values: Iterable[Address]) -> str:
@@ -63,4 +65,4 @@ def message_content(parsed: ParsedMessage) -> MessageContent:
         "problems": " ".join(parsed.problems),
     }
     attachments = tuple((a.filename, a.content_type, a.size) for a in parsed.attachments)
-    return MessageContent(columns, attachments)
+    return MessageContent(columns, attachments, search_terms=message_terms(parsed))

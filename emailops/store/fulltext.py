@@ -1,176 +1,132 @@
-"""Full-text search behind one interface: FTS5 on SQLite, a tsvector with a GIN index on PostgreSQL.
+"""The full-text index behind one interface: FTS5 on SQLite, a tsvector with a GIN index on
+PostgreSQL, both over the same search terms of each message (``emailops.store.search_terms``).
 
-Both index the same three fields of ``messages`` (subject, addresses, body_text) with word
-tokenization and no stemming (mail is multilingual), so a query finds the same messages on both.
-A query is words (all must match), "quoted phrases" and ``prefix*`` words; it never raises a
-syntax error for odd input.
+SQLite: ``search_fts``, an FTS5 table of one column, rowid = ``messages.id``, ``ascii`` tokenizer;
+a trigger removes a message's row when the message is deleted. PostgreSQL: ``search_terms``
+(message_pk, vector) with a GIN index, rows deleted with their message (ON DELETE CASCADE).
+Both are written in the transaction that inserts the messages, so the index never drifts.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, text
+from sqlalchemy import Connection, select
 
-from emailops.store.schema import Timestamp
+from emailops.mime.addresses import parse_addresses
+from emailops.mime.header_block import split_header_block
+from emailops.mime.model import Address, ParsedMessage
+from emailops.store.schema import attachments, messages
+from emailops.store.search_terms import Mailbox, document_terms
 
-_TOKEN = re.compile(r'"([^"]*)"|(\S+)')
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    message_pk: int
-    folder: str
-    uid: int
-    message_id: str | None
-    from_: str
-    subject: str
-    date: datetime | None
-    snippet: str
+_ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")
 
 
-def create_fulltext(conn: Connection) -> None:
+def create_search_index(conn: Connection) -> None:
     """Create the dialect's full-text structures (called by the migrations)."""
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql(
-            "CREATE VIRTUAL TABLE messages_fts USING fts5("
-            "subject, addresses, body_text, content='messages', content_rowid='id', "
-            "tokenize='unicode61 remove_diacritics 2')"
+            "CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(terms, tokenize='ascii')"
+        )
+        conn.exec_driver_sql("INSERT INTO search_fts(search_fts, rank) VALUES ('automerge', 8)")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER IF NOT EXISTS messages_search_delete AFTER DELETE ON messages BEGIN "
+            "DELETE FROM search_fts WHERE rowid = old.id; END"
         )
     else:
         conn.exec_driver_sql(
-            "ALTER TABLE messages ADD COLUMN search_vector tsvector GENERATED ALWAYS AS ("
-            f"setweight(to_tsvector('simple', {_pg_words('subject')}), 'A') || "
-            f"setweight(to_tsvector('simple', {_pg_words('addresses')}), 'B') || "
-            f"setweight(to_tsvector('simple', {_pg_words('body_text')}), 'C')) STORED"
+            "CREATE TABLE IF NOT EXISTS search_terms (message_pk BIGINT PRIMARY KEY "
+            "REFERENCES messages(id) ON DELETE CASCADE, vector tsvector NOT NULL)"
         )
-        conn.exec_driver_sql("CREATE INDEX ix_messages_search ON messages USING GIN (search_vector)")
-
-
-def set_fulltext_tuning(conn: Connection) -> None:
-    """FTS5 merges index segments once eight of a size exist, not four: a bulk load of the index
-    (an initial sync, a reindex) then rewrites its segments fewer times, about a fifth less work,
-    and a search reads a few more segments, which it does not notice at mailbox sizes."""
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts, rank) VALUES ('automerge', 8)")
-
-
-def _pg_words(column: str) -> str:
-    # PostgreSQL's parser keeps e-mail addresses, host names and paths as single tokens and drops
-    # "<...>" as markup; FTS5 splits them into words. Splitting them here too lets "example.org"
-    # or "ann" find "ann@example.org" on both backends.
-    return f"translate(coalesce({column}, ''), '@./:_-<>', '        ')"
-
-
-def index_rows(conn: Connection, rows: Iterable[tuple[int, str, str, str]]) -> None:
-    """Add freshly inserted messages (pk, subject, addresses, body_text) to the index.
-
-    PostgreSQL maintains its generated column by itself; SQLite's external-content FTS5 table is
-    written here, in the caller's transaction, so the index never drifts from ``messages``.
-    """
-    if conn.dialect.name != "sqlite":
-        return
-    params = list(rows)
-    if params:  # through the driver: SQLAlchemy's per-row parameter processing was a tenth of it
         conn.exec_driver_sql(
-            "INSERT INTO messages_fts(rowid, subject, addresses, body_text) VALUES (?, ?, ?, ?)", params
+            "CREATE INDEX IF NOT EXISTS ix_search_terms_vector ON search_terms USING GIN (vector)"
         )
 
 
-def rebuild(conn: Connection) -> None:
-    """Rebuild the full-text index from ``messages`` (after a bulk delete or for repair)."""
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
-    else:
-        conn.exec_driver_sql("REINDEX INDEX ix_messages_search")
+def _mailboxes(addresses: Iterable[Address]) -> list[Mailbox]:
+    return [Mailbox(a.name, a.email) for a in addresses]
 
 
-def _fts5_query(query: str) -> str:
-    parts = []
-    for phrase, word in _TOKEN.findall(query):
-        if phrase:
-            words = _WORD.findall(phrase)
-            if words:
-                parts.append('"' + " ".join(words) + '"')
-            continue
-        prefix = word.endswith("*")
-        words = _WORD.findall(word)
-        if not words:
-            continue
-        quoted = '"' + " ".join(words) + '"'
-        parts.append(quoted + "*" if prefix and len(words) == 1 else quoted)
-    return " AND ".join(parts)
-
-
-def _pg_query(query: str) -> str:
-    parts = []
-    for phrase, word in _TOKEN.findall(query):
-        words = _WORD.findall(phrase or word)
-        if not words:
-            continue
-        escaped = [w.replace("'", "") for w in words]
-        if word.endswith("*") and len(words) == 1:
-            parts.append(f"'{escaped[0]}':*")
-        else:
-            parts.append("(" + " <-> ".join(f"'{w}'" for w in escaped) + ")")
-    return " & ".join(parts)
-
-
-_SQLITE_SEARCH = """
-SELECT m.id, f.name, m.uid, m.message_id, m.from_addr, m.from_name, m.subject, m.date,
-       snippet(messages_fts, 2, '[', ']', '...', 16) AS snip
-FROM messages_fts
-JOIN messages m ON m.id = messages_fts.rowid
-JOIN folders f ON f.id = m.folder_id
-WHERE messages_fts MATCH :q AND m.expunged_at IS NULL AND f.account = :account
-  AND (:folder IS NULL OR f.name = :folder)
-ORDER BY rank
-LIMIT :limit
-"""
-
-_PG_SEARCH = """
-SELECT m.id, f.name, m.uid, m.message_id, m.from_addr, m.from_name, m.subject, m.date,
-       ts_headline('simple', left(m.body_text, 20000), to_tsquery('simple', :q),
-                   'StartSel=[, StopSel=], MaxWords=24, MinWords=8') AS snip
-FROM messages m
-JOIN folders f ON f.id = m.folder_id
-WHERE m.search_vector @@ to_tsquery('simple', :q) AND m.expunged_at IS NULL
-  AND f.account = :account AND (CAST(:folder AS TEXT) IS NULL OR f.name = :folder)
-ORDER BY ts_rank_cd(m.search_vector, to_tsquery('simple', :q)) DESC, m.id DESC
-LIMIT :limit
-"""
-
-
-def search(
-    conn: Connection, account: str, query: str, *, folder: str | None = None, limit: int = 20
-) -> list[SearchHit]:
-    """Messages of ``account`` (not expunged) matching ``query``, best first."""
-    sqlite = conn.dialect.name == "sqlite"
-    compiled = _fts5_query(query) if sqlite else _pg_query(query)
-    if not compiled:
-        return []
-    statement = (
-        text(_SQLITE_SEARCH if sqlite else _PG_SEARCH)
-        .bindparams(bindparam("folder", type_=None))
-        .columns(date=Timestamp())
+def message_terms(parsed: ParsedMessage) -> str:
+    """The search terms of a freshly parsed message."""
+    return document_terms(
+        subject=parsed.subject,
+        from_=_mailboxes(parsed.from_),
+        to=_mailboxes(parsed.to),
+        cc=_mailboxes(parsed.cc),
+        reply_to=_mailboxes(parsed.reply_to),
+        attachment_names=[a.filename for a in parsed.attachments if a.filename],
+        body=parsed.body_text,
     )
-    rows = conn.execute(
-        statement, {"q": compiled, "account": account, "folder": folder, "limit": limit}
-    ).all()
-    return [
-        SearchHit(
-            message_pk=row[0],
-            folder=row[1],
-            uid=row[2],
-            message_id=row[3],
-            from_=f"{row[5]} <{row[4]}>" if row[5] else row[4],
-            subject=row[6],
-            date=row[7],
-            snippet=" ".join((row[8] or "").split()),
+
+
+def stored_terms(subject: str, header_block: bytes, body: str, attachment_names: list[str]) -> str:
+    """The search terms of an indexed message, from what its row keeps: the same as
+    ``message_terms`` gave when it was parsed (addresses from the first of each header)."""
+    fields, _ = split_header_block(header_block, 0, len(header_block), [])
+    first: dict[str, bytes] = {}
+    for name, value in fields:
+        first.setdefault(name, value)
+
+    def addresses(name: str) -> list[Mailbox]:
+        value = first.get(name)
+        return _mailboxes(parse_addresses(value, [])) if value is not None else []
+
+    from_, to, cc, reply_to = (addresses(name) for name in _ADDRESS_HEADERS)
+    return document_terms(
+        subject=subject,
+        from_=from_,
+        to=to,
+        cc=cc,
+        reply_to=reply_to,
+        attachment_names=attachment_names,
+        body=body,
+    )
+
+
+def index_rows(conn: Connection, rows: Iterable[tuple[int, str]]) -> None:
+    """Add freshly inserted messages (pk, search terms) to the index, in the caller's transaction."""
+    params = list(rows)
+    if not params:
+        return
+    # Through the driver: SQLAlchemy's per-row parameter processing was a tenth of it.
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("INSERT INTO search_fts(rowid, terms) VALUES (?, ?)", params)
+    else:
+        conn.exec_driver_sql(
+            "INSERT INTO search_terms (message_pk, vector) VALUES (%s, to_tsvector('simple', %s)) "
+            "ON CONFLICT (message_pk) DO UPDATE SET vector = excluded.vector",
+            params,
         )
-        for row in rows
-    ]
+
+
+_REBUILD_BATCH = 500
+
+
+def rebuild(conn: Connection) -> int:
+    """Recompute the search terms of every message from its row (after a change of the terms'
+    rules, or for repair); return how many messages were indexed."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("DELETE FROM search_fts")
+    else:
+        conn.exec_driver_sql("DELETE FROM search_terms")
+    names: dict[int, list[str]] = {}
+    for pk, filename in conn.execute(
+        select(attachments.c.message_pk, attachments.c.filename).where(attachments.c.filename.is_not(None))
+    ):
+        names.setdefault(pk, []).append(filename)
+    columns = select(messages.c.id, messages.c.subject, messages.c.header_block, messages.c.body_text)
+    total, after = 0, -1
+    while batch := conn.execute(
+        columns.where(messages.c.id > after).order_by(messages.c.id).limit(_REBUILD_BATCH)
+    ).all():
+        index_rows(
+            conn,
+            [
+                (pk, stored_terms(subject, bytes(block or b""), body, names.get(pk, [])))
+                for pk, subject, block, body in batch
+            ],
+        )
+        total += len(batch)
+        after = batch[-1][0]
+    return total

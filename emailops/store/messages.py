@@ -106,14 +106,7 @@ def insert_messages(
     if not inserted:
         return {}
     by_uid = {item.uid: item.content for item in batch}
-    fulltext.index_rows(
-        conn,
-        (
-            (pk, str(row["subject"]), str(row["addresses"]), str(row["body_text"]))
-            for row in rows
-            if (pk := inserted.get(int(row["uid"]))) is not None  # type: ignore[call-overload]
-        ),
-    )
+    fulltext.index_rows(conn, ((pk, by_uid[uid].search_terms) for uid, pk in inserted.items()))
     attachment_rows = [
         {"message_pk": pk, "filename": filename, "content_type": content_type, "size": size}
         for uid, pk in inserted.items()

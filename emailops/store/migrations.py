@@ -19,9 +19,8 @@ from sqlalchemy import Connection, Engine, bindparam, inspect, select, text, upd
 
 from emailops.mime.addresses import parse_addresses, parse_date
 from emailops.mime.header_block import HeaderBlock, split_header_block
-from emailops.store import schema
+from emailops.store import fulltext, schema
 from emailops.store.content import address_lists
-from emailops.store.fulltext import create_fulltext, set_fulltext_tuning
 from emailops.store.schema import sqlite_datetime
 
 # A lock key so that two processes starting at once do not both migrate (PostgreSQL).
@@ -35,12 +34,39 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
+def _create_fulltext_v1(conn: Connection) -> None:
+    """The first full-text index (subject, addresses and body as the database split them),
+    replaced by version 13."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(
+            "CREATE VIRTUAL TABLE messages_fts USING fts5("
+            "subject, addresses, body_text, content='messages', content_rowid='id', "
+            "tokenize='unicode61 remove_diacritics 2')"
+        )
+        return
+    words = [
+        f"translate(coalesce({c}, ''), '@./:_-<>', '        ')" for c in ("subject", "addresses", "body_text")
+    ]
+    conn.exec_driver_sql(
+        "ALTER TABLE messages ADD COLUMN search_vector tsvector GENERATED ALWAYS AS ("
+        f"setweight(to_tsvector('simple', {words[0]}), 'A') || "
+        f"setweight(to_tsvector('simple', {words[1]}), 'B') || "
+        f"setweight(to_tsvector('simple', {words[2]}), 'C')) STORED"
+    )
+    conn.exec_driver_sql("CREATE INDEX ix_messages_search ON messages USING GIN (search_vector)")
+
+
 def _initial_schema(conn: Connection) -> None:
     schema.metadata.create_all(
         conn,
         tables=[schema.folders, schema.messages, schema.attachments, schema.outbox],
     )
-    create_fulltext(conn)
+    _create_fulltext_v1(conn)
+
+
+def _fulltext_v1_tuning(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite" and inspect(conn).has_table("messages_fts"):
+        conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts, rank) VALUES ('automerge', 8)")
 
 
 def _add_column(conn: Connection, table: str, column: str, ddl_type: str) -> None:
@@ -211,12 +237,39 @@ def _users_and_audit_log(conn: Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _search_language(conn: Connection) -> None:
+    """The search terms of ``emailops.store.search_terms`` (fields, folding and CJK pairs the same on
+    both backends) replace the first full-text index, recomputed for every stored message; with
+    the indexes the search operators use (measured in bench/README.md "Search")."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("DROP TABLE IF EXISTS messages_fts")
+    else:
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_messages_search")
+        conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN IF EXISTS search_vector")
+    fulltext.create_search_index(conn)
+    for statement in _SEARCH_INDEXES:
+        conn.exec_driver_sql(statement)
+    fulltext.rebuild(conn)
+
+
+_SEARCH_INDEXES = (
+    # Newest first walks this index and stops at the limit; the flags, size and folder of a
+    # message are read from it, not from the row (whose body comes before them). expunged_at is
+    # a column too, or SQLite does not take the index as covering.
+    "CREATE INDEX IF NOT EXISTS ix_messages_search_date ON messages "
+    "((coalesce(date, internal_date, indexed_at)), id, folder_id, flags, size, has_attachments, expunged_at) "
+    "WHERE expunged_at IS NULL",
+    "CREATE INDEX IF NOT EXISTS ix_messages_thread_key ON messages (thread_key)",
+    "CREATE INDEX IF NOT EXISTS ix_outbox_message_pk ON outbox (message_pk)",
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
     Migration(3, "messages.header_block (raw) replaces headers_json (decoded)", _header_block),
     Migration(4, "SQLite: message dates in UTC", _sqlite_dates_in_utc),
-    Migration(5, "FTS5 merges segments in eights", set_fulltext_tuning),
+    Migration(5, "FTS5 merges segments in eights", _fulltext_v1_tuning),
     Migration(6, "messages: rules attempts, claim time and claimer, quarantine reason", _rules_attempts),
     Migration(7, "folders.lease_epoch: the lease's fencing token", _lease_epoch),
     Migration(8, "folders: index attempts; index_quarantine", _index_attempts),
@@ -226,6 +279,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         12, "outbox, llm_jobs: purged_at; indexes of the reply limits and the history purge", _reply_history
     ),
+    Migration(13, "search terms of the search language; indexes for its operators", _search_language),
     Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
     Migration(17, "users and the append-only audit_log of the operator console", _users_and_audit_log),
 )

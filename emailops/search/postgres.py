@@ -1,0 +1,79 @@
+"""The PostgreSQL side: text matches as tsqueries on ``search_terms.vector`` (``to_tsvector``
+with the ``simple`` configuration over the terms of ``terms.py``), flags with ``strpos``,
+relevance by ``ts_rank``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Subquery,
+    column,
+    func,
+    literal,
+    literal_column,
+    select,
+    table,
+)
+from sqlalchemy.sql.elements import KeyedColumnElement
+
+from emailops.search.textmatch import AnyOf, Phrase, TextExpr
+
+search_terms = table("search_terms", column("message_pk"), column("vector"))
+_SIMPLE: ColumnElement[Any] = literal_column("'simple'::regconfig")
+
+
+def _phrase(phrase: Phrase) -> str:
+    terms = [f"'{term}'" for term in phrase.terms]
+    if phrase.prefix:
+        terms[-1] += ":*"
+    return "(" + " <-> ".join(terms) + ")"
+
+
+def tsquery(expr: TextExpr) -> str:
+    """tsquery text of ``expr``: quoted terms of ``[a-z0-9]`` joined by ``&``, ``|`` and ``!``."""
+    if isinstance(expr, AnyOf):
+        return "(" + " | ".join(_phrase(p) for p in expr.phrases) + ")"
+    parts = [tsquery(e) for e in expr.required] + ["!" + tsquery(e) for e in expr.excluded]
+    return "(" + " & ".join(parts) + ")"
+
+
+def _query(expr: TextExpr) -> ColumnElement[Any]:
+    return func.to_tsquery(_SIMPLE, literal(tsquery(expr)))
+
+
+# Up to this many matches, a text match is read from the GIN index first and its messages looked
+# up by key ("OFFSET 0" keeps the planner from merging it into a walk of the date index, which
+# it picks for rare words too, as its estimate for a tsquery is far off). More matches, and the
+# date index is walked, stopping at the page's limit (measured: bench/README.md).
+FEW_MATCHES = 2_000
+
+
+class PostgresBackend:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
+        matching = search_terms.c.vector.op("@@")(_query(expr))
+        keys = select(search_terms.c.message_pk).where(matching)
+        probe = select(func.count()).select_from(keys.limit(FEW_MATCHES).subquery())
+        if self.conn.execute(probe).scalar_one() < FEW_MATCHES:
+            return message_id.in_(keys.offset(0))
+        return message_id.in_(keys)
+
+    def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
+        return func.strpos(" " + func.lower(flags) + " ", " " + flag + " ") > 0
+
+    def scores(self, expr: AnyOf) -> Subquery:
+        """(message_pk, score) of the messages matching ``expr``; a lower score ranks first."""
+        query = _query(expr)
+        return (
+            select(
+                search_terms.c.message_pk.label("message_pk"),
+                (-func.ts_rank(search_terms.c.vector, query)).label("score"),
+            )
+            .where(search_terms.c.vector.op("@@")(query))
+            .subquery()
+        )

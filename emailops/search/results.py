@@ -1,0 +1,145 @@
+"""What a search gives back: hits, threads, and snippets with the matched words marked.
+
+Snippets are cut and marked here, in Python, from the message's text: the same on both backends.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from emailops.search.query import And, Node, Not, Or, Text
+from emailops.store.search_terms import fold, tokens
+
+SNIPPET_CHARS = 200
+_SNIPPET_LEAD = 60
+_SCANNED_CHARS = 20_000  # where a body is longer, its snippet comes from this much of its start
+_CHUNK_RE = re.compile(r"[^\W_]+")
+
+
+@dataclass(frozen=True)
+class Snippet:
+    text: str
+    marks: tuple[tuple[int, int], ...]  # [start, end) character offsets of matched words in text
+
+    def marked(self, start: str = "[", end: str = "]") -> str:
+        out, at = [], 0
+        for begin, finish in self.marks:
+            out += [self.text[at:begin], start, self.text[begin:finish], end]
+            at = finish
+        out.append(self.text[at:])
+        return "".join(out)
+
+
+@dataclass(frozen=True)
+class Hit:
+    message_pk: int
+    folder: str
+    uidvalidity: int
+    uid: int
+    message_id: str | None
+    sender: str
+    subject: str
+    date: datetime | None
+    thread_key: str
+    snippet: Snippet
+
+
+@dataclass(frozen=True)
+class ThreadHit:
+    thread_key: str
+    messages: int  # messages of the thread that match
+    newest: datetime | None
+    subject: str  # of its newest matching message
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    words: frozenset[str]
+    prefixes: tuple[str, ...]
+    runs: tuple[str, ...]  # CJK runs, found inside longer runs
+
+
+def _wanted(node: Node) -> _Wanted:
+    words: set[str] = set()
+    prefixes: list[str] = []
+    runs: list[str] = []
+
+    def visit(leaf: Node) -> None:
+        if isinstance(leaf, Text):
+            found = tokens(leaf.value)
+            for index, token in enumerate(found):
+                if token.cjk:
+                    runs.append(token.text)
+                elif leaf.prefix and index == len(found) - 1:
+                    prefixes.append(token.text)
+                else:
+                    words.add(token.text)
+        for child in getattr(leaf, "children", ()):
+            visit(child)
+
+    visit(node)
+    return _Wanted(frozenset(words), tuple(prefixes), tuple(runs))
+
+
+def _chunk_marks(chunk: re.Match[str], wanted: _Wanted) -> list[tuple[int, int]]:
+    text = chunk.group()
+    if text.isascii():  # one word, folded by lower()
+        word = text.lower()
+        hit = word in wanted.words or word.startswith(wanted.prefixes)
+        return [chunk.span()] if hit else []
+    marks: list[tuple[int, int]] = []
+    folded = fold(text)
+    for token in tokens(text):
+        if token.cjk:
+            for run in wanted.runs:
+                at = folded.find(run)
+                if at >= 0 and len(folded) == len(text):
+                    marks.append((chunk.start() + at, chunk.start() + at + len(run)))
+                elif at >= 0:
+                    marks.append(chunk.span())
+        elif token.text in wanted.words or token.text.startswith(wanted.prefixes):
+            marks.append(chunk.span())
+    return marks
+
+
+def _marks(text: str, wanted: _Wanted, *, first_only: bool = False) -> list[tuple[int, int]]:
+    marks: list[tuple[int, int]] = []
+    for chunk in _CHUNK_RE.finditer(text):
+        marks += _chunk_marks(chunk, wanted)
+        if marks and first_only:
+            break
+    merged: list[tuple[int, int]] = []
+    for begin, end in sorted(set(marks)):
+        if merged and begin < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((begin, end))
+    return merged
+
+
+def snippet(body: str, node: Node) -> Snippet:
+    """About ``SNIPPET_CHARS`` of ``body`` around its first matched word, whitespace collapsed,
+    with every matched word of the query (not under NOT) marked."""
+    wanted = _wanted(_positive(node))
+    scanned = body[:_SCANNED_CHARS]
+    found = _marks(scanned, wanted, first_only=True) if wanted.words or wanted.prefixes or wanted.runs else []
+    start = 0
+    if found:
+        start = max(0, found[0][0] - _SNIPPET_LEAD)
+        space = scanned.rfind(" ", 0, start)
+        start = space + 1 if space >= 0 and start - space < 20 else start
+    text = " ".join(scanned[start : start + SNIPPET_CHARS * 2].split())[:SNIPPET_CHARS]
+    return Snippet(text, tuple(_marks(text, wanted)))
+
+
+def _positive(node: Node) -> Node:
+    """``node`` without what is under a NOT (those words are not in the matches)."""
+    if isinstance(node, Not):
+        return And(())
+    if isinstance(node, And):
+        return And(tuple(_positive(c) for c in node.children))
+    if isinstance(node, Or):
+        return Or(tuple(_positive(c) for c in node.children))
+    return node

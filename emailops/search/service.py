@@ -1,0 +1,179 @@
+"""Search entry points for the CLI and the console: plain functions of a connection, the
+account, the query text and ``SearchOptions``. They raise ``QueryError`` for a query that cannot
+be parsed, before any SQL runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, FromClause, Select, func, select
+
+from emailops.search.compiler import Compiler, Scope, message_date, ranked_text
+from emailops.search.postgres import PostgresBackend
+from emailops.search.query import Node, parse
+from emailops.search.results import Hit, ThreadHit, snippet
+from emailops.search.sqlite import SqliteBackend
+from emailops.search.textmatch import positive_text
+from emailops.store.schema import folders, messages
+
+
+class Sort(StrEnum):
+    NEWEST = "newest"
+    OLDEST = "oldest"
+    RELEVANCE = "relevance"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    sort: Sort = Sort.NEWEST
+    limit: int = 50
+    offset: int = 0
+    timezone: tzinfo = UTC  # of date:, after:, before: (SEARCH_TIMEZONE)
+    now: datetime | None = None  # for newer_than: and older_than:; the clock when None
+    # What account: accepts (the account's user name); the account's key when empty.
+    account_names: frozenset[str] = field(default_factory=frozenset)
+
+
+def _backend(conn: Connection) -> SqliteBackend | PostgresBackend:
+    return SqliteBackend(conn) if conn.dialect.name == "sqlite" else PostgresBackend(conn)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    node: Node
+    backend: SqliteBackend | PostgresBackend
+    where: ColumnElement[bool]
+
+
+def _prepare(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> _Prepared:
+    node = parse(query) if isinstance(query, str) else query
+    backend = _backend(conn)
+    scope = Scope(account, options.account_names, options.timezone, options.now or datetime.now(UTC))
+    compiler = Compiler(backend, scope)
+    where = compiler.visible(messages)
+    return _Prepared(node, backend, where & compiler.condition(node, messages))
+
+
+def _ordered(prepared: _Prepared, statement: Select[Any], sort: Sort) -> Select[Any]:
+    when = message_date(messages)
+    newest = (when.desc(), messages.c.id.desc())
+    if sort is Sort.OLDEST:
+        return statement.order_by(when.asc(), messages.c.id.asc())
+    ranked = ranked_text(positive_text(prepared.node)) if sort is Sort.RELEVANCE else None
+    if ranked is None:
+        return statement.order_by(*newest)
+    scores: FromClause = prepared.backend.scores(ranked)
+    joined = statement.outerjoin(scores, scores.c.message_pk == messages.c.id)
+    return joined.order_by(scores.c.score.is_(None), scores.c.score, *newest)
+
+
+def search(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[Hit]:
+    """The messages of ``account`` (not expunged) matching ``query``, in ``options.sort`` order."""
+    prepared = _prepare(conn, account, query, options)
+    rows = conn.execute(_search_statement(prepared, options)).all()
+    return [
+        Hit(
+            message_pk=row[0],
+            folder=row[1],
+            uidvalidity=row[2],
+            uid=row[3],
+            message_id=row[4],
+            sender=f"{row[6]} <{row[5]}>" if row[6] else row[5],
+            subject=row[7],
+            date=_as_datetime(row[8]),
+            thread_key=row[9],
+            snippet=snippet(row[10] or "", prepared.node),
+        )
+        for row in rows
+    ]
+
+
+def search_statement(
+    conn: Connection, account: str, query: str | Node, options: SearchOptions
+) -> Select[Any]:
+    """The statement ``search`` runs (for EXPLAIN)."""
+    return _search_statement(_prepare(conn, account, query, options), options)
+
+
+def _search_statement(prepared: _Prepared, options: SearchOptions) -> Select[Any]:
+    statement: Select[Any] = select(
+        messages.c.id,
+        folders.c.name,
+        messages.c.uidvalidity,
+        messages.c.uid,
+        messages.c.message_id,
+        messages.c.from_addr,
+        messages.c.from_name,
+        messages.c.subject,
+        message_date(messages),
+        messages.c.thread_key,
+        func.substr(messages.c.body_text, 1, 20_000),
+    ).select_from(messages.join(folders, messages.c.folder_id == folders.c.id))
+    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
+    return statement.limit(options.limit).offset(options.offset)
+
+
+def message_keys(
+    conn: Connection, account: str, query: str | Node, options: SearchOptions
+) -> list[tuple[str, int, int]]:
+    """(folder, UIDVALIDITY, UID) of what ``search`` finds, in the same order, without reading
+    the messages' text (``--output ids``)."""
+    prepared = _prepare(conn, account, query, options)
+    statement = select(folders.c.name, messages.c.uidvalidity, messages.c.uid).select_from(
+        messages.join(folders, messages.c.folder_id == folders.c.id)
+    )
+    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
+    rows = conn.execute(statement.limit(options.limit).offset(options.offset)).all()
+    return [(str(row[0]), int(row[1]), int(row[2])) for row in rows]
+
+
+def count(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> int:
+    """How many messages ``search`` would find without a limit."""
+    prepared = _prepare(conn, account, query, options)
+    statement = select(func.count()).select_from(messages).where(prepared.where)
+    return int(conn.execute(statement).scalar_one())
+
+
+def threads(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[ThreadHit]:
+    """The threads of the matching messages, newest first (or oldest first with ``Sort.OLDEST``;
+    relevance sorts threads newest first), each with how many of its messages match."""
+    prepared = _prepare(conn, account, query, options)
+    when = message_date(messages)
+    newest = func.max(when)
+    order = (
+        (newest.asc(), messages.c.thread_key)
+        if options.sort is Sort.OLDEST
+        else (newest.desc(), messages.c.thread_key)
+    )
+    grouped = (
+        select(messages.c.thread_key, func.count(), newest)
+        .select_from(messages)
+        .where(prepared.where)
+        .group_by(messages.c.thread_key)
+        .order_by(*order)
+        .limit(options.limit)
+        .offset(options.offset)
+    )
+    page = conn.execute(grouped).all()
+    subjects: dict[str, str] = {}
+    if page:
+        latest = (
+            select(messages.c.thread_key, messages.c.subject)
+            .select_from(messages)
+            .where(prepared.where, messages.c.thread_key.in_([row[0] for row in page]))
+            .order_by(when.desc(), messages.c.id.desc())
+        )
+        for key, subject in conn.execute(latest):
+            subjects.setdefault(key, subject)
+    return [ThreadHit(key, int(n), _as_datetime(moment), subjects.get(key, "")) for key, n, moment in page]
+
+
+def _as_datetime(value: object) -> datetime | None:
+    """Dates are stored in UTC; SQLite hands them back as naive ISO strings."""
+    if value is None:
+        return None
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

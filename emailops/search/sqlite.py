@@ -1,0 +1,72 @@
+"""The SQLite side: text matches as FTS5 queries on ``search_fts`` (one column of terms, the
+``ascii`` tokenizer; see ``terms.py``), flags with ``instr``, relevance by ``bm25``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Subquery,
+    column,
+    func,
+    literal,
+    literal_column,
+    select,
+    table,
+)
+from sqlalchemy.sql.elements import KeyedColumnElement
+
+from emailops.search.textmatch import AnyOf, Phrase, TextExpr
+
+search_fts = table("search_fts", column("rowid"), column("terms"))
+
+
+def _phrase(phrase: Phrase) -> str:
+    return '"' + " ".join(phrase.terms) + '"' + ("*" if phrase.prefix else "")
+
+
+def fts5_query(expr: TextExpr) -> str:
+    """FTS5 query text of ``expr``: quoted terms of ``[a-z0-9]`` joined by AND, OR and NOT."""
+    if isinstance(expr, AnyOf):
+        return "(" + " OR ".join(_phrase(p) for p in expr.phrases) + ")"
+    query = "(" + " AND ".join(fts5_query(e) for e in expr.required) + ")"
+    for excluded in expr.excluded:
+        query = f"({query} NOT {fts5_query(excluded)})"
+    return query
+
+
+def _matching(expr: TextExpr) -> ColumnElement[bool]:
+    return literal_column("search_fts").op("MATCH")(literal(fts5_query(expr)))
+
+
+# Up to this many matches, a text match looks its messages up by key; more, and the plan walks
+# the date index testing membership, which stops at the page's limit (measured: bench/README.md).
+FEW_MATCHES = 2_000
+
+
+class SqliteBackend:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
+        rowids = select(search_fts.c.rowid).where(_matching(expr))
+        probe = select(func.count()).select_from(rowids.limit(FEW_MATCHES).subquery())
+        if self.conn.execute(probe).scalar_one() < FEW_MATCHES:
+            return message_id.in_(rowids)
+        return (message_id + 0).in_(rowids)  # "+ 0": not by key, so by the date index
+
+    def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
+        return func.instr(" " + func.lower(flags) + " ", " " + flag + " ") > 0
+
+    def scores(self, expr: AnyOf) -> Subquery:
+        """(message_pk, score) of the messages matching ``expr``; a lower score ranks first."""
+        return (
+            select(
+                search_fts.c.rowid.label("message_pk"),
+                func.bm25(literal_column("search_fts")).label("score"),
+            )
+            .where(_matching(expr))
+            .subquery()
+        )

@@ -1,0 +1,298 @@
+"""Each operator of the search language on both backends, over a few hand-written messages
+indexed through the real path; the results views (sort, count, threads, snippets)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import Engine, update
+
+from emailops.mime.parse import parse_message
+from emailops.search.service import SearchOptions, Sort, count, message_keys, search, threads
+from emailops.store import folders as folder_store
+from emailops.store import messages as message_store
+from emailops.store.content import message_content
+from emailops.store.database import reading
+from emailops.store.schema import messages, outbox
+from tests.index_helpers import index_engine
+
+ACCOUNT = "alice@example.com@imap.example.com"
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def _raw(headers: list[str], body: str, attachment: tuple[str, str] | None = None) -> bytes:
+    if attachment is None:
+        return ("\r\n".join([*headers, "Content-Type: text/plain; charset=utf-8", "", body])).encode()
+    name, content_type = attachment
+    return (
+        "\r\n".join(
+            [
+                *headers,
+                'Content-Type: multipart/mixed; boundary="b"',
+                "",
+                "--b",
+                "Content-Type: text/plain; charset=utf-8",
+                "",
+                body,
+                "--b",
+                f'Content-Type: {content_type}; name="{name}"',
+                f'Content-Disposition: attachment; filename="{name}"',
+                "Content-Transfer-Encoding: base64",
+                "",
+                "aGVsbG8=",
+                "--b--",
+                "",
+            ]
+        )
+    ).encode()
+
+
+MESSAGES = {
+    1: _raw(
+        [
+            'From: "Alice Smith" <alice@example.com>',
+            "To: bob@corp.example.org",
+            'Cc: "Carol Jones" <carol@example.net>',
+            "Subject: Invoice 4711 for October",
+            "Message-ID: <m1@example.com>",
+            "Date: Thu, 05 Nov 2026 10:00:00 +0000",
+        ],
+        "Please pay the invoice soon. Grüße aus Zürich, the quarterly numbers follow.",
+        ("Invoice-4711.pdf", "application/pdf"),
+    ),
+    2: _raw(
+        [
+            "From: bob@corp.example.org",
+            "To: Alice Smith <alice@example.com>",
+            "Subject: Re: Invoice 4711 for October",
+            "Message-ID: <m2@corp.example.org>",
+            "In-Reply-To: <m1@example.com>",
+            "References: <m1@example.com>",
+            "Date: Fri, 20 Nov 2026 09:00:00 +0000",
+        ],
+        "Paid today. WhatsApp外贸客户开发\uff0c势在必行",
+    ),
+    3: _raw(
+        [
+            'From: "外贸 News" <news@cn.example>',
+            "To: alice@example.com",
+            "Subject: 外贸客户开发\uff0c势在必行",
+            "Message-ID: <m3@cn.example>",
+            "Date: Thu, 01 Oct 2026 23:30:00 -0200",
+        ],
+        "日本語のテスト 한국어 뉴스 " + "filler " * 4000,
+        ("photo.JPG", "image/jpeg"),
+    ),
+    4: _raw(
+        ['From: "Dave" <dave@example.com>', "To: alice@example.com", "Subject: quarterly report draft"],
+        "No date and no Message-ID here. CRÈME brûlée",
+    ),
+}
+FLAGS = {1: ("\\Seen",), 2: ("\\Seen", "\\Flagged", "\\Answered"), 3: (), 4: ("\\Draft", "\\Deleted")}
+INTERNAL = datetime(2026, 6, 15, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Engine:
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        inbox = folder_store.ensure_folder(conn, ACCOUNT, "INBOX")
+        archive = folder_store.ensure_folder(conn, ACCOUNT, "Archive")
+        for uid, raw in MESSAGES.items():
+            item = message_store.FetchedMessage(
+                uid, FLAGS[uid], INTERNAL, None, message_content(parse_message(raw))
+            )
+            folder = archive if uid == 4 else inbox
+            (pk,) = message_store.insert_messages(
+                conn, folder.id, 9, [item], baseline_uidnext=None, now=NOW
+            ).values()
+            if uid == 4:
+                conn.execute(update(messages).where(messages.c.id == pk).values(rules_state="quarantined"))
+                conn.execute(
+                    outbox.insert().values(
+                        account=ACCOUNT,
+                        inbound_key="k4",
+                        message_pk=pk,
+                        rule_name="r",
+                        state="sent",
+                        recipient="dave@example.com",
+                        reply_message_id="<r4@x>",
+                        raw=b"",
+                        created_at=NOW,
+                        updated_at=NOW,
+                    )
+                )
+        other = folder_store.ensure_folder(conn, "someone-else", "INBOX")
+        copy = message_store.FetchedMessage(
+            1, (), INTERNAL, None, message_content(parse_message(MESSAGES[1]))
+        )
+        message_store.insert_messages(conn, other.id, 9, [copy], baseline_uidnext=None, now=NOW)
+    return engine
+
+
+def uids(engine: Engine, query: str, **options: object) -> list[int]:
+    settings = SearchOptions(limit=100, now=NOW, account_names=frozenset({"alice@example.com", ACCOUNT}))
+    settings = SearchOptions(**{**settings.__dict__, **options})  # type: ignore[arg-type]
+    with reading(engine) as conn:
+        return sorted(uid for _, _, uid in message_keys(conn, ACCOUNT, query, settings))
+
+
+CASES = {
+    # free text, phrases, prefixes, booleans
+    "invoice": [1, 2],
+    "INVOICE 4711": [1, 2],
+    '"pay the invoice"': [1],
+    '"invoice pay"': [],
+    "invo*": [1, 2],
+    "quarter*": [1, 4],
+    "invoice -paid": [1],
+    "invoice NOT paid": [1],
+    "paid OR brûlée": [2, 4],
+    "invoice AND paid": [2],
+    "(paid OR creme) report": [4],
+    "-invoice": [3, 4],
+    # case and accents folded
+    "zurich": [1],
+    "GRUSSE": [1],
+    "crème": [4],
+    # address operators: whole address, local part, domain, display name words
+    "from:alice@example.com": [1],
+    "from:ALICE@Example.COM": [1],
+    "from:alice": [1],
+    "from:example.com": [1, 4],
+    "from:smith": [1],
+    'from:"Alice Smith"': [1],
+    "from:ali*": [1],
+    "from:外贸": [3],
+    "to:bob@corp.example.org": [1],
+    "to:alice": [2, 3, 4],
+    "cc:carol": [1],
+    "cc:example.net": [1],
+    "cc:bob": [],
+    "recipient:carol": [1],
+    "recipient:corp.example.org": [1],
+    "from:corp": [],
+    # fields
+    "subject:invoice": [1, 2],
+    "subject:paid": [],
+    "body:paid": [2],
+    'body:"pay the invoice"': [1],
+    "attachment:invoice": [1],
+    "attachment:jpg": [3],
+    "attachment:pdf*": [1],
+    "mimetype:application/pdf": [1],
+    "mimetype:image": [3],
+    "mimetype:image/*": [3],
+    "mimetype:IMAGE/JPEG": [3],
+    "mimetype:video": [],
+    "has:attachment": [1, 3],
+    # identity and threads
+    "id:<m1@example.com>": [1],
+    "id:m2@corp.example.org": [2],
+    "thread:<m1@example.com>": [1, 2],
+    "thread:{paid}": [1, 2],
+    "thread:{from:news@cn.example}": [3],
+    "-thread:{paid}": [3, 4],
+    # folders, account, flags, states
+    "folder:INBOX": [1, 2, 3],
+    "folder:inbox": [1, 2, 3],
+    "folder:Archive": [4],
+    "account:alice@example.com": [1, 2, 3, 4],
+    "account:bob@example.com": [],
+    "is:unread": [3, 4],
+    "is:read": [1, 2],
+    "is:flagged": [2],
+    "is:answered": [2],
+    "is:draft": [4],
+    "is:deleted": [4],
+    "is:replied": [4],
+    "is:quarantined": [4],
+    # dates (UTC here), the internal date where a message has no Date
+    "date:2026-11": [1, 2],
+    "date:2026-11-05": [1],
+    "date:2026-11-01..2026-11-19": [1],
+    "date:2026-11-06..": [2],
+    "date:..2026-10": [3, 4],
+    "date:2026-10-02": [3],
+    "date:2026-06": [4],
+    "after:2026-11-20": [2],
+    "before:2026-11-05": [3, 4],
+    "newer_than:14d": [2],
+    "newer_than:1m": [1, 2],
+    "older_than:1m": [3, 4],
+    "older_than:1y": [],
+    "newer_than:48h": [],
+    # sizes
+    "larger:20k": [3],
+    "smaller:20k": [1, 2, 4],
+    # CJK: any sub-run of two or more characters, and text touching CJK
+    "外贸": [2, 3],
+    "客户开发": [2, 3],
+    "势在": [2, 3],
+    "贸客": [2, 3],
+    "外": [2, 3],
+    "发": [2, 3],
+    "WhatsApp": [2],
+    "whatsapp外贸": [2],
+    "subject:外贸": [3],
+    "日本": [3],
+    "のテ": [3],
+    "한국": [3],
+    "외국": [],
+    "外贸势在": [],
+}
+
+
+def test_each_operator(engine: Engine) -> None:
+    failures = {
+        query: (uids(engine, query), want) for query, want in CASES.items() if uids(engine, query) != want
+    }
+    assert failures == {}
+
+
+def test_search_timezone_moves_day_boundaries(engine: Engine) -> None:
+    # Message 3 is 2026-10-02 01:30 UTC: still 1 October in São Paulo (UTC-3).
+    assert uids(engine, "date:2026-10-01") == []
+    assert uids(engine, "date:2026-10-01", timezone=ZoneInfo("America/Sao_Paulo")) == [3]
+    assert uids(engine, "after:2026-10-02", timezone=ZoneInfo("America/Sao_Paulo")) == [1, 2]
+
+
+def test_sort_limit_offset_count(engine: Engine) -> None:
+    options = SearchOptions(limit=2, now=NOW)
+    with reading(engine) as conn:
+        assert [h.uid for h in search(conn, ACCOUNT, "-is:draft", options)] == [2, 1]
+        assert [h.uid for h in search(conn, ACCOUNT, "-is:draft", SearchOptions(limit=2, offset=1))] == [1, 3]
+        assert [h.uid for h in search(conn, ACCOUNT, "-is:draft", SearchOptions(sort=Sort.OLDEST))] == [
+            3,
+            1,
+            2,
+        ]
+        # Relevance: the message that says invoice most, in subject and body, first.
+        ranked = search(conn, ACCOUNT, "invoice OR paid", SearchOptions(sort=Sort.RELEVANCE))
+        assert {h.uid for h in ranked} == {1, 2}
+        assert count(conn, ACCOUNT, "is:read OR is:unread", options) == 4
+        assert count(conn, ACCOUNT, "zebra", options) == 0
+
+
+def test_threads_view(engine: Engine) -> None:
+    with reading(engine) as conn:
+        found = threads(conn, ACCOUNT, "invoice OR 外贸", SearchOptions())
+    assert [(t.thread_key, t.messages, t.subject) for t in found] == [
+        ("<m1@example.com>", 2, "Re: Invoice 4711 for October"),
+        ("<m3@cn.example>", 1, "外贸客户开发\uff0c势在必行"),
+    ]
+    assert found[0].newest == datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+
+
+def test_snippets_mark_the_matched_words(engine: Engine) -> None:
+    with reading(engine) as conn:
+        (hit,) = search(conn, ACCOUNT, "pay* zürich -paid", SearchOptions())
+        (cjk,) = search(conn, ACCOUNT, "body:外贸", SearchOptions())
+    assert (
+        hit.snippet.marked()
+        == "Please [pay] the invoice soon. Grüße aus [Zürich], the quarterly numbers follow."
+    )
+    assert [hit.snippet.text[a:b] for a, b in hit.snippet.marks] == ["pay", "Zürich"]
+    assert "WhatsApp[外贸]客户开发" in cjk.snippet.marked()
