@@ -445,6 +445,7 @@ def test_a_server_not_answering_for_longer_than_the_timeout_is_named(tmp_path: P
     )
     assert [w["endpoint"] for w in first["not_answering"]] == ["imap.example.com:993"]
 
+    _write_state(env)  # fresh heartbeats (HEARTBEAT_TIMEOUT_SECONDS=5): a slow machine took them
     write_status(state_dir, status(1, 95))
     write_status(state_dir, status(2, 40))
     answer = _unhealthy(tmp_path, env)
