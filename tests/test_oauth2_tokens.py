@@ -260,7 +260,7 @@ def test_every_token_and_sasl_string_is_announced_for_masking(
     tokens = TokenSource(
         index_engine(db_url),
         oauth2_config(auth_server, initial_refresh_token=seed),
-        on_secret=redactor.register,
+        on_secret=redactor.replace_secrets,
     )
     access = tokens.access_token()
     rotated = tokens.cipher.decrypt(stored_row(tokens).refresh_token)
