@@ -27,17 +27,8 @@ from localmail.oauth2_server import LocalOAuth2Server
 from prod.logging_setup import JsonLineFormatter
 from prod.oauth2_tokens import token_source
 from prod.redaction import MASK, REDACTOR, Redactor
-from prod.runtime_settings import RuntimeSettings
 from tests.index_helpers import ALICE, index_engine
-from tests.oauth2_helpers import (
-    APP_CLIENT_ID,
-    CLIENT_ID,
-    CLIENT_SECRET,
-    TOKEN_KEY,
-    Clock,
-    auth_server,
-    oauth2_config,
-)
+from tests.oauth2_helpers import APP_CLIENT_ID, CLIENT_ID, Clock, auth_server, oauth2_config, oauth2_settings
 
 __all__ = ["auth_server"]
 
@@ -293,21 +284,8 @@ def test_masking_stays_bounded_over_many_refreshes(tmp_path: Path, auth_server: 
     """A worker's token source as the daemon builds it, refreshed 2,000 times (83 days at one an
     hour): the process masks as many values after as after the second, the current and the
     just-replaced token in a real log line included, and no longer the ones before."""
-    settings = RuntimeSettings.from_env(
-        email_username=ALICE,
-        email_imap_host="127.0.0.1",
-        email_imap_port=143,
-        email_smtp_host="127.0.0.1",
-        email_smtp_port=25,
-        email_auth="oauth2",
-        email_oauth2_provider="custom",
-        email_oauth2_token_url=auth_server.token_url,
-        email_oauth2_client_id=CLIENT_ID,
-        email_oauth2_client_secret=CLIENT_SECRET,
-        email_oauth2_token_key=TOKEN_KEY,
-        email_oauth2_refresh_token=auth_server.issue_refresh_token(ALICE, CLIENT_ID),
-        index_db_url=f"sqlite:///{tmp_path / 'index.sqlite3'}",
-    )
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    settings = oauth2_settings(auth_server.token_url, seed, f"sqlite:///{tmp_path / 'index.sqlite3'}")
     tokens = token_source(settings, index_engine(settings.index_db_url))
     assert tokens is not None
     clock = Clock()
