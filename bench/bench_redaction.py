@@ -1,6 +1,6 @@
 """Memory and per-line masking cost of a worker's redactor over many OAuth2 refreshes (issue 22).
 
-    python -m bench.bench_redaction                      # 10,000 refreshes, about 3 minutes
+    python -m bench.bench_redaction                      # 10,000 refreshes, about 6 minutes
     python -m bench.bench_redaction --refreshes 2000
 
 The token source is the one the daemon builds (``prod.oauth2_tokens.token_source``, announcing
@@ -10,7 +10,8 @@ request, a rotated refresh token, a commit. The server runs in a child process (
 token it issued), so this process is only what a worker holds. tracemalloc runs from the start.
 
 Printed at 0 (after the sign-in), 1,000 and the last refresh: the values the redactor masks,
-tracemalloc's current total, ``VmRSS``, and the cost of one log line through the daemon's JSON
+tracemalloc's current total and the size of its own tables (which ``VmRSS`` includes; without
+them: ``--no-tracemalloc``), ``VmRSS``, and the cost of one log line through the daemon's JSON
 formatter and of its known-values pass alone, which tries every masked value on every line
 (medians of ``--lines``; tracemalloc makes both slower than without it).
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 import structlog
 
 from bench._report import figure, headline, write_result
+from bench.memory_probe import _proc_status
 from localmail.dovecot import default_scratch_root
 from prod.logging_setup import JsonLineFormatter
 from prod.oauth2_tokens import token_source
@@ -39,11 +41,6 @@ from tests.index_helpers import ALICE, index_engine
 from tests.oauth2_helpers import CLIENT_ID, Clock, oauth2_server, oauth2_settings
 
 CHECKPOINTS = (0, 1000)
-
-
-def vm_rss_kib() -> int:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
 
 
 def serve_tokens(channel: Connection) -> None:
@@ -81,10 +78,14 @@ def main() -> None:
     )
     parser.add_argument("--refreshes", type=int, default=10_000)
     parser.add_argument("--lines", type=int, default=2_000, help="log lines timed at each checkpoint")
+    parser.add_argument(
+        "--no-tracemalloc", action="store_true", help="VmRSS without tracemalloc's own tables in it"
+    )
     args = parser.parse_args()
     # The token source's "refreshed" line at every refresh would be most of the run.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    tracemalloc.start()
+    if not args.no_tracemalloc:
+        tracemalloc.start()
     checkpoints = sorted({*CHECKPOINTS, args.refreshes})
     rows = []
     channel, child_end = multiprocessing.Pipe()
@@ -111,7 +112,8 @@ def main() -> None:
                     "refreshes": refresh,
                     "masked_values": REDACTOR.size,
                     "tracemalloc_kib": tracemalloc.get_traced_memory()[0] / 1024,
-                    "vm_rss_kib": vm_rss_kib(),
+                    "tracemalloc_own_kib": tracemalloc.get_tracemalloc_memory() / 1024,
+                    "vm_rss_kib": _proc_status()["VmRSS"],
                     "line_us": line_us,
                     "known_values_us": known_us,
                     "elapsed_s": time.perf_counter() - started,
@@ -119,7 +121,8 @@ def main() -> None:
                 rows.append(row)
                 figure(
                     f"after {refresh:,} refreshes",
-                    f"{row['masked_values']:,} masked values, tracemalloc {row['tracemalloc_kib']:,.0f} KiB, "
+                    f"{row['masked_values']:,} masked values, tracemalloc {row['tracemalloc_kib']:,.0f} KiB "
+                    f"(its own {row['tracemalloc_own_kib']:,.0f} KiB), "
                     f"VmRSS {row['vm_rss_kib']:,} KiB, line {line_us:.1f} us (known {known_us:.1f} us)",
                 )
     channel.send("stop")
@@ -131,6 +134,8 @@ def main() -> None:
     traced = last["tracemalloc_kib"] - thousand["tracemalloc_kib"]
     figure("tracemalloc: growth after 1,000", f"{traced:+,.0f} KiB")
     figure("VmRSS: growth after 1,000", f"{last['vm_rss_kib'] - thousand['vm_rss_kib']:+,} KiB")
+    own = last["tracemalloc_own_kib"] - thousand["tracemalloc_own_kib"]
+    figure("tracemalloc's own tables: growth after 1,000", f"{own:+,.0f} KiB")
     figure("per-line cost: end / start", f"{last['line_us'] / first['line_us']:.2f}")
     figure("known-values pass: end / start", f"{last['known_values_us'] / first['known_values_us']:.2f}")
     figure("time per refresh", f"{last['elapsed_s'] / max(1, args.refreshes) * 1000:.1f} ms")
