@@ -1,5 +1,5 @@
-"""The account's OAuth2 token source, built from the settings, with every token it learns
-registered for masking in this process's logs and Sentry events."""
+"""The account's OAuth2 token source, built from the settings, with the tokens it holds masked in
+this process's logs and Sentry events."""
 
 from __future__ import annotations
 
@@ -14,4 +14,4 @@ def token_source(settings: RuntimeSettings, engine: Engine) -> TokenSource | Non
     """None with EMAIL_AUTH=password."""
     if settings.email_auth != "oauth2":
         return None
-    return TokenSource(engine, settings.oauth2_config(), on_secret=REDACTOR.register)
+    return TokenSource(engine, settings.oauth2_config(), on_secret=REDACTOR.replace_secrets)

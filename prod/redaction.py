@@ -4,6 +4,7 @@ Two layers, because neither is enough alone:
 - known values: the password (and anything else registered at start-up) is masked in every form a
   library may print it: raw, ``repr`` of str or bytes, JSON-escaped, URL-quoted, IMAP-quoted, and
   base64 (alone, as SMTP ``AUTH LOGIN`` sends it, or inside a SASL PLAIN ``\\0user\\0password``);
+  secrets that change (OAuth2 tokens) are held per source, only while they can still appear;
 - patterns: IMAP ``LOGIN`` arguments, ``AUTHENTICATE``/``AUTH`` initial responses, ``Authorization``
   headers, passwords in URLs and ``password=...`` pairs, whatever the value.
 
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
@@ -25,6 +29,11 @@ MASK = "**********"
 # Values shorter than this are not masked by value (masking "a" would shred every line); the
 # patterns still apply to them.
 _MIN_SECRET_LENGTH = 4
+
+# How long a replaced secret stays masked: longer than an access token is used after its
+# successor arrives (it is refreshed 5 minutes before it expires), a sign-in under way with it, or
+# an error that carries it and is logged after its retries.
+REPLACED_SECRET_GRACE_SECONDS = 15 * 60
 
 _QUOTED_OR_ATOM = r'(?:"(?:[^"\\]|\\.)*"|\{\d+\+?\}|[^\s\'"\\]+)'
 _PATTERNS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
@@ -88,11 +97,36 @@ def secret_variants(value: str, *, username: str | None = None) -> set[str]:
     return {v for v in variants if len(v) >= _MIN_SECRET_LENGTH}
 
 
-class Redactor:
-    """Masks registered secret values and secret-shaped patterns in strings and nested data."""
+@dataclass(frozen=True)
+class _SourceSecrets:
+    """What one source of changing secrets holds: its current spellings, and those of the values
+    they replaced, masked until ``replaced_until`` (``time.monotonic``)."""
 
-    def __init__(self) -> None:
+    current: frozenset[str]
+    replaced: frozenset[str]
+    replaced_until: float
+
+
+class Redactor:
+    """Masks registered secret values and secret-shaped patterns in strings and nested data.
+
+    Its size depends on the number of secrets and sources, never on how often a source changes:
+    ``register`` is for the fixed secrets of the settings, ``replace_secrets`` for those that change.
+    """
+
+    def __init__(
+        self,
+        *,
+        grace_seconds: float = REPLACED_SECRET_GRACE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
+        self._grace_seconds = grace_seconds
+        self._clock = clock
+        self._permanent: frozenset[str] = frozenset()
+        self._sources: dict[str, _SourceSecrets] = {}
+        # When the first replaced secret stops being masked (its source's ``replaced_until``).
+        self._next_expiry = math.inf
         self._values: tuple[str, ...] = ()
 
     def register(self, secret: str, *, username: str | None = None) -> None:
@@ -100,9 +134,48 @@ class Redactor:
         if not secret:
             return
         with self._lock:
-            known = set(self._values) | secret_variants(secret, username=username)
-            # Longest first, so that a variant containing another is masked whole.
-            self._values = tuple(sorted(known, key=len, reverse=True))
+            self._permanent |= secret_variants(secret, username=username)
+            self._rebuild()
+
+    def replace_secrets(self, source: str, secrets: Iterable[str]) -> None:
+        """``secrets`` are what ``source`` (one account's access token, say) holds now: masked
+        from now on. What it held before stays masked for the grace window, as it may still be in
+        flight; anything older is dropped, being held by nothing in this process any more."""
+        current = frozenset().union(*(secret_variants(secret) for secret in secrets if secret))
+        with self._lock:
+            now = self._clock()
+            before = self._sources.get(source)
+            if before is not None and before.current == current:
+                return
+            self._sources[source] = _SourceSecrets(
+                current=current,
+                replaced=before.current if before is not None else frozenset(),
+                replaced_until=now + self._grace_seconds,
+            )
+            self._rebuild()
+
+    @property
+    def size(self) -> int:
+        """How many spellings are masked by value."""
+        return len(self._values)
+
+    def _drop_expired(self) -> None:
+        with self._lock:
+            now = self._clock()
+            for source, held in list(self._sources.items()):
+                if held.replaced and held.replaced_until <= now:
+                    self._sources[source] = _SourceSecrets(held.current, frozenset(), math.inf)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """``_values`` from the permanent secrets and what the sources hold (under ``_lock``)."""
+        known = self._permanent.union(*(held.current | held.replaced for held in self._sources.values()))
+        # Longest first, so that a variant containing another is masked whole.
+        self._values = tuple(sorted(known, key=len, reverse=True))
+        self._next_expiry = min(
+            (held.replaced_until for held in self._sources.values() if held.replaced),
+            default=math.inf,
+        )
 
     def register_url_password(self, url: str) -> None:
         """Mask the password of ``url`` as written there (percent-encoded) and decoded, as the
@@ -114,10 +187,14 @@ class Redactor:
 
     def clear(self) -> None:
         with self._lock:
-            self._values = ()
+            self._permanent = frozenset()
+            self._sources.clear()
+            self._rebuild()
 
     def redact_known_values(self, text: str) -> str:
         """Mask registered values only: safe on already-rendered JSON (patterns could span fields)."""
+        if self._clock() >= self._next_expiry:
+            self._drop_expired()
         for value in self._values:
             if value in text:
                 text = text.replace(value, MASK)

@@ -12,6 +12,7 @@ import pytest
 from emailops.config import OAuth2Config, OAuth2Flow
 from localmail.dovecot import LocalDovecot
 from localmail.oauth2_server import LocalOAuth2Server
+from prod.runtime_settings import RuntimeSettings
 from tests.conftest import MAIL_USERS
 from tests.index_helpers import ACCOUNT, ALICE, daemon_env
 
@@ -59,6 +60,25 @@ def oauth2_config(server: LocalOAuth2Server, **overrides: object) -> OAuth2Confi
     }
     values.update(overrides)
     return OAuth2Config(**values)  # type: ignore[arg-type]
+
+
+def oauth2_settings(token_url: str, refresh_token: str, index_db_url: str) -> RuntimeSettings:
+    """A worker's settings signing in as ALICE at ``token_url`` with ``refresh_token``."""
+    return RuntimeSettings.from_env(
+        email_username=ALICE,
+        email_imap_host="127.0.0.1",
+        email_imap_port=143,
+        email_smtp_host="127.0.0.1",
+        email_smtp_port=25,
+        email_auth="oauth2",
+        email_oauth2_provider="custom",
+        email_oauth2_token_url=token_url,
+        email_oauth2_client_id=CLIENT_ID,
+        email_oauth2_client_secret=CLIENT_SECRET,
+        email_oauth2_token_key=TOKEN_KEY,
+        email_oauth2_refresh_token=refresh_token,
+        index_db_url=index_db_url,
+    )
 
 
 def oauth2_env(

@@ -5,6 +5,8 @@ the client credentials flow, encryption at rest."""
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import multiprocessing
 import time
 from pathlib import Path
@@ -22,9 +24,11 @@ from emailops.auth.token_source import TokenSource
 from emailops.config import OAuth2Flow
 from emailops.store.schema import oauth2_tokens
 from localmail.oauth2_server import LocalOAuth2Server
-from prod.redaction import MASK, Redactor
+from prod.logging_setup import JsonLineFormatter
+from prod.oauth2_tokens import token_source
+from prod.redaction import MASK, REDACTOR, Redactor
 from tests.index_helpers import ALICE, index_engine
-from tests.oauth2_helpers import APP_CLIENT_ID, CLIENT_ID, Clock, auth_server, oauth2_config
+from tests.oauth2_helpers import APP_CLIENT_ID, CLIENT_ID, Clock, auth_server, oauth2_config, oauth2_settings
 
 __all__ = ["auth_server"]
 
@@ -260,7 +264,7 @@ def test_every_token_and_sasl_string_is_announced_for_masking(
     tokens = TokenSource(
         index_engine(db_url),
         oauth2_config(auth_server, initial_refresh_token=seed),
-        on_secret=redactor.register,
+        on_secret=redactor.replace_secrets,
     )
     access = tokens.access_token()
     rotated = tokens.cipher.decrypt(stored_row(tokens).refresh_token)
@@ -274,6 +278,36 @@ def test_every_token_and_sasl_string_is_announced_for_masking(
     ):
         for shown in (secret, base64.b64encode(secret.encode()).decode()):
             assert redactor.redact_known_values(f"x {shown} y") == f"x {MASK} y"
+
+
+def test_masking_stays_bounded_over_many_refreshes(tmp_path: Path, auth_server: LocalOAuth2Server) -> None:
+    """A worker's token source as the daemon builds it, refreshed 2,000 times (83 days at one an
+    hour): the process masks as many values after as after the second, the current and the
+    just-replaced token in a real log line included, and no longer the ones before."""
+    seed = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    settings = oauth2_settings(auth_server.token_url, seed, f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    tokens = token_source(settings, index_engine(settings.index_db_url))
+    assert tokens is not None
+    clock = Clock()
+    tokens.clock = clock
+    issued = [tokens.access_token()]
+    for refresh in range(1, 2001):
+        clock.advance(3600)
+        issued.append(tokens.access_token())
+        if refresh == 2:
+            after_two = REDACTOR.size
+    assert auth_server.count("token:refresh_token") == 2001 and len(set(issued)) == 2001
+    assert REDACTOR.size == after_two
+
+    def logged(token: str) -> str:
+        record = logging.LogRecord("emailops.imap", logging.WARNING, "", 0, "sign-in: %s", (token,), None)
+        return str(json.loads(JsonLineFormatter().format(record))["message"])
+
+    current, replaced, older = issued[-1], issued[-2], issued[-3]
+    assert logged(current) == f"sign-in: {MASK}"
+    assert logged(xoauth2(ALICE, current)) == f"sign-in: {MASK}"
+    assert logged(replaced) == f"sign-in: {MASK}"  # may still be in flight
+    assert logged(older) == f"sign-in: {older}"  # held by nothing any more
 
 
 def test_public_client_device_login_and_refresh(db_url: str) -> None:

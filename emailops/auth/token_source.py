@@ -97,8 +97,10 @@ class _Cached:
 class TokenSource:
     """Access tokens of one account (``config.account``). One per process; thread-safe.
 
-    ``on_secret`` is called with every token the process learns, and the SASL strings that
-    carry an access token, before they are used: the caller registers them for masking.
+    ``on_secret(source, secrets)`` is called before a secret is used, with all that one source
+    of the account holds now (the access token with the SASL strings that carry it, the refresh
+    token, the configured refresh token, the client secret); the caller masks them. A source's
+    new secrets replace its old ones: what is masked depends on the sources, not on the refreshes.
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class TokenSource:
         *,
         endpoint: TokenEndpoint | None = None,
         clock: Clock = utc_now,
-        on_secret: Callable[[str], None] = lambda _secret: None,
+        on_secret: Callable[[str, tuple[str, ...]], None] = lambda _source, _secrets: None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -119,9 +121,9 @@ class TokenSource:
         self._lock = threading.Lock()
         self._cached: _Cached | None = None
         if config.initial_refresh_token:
-            on_secret(config.initial_refresh_token)
+            on_secret(self._source("configured refresh token"), (config.initial_refresh_token,))
         if config.client_secret:
-            on_secret(config.client_secret)
+            on_secret(self._source("client secret"), (config.client_secret,))
 
     # -- the token -----------------------------------------------------------------------------
 
@@ -374,13 +376,15 @@ class TokenSource:
 
     def _announce(self, response: TokenResponse) -> None:
         if response.refresh_token:
-            self.on_secret(response.refresh_token)
+            self.on_secret(self._source("refresh token"), (response.refresh_token,))
         self._announce_access(response.access_token)
 
     def _announce_access(self, token: str) -> None:
-        self.on_secret(token)
-        for sasl in sasl_strings(self.config.username, token):
-            self.on_secret(sasl)
+        self.on_secret(self._source("access token"), (token, *sasl_strings(self.config.username, token)))
+
+    def _source(self, kind: str) -> str:
+        """The name of one of the account's sources of secrets, for ``on_secret``."""
+        return f"oauth2 {kind} of {self.config.account}"
 
 
 def _due(cached: _Cached, now: datetime) -> bool:
