@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from sqlalchemy import (
     ColumnElement,
     FromClause,
+    Select,
     and_,
     exists,
     func,
@@ -63,6 +64,9 @@ class Backend(Protocol):
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
         """Whether the space-separated ``flags`` hold ``flag`` (lower case), in any case."""
+
+    def one_of(self, value: KeyedColumnElement[Any], values: Select[Any]) -> ColumnElement[bool]:
+        """Whether ``value`` is one of the single column that ``values`` selects."""
 
 
 @dataclass(frozen=True)
@@ -166,12 +170,8 @@ class Compiler:
         if node.query is None:
             return m.c.thread_key == node.key
         inner = messages.alias()
-        keys = (
-            select(inner.c.thread_key)
-            .where(self.visible(inner), self.condition(node.query, inner))
-            .scalar_subquery()
-        )
-        return m.c.thread_key.in_(keys)
+        keys = select(inner.c.thread_key).where(self.visible(inner), self.condition(node.query, inner))
+        return self.backend.one_of(m.c.thread_key, keys)
 
     def _folder(self, node: Folder, m: FromClause) -> ColumnElement[bool]:
         named = select(folders.c.id).where(

@@ -9,7 +9,11 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Select,
     Subquery,
+    Text,
+    any_,
+    bindparam,
     column,
     func,
     literal,
@@ -17,6 +21,7 @@ from sqlalchemy import (
     select,
     table,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import KeyedColumnElement
 
 from emailops.search.textmatch import AnyOf, Phrase, TextExpr
@@ -65,6 +70,13 @@ class PostgresBackend:
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
         return func.strpos(" " + func.lower(flags) + " ", " " + flag + " ") > 0
+
+    def one_of(self, value: KeyedColumnElement[Any], values: Select[Any]) -> ColumnElement[bool]:
+        # Selected first and bound as one array: as a subquery, nested thread:{} queries became
+        # nested loops, one level inside the other, on tables whose statistics were not yet
+        # gathered (each level multiplied the work by the number of messages).
+        found = [row[0] for row in self.conn.execute(values)]
+        return value == any_(bindparam(None, found, type_=ARRAY(Text)))
 
     def scores(self, expr: AnyOf) -> Subquery:
         """(message_pk, score) of the messages matching ``expr``; a lower score ranks first."""

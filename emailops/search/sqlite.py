@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Select,
     Subquery,
     column,
     func,
@@ -59,6 +60,10 @@ class SqliteBackend:
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
         return func.instr(" " + func.lower(flags) + " ", " " + flag + " ") > 0
+
+    def one_of(self, value: KeyedColumnElement[Any], values: Select[Any]) -> ColumnElement[bool]:
+        # SQLite runs an uncorrelated IN subquery once, into a temporary index.
+        return value.in_(values.scalar_subquery())
 
     def scores(self, expr: AnyOf) -> Subquery:
         """(message_pk, score) of the messages matching ``expr``; a lower score ranks first."""
