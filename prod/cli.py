@@ -350,29 +350,19 @@ def _missing_move_folders(settings: RuntimeSettings, ruleset: RuleSet) -> list[M
 def _change_replies(engine: Engine, args: argparse.Namespace, account: str) -> int:
     from datetime import UTC
 
-    from emailops.replies import outbox
+    from emailops.actions.replies import Resolution, resolve_replies
+    from prod.cli_users import cli_actor
 
-    change = outbox.retry_reply if args.action == "retry" else outbox.cancel_reply
-    *others, last = outbox.RETRYABLE if args.action == "retry" else outbox.CANCELLABLE
-    allowed = f"{', '.join(others)} or {last}" if others else last
-    with engine.begin() as conn:
-        now = datetime.now(UTC)
-        done = [reply_id for reply_id in args.ids if change(conn, reply_id, now=now, account=account)]
-        refused = {
-            reply_id: outbox.get_reply(conn, reply_id) for reply_id in sorted(set(args.ids) - set(done))
-        }
-    for reply_id in done:
-        print(f"{args.action}: reply {reply_id}")
-    for reply_id, reply in refused.items():
-        why = (
-            f"no such reply of {account}"
-            if reply is None or reply.account != account
-            else "its text was purged (REPLY_HISTORY_DAYS); there is nothing to send"
-            if args.action == "retry" and not reply.raw
-            else f"it is {reply.state}; {args.action} applies to {allowed} replies"
-        )
-        print(f"not changed: reply {reply_id}: {why}", file=sys.stderr)
-    return EXIT_FAILED if refused else EXIT_OK
+    resolution = {"retry": Resolution.RESEND, "cancel": Resolution.CANCEL}.get(args.action) or args.resolution
+    changes = resolve_replies(
+        engine, args.ids, Resolution(resolution), account=account, actor=cli_actor(), now=datetime.now(UTC)
+    )
+    for change in changes:
+        if change.done:
+            print(f"{args.action}: reply {change.row_id}")
+        else:
+            print(f"not changed: reply {change.row_id}: {change.refusal}", file=sys.stderr)
+    return EXIT_OK if all(change.done for change in changes) else EXIT_FAILED
 
 
 def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
@@ -380,7 +370,7 @@ def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
 
     account = settings.sync_config().account
     with open_index(settings) as engine:
-        if args.action in ("retry", "cancel"):
+        if args.action in ("retry", "cancel", "resolve"):
             return _change_replies(engine, args, account)
         states = tuple(args.state) if args.state else None
         with engine.connect() as conn:
@@ -641,6 +631,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "ids", nargs="+", type=int, metavar="ID", help="reply ids from 'emailops outbox list'"
         )
+    resolve = box_commands.add_parser(
+        "resolve", help="resolve replies as sent (an unknown one was delivered), resend or cancel"
+    )
+    resolve.add_argument(
+        "--as", dest="resolution", required=True, choices=["sent", "resend", "cancel"], help="the resolution"
+    )
+    resolve.add_argument(
+        "ids", nargs="+", type=int, metavar="ID", help="reply ids from 'emailops outbox list'"
+    )
 
     auth = commands.add_parser("auth", help="OAuth2 sign-in (EMAIL_AUTH=oauth2): login, status, logout")
     auth_commands = auth.add_subparsers(dest="auth_command", required=True, metavar="SUBCOMMAND")

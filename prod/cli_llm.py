@@ -111,16 +111,16 @@ def cmd_llm(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     account = settings.sync_config().account
     with open_index(settings) as engine:
         if args.action in ("retry", "cancel"):
-            change = jobs.retry_job if args.action == "retry" else jobs.cancel_job
-            with engine.begin() as conn:
-                done = [job_id for job_id in args.ids if change(conn, job_id, account=account)]
-            for job_id in args.ids:
-                if job_id in done:
-                    print(f"{args.action}: model job {job_id}")
+            from emailops.actions.drafts import change_jobs
+            from prod.cli_users import cli_actor
+
+            changes = change_jobs(engine, args.ids, args.action, account=account, actor=cli_actor())
+            for change in changes:
+                if change.done:
+                    print(f"{args.action}: model job {change.row_id}")
                 else:
-                    allowed = "failed" if args.action == "retry" else "pending or failed"
-                    print(f"not changed: model job {job_id}: no {allowed} job with this id", file=sys.stderr)
-            return EXIT_OK if len(done) == len(args.ids) else EXIT_FAILED
+                    print(f"not changed: model job {change.row_id}: {change.refusal}", file=sys.stderr)
+            return EXIT_OK if all(change.done for change in changes) else EXIT_FAILED
         with engine.connect() as conn:
             found = jobs.list_jobs(conn, account=account, states=tuple(args.state or ()), limit=args.limit)
     fields = (

@@ -10,6 +10,7 @@ States (column ``outbox.state``)::
        |                  '----claimer died---------> unknown   (recover_interrupted)
        '--- retry (operator) --- failed | unknown
     pending | failed | unknown --cancel (operator)--> cancelled
+    unknown --confirm sent (operator: it was delivered)--> sent
 
 A reply is never sent while another claimer holds it: rows are claimed with ``store.work_queue``
 (atomic; the claim's time by the database's clock; each outcome written only by the claimer and
@@ -54,6 +55,7 @@ class OutboxState(StrEnum):
 
 
 RETRYABLE = (OutboxState.FAILED, OutboxState.UNKNOWN)
+CONFIRMABLE = (OutboxState.UNKNOWN,)
 CANCELLABLE = (OutboxState.PENDING, OutboxState.FAILED, OutboxState.UNKNOWN)
 
 
@@ -304,4 +306,14 @@ def cancel_reply(conn: Connection, outbox_id: int, *, now: datetime, account: st
     allowed = [s.value for s in CANCELLABLE]
     return work_queue.change_by_operator(
         conn, QUEUE, outbox_id, account=account, allowed=allowed, values=cancelled
+    )
+
+
+def confirm_sent(conn: Connection, outbox_id: int, *, now: datetime, account: str | None = None) -> bool:
+    """Operator: an unknown reply of ``account`` was delivered (seen at the recipient's, or in the
+    relay's log); it becomes sent and is never sent again. Its delivery time stays unknown."""
+    sent = {"state": OutboxState.SENT.value, "claimed_by": None, "updated_at": now}
+    allowed = [s.value for s in CONFIRMABLE]
+    return work_queue.change_by_operator(
+        conn, QUEUE, outbox_id, account=account, allowed=allowed, values=sent
     )

@@ -6,6 +6,8 @@ first commits an attempt on that UID (``folders.index_attempt_uid`` and ``index_
 the second attempt on, that message is fetched alone, so that one bad message cannot hold back the
 others of its batch; once it has used up its attempts it is quarantined (a row here) and the folder
 goes on past it. A connection dropped mid-pass is not the message's fault: the attempt is given back.
+The operator's retry takes a message off the list and moves the folder's progress mark back to it:
+the next pass fetches it again as new mail, attempts counted afresh.
 """
 
 from __future__ import annotations
@@ -115,3 +117,33 @@ def remap_uidvalidity(
 def list_quarantined(conn: Connection, account: str) -> list[QuarantinedMessage]:
     of_account = folders.c.account == account
     return set_aside(conn, index_quarantine, attempts="attempts", reason="reason", where=of_account)
+
+
+def retry_quarantined(conn: Connection, row_id: int, account: str) -> bool:
+    """Operator: quarantined message ``row_id`` of ``account`` is indexed again by the next pass
+    (with fresh attempts); False when there is no such row, or it is of a former UIDVALIDITY."""
+    found = conn.execute(
+        select(index_quarantine.c.folder_id, index_quarantine.c.uid)
+        .join_from(index_quarantine, folders, folders.c.id == index_quarantine.c.folder_id)
+        .where(
+            index_quarantine.c.id == row_id,
+            folders.c.account == account,
+            folders.c.uidvalidity == index_quarantine.c.uidvalidity,
+        )
+    ).first()
+    if found is None:
+        return False
+    folder_id, uid = found
+    conn.execute(delete(index_quarantine).where(index_quarantine.c.id == row_id))
+    # The count is forgotten too (as save_progress does): the pass compares the UID lists.
+    conn.execute(
+        update(folders)
+        .where(folders.c.id == folder_id)
+        .values(
+            uidnext=case((folders.c.uidnext > uid, uid), else_=folders.c.uidnext),
+            server_count=None,
+            index_attempt_uid=uid,
+            index_attempts=0,
+        )
+    )
+    return True

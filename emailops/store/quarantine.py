@@ -14,6 +14,10 @@ MAX_REASON_CHARS = 1000
 
 @dataclass(frozen=True)
 class QuarantinedMessage:
+    """``row_id`` is the row of the stage's table (``index_quarantine``, or ``messages`` for the
+    rules stage): what the operator's retry and release name."""
+
+    row_id: int
     folder: str
     uidvalidity: int
     uid: int
@@ -31,6 +35,7 @@ def set_aside(
     columns = table.c
     rows = conn.execute(
         select(
+            columns.id,
             folders.c.name,
             columns.uidvalidity,
             columns.uid,

@@ -5,6 +5,8 @@ States of ``messages.rules_state`` that new mail moves through::
     pending --claim (attempts + 1, committed first)--> working --decided--> done
     working --raised / stalled, attempts < max-----> pending      (tried again)
     working --raised / stalled, attempts = max-----> quarantined  (reason kept; never tried again)
+    quarantined --retry (operator)--> pending (fresh attempts)
+    quarantined --release (operator)--> done  (no rule runs: never answered, off the list)
 
 The attempt is committed before the rules run, so a message that hangs a worker (killed by the
 supervisor) or kills it still counts: it cannot stall worker after worker for ever. A claim not
@@ -102,3 +104,20 @@ def list_quarantined(conn: Connection, account: str) -> list[QuarantinedMessage]
 def _quarantined(conn: Connection, condition: ColumnElement[bool]) -> list[QuarantinedMessage]:
     where = (messages.c.rules_state == "quarantined") & condition
     return set_aside(conn, messages, attempts="rules_attempts", reason="quarantine_reason", where=where)
+
+
+def retry_quarantined(conn: Connection, pk: int, account: str) -> bool:
+    """Operator: a quarantined message of ``account`` goes back to its rules with fresh attempts
+    (quarantined again if they are used up again)."""
+    return work_queue.change_by_operator(
+        conn, QUEUE, pk, account=account, allowed=("quarantined",), values=work_queue.retry_values(QUEUE)
+    )
+
+
+def release_quarantined(conn: Connection, pk: int, account: str) -> bool:
+    """Operator: a quarantined message of ``account`` is done without its rules running (the
+    operator answers it, if at all); its reason stays for the record."""
+    done = {"rules_state": "done", "rules_claimed_by": None}
+    return work_queue.change_by_operator(
+        conn, QUEUE, pk, account=account, allowed=("quarantined",), values=done
+    )
