@@ -17,6 +17,7 @@ from emailops.actions.changes import Change, RowAction, State, change_each
 from emailops.audit import Actor
 from emailops.store import index_work, rules_work
 from emailops.store.dialect import locking
+from emailops.store.quarantine import QuarantinedMessage
 from emailops.store.schema import folders, index_quarantine, messages
 from emailops.users.permissions import Action
 
@@ -112,3 +113,9 @@ def _refuse_rules(account: str) -> Callable[[State | None], str]:
         return f"its rules are {state['state']}, not quarantined"
 
     return refuse
+
+
+def find_quarantined(conn: Connection, stage: Stage, row_id: int, account: str) -> QuarantinedMessage | None:
+    """Quarantined message ``row_id`` of ``stage`` and ``account`` (where to download it from), or None."""
+    listing = index_work.list_quarantined if stage is Stage.INDEX else rules_work.list_quarantined
+    return next((entry for entry in listing(conn, account) if entry.row_id == row_id), None)
