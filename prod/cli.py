@@ -301,7 +301,10 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
     try:
         ruleset = load_rules(path)
     except RulesError as exc:
-        print(str(exc), file=sys.stderr)
+        from emailops.rules.text_check import error_line
+
+        line = error_line(path.read_text(encoding="utf-8", errors="replace"), exc)
+        print(f"{exc} (line {line})" if line else str(exc), file=sys.stderr)
         return EXIT_FAILED
     missing: list[MoveFolder] = []
     if args.server:

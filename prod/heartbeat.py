@@ -3,17 +3,17 @@
 The supervisor rewrites ``STATE_DIR/supervisor.json`` about every second, atomically (temporary
 file in the same directory, then ``os.replace``), so a reader sees the old or the new file, never a
 half-written one. Times are wall-clock UNIX seconds, comparable across processes. Standard library
-and ``emailops.processes`` only: the healthcheck imports this module.
+``emailops.processes`` and ``emailops.atomic_file`` only: the healthcheck imports this module.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emailops.atomic_file import write_atomically
 from emailops.processes import pid_alive
 
 STATE_FILENAME = "supervisor.json"
@@ -55,18 +55,6 @@ class SupervisorState:
 
 def state_path(state_dir: Path) -> Path:
     return state_dir / STATE_FILENAME
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a reader sees the old or the new file, never a part."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_state(state_dir: Path, state: SupervisorState) -> None:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prod.heartbeat import write_atomically
+from emailops.atomic_file import write_atomically
 
 STATUS_WRITE_INTERVAL_SECONDS = 1.0
 _PATTERN = "worker-*.json"

@@ -223,6 +223,7 @@ def test_rules_check_names_the_rule_and_field_and_needs_no_account(tmp_path: Pat
     assert (
         'rule "ack"' in failed.stderr and "reply.template" in failed.stderr and "sender_nam" in failed.stderr
     )
+    assert failed.stderr.rstrip().endswith("(line 4)")  # the line of template = ...
     example = emailops(bare_env, "rules", "check", str(REPO / "examples" / "rules.toml"))
     assert example.returncode == 0, example.stderr
 

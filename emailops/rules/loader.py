@@ -72,7 +72,7 @@ class _RuleContext:
 
     def error(self, field: str, problem: str) -> RulesError:
         who = f'rule "{self.name}" (#{self.index})' if self.name else f"rule #{self.index}"
-        return RulesError(f"{self.path}: {who}: {field}: {problem}")
+        return RulesError(f"{self.path}: {who}: {field}: {problem}", rule_index=self.index, field=field)
 
 
 def load_rules(path: Path) -> RuleSet:

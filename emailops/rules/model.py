@@ -11,7 +11,13 @@ from emailops.rules.templates import Template
 
 
 class RulesError(ValueError):
-    """The rules file is invalid. The message names the file, the rule (name and #index) and the field."""
+    """The rules file is invalid. The message names the file, the rule (name and #index) and the field;
+    ``rule_index`` (from 1) and ``field`` (``match.subject_regex``) say it to a program, when known."""
+
+    def __init__(self, message: str, *, rule_index: int | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.rule_index = rule_index
+        self.field = field
 
 
 class MatchKind(StrEnum):

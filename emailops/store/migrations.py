@@ -264,6 +264,10 @@ _SEARCH_INDEXES = (
 )
 
 
+def _rules_versions_and_decisions(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.rules_versions, schema.rule_decisions])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -282,6 +286,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(13, "search terms of the search language; indexes for its operators", _search_language),
     Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
     Migration(17, "users and the append-only audit_log of the operator console", _users_and_audit_log),
+    Migration(
+        18, "rules_versions (saved from the console) and rule_decisions", _rules_versions_and_decisions
+    ),
 )
 
 

@@ -359,6 +359,39 @@ audit_log = Table(
 )
 Index("ix_audit_log_at", audit_log.c.at)
 
+# Versions of the rules file saved from the console (emailops.rules.versions), newest last: the
+# file holds the running version, these rows what it was, restorable.
+rules_versions = Table(
+    "rules_versions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("text", Text, nullable=False),
+    # Hex SHA-256 of the text's UTF-8 bytes.
+    Column("sha256", String(64), nullable=False),
+    Column("author", String(200), nullable=False),
+    Column("saved_at", Timestamp, nullable=False),
+)
+
+# What each matching rule decided for a message, written with the decision (emailops.store
+# .rule_decisions): the rules' statistics and a message's story. Deleted REPLY_HISTORY_DAYS after.
+rule_decisions = Table(
+    "rule_decisions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account", String(320), nullable=False),
+    Column("message_pk", Id, ForeignKey("messages.id", ondelete="CASCADE")),
+    Column("rule_name", String(200), nullable=False),
+    # replied, drafted, model (a model writes it), recorded_before, suppressed, matched (no reply).
+    Column("outcome", String(32), nullable=False),
+    # Why there is no reply (suppressed), else NULL.
+    Column("reason", Text),
+    Column("outbox_id", Id, ForeignKey("outbox.id", ondelete="SET NULL")),
+    Column("llm_job_id", Id, ForeignKey("llm_jobs.id", ondelete="SET NULL")),
+    Column("decided_at", Timestamp, nullable=False),
+)
+Index("ix_rule_decisions_account_decided", rule_decisions.c.account, rule_decisions.c.decided_at)
+Index("ix_rule_decisions_message_pk", rule_decisions.c.message_pk)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
