@@ -35,6 +35,8 @@ log = structlog.get_logger(component="index")
 # A folder of a worker that died (and is not replaced) is taken over after at most LEASE_TTL.
 LEASE_TTL = timedelta(seconds=30)
 LEASE_RENEW_SECONDS = 10.0
+# How often a worker looks for the operator's "fetch now" requests of the folders it watches.
+FETCH_REQUEST_CHECK_SECONDS = 2.0
 
 
 class AfterIndexStage(Protocol):
@@ -83,6 +85,7 @@ class MailPipeline:
         self.shared = SharedConnection(server)
         self.folder_ids: dict[str, int] = {}
         self.next_lease_check = 0.0
+        self.next_fetch_request_check = 0.0
         self.stages_busy = False
         self.log = log.bind(owner=owner)
 
@@ -90,6 +93,9 @@ class MailPipeline:
         if self.monotonic() >= self.next_lease_check:
             self._manage_leases()
             self.next_lease_check = self.monotonic() + LEASE_RENEW_SECONDS
+        if self.watchers and self.monotonic() >= self.next_fetch_request_check:
+            self._take_fetch_requests()
+            self.next_fetch_request_check = self.monotonic() + FETCH_REQUEST_CHECK_SECONDS
         # While the stages have work left, nobody waits for mail: the watchers only look.
         wait = 0.0 if self.stages_busy else self.step_seconds
         if self.watchers:
@@ -167,6 +173,13 @@ class MailPipeline:
                 self.watchers[folder].sync.fence = epoch
             elif watching:
                 self._stop_watching(folder)
+
+    def _take_fetch_requests(self) -> None:
+        with self.engine.begin() as conn:
+            asked = folder_store.take_fetch_requests(conn, self.config.account, list(self.watchers))
+        for folder in asked:
+            self.log.info("syncing the folder now, as the operator asked", folder=folder)
+            self.watchers[folder].request_sync()
 
     def _stop_watching(self, folder: str) -> None:
         self.log.warning("lost the lease of a folder to another worker", folder=folder)

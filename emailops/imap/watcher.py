@@ -123,6 +123,12 @@ class FolderWatcher:
             self._drop(ImapTransientError(f"{type(exc).__name__}: {exc}"))
             return None
 
+    def request_sync(self) -> None:
+        """Sync at the next step (the operator's "fetch now"), not at the next poll or push; a
+        connection waiting to be retried is tried at once, once."""
+        self.catching_up = True
+        self.next_connect_at = 0.0
+
     def wait_target(self) -> tuple[socket.socket | None, float]:
         """What a worker may wait on before this watcher's next step: the socket of its IDLE
         connection (None when not idling), and the seconds after which the step is due anyway.

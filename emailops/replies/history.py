@@ -6,7 +6,8 @@ Emptied: the outbox's ``raw`` (the reply as sent, a model's answer included) and
 key (account, inbound message, rule), which is what keeps a message from being answered twice, and
 its recipient, action, state and time, which the reply limits count. Only rows that are finished
 (a reply sent, failed, unknown or cancelled; a job done, failed or cancelled) are emptied; a purged
-row is never sent or asked again (``retry`` refuses it). ``purged_at`` says when.
+row is never sent or asked again (``retry`` refuses it). ``purged_at`` says when. The log of the
+rules' decisions (``decision_log``) older than that is deleted.
 
 Every worker purges once a day (``HistoryPurgeStage``), in batches of one short transaction each,
 so no purge holds the write lock long; workers purging at once share the rows out.
@@ -23,6 +24,7 @@ from sqlalchemy import Connection, Engine, Table, select, update
 
 from emailops.clock import Clock, utc_now
 from emailops.llm.jobs import JobState
+from emailops.replies import decision_log
 from emailops.replies.outbox import OutboxState
 from emailops.store.dialect import locking
 from emailops.store.schema import llm_jobs, outbox
@@ -42,7 +44,8 @@ _PURGED: tuple[tuple[Table, str, object, tuple[str, ...]], ...] = (
 
 def purge_batch(conn: Connection, *, older_than: datetime, now: datetime, limit: int = PURGE_BATCH) -> int:
     """Empty the contents of at most ``limit`` finished rows of each table created before
-    ``older_than``, oldest first; returns how many rows were emptied (0: nothing left to purge)."""
+    ``older_than``, oldest first, and delete as many decisions logged before it; returns how many
+    rows were emptied or deleted (0: nothing left to purge)."""
     emptied = 0
     for table, column, blank, unfinished in _PURGED:
         ids = select(table.c.id).where(
@@ -59,7 +62,7 @@ def purge_batch(conn: Connection, *, older_than: datetime, now: datetime, limit:
                 .where(table.c.id.in_(batch), table.c.purged_at.is_(None))
                 .values({column: blank, "purged_at": now})
             ).rowcount
-    return emptied
+    return emptied + decision_log.purge_batch(conn, older_than=older_than, limit=limit)
 
 
 class HistoryPurgeStage:

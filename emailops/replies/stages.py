@@ -18,7 +18,7 @@ from emailops.clock import Clock, utc_now
 from emailops.config import ReplyConfig
 from emailops.imap.errors import CONNECTION_ERRORS, ImapError
 from emailops.processes import is_dead_sibling
-from emailops.replies import appends, decisions, imap_actions, outbox
+from emailops.replies import appends, decision_log, decisions, imap_actions, outbox
 from emailops.replies.appends import AppendOutcome
 from emailops.replies.delivery import deliver_next, inbound_origin, request_context
 from emailops.replies.mailbox import FolderRecreated, MailboxSession
@@ -167,7 +167,8 @@ class RulesStage:
                     keyword=AUTO_REPLIED_KEYWORD,
                 )
                 return None
-            return decisions.apply_rules(
+            now = self.clock()
+            made = decisions.apply_rules(
                 conn,
                 account=self.account,
                 message_pk=pk,
@@ -177,8 +178,10 @@ class RulesStage:
                 parsed=stored.parsed,
                 rules=ruleset,
                 config=self.config,
-                now=self.clock(),
+                now=now,
             )
+            decision_log.record(conn, account=self.account, message_pk=pk, made=made, now=now)
+            return made
 
     def _failed(self, pk: int, attempt: int, exc: Exception, rid: str | None) -> None:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -10,6 +10,7 @@ its lease and then resumed cannot write after another took over: ``LeaseLostErro
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -194,3 +195,29 @@ def release_lease(conn: Connection, folder_id: int, owner: str) -> None:
         .where(and_(folders.c.id == folder_id, folders.c.lease_owner == owner))
         .values(lease_owner=None, lease_expires_at=None)
     )
+
+
+def request_fetch(conn: Connection, account: str, name: str) -> bool:
+    """Ask the worker that watches folder ``name`` of ``account`` to sync it now (False: no such
+    folder in the index)."""
+    stmt = update(folders).where(folders.c.account == account, folders.c.name == name)
+    return conn.execute(stmt.values(fetch_requested_at=db_now(conn))).rowcount == 1
+
+
+def take_fetch_requests(conn: Connection, account: str, names: Collection[str]) -> list[str]:
+    """The folders among ``names`` whose sync was asked for, the requests cleared (a request made
+    meanwhile, with a later time, stays)."""
+    asked = conn.execute(
+        select(folders.c.id, folders.c.name, folders.c.fetch_requested_at).where(
+            folders.c.account == account,
+            folders.c.name.in_(tuple(names)),
+            folders.c.fetch_requested_at.is_not(None),
+        )
+    ).all()
+    for folder_id, _, at in asked:
+        conn.execute(
+            update(folders)
+            .where(folders.c.id == folder_id, folders.c.fetch_requested_at == at)
+            .values(fetch_requested_at=None)
+        )
+    return [name for _, name, _ in asked]

@@ -264,8 +264,10 @@ _SEARCH_INDEXES = (
 )
 
 
-def _rules_versions_and_decisions(conn: Connection) -> None:
+def _console_operations(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.rules_versions, schema.rule_decisions])
+    timestamp = "DATETIME" if conn.dialect.name == "sqlite" else "TIMESTAMP WITH TIME ZONE"
+    _add_column(conn, "folders", "fetch_requested_at", timestamp)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -287,7 +289,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
     Migration(17, "users and the append-only audit_log of the operator console", _users_and_audit_log),
     Migration(
-        18, "rules_versions (saved from the console) and rule_decisions", _rules_versions_and_decisions
+        18,
+        "rules_versions, rule_decisions and folders.fetch_requested_at of the console",
+        _console_operations,
     ),
 )
 

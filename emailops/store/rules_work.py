@@ -7,6 +7,7 @@ States of ``messages.rules_state`` that new mail moves through::
     working --raised / stalled, attempts = max-----> quarantined  (reason kept; never tried again)
     quarantined --retry (operator)--> pending (fresh attempts)
     quarantined --release (operator)--> done  (no rule runs: never answered, off the list)
+    done --rerun (operator)--> pending (fresh attempts; a reply recorded before is not made again)
 
 The attempt is committed before the rules run, so a message that hangs a worker (killed by the
 supervisor) or kills it still counts: it cannot stall worker after worker for ever. A claim not
@@ -120,4 +121,16 @@ def release_quarantined(conn: Connection, pk: int, account: str) -> bool:
     done = {"rules_state": "done", "rules_claimed_by": None}
     return work_queue.change_by_operator(
         conn, QUEUE, pk, account=account, allowed=("quarantined",), values=done
+    )
+
+
+def rerun(conn: Connection, pk: int, account: str) -> bool:
+    """Operator: the rules of a done or quarantined message of ``account`` run again."""
+    return work_queue.change_by_operator(
+        conn,
+        QUEUE,
+        pk,
+        account=account,
+        allowed=("done", "quarantined"),
+        values=work_queue.retry_values(QUEUE),
     )

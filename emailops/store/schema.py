@@ -109,6 +109,9 @@ folders = Table(
     # Attempts to index the folder's next new message (see store.index_work).
     Column("index_attempt_uid", BigInteger),
     Column("index_attempts", Integer, nullable=False, default=0, server_default="0"),
+    # When the operator asked for the folder to be synced now ("fetch now"); the worker that
+    # watches it syncs it and clears this (see store.folders).
+    Column("fetch_requested_at", Timestamp),
     UniqueConstraint("account", "name", name="uq_folders_account_name"),
 )
 
