@@ -17,8 +17,7 @@ JOB_STATES = ["pending", "working", "done", "failed", "cancelled"]
 
 def cmd_rules_test(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.llm.client import ChatClient
-    from emailops.mime.parse import parse_message
-    from emailops.replies.trial import try_rules
+    from emailops.replies.trial import try_rules_on_raw
     from emailops.rules import RulesError, load_rules
 
     rules_path: Path = args.rules or settings.rules_file
@@ -35,13 +34,13 @@ def cmd_rules_test(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     config = settings.reply_config()
     llm = config.llm
     client = ChatClient.for_config(llm) if llm else None
-    parsed = parse_message(raw, max_message_bytes=settings.max_message_bytes)
     with open_index(settings) as engine:
-        outcomes = try_rules(
+        outcomes = try_rules_on_raw(
             engine,
+            raw,
+            max_message_bytes=settings.max_message_bytes,
             account=settings.sync_config().account,
             folder=args.folder,
-            parsed=parsed,
             rules=ruleset,
             config=config,
             client=client,

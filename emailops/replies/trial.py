@@ -1,4 +1,5 @@
-"""Try the rules on one message without acting: ``emailops rules test FILE.eml``.
+"""Try the rules on one message without acting: ``emailops rules test FILE.eml``, and the
+console's rule test on an uploaded message or an indexed one.
 
 The decision is the daemon's own (``decisions.apply_rules``), made against the real index so that
 "already answered this sender" and the caps are what they would be, inside a transaction that is
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, select
 from structlog.typing import FilteringBoundLogger
 
 from emailops.config import ReplyConfig
@@ -25,12 +26,14 @@ from emailops.llm import jobs
 from emailops.llm.client import ChatClient, ChatRequest, LlmError
 from emailops.llm.prompt import EmptyReplyError, chat_messages, reply_text
 from emailops.mime.model import ParsedMessage
+from emailops.mime.parse import parse_message
 from emailops.replies import decisions, outbox
 from emailops.replies.compose import build_reply
 from emailops.rules.model import RuleSet
 from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
 from emailops.store.content import message_content
+from emailops.store.schema import folders, messages
 
 
 def _warnings_only() -> FilteringBoundLogger:
@@ -136,6 +139,65 @@ def try_rules(
         actions = tuple(a.kind.value for a in decision.mailbox_actions)
         outcomes[index] = _ask_model(client, job, parsed, config, now, decision.rule, actions)
     return outcomes
+
+
+def try_rules_on_raw(
+    engine: Engine,
+    raw: bytes,
+    *,
+    max_message_bytes: int,
+    account: str,
+    folder: str,
+    rules: RuleSet,
+    config: ReplyConfig,
+    client: ChatClient | None,
+    now: datetime,
+) -> list[TrialOutcome]:
+    """``try_rules`` on a message as a file holds it (parsed as the daemon parses new mail)."""
+    parsed = parse_message(raw, max_message_bytes=max_message_bytes)
+    return try_rules(
+        engine,
+        account=account,
+        folder=folder,
+        parsed=parsed,
+        rules=rules,
+        config=config,
+        client=client,
+        now=now,
+    )
+
+
+def try_rules_on_indexed(
+    engine: Engine,
+    message_pk: int,
+    *,
+    account: str,
+    rules: RuleSet,
+    config: ReplyConfig,
+    client: ChatClient | None,
+    now: datetime,
+) -> list[TrialOutcome] | None:
+    """``try_rules`` on indexed message ``message_pk`` of ``account`` as if it arrived again in
+    its folder (a reply recorded for it shows as "already recorded"); None: no such message."""
+    with engine.connect() as conn:
+        owner = conn.execute(
+            select(folders.c.account)
+            .join_from(messages, folders, folders.c.id == messages.c.folder_id)
+            .where(messages.c.id == message_pk)
+        ).scalar_one_or_none()
+        stored = message_store.load_message(conn, message_pk) if owner == account else None
+    if stored is None:
+        return None
+    return try_rules(
+        engine,
+        account=account,
+        folder=stored.folder,
+        parsed=stored.parsed,
+        rules=rules,
+        config=config,
+        client=client,
+        now=now,
+    )
 
 
 # Where the trial's message is indexed for the length of the trial: no server gives a UID or a
