@@ -32,6 +32,7 @@ class FolderReport:
     error_kind: str | None = None
     error: str | None = None
     error_at: float | None = None
+    mode: str | None = None  # idle, polling, or None: not connected
 
     @property
     def current_error(self) -> bool:

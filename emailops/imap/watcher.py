@@ -53,6 +53,8 @@ class FolderStatus:
     error_kind: str | None = None
     error: str | None = None
     error_at: float | None = None
+    # How it is watched now: "idle" (the server pushes), "polling", or None (not connected).
+    mode: str | None = None
 
 
 class FolderWatcher:
@@ -155,6 +157,7 @@ class FolderWatcher:
             error_kind=error.kind if error is not None else None,
             error=str(error) if error is not None else None,
             error_at=self.last_error_at,
+            mode=None if self.client is None else "idle" if self.idling else "polling",
         )
 
     def close(self) -> None:

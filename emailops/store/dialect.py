@@ -11,9 +11,24 @@ ask these functions and never read ``conn.dialect`` themselves.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Insert, Select, Table, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Insert,
+    Integer,
+    Select,
+    Table,
+    cast,
+    func,
+    literal,
+    select,
+    text,
+)
+
+from emailops.store.schema import Timestamp, sqlite_datetime
 
 _Query = TypeVar("_Query", bound=Select[Any])
 
@@ -68,3 +83,15 @@ def serialise_on(conn: Connection, key: str) -> None:
     advisory transaction lock)."""
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
+
+
+def hours_since(conn: Connection, moment: ColumnElement[Any], start: datetime) -> ColumnElement[int]:
+    """Whole hours from ``start`` to ``moment`` (a Timestamp column, not before ``start``): 0 in the
+    first hour."""
+    if conn.dialect.name == "sqlite":
+        # Both UTC text (schema.sqlite_datetime); julianday counts days with a fraction, and a cast
+        # of a non-negative number cuts it down (SQLite may be built without floor()).
+        days = func.julianday(moment) - func.julianday(literal(sqlite_datetime(start)))
+        return cast(days * 24, Integer)
+    seconds = func.extract("epoch", moment - literal(start, Timestamp()))
+    return cast(func.floor(seconds / 3600), Integer)
