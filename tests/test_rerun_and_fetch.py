@@ -122,11 +122,12 @@ def test_decisions_are_counted_per_rule_and_purged_with_the_history(db_url: str)
             conn, account=ACCOUNT, message_pk=pks[2], made=made[1:], now=NOW - timedelta(hours=1)
         )
     with engine.connect() as conn:
-        stats = decision_log.rule_stats(conn, ACCOUNT, since=NOW - timedelta(days=7))
-        assert {name: (s.matches, s.last_match) for name, s in stats.items()} == {
-            "ack": (1, NOW - timedelta(hours=1)),
-            "tag": (1, NOW - timedelta(hours=1)),
-        }
+        stats = decision_log.rules_stats(conn, ACCOUNT, ["ack", "tag", "unused"], now=NOW)
+        assert [(s.rule, s.matches, s.last_match) for s in stats] == [
+            ("ack", 1, NOW - timedelta(hours=1)),  # the match of 9 days ago is outside the 7 days
+            ("tag", 1, NOW - timedelta(hours=1)),
+            ("unused", 0, None),
+        ]
         assert [(d.rule, d.outcome, d.reason) for d in decision_log.for_message(conn, pks[2])] == [
             ("ack", "suppressed", "per-sender limit: replied 2 days ago"),
             ("tag", "matched", None),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, delete, func, select
 
@@ -33,7 +33,7 @@ class RecordedDecision:
 
 @dataclass(frozen=True)
 class RuleStats:
-    """A rule's matches since a moment, and its last match (None: none recorded that recent)."""
+    """A rule's matches over the last days, and its last match (None: none in the log)."""
 
     rule: str
     matches: int
@@ -85,15 +85,20 @@ def for_message(conn: Connection, message_pk: int) -> list[RecordedDecision]:
     return [RecordedDecision(*row) for row in conn.execute(query)]
 
 
-def rule_stats(conn: Connection, account: str, *, since: datetime) -> dict[str, RuleStats]:
-    """Each rule's matches recorded since ``since`` and its last one, by rule name."""
+def rules_stats(
+    conn: Connection, account: str, rule_names: Sequence[str], *, now: datetime, days: int = 7
+) -> list[RuleStats]:
+    """For each of ``rule_names`` (in that order): its matches in the ``days`` before ``now``, and its
+    last match in the log (kept REPLY_HISTORY_DAYS)."""
     c = rule_decisions.c
+    since = now - timedelta(days=days)
     query = (
-        select(c.rule_name, func.count(), func.max(c.decided_at))
-        .where(c.account == account, c.decided_at >= since)
+        select(c.rule_name, func.count().filter(c.decided_at >= since), func.max(c.decided_at))
+        .where(c.account == account, c.rule_name.in_(tuple(rule_names)))
         .group_by(c.rule_name)
     )
-    return {name: RuleStats(name, int(count), last) for name, count, last in conn.execute(query)}
+    found = {name: RuleStats(name, int(count), last) for name, count, last in conn.execute(query)}
+    return [found.get(name, RuleStats(name, 0, None)) for name in rule_names]
 
 
 def purge_batch(conn: Connection, *, older_than: datetime, limit: int) -> int:
