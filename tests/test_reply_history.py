@@ -431,7 +431,9 @@ def test_the_operator_is_told_why_a_purged_reply_is_not_retried(
 
     refused = emailops("outbox", "retry", str(old), str(young))
     assert refused.returncode == 1
-    assert refused.stderr.strip() == (
+    told = [line for line in refused.stderr.splitlines() if not line.startswith("{")]  # not log lines
+    assert told == [
         f"not changed: reply {old}: its text was purged (REPLY_HISTORY_DAYS); there is nothing to send"
-    )
+    ]
+    assert '"action":"outbox.resolve"' in refused.stderr  # the audit line of the reply retried
     assert f"retry: reply {young}" in refused.stdout
