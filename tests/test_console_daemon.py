@@ -76,7 +76,9 @@ def test_the_console_is_served_restarted_after_a_kill_and_counted_in_metrics(tmp
         assert counts == 1
         assert _requests_total(metrics_port)[("/healthz", "GET", "200")] >= 2
 
-        lines = [r for r in supervisor.records() if r.get("component") == "console" and r["message"] == "request"]
+        lines = [
+            r for r in supervisor.records() if r.get("component") == "console" and r["message"] == "request"
+        ]
         assert any(
             r["route"] == "/api/v1/users" and r["status"] == 401 and len(r["request_id"]) == 16 for r in lines
         )
