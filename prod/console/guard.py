@@ -26,6 +26,10 @@ from prod.console.calls import Access, Call, ConsoleContext, ConsoleRoute, Ident
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
+UNAUTHENTICATED = "sign in, or send an API token (Authorization: Bearer eo_...)"
+FORBIDDEN = "your role may not do this"
+FOREIGN_ORIGIN = "refused: this request did not come from the console's own pages"
+BAD_CSRF_TOKEN = "refused: the form's security token is missing or wrong; reload the page"  # noqa: S105 (a message)
 NavBuilder = Callable[[Identity | None], list[tuple[str, str]]]
 
 
@@ -86,7 +90,7 @@ def guarded(
         request.state.route = route.path
         unsafe = request.method not in SAFE_METHODS
         if unsafe and not same_origin(request, context):
-            return refuse(route, 403, "refused: this request did not come from the console's own pages")
+            return refuse(route, 403, FOREIGN_ORIGIN)
         identity = None
         if route.permission is not Access.PUBLIC:
             identity = await run_in_threadpool(identify, request, context)
@@ -94,12 +98,12 @@ def guarded(
         if not route.allows(identity.role if identity is not None else None):
             if identity is None:
                 if route.is_api or request.headers.get("authorization"):
-                    return refuse(route, 401, "sign in, or send an API token (Authorization: Bearer eo_...)")
+                    return refuse(route, 401, UNAUTHENTICATED)
                 back = quote(request.url.path, safe="/")
                 return RedirectResponse(
                     f"{context.settings.web_base_url}/sign-in?next={back}", status_code=303
                 )
-            return refuse(route, 403, "your role may not do this")
+            return refuse(route, 403, FORBIDDEN)
         form: dict[str, str] = {}
         if unsafe:
             parsed = await request.form()
@@ -108,9 +112,7 @@ def guarded(
                 given = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER, "")
                 expected = identity.csrf_token or ""
                 if not given or not hmac.compare_digest(given.encode(), expected.encode()):
-                    return refuse(
-                        route, 403, "refused: the form's security token is missing or wrong; reload"
-                    )
+                    return refuse(route, 403, BAD_CSRF_TOKEN)
         call = Call(request=request, context=context, identity=identity, form=form, nav=nav(identity))
         return await run_in_threadpool(route.handler, call)
 

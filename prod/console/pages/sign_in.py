@@ -102,9 +102,8 @@ def sign_in(call: Call) -> Response:
     if old:
         end_session(context.engine, old)
     session_id, session = start_session(context.engine, user.name, call.source, now)
-    record(
-        context.engine, Actor(name=user.name, role=session.role.value, source=call.source), "sign_in.success"
-    )
+    actor = Actor(name=user.name, role=session.role.value, source=call.source)
+    record(context.engine, actor, "sign_in.success", user.name)
     response = RedirectResponse(
         context.settings.web_base_url + _local_path(call.form.get("next")), status_code=303
     )
@@ -125,7 +124,8 @@ def sign_out(call: Call) -> Response:
     assert identity is not None
     if identity.session_id is not None:
         end_session(call.context.engine, identity.session_id)
-    record(call.context.engine, Actor(identity.name, identity.role.value, call.source), "sign_out")
+    actor = Actor(identity.name, identity.role.value, call.source)
+    record(call.context.engine, actor, "sign_out", identity.name)
     response = RedirectResponse(call.context.settings.web_base_url + "/sign-in", status_code=303)
     response.delete_cookie(
         call.context.session_cookie, httponly=True, secure=call.context.secure_cookies, samesite="strict"
