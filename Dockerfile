@@ -36,6 +36,13 @@ COPY prod ./prod
 RUN python -m pip install --no-cache-dir --no-deps ./ \
  && rm -rf build ./*.egg-info
 
+# The operator console (README "Operator console") on port 8080 of every interface of the
+# container; publish it on the host's loopback only (docker-compose.yml), or behind a TLS proxy
+# with WEB_BASE_URL=https://...
+ENV WEB_PORT=8080 \
+    WEB_ADDR=0.0.0.0
+EXPOSE 8080
+
 # Numeric, so that Kubernetes' runAsNonRoot and host tools can check it; /data is owned by it.
 USER ${APP_UID}:${APP_GID}
 VOLUME ["/data"]

@@ -7,7 +7,9 @@ the sample mail of ``examples/demo-mail/*.eml``, points the settings at those se
 under ``data/demo`` (wiped at each start: the demo is throwaway) and the rules of
 ``examples/rules.toml``, and runs the supervisor ``python -m prod.run`` in the foreground.
 Once the first sync has indexed the samples it runs a search with the real CLI, then sends a
-new "help" message from the visitor, which the ``support-ack`` rule answers.
+new "help" message from the visitor, which the ``support-ack`` rule answers. The daemon serves the
+operator console too (port 8080 when free), with an admin user whose generated password the demo
+prints once.
 
 Ctrl-C or SIGTERM stops the supervisor (gracefully), then the mail servers; exit code 0.
 Missing Dovecot binaries are installed with apt-get when running as root.
@@ -28,6 +30,7 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +56,9 @@ VISITOR = "visitor@example.org"
 VISITOR_PASSWORD = "visitor"  # noqa: S105
 ACCOUNTS = {DEMO_USER: DEMO_PASSWORD, VISITOR: VISITOR_PASSWORD}
 DOVECOT_PACKAGES = ("dovecot-imapd", "dovecot-lmtpd")
+# The operator console's demo user (an admin) and its port, when free.
+CONSOLE_USER = "admin"
+CONSOLE_PORT = 8080
 
 SEARCH_WORD = "invoice"
 TRIGGER_SUBJECT = "Need help with my order"
@@ -148,7 +154,19 @@ def start_mail_servers() -> tuple[LocalDovecot, LocalSmtpRelay]:
 # -- the daemon ---------------------------------------------------------------------------------
 
 
-def demo_settings(data_dir: Path, imap_port: int, smtp_port: int) -> dict[str, str]:
+def console_port() -> int:
+    """8080 when it is free on loopback, else any free port."""
+    from localmail.dovecot import free_loopback_port
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", CONSOLE_PORT))
+        except OSError:
+            return free_loopback_port()
+    return CONSOLE_PORT
+
+
+def demo_settings(data_dir: Path, imap_port: int, smtp_port: int, web_port: int) -> dict[str, str]:
     """The environment of the demo's daemon and CLI: every path under ``data_dir``."""
     return {
         "ENV": "demo",
@@ -170,6 +188,8 @@ def demo_settings(data_dir: Path, imap_port: int, smtp_port: int) -> dict[str, s
         "INDEX_DB_URL": f"sqlite:///{data_dir / 'emailops.db'}",
         "RULES_FILE": str(RULES_FILE),
         "POLL_INTERVAL_SECONDS": "5",
+        "WEB_PORT": str(web_port),
+        "WEB_ADDR": "127.0.0.1",
     }
 
 
@@ -256,7 +276,7 @@ def run_demo(data_dir: Path) -> int:
     dovecot, relay = start_mail_servers()
     supervisor: subprocess.Popen[bytes] | None = None
     try:
-        settings = demo_settings(data_dir, dovecot.imap_port, relay.port)
+        settings = demo_settings(data_dir, dovecot.imap_port, relay.port, console_port())
         env_file = write_env_file(data_dir, settings)
         say(
             f"throwaway Dovecot on 127.0.0.1:{dovecot.imap_port} (IMAP), "
@@ -268,6 +288,15 @@ def run_demo(data_dir: Path) -> int:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "prod.run"], env={**os.environ, **settings}, cwd=REPO
         )
+        # Meanwhile, a console user: its generated password is printed by the command, once.
+        added = run_cli(settings, "users", "add", CONSOLE_USER, "--role", "admin")
+        if added.returncode == 0:
+            say(
+                f"operator console: http://127.0.0.1:{settings['WEB_PORT']}/ user {CONSOLE_USER}, "
+                f"password {added.stdout.strip()} (shown this once)"
+            )
+        else:
+            say(f"no console user: {added.stderr.strip()}")
         indexed = wait_for_first_sync(settings, supervisor)
         say(f"indexed {indexed} messages in {time.monotonic() - started:.1f} s")
 

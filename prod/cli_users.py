@@ -89,6 +89,11 @@ def _change_user(engine: Engine, args: argparse.Namespace) -> int:
         change = accounts.disable_user if args.action == "disable" else accounts.enable_user
         done = change(engine, name, actor=actor)
         print(f"{name}: {args.action}d" if done else f"{name}: already {args.action}d", file=sys.stderr)
+    elif args.action == "unlock":
+        from emailops.users.sign_in_throttle import lift_lockout
+
+        lifted = lift_lockout(engine, name, actor=actor)
+        print(f"{name}: lockout lifted" if lifted else f"{name}: not locked out", file=sys.stderr)
     elif args.action == "remove":
         if not args.yes:
             print(
@@ -191,6 +196,7 @@ def add_commands(commands: Any) -> None:
         ("disable", "refuse the user's password and API token (kept for enable)"),
         ("enable", "accept the user's password and API token again"),
         ("token", "issue an API token (shown once; replaces the previous one)"),
+        ("unlock", "lift the console's sign-in lockout of a user name (after too many failures)"),
     ):
         users_commands.add_parser(action, help=text).add_argument("name", metavar="NAME")
     remove = users_commands.add_parser("remove", help="delete a user and their API token (asks for --yes)")

@@ -37,7 +37,7 @@ from prod.smtplib_debug import route_smtplib_debug_to_logging
 if TYPE_CHECKING:
     from prod.runtime_settings import RuntimeSettings
 
-PROCESS_ROLES = ("supervisor", "worker", "cli")
+PROCESS_ROLES = ("supervisor", "worker", "console", "cli")
 KEY_ORDER = ("ts", "level", "logger", "message", "pid", "thread", "component", "worker")
 LOG_FILE_BACKUPS = 7
 
@@ -395,7 +395,7 @@ def configure_logging(
             sinks.append(_RotatingFileSink(settings.log_file_path))
         pipeline.collector = LogCollector(sinks)
         handler = _LineHandler(pipeline.collector.write)
-    elif process_role == "worker" and queue is not None:
+    elif process_role in ("worker", "console") and queue is not None:
         handler = _LineHandler(_ChannelWriter(queue))
     else:
         handler = _LineHandler(_StreamSink(sys.stderr if process_role == "cli" else sys.stdout).write)

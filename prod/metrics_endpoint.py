@@ -40,6 +40,7 @@ class Figures:
     workers_up: int = 0
     worker_pids: Mapping[int, int] = field(default_factory=dict)  # worker id -> pid, live processes
     restarts: Mapping[str, int] = field(default_factory=dict)  # reason -> count since start
+    console_pid: int | None = None  # the operator console's process (WEB_PORT), when running
 
 
 def resident_memory_bytes(pid: int) -> int | None:
@@ -114,12 +115,14 @@ class SupervisorCollector:
         yield restarts
         memory = GaugeMetricFamily(
             "emailops_resident_memory_bytes",
-            "Resident memory of the supervisor and of each worker process.",
+            "Resident memory of the supervisor, of each worker process and of the console.",
             labels=["process"],
         )
-        for name, pid in [("supervisor", os.getpid())] + [
-            (f"worker-{worker}", pid) for worker, pid in sorted(figures.worker_pids.items())
-        ]:
+        processes = [("supervisor", os.getpid())]
+        processes += [(f"worker-{worker}", pid) for worker, pid in sorted(figures.worker_pids.items())]
+        if figures.console_pid is not None:
+            processes.append(("console", figures.console_pid))
+        for name, pid in processes:
             rss = resident_memory_bytes(pid)
             if rss is not None:
                 memory.add_metric([name], rss)

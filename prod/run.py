@@ -2,7 +2,8 @@
 
 Exit codes: 0 after a requested stop (SIGTERM / SIGINT), 3 when a worker failed to boot
 repeatedly (see ``prod.supervisor``), 78 (EX_CONFIG) on invalid configuration, after one JSON log
-line naming the variable, 70 (EX_SOFTWARE) if the supervisor itself crashed.
+line naming the variable, 70 (EX_SOFTWARE) if the supervisor itself crashed. A console address
+that cannot be bound (``WEB_PORT`` in use) is one ERROR line; the daemon runs without the console.
 
 The worker target is ``prod.mail_worker:create_unit``; ``--worker-target module:callable`` or the
 environment variable ``EMAILOPS_WORKER_TARGET`` replace it (the tests supervise their own units).
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+from typing import Any
 
+from prod.console.server import listen
 from prod.error_tracking import flush_error_tracking, init_error_tracking
 from prod.logging_setup import configure_logging, get_logger
 from prod.metrics_endpoint import MetricsEndpoint
@@ -76,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     log = get_logger("supervisor")
+    console_socket = _console_socket(settings, log)
     init_error_tracking(settings, worker=None)
     try:
         supervisor = Supervisor(
-            settings, target=args.worker_target, log_collector=pipeline.collector, metrics=metrics
+            settings,
+            target=args.worker_target,
+            log_collector=pipeline.collector,
+            metrics=metrics,
+            console_socket=console_socket,
         )
         supervisor.install_signal_handlers()
         if metrics is not None:
@@ -92,10 +101,30 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("supervisor crashed")
         return EXIT_SOFTWARE
     finally:
+        if console_socket is not None:
+            console_socket.close()
         if metrics is not None:
             metrics.close()
         flush_error_tracking()
         pipeline.close()
+
+
+def _console_socket(settings: RuntimeSettings, log: Any) -> socket.socket | None:
+    """The console's socket (WEB_PORT), or None: unset, or the address cannot be bound. The mail
+    work never depends on the console, so that is an error line, not a stop."""
+    if settings.web_port is None:
+        return None
+    try:
+        return listen(settings)
+    except OSError as exc:
+        log.error(
+            f"operator console disabled: cannot listen on {settings.web_addr}:{settings.web_port} "
+            f"({exc.strerror or exc}); free the port or change WEB_PORT",
+            setting="WEB_PORT",
+            port=settings.web_port,
+            address=settings.web_addr,
+        )
+        return None
 
 
 if __name__ == "__main__":

@@ -213,6 +213,27 @@ class RuntimeSettings(BaseSettings):
     metrics_addr: str = Field(default="127.0.0.1", min_length=1)
     health_max_sync_age_seconds: float = Field(default=300.0, gt=0)
 
+    # Operator console (prod.console): served on WEB_ADDR:WEB_PORT by the supervisor (unset: off);
+    # WEB_BASE_URL is its address behind a reverse proxy (https: cookies marked Secure).
+    web_port: Port | None = None
+    web_addr: str = Field(default="127.0.0.1", min_length=1)
+    web_base_url: str = ""
+    web_session_idle_minutes: int = Field(default=30, ge=1, le=24 * 60)
+    web_session_max_hours: int = Field(default=12, ge=1, le=24 * 30)
+
+    @field_validator("web_base_url")
+    @classmethod
+    def _web_base_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if value and (
+            parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query
+        ):
+            raise ValueError(
+                "must be the console's address without a path, e.g. https://emailops.example.org"
+            )
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, value: Any) -> str:

@@ -17,6 +17,11 @@ signal kills at once, unless it came within ``REPEATED_SIGNAL_SECONDS`` of the f
 request delivered twice). A worker whose heartbeat is older than ``HEARTBEAT_TIMEOUT_SECONDS`` (or that
 has not booted within it) is killed and replaced; one waiting on a mail server beats meanwhile
 (``prod.worker``), so a frozen server gets no worker killed.
+
+With ``console_socket`` (``WEB_PORT``) one more slot runs the operator console
+(``prod.console.server``) on that socket, restarted like a worker; but the mail work never depends
+on it: a console that fails to boot is retried at the longest delay, never FATAL, and it counts in
+no worker figure.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import enum
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +43,7 @@ from emailops.backoff import delay_seconds
 from emailops.processes import new_run_id
 from prod import heartbeat as state_file
 from prod import worker_status
+from prod.console.server import ConsoleSpec, console_main
 from prod.logging_setup import LogCollector, get_logger
 from prod.metrics_endpoint import Figures, MetricsEndpoint
 from prod.worker import EXIT_BOOT_FAILURE, PREVIOUS_RUN_ID_ENV, RUN_ID_ENV, WorkerSpec, worker_main
@@ -52,6 +59,7 @@ QUICK_STOP_SECONDS = 1.0
 # while a parent (the demo, a wrapper script) forwards the request a moment later.
 REPEATED_SIGNAL_SECONDS = 1.0
 LOOP_INTERVAL_SECONDS = 0.2
+CONSOLE_SLOT_ID = 0
 
 
 class SlotState(enum.StrEnum):
@@ -96,6 +104,11 @@ class WorkerSlot:
     kill_reason: str | None = None
 
     @property
+    def label(self) -> int | str:
+        """How logs name the slot: the worker's number, or ``console``."""
+        return "console" if self.worker_id == CONSOLE_SLOT_ID else self.worker_id
+
+    @property
     def booted(self) -> bool:
         return self.heartbeat is not None and self.heartbeat.value > 0
 
@@ -124,6 +137,8 @@ class Supervisor:
     # The /metrics endpoint (METRICS_PORT), started before the first worker is spawned.
     metrics: MetricsEndpoint | None = None
     policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # The operator console's listening socket (WEB_PORT), bound before; None: no console.
+    console_socket: socket.socket | None = None
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
 
@@ -133,6 +148,7 @@ class Supervisor:
         self.run_id = os.environ[RUN_ID_ENV] = new_run_id()
         self._log = get_logger("supervisor")
         self.slots = [WorkerSlot(worker_id=n) for n in range(1, self.settings.workers + 1)]
+        self.console = None if self.console_socket is None else WorkerSlot(worker_id=CONSOLE_SLOT_ID)
         self._pending_signals: list[tuple[int, float]] = []  # (signal, when it arrived)
         self._stop: _StopRequest | None = None
         self._fatal = False
@@ -140,6 +156,10 @@ class Supervisor:
         self._started_wall = self.wall_clock()
         self.restarts: dict[str, int] = {}  # reason -> workers restarted for it (for the metrics)
         self.exit_code: int | None = None
+
+    def all_slots(self) -> list[WorkerSlot]:
+        """The workers' slots and the console's."""
+        return self.slots if self.console is None else [*self.slots, self.console]
 
     # Called from signal handlers: record only.
     def request_stop(self, signum: int, _frame: object = None) -> None:
@@ -175,10 +195,10 @@ class Supervisor:
         """One iteration: handle signals, reap, kill the hung, start the due, write the state."""
         now = self.clock()
         self._handle_signals(now)
-        for slot in self.slots:
+        for slot in self.all_slots():
             self._reap(slot, now)
         if self._stop is None:
-            for slot in self.slots:
+            for slot in self.all_slots():
                 self._kill_if_hung(slot, now)
                 if slot.state is SlotState.BACKOFF and now >= slot.next_start_at:
                     self._spawn(slot, now)
@@ -218,7 +238,7 @@ class Supervisor:
             deadline=now + grace,
             exit_deadline=now + max(grace, self.settings.shutdown_timeout_seconds),
         )
-        for slot in self.slots:
+        for slot in self.all_slots():
             if slot.stop_requested is not None:
                 slot.stop_requested.value = 1
             if slot.state in (SlotState.STARTING, SlotState.RUNNING):
@@ -228,7 +248,7 @@ class Supervisor:
 
     def _advance_stop(self, now: float) -> None:
         assert self._stop is not None
-        alive = [slot for slot in self.slots if slot.state is SlotState.STOPPING]
+        alive = [slot for slot in self.all_slots() if slot.state is SlotState.STOPPING]
         overdue = [
             slot
             for slot in alive
@@ -236,10 +256,10 @@ class Supervisor:
         ]
         if overdue:
             for slot in overdue:
-                self._log.warning("worker did not stop in time; killing", worker=slot.worker_id)
+                self._log.warning("worker did not stop in time; killing", worker=slot.label)
                 self._kill(slot)
                 self._reap(slot, now, wait_seconds=1.0)
-            alive = [slot for slot in self.slots if slot.state is SlotState.STOPPING]
+            alive = [slot for slot in self.all_slots() if slot.state is SlotState.STOPPING]
         if not alive:
             self.exit_code = EXIT_FATAL if self._fatal else EXIT_OK
 
@@ -252,18 +272,30 @@ class Supervisor:
         slot.heartbeat = self._context.RawValue("d", 0.0)
         slot.exiting = self._context.RawValue("b", 0)
         channel = self.log_collector.open_channel() if self.log_collector is not None else None
-        spec = WorkerSpec(
-            worker_id=slot.worker_id,
-            target=self.target,
-            settings=self.settings,
-            stop_requested=slot.stop_requested,
-            heartbeat=slot.heartbeat,
-            exiting=slot.exiting,
-            log_channel=channel,
-        )
-        process = self._context.Process(
-            target=worker_main, args=(spec,), name=f"emailops-worker-{slot.worker_id}"
-        )
+        if slot is self.console:
+            assert self.console_socket is not None
+            console = ConsoleSpec(
+                settings=self.settings,
+                sock=self.console_socket,
+                stop_requested=slot.stop_requested,
+                heartbeat=slot.heartbeat,
+                exiting=slot.exiting,
+                log_channel=channel,
+            )
+            process = self._context.Process(target=console_main, args=(console,), name="emailops-console")
+        else:
+            spec = WorkerSpec(
+                worker_id=slot.worker_id,
+                target=self.target,
+                settings=self.settings,
+                stop_requested=slot.stop_requested,
+                heartbeat=slot.heartbeat,
+                exiting=slot.exiting,
+                log_channel=channel,
+            )
+            process = self._context.Process(
+                target=worker_main, args=(spec,), name=f"emailops-worker-{slot.worker_id}"
+            )
         process.start()
         if channel is not None:
             # The child holds its own copy now; ours must go, or the collector never sees EOF.
@@ -272,23 +304,23 @@ class Supervisor:
         slot.state = SlotState.STARTING
         slot.started_at = now
         slot.kill_reason = None
-        self._log.info("worker spawned", worker=slot.worker_id, worker_pid=process.pid)
+        self._log.info("worker spawned", worker=slot.label, worker_pid=process.pid)
 
     def _kill(self, slot: WorkerSlot) -> None:
         if slot.process is not None and slot.process.is_alive():
             slot.process.kill()
 
     def _kill_all(self, reason: str) -> None:
-        for slot in self.slots:
+        for slot in self.all_slots():
             if slot.process is not None and slot.process.is_alive():
-                self._log.warning("killing worker", worker=slot.worker_id, reason=reason)
+                self._log.warning("killing worker", worker=slot.label, reason=reason)
                 slot.process.kill()
                 slot.process.join(timeout=2)
 
     def _kill_if_hung(self, slot: WorkerSlot, now: float) -> None:
         if slot.state is SlotState.STARTING and slot.booted:
             slot.state = SlotState.RUNNING
-            self._log.info("worker running", worker=slot.worker_id)
+            self._log.info("worker running", worker=slot.label)
         if slot.state not in (SlotState.STARTING, SlotState.RUNNING) or slot.kill_reason:
             return
         silent_for = now - slot.last_sign_of_life()
@@ -296,7 +328,7 @@ class Supervisor:
             slot.kill_reason = "no heartbeat" if slot.booted else "did not boot in time"
             self._log.error(
                 "worker is hung; killing it",
-                worker=slot.worker_id,
+                worker=slot.label,
                 worker_pid=slot.process.pid if slot.process is not None else None,
                 reason=slot.kill_reason,
                 silent_seconds=round(silent_for, 1),
@@ -319,7 +351,7 @@ class Supervisor:
         slot.process = None
         if slot.state is SlotState.STOPPING or self._stop is not None:
             slot.state = SlotState.EXITED
-            self._log.info("worker exited", worker=slot.worker_id, exit_code=exit_code)
+            self._log.info("worker exited", worker=slot.label, exit_code=exit_code)
             return
         if not booted or exit_code == EXIT_BOOT_FAILURE:
             self._after_boot_failure(slot, now, exit_code)
@@ -328,6 +360,12 @@ class Supervisor:
 
     def _after_boot_failure(self, slot: WorkerSlot, now: float, exit_code: int | None) -> None:
         slot.boot_failures += 1
+        if slot is self.console:
+            # The mail work goes on without the console; it is tried again, slowly.
+            delay = self.policy.delay(slot.boot_failures)
+            self._log.error("console failed to boot; retrying", exit_code=exit_code, retry_in_seconds=delay)
+            self._backoff(slot, now, delay)
+            return
         self._count_restart("boot_failure")
         if slot.boot_failures >= self.policy.max_boot_failures:
             slot.state = SlotState.FATAL
@@ -355,11 +393,12 @@ class Supervisor:
         if now - slot.started_at >= self.policy.stable_after_seconds:
             slot.quick_deaths = 0
         slot.quick_deaths += 1
-        self._count_restart("hung" if slot.kill_reason else "died")
+        if slot is not self.console:
+            self._count_restart("hung" if slot.kill_reason else "died")
         delay = self.policy.delay(slot.quick_deaths)
         self._log.error(
             "worker died; restarting",
-            worker=slot.worker_id,
+            worker=slot.label,
             exit_code=exit_code,
             reason=slot.kill_reason or "exited",
             retry_in_seconds=delay,
@@ -389,6 +428,9 @@ class Supervisor:
                 if slot.process is not None and slot.process.pid is not None
             },
             restarts=dict(self.restarts),
+            console_pid=self.console.process.pid
+            if self.console is not None and self.console.process is not None
+            else None,
         )
 
     def _write_state(self, now: float) -> None:

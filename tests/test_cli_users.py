@@ -186,6 +186,7 @@ def test_refused_changes_say_why_and_record_nothing(env: dict[str, str]) -> None
         "users remove",
         "users passwd",
         "users token",
+        "users unlock",
         "audit",
     ],
 )
@@ -197,3 +198,32 @@ def test_the_commands_have_help(command: str) -> None:
         text=True,
     )
     assert result.returncode == 0 and "usage: emailops" in result.stdout
+
+
+def test_unlock_lifts_a_console_lockout_and_is_audited(env: dict[str, str], db_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from emailops.store.database import reading
+    from emailops.users import sign_in_throttle
+
+    cli = Cli(env)
+    engine = index_engine(db_url)
+    policy = sign_in_throttle.ThrottlePolicy()
+    now = datetime.now(UTC)
+    locked = [
+        sign_in_throttle.record_failure(engine, "carol", f"192.0.2.{n}", now, policy)
+        for n in range(policy.max_failures)
+    ]
+    assert locked[-1] and not any(locked[:-1])
+
+    result = cli("users", "unlock", "carol")
+    assert result.returncode == 0 and "carol: lockout lifted" in result.stderr
+    (line,) = audit_lines(result.stderr)
+    assert (line["action"], line["target"]) == ("sign_in.unlock", "carol")
+    with reading(engine) as conn:
+        assert sign_in_throttle.locked_names(conn) == []
+        assert not sign_in_throttle.refused(conn, "carol", "192.0.2.99", now, policy)
+    again = cli("users", "unlock", "carol")
+    assert again.returncode == 0 and "carol: not locked out" in again.stderr
+    assert audit_lines(again.stderr) == []
+    engine.dispose()

@@ -3,6 +3,7 @@ automatic reply within a minute, then a clean stop on SIGTERM."""
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
 import re
@@ -12,6 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -47,6 +51,24 @@ def _read_lines_until(process: subprocess.Popen[str], done: str, deadline: float
             if done in line:
                 return lines
     raise AssertionError(f"no {done!r} within {WITHIN_SECONDS} s; the demo said:\n" + "\n".join(lines))
+
+
+def _console_sign_in(base: str, name: str, password: str) -> str:
+    """Sign in with the console's form; the address of the page the browser ends on."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with opener.open(base + "sign-in", timeout=10) as page:
+        token = re.search(r'name="sign_in_token" value="([^"]+)"', page.read().decode())
+    assert token is not None
+    form = urllib.parse.urlencode(
+        {"username": name, "password": password, "sign_in_token": token[1], "next": "/"}
+    ).encode()
+    request = urllib.request.Request(base + "sign-in", data=form, headers={"Origin": base.rstrip("/")})  # noqa: S310
+    try:
+        with opener.open(request, timeout=30) as answer:
+            return str(answer.url)
+    except urllib.error.HTTPError as refused:
+        return str(refused.url)
 
 
 def test_sample_messages_are_crlf_and_parse() -> None:
@@ -98,6 +120,12 @@ def test_demo_indexes_searches_replies_and_stops_cleanly(tmp_path: Path) -> None
         assert search.returncode == 0, search.stderr
         subjects = {hit["subject"] for hit in json.loads(search.stdout)}
         assert subjects == {"Treffen in Zürich am Donnerstag", "Welcome to the EmailOps demo"}
+
+        # The console answers on the address printed, and its password signs the admin in.
+        console = re.search(r"operator console: (http://\S+/) user admin, password (\S+) ", text)
+        assert console is not None, text
+        assert _console_sign_in(console[1], "admin", console[2]) == console[1]
+        assert _console_sign_in(console[1], "admin", "not the password printed") == console[1] + "sign-in"
 
         log = (data_dir / "logs" / "app.log").read_text()
         assert '"component":"index"' in log and '"message":"folder synced"' in log

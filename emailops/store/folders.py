@@ -51,22 +51,31 @@ def ensure_folder(conn: Connection, account: str, name: str) -> FolderState:
     return state
 
 
+_STATE_COLUMNS = (
+    folders.c.id,
+    folders.c.account,
+    folders.c.name,
+    folders.c.uidvalidity,
+    folders.c.uidnext,
+    folders.c.highestmodseq,
+    folders.c.server_count,
+    folders.c.baseline_uidnext,
+    folders.c.last_sync_at,
+    folders.c.last_reconcile_at,
+)
+
+
 def get_folder(conn: Connection, account: str, name: str) -> FolderState | None:
     row = conn.execute(
-        select(
-            folders.c.id,
-            folders.c.account,
-            folders.c.name,
-            folders.c.uidvalidity,
-            folders.c.uidnext,
-            folders.c.highestmodseq,
-            folders.c.server_count,
-            folders.c.baseline_uidnext,
-            folders.c.last_sync_at,
-            folders.c.last_reconcile_at,
-        ).where(folders.c.account == account, folders.c.name == name)
+        select(*_STATE_COLUMNS).where(folders.c.account == account, folders.c.name == name)
     ).first()
     return FolderState(**row._mapping) if row else None
+
+
+def list_folders(conn: Connection) -> list[FolderState]:
+    """Every folder the index knows, by account and name."""
+    rows = conn.execute(select(*_STATE_COLUMNS).order_by(folders.c.account, folders.c.name))
+    return [FolderState(**row._mapping) for row in rows]
 
 
 def save_sync_state(

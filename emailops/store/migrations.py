@@ -237,6 +237,10 @@ def _users_and_audit_log(conn: Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _console_sessions(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.console_sessions, schema.sign_in_failures])
+
+
 def _search_language(conn: Connection) -> None:
     """The search terms of ``emailops.store.search_terms`` (fields, folding and CJK pairs the same on
     both backends) replace the first full-text index, recomputed for every stored message; with
@@ -293,6 +297,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "rules_versions, rule_decisions and folders.fetch_requested_at of the console",
         _console_operations,
     ),
+    Migration(21, "console_sessions and sign_in_failures of the operator console", _console_sessions),
 )
 
 

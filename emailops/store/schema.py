@@ -375,8 +375,8 @@ rules_versions = Table(
     Column("saved_at", Timestamp, nullable=False),
 )
 
-# What each matching rule decided for a message, written with the decision (emailops.store
-# .rule_decisions): the rules' statistics and a message's story. Deleted REPLY_HISTORY_DAYS after.
+# What each matching rule decided for a message, written with the decision (emailops.replies
+# .decision_log): the rules' statistics and a message's story. Deleted REPLY_HISTORY_DAYS after.
 rule_decisions = Table(
     "rule_decisions",
     metadata,
@@ -394,6 +394,36 @@ rule_decisions = Table(
 )
 Index("ix_rule_decisions_account_decided", rule_decisions.c.account, rule_decisions.c.decided_at)
 Index("ix_rule_decisions_message_pk", rule_decisions.c.message_pk)
+
+# Signed-in browser sessions of the operator console (migration 21). The cookie holds a random
+# id; only its SHA-256 is stored, so a copy of the database signs nobody in. A row outlives neither
+# its idle nor its absolute limit (checked at each request), nor a change of its user's password,
+# a disable or a removal (emailops.users.sessions).
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("user_name", String(100), nullable=False),
+    # The synchronizer token every form and htmx request of the session carries.
+    Column("csrf_token", String(64), nullable=False),
+    Column("source", String(100)),
+    Column("created_at", Timestamp, nullable=False),
+    Column("last_seen_at", Timestamp, nullable=False),
+)
+Index("ix_console_sessions_user", console_sessions.c.user_name)
+
+# Failed console sign-ins counted per user name and per client address (migration 21), for
+# emailops.users.sign_in_throttle. A user name's row may be locked: only an admin lifts that.
+sign_in_failures = Table(
+    "sign_in_failures",
+    metadata,
+    # "user" or "source".
+    Column("scope", String(8), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("first_failure_at", Timestamp, nullable=False),
+    Column("locked", Boolean, nullable=False, default=False),
+)
 
 schema_migrations = Table(
     "schema_migrations",

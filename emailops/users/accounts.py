@@ -23,6 +23,7 @@ from emailops.store.dialect import locking
 from emailops.store.schema import users
 from emailops.users import credentials
 from emailops.users.permissions import Role
+from emailops.users.sessions import end_user_sessions
 
 # Letters, digits and . _ @ + - (an e-mail address fits); never "cli:...", the command line's actor.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
@@ -123,6 +124,7 @@ def _set_disabled(engine: Engine, name: str, disabled: bool, actor: Actor, clock
         if before.disabled == disabled:
             return False
         conn.execute(update(users).where(users.c.name == name).values(disabled=disabled, updated_at=clock()))
+        end_user_sessions(conn, name)
         action = "user.disable" if disabled else "user.enable"
         record(conn, actor, action, name, before={"disabled": before.disabled}, after={"disabled": disabled})
     return True
@@ -143,6 +145,7 @@ def remove_user(engine: Engine, name: str, *, actor: Actor) -> None:
     with engine.begin() as conn:
         before = _existing(conn, name)
         conn.execute(delete(users).where(users.c.name == name))
+        end_user_sessions(conn, name)
         record(conn, actor, "user.remove", name, before=_summary(before))
 
 
@@ -159,6 +162,7 @@ def set_password(engine: Engine, name: str, password: str, *, actor: Actor, cloc
             .where(users.c.name == name)
             .values(password_hash=password_hash, password_changed_at=now, updated_at=now)
         )
+        end_user_sessions(conn, name)
         record(conn, actor, "user.passwd", name)
 
 

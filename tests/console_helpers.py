@@ -1,0 +1,108 @@
+"""The operator console in-process (Starlette's TestClient) on a real index, with a clock to move."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from starlette.testclient import TestClient
+
+from emailops.audit import Actor
+from emailops.users import accounts
+from emailops.users.sessions import start_session
+from prod.console.app import create_app
+from prod.console.calls import ConsoleContext
+from prod.console.metrics import HttpMetrics
+from prod.runtime_settings import RuntimeSettings
+
+BASE = "http://testserver"
+CLI = Actor(name="cli:test", role="admin")
+PASSWORDS = {
+    "ann": "ann's long admin pass phrase",
+    "otto": "otto's long operator pass phrase",
+    "vic": "vic's long viewer pass phrase",
+}
+ROLES = {"ann": "admin", "otto": "operator", "vic": "viewer"}
+# Settings whose values must never be shown.
+SECRETS = {
+    "email_password": "imap-secret-Zq81",
+    "llm_api_key": "sk-llm-secret-Pw72",
+    "sentry_dsn": "https://sentrykey-Yx55@o1.ingest.example.org/4",
+    "llm_base_url": "https://llmuser:llmpass-Kk39@llm.example.org/v1",
+}
+
+
+@dataclass
+class MovingClock:
+    now: datetime = field(default_factory=lambda: datetime(2026, 5, 1, 9, 0, tzinfo=UTC))
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def console_settings(tmp_path: Path, db_url: str, **overrides: Any) -> RuntimeSettings:
+    values: dict[str, Any] = {
+        "email_imap_host": "127.0.0.1",
+        "email_imap_port": 1143,
+        "email_smtp_host": "127.0.0.1",
+        "email_smtp_port": 1025,
+        "email_username": "bob@example.test",
+        "index_db_url": db_url,
+        "state_dir": tmp_path / "state",
+        "cache_dir": tmp_path / "cache",
+        "llm_model": "m",
+        **SECRETS,
+    }
+    values.update(overrides)
+    return RuntimeSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def add_users(engine: Engine) -> None:
+    for name, password in PASSWORDS.items():
+        accounts.add_user(engine, name, ROLES[name], password, actor=CLI)
+
+
+@dataclass
+class Console:
+    settings: RuntimeSettings
+    engine: Engine
+    clock: MovingClock
+    metrics: HttpMetrics | None = None
+
+    def __post_init__(self) -> None:
+        self.app = create_app(
+            ConsoleContext(settings=self.settings, engine=self.engine, clock=self.clock), self.metrics
+        )
+
+    def client(self, source: str = "198.51.100.1") -> TestClient:
+        return TestClient(self.app, base_url=BASE, client=(source, 50000), follow_redirects=False)
+
+    def session(self, name: str, source: str = "198.51.100.1") -> tuple[TestClient, str]:
+        """A client signed in as ``name`` (a session made directly: no Argon2 check) and its CSRF token."""
+        session_id, session = start_session(self.engine, name, source, self.clock())
+        client = self.client(source)
+        client.cookies.set("emailops_session", session_id)
+        return client, session.csrf_token
+
+
+def sign_in_token(client: TestClient, path: str = "/sign-in") -> str:
+    page = client.get(path)
+    found = re.search(r'name="sign_in_token" value="([^"]+)"', page.text)
+    assert found, page.text
+    return found[1]
+
+
+def sign_in(client: TestClient, name: str, password: str) -> Any:
+    token = sign_in_token(client)
+    return client.post(
+        "/sign-in",
+        data={"username": name, "password": password, "sign_in_token": token, "next": "/"},
+        headers={"Origin": BASE},
+    )
