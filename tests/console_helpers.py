@@ -106,3 +106,40 @@ def sign_in(client: TestClient, name: str, password: str) -> Any:
         data={"username": name, "password": password, "sign_in_token": token, "next": "/"},
         headers={"Origin": BASE},
     )
+
+
+def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]:
+    """An outbox reply of the console's account whose outcome is unknown, and a message its rules
+    quarantined: (the reply's id, the message's row)."""
+    from sqlalchemy import update
+
+    from emailops.replies import outbox
+    from emailops.store import folders, messages
+    from emailops.store.schema import messages as messages_table
+    from emailops.store.schema import outbox as outbox_table
+    from tests.test_store import NOW, fetched
+
+    account = "bob@example.test@127.0.0.1"
+    with engine.begin() as conn:
+        reply_id, _ = outbox.insert_reply(
+            conn,
+            account=account,
+            inbound_key="<in-1@example.org>",
+            message_pk=None,
+            rule_name="ack",
+            action="send",
+            recipient="carol@example.org",
+            reply_message_id="<reply-1@example.test>",
+            subject="Re: question",
+            raw=b"Subject: Re: question\r\n\r\nbody\r\n",
+            now=NOW,
+        )
+        conn.execute(update(outbox_table).where(outbox_table.c.id == reply_id).values(state="unknown"))
+        folder = folders.ensure_folder(conn, account, "INBOX")
+        pk = messages.insert_messages(conn, folder.id, 1, [fetched(7)], baseline_uidnext=1, now=NOW)[7]
+        conn.execute(
+            update(messages_table)
+            .where(messages_table.c.id == pk)
+            .values(rules_state="quarantined", rules_attempts=3, quarantine_reason="the rules raised")
+        )
+    return reply_id, pk

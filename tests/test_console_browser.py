@@ -104,9 +104,9 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
     shots = tmp_path / "screenshots"
     shots.mkdir()
     expected_nav = {
-        "vic": ["Overview", "Settings"],
-        "otto": ["Overview", "Settings"],
-        "ann": ["Overview", "Users", "Audit log", "Settings"],
+        "vic": ["Overview", "Outbox", "Quarantine", "Settings"],
+        "otto": ["Overview", "Outbox", "Quarantine", "Settings"],
+        "ann": ["Overview", "Outbox", "Quarantine", "Users", "Audit log", "Settings"],
     }
     for name, labels in expected_nav.items():
         tab = Page(browser, base)
@@ -136,7 +136,7 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
             assert tab.page.request.get(base + "/users").status == 403
         assert tab.violations == []
         tab.page.close()
-    assert len(list(shots.glob("*.png"))) == 1 + 2 + 2 + 4
+    assert len(list(shots.glob("*.png"))) == 1 + 4 + 4 + 6
 
 
 def test_keyboard_only_sign_in_and_an_admin_action_through_htmx(

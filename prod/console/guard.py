@@ -108,6 +108,8 @@ def guarded(
         if unsafe:
             parsed = await request.form()
             form = {key: value for key, value in parsed.items() if isinstance(value, str)}
+            if request.headers.get("content-type", "").startswith("application/json"):
+                form = await _json_fields(request)
             if identity is not None and not identity.via_token and route.permission is not Access.PUBLIC:
                 given = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER, "")
                 expected = identity.csrf_token or ""
@@ -117,3 +119,16 @@ def guarded(
         return await run_in_threadpool(route.handler, call)
 
     return endpoint
+
+
+async def _json_fields(request: Request) -> dict[str, str]:
+    """The text fields of a JSON object body (an API call's arguments); {} for anything else."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return (
+        {key: value for key, value in body.items() if isinstance(value, str)}
+        if isinstance(body, dict)
+        else {}
+    )

@@ -12,18 +12,13 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 from starlette.responses import Response
 
-from emailops.audit import Actor
 from emailops.store.database import reading
 from emailops.users import accounts
 from emailops.users.credentials import new_password
 from emailops.users.permissions import Action, Role
 from emailops.users.sign_in_throttle import lift_lockout, locked_names
 from prod.console.calls import Call, ConsoleRoute
-
-
-def _actor(call: Call) -> Actor:
-    assert call.identity is not None
-    return Actor(name=call.identity.name, role=call.identity.role.value, source=call.source)
+from prod.console.pages.actor import actor_of
 
 
 def _listing(call: Call) -> tuple[list[dict[str, object]], list[str]]:
@@ -94,7 +89,9 @@ def add_user(call: Call) -> Response:
     given = call.form.get("password", "")
     password = given or new_password()
     try:
-        accounts.add_user(call.context.engine, name, call.form.get("role", ""), password, actor=_actor(call))
+        accounts.add_user(
+            call.context.engine, name, call.form.get("role", ""), password, actor=actor_of(call)
+        )
     except accounts.UserError as exc:
         return _answer(call, name, str(exc), 400)
     if given:
@@ -104,7 +101,7 @@ def add_user(call: Call) -> Response:
 
 def disable_user(call: Call) -> Response:
     def change(engine: Engine, name: str) -> str:
-        done = accounts.disable_user(engine, name, actor=_actor(call))
+        done = accounts.disable_user(engine, name, actor=actor_of(call))
         return f"{name} is disabled." if done else f"{name} was disabled already."
 
     return _change(call, change)
@@ -112,7 +109,7 @@ def disable_user(call: Call) -> Response:
 
 def enable_user(call: Call) -> Response:
     def change(engine: Engine, name: str) -> str:
-        done = accounts.enable_user(engine, name, actor=_actor(call))
+        done = accounts.enable_user(engine, name, actor=actor_of(call))
         return f"{name} is enabled." if done else f"{name} was enabled already."
 
     return _change(call, change)
@@ -120,7 +117,7 @@ def enable_user(call: Call) -> Response:
 
 def remove_user(call: Call) -> Response:
     def change(engine: Engine, name: str) -> str:
-        accounts.remove_user(engine, name, actor=_actor(call))
+        accounts.remove_user(engine, name, actor=actor_of(call))
         return f"Removed user {name}."
 
     return _change(call, change)
@@ -130,7 +127,7 @@ def reset_password(call: Call) -> Response:
     name = call.request.path_params["name"]
     password = new_password()
     try:
-        accounts.set_password(call.context.engine, name, password, actor=_actor(call))
+        accounts.set_password(call.context.engine, name, password, actor=actor_of(call))
     except accounts.UserError as exc:
         return _answer(call, name, str(exc), 400)
     return _answer(call, name, f"New password of {name} (shown this once):", password=password)
@@ -139,7 +136,7 @@ def reset_password(call: Call) -> Response:
 def issue_token(call: Call) -> Response:
     name = call.request.path_params["name"]
     try:
-        token = accounts.issue_api_token(call.context.engine, name, actor=_actor(call))
+        token = accounts.issue_api_token(call.context.engine, name, actor=actor_of(call))
     except accounts.UserError as exc:
         return _answer(call, name, str(exc), 400)
     return _answer(
@@ -149,7 +146,7 @@ def issue_token(call: Call) -> Response:
 
 def unlock(call: Call) -> Response:
     def change(engine: Engine, name: str) -> str:
-        lifted = lift_lockout(engine, name, actor=_actor(call))
+        lifted = lift_lockout(engine, name, actor=actor_of(call))
         return f"Lockout of {name} lifted." if lifted else f"{name} was not locked out."
 
     return _change(call, change)

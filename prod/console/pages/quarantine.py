@@ -1,0 +1,122 @@
+"""Quarantine (operator): messages set aside because indexing or their rules kept failing; each
+handed back to its stage (retry) or, set aside by the rules, marked done unanswered (release),
+by ``emailops.actions.quarantine``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.responses import Response
+
+from emailops.actions.changes import Change
+from emailops.actions.quarantine import Stage, release_quarantined, retry_quarantined
+from emailops.store import index_work, rules_work
+from emailops.store.database import reading
+from emailops.store.quarantine import QuarantinedMessage
+from emailops.users.permissions import Action
+from prod.console.calls import Call, ConsoleRoute
+from prod.console.pages.actor import actor_of
+
+
+def _account(call: Call) -> str:
+    return call.context.settings.sync_config().account
+
+
+def _entries(call: Call) -> list[dict[str, object]]:
+    account = _account(call)
+    with reading(call.context.engine) as conn:
+        found = [(Stage.INDEX, e) for e in index_work.list_quarantined(conn, account)]
+        found += [(Stage.RULES, e) for e in rules_work.list_quarantined(conn, account)]
+    return [_entry(call, stage, entry) for stage, entry in found]
+
+
+def _entry(call: Call, stage: Stage, entry: QuarantinedMessage) -> dict[str, object]:
+    key = f"{stage}-{entry.row_id}"
+    return {
+        "id": key,
+        "url": call.url(f"/quarantine#{key}"),
+        "stage": stage.value,
+        "row_id": entry.row_id,
+        "folder": entry.folder,
+        "uid": entry.uid,
+        "message_id": entry.message_id,
+        "attempts": entry.attempts,
+        "reason": entry.reason,
+    }
+
+
+def quarantine_page(call: Call, status_code: int = 200, notice: str | None = None) -> Response:
+    return call.render(
+        "quarantine.html",
+        status_code,
+        entries=_entries(call),
+        notice=notice,
+        error=notice if status_code >= 400 else None,
+    )
+
+
+def quarantine_api(call: Call) -> Response:
+    return call.json({"id": "quarantine", "url": call.url("/quarantine"), "messages": _entries(call)})
+
+
+def _act(call: Call, verb: str, act: Callable[[Stage, int], Change]) -> tuple[str, str, int]:
+    row_id = int(call.request.path_params["id"])
+    try:
+        stage = Stage(call.request.path_params["stage"])
+    except ValueError:
+        return f"{row_id}", "the stage is index or rules", 404
+    change = act(stage, row_id)
+    key = f"{stage}-{row_id}"
+    if not change.done:
+        return key, f"Message {key} not changed: {change.refusal}.", 409 if change.before else 404
+    return key, f"Message {key}: {verb}.", 200
+
+
+def _retry(call: Call) -> tuple[str, str, int]:
+    def act(stage: Stage, row_id: int) -> Change:
+        (change,) = retry_quarantined(
+            call.context.engine, stage, [row_id], account=_account(call), actor=actor_of(call)
+        )
+        return change
+
+    return _act(call, "handed back to its stage", act)
+
+
+def _release(call: Call) -> tuple[str, str, int]:
+    def act(stage: Stage, row_id: int) -> Change:
+        if stage is not Stage.RULES:
+            return Change(row_id, False, None, None, "only a message set aside by its rules is released")
+        (change,) = release_quarantined(
+            call.context.engine, [row_id], account=_account(call), actor=actor_of(call)
+        )
+        return change
+
+    return _act(call, "released (done, not answered)", act)
+
+
+def _form(action: Callable[[Call], tuple[str, str, int]]) -> Callable[[Call], Response]:
+    def handler(call: Call) -> Response:
+        _, notice, status = action(call)
+        return quarantine_page(call, status, notice)
+
+    return handler
+
+
+def _api(action: Callable[[Call], tuple[str, str, int]]) -> Callable[[Call], Response]:
+    def handler(call: Call) -> Response:
+        key, notice, status = action(call)
+        answer = "done" if status == 200 else "error"
+        return call.json({"id": key, "url": call.url(f"/quarantine#{key}"), answer: notice}, status)
+
+    return handler
+
+
+_ONE = "/quarantine/{stage}/{id:int}"
+ROUTES = [
+    ConsoleRoute("/quarantine", quarantine_page, Action.VIEW_QUARANTINE, nav="Quarantine"),
+    ConsoleRoute("/api/v1/quarantine", quarantine_api, Action.VIEW_QUARANTINE),
+    ConsoleRoute(f"{_ONE}/retry", _form(_retry), Action.RETRY_QUARANTINE, methods=("POST",)),
+    ConsoleRoute(f"/api/v1{_ONE}/retry", _api(_retry), Action.RETRY_QUARANTINE, methods=("POST",)),
+    ConsoleRoute(f"{_ONE}/release", _form(_release), Action.RELEASE_QUARANTINE, methods=("POST",)),
+    ConsoleRoute(f"/api/v1{_ONE}/release", _api(_release), Action.RELEASE_QUARANTINE, methods=("POST",)),
+]
