@@ -23,6 +23,7 @@ from prod.cli_common import (
     json_default,
     open_index,
     positive_int,
+    print_changes,
     print_json,
 )
 from prod.runtime_settings import ConfigError, RuntimeSettings
@@ -360,12 +361,7 @@ def _change_replies(engine: Engine, args: argparse.Namespace, account: str) -> i
     changes = resolve_replies(
         engine, args.ids, Resolution(resolution), account=account, actor=cli_actor(), now=datetime.now(UTC)
     )
-    for change in changes:
-        if change.done:
-            print(f"{args.action}: reply {change.row_id}")
-        else:
-            print(f"not changed: reply {change.row_id}: {change.refusal}", file=sys.stderr)
-    return EXIT_OK if all(change.done for change in changes) else EXIT_FAILED
+    return print_changes(changes, verb=args.action, what="reply")
 
 
 def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -11,8 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from sqlalchemy import Engine
 
+    from emailops.actions.changes import Change
     from prod.runtime_settings import RuntimeSettings
 
 EXIT_OK = 0
@@ -57,3 +61,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
+
+
+def print_changes(changes: Sequence[Change], *, verb: str, what: str) -> int:
+    """One line per row an operator's action changed (stdout) or refused, with why (stderr); exit 1
+    when any was refused."""
+    for change in changes:
+        if change.done:
+            print(f"{verb}: {what} {change.row_id}")
+        else:
+            print(f"not changed: {what} {change.row_id}: {change.refusal}", file=sys.stderr)
+    return EXIT_OK if all(change.done for change in changes) else EXIT_FAILED

@@ -9,7 +9,15 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
-from prod.cli_common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, open_index, positive_int, print_json
+from prod.cli_common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    open_index,
+    positive_int,
+    print_changes,
+    print_json,
+)
 from prod.runtime_settings import RuntimeSettings
 
 JOB_STATES = ["pending", "working", "done", "failed", "cancelled"]
@@ -114,12 +122,7 @@ def cmd_llm(settings: RuntimeSettings, args: argparse.Namespace) -> int:
             from prod.cli_users import cli_actor
 
             changes = change_jobs(engine, args.ids, args.action, account=account, actor=cli_actor())
-            for change in changes:
-                if change.done:
-                    print(f"{args.action}: model job {change.row_id}")
-                else:
-                    print(f"not changed: model job {change.row_id}: {change.refusal}", file=sys.stderr)
-            return EXIT_OK if all(change.done for change in changes) else EXIT_FAILED
+            return print_changes(changes, verb=args.action, what="model job")
         with engine.connect() as conn:
             found = jobs.list_jobs(conn, account=account, states=tuple(args.state or ()), limit=args.limit)
     fields = (
