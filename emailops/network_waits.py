@@ -21,6 +21,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+# A call counts as a sign of life this long past its socket timeout (scheduling, a slow machine).
+OVERDUE_GRACE_SECONDS = 5.0
+# Opening a connection is up to three timeouts: the TCP connect, the TLS handshake, the greeting.
+OPENING_TIMEOUTS = 3
+
 
 @dataclass(frozen=True)
 class Wait:
