@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from emailops import metrics
 from emailops.config import ServerConfig, TlsSecurity
+from emailops.network_waits import WAITS
 from emailops.replies import outbox
 from emailops.replies.compose import build_reply
 from emailops.replies.delivery import deliver_next
@@ -38,6 +39,7 @@ from emailops.store.schema import metadata
 from localmail.dovecot import free_loopback_port
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.reply_factories import parsed_message
+from tests.silent_server import silent_server
 
 USER, PASSWORD = "alice@example.test", "alice-pw-s3cret"
 T0 = datetime(2024, 5, 6, 8, 0, 0, tzinfo=UTC)
@@ -169,6 +171,39 @@ def test_no_answer_after_data_is_uncertain() -> None:
             sender.send(envelope_from=USER, recipient="a@example.org", raw=raw_reply())
     finally:
         controller.stop()
+
+
+@pytest.mark.parametrize(
+    "greeting", [b"", b"220 ready\r\n"], ids=["says-nothing", "greets-then-says-nothing"]
+)
+def test_a_server_that_says_nothing_is_a_bounded_network_wait(greeting: bytes) -> None:
+    """Accepted, then silence: the send fails as transient within a few timeouts, the worker's
+    thread was seen waiting on the server meanwhile (so not hung), and the server is named as
+    not answering."""
+    seen: list[object] = []
+    thread = threading.get_ident()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(WAITS.in_flight(thread))
+            time.sleep(0.05)
+
+    with silent_server(greeting) as port:
+        config = ServerConfig(**{**smtp_config(port).__dict__, "timeout_seconds": 0.5})
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        with SmtpSender(config) as sender, pytest.raises(TransientSendError):
+            sender.send(envelope_from=USER, recipient="a@example.org", raw=raw_reply())
+        took = time.monotonic() - started
+        stop.set()
+        watcher.join(5)
+    endpoint = f"127.0.0.1:{port}"
+    assert took < 3 * 0.5 + 1, took
+    waits = [wait for wait in seen if wait is not None]
+    assert waits and {(wait.service, wait.endpoint) for wait in waits} == {("smtp", endpoint)}  # type: ignore[attr-defined]
+    assert ("smtp", endpoint) in {(silence.service, silence.endpoint) for silence in WAITS.silences()}
 
 
 def _open_descriptors() -> int:
