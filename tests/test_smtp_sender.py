@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ from emailops.store.schema import metadata
 from localmail.dovecot import free_loopback_port
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.reply_factories import parsed_message
-from tests.silent_server import silent_server
+from tests.silent_server import resetting_server, silent_server
 
 USER, PASSWORD = "alice@example.test", "alice-pw-s3cret"
 T0 = datetime(2024, 5, 6, 8, 0, 0, tzinfo=UTC)
@@ -210,29 +208,6 @@ def _open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@contextlib.contextmanager
-def _resetting_server() -> Iterator[int]:
-    """A loopback port whose server accepts each connection and resets it at once (RST)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            connection, _ = listener.accept()
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            connection.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        socket.create_connection(listener.getsockname()).close()  # wakes accept() to see stop
-        thread.join(5)
-        listener.close()
-
-
 @pytest.mark.parametrize(
     "failure", ["sign-in refused", "certificate not trusted", "unreadable CA file", "refused", "reset"]
 )
@@ -249,7 +224,7 @@ def test_a_hundred_failed_sends_leave_no_socket_open(failure: str, tmp_path: Pat
             "certificate not trusted": smtp_config(relay.port, TlsSecurity.STARTTLS),
             "unreadable CA file": smtp_config(relay.port, TlsSecurity.STARTTLS, garbage_ca),
             "refused": smtp_config(free_loopback_port("127.0.0.1")),
-            "reset": smtp_config(stack.enter_context(_resetting_server())),
+            "reset": smtp_config(stack.enter_context(resetting_server())),
         }[failure]
         expected = {"sign-in refused": SmtpAuthError, "certificate not trusted": SmtpSecurityError}
         kept: list[BaseException] = []
