@@ -9,11 +9,13 @@ library neither decides where values go nor reads the environment. prometheus-cl
 by ``enable()`` only.
 
 Labels are bounded: folder and rule names come from the configuration; kinds, outcomes, reasons
-and states are fixed sets. No address, subject or Message-ID ever becomes a label.
+and states are fixed sets. No address, subject or Message-ID ever becomes a label: an account is
+labelled by its name, or by a stable short id when the name is an address (``account_label``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +75,10 @@ class _Instruments:
     llm_calls: Any
     llm_latency: Any
     llm_tokens: Any
+    account_messages_indexed: Any
+    account_errors: Any
+    account_last_sync: Any
+    account_state: Any
 
 
 _instruments: _Instruments | None = None
@@ -192,6 +198,32 @@ def enable() -> None:
             ["direction"],
             registry=None,
         ),
+        account_messages_indexed=Counter(
+            "emailops_account_messages_indexed",
+            "Messages committed to the index, by account.",
+            ["account"],
+            registry=None,
+        ),
+        account_errors=Counter(
+            "emailops_account_errors",
+            "IMAP sign-in and connection failures, by account and kind (as emailops_imap_errors).",
+            ["account", "kind"],
+            registry=None,
+        ),
+        account_last_sync=Gauge(
+            "emailops_account_last_sync_timestamp_seconds",
+            "UNIX time of the account's last successful sync (as recorded in account_state).",
+            ["account"],
+            multiprocess_mode="max",
+            registry=None,
+        ),
+        account_state=Gauge(
+            "emailops_account_state",
+            "1 for the account's current state (ok, backoff, auth_failed, disabled), 0 for the others.",
+            ["account", "state"],
+            multiprocess_mode="livemostrecent",
+            registry=None,
+        ),
     )
 
 
@@ -202,9 +234,11 @@ def enabled() -> bool:
 # -- index ---------------------------------------------------------------------------------------
 
 
-def messages_indexed(folder: str, count: int) -> None:
+def messages_indexed(folder: str, count: int, account: str | None = None) -> None:
     if _instruments is not None and count:
         _instruments.messages_indexed.labels(folder).inc(count)
+        if account is not None:
+            _instruments.account_messages_indexed.labels(account_label(account)).inc(count)
 
 
 def problem_kind(problem: str) -> str:
@@ -242,16 +276,44 @@ def folder_synced(folder: str, at: float) -> None:
 # -- IMAP ----------------------------------------------------------------------------------------
 
 
-def imap_error(kind: str) -> None:
+def imap_error(kind: str, account: str | None = None) -> None:
     if _instruments is not None:
         _instruments.imap_errors.labels(kind).inc()
         if kind == "auth":
             _instruments.auth_failures.labels("imap").inc()
+        if account is not None:
+            _instruments.account_errors.labels(account_label(account), kind).inc()
 
 
 def imap_reconnected() -> None:
     if _instruments is not None:
         _instruments.imap_reconnects.inc()
+
+
+# -- accounts ------------------------------------------------------------------------------------
+
+
+def account_label(account: str) -> str:
+    """The ``account`` label of an account: its name, unless the name is an address (the default
+    name is the username, often one), which no label carries; then ``acct-`` and the first 12 hex
+    digits of the name's SHA-256, the same on every host and at every start
+    (``healthcheck --verbose`` shows it beside the name)."""
+    if "@" not in account:
+        return account
+    return "acct-" + hashlib.sha256(account.encode()).hexdigest()[:12]
+
+
+def account_state(account: str, state: str, states: Iterable[str]) -> None:
+    """Set the account's state gauge: 1 for ``state``, 0 for the other ``states``."""
+    if _instruments is not None:
+        label = account_label(account)
+        for each in states:
+            _instruments.account_state.labels(label, each).set(1 if each == state else 0)
+
+
+def account_synced(account: str, at: float) -> None:
+    if _instruments is not None:
+        _instruments.account_last_sync.labels(account_label(account)).set(at)
 
 
 # -- replies -------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ inside a call younger than the call's bound is waiting on the network, not stuck
 bound (a socket that did not honour its timeout) no longer counts, so that a truly stuck worker is
 still killed.
 
-A call that ends in a timeout marks its server as not answering, from the start of that call, until
-a call to the same server returns: ``silences()`` is what the healthcheck names.
+A call that ends in a timeout (or in an error raised while handling one) marks its server as not
+answering, from the start of that call, until a call to the same server returns: ``silences()`` is
+what the healthcheck names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+# A call counts as a sign of life this long past its socket timeout (scheduling, a slow machine).
+OVERDUE_GRACE_SECONDS = 5.0
+# Opening a connection is up to three timeouts: the TCP connect, the TLS handshake, the greeting.
+OPENING_TIMEOUTS = 3
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,12 @@ class NetworkWaits:
             self._in_flight[thread] = wait
         try:
             yield
-        except TimeoutError:
-            with self._lock:
-                key = (service, endpoint)
-                if key not in self._silences:
-                    self._silences[key] = Silence(service, endpoint, wait.since)
+        except Exception as exc:
+            if _timed_out(exc):
+                with self._lock:
+                    key = (service, endpoint)
+                    if key not in self._silences:
+                        self._silences[key] = Silence(service, endpoint, wait.since)
             raise
         else:
             with self._lock:
@@ -93,6 +100,17 @@ class NetworkWaits:
         """The servers not answering now, each since its first call that timed out."""
         with self._lock:
             return list(self._silences.values())
+
+
+def _timed_out(error: BaseException) -> bool:
+    """A timeout, or an error raised while handling one (smtplib turns a read's timeout into
+    ``SMTPServerDisconnected``)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 # The process's waits: the protocol clients mark them, the worker's heartbeat reads them.

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from sqlalchemy import Engine
 
+from emailops.accounts.gate import AccountGate
 from emailops.cache import RawMessageCache
 from emailops.clock import Clock, utc_now
 from emailops.config import ServerConfig, SyncConfig
@@ -61,6 +62,7 @@ class MailPipeline:
         workers: int = 1,
         stages: Sequence[AfterIndexStage] = (),
         smtp: SmtpSender | None = None,
+        gate: AccountGate | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
         step_seconds: float = 1.0,
@@ -74,6 +76,8 @@ class MailPipeline:
         self.stages = list(stages)
         # The outbox stage's sender, whose sign-ins smtp_status() reports (None: no outbox here).
         self.smtp = smtp
+        # The account's state (account_state), shared by its watchers; None: each on its own.
+        self.gate = gate
         self.clock = clock
         self.monotonic = monotonic
         self.step_seconds = step_seconds
@@ -191,5 +195,5 @@ class MailPipeline:
         sync = FolderSync(self.engine, self.config, folder, cache=self.cache, clock=self.clock)
         idle_watchers = sum(1 for watcher in self.watchers.values() if watcher.shared is None)
         if self.config.use_idle and idle_watchers < self.config.idle_folders:
-            return FolderWatcher(self.server, self.config, sync)
-        return FolderWatcher(self.server, self.config, sync, shared=self.shared)
+            return FolderWatcher(self.server, self.config, sync, gate=self.gate)
+        return FolderWatcher(self.server, self.config, sync, shared=self.shared, gate=self.gate)

@@ -8,7 +8,7 @@ Unhealthy, exit 1: ``{"ok": false, "error": "...", "error_type": "..."}``, check
 
 - ``ConfigError``: the settings are invalid (the error names the variable);
 - ``StateDirNotWritable``: a file cannot be created in ``STATE_DIR``;
-- ``DatabaseUnreachable``: ``SELECT 1`` on ``INDEX_DB_URL`` fails (3 s timeout). For SQLite an
+- ``DatabaseUnreachable``: reading ``INDEX_DB_URL`` fails (3 s timeout). For SQLite an
   existing file is opened read-only and must have a readable schema; a missing file whose
   directory exists is healthy (the workers create it), a missing directory is unreachable. The
   healthcheck never creates the database.
@@ -24,7 +24,12 @@ Unhealthy, exit 1: ``{"ok": false, "error": "...", "error_type": "..."}``, check
   but none has synced for ``HEALTH_MAX_SYNC_AGE_SECONDS`` (at least two poll intervals; counted from
   the start of the oldest worker when none has synced yet). ``error_type`` says why, from the last
   IMAP error the workers saw: ``ImapServerUnreachable``, ``ImapSignInRefused``, ``ImapFolderMissing``,
-  ``ImapTlsFailed``, ``ImapTooManyConnections``, or ``FolderSyncStale`` when no error explains it;
+  ``ImapTlsFailed``, ``ImapTooManyConnections``, or ``FolderSyncStale`` when no error explains it.
+  Not when a restart would not help: some account has synced within the limit by its row in
+  ``account_state`` (``emailops.accounts.state``), or every account there waits for the operator
+  (``auth_failed``: its sign-in was refused; ``disabled``). One mailbox whose password is wrong is
+  no reason to restart the container; ``--verbose`` and the metrics (``emailops_account_state``,
+  alert ``EmailOpsAccountSignInRefused``) tell it;
 - ``SmtpSignInRefused``: replies are due but the SMTP server has refused the account's sign-in
   (password or OAuth2) for ``HEALTH_MAX_SYNC_AGE_SECONDS`` (the same limit), with no successful
   sign-in by any worker since (the status files' ``smtp``). Healthy again once a reply is sent. A
@@ -34,7 +39,9 @@ No IMAP connection, no structlog/sentry import: it answers in a few hundred mill
 ``--verbose`` adds a ``detail`` object: the supervisor's pid, and for each worker its pid, state,
 heartbeat age, uptime, each folder it watches with the age of its last sync and its last error,
 the server it waits for now (``waiting``) and those not answering (``not_answering``), each with
-its age, and its SMTP sign-ins (``smtp``: ages of the last sign-in and of the current refusal, last error).
+its age, and its SMTP sign-ins (``smtp``: ages of the last sign-in and of the current refusal, last error);
+and ``accounts``, each account that is not ``ok``: state, failures, last error and its kind, seconds
+since its last sync and until its next attempt (by the database's clock), its metrics label.
 Error texts go through the redactor with the password registered: no secret is printed.
 """
 
@@ -45,6 +52,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +78,8 @@ SYNC_STALE = "FolderSyncStale"
 # emailops.network_waits service -> error_type, when its server does not answer.
 NOT_ANSWERING_TYPES = {"imap": "ImapServerNotAnswering"}
 SMTP_SIGN_IN_REFUSED = "SmtpSignInRefused"
+# Account states (emailops.accounts.state) that a restart does not change: the operator must act.
+_WAITING_FOR_THE_OPERATOR = ("auth_failed", "disabled")
 
 
 class Unhealthy(Exception):
@@ -89,38 +99,72 @@ def _check_state_dir(state_dir: Path) -> None:
         ) from None
 
 
-def _check_database(url: str) -> None:
-    """Open the index read-only and run a query (stdlib sqlite3 or psycopg: no SQLAlchemy import)."""
+@dataclass(frozen=True)
+class AccountRow:
+    """An account's row in ``account_state`` (``emailops.accounts.state``), ages by the database's clock."""
+
+    account: str
+    state: str
+    failures: int
+    error_kind: str | None
+    error: str | None
+    last_sync_age_seconds: float | None
+    next_attempt_in_seconds: float | None
+
+
+# The account states, with the ages computed by the database: its clock is the one they were written by.
+_ACCOUNTS_SQL = {
+    "sqlite": (
+        "SELECT account, state, failures, last_error_kind, last_error, "
+        "(julianday('now') - julianday(last_synced_at)) * 86400.0, "
+        "(julianday(next_attempt_at) - julianday('now')) * 86400.0 FROM account_state ORDER BY account"
+    ),
+    "postgresql": (
+        "SELECT account, state, failures, last_error_kind, last_error, "
+        "extract(epoch FROM statement_timestamp() - last_synced_at)::float8, "
+        "extract(epoch FROM next_attempt_at - statement_timestamp())::float8 "
+        "FROM account_state ORDER BY account"
+    ),
+}
+_HAS_ACCOUNTS_SQL = {
+    "sqlite": "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'account_state'",
+    "postgresql": "SELECT to_regclass('account_state') IS NOT NULL",
+}
+
+
+def _check_database(url: str) -> list[AccountRow]:
+    """Open the index read-only and read the accounts' states, none before the workers made the
+    table (stdlib sqlite3 or psycopg: no SQLAlchemy import)."""
     parsed = parse_database_url(url)
     try:
-        if parsed.backend == "sqlite":
-            _probe_sqlite(Path(parsed.database))
-        else:
-            _probe_postgresql(parsed)
+        rows = _read_sqlite(Path(parsed.database)) if parsed.backend == "sqlite" else _read_postgresql(parsed)
     except Unhealthy:
         raise
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise Unhealthy("DatabaseUnreachable", f"INDEX_DB_URL: {type(exc).__name__}: {reason}") from None
+    return [AccountRow(*row) for row in rows]
 
 
-def _probe_sqlite(path: Path) -> None:
+def _read_sqlite(path: Path) -> list[Any]:
     if not path.exists():
         # Created by the first worker; only a missing directory makes that impossible.
         if not path.parent.is_dir():
             raise Unhealthy("DatabaseUnreachable", f"INDEX_DB_URL: directory {path.parent} does not exist")
-        return
+        return []
     import sqlite3
 
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=DB_TIMEOUT_SECONDS)
     try:
         # SQLite opens files lazily: reading the schema makes a garbage file fail here.
-        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if not connection.execute(_HAS_ACCOUNTS_SQL["sqlite"]).fetchone()[0]:
+            return []
+        return connection.execute(_ACCOUNTS_SQL["sqlite"]).fetchall()
     finally:
         connection.close()
 
 
-def _probe_postgresql(url: DatabaseUrl) -> None:
+def _read_postgresql(url: DatabaseUrl) -> list[Any]:
     import psycopg
 
     params: dict[str, Any] = {
@@ -137,7 +181,45 @@ def _probe_postgresql(url: DatabaseUrl) -> None:
         if value is not None:
             params[key] = value
     with psycopg.connect(**params) as connection:
-        connection.execute("SELECT 1").fetchone()
+        found = connection.execute(_HAS_ACCOUNTS_SQL["postgresql"]).fetchone()
+        if found is None or not found[0]:
+            return []
+        return connection.execute(_ACCOUNTS_SQL["postgresql"]).fetchall()
+
+
+def _accounts_detail(accounts: list[AccountRow], detail: dict[str, Any]) -> None:
+    """The accounts that are not ok, for ``--verbose``."""
+    from emailops.metrics import account_label
+
+    shown = [
+        {
+            "account": row.account,
+            "metrics_label": account_label(row.account),
+            "state": row.state,
+            "failures": row.failures,
+            "error_kind": row.error_kind,
+            "error": row.error,
+            "last_sync_age_seconds": _rounded(row.last_sync_age_seconds),
+            "next_attempt_in_seconds": _rounded(row.next_attempt_in_seconds),
+        }
+        for row in accounts
+        if row.state != "ok"
+    ]
+    if shown:
+        detail["accounts"] = shown
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+def _restart_would_not_help(settings: RuntimeSettings, accounts: list[AccountRow]) -> bool:
+    """Some account has synced within the limit, or every account waits for the operator (its
+    sign-in refused, or disabled): then no sync is no reason to restart the container."""
+    limit = settings.health_max_sync_age
+    if any(row.last_sync_age_seconds is not None and row.last_sync_age_seconds <= limit for row in accounts):
+        return True
+    return bool(accounts) and all(row.state in _WAITING_FOR_THE_OPERATOR for row in accounts)
 
 
 def _check_processes(settings: RuntimeSettings, detail: dict[str, Any]) -> state_file.SupervisorState:
@@ -252,8 +334,11 @@ def _smtp_detail(now: float, smtp: worker_status.SmtpReport) -> dict[str, Any]:
     }
 
 
-def _check_sync(settings: RuntimeSettings, statuses: list[worker_status.WorkerStatus]) -> None:
-    """Unhealthy when the workers watch folders and none has synced for the configured time."""
+def _check_sync(
+    settings: RuntimeSettings, statuses: list[worker_status.WorkerStatus], accounts: list[AccountRow]
+) -> None:
+    """Unhealthy when the workers watch folders and none has synced for the configured time, unless
+    a restart would not help (``_restart_would_not_help``)."""
     now = time.time()
     watching = [status for status in statuses if status.folders]
     if not watching:
@@ -263,6 +348,8 @@ def _check_sync(settings: RuntimeSettings, statuses: list[worker_status.WorkerSt
     since = max(synced) if synced else min(status.started_at for status in watching)
     limit = settings.health_max_sync_age
     if now - since <= limit:
+        return
+    if _restart_would_not_help(settings, accounts):
         return
     failing = [folder for folder in folders if folder.current_error]
     what = "has synced" if synced else "has synced since the workers started"
@@ -324,11 +411,12 @@ def check(verbose: bool = False) -> tuple[dict[str, Any], int]:
             REDACTOR.register(secret)
         REDACTOR.register_url_password(settings.index_db_url)
         _check_state_dir(settings.state_dir)
-        _check_database(settings.index_db_url)
+        accounts = _check_database(settings.index_db_url)
+        _accounts_detail(accounts, detail)
         state = _check_processes(settings, detail)
         statuses = _read_statuses(settings, state, detail)
         _check_servers_answer(settings, statuses)
-        _check_sync(settings, statuses)
+        _check_sync(settings, statuses, accounts)
         _check_smtp(settings, statuses)
     except Unhealthy as exc:
         answer: dict[str, Any] = {"ok": False, "error": exc.error, "error_type": exc.error_type}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from emailops.accounts.gate import AccountGate
 from emailops.llm.client import ChatClient
 from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.processes import ProcessIdentity, new_run_id
@@ -15,6 +16,7 @@ from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
 from prod.oauth2_tokens import token_source
+from prod.redaction import REDACTOR
 from prod.runtime_settings import ConfigError, RuntimeSettings
 from prod.worker import PREVIOUS_RUN_ID_ENV, RUN_ID_ENV
 
@@ -79,6 +81,10 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         )
     )
     stages.append(HistoryPurgeStage(engine, history_days=settings.reply_history_days))
+    # The account's state, shared with every worker; a start tries an account whose sign-in was
+    # refused at once, since its password (or sign-in settings) may have been changed for it.
+    gate = AccountGate(engine, sync_config.account, mask=REDACTOR.redact_text)
+    gate.credentials_changed()
     return MailPipeline(
         engine,
         imap,
@@ -88,4 +94,5 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         workers=settings.workers,
         stages=stages,
         smtp=sender,
+        gate=gate,
     )

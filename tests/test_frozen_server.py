@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from emailops.accounts.state import State, account_states
 from localmail.imap_server import LocalImapServer
 from prod.worker_status import status_path
 from tests.index_helpers import ALICE, daemon_env, index_engine, message, rows
@@ -89,14 +90,23 @@ def test_a_frozen_server_gets_no_worker_killed_and_is_named_by_the_healthcheck(
         assert waits_seen == {endpoint}
         assert named and endpoint in str(named["error"]), named
         assert "WorkersMissing" not in error_types
-        # The folders timed out one after another, longer together than the heartbeat timeout.
+        # Calls timed out one after another, longer together than the heartbeat timeout: one per
+        # attempt of the account (its other folders wait for its next attempt, in backoff).
         timeouts = [
             record
             for record in supervisor.records()
             if record["message"] == "IMAP connection failed" and "timed out" in record["error"]
         ]
-        assert len({record["folder"] for record in timeouts}) >= 2, timeouts
         assert len(timeouts) * EMAIL_TIMEOUT > HEARTBEAT_TIMEOUT, timeouts
+        engine = index_engine(env["INDEX_DB_URL"])
+        try:
+            states = account_states(engine)
+        finally:
+            engine.dispose()
+        # Backoff, or ok again if the server answered its next attempt: never a refused sign-in.
+        [account] = states.values()
+        assert account.state in (State.BACKOFF, State.OK) and account.last_error_kind == "connection", account
+        assert account.last_error is not None and "timed out" in account.last_error, account
 
         # Mail that arrives once the server answers is indexed: the worker went on.
         imap_server.deliver(ALICE, message(2, subject="after the thaw"))

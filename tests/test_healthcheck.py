@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from emailops.accounts import state as account_state
+from emailops.accounts.state import Event
 from prod.heartbeat import SupervisorState, WorkerState, write_state
 from prod.worker_status import FolderReport, SmtpReport, WaitReport, WorkerStatus, write_status
+from tests.index_helpers import index_engine
 from tests.oauth2_helpers import TOKEN_KEY
 from tests.shell_workers import PASSWORD, healthy_line, run_healthcheck, shell_env
 
@@ -457,3 +460,79 @@ def test_a_server_not_answering_for_longer_than_the_timeout_is_named(tmp_path: P
         "up after EMAIL_TIMEOUT_SECONDS=30); worker(s) 1, 2 wait for it",
         95,
     )
+
+
+# -- accounts (account_state) ----------------------------------------------------------------------
+
+
+def _record_account(url: str, account: str, *events: tuple[Event, str | None, str | None]) -> None:
+    engine = index_engine(url)
+    try:
+        with engine.begin() as conn:
+            for event, kind, error in events:
+                account_state.record(conn, account, event, error_kind=kind, error=error)
+    finally:
+        engine.dispose()
+
+
+def test_one_account_whose_sign_in_is_refused_is_no_reason_to_restart(tmp_path: Path, db_url: str) -> None:
+    """A restart does not fix a refused password: healthy (the processes are well), and
+    ``--verbose`` lists the account with its state, error and next attempt."""
+    env = shell_env(
+        tmp_path, INDEX_DB_URL=db_url, HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5"
+    )
+    refusal = "[AUTHENTICATIONFAILED] Authentication failed."
+    _record_account(db_url, "bob@example.test", (Event.REFUSED, "auth", refusal))
+    _write_state(env)
+    now = time.time()
+    _write_worker_status(env, 1, FolderReport("INBOX", None, "auth", refusal, now - 10), started_ago=600)
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert (output, code) == (healthy_line(env), 0)
+    answer = json.loads(run_healthcheck(tmp_path, env, "--verbose")[0])
+    assert answer["ok"] is True
+    [shown] = answer["detail"]["accounts"]
+    assert shown["account"] == "bob@example.test" and shown["metrics_label"].startswith("acct-")
+    assert (shown["state"], shown["error_kind"], shown["error"], shown["failures"]) == (
+        "auth_failed",
+        "auth",
+        refusal,
+        1,
+    )
+    assert 800 <= shown["next_attempt_in_seconds"] <= 1800 and shown["last_sync_age_seconds"] is None
+
+
+def test_an_account_in_backoff_that_has_not_synced_is_unhealthy(tmp_path: Path, db_url: str) -> None:
+    """A server that is down or does not answer may come back with a restart elsewhere (a network
+    namespace, DNS): the container stays unhealthy as before, and names the error."""
+    env = shell_env(
+        tmp_path, INDEX_DB_URL=db_url, HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5"
+    )
+    _record_account(db_url, "bob@example.test", (Event.FAILED, "connection", "cannot connect: timed out"))
+    _write_state(env)
+    now = time.time()
+    failing = FolderReport("INBOX", now - 90, "connection", "cannot connect: timed out", now - 10)
+    _write_worker_status(env, 1, failing, started_ago=600)
+    assert _unhealthy(tmp_path, env)["error_type"] == "ImapServerUnreachable"
+    shown = json.loads(run_healthcheck(tmp_path, env, "--verbose")[0])["detail"]["accounts"]
+    assert [(row["state"], row["failures"]) for row in shown] == [("backoff", 1)]
+
+
+def test_one_account_syncing_keeps_the_container_healthy(tmp_path: Path, db_url: str) -> None:
+    """Of two accounts, one refused and one synced by the database's record: healthy, and only
+    the account that is not ok is listed."""
+    env = shell_env(
+        tmp_path, INDEX_DB_URL=db_url, HEALTH_MAX_SYNC_AGE_SECONDS="60", POLL_INTERVAL_SECONDS="5"
+    )
+    _record_account(db_url, "support", (Event.SYNCED, None, None))
+    _record_account(db_url, "sales", (Event.FAILED, "connection", "reset"), (Event.FAILED, "tls", "bad cert"))
+    _write_state(env)
+    now = time.time()
+    _write_worker_status(
+        env, 1, FolderReport("INBOX", now - 90, "tls", "bad cert", now - 10), started_ago=600
+    )
+    output, code, _ = run_healthcheck(tmp_path, env)
+    assert (output, code) == (healthy_line(env), 0)
+    shown = json.loads(run_healthcheck(tmp_path, env, "--verbose")[0])["detail"]["accounts"]
+    assert [(row["account"], row["metrics_label"], row["state"]) for row in shown] == [
+        ("sales", "sales", "backoff")
+    ]

@@ -98,6 +98,34 @@ def test_enabled_values_go_to_the_multiprocess_files(tmp_path: Path) -> None:
     assert 'emailops_replies_total{outcome="suppressed",rule="ack"} 2.0' in text
 
 
+def test_per_account_values_are_labelled_by_the_account_never_by_an_address(tmp_path: Path) -> None:
+    """An account named by an address is labelled by its short id; state is one gauge per state."""
+    code = (
+        "from emailops import metrics\n"
+        "metrics.enable()\n"
+        "metrics.messages_indexed('INBOX', 3, 'alice@example.com@imap.example.com')\n"
+        "metrics.imap_error('connection', 'support')\n"
+        "metrics.account_state('support', 'backoff', ['ok', 'backoff', 'auth_failed', 'disabled'])\n"
+        "metrics.account_synced('support', 1700000000.0)\n"
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, check=True)
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    text = generate_latest(registry).decode()
+    label = metrics.account_label("alice@example.com@imap.example.com")
+    assert f'emailops_account_messages_indexed_total{{account="{label}"}} 3.0' in text
+    assert "alice" not in text and "@" not in text
+    assert 'emailops_account_errors_total{account="support",kind="connection"} 1.0' in text
+    assert 'emailops_account_state{account="support",state="backoff"} 1.0' in text
+    for state in ("ok", "auth_failed", "disabled"):
+        assert f'emailops_account_state{{account="support",state="{state}"}} 0.0' in text
+    assert 'emailops_account_last_sync_timestamp_seconds{account="support"} 1.7e+09' in text
+
+
 class _ListSink:
     def __init__(self) -> None:
         self.lines: list[str] = []

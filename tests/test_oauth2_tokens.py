@@ -16,6 +16,8 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
+from emailops.accounts import state as account_state
+from emailops.accounts.state import Event, State
 from emailops.auth.device_login import device_login
 from emailops.auth.errors import OAuth2KeyError, OAuth2RefusedError, OAuth2UnavailableError
 from emailops.auth.sasl import OAUTHBEARER, XOAUTH2, NoOAuth2Mechanism, choose_mechanism, oauthbearer, xoauth2
@@ -328,6 +330,28 @@ def test_public_client_device_login_and_refresh(db_url: str) -> None:
         tokens.clock.advance(3600)  # type: ignore[attr-defined]
         assert server.introspect(tokens.access_token())["active"] is True
         assert server.count("token:refresh_token") == 1
+
+
+def test_a_new_login_makes_an_account_whose_grant_was_refused_due_at_once(
+    db_url: str, auth_server: LocalOAuth2Server
+) -> None:
+    """`emailops auth login` is stored with the account's next sign-in set to now: the workers do
+    not wait for the slow retry of an auth_failed account."""
+    tokens = source(db_url, auth_server)
+    with tokens.engine.begin() as conn:
+        refused = account_state.record(
+            conn, tokens.config.account, Event.REFUSED, error_kind="auth", error="invalid_grant"
+        )
+        assert refused.state is State.AUTH_FAILED
+        assert (account_state.seconds_until_due(conn, tokens.config.account) or 0) > 600
+    device_login(
+        tokens,
+        show=lambda authorization: auth_server.approve(authorization.user_code, ALICE),
+        sleep=lambda _s: None,
+    )
+    with tokens.engine.connect() as conn:
+        assert account_state.seconds_until_due(conn, tokens.config.account) == 0.0
+        assert account_state.read_state(conn, tokens.config.account).state is State.AUTH_FAILED  # type: ignore[union-attr]
 
 
 def test_declined_device_login_is_refused(db_url: str, auth_server: LocalOAuth2Server) -> None:

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from structlog.testing import capture_logs
 
 from emailops import metrics
 from emailops.config import ServerConfig, TlsSecurity
+from emailops.network_waits import WAITS
 from emailops.replies import outbox
 from emailops.replies.compose import build_reply
 from emailops.replies.delivery import deliver_next
@@ -38,6 +37,7 @@ from emailops.store.schema import metadata
 from localmail.dovecot import free_loopback_port
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.reply_factories import parsed_message
+from tests.silent_server import resetting_server, silent_server
 
 USER, PASSWORD = "alice@example.test", "alice-pw-s3cret"
 T0 = datetime(2024, 5, 6, 8, 0, 0, tzinfo=UTC)
@@ -171,31 +171,41 @@ def test_no_answer_after_data_is_uncertain() -> None:
         controller.stop()
 
 
-def _open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@contextlib.contextmanager
-def _resetting_server() -> Iterator[int]:
-    """A loopback port whose server accepts each connection and resets it at once (RST)."""
-    listener = socket.create_server(("127.0.0.1", 0))
+@pytest.mark.parametrize(
+    "greeting", [b"", b"220 ready\r\n"], ids=["says-nothing", "greets-then-says-nothing"]
+)
+def test_a_server_that_says_nothing_is_a_bounded_network_wait(greeting: bytes) -> None:
+    """Accepted, then silence: the send fails as transient within a few timeouts, the worker's
+    thread was seen waiting on the server meanwhile (so not hung), and the server is named as
+    not answering."""
+    seen: list[object] = []
+    thread = threading.get_ident()
     stop = threading.Event()
 
-    def serve() -> None:
+    def watch() -> None:
         while not stop.is_set():
-            connection, _ = listener.accept()
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            connection.close()
+            seen.append(WAITS.in_flight(thread))
+            time.sleep(0.05)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
+    with silent_server(greeting) as port:
+        config = ServerConfig(**{**smtp_config(port).__dict__, "timeout_seconds": 0.5})
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        with SmtpSender(config) as sender, pytest.raises(TransientSendError):
+            sender.send(envelope_from=USER, recipient="a@example.org", raw=raw_reply())
+        took = time.monotonic() - started
         stop.set()
-        socket.create_connection(listener.getsockname()).close()  # wakes accept() to see stop
-        thread.join(5)
-        listener.close()
+        watcher.join(5)
+    endpoint = f"127.0.0.1:{port}"
+    assert took < 3 * 0.5 + 1, took
+    waits = [wait for wait in seen if wait is not None]
+    assert waits and {(wait.service, wait.endpoint) for wait in waits} == {("smtp", endpoint)}  # type: ignore[attr-defined]
+    assert ("smtp", endpoint) in {(silence.service, silence.endpoint) for silence in WAITS.silences()}
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize(
@@ -214,7 +224,7 @@ def test_a_hundred_failed_sends_leave_no_socket_open(failure: str, tmp_path: Pat
             "certificate not trusted": smtp_config(relay.port, TlsSecurity.STARTTLS),
             "unreadable CA file": smtp_config(relay.port, TlsSecurity.STARTTLS, garbage_ca),
             "refused": smtp_config(free_loopback_port("127.0.0.1")),
-            "reset": smtp_config(stack.enter_context(_resetting_server())),
+            "reset": smtp_config(stack.enter_context(resetting_server())),
         }[failure]
         expected = {"sign-in refused": SmtpAuthError, "certificate not trusted": SmtpSecurityError}
         kept: list[BaseException] = []

@@ -30,6 +30,8 @@ import structlog
 from sqlalchemy import Connection, Engine, select, update
 from tenacity import wait_exponential
 
+from emailops.accounts import state as account_state
+from emailops.accounts.state import Event
 from emailops.auth.crypto import TokenCipher
 from emailops.auth.errors import (
     LOGIN_FIX,
@@ -260,6 +262,8 @@ class TokenSource:
                 )
             )
             self._store(conn, response, now, rotated_from=None)
+            # The workers try the account's sign-in at once, not at its next slow retry.
+            account_state.record(conn, self.config.account, Event.CREDENTIALS_CHANGED)
 
     def status(self) -> TokenStatus | None:
         with reading(self.engine) as conn:

@@ -61,6 +61,10 @@ def connect(config: ServerConfig) -> imapclient.IMAPClient:
     except LoginError as exc:
         _drop_socket(client)
         raise classify_login_failure(str(exc)) from None
+    except TimeoutError as exc:
+        # No answer is no refusal, whatever the text: never taken for refused credentials.
+        _drop_socket(client)
+        raise ImapTransientError(f"login to {config.host}:{config.port} got no answer: {exc}") from exc
     except (OSError, IMAPClientError) as exc:
         # A connection limit is often told by a BYE right at login.
         _drop_socket(client)

@@ -58,8 +58,14 @@ _TOO_MANY = ("too many", "maximum number of connections", "[limit]", "connection
 _AUTH = ("authenticationfailed", "authentication failed", "invalid credentials", "login failed", "[auth")
 
 
+# RFC 5530: the server cannot check the credentials now (its authentication backend is down).
+_UNAVAILABLE = "[unavailable]"
+
+
 def classify_login_failure(message: str) -> ImapError:
     lowered = message.lower()
+    if _UNAVAILABLE in lowered:
+        return ImapTransientError(message)
     if any(marker in lowered for marker in _TOO_MANY):
         return ImapTooManyConnectionsError(message)
     if any(marker in lowered for marker in _AUTH):

@@ -19,12 +19,7 @@ from typing import Any
 
 from imapclient import IMAPClient
 
-from emailops.network_waits import WAITS
-
-# A call counts as a sign of life this long past its socket timeout (scheduling, a slow machine).
-OVERDUE_GRACE_SECONDS = 5.0
-# Opening a connection is up to three timeouts: the TCP connect, the TLS handshake, the greeting.
-_OPENING_TIMEOUTS = 3
+from emailops.network_waits import OPENING_TIMEOUTS, OVERDUE_GRACE_SECONDS, WAITS
 
 
 def uid_command(client: IMAPClient, command: str, *args: str) -> tuple[str, list[Any]]:
@@ -66,7 +61,7 @@ class WaitMarkingIMAPClient(IMAPClient):  # type: ignore[misc]  # imapclient has
         if timeout is None:
             return super()._create_IMAP4()  # type: ignore[no-any-return]
         endpoint = f"{self.host}:{self.port}"
-        opening = (self._timeout.connect or timeout) * _OPENING_TIMEOUTS + OVERDUE_GRACE_SECONDS
+        opening = (self._timeout.connect or timeout) * OPENING_TIMEOUTS + OVERDUE_GRACE_SECONDS
         with WAITS.waiting("imap", endpoint, opening):
             imap: imaplib.IMAP4 = super()._create_IMAP4()
         for name in ("read", "readline", "send"):

@@ -199,7 +199,7 @@ class FolderIndexer:
         there before: one INFO line for each of 100,000 old messages would cost the initial sync
         about half its time (85 us a line) and tell nothing the "folder synced" line does not.
         """
-        metrics.messages_indexed(self.folder, len(inserted))
+        metrics.messages_indexed(self.folder, len(inserted), self.config.account)
         committed = self.clock()
         baseline_uidnext = self.state.baseline_uidnext
         problem_kinds: Counter[str] = Counter()

@@ -19,6 +19,7 @@ import structlog
 from imapclient import IMAPClient
 
 from emailops import metrics
+from emailops.accounts.gate import RECHECK_SECONDS, AccountGate
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import PendingInput, forget_unsolicited, pending_input
 from emailops.imap.connection import ReconnectPolicy, SharedConnection, connect, logout_quietly
@@ -70,6 +71,7 @@ class FolderWatcher:
         sleep: Callable[[float], None] = time.sleep,
         wall_clock: Callable[[], float] = time.time,
         pass_budget_seconds: float = 5.0,
+        gate: AccountGate | None = None,
     ) -> None:
         self.server = server
         self.config = config
@@ -82,6 +84,8 @@ class FolderWatcher:
         self.sleep = sleep
         self.pass_budget_seconds = pass_budget_seconds
         self.policy = ReconnectPolicy()
+        # The account's state shared by all its watchers; without one, this watcher's own policy.
+        self.gate = gate
         self.client: IMAPClient | None = None
         self.idling = False
         self.failures = 0
@@ -108,6 +112,10 @@ class FolderWatcher:
         if self.client is None:
             if now < self.next_connect_at:
                 self.sleep(min(max_wait, self.next_connect_at - now))
+                return None
+            account_wait = self.gate.wait_seconds() if self.gate is not None else 0.0
+            if account_wait > 0:
+                self.next_connect_at = now + account_wait
                 return None
             if not self._connect():
                 return None
@@ -188,12 +196,17 @@ class FolderWatcher:
         self.failures += 1
         self.last_error = error
         self.last_error_at = self.wall_clock()
-        metrics.imap_error(error.kind)
-        delay = self.policy.delay(error, self.failures)
+        metrics.imap_error(error.kind, self.config.account)
         oauth2 = self.server.tokens is not None
-        if oauth2 and isinstance(error, ImapAuthError):
-            delay = min(delay, OAUTH2_AUTH_RETRY_MAX_SECONDS)
-        self.next_connect_at = self.monotonic() + delay
+        if self.gate is not None and not isinstance(error, ImapFolderMissingError):
+            # The account's next attempt, looked at again every RECHECK_SECONDS (a new login).
+            delay = self.gate.failed(error.kind, str(error))
+            self.next_connect_at = self.monotonic() + min(delay, RECHECK_SECONDS)
+        else:
+            delay = self.policy.delay(error, self.failures)
+            if oauth2 and isinstance(error, ImapAuthError):
+                delay = min(delay, OAUTH2_AUTH_RETRY_MAX_SECONDS)
+            self.next_connect_at = self.monotonic() + delay
         fields = {
             "error": str(error),
             "error_type": type(error).__name__,
@@ -258,6 +271,8 @@ class FolderWatcher:
         self.failures = 0
         self.last_sync_at = self.wall_clock()
         metrics.folder_synced(self.folder, self.last_sync_at)
+        if self.gate is not None:
+            self.gate.synced()
         now = self.monotonic()
         self.catching_up = not report.complete or missed
         self.next_poll_at = now + self.config.poll_interval_seconds

@@ -15,6 +15,11 @@ Outcomes: ``send`` returns on 250 and otherwise raises
 - ``UncertainSendError``: the whole message was transmitted but no answer came back - the server
   may have accepted it, so it must not be resent automatically.
 
+Every blocking call on the socket (connect, TLS, each command and each answer) is bounded by the
+configured timeout and marked as a network wait (``emailops.network_waits``): a server that accepts
+the connection and says nothing holds up the outbox for at most a few timeouts, and meanwhile the
+worker is not taken for hung; the healthcheck's ``--verbose`` names the silent server.
+
 ``sign_in_status()`` tells the operator (the worker status file, the healthcheck) whether the
 server refuses the account's sign-in: since when, and the last refusal's text.
 
@@ -32,6 +37,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -47,7 +53,11 @@ from emailops.auth.sasl import (
     xoauth2,
 )
 from emailops.config import AccessTokens, ServerConfig, TlsSecurity
+from emailops.network_waits import OPENING_TIMEOUTS, OVERDUE_GRACE_SECONDS, WAITS
 from emailops.tls import verifying_context
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 
 class SmtpSendError(Exception):
@@ -117,6 +127,40 @@ def _access_token(tokens: AccessTokens, rejected: str | None = None) -> str:
         raise SmtpAuthError(f"OAuth2 sign-in refused: {exc}") from None
 
 
+class _WaitMarkingSMTP(smtplib.SMTP):
+    """smtplib's blocking calls as network waits: ``connect`` (TCP, implicit TLS, the greeting),
+    ``starttls``, then every ``send`` and ``getreply`` (each command of smtplib goes through both),
+    each bounded by the socket timeout."""
+
+    _endpoint = ""
+
+    def _bound(self, timeouts: int = 1) -> float:
+        return float(self.timeout) * timeouts + OVERDUE_GRACE_SECONDS
+
+    def connect(
+        self, host: str = "localhost", port: int = 0, source_address: Any = None
+    ) -> tuple[int, bytes]:
+        self._endpoint = f"{host}:{port}"
+        with WAITS.waiting("smtp", self._endpoint, self._bound(OPENING_TIMEOUTS)):
+            return super().connect(host, port, source_address)
+
+    def starttls(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        with WAITS.waiting("smtp", self._endpoint, self._bound(2)):
+            return super().starttls(*args, **kwargs)
+
+    def send(self, s: ReadableBuffer | str) -> None:
+        with WAITS.waiting("smtp", self._endpoint, self._bound()):
+            super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        with WAITS.waiting("smtp", self._endpoint, self._bound()):
+            return super().getreply()
+
+
+class _WaitMarkingSMTPSSL(_WaitMarkingSMTP, smtplib.SMTP_SSL):
+    """Implicit TLS, marked the same way."""
+
+
 class SmtpSender:
     """Sends messages over one lazily opened SMTP connection; ``close()`` when the burst is over."""
 
@@ -182,7 +226,7 @@ class SmtpSender:
         cfg = self.config
         context = verifying_context(cfg.ca_file) if cfg.security is not TlsSecurity.NONE else None
         if cfg.security is TlsSecurity.SSL:
-            smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+            smtp: smtplib.SMTP = _WaitMarkingSMTPSSL(
                 cfg.host,
                 cfg.port,
                 local_hostname=self.local_hostname,
@@ -190,7 +234,7 @@ class SmtpSender:
                 context=context,
             )
         else:
-            smtp = smtplib.SMTP(
+            smtp = _WaitMarkingSMTP(
                 cfg.host, cfg.port, local_hostname=self.local_hostname, timeout=cfg.timeout_seconds
             )
         try:

@@ -231,6 +231,10 @@ _AUDIT_APPEND_ONLY = {
 }
 
 
+def _account_state(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.account_state])
+
+
 def _users_and_audit_log(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.users, schema.audit_log])
     for statement in _AUDIT_APPEND_ONLY[conn.dialect.name]:
@@ -291,6 +295,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(13, "search terms of the search language; indexes for its operators", _search_language),
     Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
+    Migration(16, "account_state: each mail account's state, last error and next attempt", _account_state),
     Migration(17, "users and the append-only audit_log of the operator console", _users_and_audit_log),
     Migration(
         18,
@@ -309,15 +314,18 @@ def current_version(conn: Connection) -> int:
 
 
 def migrate(engine: Engine) -> list[Migration]:
-    """Apply the pending migrations in one transaction (both dialects have transactional DDL)."""
+    """Apply the pending migrations in one transaction (both dialects have transactional DDL).
+
+    Pending is every migration not recorded, also one below the last recorded version: versions
+    are assigned to changes made side by side, so one may arrive after a higher one ran."""
     applied: list[Migration] = []
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
         schema.schema_migrations.create(conn, checkfirst=True)
-        done = current_version(conn)
+        done = set(conn.execute(select(schema.schema_migrations.c.version)).scalars())
         for migration in MIGRATIONS:
-            if migration.version <= done:
+            if migration.version in done:
                 continue
             migration.apply(conn)
             conn.execute(

@@ -425,6 +425,27 @@ sign_in_failures = Table(
     Column("locked", Boolean, nullable=False, default=False),
 )
 
+# How each mail account fares (emailops.accounts.state): ok, backoff, auth_failed or disabled,
+# the last error (secrets masked), and when it is tried next, read by every worker and the
+# healthcheck. Keyed by the account's name alone, no foreign key: the accounts may be configured
+# elsewhere. Times come from the database's clock.
+account_state = Table(
+    "account_state",
+    metadata,
+    Column("account", String(320), primary_key=True),
+    Column("state", String(16), nullable=False),
+    # Consecutive failures since the last successful sync: the backoff grows with it.
+    Column("failures", Integer, nullable=False, default=0),
+    # ImapError.kind of the last failure (connection, auth, tls, too_many_connections), and its text.
+    Column("last_error_kind", String(32)),
+    Column("last_error", Text),
+    Column("last_error_at", Timestamp),
+    Column("last_synced_at", Timestamp),
+    # No sign-in is tried before it (NULL: at once).
+    Column("next_attempt_at", Timestamp),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,

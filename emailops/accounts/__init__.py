@@ -1,0 +1,1 @@
+"""Mail accounts: what the daemon knows of each mailbox it serves."""
