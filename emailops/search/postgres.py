@@ -60,9 +60,11 @@ class PostgresBackend:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
+    def matching_keys(self, expr: TextExpr) -> Select[Any]:
+        return select(search_terms.c.message_pk).where(search_terms.c.vector.op("@@")(_query(expr)))
+
     def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
-        matching = search_terms.c.vector.op("@@")(_query(expr))
-        keys = select(search_terms.c.message_pk).where(matching)
+        keys = self.matching_keys(expr)
         probe = select(func.count()).select_from(keys.limit(FEW_MATCHES).subquery())
         if self.conn.execute(probe).scalar_one() < FEW_MATCHES:
             return message_id.in_(keys.offset(0))

@@ -9,14 +9,14 @@ from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, FromClause, Select, func, select
+from sqlalchemy import ColumnElement, CompoundSelect, Connection, FromClause, Select, func, select
 
 from emailops.search.compiler import Compiler, Scope, message_date, ranked_text
 from emailops.search.postgres import PostgresBackend
 from emailops.search.query import Node, parse
 from emailops.search.results import Hit, ThreadHit, snippet
 from emailops.search.sqlite import SqliteBackend
-from emailops.search.textmatch import positive_text
+from emailops.search.textmatch import TextExpr, positive_text, text_expr
 from emailops.store.schema import folders, messages
 
 
@@ -48,11 +48,14 @@ class _Prepared:
     where: ColumnElement[bool]
 
 
+def _scope(account: str, options: SearchOptions) -> Scope:
+    return Scope(account, options.account_names, options.timezone, options.now or datetime.now(UTC))
+
+
 def _prepare(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> _Prepared:
     node = parse(query) if isinstance(query, str) else query
     backend = _backend(conn)
-    scope = Scope(account, options.account_names, options.timezone, options.now or datetime.now(UTC))
-    compiler = Compiler(backend, scope)
+    compiler = Compiler(backend, _scope(account, options))
     where = compiler.visible(messages)
     return _Prepared(node, backend, where & compiler.condition(node, messages))
 
@@ -132,9 +135,35 @@ def message_keys(
 
 def count(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> int:
     """How many messages ``search`` would find without a limit."""
-    prepared = _prepare(conn, account, query, options)
-    statement = select(func.count()).select_from(messages).where(prepared.where)
-    return int(conn.execute(statement).scalar_one())
+    node = parse(query) if isinstance(query, str) else query
+    text = text_expr(node)
+    if text is not None:
+        return _text_count(conn, account, node, text, options)
+    return _count_rows(conn, _prepare(conn, account, node, options).where)
+
+
+def _count_rows(conn: Connection, where: ColumnElement[bool]) -> int:
+    return int(conn.execute(select(func.count()).select_from(messages).where(where)).scalar_one())
+
+
+def _count_of(conn: Connection, keys: Select[Any] | CompoundSelect[Any]) -> int:
+    return int(conn.execute(select(func.count()).select_from(keys.subquery())).scalar_one())
+
+
+def _text_count(conn: Connection, account: str, node: Node, text: TextExpr, options: SearchOptions) -> int:
+    """A query of text alone: the full-text index counts the matches, less those of the messages a
+    search does not see, when there are fewer of those than matches (else the visible matches
+    are counted one by one). Checking each match's message cost more than counting them all."""
+    compiler = Compiler(_backend(conn), _scope(account, options))
+    matching = compiler.backend.matching_keys(text)
+    total = _count_of(conn, matching)
+    hidden = compiler.hidden_keys().subquery()
+    few_hidden = _count_of(conn, select(hidden.c.id).limit(total))
+    if few_hidden == 0:
+        return total
+    if few_hidden == total:
+        return _count_rows(conn, compiler.visible(messages) & compiler.condition(node, messages))
+    return total - _count_of(conn, select(hidden.c.id).where(hidden.c.id.in_(matching)))
 
 
 def threads(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[ThreadHit]:

@@ -51,8 +51,11 @@ class SqliteBackend:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
+    def matching_keys(self, expr: TextExpr) -> Select[Any]:
+        return select(search_fts.c.rowid).where(_matching(expr))
+
     def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
-        rowids = select(search_fts.c.rowid).where(_matching(expr))
+        rowids = self.matching_keys(expr)
         probe = select(func.count()).select_from(rowids.limit(FEW_MATCHES).subquery())
         if self.conn.execute(probe).scalar_one() < FEW_MATCHES:
             return message_id.in_(rowids)
