@@ -9,7 +9,7 @@ from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, CompoundSelect, Connection, FromClause, Select, func, select
+from sqlalchemy import ColumnElement, CompoundSelect, Connection, Select, func, select
 
 from emailops.search.compiler import Compiler, Scope, message_date, ranked_text
 from emailops.search.postgres import PostgresBackend
@@ -60,7 +60,14 @@ def _prepare(conn: Connection, account: str, query: str | Node, options: SearchO
     return _Prepared(node, backend, where & compiler.condition(node, messages))
 
 
-def _ordered(prepared: _Prepared, statement: Select[Any], sort: Sort) -> Select[Any]:
+# Relevance reads first the matches scored at least as well as the (this many x offset + limit)th
+# best match; only when they do not fill the page, all of them (exact either way: see _page).
+CANDIDATES_PER_ROW = 4
+
+
+def _ordered(
+    prepared: _Prepared, statement: Select[Any], sort: Sort, candidates: int | None = None
+) -> Select[Any]:
     when = message_date(messages)
     newest = (when.desc(), messages.c.id.desc())
     if sort is Sort.OLDEST:
@@ -68,15 +75,49 @@ def _ordered(prepared: _Prepared, statement: Select[Any], sort: Sort) -> Select[
     ranked = ranked_text(positive_text(prepared.node)) if sort is Sort.RELEVANCE else None
     if ranked is None:
         return statement.order_by(*newest)
-    scores: FromClause = prepared.backend.scores(ranked)
-    joined = statement.outerjoin(scores, scores.c.message_pk == messages.c.id)
-    return joined.order_by(scores.c.score.is_(None), scores.c.score, *newest)
+    scores = prepared.backend.scores(ranked).cte("scores")
+    if candidates is None:
+        joined = statement.outerjoin(scores, scores.c.message_pk == messages.c.id)
+        return joined.order_by(scores.c.score.is_(None), scores.c.score, *newest)
+    # Scored once (the CTE is read twice): the cut, then the join of the matches within it.
+    scores = scores.prefix_with("MATERIALIZED")
+    cut = select(scores.c.score).order_by(scores.c.score).limit(1).offset(candidates - 1)
+    joined = statement.join(scores, scores.c.message_pk == messages.c.id)
+    return joined.where(scores.c.score <= cut.scalar_subquery()).order_by(scores.c.score, *newest)
+
+
+def _candidates(prepared: _Prepared, options: SearchOptions) -> int | None:
+    """How many of the best-scored matches a relevance search reads first (None: not ranked)."""
+    if options.sort is not Sort.RELEVANCE or ranked_text(positive_text(prepared.node)) is None:
+        return None
+    return CANDIDATES_PER_ROW * (options.offset + options.limit)
+
+
+def _page(conn: Connection, prepared: _Prepared, statement: Select[Any], options: SearchOptions) -> list[Any]:
+    """One page of ``statement`` in ``options.sort`` order. By relevance, from the best-scored
+    matches first: every other message scores worse or has no score and ranks after all of them,
+    so when they fill the page it is the page of the full ranking; else the full ranking is read."""
+    candidates = _candidates(prepared, options)
+    if candidates is None:
+        return list(conn.execute(_paged(prepared, statement, options, None)).all())
+    with prepared.backend.reading_all_matches():
+        rows = list(conn.execute(_paged(prepared, statement, options, candidates)).all())
+        if len(rows) == options.limit:
+            return rows
+        return list(conn.execute(_paged(prepared, statement, options, None)).all())
+
+
+def _paged(
+    prepared: _Prepared, statement: Select[Any], options: SearchOptions, candidates: int | None
+) -> Select[Any]:
+    ordered = _ordered(prepared, statement.where(prepared.where), options.sort, candidates)
+    return ordered.limit(options.limit).offset(options.offset)
 
 
 def search(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[Hit]:
     """The messages of ``account`` (not expunged) matching ``query``, in ``options.sort`` order."""
     prepared = _prepare(conn, account, query, options)
-    rows = conn.execute(_search_statement(prepared, options)).all()
+    rows = _page(conn, prepared, _hit_columns(), options)
     return [
         Hit(
             message_pk=row[0],
@@ -97,12 +138,13 @@ def search(conn: Connection, account: str, query: str | Node, options: SearchOpt
 def search_statement(
     conn: Connection, account: str, query: str | Node, options: SearchOptions
 ) -> Select[Any]:
-    """The statement ``search`` runs (for EXPLAIN)."""
-    return _search_statement(_prepare(conn, account, query, options), options)
+    """The (first) statement ``search`` runs (for EXPLAIN)."""
+    prepared = _prepare(conn, account, query, options)
+    return _paged(prepared, _hit_columns(), options, _candidates(prepared, options))
 
 
-def _search_statement(prepared: _Prepared, options: SearchOptions) -> Select[Any]:
-    statement: Select[Any] = select(
+def _hit_columns() -> Select[Any]:
+    return select(
         messages.c.id,
         folders.c.name,
         messages.c.uidvalidity,
@@ -115,8 +157,6 @@ def _search_statement(prepared: _Prepared, options: SearchOptions) -> Select[Any
         messages.c.thread_key,
         func.substr(messages.c.body_text, 1, 20_000),
     ).select_from(messages.join(folders, messages.c.folder_id == folders.c.id))
-    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
-    return statement.limit(options.limit).offset(options.offset)
 
 
 def message_keys(
@@ -128,8 +168,7 @@ def message_keys(
     statement = select(folders.c.name, messages.c.uidvalidity, messages.c.uid).select_from(
         messages.join(folders, messages.c.folder_id == folders.c.id)
     )
-    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
-    rows = conn.execute(statement.limit(options.limit).offset(options.offset)).all()
+    rows = _page(conn, prepared, statement, options)
     return [(str(row[0]), int(row[1]), int(row[2])) for row in rows]
 
 
@@ -154,16 +193,18 @@ def _text_count(conn: Connection, account: str, node: Node, text: TextExpr, opti
     """A query of text alone: the full-text index counts the matches, less those of the messages a
     search does not see, when there are fewer of those than matches (else the visible matches
     are counted one by one). Checking each match's message cost more than counting them all."""
-    compiler = Compiler(_backend(conn), _scope(account, options))
-    matching = compiler.backend.matching_keys(text)
-    total = _count_of(conn, matching)
-    hidden = compiler.hidden_keys().subquery()
-    few_hidden = _count_of(conn, select(hidden.c.id).limit(total))
-    if few_hidden == 0:
-        return total
-    if few_hidden == total:
-        return _count_rows(conn, compiler.visible(messages) & compiler.condition(node, messages))
-    return total - _count_of(conn, select(hidden.c.id).where(hidden.c.id.in_(matching)))
+    backend = _backend(conn)
+    compiler = Compiler(backend, _scope(account, options))
+    matching = backend.matching_keys(text)
+    with backend.reading_all_matches():
+        total = _count_of(conn, matching)
+        hidden = compiler.hidden_keys().subquery()
+        few_hidden = _count_of(conn, select(hidden.c.id).limit(total))
+        if few_hidden == 0:
+            return total
+        if few_hidden == total:
+            return _count_rows(conn, compiler.visible(messages) & compiler.condition(node, messages))
+        return total - _count_of(conn, select(hidden.c.id).where(hidden.c.id.in_(matching)))
 
 
 def threads(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[ThreadHit]:

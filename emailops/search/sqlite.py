@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Select,
-    Subquery,
     column,
     func,
     literal,
@@ -51,6 +52,11 @@ class SqliteBackend:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
+    @contextmanager
+    def reading_all_matches(self) -> Iterator[None]:
+        """(PostgreSQL's planner needs a hint for such statements; SQLite's reads FTS5 alone.)"""
+        yield
+
     def matching_keys(self, expr: TextExpr) -> Select[Any]:
         return select(search_fts.c.rowid).where(_matching(expr))
 
@@ -68,13 +74,9 @@ class SqliteBackend:
         # SQLite runs an uncorrelated IN subquery once, into a temporary index.
         return value.in_(values.scalar_subquery())
 
-    def scores(self, expr: AnyOf) -> Subquery:
+    def scores(self, expr: AnyOf) -> Select[Any]:
         """(message_pk, score) of the messages matching ``expr``; a lower score ranks first."""
-        return (
-            select(
-                search_fts.c.rowid.label("message_pk"),
-                func.bm25(literal_column("search_fts")).label("score"),
-            )
-            .where(_matching(expr))
-            .subquery()
-        )
+        return select(
+            search_fts.c.rowid.label("message_pk"),
+            func.bm25(literal_column("search_fts")).label("score"),
+        ).where(_matching(expr))
