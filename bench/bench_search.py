@@ -8,12 +8,18 @@ with fresh Message-IDs (each copy a day older and its own threads), stored throu
 ``emailops.store.messages.insert_messages``. Then, for 20 representative queries (each operator,
 two booleans, a thread query, relevance sort), the wall time of ``emailops.search.service.search``
 (limit 50, snippets included) over ``--runs`` runs after one warm-up: p50 and p95; and of
-``count`` for a few queries. ``--explain`` prints each query's plan.
+``count`` for a few queries. ``--explain`` prints each query's plan. ``--against TREE`` times every
+query in this tree and in another source tree (the baseline) on the same index instead, taking
+turns run by run (``_search_worker.py``): on a shared machine both sides then meet the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -191,6 +197,62 @@ def measure(label: str, engine: Engine, corpus: Corpus, runs: int, show_plans: b
     return results
 
 
+class _Side:
+    """A ``_search_worker`` process running with the ``emailops`` of ``tree``."""
+
+    def __init__(self, tree: Path, url: str) -> None:
+        worker = Path(__file__).with_name("_search_worker.py")
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        self.process = subprocess.Popen(
+            [sys.executable, str(worker), url, ACCOUNT],
+            cwd=tree,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, kind: str, query: str, sort: Sort, now: datetime) -> float:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        job = {"kind": kind, "query": query, "sort": sort.value, "now": now.isoformat()}
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        return float(json.loads(self.process.stdout.readline()))
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def side_by_side(label: str, url: str, corpus: Corpus, runs: int, against: Path) -> dict[str, Any]:
+    """Each query timed in this tree and in ``against`` (two processes on the same index), taking
+    turns run by run, so that both sides meet the same load on a shared machine."""
+    headline(f"{label}: this tree / {against} (p50 / p95 ms, {runs} runs each, taking turns)")
+    now = corpus.newest + timedelta(days=1)
+    sides = [_Side(Path(__file__).resolve().parents[1], url), _Side(against, url)]
+    jobs = [("search", query, sort) for _, query, sort in QUERIES]
+    jobs += [("count", query, Sort.NEWEST) for query in COUNTED]
+    results: dict[str, Any] = {}
+    for kind, query, sort in jobs:
+        times: list[list[float]] = [[], []]
+        for side in sides:
+            side.run(kind, query, sort, now)
+        for turn in range(runs):
+            for index in (0, 1) if turn % 2 == 0 else (1, 0):
+                times[index].append(sides[index].run(kind, query, sort, now))
+        (p50, p95), (base50, base95) = ((percentile(t, 0.5), percentile(t, 0.95)) for t in times)
+        name = f"{'--count ' if kind == 'count' else ''}{query}"
+        figure(
+            name[:46],
+            f"{p50:7.1f} / {p95:7.1f}  against {base50:7.1f} / {base95:7.1f}  p95 {base95 / p95:5.1f}x",
+        )
+        results[name] = {"p50_ms": p50, "p95_ms": p95, "against_p50_ms": base50, "against_p95_ms": base95}
+    for side in sides:
+        side.close()
+    return results
+
+
 def _postgres(admin: str, name: str) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
@@ -209,6 +271,11 @@ def main() -> None:
     parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
     parser.add_argument("--explain", action="store_true", help="print each query's plan")
     parser.add_argument("--reuse", action="store_true", help="measure the index of the last run again")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="a source tree (e.g. `git archive main`) to time side by side with this one, taking turns",
+    )
     args = parser.parse_args()
 
     corpus = load_corpus()
@@ -229,7 +296,13 @@ def main() -> None:
         migrate(engine)
         seconds = 0.0 if args.reuse else fill(engine, corpus, args.messages)
         headline(f"{label}: {args.messages:,} messages indexed in {seconds:.0f} s")
-        report[label] = {"fill_seconds": seconds, **measure(label, engine, corpus, args.runs, args.explain)}
+        if args.against is not None:
+            report[label] = {"side_by_side": side_by_side(label, url, corpus, args.runs, args.against)}
+        else:
+            report[label] = {
+                "fill_seconds": seconds,
+                **measure(label, engine, corpus, args.runs, args.explain),
+            }
         engine.dispose()
     write_result("search", report)
 
