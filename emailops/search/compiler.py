@@ -68,8 +68,7 @@ class Backend(Protocol):
         """Messages whose terms match ``expr``."""
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
-        """Whether the space-separated ``flags`` hold the system flag ``flag`` (lower case), in any
-        case: one of them ends with it (a backslash only starts a flag: IMAP atoms exclude it)."""
+        """Whether the space-separated ``flags`` hold ``flag`` (lower case), in any case."""
 
     def one_of(self, value: KeyedColumnElement[Any], values: Select[Any]) -> ColumnElement[bool]:
         """Whether ``value`` is one of the single column that ``values`` selects."""

@@ -19,7 +19,6 @@ from sqlalchemy import (
     func,
     literal,
     literal_column,
-    or_,
     select,
     table,
 )
@@ -87,8 +86,7 @@ class PostgresBackend:
         return message_id.in_(keys)
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
-        # As on SQLite (the same test on both); "!" escapes nothing, so the backslash is literal.
-        return or_(flags.ilike("%" + flag, escape="!"), flags.ilike("%" + flag + " %", escape="!"))
+        return func.strpos(" " + func.lower(flags) + " ", " " + flag + " ") > 0
 
     def one_of(self, value: KeyedColumnElement[Any], values: Select[Any]) -> ColumnElement[bool]:
         # Selected first and bound as one array: as a subquery, nested thread:{} queries became

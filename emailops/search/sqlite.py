@@ -69,9 +69,9 @@ class SqliteBackend:
         return (message_id + 0).in_(rowids)  # "+ 0": not by key, so by the date index
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
-        # LIKE (ASCII case-insensitive) builds no string per row: instr(' ' || lower(flags) || ' ')
-        # was most of the cost of walking the dates for is:unread (bench/README.md).
-        return or_(flags.like("%" + flag), flags.like("%" + flag + " %"))
+        # The flag as a whole word, by LIKE (case-insensitive for ASCII, as lower()), which builds
+        # no string per row: instr(' ' || lower(flags) || ' ', ...) cost twice as much (bench/README.md).
+        return or_(*(flags.like(pattern) for pattern in (flag, flag + " %", "% " + flag, "% " + flag + " %")))
 
     def one_of(self, value: KeyedColumnElement[Any], values: Select[Any]) -> ColumnElement[bool]:
         # SQLite runs an uncorrelated IN subquery once, into a temporary index.
