@@ -8,13 +8,20 @@ with fresh Message-IDs (each copy a day older and its own threads), stored throu
 ``emailops.store.messages.insert_messages``. Then, for 20 representative queries (each operator,
 two booleans, a thread query, relevance sort), the wall time of ``emailops.search.service.search``
 (limit 50, snippets included) over ``--runs`` runs after one warm-up: p50 and p95; and of
-``count`` for a few queries. ``--explain`` prints each query's plan.
+``count`` for a few queries. ``--explain`` prints each query's plan. ``--against TREE`` times every
+query in this tree and in another source tree (the baseline) on the same index instead, taking
+turns run by run (``_search_worker.py``): on a shared machine both sides then meet the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +33,7 @@ from sqlalchemy import Connection, Engine
 from bench._report import figure, headline, percentile, write_result
 from bench.corpus import load_spamassassin
 from emailops.mime.parse import parse_message
+from emailops.search.postgres import PostgresBackend
 from emailops.search.service import SearchOptions, Sort, count, search, search_statement
 from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
@@ -58,7 +66,16 @@ QUERIES: list[tuple[str, str, Sort]] = [
     ("relevance", "money", Sort.RELEVANCE),
     ("folder: + word", "folder:Archive linux", Sort.NEWEST),
 ]
-COUNTED = ["linux", "is:unread", "date:2002-08", "(linux OR windows) -money"]
+COUNTED = [
+    "linux",
+    '"click here"',
+    "money",
+    "is:unread",
+    "is:flagged",
+    "date:2002-08",
+    "(linux OR windows) -money",
+    "folder:Archive linux",
+]
 FLAG_SETS: list[tuple[str, ...]] = [
     ("\\Seen",),
     ("\\Seen",),
@@ -120,8 +137,10 @@ def fill(engine: Engine, corpus: Corpus, total: int) -> float:
                 if len(batch[name]) >= 500:
                     flush(conn)
             flush(conn)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("ANALYZE")
+    # What autovacuum does after such an insert: statistics, and on PostgreSQL the GIN index's
+    # pending list merged and the visibility map set (VACUUM runs outside a transaction).
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE" if conn.dialect.name == "sqlite" else "VACUUM ANALYZE")
     return time.perf_counter() - started
 
 
@@ -132,13 +151,16 @@ def _timed(function: Any, *args: Any) -> tuple[float, Any]:
 
 
 def explain(conn: Connection, query: str, options: SearchOptions) -> list[str]:
+    """The plan of the (first) statement of ``search``, under the settings it runs with."""
     statement = search_statement(conn, ACCOUNT, query, options)
     compiled = statement.compile(dialect=conn.dialect)
     if conn.dialect.name == "sqlite":
         params = tuple(compiled.params[name] for name in compiled.positiontup or ())
         rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), params).all()
         return [f"{'  ' * 0}{row[-1]}" for row in rows]
-    rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params).all()
+    ranked = options.sort is Sort.RELEVANCE
+    with PostgresBackend(conn).reading_all_matches() if ranked else nullcontext():
+        rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params).all()
     return [row[0] for row in rows]
 
 
@@ -175,6 +197,62 @@ def measure(label: str, engine: Engine, corpus: Corpus, runs: int, show_plans: b
     return results
 
 
+class _Side:
+    """A ``_search_worker`` process running with the ``emailops`` of ``tree``."""
+
+    def __init__(self, tree: Path, url: str) -> None:
+        worker = Path(__file__).with_name("_search_worker.py")
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        self.process = subprocess.Popen(
+            [sys.executable, str(worker), url, ACCOUNT],
+            cwd=tree,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, kind: str, query: str, sort: Sort, now: datetime) -> float:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        job = {"kind": kind, "query": query, "sort": sort.value, "now": now.isoformat()}
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        return float(json.loads(self.process.stdout.readline()))
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def side_by_side(label: str, url: str, corpus: Corpus, runs: int, against: Path) -> dict[str, Any]:
+    """Each query timed in this tree and in ``against`` (two processes on the same index), taking
+    turns run by run, so that both sides meet the same load on a shared machine."""
+    headline(f"{label}: this tree / {against} (p50 / p95 ms, {runs} runs each, taking turns)")
+    now = corpus.newest + timedelta(days=1)
+    sides = [_Side(Path(__file__).resolve().parents[1], url), _Side(against, url)]
+    jobs = [("search", query, sort) for _, query, sort in QUERIES]
+    jobs += [("count", query, Sort.NEWEST) for query in COUNTED]
+    results: dict[str, Any] = {}
+    for kind, query, sort in jobs:
+        times: list[list[float]] = [[], []]
+        for side in sides:
+            side.run(kind, query, sort, now)
+        for turn in range(runs):
+            for index in (0, 1) if turn % 2 == 0 else (1, 0):
+                times[index].append(sides[index].run(kind, query, sort, now))
+        (p50, p95), (base50, base95) = ((percentile(t, 0.5), percentile(t, 0.95)) for t in times)
+        name = f"{'--count ' if kind == 'count' else ''}{query}"
+        figure(
+            name[:46],
+            f"{p50:7.1f} / {p95:7.1f}  against {base50:7.1f} / {base95:7.1f}  p95 {base95 / p95:5.1f}x",
+        )
+        results[name] = {"p50_ms": p50, "p95_ms": p95, "against_p50_ms": base50, "against_p95_ms": base95}
+    for side in sides:
+        side.close()
+    return results
+
+
 def _postgres(admin: str, name: str) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
@@ -193,6 +271,11 @@ def main() -> None:
     parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
     parser.add_argument("--explain", action="store_true", help="print each query's plan")
     parser.add_argument("--reuse", action="store_true", help="measure the index of the last run again")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="a source tree (e.g. `git archive main`) to time side by side with this one, taking turns",
+    )
     args = parser.parse_args()
 
     corpus = load_corpus()
@@ -213,7 +296,13 @@ def main() -> None:
         migrate(engine)
         seconds = 0.0 if args.reuse else fill(engine, corpus, args.messages)
         headline(f"{label}: {args.messages:,} messages indexed in {seconds:.0f} s")
-        report[label] = {"fill_seconds": seconds, **measure(label, engine, corpus, args.runs, args.explain)}
+        if args.against is not None:
+            report[label] = {"side_by_side": side_by_side(label, url, corpus, args.runs, args.against)}
+        else:
+            report[label] = {
+                "fill_seconds": seconds,
+                **measure(label, engine, corpus, args.runs, args.explain),
+            }
         engine.dispose()
     write_result("search", report)
 

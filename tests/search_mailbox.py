@@ -210,7 +210,7 @@ def store(engine: Engine, mailbox: list[Stored]) -> None:
                         updated_at=NOW,
                     )
                 )
-        # Another account's message never shows.
+        # Another account's message never shows, nor an expunged one (copies of the first two).
         other = folder_store.ensure_folder(conn, "someone@else", "INBOX")
         message_store.insert_messages(
             conn,
@@ -220,6 +220,17 @@ def store(engine: Engine, mailbox: list[Stored]) -> None:
             baseline_uidnext=None,
             now=NOW,
         )
+        inbox = folder_store.ensure_folder(conn, ACCOUNT, FOLDERS[0])
+        gone = max(s.uid for s in mailbox) + 1
+        message_store.insert_messages(
+            conn,
+            inbox.id,
+            7,
+            [message_store.FetchedMessage(gone, (), NOW, None, message_content(mailbox[1].parsed))],
+            baseline_uidnext=None,
+            now=NOW,
+        )
+        message_store.mark_expunged(conn, inbox.id, 7, [gone], NOW)
 
 
 # -- the brute-force filter ------------------------------------------------------------------

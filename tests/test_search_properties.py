@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from emailops.search import postgres as postgres_backend
+from emailops.search import service
 from emailops.search import sqlite as sqlite_backend
 from emailops.search.query import parse
 from emailops.search.service import SearchOptions, Sort, count, message_keys, search
@@ -206,3 +208,44 @@ def test_sort_orders_agree_on_both_backends(pg_url: str, tmp_path: Path) -> None
             MAILBOX, key=lambda s: (s.parsed.date or s.internal_date, s.uid), reverse=sort is Sort.NEWEST
         )
         assert orders[0] == orders[1] == [(s.folder, s.uid) for s in by_date[3:10]]
+
+
+def test_relevance_pages_equal_the_full_ranking(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relevance page read from the best-scored matches first is the full ranking's page: with
+    the fewest candidates (one per row), on pages where they suffice and where they do not."""
+    sqlite = index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    postgres = index_engine(pg_url)
+    store(sqlite, MAILBOX)
+    store(postgres, MAILBOX)
+    monkeypatch.setattr(service, "CANDIDATES_PER_ROW", 1)
+    statements: list[int | None] = []  # the candidates of each statement run (None: all matches)
+    paged = service._paged
+
+    def recording(*args: Any) -> Any:
+        statements.append(args[-1])
+        return paged(*args)
+
+    monkeypatch.setattr(service, "_paged", recording)
+    queries = [
+        "invoice",
+        "plan OR planning OR report",
+        "invoice is:unread",
+        "report OR is:flagged",
+        "cafe -plan",
+    ]
+    for engine in (sqlite, postgres):
+        with reading(engine) as conn:
+            for query, (offset, limit) in itertools.product(queries, [(0, 1), (0, 3), (2, 4), (0, 60)]):
+                options = SearchOptions(
+                    sort=Sort.RELEVANCE, limit=limit, offset=offset, timezone=TIMEZONE, now=NOW
+                )
+                page = message_keys(conn, ACCOUNT, query, options)
+                with monkeypatch.context() as full:
+                    full.setattr(service, "_candidates", lambda prepared, options: None)
+                    assert message_keys(conn, ACCOUNT, query, options) == page, (query, offset, limit)
+    # Both ways ran: pages from the candidates alone, and pages that needed the full ranking.
+    pages = sum(c is not None for c in statements)
+    fallbacks = statements.count(None) - pages  # less the full rankings of the comparisons
+    assert 0 < fallbacks < pages, statements

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import (
     ColumnElement,
+    CompoundSelect,
     FromClause,
     Select,
     and_,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    union_all,
 )
 from sqlalchemy.sql.elements import KeyedColumnElement
 
@@ -59,6 +61,9 @@ IMAP_FLAGS = {
 
 
 class Backend(Protocol):
+    def matching_keys(self, expr: TextExpr) -> Select[Any]:
+        """The keys of the messages whose terms match ``expr``, from the full-text index alone."""
+
     def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
         """Messages whose terms match ``expr``."""
 
@@ -126,6 +131,16 @@ class Compiler:
         than a join, so that the plan can walk the date index and stop at the limit.)"""
         account_folders = select(folders.c.id).where(folders.c.account == self.scope.account)
         return and_(m.c.expunged_at.is_(None), m.c.folder_id.in_(account_folders))
+
+    def hidden_keys(self) -> CompoundSelect[Any]:
+        """The keys of every message ``visible`` leaves out, each once: the account's expunged
+        messages and all of other accounts' (two index ranges; as one OR, SQLite scanned the table)."""
+        mine = select(folders.c.id).where(folders.c.account == self.scope.account)
+        others = select(folders.c.id).where(folders.c.account != self.scope.account)
+        return union_all(
+            select(messages.c.id).where(messages.c.expunged_at.is_not(None), messages.c.folder_id.in_(mine)),
+            select(messages.c.id).where(messages.c.folder_id.in_(others)),
+        )
 
     def condition(self, node: Node, m: FromClause) -> ColumnElement[bool]:
         text = text_expr(node)

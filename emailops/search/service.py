@@ -9,14 +9,14 @@ from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, FromClause, Select, func, select
+from sqlalchemy import ColumnElement, CompoundSelect, Connection, Select, func, select
 
 from emailops.search.compiler import Compiler, Scope, message_date, ranked_text
 from emailops.search.postgres import PostgresBackend
 from emailops.search.query import Node, parse
 from emailops.search.results import Hit, ThreadHit, snippet
 from emailops.search.sqlite import SqliteBackend
-from emailops.search.textmatch import positive_text
+from emailops.search.textmatch import TextExpr, positive_text, text_expr
 from emailops.store.schema import folders, messages
 
 
@@ -48,16 +48,26 @@ class _Prepared:
     where: ColumnElement[bool]
 
 
+def _scope(account: str, options: SearchOptions) -> Scope:
+    return Scope(account, options.account_names, options.timezone, options.now or datetime.now(UTC))
+
+
 def _prepare(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> _Prepared:
     node = parse(query) if isinstance(query, str) else query
     backend = _backend(conn)
-    scope = Scope(account, options.account_names, options.timezone, options.now or datetime.now(UTC))
-    compiler = Compiler(backend, scope)
+    compiler = Compiler(backend, _scope(account, options))
     where = compiler.visible(messages)
     return _Prepared(node, backend, where & compiler.condition(node, messages))
 
 
-def _ordered(prepared: _Prepared, statement: Select[Any], sort: Sort) -> Select[Any]:
+# Relevance reads first the matches scored at least as well as the (this many x offset + limit)th
+# best match; only when they do not fill the page, all of them (exact either way: see _page).
+CANDIDATES_PER_ROW = 4
+
+
+def _ordered(
+    prepared: _Prepared, statement: Select[Any], sort: Sort, candidates: int | None = None
+) -> Select[Any]:
     when = message_date(messages)
     newest = (when.desc(), messages.c.id.desc())
     if sort is Sort.OLDEST:
@@ -65,15 +75,49 @@ def _ordered(prepared: _Prepared, statement: Select[Any], sort: Sort) -> Select[
     ranked = ranked_text(positive_text(prepared.node)) if sort is Sort.RELEVANCE else None
     if ranked is None:
         return statement.order_by(*newest)
-    scores: FromClause = prepared.backend.scores(ranked)
-    joined = statement.outerjoin(scores, scores.c.message_pk == messages.c.id)
-    return joined.order_by(scores.c.score.is_(None), scores.c.score, *newest)
+    scores = prepared.backend.scores(ranked).cte("scores")
+    if candidates is None:
+        joined = statement.outerjoin(scores, scores.c.message_pk == messages.c.id)
+        return joined.order_by(scores.c.score.is_(None), scores.c.score, *newest)
+    # Scored once (the CTE is read twice): the cut, then the join of the matches within it.
+    scores = scores.prefix_with("MATERIALIZED")
+    cut = select(scores.c.score).order_by(scores.c.score).limit(1).offset(candidates - 1)
+    joined = statement.join(scores, scores.c.message_pk == messages.c.id)
+    return joined.where(scores.c.score <= cut.scalar_subquery()).order_by(scores.c.score, *newest)
+
+
+def _candidates(prepared: _Prepared, options: SearchOptions) -> int | None:
+    """How many of the best-scored matches a relevance search reads first (None: not ranked)."""
+    if options.sort is not Sort.RELEVANCE or ranked_text(positive_text(prepared.node)) is None:
+        return None
+    return CANDIDATES_PER_ROW * (options.offset + options.limit)
+
+
+def _page(conn: Connection, prepared: _Prepared, statement: Select[Any], options: SearchOptions) -> list[Any]:
+    """One page of ``statement`` in ``options.sort`` order. By relevance, from the best-scored
+    matches first: every other message scores worse or has no score and ranks after all of them,
+    so when they fill the page it is the page of the full ranking; else the full ranking is read."""
+    candidates = _candidates(prepared, options)
+    if candidates is None:
+        return list(conn.execute(_paged(prepared, statement, options, None)).all())
+    with prepared.backend.reading_all_matches():
+        rows = list(conn.execute(_paged(prepared, statement, options, candidates)).all())
+        if len(rows) == options.limit:
+            return rows
+        return list(conn.execute(_paged(prepared, statement, options, None)).all())
+
+
+def _paged(
+    prepared: _Prepared, statement: Select[Any], options: SearchOptions, candidates: int | None
+) -> Select[Any]:
+    ordered = _ordered(prepared, statement.where(prepared.where), options.sort, candidates)
+    return ordered.limit(options.limit).offset(options.offset)
 
 
 def search(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[Hit]:
     """The messages of ``account`` (not expunged) matching ``query``, in ``options.sort`` order."""
     prepared = _prepare(conn, account, query, options)
-    rows = conn.execute(_search_statement(prepared, options)).all()
+    rows = _page(conn, prepared, _hit_columns(), options)
     return [
         Hit(
             message_pk=row[0],
@@ -94,12 +138,13 @@ def search(conn: Connection, account: str, query: str | Node, options: SearchOpt
 def search_statement(
     conn: Connection, account: str, query: str | Node, options: SearchOptions
 ) -> Select[Any]:
-    """The statement ``search`` runs (for EXPLAIN)."""
-    return _search_statement(_prepare(conn, account, query, options), options)
+    """The (first) statement ``search`` runs (for EXPLAIN)."""
+    prepared = _prepare(conn, account, query, options)
+    return _paged(prepared, _hit_columns(), options, _candidates(prepared, options))
 
 
-def _search_statement(prepared: _Prepared, options: SearchOptions) -> Select[Any]:
-    statement: Select[Any] = select(
+def _hit_columns() -> Select[Any]:
+    return select(
         messages.c.id,
         folders.c.name,
         messages.c.uidvalidity,
@@ -112,8 +157,6 @@ def _search_statement(prepared: _Prepared, options: SearchOptions) -> Select[Any
         messages.c.thread_key,
         func.substr(messages.c.body_text, 1, 20_000),
     ).select_from(messages.join(folders, messages.c.folder_id == folders.c.id))
-    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
-    return statement.limit(options.limit).offset(options.offset)
 
 
 def message_keys(
@@ -125,16 +168,43 @@ def message_keys(
     statement = select(folders.c.name, messages.c.uidvalidity, messages.c.uid).select_from(
         messages.join(folders, messages.c.folder_id == folders.c.id)
     )
-    statement = _ordered(prepared, statement.where(prepared.where), options.sort)
-    rows = conn.execute(statement.limit(options.limit).offset(options.offset)).all()
+    rows = _page(conn, prepared, statement, options)
     return [(str(row[0]), int(row[1]), int(row[2])) for row in rows]
 
 
 def count(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> int:
     """How many messages ``search`` would find without a limit."""
-    prepared = _prepare(conn, account, query, options)
-    statement = select(func.count()).select_from(messages).where(prepared.where)
-    return int(conn.execute(statement).scalar_one())
+    node = parse(query) if isinstance(query, str) else query
+    text = text_expr(node)
+    if text is not None:
+        return _text_count(conn, account, node, text, options)
+    return _count_rows(conn, _prepare(conn, account, node, options).where)
+
+
+def _count_rows(conn: Connection, where: ColumnElement[bool]) -> int:
+    return int(conn.execute(select(func.count()).select_from(messages).where(where)).scalar_one())
+
+
+def _count_of(conn: Connection, keys: Select[Any] | CompoundSelect[Any]) -> int:
+    return int(conn.execute(select(func.count()).select_from(keys.subquery())).scalar_one())
+
+
+def _text_count(conn: Connection, account: str, node: Node, text: TextExpr, options: SearchOptions) -> int:
+    """A query of text alone: the full-text index counts the matches, less those of the messages a
+    search does not see, when there are fewer of those than matches (else the visible matches
+    are counted one by one, reading each match's row: 16,000 rows of ``linux`` took 81 ms)."""
+    backend = _backend(conn)
+    compiler = Compiler(backend, _scope(account, options))
+    matching = backend.matching_keys(text)
+    with backend.reading_all_matches():
+        total = _count_of(conn, matching)
+        hidden = compiler.hidden_keys().subquery()
+        few_hidden = _count_of(conn, select(hidden.c.id).limit(total))
+        if few_hidden == 0:
+            return total
+        if few_hidden == total:
+            return _count_rows(conn, compiler.visible(messages) & compiler.condition(node, messages))
+        return total - _count_of(conn, select(hidden.c.id).where(hidden.c.id.in_(matching)))
 
 
 def threads(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[ThreadHit]:
