@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from imapclient import IMAPClient
+from sqlalchemy import text
 
 from emailops import metrics
 from emailops.accounts import state as account_state
@@ -20,6 +21,7 @@ from emailops.imap.connection import connect
 from emailops.imap.errors import ImapAuthError, ImapTransientError, classify_login_failure
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import FolderWatcher
+from emailops.store.migrations import migrate
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, rows, sync_config
 from tests.silent_server import silent_server
@@ -163,6 +165,22 @@ def test_the_row_is_kept_by_the_database_clock_on_both_backends(db_url: str) -> 
             assert account_state.seconds_until_due(conn, "work") is None
             # A worker's late report does not undo the operator's change.
             assert account_state.record(conn, "work", Event.SYNCED).state is State.DISABLED
+    finally:
+        engine.dispose()
+
+
+def test_a_database_migrated_past_16_without_it_gets_the_table(db_url: str) -> None:
+    """Versions are given out to changes made side by side: a database that ran 17 before 16
+    existed gets 16 at its next start."""
+    engine = index_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE account_state"))
+            conn.execute(text("DELETE FROM schema_migrations WHERE version = 16"))
+        assert [migration.version for migration in migrate(engine)] == [16]
+        with engine.begin() as conn:
+            account_state.record(conn, "work", Event.SYNCED)
+        assert account_state.account_states(engine)["work"].state is State.OK
     finally:
         engine.dispose()
 
