@@ -408,6 +408,7 @@ def test_request_metrics_count_by_route_template_method_and_status(console: Cons
     admin.get("/users")
     admin.post("/users/nobody/disable", data={"csrf_token": csrf}, headers={"Origin": BASE})
     console.client().get("/users")
+    console.client().request("BREW", "/users")
 
     def count(route: str, method: str, status: str) -> float | None:
         return registry.get_sample_value(
@@ -417,4 +418,5 @@ def test_request_metrics_count_by_route_template_method_and_status(console: Cons
     assert count("/users", "GET", "200") == 1
     assert count("/users/{name}/disable", "POST", "400") == 1
     assert count("/users", "GET", "303") == 1
+    assert count("unmatched", "other", "405") == 1  # refused by the router, before any route
     assert registry.get_sample_value("emailops_http_request_duration_seconds_count", {"route": "/users"}) == 2
