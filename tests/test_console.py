@@ -216,6 +216,7 @@ def test_https_base_url_marks_the_cookie_secure_and_sets_the_links(
     data = client.get("/api/v1/settings").json()
     assert data["url"] == "https://ops.example.org/settings"
     assert client.get("/users").status_code == 403
+    assert client.get("/", headers={"Host": "rebound.example"}).status_code == 400
 
 
 def _attempts(console: Console, source: str, name: str, password: str, count: int) -> list[tuple[int, str]]:
