@@ -217,6 +217,7 @@ def test_https_base_url_marks_the_cookie_secure_and_sets_the_links(
     data = client.get("/api/v1/settings").json()
     assert data["url"] == "https://ops.example.org/settings"
     assert client.get("/users").status_code == 403
+    assert client.get("/", headers={"Host": "rebound.example"}).status_code == 400
 
 
 def _attempts(console: Console, source: str, name: str, password: str, count: int) -> list[tuple[int, str]]:
@@ -410,6 +411,7 @@ def test_request_metrics_count_by_route_template_method_and_status(console: Cons
     admin.get("/users")
     admin.post("/users/nobody/disable", data={"csrf_token": csrf}, headers={"Origin": BASE})
     console.client().get("/users")
+    console.client().request("BREW", "/users")
 
     def count(route: str, method: str, status: str) -> float | None:
         return registry.get_sample_value(
@@ -419,4 +421,5 @@ def test_request_metrics_count_by_route_template_method_and_status(console: Cons
     assert count("/users", "GET", "200") == 1
     assert count("/users/{name}/disable", "POST", "400") == 1
     assert count("/users", "GET", "303") == 1
+    assert count("unmatched", "other", "405") == 1  # refused by the router, before any route
     assert registry.get_sample_value("emailops_http_request_duration_seconds_count", {"route": "/users"}) == 2

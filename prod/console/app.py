@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
@@ -42,5 +45,10 @@ def create_app(context: ConsoleContext, metrics: HttpMetrics | None = None) -> A
         for route in ROUTE_TABLE
     ]
     routes.append(Mount("/static", app=StaticFiles(directory=STATIC), name="static"))
-    app = Starlette(routes=routes)
+    middleware = []
+    base_host = urlsplit(context.settings.web_base_url).hostname
+    if base_host:
+        # Behind its proxy the console answers for its own name only (no DNS rebinding).
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=[base_host]))
+    app = Starlette(routes=routes, middleware=middleware)
     return RequestFrame(app, metrics or HttpMetrics(enabled=False), https=context.secure_cookies)

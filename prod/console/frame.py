@@ -57,24 +57,14 @@ class RequestFrame:
         started = time.perf_counter()
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
         status = 500
+        recorded = False
 
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                ours = self._headers(scope["path"], request_id)
-                names = {name for name, _ in ours}
-                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
-                message["headers"] = kept + ours
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_headers)
-        finally:
+        def record() -> None:
+            nonlocal recorded
+            recorded = True
             seconds = time.perf_counter() - started
-            route = state.get("route") or (
-                "/static" if scope["path"].startswith(STATIC_PREFIX) else "unmatched"
-            )
+            static = scope["path"].startswith(STATIC_PREFIX)
+            route = state.get("route") or ("/static" if static else "unmatched")
             self.metrics.observe(route, scope["method"], status, seconds)
             self.log.info(
                 "request",
@@ -85,3 +75,22 @@ class RequestFrame:
                 duration_ms=round(seconds * 1000, 1),
                 user=state.get("user"),
             )
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                ours = self._headers(scope["path"], request_id)
+                names = {name for name, _ in ours}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message["headers"] = kept + ours
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Counted before the client has the whole answer: whoever got it finds it counted.
+                record()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if not recorded:  # no answer completed (the app failed, or the client went away)
+                record()

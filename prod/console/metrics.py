@@ -2,7 +2,8 @@
 
 Like a worker's (``emailops.metrics``), the values go to prometheus-client's multiprocess directory
 the supervisor set up, when ``METRICS_PORT`` is set; without it nothing is counted. The ``route``
-label is the route's template (``/users/{name}/disable``), never the address asked for: bounded.
+label is the route's template (``/users/{name}/disable``), never the address asked for, and a
+method outside HTTP's usual ones counts as ``other``: bounded, whatever clients send.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from emailops.metrics import LATENCY_BUCKETS
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class HttpMetrics:
@@ -38,5 +41,5 @@ class HttpMetrics:
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         if self._requests is None:
             return
-        self._requests.labels(route, method, str(status)).inc()
+        self._requests.labels(route, method if method in METHODS else "other", str(status)).inc()
         self._duration.labels(route).observe(seconds)

@@ -71,6 +71,9 @@ def console_main(spec: ConsoleSpec) -> None:
     pipeline = configure_logging(spec.settings, process_role="console", queue=spec.log_channel)
     init_error_tracking(spec.settings, worker=None)
     log = get_logger("console")
+    # Booting: the process is up; building the app (imports, the index's migrations) has one
+    # heartbeat timeout from here, and the event loop beats from then on.
+    spec.heartbeat.value = time.monotonic()
     exit_code = EXIT_OK
     try:
         try:
