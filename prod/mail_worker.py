@@ -88,4 +88,5 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         workers=settings.workers,
         stages=stages,
         smtp=sender,
+        sign_ins=settings.sign_in_limits(),
     )

@@ -21,6 +21,7 @@ from imapclient import IMAPClient
 from emailops import metrics
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import PendingInput, forget_unsolicited, pending_input
+from emailops.imap.background_connect import ConnectAttempt
 from emailops.imap.connection import ReconnectPolicy, SharedConnection, connect, logout_quietly
 from emailops.imap.errors import (
     CONNECTION_ERRORS,
@@ -68,6 +69,7 @@ class FolderWatcher:
         sleep: Callable[[float], None] = time.sleep,
         wall_clock: Callable[[], float] = time.time,
         pass_budget_seconds: float = 5.0,
+        connect_in_background: bool = False,
     ) -> None:
         self.server = server
         self.config = config
@@ -79,6 +81,10 @@ class FolderWatcher:
         self.monotonic = monotonic
         self.sleep = sleep
         self.pass_budget_seconds = pass_budget_seconds
+        # A worker loop serving many folders connects on a thread (``background_connect``), so that
+        # a server that does not answer holds up only its own folders.
+        self.connect_in_background = connect_in_background
+        self.connecting: ConnectAttempt | None = None
         self.policy = ReconnectPolicy()
         self.client: IMAPClient | None = None
         self.idling = False
@@ -130,6 +136,8 @@ class FolderWatcher:
         A worker watching several folders waits on all their sockets at once, so that a push on any
         of them is handled at once (see ``MailPipeline``)."""
         now = self.monotonic()
+        if self.client is None and self.connecting is not None:
+            return self.connecting.ready_socket(), self.server.timeout_seconds
         if self.client is None:
             return None, self.next_connect_at - now
         if self.catching_up or (self.shared is not None and self.client is not self.shared.client):
@@ -152,6 +160,9 @@ class FolderWatcher:
         )
 
     def close(self) -> None:
+        if self.connecting is not None:
+            self.connecting.abandon()
+            self.connecting = None
         if self.shared is not None:
             self.client = None  # the connection is the other polled folders' too
             return
@@ -167,13 +178,30 @@ class FolderWatcher:
 
     def _connect(self) -> bool:
         try:
-            self.client = self.shared.open() if self.shared is not None else self.connector(self.server)
+            if self.connect_in_background:
+                self.client = self._connected_in_background()
+                if self.client is None:
+                    return False
+            else:
+                self.client = self._open()
         except ImapError as exc:
             self._schedule_reconnect(exc)
             return False
         if self.failures:
             metrics.imap_reconnected()
         return True
+
+    def _open(self) -> IMAPClient:
+        return self.shared.open() if self.shared is not None else self.connector(self.server)
+
+    def _connected_in_background(self) -> IMAPClient | None:
+        """Start an attempt, or take the result of the one started: None while it connects."""
+        if self.connecting is None:
+            self.connecting = ConnectAttempt(self._open)
+        if not self.connecting.done:
+            return None
+        attempt, self.connecting = self.connecting, None
+        return attempt.result()
 
     def _schedule_reconnect(self, error: ImapError) -> None:
         self.failures += 1

@@ -237,6 +237,10 @@ def _users_and_audit_log(conn: Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _imap_fairness(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.imap_connection_slots, schema.imap_login_pacing])
+
+
 def _search_language(conn: Connection) -> None:
     """The search terms of ``emailops.store.search_terms`` (fields, folding and CJK pairs the same on
     both backends) replace the first full-text index, recomputed for every stored message; with
@@ -282,6 +286,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(13, "search terms of the search language; indexes for its operators", _search_language),
     Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
     Migration(17, "users and the append-only audit_log of the operator console", _users_and_audit_log),
+    Migration(22, "imap_connection_slots and imap_login_pacing: fairness between mailboxes", _imap_fairness),
 )
 
 
