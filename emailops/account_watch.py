@@ -12,6 +12,7 @@ for the shared connection), and gives IDLE connections up, or takes them again, 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import timedelta
 
 import structlog
@@ -35,10 +36,12 @@ log = structlog.get_logger(component="index")
 # A folder of a worker that died (and is not replaced) is taken over after at most LEASE_TTL; its
 # connection slots are free after as long.
 LEASE_TTL = timedelta(seconds=30)
-# A sync pass yields after this long (the fetch stops after the batch that passes it), so that a
-# large first sync or reindex holds up other folders' new mail no longer (bench/README.md,
-# "Fairness between mailboxes"); the next pass goes on from there.
+# A sync pass yields after this long (the fetch stops after the batch that passes it, once the
+# batches under way are stored), so that a large first sync or reindex holds up other folders'
+# new mail no longer; the next pass goes on from there. Batches are smaller than a one-off sync's
+# for the same reason (bench/README.md, "Fairness between mailboxes").
 PASS_BUDGET_SECONDS = 1.0
+FETCH_BATCH_MESSAGES = 100
 
 
 class AccountWatch:
@@ -123,7 +126,10 @@ class AccountWatch:
             epoch = folder_store.acquire_lease(conn, folder_id, self.owner, LEASE_TTL, replacing=replacing)
         if epoch is not None and not watching:
             self.log.info("watching folder", folder=folder)
-            sync = FolderSync(self.engine, self.config, folder, cache=self.cache, clock=self.clock)
+            config = replace(
+                self.config, fetch_batch_messages=min(self.config.fetch_batch_messages, FETCH_BATCH_MESSAGES)
+            )
+            sync = FolderSync(self.engine, config, folder, cache=self.cache, clock=self.clock)
             self.watchers[folder] = self._watcher(sync, idle=len(self._idle_folders()) < self.idle_cap)
         if epoch is not None:
             self.watchers[folder].sync.fence = epoch
