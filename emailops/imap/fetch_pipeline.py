@@ -80,10 +80,12 @@ def fetch_parse_store(
     """Download, parse and store ``uids`` (ascending) in batches; False when stopped by the
     ``deadline`` (``time.monotonic()``). ``sizes`` holds each UID's RFC822.SIZE. The first error of
     a stage is raised once the batches before it are stored."""
+    # A run with a deadline is one short pass of a worker's loop, whose helper would be started
+    # again in every pass: parsing stays here.
     parser = Parser(
         max_message_bytes=config.max_message_bytes,
         max_body_chars=config.max_body_chars,
-        use_helper=len(uids) >= HELPER_THRESHOLD,
+        use_helper=deadline is None and len(uids) >= HELPER_THRESHOLD,
     )
     store_in_order = _StoreInOrder(store)
     with parser, ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as store_thread:
