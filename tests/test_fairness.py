@@ -1,5 +1,5 @@
 """Fairness between mailboxes, against Dovecot: an account's connection budget holds over several
-workers, logins to one host are paced across workers, and neither a large backfill nor a server
+workers, logins to one host are paced across workers (the first after a random wait), and neither a large backfill nor a server
 that says nothing delays another mailbox's new mail in a worker serving both."""
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, update
 
 from emailops.config import ServerConfig, SignInLimits, TlsSecurity
+from emailops.imap.connection_budget import AccountConnections
+from emailops.imap.errors import ImapNoConnectionSlotError
 from emailops.pipeline import MailPipeline
 from emailops.store import connection_slots
 from emailops.store.schema import imap_connection_slots
@@ -274,3 +277,28 @@ def test_a_server_that_says_nothing_holds_up_only_its_own_account(
         worker.close()
     print(f"Boris's mail indexed in {seconds:.2f} s beside a silent server")
     assert seconds < 5.0
+
+
+def test_the_first_login_of_an_account_waits_a_random_part_of_the_jitter(tmp_path: Path) -> None:
+    engine = index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    waits: list[float] = []
+    with LocalDovecot({ANNA: "anna-pw"}) as dovecot:
+        connections = AccountConnections(
+            engine,
+            ANNA,
+            holder="host:w1",
+            max_connections=3,
+            limits=SignInLimits(startup_jitter_seconds=2.0),
+            ttl=timedelta(seconds=30),
+            sleep=waits.append,
+        )
+        clients = [connections.connect(_server(dovecot, ANNA)) for _ in range(3)]
+        assert dovecot.logged_in(ANNA) == 3
+        with pytest.raises(ImapNoConnectionSlotError):
+            connections.connect(_server(dovecot, ANNA))
+        for client in clients:
+            client.logout()
+        connections.release_closed([])
+        assert connections.held == 0
+    # Once, before the first login only; no pacing asked for.
+    assert len(waits) == 1 and 0 <= waits[0] <= 2.0, waits
