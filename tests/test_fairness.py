@@ -1,6 +1,7 @@
 """Fairness between mailboxes, against Dovecot: an account's connection budget holds over several
-workers, logins to one host are paced across workers (the first after a random wait), and neither a large backfill nor a server
-that says nothing delays another mailbox's new mail in a worker serving both."""
+workers, logins to one host are paced across workers (the first after a random wait), and neither
+a large backfill nor a server that says nothing delays another mailbox's new mail in a worker
+serving both."""
 
 from __future__ import annotations
 
