@@ -13,14 +13,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 
 from emailops.config import ServerConfig, SignInLimits, TlsSecurity
 from emailops.imap.connection_budget import AccountConnections
 from emailops.imap.errors import ImapNoConnectionSlotError
 from emailops.pipeline import MailPipeline
 from emailops.store import connection_slots
-from emailops.store.schema import imap_connection_slots
+from emailops.store.schema import imap_connection_slots, messages
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import index_engine, message, rows, sync_config
 
@@ -45,6 +45,15 @@ def _server(dovecot: LocalDovecot, user: str, **overrides: object) -> ServerConf
 
 def _count(engine: Engine, sql: str) -> int:
     return int(rows(engine, sql)[0][0])  # type: ignore[call-overload]
+
+
+def _indexed_at(engine: Engine, subject: str) -> datetime:
+    """When the message's row was written (the worker's clock: this process's)."""
+    with engine.connect() as conn:
+        moment: datetime = conn.execute(
+            select(messages.c.indexed_at).where(messages.c.subject == subject)
+        ).scalar_one()
+    return moment
 
 
 def _run_until(pipelines: list[MailPipeline], done: Callable[[], bool], seconds: float) -> float:
@@ -211,16 +220,20 @@ def test_a_large_backfill_does_not_delay_another_mailboxs_new_mail(db_url: str) 
         # The baseline: a worker serving Boris alone.
         alone = MailPipeline(engine, *boris, owner="host:w1", step_seconds=0.05)
         _run_until([alone], boris_idles(alone), 60)
+        delivered_at = datetime.now(UTC)
         dovecot.deliver(BORIS, message(0, subject="for boris alone"))
-        baseline = _run_until([alone], boris_has("for boris alone"), 60)
+        _run_until([alone], boris_has("for boris alone"), 60)
+        baseline = (_indexed_at(engine, "for boris alone") - delivered_at).total_seconds()
         alone.close()
 
         both = MailPipeline(engine, *boris, owner="host:w2", step_seconds=0.05, accounts=[anna])
         _run_until([both], lambda: boris_idles(both)() and anna_indexed() > 0, 60)
         latencies = []
         for n in range(1, 4):
+            delivered_at = datetime.now(UTC)
             dovecot.deliver(BORIS, message(n, subject=f"for boris {n}"))
-            latencies.append(_run_until([both], boris_has(f"for boris {n}"), 60))
+            _run_until([both], boris_has(f"for boris {n}"), 60)
+            latencies.append((_indexed_at(engine, f"for boris {n}") - delivered_at).total_seconds())
             assert both.accounts[1].watchers["INBOX"].catching_up and anna_indexed() < backlog
         both.close()
     during = [round(seconds, 2) for seconds in latencies]
