@@ -49,12 +49,13 @@ class ConnectAttempt:
         assert self._client is not None
         return self._client
 
-    def abandon(self) -> None:
-        """Nobody wants the connection any more: logged out once opened."""
+    def abandon(self, *, log_out: bool = True) -> None:
+        """Nobody waits for the connection any more: logged out once opened, unless ``log_out`` is
+        False (a connection others use, such as a ``SharedConnection``'s)."""
         with self._lock:
-            self._abandoned = True
+            self._abandoned = log_out
             client, self._client = self._client, None
-        if client is not None:
+        if client is not None and log_out:
             logout_quietly(client)
         self._close_signal()
 

@@ -161,7 +161,7 @@ class FolderWatcher:
 
     def close(self) -> None:
         if self.connecting is not None:
-            self.connecting.abandon()
+            self.connecting.abandon(log_out=self.shared is None)  # the shared one is the others' too
             self.connecting = None
         if self.shared is not None:
             self.client = None  # the connection is the other polled folders' too
