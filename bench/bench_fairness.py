@@ -33,20 +33,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, text
 
 from bench._report import figure, headline, write_result
 from bench._servers import synthetic_messages
 from bench.corpus import iter_spamassassin
 from emailops import account_watch
-from emailops.config import ServerConfig, SyncConfig, TlsSecurity
+from emailops.config import SyncConfig
 from emailops.imap import new_mail
 from emailops.pipeline import MailPipeline
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
-from emailops.store.schema import messages
 from localmail.dovecot import LocalDovecot
-from tests.index_helpers import message
+from tests.index_helpers import imap_config, indexed_at, message
 
 ANNA = "anna@example.test"
 BORIS = "boris@example.test"
@@ -58,28 +57,9 @@ class Run:
     backlog_seconds: float = 0.0
 
 
-def _server(dovecot: LocalDovecot, user: str) -> ServerConfig:
-    return ServerConfig(
-        host=dovecot.host,
-        port=dovecot.imap_port,
-        username=user,
-        password=dovecot.password(user),
-        security=TlsSecurity.NONE,
-    )
-
-
 def _count(engine: Engine, sql: str, **values: str) -> int:
     with engine.connect() as conn:
         return int(conn.execute(text(sql), values).scalar_one())
-
-
-def _indexed_at(engine: Engine, subject: str) -> datetime:
-    """When the row was written (the indexing worker's clock), not when the loop got to look."""
-    with engine.connect() as conn:
-        moment: datetime = conn.execute(
-            select(messages.c.indexed_at).where(messages.c.subject == subject)
-        ).scalar_one()
-    return moment
 
 
 ANNAS = (
@@ -105,8 +85,8 @@ def _old_pass_bounds() -> Iterator[None]:
 def _measure(dovecot: LocalDovecot, db: Path, mode: str, backlog: int, tag: str) -> Run:
     engine = create_index_engine(f"sqlite:///{db}")
     migrate(engine)
-    anna = (_server(dovecot, ANNA), SyncConfig(account=ANNA, poll_interval_seconds=300))
-    boris = (_server(dovecot, BORIS), SyncConfig(account=BORIS, poll_interval_seconds=300))
+    anna = (imap_config(dovecot, ANNA), SyncConfig(account=ANNA, poll_interval_seconds=300))
+    boris = (imap_config(dovecot, BORIS), SyncConfig(account=BORIS, poll_interval_seconds=300))
     if mode == "after":
         pipelines = [MailPipeline(engine, *boris, owner="bench:w1", step_seconds=0.05, accounts=[anna])]
     elif mode == "before":
@@ -144,7 +124,7 @@ def _measure(dovecot: LocalDovecot, db: Path, mode: str, backlog: int, tag: str)
         delivered_at = datetime.now(UTC)
         dovecot.deliver(BORIS, message(n, subject=subject, message_id=f"<{tag}-{mode}-{n}@example.org>"))
         run_until(indexed(subject))
-        result.latencies.append((_indexed_at(engine, subject) - delivered_at).total_seconds())
+        result.latencies.append((indexed_at(engine, subject) - delivered_at).total_seconds())
     run_until(anna_done)
     result.backlog_seconds = time.monotonic() - started
     for pipeline in pipelines:

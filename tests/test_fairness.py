@@ -13,16 +13,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, update
 
-from emailops.config import ServerConfig, SignInLimits, TlsSecurity
+from emailops.config import SignInLimits
 from emailops.imap.connection_budget import AccountConnections
 from emailops.imap.errors import ImapNoConnectionSlotError
 from emailops.pipeline import MailPipeline
 from emailops.store import connection_slots
-from emailops.store.schema import imap_connection_slots, messages
+from emailops.store.schema import imap_connection_slots
 from localmail.dovecot import LocalDovecot
-from tests.index_helpers import index_engine, message, rows, sync_config
+from tests.index_helpers import imap_config, index_engine, indexed_at, message, rows, sync_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,30 +30,8 @@ ANNA = "anna@example.test"
 BORIS = "boris@example.test"
 
 
-def _server(dovecot: LocalDovecot, user: str, **overrides: object) -> ServerConfig:
-    values: dict[str, object] = {
-        "host": dovecot.host,
-        "port": dovecot.imap_port,
-        "username": user,
-        "password": dovecot.password(user),
-        "security": TlsSecurity.NONE,
-        "timeout_seconds": 10.0,
-        **overrides,
-    }
-    return ServerConfig(**values)  # type: ignore[arg-type]
-
-
 def _count(engine: Engine, sql: str) -> int:
     return int(rows(engine, sql)[0][0])  # type: ignore[call-overload]
-
-
-def _indexed_at(engine: Engine, subject: str) -> datetime:
-    """When the message's row was written (the worker's clock: this process's)."""
-    with engine.connect() as conn:
-        moment: datetime = conn.execute(
-            select(messages.c.indexed_at).where(messages.c.subject == subject)
-        ).scalar_one()
-    return moment
 
 
 def _run_until(pipelines: list[MailPipeline], done: Callable[[], bool], seconds: float) -> float:
@@ -102,7 +80,7 @@ def test_workers_of_one_account_stay_within_its_connection_budget(db_url: str) -
         config = sync_config(
             account=ANNA, folders=folders, idle_folders=4, max_connections=5, poll_interval_seconds=0.5
         )
-        server = _server(dovecot, ANNA)
+        server = imap_config(dovecot, ANNA)
         workers = [
             MailPipeline(engine, server, config, owner=f"host:w{n}", workers=2, step_seconds=0.05)
             for n in (1, 2)
@@ -155,7 +133,7 @@ def test_logins_to_one_host_are_paced_across_workers(db_url: str) -> None:
             return [
                 MailPipeline(
                     engine,
-                    _server(dovecot, user),
+                    imap_config(dovecot, user),
                     sync_config(account=f"{tag}{user}", use_idle=False, poll_interval_seconds=300),
                     owner=f"host:{tag}{user}",
                     step_seconds=0.02,
@@ -203,8 +181,8 @@ def test_a_large_backfill_does_not_delay_another_mailboxs_new_mail(db_url: str) 
     with LocalDovecot({ANNA: "anna-pw", BORIS: "boris-pw"}) as dovecot:
         dovecot.bulk_load(ANNA, "INBOX", (_bulk_message(n) for n in range(backlog)))
         engine = index_engine(db_url)
-        anna = (_server(dovecot, ANNA), sync_config(account=ANNA, poll_interval_seconds=300))
-        boris = (_server(dovecot, BORIS), sync_config(account=BORIS, poll_interval_seconds=300))
+        anna = (imap_config(dovecot, ANNA), sync_config(account=ANNA, poll_interval_seconds=300))
+        boris = (imap_config(dovecot, BORIS), sync_config(account=BORIS, poll_interval_seconds=300))
 
         def anna_indexed() -> int:
             return _count(engine, "SELECT count(*) FROM messages WHERE subject LIKE 'archived %'")
@@ -223,7 +201,7 @@ def test_a_large_backfill_does_not_delay_another_mailboxs_new_mail(db_url: str) 
         delivered_at = datetime.now(UTC)
         dovecot.deliver(BORIS, message(0, subject="for boris alone"))
         _run_until([alone], boris_has("for boris alone"), 60)
-        baseline = (_indexed_at(engine, "for boris alone") - delivered_at).total_seconds()
+        baseline = (indexed_at(engine, "for boris alone") - delivered_at).total_seconds()
         alone.close()
 
         both = MailPipeline(engine, *boris, owner="host:w2", step_seconds=0.05, accounts=[anna])
@@ -233,7 +211,7 @@ def test_a_large_backfill_does_not_delay_another_mailboxs_new_mail(db_url: str) 
             delivered_at = datetime.now(UTC)
             dovecot.deliver(BORIS, message(n, subject=f"for boris {n}"))
             _run_until([both], boris_has(f"for boris {n}"), 60)
-            latencies.append((_indexed_at(engine, f"for boris {n}") - delivered_at).total_seconds())
+            latencies.append((indexed_at(engine, f"for boris {n}") - delivered_at).total_seconds())
             assert both.accounts[1].watchers["INBOX"].catching_up and anna_indexed() < backlog
         both.close()
     during = [round(seconds, 2) for seconds in latencies]
@@ -271,11 +249,11 @@ def test_a_server_that_says_nothing_holds_up_only_its_own_account(
     with LocalDovecot({BORIS: "boris-pw"}) as dovecot:
         engine = index_engine(db_url)
         anna = (
-            _server(dovecot, BORIS, host=host, port=port, username=ANNA, timeout_seconds=30.0),
+            imap_config(dovecot, BORIS, host=host, port=port, username=ANNA, timeout_seconds=30.0),
             sync_config(account=ANNA, poll_interval_seconds=300),
         )
         boris = (
-            _server(dovecot, BORIS),
+            imap_config(dovecot, BORIS),
             sync_config(account=BORIS, poll_interval_seconds=300),
         )
         worker = MailPipeline(engine, *boris, owner="host:w1", step_seconds=0.05, accounts=[anna])
@@ -311,10 +289,10 @@ def test_the_first_login_of_an_account_waits_a_random_part_of_the_jitter(tmp_pat
             ttl=timedelta(seconds=30),
             sleep=waits.append,
         )
-        clients = [connections.connect(_server(dovecot, ANNA)) for _ in range(3)]
+        clients = [connections.connect(imap_config(dovecot, ANNA)) for _ in range(3)]
         assert dovecot.logged_in(ANNA) == 3
         with pytest.raises(ImapNoConnectionSlotError):
-            connections.connect(_server(dovecot, ANNA))
+            connections.connect(imap_config(dovecot, ANNA))
         for client in clients:
             client.logout()
         connections.release_closed([])
