@@ -122,9 +122,9 @@ def test_workers_of_one_account_stay_within_its_connection_budget(db_url: str) -
 
 
 def test_logins_to_one_host_are_paced_across_workers(db_url: str) -> None:
-    # Six mailboxes on one server, each watched by a worker of its own, all starting at once: the
+    # Eight mailboxes on one server, each watched by a worker of its own, all starting at once: the
     # logins come no faster than IMAP_LOGINS_PER_SECOND, counted in the database between them.
-    users = {f"user{n}@example.test": f"pw{n}" for n in range(6)}
+    users = {f"user{n}@example.test": f"pw{n}" for n in range(8)}
     rate = 2.0
     with LocalDovecot(users) as dovecot:
         engine = index_engine(db_url)
@@ -160,14 +160,16 @@ def test_logins_to_one_host_are_paced_across_workers(db_url: str) -> None:
             pipeline.close()
     spread = (logins[-1] - logins[0]).total_seconds()
     unpaced_spread = (before[-1] - before[0]).total_seconds()
-    print(f"6 logins: {unpaced_spread:.2f} s apart unpaced, {spread:.2f} s at {rate}/s")
+    print(f"{len(users)} logins: {unpaced_spread:.2f} s apart unpaced, {spread:.2f} s at {rate}/s")
     assert len(logins) == len(users)
-    # One login every half second: the sixth 2.5 s after the first, any third 1 s after the first
-    # of three (connecting adds a little noise either way). Unpaced, all six came within a second.
-    assert spread >= (len(logins) - 1) / rate - 0.2, logins
-    assert all(
-        (logins[i + 2] - logins[i]).total_seconds() >= 2 / rate - 0.2 for i in range(len(logins) - 2)
-    ), logins
+    # A login starts every half second: the eighth 3.5 s after the first, two or three in any
+    # second. A loaded machine delays a login's answer by a few tenths of a second, hence the
+    # margins; unpaced, all eight came within about a second.
+    assert spread >= (len(logins) - 1) / rate - 1.0, logins
+    in_any_second = max(
+        sum(1 for later in logins if 0 <= (later - first).total_seconds() < 1) for first in logins
+    )
+    assert in_any_second <= rate + 2, logins
 
 
 def _bulk_message(n: int) -> bytes:
@@ -295,7 +297,10 @@ def test_the_first_login_of_an_account_waits_a_random_part_of_the_jitter(tmp_pat
             connections.connect(imap_config(dovecot, ANNA))
         for client in clients:
             client.logout()
-        connections.release_closed([])
-        assert connections.held == 0
+        deadline = time.monotonic() + 10
+        while connections.held:  # given back a moment after the logout
+            assert time.monotonic() < deadline, connections.held
+            connections.release_closed([])
+            time.sleep(0.1)
     # Once, before the first login only; no pacing asked for.
     assert len(waits) == 1 and 0 <= waits[0] <= 2.0, waits

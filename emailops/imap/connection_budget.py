@@ -7,7 +7,7 @@ next free moment (``store.login_pacing``: IMAP_LOGINS_PER_SECOND across all of t
 login of the account in this process also waits a random part of ``startup_jitter_seconds``, so
 that accounts started together do not all come in the first second. ``connect`` is a connector
 as ``connection.connect`` is, and may run on a thread of its own (``background_connect``): the
-waits hold up nothing else. A slot is given back once its connection is no longer open
+waits hold up nothing else. A slot is given back a moment after its connection closed
 (``release_closed``), and held meanwhile by renewals with the folder leases.
 """
 
@@ -30,6 +30,10 @@ from emailops.store import connection_slots, login_pacing
 
 log = structlog.get_logger(component="imap")
 
+# A slot is given back this long after its connection closed: the server counts a session until
+# its process has ended, a little after the logout's answer (seen with Dovecot's ``doveadm who``).
+RELEASE_DELAY_SECONDS = 1.0
+
 
 class AccountConnections:
     def __init__(
@@ -43,6 +47,7 @@ class AccountConnections:
         ttl: timedelta,
         connector: Callable[[ServerConfig], IMAPClient] = connect,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.account = account
@@ -52,10 +57,13 @@ class AccountConnections:
         self.ttl = ttl
         self.connector = connector
         self.sleep = sleep
+        self.monotonic = monotonic
         self._lock = threading.Lock()
         # Slot number -> its connection (None while it is being opened).
         self._slots: dict[int, IMAPClient | None] = {}
         self._first_login = True
+        # Slot number -> when its connection was first seen closed (``monotonic``).
+        self._closed_at: dict[int, float] = {}
         self.log = log.bind(account=account)
 
     @property
@@ -89,13 +97,17 @@ class AccountConnections:
 
     def release_closed(self, open_clients: Iterable[IMAPClient | None]) -> None:
         """Give back the slots whose connection is not among ``open_clients`` (it was logged out or
-        dropped). A connection still being opened keeps its slot."""
+        dropped) since ``RELEASE_DELAY_SECONDS``. A connection still being opened keeps its slot."""
         open_ids = {id(client) for client in open_clients if client is not None}
+        now = self.monotonic()
         with self._lock:
             opened = {slot: client for slot, client in self._slots.items() if client is not None}
-            closed = [slot for slot, client in opened.items() if id(client) not in open_ids]
-        if closed:
-            self._release(closed)
+            closed = {slot for slot, client in opened.items() if id(client) not in open_ids}
+        for slot in closed - set(self._closed_at):
+            self._closed_at[slot] = now
+        due = [slot for slot in closed if now - self._closed_at[slot] >= RELEASE_DELAY_SECONDS]
+        if due:
+            self._release(due)
 
     def renew(self) -> None:
         """Extend the slots held (with the folder leases), so that only a dead holder's expire."""
@@ -121,6 +133,7 @@ class AccountConnections:
         with self._lock:
             for slot in slots:
                 self._slots.pop(slot, None)
+                self._closed_at.pop(slot, None)
 
     def _wait_for_turn(self, host: str) -> None:
         with self._lock:
