@@ -92,6 +92,9 @@ class SyncConfig:
     # ``folders`` it holds); the others are polled in turn over one shared connection, so that
     # the account's connection limit is kept (Dovecot: 10 per user and address, Gmail: 15).
     idle_folders: int = 4
+    # The account's IMAP connections, counted over every worker and container (slots in the
+    # index database); a worker IDLEs on fewer folders when its share of them is smaller.
+    max_connections: int = 5
     poll_interval_seconds: float = 60.0
     # IDLE is re-issued well before the 29 minutes of RFC 2177.
     idle_renew_seconds: float = 600.0
@@ -108,6 +111,16 @@ class SyncConfig:
     max_attempts_per_message: int = 3
     cache_dir: Path | None = None
     cache_max_bytes: int = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class SignInLimits:
+    """How fast a worker's IMAP logins may come (see ``emailops.imap.connection_budget``)."""
+
+    # Logins to one IMAP host per second, counted over every worker and container; 0: no limit.
+    logins_per_second: float = 0.0
+    # The first login of each account in a worker waits a random part of this (spreads a start).
+    startup_jitter_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

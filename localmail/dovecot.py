@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 
 from imapclient import imap_utf7
@@ -278,6 +279,8 @@ class LocalDovecot(LocalImapServer):
             f"instance_name = emailops-test-{self.imap_port}",
             f"log_path = {self.log_file}",
             f"info_log_path = {self.log_file}",
+            # Microseconds, so that tests can tell how fast logins came (``login_times``).
+            'log_timestamp = "%Y-%m-%d %H:%M:%S.%{usecs} "',
             "default_internal_user = dovecot",
             "default_login_user = dovenull",
             # The mail user is a system account (uid < 500), which Dovecot refuses by default.
@@ -386,6 +389,23 @@ class LocalDovecot(LocalImapServer):
     def log_text(self) -> str:
         """Dovecot's whole log so far (for assertions and for failure messages)."""
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def login_times(self, user: str | None = None) -> list[datetime]:
+        """When each successful IMAP login (of ``user``, or of anyone) happened, from the log (the
+        host's local time, to the microsecond)."""
+        times = []
+        for line in self.log_text().splitlines():
+            if "imap-login: Info: Login: " not in line:
+                continue
+            if user is not None and f"user=<{user}>" not in line:
+                continue
+            times.append(datetime.strptime(line[:26], "%Y-%m-%d %H:%M:%S.%f"))
+        return times
+
+    def logged_in(self, user: str) -> int:
+        """How many IMAP connections of ``user`` are logged in now (``doveadm who``)."""
+        lines = self.doveadm("who", "-1", user).stdout.splitlines()
+        return sum(1 for line in lines[1:] if line.split()[:2] == [user, "imap"])
 
     # ----------------------------------------------------------------------------- accounts
 

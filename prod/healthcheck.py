@@ -73,6 +73,7 @@ SYNC_ERROR_TYPES = {
     "folder_missing": "ImapFolderMissing",
     "tls": "ImapTlsFailed",
     "too_many_connections": "ImapTooManyConnections",
+    "connection_budget": "ImapConnectionBudgetFull",
 }
 SYNC_STALE = "FolderSyncStale"
 # emailops.network_waits service -> error_type, when its server does not answer.

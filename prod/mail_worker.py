@@ -95,4 +95,5 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         stages=stages,
         smtp=sender,
         gate=gate,
+        sign_ins=settings.sign_in_limits(),
     )

@@ -27,6 +27,7 @@ from emailops.config import (
     OAuth2Flow,
     ReplyConfig,
     ServerConfig,
+    SignInLimits,
     SyncConfig,
     TlsSecurity,
 )
@@ -106,6 +107,10 @@ class RuntimeSettings(BaseSettings):
     email_folders: CommaList = ("INBOX",)
     imap_idle: bool = True
     imap_idle_folders: int = Field(default=4, ge=0)
+    # Fairness between mailboxes (README "Fairness between mailboxes").
+    imap_max_connections: int = Field(default=5, ge=1, le=1000)
+    imap_logins_per_second: float = Field(default=5.0, ge=0)
+    imap_startup_jitter_seconds: float = Field(default=3.0, ge=0, le=600)
     poll_interval_seconds: float = Field(default=60.0, gt=0)
     max_message_bytes: int = Field(default=25 * 1024 * 1024, ge=64 * 1024)
     cache_max_bytes: int = Field(default=2 * 1024**3, ge=0)
@@ -357,12 +362,19 @@ class RuntimeSettings(BaseSettings):
             timeout_seconds=min(self.email_timeout_seconds, TOKEN_REQUEST_TIMEOUT_SECONDS),
         )
 
+    def sign_in_limits(self) -> SignInLimits:
+        return SignInLimits(
+            logins_per_second=self.imap_logins_per_second,
+            startup_jitter_seconds=self.imap_startup_jitter_seconds,
+        )
+
     def sync_config(self) -> SyncConfig:
         return SyncConfig(
             account=f"{self.email_username}@{self.email_imap_host}",
             folders=self.email_folders,
             use_idle=self.imap_idle,
             idle_folders=self.imap_idle_folders,
+            max_connections=self.imap_max_connections,
             poll_interval_seconds=self.poll_interval_seconds,
             max_message_bytes=self.max_message_bytes,
             cache_dir=self.cache_dir,

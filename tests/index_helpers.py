@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import Engine, select, text, update
@@ -10,19 +10,19 @@ from sqlalchemy import Engine, select, text, update
 from emailops.config import ServerConfig, SyncConfig, TlsSecurity
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
-from emailops.store.schema import folders
+from emailops.store.schema import folders, messages
 from localmail.imap_server import LocalImapServer
 
 ALICE = "alice@example.test"
 ACCOUNT = "alice@example.test@127.0.0.1"
 
 
-def imap_config(server: LocalImapServer, **overrides: object) -> ServerConfig:
+def imap_config(server: LocalImapServer, user: str = ALICE, **overrides: object) -> ServerConfig:
     values: dict[str, object] = {
         "host": server.host,
         "port": server.imap_port,
-        "username": ALICE,
-        "password": server.password(ALICE),
+        "username": user,
+        "password": server.password(user),
         "security": TlsSecurity.NONE,
         "timeout_seconds": 10.0,
     }
@@ -56,6 +56,15 @@ def message(
         "\r\n"
         f"{body or f'body of note {n} token{n}x'}\r\n"
     ).encode()
+
+
+def indexed_at(engine: Engine, subject: str) -> datetime:
+    """When the message with ``subject`` was written to the index (the indexing process's clock)."""
+    with engine.connect() as conn:
+        moment: datetime = conn.execute(
+            select(messages.c.indexed_at).where(messages.c.subject == subject)
+        ).scalar_one()
+    return moment
 
 
 def rows(engine: Engine, sql: str) -> list[tuple[object, ...]]:

@@ -45,6 +45,12 @@ class AccountGate:
         self._state: State | None = None
         self._synced_written_at: float | None = None
 
+    def for_account(self, account: str) -> AccountGate:
+        """This gate itself for its own account; for another, a gate of that account's row."""
+        if account == self.account:
+            return self
+        return AccountGate(self.engine, account, mask=self.mask, monotonic=self.monotonic)
+
     def wait_seconds(self) -> float:
         """0 when a sign-in may be tried now; otherwise how long to wait before asking again."""
         with self.engine.connect() as conn:

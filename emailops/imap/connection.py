@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from emailops.imap.errors import (
     ImapAuthError,
     ImapError,
     ImapFolderMissingError,
+    ImapNoConnectionSlotError,
     ImapSecurityError,
     ImapTooManyConnectionsError,
     ImapTransientError,
@@ -173,6 +175,7 @@ class SharedConnection:
     connection limit: only folders watched with IDLE need a connection of their own.
 
     ``open`` connects when there is no live connection (raising ``ImapError`` like ``connect``);
+    folders connecting at once on threads (``background_connect``) get the one connection.
     ``drop(client)`` forgets a connection found broken, unless a user has already replaced it.
     """
 
@@ -182,11 +185,13 @@ class SharedConnection:
         self.server = server
         self.connector = connector
         self.client: imapclient.IMAPClient | None = None
+        self._opening = threading.Lock()
 
     def open(self) -> imapclient.IMAPClient:
-        if self.client is None:
-            self.client = self.connector(self.server)
-        return self.client
+        with self._opening:
+            if self.client is None:
+                self.client = self.connector(self.server)
+            return self.client
 
     def drop(self, client: imapclient.IMAPClient) -> None:
         if client is self.client:
@@ -207,12 +212,14 @@ class ReconnectPolicy:
     limit: at least 30 s, up to 5 minutes. Rejected credentials: 1 minute doubling to 1 hour, so a
     wrong password does not get the account locked by the provider. A folder missing on the
     server: 1 minute doubling to 15 minutes, so that it is indexed soon after someone creates it.
+    No free connection slot of the account: 2 s doubling to 20 s (slots come free within a lease).
     """
 
     transient = wait_exponential_jitter(multiplier=1, max=60, jitter=1)
     too_many = wait_exponential_jitter(multiplier=30, max=300, jitter=5)
     auth = wait_exponential_jitter(multiplier=60, max=3600, jitter=10)
     folder_missing = wait_exponential_jitter(multiplier=60, max=900, jitter=10)
+    no_slot = wait_exponential_jitter(multiplier=2, max=20, jitter=2)
 
     def delay(self, error: ImapError, failures: int) -> float:
         if isinstance(error, ImapAuthError):
@@ -221,6 +228,8 @@ class ReconnectPolicy:
             strategy = self.folder_missing
         elif isinstance(error, ImapTooManyConnectionsError):
             strategy = self.too_many
+        elif isinstance(error, ImapNoConnectionSlotError):
+            strategy = self.no_slot
         else:
             strategy = self.transient
         return delay_seconds(strategy, failures)

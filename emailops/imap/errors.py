@@ -32,6 +32,13 @@ class ImapTooManyConnectionsError(ImapTransientError):
     kind = "too_many_connections"
 
 
+class ImapNoConnectionSlotError(ImapTransientError):
+    """Every one of the account's connection slots (IMAP_MAX_CONNECTIONS) is held, by this or other
+    workers: nothing was sent to the server; tried again soon, as slots are given back."""
+
+    kind = "connection_budget"
+
+
 class ImapAuthError(ImapError):
     """The credentials were rejected. Retried slowly, so that the provider does not lock the account."""
 

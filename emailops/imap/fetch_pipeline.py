@@ -8,7 +8,8 @@ this module knows neither IMAP nor the database. What it guarantees:
 - batches are stored one at a time, in the order of the UIDs;
 - after a failed store no later batch is stored: its progress mark would claim the failed batch;
 - at most ``BATCHES_IN_FLIGHT`` batches are held, so memory stays bounded;
-- with a deadline, the run stops after the batch that passes it, that batch stored.
+- with a deadline, the run stops after the batch that passes it, that batch stored (and holds one
+  batch in flight, not ``BATCHES_IN_FLIGHT``, so that it ends soon after the deadline).
 """
 
 from __future__ import annotations
@@ -80,12 +81,16 @@ def fetch_parse_store(
     """Download, parse and store ``uids`` (ascending) in batches; False when stopped by the
     ``deadline`` (``time.monotonic()``). ``sizes`` holds each UID's RFC822.SIZE. The first error of
     a stage is raised once the batches before it are stored."""
+    # A run with a deadline is one short pass of a worker's loop, whose helper would be started
+    # again in every pass: parsing stays here.
     parser = Parser(
         max_message_bytes=config.max_message_bytes,
         max_body_chars=config.max_body_chars,
-        use_helper=len(uids) >= HELPER_THRESHOLD,
+        use_helper=deadline is None and len(uids) >= HELPER_THRESHOLD,
     )
     store_in_order = _StoreInOrder(store)
+    # With a deadline, the batches under way when it passes are few: the run ends soon after it.
+    most_in_flight = 1 if deadline is not None else BATCHES_IN_FLIGHT
     with parser, ThreadPoolExecutor(max_workers=1, thread_name_prefix="store") as store_thread:
         in_flight: deque[Future[None]] = deque()
         complete = True
@@ -94,7 +99,7 @@ def fetch_parse_store(
             bodies = download(batch)
             job = parser.submit([(body.raw, sizes.get(body.uid, 0)) for body in bodies])
             in_flight.append(store_thread.submit(store_in_order, bodies, job, batch_started))
-            while in_flight and (in_flight[0].done() or len(in_flight) > BATCHES_IN_FLIGHT):
+            while in_flight and (in_flight[0].done() or len(in_flight) > most_in_flight):
                 in_flight.popleft().result()
             if deadline is not None and time.monotonic() > deadline and batch[-1] != uids[-1]:
                 complete = False

@@ -36,6 +36,9 @@ from emailops.store import messages as message_store
 from emailops.store.database import reading
 from emailops.store.schema import messages
 
+# The UIDs whose sizes a pass with a deadline asks for at most (see ``FolderIndexer.fetch_new``).
+SIZE_WINDOW_UIDS = 1000
+
 
 @dataclass
 class FolderIndexer:
@@ -64,8 +67,14 @@ class FolderIndexer:
         if status.uidnext is not None and state.uidnext is not None and status.uidnext <= state.uidnext:
             return 0, True
         start = state.uidnext or 1
+        # A pass with a deadline looks at one window of UIDs: the sizes of a whole large backlog,
+        # asked in every short pass, would cost more than the pass's fetching.
+        end = None
+        if deadline is not None and status.uidnext is not None and status.uidnext - start > SIZE_WINDOW_UIDS:
+            end = start + SIZE_WINDOW_UIDS - 1
         # "N:*" always names the last message, even when its UID is below N: filter.
-        sizes = {uid: size for uid, size in fetch_sizes(client, f"{start}:*").items() if uid >= start}
+        answer = fetch_sizes(client, f"{start}:{end or '*'}")
+        sizes = {uid: size for uid, size in answer.items() if uid >= start}
         with reading(self.engine) as conn:
             known = set(
                 conn.execute(
@@ -78,7 +87,14 @@ class FolderIndexer:
             )
             set_aside = index_work.quarantined_uids(conn, state.id, status.uidvalidity)
         wanted = sorted(uid for uid in sizes if uid not in known and uid not in set_aside)
-        return len(sizes), self._fetch_counting_attempts(client, wanted, sizes, deadline)
+        complete = self._fetch_counting_attempts(client, wanted, sizes, deadline)
+        if end is None:
+            return len(sizes), complete
+        if complete:
+            # Every UID of the window is indexed or set aside: the next pass starts above it.
+            with self.engine.begin() as conn:
+                folder_store.save_progress(conn, state.id, uidnext=end + 1, fence=self.fence)
+        return len(sizes), False
 
     def fetch_uids(
         self,

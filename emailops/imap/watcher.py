@@ -22,12 +22,14 @@ from emailops import metrics
 from emailops.accounts.gate import RECHECK_SECONDS, AccountGate
 from emailops.config import ServerConfig, SyncConfig
 from emailops.imap.announcements import PendingInput, forget_unsolicited, pending_input
+from emailops.imap.background_connect import ConnectAttempt
 from emailops.imap.connection import ReconnectPolicy, SharedConnection, connect, logout_quietly
 from emailops.imap.errors import (
     CONNECTION_ERRORS,
     ImapAuthError,
     ImapError,
     ImapFolderMissingError,
+    ImapNoConnectionSlotError,
     ImapSecurityError,
     ImapTransientError,
 )
@@ -72,6 +74,7 @@ class FolderWatcher:
         wall_clock: Callable[[], float] = time.time,
         pass_budget_seconds: float = 5.0,
         gate: AccountGate | None = None,
+        connect_in_background: bool = False,
     ) -> None:
         self.server = server
         self.config = config
@@ -83,6 +86,10 @@ class FolderWatcher:
         self.monotonic = monotonic
         self.sleep = sleep
         self.pass_budget_seconds = pass_budget_seconds
+        # A worker loop serving many folders connects on a thread (``background_connect``), so that
+        # a server that does not answer holds up only its own folders.
+        self.connect_in_background = connect_in_background
+        self.connecting: ConnectAttempt | None = None
         self.policy = ReconnectPolicy()
         # The account's state shared by all its watchers; without one, this watcher's own policy.
         self.gate = gate
@@ -113,7 +120,9 @@ class FolderWatcher:
             if now < self.next_connect_at:
                 self.sleep(min(max_wait, self.next_connect_at - now))
                 return None
-            account_wait = self.gate.wait_seconds() if self.gate is not None else 0.0
+            # An attempt under way on its thread was already let through by the account's gate.
+            gate = self.gate if self.connecting is None else None
+            account_wait = gate.wait_seconds() if gate is not None else 0.0
             if account_wait > 0:
                 self.next_connect_at = now + account_wait
                 return None
@@ -146,6 +155,8 @@ class FolderWatcher:
         A worker watching several folders waits on all their sockets at once, so that a push on any
         of them is handled at once (see ``MailPipeline``)."""
         now = self.monotonic()
+        if self.client is None and self.connecting is not None:
+            return self.connecting.ready_socket(), self.server.timeout_seconds
         if self.client is None:
             return None, self.next_connect_at - now
         if self.catching_up or (self.shared is not None and self.client is not self.shared.client):
@@ -169,6 +180,9 @@ class FolderWatcher:
         )
 
     def close(self) -> None:
+        if self.connecting is not None:
+            self.connecting.abandon(log_out=self.shared is None)  # the shared one is the others' too
+            self.connecting = None
         if self.shared is not None:
             self.client = None  # the connection is the other polled folders' too
             return
@@ -184,7 +198,12 @@ class FolderWatcher:
 
     def _connect(self) -> bool:
         try:
-            self.client = self.shared.open() if self.shared is not None else self.connector(self.server)
+            if self.connect_in_background:
+                self.client = self._connected_in_background()
+                if self.client is None:
+                    return False
+            else:
+                self.client = self._open()
         except ImapError as exc:
             self._schedule_reconnect(exc)
             return False
@@ -192,13 +211,29 @@ class FolderWatcher:
             metrics.imap_reconnected()
         return True
 
+    def _open(self) -> IMAPClient:
+        return self.shared.open() if self.shared is not None else self.connector(self.server)
+
+    def _connected_in_background(self) -> IMAPClient | None:
+        """Start an attempt, or take the result of the one started: None while it connects."""
+        if self.connecting is None:
+            self.connecting = ConnectAttempt(self._open)
+        if not self.connecting.done:
+            return None
+        attempt, self.connecting = self.connecting, None
+        return attempt.result()
+
     def _schedule_reconnect(self, error: ImapError) -> None:
         self.failures += 1
         self.last_error = error
         self.last_error_at = self.wall_clock()
         metrics.imap_error(error.kind, self.config.account)
         oauth2 = self.server.tokens is not None
-        if self.gate is not None and not isinstance(error, ImapFolderMissingError):
+        # A missing folder, or no free connection slot of the account (nothing was sent to the
+        # server), says nothing about the account's sign-in or server: the watcher's own policy.
+        if self.gate is not None and not isinstance(
+            error, ImapFolderMissingError | ImapNoConnectionSlotError
+        ):
             # The account's next attempt, looked at again every RECHECK_SECONDS (a new login).
             delay = self.gate.failed(error.kind, str(error))
             self.next_connect_at = self.monotonic() + min(delay, RECHECK_SECONDS)

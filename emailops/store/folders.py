@@ -14,7 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Update, and_, case, or_, select, update
+from sqlalchemy import Connection, Update, and_, case, func, or_, select, update
 
 from emailops.store.db_clock import db_now
 from emailops.store.dialect import insert_unless_present
@@ -183,6 +183,20 @@ def live_lease(conn: Connection, account: str) -> LiveLease | None:
         .limit(1)
     ).first()
     return None if row is None else LiveLease(row.name, row.lease_owner, row.lease_expires_at)
+
+
+def lease_holders(conn: Connection, account: str) -> int:
+    """How many workers hold a live lease on one of ``account``'s folders (they share its IMAP
+    connections)."""
+    return int(
+        conn.execute(
+            select(func.count(folders.c.lease_owner.distinct())).where(
+                folders.c.account == account,
+                folders.c.lease_owner.is_not(None),
+                folders.c.lease_expires_at >= db_now(conn),
+            )
+        ).scalar_one()
+    )
 
 
 def is_orphaned(conn: Connection, folder_id: int, unwatched_for: timedelta) -> bool:

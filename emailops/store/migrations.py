@@ -245,6 +245,10 @@ def _console_sessions(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.console_sessions, schema.sign_in_failures])
 
 
+def _imap_fairness(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.imap_connection_slots, schema.imap_login_pacing])
+
+
 def _search_language(conn: Connection) -> None:
     """The search terms of ``emailops.store.search_terms`` (fields, folding and CJK pairs the same on
     both backends) replace the first full-text index, recomputed for every stored message; with
@@ -313,6 +317,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(19, "search: an index of expunged messages, for exact counts", _search_counts),
     Migration(21, "console_sessions and sign_in_failures of the operator console", _console_sessions),
+    Migration(22, "imap_connection_slots and imap_login_pacing: fairness between mailboxes", _imap_fairness),
 )
 
 

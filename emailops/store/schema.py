@@ -446,6 +446,29 @@ account_state = Table(
     Column("updated_at", Timestamp, nullable=False),
 )
 
+# The IMAP connections an account may have open, counted across every worker and container
+# (IMAP_MAX_CONNECTIONS; emailops.store.connection_slots): a connection is opened only by the
+# holder of one of the account's slots 0..N-1. Times are the database's clock; a holder renews
+# its slots with its folder leases, so a dead holder's slots are free once they expire.
+imap_connection_slots = Table(
+    "imap_connection_slots",
+    metadata,
+    Column("account", String(320), primary_key=True),
+    Column("slot", Integer, primary_key=True, autoincrement=False),
+    # The worker holding it (its lease owner name); NULL: free.
+    Column("holder", String(200)),
+    Column("expires_at", Timestamp),
+)
+
+# When the next login to an IMAP host may start, shared by every worker and container
+# (IMAP_LOGINS_PER_SECOND; emailops.store.login_pacing). The database's clock.
+imap_login_pacing = Table(
+    "imap_login_pacing",
+    metadata,
+    Column("host", String(255), primary_key=True),
+    Column("next_login_at", Timestamp, nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
