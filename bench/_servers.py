@@ -62,16 +62,17 @@ def emailops_env(
     work_dir: Path,
     folders: str = "INBOX",
     extra: Mapping[str, str] | None = None,
+    checkout: Path = REPO_ROOT,
 ) -> dict[str, str]:
     """The environment of an ``emailops`` / ``prod.run`` child: loopback, no TLS, quiet logs.
 
     The child runs with ``cwd=work_dir`` so that a developer's ``.env`` in the checkout is not read;
-    ``PYTHONPATH`` points at the checkout instead.
+    ``PYTHONPATH`` points at the checkout instead (this one, or another to compare with).
     """
     env = {key: value for key, value in os.environ.items() if not key.startswith(("EMAIL_", "INDEX_DB_"))}
     env.update(
         {
-            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONPATH": str(checkout),
             "ENV": "bench",
             "EMAIL_IMAP_HOST": "127.0.0.1",
             "EMAIL_IMAP_PORT": str(imap_port),

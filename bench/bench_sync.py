@@ -24,6 +24,10 @@ Scenarios (each prints its figures with the target and writes ``bench/results/<n
   corpus into a fresh index, with ``METRICS_PORT`` set and unset, alternating, ``--runs`` each:
   sync throughput (messages per second between the first and the last batch's commit), wall time
   from the start to the last row, and CPU time of the daemon's processes; medians.
+- ``backends``: ``emailops sync --once`` of the corpus into a fresh SQLite index and into a fresh
+  PostgreSQL database (``--pg``), alternating, ``--runs`` each: medians and the ratio
+  PostgreSQL / SQLite. ``--compare-with DIR`` adds a third side, another checkout's ``emailops``
+  on PostgreSQL (``git archive main | tar -x -C DIR``: before and after in the same run).
 """
 
 from __future__ import annotations
@@ -47,10 +51,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
+from sqlalchemy import create_engine, text
+
 from bench._report import RESULTS_DIR, figure, headline, percentile, write_result
 from bench._servers import (
     BENCH_PASSWORD,
     BENCH_USER,
+    REPO_ROOT,
     ChildResult,
     Daemon,
     PushProbe,
@@ -65,7 +73,7 @@ from bench._servers import (
 from bench.imap_proxy import CountingProxy
 from localmail.dovecot import LocalDovecot, default_scratch_root, free_loopback_port
 
-SCENARIOS = ("initial", "idle-bytes", "idle-latency", "poll", "memory", "metrics")
+SCENARIOS = ("initial", "idle-bytes", "idle-latency", "poll", "memory", "metrics", "backends")
 ACCOUNT = f"{BENCH_USER}@127.0.0.1"
 MB = 1024 * 1024
 
@@ -690,11 +698,163 @@ def scenario_metrics(bench: Bench) -> None:
     )
 
 
+# -- 7. PostgreSQL against SQLite ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One side of ``backends``: which database, and which checkout's ``emailops`` writes it."""
+
+    label: str
+    database: str  # sqlite or postgresql
+    checkout: Path
+
+
+@contextlib.contextmanager
+def scratch_index(bench: Bench, backend: Backend, work: Path) -> Iterator[str]:
+    """The URL of a fresh, empty index: a SQLite file in ``work``, or a new PostgreSQL database
+    (created before and dropped after the timed child)."""
+    if backend.database == "sqlite":
+        yield f"sqlite:///{work / 'emailops.db'}"
+        return
+    name = f"emailops_bench_sync_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(bench.args.pg, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    try:
+        server = psycopg.conninfo.conninfo_to_dict(bench.args.pg)
+        yield f"postgresql+psycopg://{server['user']}@{server['host']}:{server['port']}/{name}"
+    finally:
+        with psycopg.connect(bench.args.pg, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def indexed_counts(url: str) -> tuple[int, int]:
+    """(live messages, full-text rows) of an index on either backend."""
+    count_terms = (
+        "SELECT count(*) FROM search_fts" if url.startswith("sqlite") else "SELECT count(*) FROM search_terms"
+    )
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            live = conn.execute(text("SELECT count(*) FROM messages WHERE expunged_at IS NULL")).scalar_one()
+            terms = conn.execute(text(count_terms)).scalar_one()
+    finally:
+        engine.dispose()
+    return int(live), int(terms)
+
+
+def run_backend_initial(
+    bench: Bench, dovecot: LocalDovecot, expected: int, backend: Backend, *, profile: Path | None = None
+) -> float:
+    """Wall seconds of one ``emailops sync --once`` of the corpus into a fresh index of ``backend``
+    (under cProfile into ``profile`` when given)."""
+    work = bench.workdir(backend.label.replace(" ", "-"))
+    try:
+        with scratch_index(bench, backend, work) as url:
+            env = emailops_env(
+                imap_port=dovecot.imap_port,
+                work_dir=work,
+                checkout=backend.checkout,
+                extra={"INDEX_DB_URL": url},
+            )
+            if profile is None:
+                seconds = emailops_sync_once(env, work).seconds
+            else:
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "cProfile",
+                    "-o",
+                    str(profile),
+                    "-m",
+                    "emailops",
+                    "sync",
+                    "--once",
+                ]
+                started = time.perf_counter()
+                subprocess.run(argv, env=env, cwd=work, check=True, capture_output=True, timeout=900)
+                seconds = time.perf_counter() - started
+            live, terms = indexed_counts(url)
+        if live != expected or terms != expected:
+            raise RuntimeError(
+                f"{backend.label}: {live} messages indexed ({terms} searchable), expected {expected}"
+            )
+        return seconds
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def scenario_backends(bench: Bench) -> None:
+    sides = [Backend("sqlite", "sqlite", REPO_ROOT), Backend("postgresql", "postgresql", REPO_ROOT)]
+    if bench.args.compare_with:
+        sides.append(Backend("postgresql, compared", "postgresql", Path(bench.args.compare_with).resolve()))
+    headline(f"initial sync of the SpamAssassin corpus, PostgreSQL against SQLite ({bench.args.runs} runs)")
+    dovecot = bench.corpus_dovecot()
+    expected = len(bench.corpus)
+    seconds: dict[str, list[float]] = {side.label: [] for side in sides}
+    for n in range(bench.args.runs):
+        # A different side first in each run, so that none always runs on a machine another just heated.
+        order = sides[n % len(sides) :] + sides[: n % len(sides)]
+        for side in order:
+            seconds[side.label].append(run_backend_initial(bench, dovecot, expected, side))
+        ratio = seconds["postgresql"][-1] / seconds["sqlite"][-1]
+        print(
+            f"   run {n + 1}: "
+            + " | ".join(f"{side.label} {seconds[side.label][-1]:.2f} s" for side in sides)
+            + f" | postgresql / sqlite {ratio:.2f}x",
+            flush=True,
+        )
+    medians = {label: statistics.median(values) for label, values in seconds.items()}
+    ratios = [pg / lite for pg, lite in zip(seconds["postgresql"], seconds["sqlite"], strict=True)]
+    ratio = medians["postgresql"] / medians["sqlite"]
+    figure("messages", f"{expected:,}")
+    for side in sides:
+        values = seconds[side.label]
+        figure(
+            f"{side.label} (median, min-max)",
+            f"{medians[side.label]:.2f} s ({min(values):.2f}-{max(values):.2f})",
+        )
+    figure("ratio of the runs, min-max", f"{min(ratios):.2f}x-{max(ratios):.2f}x")
+    figure("postgresql / sqlite (medians)", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
+    if bench.args.compare_with:
+        compared = medians["postgresql, compared"]
+        figure("compared checkout / sqlite (medians)", f"{compared / medians['sqlite']:.2f}x")
+    profile = None
+    if bench.args.profile:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        profile = RESULTS_DIR / "backends-postgresql.prof"
+        run_backend_initial(bench, dovecot, expected, sides[1], profile=profile)
+        print(f"   profile of one more PostgreSQL run: {profile} (python -m pstats {profile})")
+    write_result(
+        "backends",
+        {
+            "messages": expected,
+            "compare_with": bench.args.compare_with,
+            "seconds": seconds,
+            "median_seconds": medians,
+            "ratio_postgresql_over_sqlite": ratio,
+            "target_ratio": 1.5,
+            "met": ratio <= 1.5,
+            "profile": str(profile) if profile else None,
+        },
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_sync", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     parser.add_argument("--runs", type=int, default=3, help="initial: runs of each side (median)")
-    parser.add_argument("--profile", action="store_true", help="initial: one more run under cProfile")
+    parser.add_argument(
+        "--profile", action="store_true", help="initial, backends: one more run under cProfile"
+    )
+    parser.add_argument(
+        "--pg",
+        default="host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+        help="backends: the PostgreSQL server (libpq conninfo of a user who may create databases)",
+    )
+    parser.add_argument(
+        "--compare-with", metavar="DIR", help="backends: another checkout, timed on PostgreSQL too"
+    )
     parser.add_argument("--deliveries", type=int, default=50, help="idle-latency: messages delivered")
     parser.add_argument("--probe-ms", type=float, default=2.0, help="idle-latency: index poll interval")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle-bytes: listening time")
@@ -735,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
             scenario_memory(bench)
         if "metrics" in args.only:
             scenario_metrics(bench)
+        if "backends" in args.only:
+            scenario_backends(bench)
     finally:
         bench.close()
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
