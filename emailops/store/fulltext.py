@@ -20,6 +20,8 @@ from emailops.store.schema import attachments, messages
 from emailops.store.search_terms import Mailbox, document_terms
 
 _ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")
+# PostgreSQL: the tsvector of a message's search terms (an SQL expression, ``{}`` the terms).
+VECTOR_OF_TERMS = "to_tsvector('simple', {})"
 
 
 def create_search_index(conn: Connection) -> None:
@@ -94,7 +96,7 @@ def index_rows(conn: Connection, rows: Iterable[tuple[int, str]]) -> None:
         conn.exec_driver_sql("INSERT INTO search_fts(rowid, terms) VALUES (?, ?)", params)
     else:
         conn.exec_driver_sql(
-            "INSERT INTO search_terms (message_pk, vector) VALUES (%s, to_tsvector('simple', %s)) "
+            f"INSERT INTO search_terms (message_pk, vector) VALUES (%s, {VECTOR_OF_TERMS.format('%s')}) "  # noqa: S608
             "ON CONFLICT (message_pk) DO UPDATE SET vector = excluded.vector",
             params,
         )
