@@ -41,13 +41,14 @@ _WORDS = (
 
 @dataclass(frozen=True)
 class ChildResult:
-    """How one child process ended: exit code, wall seconds and peak RSS in bytes."""
+    """How one child process ended: exit code, wall seconds, peak RSS in bytes, CPU seconds."""
 
     returncode: int
     seconds: float
     max_rss_bytes: int
     stdout: str
     stderr: str
+    cpu_seconds: float = 0.0
 
 
 def start_dovecot(capabilities_removed: tuple[str, ...] = ()) -> LocalDovecot:
@@ -122,6 +123,7 @@ def run_child(argv: list[str], *, env: Mapping[str, str], cwd: Path, timeout: fl
         max_rss_bytes=int(measured["max_rss_kib"]) * 1024,
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
+        cpu_seconds=float(measured["cpu_seconds"]),
     )
 
 

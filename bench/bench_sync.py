@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -710,22 +711,63 @@ class Backend:
     checkout: Path
 
 
+@dataclass
+class BackendRun:
+    seconds: float  # wall time of ``emailops sync --once``
+    cpu_seconds: float  # of its processes (the parsing helper included)
+    server_cpu_seconds: float  # of the PostgreSQL backends serving its database (0 on SQLite)
+
+    @property
+    def total_cpu_seconds(self) -> float:
+        return self.cpu_seconds + self.server_cpu_seconds
+
+
 @contextlib.contextmanager
-def scratch_index(bench: Bench, backend: Backend, work: Path) -> Iterator[str]:
-    """The URL of a fresh, empty index: a SQLite file in ``work``, or a new PostgreSQL database
-    (created before and dropped after the timed child)."""
+def scratch_index(bench: Bench, backend: Backend, work: Path) -> Iterator[tuple[str, str | None]]:
+    """The URL of a fresh, empty index and its PostgreSQL database name (None for a SQLite file in
+    ``work``); the database is created before and dropped after the timed child."""
     if backend.database == "sqlite":
-        yield f"sqlite:///{work / 'emailops.db'}"
+        yield f"sqlite:///{work / 'emailops.db'}", None
         return
     name = f"emailops_bench_sync_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(bench.args.pg, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
     try:
         server = psycopg.conninfo.conninfo_to_dict(bench.args.pg)
-        yield f"postgresql+psycopg://{server['user']}@{server['host']}:{server['port']}/{name}"
+        yield f"postgresql+psycopg://{server['user']}@{server['host']}:{server['port']}/{name}", name
     finally:
         with psycopg.connect(bench.args.pg, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ServerCpu:
+    """CPU seconds of the PostgreSQL backends serving ``database``, read from ``/proc`` every
+    ``interval`` while they run (the server must run on this machine). The last interval of each
+    backend is missed: a few hundredths of a second."""
+
+    def __init__(self, conninfo: str, database: str, interval: float = 0.02) -> None:
+        self._seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(conninfo, database, interval), daemon=True)
+        self._thread.start()
+
+    def _watch(self, conninfo: str, database: str, interval: float) -> None:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            while not self._stop.is_set():
+                found = admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+                for (pid,) in found.fetchall():
+                    with contextlib.suppress(OSError):
+                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        self._seen[pid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+                self._stop.wait(interval)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self._seen.values())
 
 
 def indexed_counts(url: str) -> tuple[int, int]:
@@ -743,43 +785,26 @@ def indexed_counts(url: str) -> tuple[int, int]:
     return int(live), int(terms)
 
 
-def run_backend_initial(
-    bench: Bench, dovecot: LocalDovecot, expected: int, backend: Backend, *, profile: Path | None = None
-) -> float:
-    """Wall seconds of one ``emailops sync --once`` of the corpus into a fresh index of ``backend``
-    (under cProfile into ``profile`` when given)."""
-    work = bench.workdir(backend.label.replace(" ", "-"))
+def run_backend_initial(bench: Bench, dovecot: LocalDovecot, expected: int, backend: Backend) -> BackendRun:
+    """One ``emailops sync --once`` of the corpus into a fresh index of ``backend``."""
+    work = bench.workdir(backend.label.replace(" ", "-").replace(",", ""))
     try:
-        with scratch_index(bench, backend, work) as url:
+        with scratch_index(bench, backend, work) as (url, database):
             env = emailops_env(
                 imap_port=dovecot.imap_port,
                 work_dir=work,
                 checkout=backend.checkout,
                 extra={"INDEX_DB_URL": url},
             )
-            if profile is None:
-                seconds = emailops_sync_once(env, work).seconds
-            else:
-                argv = [
-                    sys.executable,
-                    "-m",
-                    "cProfile",
-                    "-o",
-                    str(profile),
-                    "-m",
-                    "emailops",
-                    "sync",
-                    "--once",
-                ]
-                started = time.perf_counter()
-                subprocess.run(argv, env=env, cwd=work, check=True, capture_output=True, timeout=900)
-                seconds = time.perf_counter() - started
+            server = ServerCpu(bench.args.pg, database) if database else None
+            result = emailops_sync_once(env, work)
+            server_cpu = server.stop() if server else 0.0
             live, terms = indexed_counts(url)
         if live != expected or terms != expected:
             raise RuntimeError(
                 f"{backend.label}: {live} messages indexed ({terms} searchable), expected {expected}"
             )
-        return seconds
+        return BackendRun(result.seconds, result.cpu_seconds, server_cpu)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -791,51 +816,61 @@ def scenario_backends(bench: Bench) -> None:
     headline(f"initial sync of the SpamAssassin corpus, PostgreSQL against SQLite ({bench.args.runs} runs)")
     dovecot = bench.corpus_dovecot()
     expected = len(bench.corpus)
-    seconds: dict[str, list[float]] = {side.label: [] for side in sides}
+    runs: dict[str, list[BackendRun]] = {side.label: [] for side in sides}
     for n in range(bench.args.runs):
         # A different side first in each run, so that none always runs on a machine another just heated.
         order = sides[n % len(sides) :] + sides[: n % len(sides)]
         for side in order:
-            seconds[side.label].append(run_backend_initial(bench, dovecot, expected, side))
-        ratio = seconds["postgresql"][-1] / seconds["sqlite"][-1]
+            runs[side.label].append(run_backend_initial(bench, dovecot, expected, side))
+        last = {label: side_runs[-1] for label, side_runs in runs.items()}
         print(
             f"   run {n + 1}: "
-            + " | ".join(f"{side.label} {seconds[side.label][-1]:.2f} s" for side in sides)
-            + f" | postgresql / sqlite {ratio:.2f}x",
+            + " | ".join(
+                f"{label} {run.seconds:.2f} s (CPU {run.cpu_seconds:.2f} + {run.server_cpu_seconds:.2f} s)"
+                for label, run in last.items()
+            )
+            + f" | postgresql / sqlite {last['postgresql'].seconds / last['sqlite'].seconds:.2f}x",
             flush=True,
         )
-    medians = {label: statistics.median(values) for label, values in seconds.items()}
-    ratios = [pg / lite for pg, lite in zip(seconds["postgresql"], seconds["sqlite"], strict=True)]
-    ratio = medians["postgresql"] / medians["sqlite"]
+
+    def median(label: str, attribute: str) -> float:
+        return statistics.median(getattr(run, attribute) for run in runs[label])
+
     figure("messages", f"{expected:,}")
     for side in sides:
-        values = seconds[side.label]
+        walls = [run.seconds for run in runs[side.label]]
         figure(
-            f"{side.label} (median, min-max)",
-            f"{medians[side.label]:.2f} s ({min(values):.2f}-{max(values):.2f})",
+            f"{side.label}: wall (median, min-max)",
+            f"{median(side.label, 'seconds'):.2f} s ({min(walls):.2f}-{max(walls):.2f})",
         )
-    figure("ratio of the runs, min-max", f"{min(ratios):.2f}x-{max(ratios):.2f}x")
-    figure("postgresql / sqlite (medians)", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
+        figure(
+            f"{side.label}: CPU, client + server (median)",
+            f"{median(side.label, 'cpu_seconds'):.2f} + {median(side.label, 'server_cpu_seconds'):.2f} s "
+            f"= {median(side.label, 'total_cpu_seconds'):.2f} s",
+        )
+    ratios = [pg.seconds / lite.seconds for pg, lite in zip(runs["postgresql"], runs["sqlite"], strict=True)]
+    ratio = median("postgresql", "seconds") / median("sqlite", "seconds")
+    cpu_ratio = median("postgresql", "total_cpu_seconds") / median("sqlite", "total_cpu_seconds")
+    figure("wall ratio of each run, min-max", f"{min(ratios):.2f}x-{max(ratios):.2f}x")
+    figure("postgresql / sqlite, CPU (medians)", f"{cpu_ratio:.2f}x")
+    figure("postgresql / sqlite, wall (medians)", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
     if bench.args.compare_with:
-        compared = medians["postgresql, compared"]
-        figure("compared checkout / sqlite (medians)", f"{compared / medians['sqlite']:.2f}x")
-    profile = None
-    if bench.args.profile:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        profile = RESULTS_DIR / "backends-postgresql.prof"
-        run_backend_initial(bench, dovecot, expected, sides[1], profile=profile)
-        print(f"   profile of one more PostgreSQL run: {profile} (python -m pstats {profile})")
+        label = "postgresql, compared"
+        figure(
+            "compared checkout / sqlite, wall and CPU (medians)",
+            f"{median(label, 'seconds') / median('sqlite', 'seconds'):.2f}x, "
+            f"{median(label, 'total_cpu_seconds') / median('sqlite', 'total_cpu_seconds'):.2f}x",
+        )
     write_result(
         "backends",
         {
             "messages": expected,
             "compare_with": bench.args.compare_with,
-            "seconds": seconds,
-            "median_seconds": medians,
+            "runs": {label: [asdict(run) for run in side_runs] for label, side_runs in runs.items()},
             "ratio_postgresql_over_sqlite": ratio,
+            "cpu_ratio_postgresql_over_sqlite": cpu_ratio,
             "target_ratio": 1.5,
             "met": ratio <= 1.5,
-            "profile": str(profile) if profile else None,
         },
     )
 
@@ -844,9 +879,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_sync", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     parser.add_argument("--runs", type=int, default=3, help="initial: runs of each side (median)")
-    parser.add_argument(
-        "--profile", action="store_true", help="initial, backends: one more run under cProfile"
-    )
+    parser.add_argument("--profile", action="store_true", help="initial: one more run under cProfile")
     parser.add_argument(
         "--pg",
         default="host=127.0.0.1 port=5432 user=postgres dbname=postgres",
