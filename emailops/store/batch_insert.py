@@ -4,9 +4,9 @@ The batch travels as one array per column (``unnest``), in binary, and a single 
 data-modifying CTEs inserts the rows not indexed yet (ON CONFLICT DO NOTHING on (folder,
 UIDVALIDITY, UID)), then the search terms and the attachments of exactly those rows, and returns
 their keys: one round trip for the whole batch, with the full-text vector computed by the
-statement itself. Executed row by row (SQLAlchemy's multi-row VALUES for the rows, one INSERT per
-message for the vectors), the same batch cost three times the CPU, in this process and in the
-server (bench/README.md, "PostgreSQL against SQLite").
+statement itself. Written as SQLAlchemy's multi-row VALUES for the rows and one INSERT per message
+for the vectors, the same batch cost this process five times the CPU (bench/README.md,
+"PostgreSQL against SQLite").
 
 Another writer inserting the same UIDs meanwhile makes this statement wait for it and then skip
 them: RETURNING tells which rows this one inserted, and only those get terms and attachments.

@@ -265,8 +265,8 @@ _SEARCH_INDEXES = (
 )
 
 
-# The large values each indexed message writes on PostgreSQL (bench/README.md, "PostgreSQL
-# against SQLite": pglz, the default, was a third of the server's work in an initial sync).
+# The large values each indexed message writes on PostgreSQL: compressing them with pglz, the
+# default, was up to a quarter of the server's CPU in an initial sync (bench/README.md).
 _LZ4_COLUMNS = (("messages", "body_text"), ("messages", "header_block"), ("search_terms", "vector"))
 
 
