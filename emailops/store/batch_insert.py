@@ -35,8 +35,9 @@ def _statement(columns: tuple[str, ...], pg_types: tuple[str, ...]) -> str:
         "unnest(%(f_uid)b::bigint[], %(f_filename)b::text[], %(f_content_type)b::text[], "
         "%(f_size)b::bigint[]) WITH ORDINALITY AS f(uid, filename, content_type, size, n)"
     )
+    # Only the schema's column names and types are formatted in; every value is a parameter.
     return (
-        f"WITH batch AS (SELECT * FROM {batch}), "  # noqa: S608
+        f"WITH batch AS (SELECT * FROM {batch}), "  # noqa: S608  # nosec B608
         f"new AS (INSERT INTO messages ({listed}) SELECT {listed} FROM batch ORDER BY n "
         "ON CONFLICT (folder_id, uidvalidity, uid) DO NOTHING RETURNING id, uid), "
         "vectors AS (INSERT INTO search_terms (message_pk, vector) "

@@ -121,7 +121,7 @@ def insert_messages(
     by_uid = {item.uid: item.content for item in batch}
     if writer_is_exclusive(conn):
         return _store_exclusive(conn, folder_id, uidvalidity, rows, by_uid)
-    return batch_insert.store_batch(conn, rows, by_uid)
+    return batch_insert.store_batch(conn, rows, by_uid)  # PostgreSQL
 
 
 def live_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[int]:
