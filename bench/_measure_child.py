@@ -1,4 +1,5 @@
-"""``python bench/_measure_child.py RESULT_JSON ARGV...``: run ARGV, write its wall time and peak RSS.
+"""``python bench/_measure_child.py RESULT_JSON ARGV...``: run ARGV, write its wall time, peak RSS
+and CPU time (its own and that of the children it waited for).
 
 Why a launcher: ``ru_maxrss`` of a child forked (or vforked) straight from the benchmark includes
 the benchmark's own resident memory (Linux keeps the pre-exec peak), which would hide the child's
@@ -25,7 +26,12 @@ def main() -> int:
     process.returncode = os.waitstatus_to_exitcode(status)
     with open(result_path, "w") as out:
         json.dump(
-            {"returncode": process.returncode, "seconds": seconds, "max_rss_kib": usage.ru_maxrss},
+            {
+                "returncode": process.returncode,
+                "seconds": seconds,
+                "max_rss_kib": usage.ru_maxrss,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            },
             out,
         )
     return 0

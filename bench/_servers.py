@@ -41,13 +41,14 @@ _WORDS = (
 
 @dataclass(frozen=True)
 class ChildResult:
-    """How one child process ended: exit code, wall seconds and peak RSS in bytes."""
+    """How one child process ended: exit code, wall seconds, peak RSS in bytes, CPU seconds."""
 
     returncode: int
     seconds: float
     max_rss_bytes: int
     stdout: str
     stderr: str
+    cpu_seconds: float = 0.0
 
 
 def start_dovecot(capabilities_removed: tuple[str, ...] = ()) -> LocalDovecot:
@@ -62,16 +63,17 @@ def emailops_env(
     work_dir: Path,
     folders: str = "INBOX",
     extra: Mapping[str, str] | None = None,
+    checkout: Path = REPO_ROOT,
 ) -> dict[str, str]:
     """The environment of an ``emailops`` / ``prod.run`` child: loopback, no TLS, quiet logs.
 
     The child runs with ``cwd=work_dir`` so that a developer's ``.env`` in the checkout is not read;
-    ``PYTHONPATH`` points at the checkout instead.
+    ``PYTHONPATH`` points at the checkout instead (this one, or another to compare with).
     """
     env = {key: value for key, value in os.environ.items() if not key.startswith(("EMAIL_", "INDEX_DB_"))}
     env.update(
         {
-            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONPATH": str(checkout),
             "ENV": "bench",
             "EMAIL_IMAP_HOST": "127.0.0.1",
             "EMAIL_IMAP_PORT": str(imap_port),
@@ -121,6 +123,7 @@ def run_child(argv: list[str], *, env: Mapping[str, str], cwd: Path, timeout: fl
         max_rss_bytes=int(measured["max_rss_kib"]) * 1024,
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
+        cpu_seconds=float(measured["cpu_seconds"]),
     )
 
 

@@ -24,6 +24,10 @@ Scenarios (each prints its figures with the target and writes ``bench/results/<n
   corpus into a fresh index, with ``METRICS_PORT`` set and unset, alternating, ``--runs`` each:
   sync throughput (messages per second between the first and the last batch's commit), wall time
   from the start to the last row, and CPU time of the daemon's processes; medians.
+- ``backends``: ``emailops sync --once`` of the corpus into a fresh SQLite index and into a fresh
+  PostgreSQL database (``--pg``), alternating, ``--runs`` each: medians and the ratio
+  PostgreSQL / SQLite. ``--compare-with DIR`` adds a third side, another checkout's ``emailops``
+  on PostgreSQL (``git archive main | tar -x -C DIR``: before and after in the same run).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -47,10 +52,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
+from sqlalchemy import create_engine, text
+
 from bench._report import RESULTS_DIR, figure, headline, percentile, write_result
 from bench._servers import (
     BENCH_PASSWORD,
     BENCH_USER,
+    REPO_ROOT,
     ChildResult,
     Daemon,
     PushProbe,
@@ -65,7 +74,7 @@ from bench._servers import (
 from bench.imap_proxy import CountingProxy
 from localmail.dovecot import LocalDovecot, default_scratch_root, free_loopback_port
 
-SCENARIOS = ("initial", "idle-bytes", "idle-latency", "poll", "memory", "metrics")
+SCENARIOS = ("initial", "idle-bytes", "idle-latency", "poll", "memory", "metrics", "backends")
 ACCOUNT = f"{BENCH_USER}@127.0.0.1"
 MB = 1024 * 1024
 
@@ -690,11 +699,195 @@ def scenario_metrics(bench: Bench) -> None:
     )
 
 
+# -- 7. PostgreSQL against SQLite ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One side of ``backends``: which database, and which checkout's ``emailops`` writes it."""
+
+    label: str
+    database: str  # sqlite or postgresql
+    checkout: Path
+
+
+@dataclass
+class BackendRun:
+    seconds: float  # wall time of ``emailops sync --once``
+    cpu_seconds: float  # of its processes (the parsing helper included)
+    server_cpu_seconds: float  # of the PostgreSQL backends serving its database (0 on SQLite)
+
+    @property
+    def total_cpu_seconds(self) -> float:
+        return self.cpu_seconds + self.server_cpu_seconds
+
+
+@contextlib.contextmanager
+def scratch_index(bench: Bench, backend: Backend, work: Path) -> Iterator[tuple[str, str | None]]:
+    """The URL of a fresh, empty index and its PostgreSQL database name (None for a SQLite file in
+    ``work``); the database is created before and dropped after the timed child."""
+    if backend.database == "sqlite":
+        yield f"sqlite:///{work / 'emailops.db'}", None
+        return
+    name = f"emailops_bench_sync_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(bench.args.pg, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    try:
+        server = psycopg.conninfo.conninfo_to_dict(bench.args.pg)
+        yield f"postgresql+psycopg://{server['user']}@{server['host']}:{server['port']}/{name}", name
+    finally:
+        with psycopg.connect(bench.args.pg, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ServerCpu:
+    """CPU seconds of the PostgreSQL backends serving ``database``, read from ``/proc`` every
+    ``interval`` while they run (the server must run on this machine). The last interval of each
+    backend is missed: a few hundredths of a second."""
+
+    def __init__(self, conninfo: str, database: str, interval: float = 0.02) -> None:
+        self._seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(conninfo, database, interval), daemon=True)
+        self._thread.start()
+
+    def _watch(self, conninfo: str, database: str, interval: float) -> None:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            while not self._stop.is_set():
+                found = admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+                for (pid,) in found.fetchall():
+                    with contextlib.suppress(OSError):
+                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        self._seen[pid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+                self._stop.wait(interval)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self._seen.values())
+
+
+def indexed_counts(url: str) -> tuple[int, int]:
+    """(live messages, full-text rows) of an index on either backend."""
+    count_terms = (
+        "SELECT count(*) FROM search_fts" if url.startswith("sqlite") else "SELECT count(*) FROM search_terms"
+    )
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            live = conn.execute(text("SELECT count(*) FROM messages WHERE expunged_at IS NULL")).scalar_one()
+            terms = conn.execute(text(count_terms)).scalar_one()
+    finally:
+        engine.dispose()
+    return int(live), int(terms)
+
+
+def run_backend_initial(bench: Bench, dovecot: LocalDovecot, expected: int, backend: Backend) -> BackendRun:
+    """One ``emailops sync --once`` of the corpus into a fresh index of ``backend``."""
+    work = bench.workdir(backend.label.replace(" ", "-").replace(",", ""))
+    try:
+        with scratch_index(bench, backend, work) as (url, database):
+            env = emailops_env(
+                imap_port=dovecot.imap_port,
+                work_dir=work,
+                checkout=backend.checkout,
+                extra={"INDEX_DB_URL": url},
+            )
+            server = ServerCpu(bench.args.pg, database) if database else None
+            result = emailops_sync_once(env, work)
+            server_cpu = server.stop() if server else 0.0
+            live, terms = indexed_counts(url)
+        if live != expected or terms != expected:
+            raise RuntimeError(
+                f"{backend.label}: {live} messages indexed ({terms} searchable), expected {expected}"
+            )
+        return BackendRun(result.seconds, result.cpu_seconds, server_cpu)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def scenario_backends(bench: Bench) -> None:
+    sides = [Backend("sqlite", "sqlite", REPO_ROOT), Backend("postgresql", "postgresql", REPO_ROOT)]
+    if bench.args.compare_with:
+        sides.append(Backend("postgresql, compared", "postgresql", Path(bench.args.compare_with).resolve()))
+    headline(f"initial sync of the SpamAssassin corpus, PostgreSQL against SQLite ({bench.args.runs} runs)")
+    dovecot = bench.corpus_dovecot()
+    expected = len(bench.corpus)
+    runs: dict[str, list[BackendRun]] = {side.label: [] for side in sides}
+    for n in range(bench.args.runs):
+        # A different side first in each run, so that none always runs on a machine another just heated.
+        order = sides[n % len(sides) :] + sides[: n % len(sides)]
+        for side in order:
+            runs[side.label].append(run_backend_initial(bench, dovecot, expected, side))
+        last = {label: side_runs[-1] for label, side_runs in runs.items()}
+        print(
+            f"   run {n + 1}: "
+            + " | ".join(
+                f"{label} {run.seconds:.2f} s (CPU {run.cpu_seconds:.2f} + {run.server_cpu_seconds:.2f} s)"
+                for label, run in last.items()
+            )
+            + f" | postgresql / sqlite {last['postgresql'].seconds / last['sqlite'].seconds:.2f}x",
+            flush=True,
+        )
+
+    def median(label: str, attribute: str) -> float:
+        return statistics.median(getattr(run, attribute) for run in runs[label])
+
+    figure("messages", f"{expected:,}")
+    for side in sides:
+        walls = [run.seconds for run in runs[side.label]]
+        figure(
+            f"{side.label}: wall (median, min-max)",
+            f"{median(side.label, 'seconds'):.2f} s ({min(walls):.2f}-{max(walls):.2f})",
+        )
+        figure(
+            f"{side.label}: CPU, client + server (median)",
+            f"{median(side.label, 'cpu_seconds'):.2f} + {median(side.label, 'server_cpu_seconds'):.2f} s "
+            f"= {median(side.label, 'total_cpu_seconds'):.2f} s",
+        )
+    ratios = [pg.seconds / lite.seconds for pg, lite in zip(runs["postgresql"], runs["sqlite"], strict=True)]
+    ratio = median("postgresql", "seconds") / median("sqlite", "seconds")
+    cpu_ratio = median("postgresql", "total_cpu_seconds") / median("sqlite", "total_cpu_seconds")
+    figure("wall ratio of each run, min-max", f"{min(ratios):.2f}x-{max(ratios):.2f}x")
+    figure("postgresql / sqlite, CPU (medians)", f"{cpu_ratio:.2f}x")
+    figure("postgresql / sqlite, wall (medians)", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5)
+    if bench.args.compare_with:
+        label = "postgresql, compared"
+        figure(
+            "compared checkout / sqlite, wall and CPU (medians)",
+            f"{median(label, 'seconds') / median('sqlite', 'seconds'):.2f}x, "
+            f"{median(label, 'total_cpu_seconds') / median('sqlite', 'total_cpu_seconds'):.2f}x",
+        )
+    write_result(
+        "backends",
+        {
+            "messages": expected,
+            "compare_with": bench.args.compare_with,
+            "runs": {label: [asdict(run) for run in side_runs] for label, side_runs in runs.items()},
+            "ratio_postgresql_over_sqlite": ratio,
+            "cpu_ratio_postgresql_over_sqlite": cpu_ratio,
+            "target_ratio": 1.5,
+            "met": ratio <= 1.5,
+        },
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_sync", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     parser.add_argument("--runs", type=int, default=3, help="initial: runs of each side (median)")
     parser.add_argument("--profile", action="store_true", help="initial: one more run under cProfile")
+    parser.add_argument(
+        "--pg",
+        default="host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+        help="backends: the PostgreSQL server (libpq conninfo of a user who may create databases)",
+    )
+    parser.add_argument(
+        "--compare-with", metavar="DIR", help="backends: another checkout, timed on PostgreSQL too"
+    )
     parser.add_argument("--deliveries", type=int, default=50, help="idle-latency: messages delivered")
     parser.add_argument("--probe-ms", type=float, default=2.0, help="idle-latency: index poll interval")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle-bytes: listening time")
@@ -735,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
             scenario_memory(bench)
         if "metrics" in args.only:
             scenario_metrics(bench)
+        if "backends" in args.only:
+            scenario_backends(bench)
     finally:
         bench.close()
     print(f"\ndone in {time.perf_counter() - started:.0f} s")

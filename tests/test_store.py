@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, event, inspect
 
 from emailops.mime.model import Address, Attachment, ParsedMessage
 from emailops.mime.parse import parse_message
@@ -84,6 +84,52 @@ def test_writes_are_idempotent_on_folder_uidvalidity_uid(db_url: str) -> None:
     assert rows(engine, "SELECT count(*) FROM attachments") == [(4,)]
     with reading(engine) as conn:
         assert len(search(conn, "acct", "body", SearchOptions())) == 4
+
+
+def test_a_batch_reaches_postgresql_as_one_statement_with_its_terms_and_attachments(pg_url: str) -> None:
+    """On PostgreSQL a batch of new mail, its search vectors and its attachments (in their order)
+    are written by one statement, whatever the batch's size; written again, the batch adds nothing."""
+    engine = index_engine(pg_url)
+    files = (Attachment("zeta.txt", "text/plain", 10), Attachment("alpha.pdf", "application/pdf", 20))
+
+    def item(n: int) -> message_store.FetchedMessage:
+        content = message_content(replace(parsed(n, body=f"batchword{n}"), attachments=files))
+        return message_store.FetchedMessage(n, (), NOW, None, content)
+
+    statements: list[str] = []
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        event.listen(conn, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+        first = message_store.insert_messages(
+            conn, folder.id, 1, [item(n) for n in range(1, 121)], baseline_uidnext=None, now=NOW
+        )
+        assert len(statements) == 1
+        again = message_store.insert_messages(
+            conn, folder.id, 1, [item(n) for n in range(1, 122)], baseline_uidnext=None, now=NOW
+        )
+    assert sorted(first) == list(range(1, 121)) and list(again) == [121]
+    assert rows(engine, "SELECT count(*) FROM search_terms") == [(121,)]
+    assert rows(engine, "SELECT count(*), count(DISTINCT message_pk) FROM attachments") == [(242, 121)]
+    in_order = rows(engine, "SELECT message_pk, filename FROM attachments ORDER BY id")
+    assert [name for pk, name in in_order if pk == first[7]] == ["zeta.txt", "alpha.pdf"]
+    with reading(engine) as conn:
+        assert [h.uid for h in search(conn, "acct", "batchword7", SearchOptions())] == [7]
+        assert len(search(conn, "acct", "attachment:zeta", SearchOptions(limit=500))) == 121
+
+
+def test_postgresql_compresses_new_bodies_and_search_vectors_with_lz4(pg_url: str) -> None:
+    engine = index_engine(pg_url)
+    body = " ".join(f"word{n % 700}" for n in range(6000))
+    with engine.begin() as conn:
+        folder = folder_store.ensure_folder(conn, "acct", "INBOX")
+        message_store.insert_messages(
+            conn, folder.id, 1, [fetched(1, body=body)], baseline_uidnext=None, now=NOW
+        )
+    assert rows(
+        engine,
+        "SELECT pg_column_compression(body_text), pg_column_compression(vector) "
+        "FROM messages JOIN search_terms ON message_pk = messages.id",
+    ) == [("lz4", "lz4")]
 
 
 def test_search_behaves_the_same_on_both_backends(db_url: str) -> None:

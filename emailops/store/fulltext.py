@@ -20,6 +20,8 @@ from emailops.store.schema import attachments, messages
 from emailops.store.search_terms import Mailbox, document_terms
 
 _ADDRESS_HEADERS = ("from", "to", "cc", "reply-to")
+# PostgreSQL: the tsvector of a message's search terms (an SQL expression, ``{}`` the terms).
+VECTOR_OF_TERMS = "to_tsvector('simple', {})"
 
 
 def create_search_index(conn: Connection) -> None:
@@ -93,8 +95,10 @@ def index_rows(conn: Connection, rows: Iterable[tuple[int, str]]) -> None:
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("INSERT INTO search_fts(rowid, terms) VALUES (?, ?)", params)
     else:
+        # VECTOR_OF_TERMS is a constant; the values are parameters.
+        vector = VECTOR_OF_TERMS.format("%s")
         conn.exec_driver_sql(
-            "INSERT INTO search_terms (message_pk, vector) VALUES (%s, to_tsvector('simple', %s)) "
+            f"INSERT INTO search_terms (message_pk, vector) VALUES (%s, {vector}) "  # noqa: S608  # nosec B608
             "ON CONFLICT (message_pk) DO UPDATE SET vector = excluded.vector",
             params,
         )

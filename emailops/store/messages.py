@@ -10,7 +10,7 @@ from sqlalchemy import Connection, and_, bindparam, func, select, update
 
 from emailops.mime.header_block import HeaderBlock
 from emailops.mime.model import Address, Attachment, ParsedMessage
-from emailops.store import fulltext
+from emailops.store import batch_insert, fulltext
 from emailops.store.content import MessageContent
 from emailops.store.dialect import insert_unless_present, writer_is_exclusive
 from emailops.store.schema import attachments, folders, messages
@@ -47,21 +47,15 @@ def _row(
 _KEY = ("folder_id", "uidvalidity", "uid")
 
 
-def _insert_new(
+def _insert_new_exclusive(
     conn: Connection, folder_id: int, uidvalidity: int, rows: list[dict[str, object]]
 ) -> dict[int, int]:
-    """Insert the rows not indexed yet; return uid -> primary key of those inserted.
-
-    One statement on both databases, executed with the batch's rows: INSERT .. ON CONFLICT DO
-    NOTHING. Where another writer may insert the same UIDs meanwhile (PostgreSQL), RETURNING tells
-    which rows this one inserted. Where the writer is exclusive (SQLite), the UIDs present are read
-    first, only the rest are inserted, and their keys are read back: SQLAlchemy executes RETURNING
-    there as multi-row VALUES batches, which is slower than this (bench/README.md).
+    """Insert the rows not indexed yet; return uid -> primary key of those inserted. For a writer
+    that excludes every other (SQLite): the UIDs present are read first, only the rest are inserted
+    (INSERT .. ON CONFLICT DO NOTHING all the same), and their keys are read back: SQLAlchemy
+    executes RETURNING there as multi-row VALUES batches, which is slower than this (bench/README.md).
     """
     statement = insert_unless_present(conn, messages, _KEY)
-    if not writer_is_exclusive(conn):
-        returning = statement.returning(messages.c.id, messages.c.uid)
-        return {uid: pk for pk, uid in conn.execute(returning, rows).all()}
     uids = [int(row["uid"]) for row in rows]  # type: ignore[call-overload]
     in_batch = and_(
         messages.c.folder_id == folder_id,
@@ -81,6 +75,27 @@ def _insert_new(
     }
 
 
+def _store_exclusive(
+    conn: Connection,
+    folder_id: int,
+    uidvalidity: int,
+    rows: list[dict[str, object]],
+    by_uid: Mapping[int, MessageContent],
+) -> dict[int, int]:
+    """SQLite: the new rows, then their search terms and attachments, statement after statement
+    (each is a call into the library in this process, not a round trip)."""
+    inserted = _insert_new_exclusive(conn, folder_id, uidvalidity, rows)
+    fulltext.index_rows(conn, ((pk, by_uid[uid].search_terms) for uid, pk in inserted.items()))
+    attachment_rows = [
+        {"message_pk": pk, "filename": filename, "content_type": content_type, "size": size}
+        for uid, pk in inserted.items()
+        for filename, content_type, size in by_uid[uid].attachments
+    ]
+    if attachment_rows:
+        conn.execute(attachments.insert(), attachment_rows)
+    return inserted
+
+
 def insert_messages(
     conn: Connection,
     folder_id: int,
@@ -90,7 +105,8 @@ def insert_messages(
     baseline_uidnext: int | None,
     now: datetime,
 ) -> dict[int, int]:
-    """Insert what is not indexed yet; return UID -> primary key of the rows inserted.
+    """Insert what is not indexed yet (INSERT .. ON CONFLICT DO NOTHING on (folder, UIDVALIDITY,
+    UID)), with its search terms and attachments; return UID -> primary key of the rows inserted.
 
     A message whose UID is at or above the folder's baseline arrived after the first sync and is
     ``pending`` for the rules; one below it was there before and is ``history``.
@@ -102,19 +118,10 @@ def insert_messages(
         return "pending" if baseline_uidnext is not None and uid >= baseline_uidnext else "history"
 
     rows = [_row(folder_id, uidvalidity, item, state(item.uid), now) for item in batch]
-    inserted = _insert_new(conn, folder_id, uidvalidity, rows)
-    if not inserted:
-        return {}
     by_uid = {item.uid: item.content for item in batch}
-    fulltext.index_rows(conn, ((pk, by_uid[uid].search_terms) for uid, pk in inserted.items()))
-    attachment_rows = [
-        {"message_pk": pk, "filename": filename, "content_type": content_type, "size": size}
-        for uid, pk in inserted.items()
-        for filename, content_type, size in by_uid[uid].attachments
-    ]
-    if attachment_rows:
-        conn.execute(attachments.insert(), attachment_rows)
-    return inserted
+    if writer_is_exclusive(conn):
+        return _store_exclusive(conn, folder_id, uidvalidity, rows, by_uid)
+    return batch_insert.store_batch(conn, rows, by_uid)  # PostgreSQL
 
 
 def live_uids(conn: Connection, folder_id: int, uidvalidity: int) -> set[int]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, bindparam, inspect, select, text, update
+from sqlalchemy.exc import NotSupportedError
 
 from emailops.mime.addresses import parse_addresses, parse_date
 from emailops.mime.header_block import HeaderBlock, split_header_block
@@ -291,6 +292,25 @@ def _search_counts(conn: Connection) -> None:
     )
 
 
+# The large values each indexed message writes on PostgreSQL: compressing them with pglz, the
+# default, was up to a quarter of the server's CPU in an initial sync (bench/README.md).
+_LZ4_COLUMNS = (("messages", "body_text"), ("messages", "header_block"), ("search_terms", "vector"))
+
+
+def _lz4_compression(conn: Connection) -> None:
+    """PostgreSQL compresses the values written from now on with lz4 (those written before stay
+    pglz and read as before). A server built without lz4 keeps pglz."""
+    # SET COMPRESSION came with PostgreSQL 14; an older server keeps pglz.
+    if conn.dialect.name != "postgresql" or (conn.dialect.server_version_info or (0,)) < (14,):
+        return
+    try:
+        with conn.begin_nested():
+            for table, column in _LZ4_COLUMNS:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN {column} SET COMPRESSION lz4")
+    except NotSupportedError:
+        pass
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -316,6 +336,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         _console_operations,
     ),
     Migration(19, "search: an index of expunged messages, for exact counts", _search_counts),
+    Migration(
+        20,
+        "PostgreSQL: message bodies, header blocks and search vectors compressed with lz4",
+        _lz4_compression,
+    ),
     Migration(21, "console_sessions and sign_in_failures of the operator console", _console_sessions),
     Migration(22, "imap_connection_slots and imap_login_pacing: fairness between mailboxes", _imap_fairness),
 )
