@@ -1,0 +1,3 @@
+"""Mailboxes ("accounts") of a deployment: their configuration as one value (``config``), the
+keys an operator writes (``fields``), the ``accounts`` table (``store``) and a sign-in check
+(``probe``)."""
