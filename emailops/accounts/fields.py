@@ -264,3 +264,24 @@ def _oauth2_options(keys: _Keys) -> OAuth2Options:
     if problem:
         raise AccountError(f"account {keys.name!r}: {problem}")
     return options
+
+
+def accounts_from_file(
+    data: Mapping[str, Any], defaults: AccountDefaults, environ: Mapping[str, str]
+) -> list[AccountConfig]:
+    """The accounts of a parsed TOML file: an ``[[accounts]]`` table per account, names unique."""
+    unknown = sorted(set(data) - {"accounts"})
+    if unknown:
+        raise AccountError(f"{unknown[0]}: unknown table (the file holds [[accounts]] tables only)")
+    tables = data.get("accounts", [])
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        raise AccountError("accounts: must be [[accounts]] tables, one per account")
+    found: list[AccountConfig] = []
+    seen: set[str] = set()
+    for table in tables:
+        account = account_from_values(table, defaults, environ)
+        if account.name in seen:
+            raise AccountError(f"account {account.name!r}: name: given twice")
+        seen.add(account.name)
+        found.append(account)
+    return found

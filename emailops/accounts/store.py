@@ -50,7 +50,7 @@ class ImportResult:
         return len(self.added) + len(self.changed)
 
 
-def _needs_key(name: str) -> SecretsKeyMissingError:
+def secrets_key_missing(name: str) -> SecretsKeyMissingError:
     return SecretsKeyMissingError(
         f"account {name!r}: SECRETS_KEY: required to store or read the account's password or OAuth2 "
         "secrets (encrypted in the index; `emailops auth new-key` prints a key)"
@@ -66,7 +66,7 @@ def _secrets(config: AccountConfig) -> dict[str, str | None]:
     }
 
 
-def _plain_values(config: AccountConfig) -> dict[str, Any]:
+def plain_values(config: AccountConfig) -> dict[str, Any]:
     oauth2 = config.oauth2
     return {
         "name": config.name,
@@ -172,7 +172,7 @@ def import_accounts(
         inserts: list[dict[str, Any]] = []
         for config in configs:
             row = stored.get(config.name)
-            plain = _plain_values(config)
+            plain = plain_values(config)
             secrets = _stored_secrets(config, row, cipher)
             if row is None:
                 inserts.append(plain | secrets | {"created_at": now, "updated_at": now})
@@ -229,7 +229,7 @@ def _stored_secrets(config: AccountConfig, row: Any, cipher: SecretCipher | None
             values[column] = None
             continue
         if cipher is None:
-            raise _needs_key(config.name)
+            raise secrets_key_missing(config.name)
         values[column] = (
             stored if stored is not None and cipher.decrypt(stored) == value else cipher.encrypt(value)
         )
