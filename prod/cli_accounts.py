@@ -135,10 +135,10 @@ def _import(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace)
         raise AccountError(f"{path}: not valid TOML: {exc}") from None
     try:
         configs = accounts_from_file(data, settings.account_defaults(), os.environ)
+        _refuse_default_name(settings, [config.name for config in configs])
+        result = import_accounts(engine, configs, secret_cipher(settings), actor=cli_actor())
     except AccountError as exc:
         raise AccountError(f"{path}: {exc}; nothing was imported") from None
-    _refuse_default_name(settings, [config.name for config in configs])
-    result = import_accounts(engine, configs, secret_cipher(settings), actor=cli_actor())
     if args.json:
         print_json(asdict(result) | {"changes": result.changes})
         return EXIT_OK
@@ -158,8 +158,7 @@ def _refuse_default_name(settings: RuntimeSettings, names: list[str]) -> None:
     if settings.has_default_account and settings.default_account().name in names:
         name = settings.default_account().name
         raise AccountError(
-            f"account {name!r}: name: is the account of the EMAIL_* settings (EMAIL_ACCOUNT_NAME); "
-            "nothing was imported"
+            f"account {name!r}: name: is the account of the EMAIL_* settings (EMAIL_ACCOUNT_NAME)"
         )
 
 
