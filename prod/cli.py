@@ -314,6 +314,8 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
     except RulesError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FAILED
+    if settings is not None and _unknown_rule_accounts(settings, ruleset, path):
+        return EXIT_FAILED
     missing: list[MoveFolder] = []
     if args.server:
         if settings is None:
@@ -343,6 +345,26 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
         + (f", {len(failing)} move folder(s) missing" if failing else "")
     )
     return code
+
+
+def _unknown_rule_accounts(settings: RuntimeSettings, ruleset: RuleSet, path: Path) -> bool:
+    """Print each name of a rule's match.accounts that is no account; True when there is one."""
+    from emailops.rules.matching import unknown_accounts
+    from emailops.store.database import reading
+    from prod.cli_accounts import deployment_accounts
+
+    if not any(rule.accounts for rule in ruleset.rules):
+        return False
+    with open_index(settings) as engine, reading(engine) as conn:
+        names = [account.name for account in deployment_accounts(settings, conn)]
+    unknown = unknown_accounts(ruleset, names)
+    for rule, name in unknown:
+        print(
+            f'{path}: rule "{rule.name}" (#{rule.index}): match.accounts: {name!r} is no account '
+            f"(accounts: {', '.join(names) or 'none'})",
+            file=sys.stderr,
+        )
+    return bool(unknown)
 
 
 def _missing_move_folders(settings: RuntimeSettings, ruleset: RuleSet, name: str | None) -> list[MoveFolder]:

@@ -307,3 +307,44 @@ smtp_security = "none"
     assert removed.returncode == 0, removed.stderr
     assert json.loads(run(env, "accounts", "list", "--json").stdout) == []
     assert run(env, "audit", "--action", "account.remove").stdout.count("account.remove") == 1
+
+
+RULES_FOR_SUPPORT = """
+[[rules]]
+name = "support only"
+[rules.match]
+accounts = ["support"]
+subject = "help"
+[rules.actions]
+flag = true
+
+[[rules]]
+name = "everyone"
+[rules.match]
+subject = "help"
+[rules.actions]
+flag = true
+"""
+
+
+def test_a_rule_naming_accounts_applies_to_those_only(tmp_path: Path) -> None:
+    from emailops.mime.parse import parse_message
+    from emailops.rules import load_rules
+    from emailops.rules.matching import matching_rules
+
+    rules = load_rules(write(tmp_path, RULES_FOR_SUPPORT, "rules.toml"))
+    parsed = parse_message(b"From: a@example.org\r\nSubject: help\r\n\r\nplease\r\n")
+    assert [r.name for r in matching_rules(rules, parsed, "INBOX", "support")] == ["support only", "everyone"]
+    assert [r.name for r in matching_rules(rules, parsed, "INBOX", "sales")] == ["everyone"]
+
+
+def test_rules_check_rejects_an_account_name_that_is_no_account(
+    index_only_env: dict[str, str], tmp_path: Path
+) -> None:
+    assert run(index_only_env, "accounts", "import", str(write(tmp_path, THREE_MAILBOXES))).returncode == 0
+    good = run(index_only_env, "rules", "check", str(write(tmp_path, RULES_FOR_SUPPORT, "rules.toml")))
+    assert good.returncode == 0, good.stderr
+    typo = write(tmp_path, RULES_FOR_SUPPORT.replace('["support"]', '["suport"]'), "typo.toml")
+    refused = run(index_only_env, "rules", "check", str(typo))
+    assert refused.returncode == 1
+    assert "match.accounts: 'suport' is no account (accounts: gmail, sales, support)" in refused.stderr

@@ -97,6 +97,7 @@ class AccountConfig:
         own = {from_address.lower(), self.username.lower()}
         return replace(
             deployment.reply,
+            account_name=self.name,
             from_address=from_address,
             own_addresses=tuple(sorted(a for a in own if "@" in a)),
             never_reply_to=self.never_reply_to,
