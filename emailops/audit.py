@@ -11,7 +11,7 @@ leave a line without its row, never a row without its line.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -110,6 +110,52 @@ def record(
         after=entry.after,
     )
     return entry
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change for ``record_many``: what ``record`` takes after the actor."""
+
+    action: str
+    target: str | None = None
+    before: Mapping[str, Any] | None = None
+    after: Mapping[str, Any] | None = None
+
+
+def record_many(conn: Connection, actor: Actor, changes: Sequence[Change]) -> None:
+    """``record`` for many changes of one action in the caller's transaction, in one statement
+    (an import of a thousand accounts: one row each, without a round trip each)."""
+    for change in changes:
+        _check_no_secret(change.before)
+        _check_no_secret(change.after)
+    if not changes:
+        return
+    conn.execute(
+        audit_log.insert().values(at=db_now(conn)),
+        [
+            {
+                "actor": actor.name,
+                "role": actor.role,
+                "source": actor.source,
+                "action": change.action,
+                "target": change.target,
+                "before_json": _json(change.before),
+                "after_json": _json(change.after),
+            }
+            for change in changes
+        ],
+    )
+    for change in changes:
+        log.info(
+            "audit",
+            actor=actor.name,
+            role=actor.role,
+            source=actor.source,
+            action=change.action,
+            target=change.target,
+            before=change.before,
+            after=change.after,
+        )
 
 
 def list_entries(

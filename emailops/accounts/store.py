@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Engine, delete, func, select, update
 
 from emailops.accounts.config import AccountConfig, Endpoint, OAuth2Options
 from emailops.accounts.fields import AccountError
-from emailops.audit import Actor, record
+from emailops.audit import Actor, Change, record, record_many
 from emailops.auth.crypto import SecretCipher
 from emailops.clock import Clock, utc_now
 from emailops.config import OAuth2Flow, TlsSecurity
@@ -165,6 +165,7 @@ def import_accounts(
     ``AccountError`` says which account and why). An account whose keys and secrets are what is
     stored is left alone, so importing the same file twice changes nothing."""
     result = ImportResult()
+    changes: list[Change] = []
     with engine.begin() as conn:
         stored = {row.name: row for row in conn.execute(locking(conn, select(accounts)))}
         _check_mailboxes(configs, stored.values())
@@ -188,20 +189,22 @@ def import_accounts(
                 .where(accounts.c.name == config.name)
                 .values(plain | secrets | {"updated_at": now})
             )
-            record(
-                conn,
-                actor,
-                "account.change",
-                config.name,
-                before={k: v for k, v in before.items() if v != plain[k]},
-                after={k: v for k, v in plain.items() if v != before[k]} | {"secrets_changed": new_secrets},
+            changes.append(
+                Change(
+                    "account.change",
+                    config.name,
+                    before={k: v for k, v in before.items() if v != plain[k]},
+                    after={k: v for k, v in plain.items() if v != before[k]}
+                    | {"secrets_changed": new_secrets},
+                )
             )
             result.changed.append(config.name)
         if inserts:
             conn.execute(accounts.insert(), inserts)
-            for values in inserts:
-                after = {k: v for k, v in values.items() if k in _PLAIN_COLUMNS}
-                record(conn, actor, "account.add", values["name"], after=after)
+        for values in inserts:
+            after = {k: v for k, v in values.items() if k in _PLAIN_COLUMNS}
+            changes.append(Change("account.add", values["name"], after=after))
+        record_many(conn, actor, changes)
     return result
 
 
