@@ -18,6 +18,7 @@ from emailops.auth.crypto import SecretCipher, WrongKeyError, new_key
 from emailops.store.schema import accounts, audit_log
 from localmail.dovecot import LocalDovecot
 from localmail.smtp_relay import LocalSmtpRelay
+from prod.runtime_settings import ConfigError, RuntimeSettings
 from tests.index_helpers import ALICE, daemon_env, index_engine, message
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,3 +349,55 @@ def test_rules_check_rejects_an_account_name_that_is_no_account(
     refused = run(index_only_env, "rules", "check", str(typo))
     assert refused.returncode == 1
     assert "match.accounts: 'suport' is no account (accounts: gmail, sales, support)" in refused.stderr
+
+
+def _settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> RuntimeSettings:
+    monkeypatch.chdir(REPO / "tests")  # no .env here
+    for key in list(os.environ):
+        if key.startswith(("EMAIL_", "SECRETS_KEY")):
+            monkeypatch.delenv(key)
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return RuntimeSettings.from_env()
+
+
+MAILBOX = {
+    "EMAIL_IMAP_HOST": "imap.example.org",
+    "EMAIL_IMAP_PORT": "993",
+    "EMAIL_SMTP_HOST": "smtp.example.org",
+    "EMAIL_SMTP_PORT": "587",
+    "EMAIL_USERNAME": "ops@example.org",
+    "EMAIL_PASSWORD": "pw",
+}
+
+
+def test_the_email_settings_are_one_account_named_by_email_account_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = _settings(monkeypatch, **MAILBOX, EMAIL_FOLDERS="INBOX,Support", SENT_FOLDER="Gesendet")
+    account = settings.default_account()
+    assert account.name == "ops@example.org" and account.password == "pw"
+    deployment = settings.deployment()
+    # The index key is what the index's rows carry today: existing indexes stay the account's.
+    assert account.sync_config(deployment).account == "ops@example.org@imap.example.org"
+    assert account.sync_config(deployment).folders == ("INBOX", "Support")
+    assert account.reply_config(deployment).sent_folder == "Gesendet"
+    assert account.imap_config(deployment).port == 993 and account.smtp_config(deployment).port == 587
+    assert settings.imap_config() == account.imap_config(deployment)
+    named = _settings(monkeypatch, **MAILBOX, EMAIL_ACCOUNT_NAME="ops")
+    assert named.default_account().name == "ops"
+    assert named.default_account().index_key == account.index_key
+
+
+def test_email_settings_are_optional_but_required_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not _settings(monkeypatch).has_default_account
+    with pytest.raises(ConfigError) as partial:
+        _settings(monkeypatch, EMAIL_USERNAME="ops@example.org")
+    assert "EMAIL_IMAP_HOST: missing (required)" in str(partial.value)
+    assert "EMAIL_PASSWORD: missing (required)" in str(partial.value)
+    with pytest.raises(ConfigError) as differ:
+        _settings(monkeypatch, SECRETS_KEY=new_key(), EMAIL_OAUTH2_TOKEN_KEY=new_key())
+    assert "SECRETS_KEY: EMAIL_OAUTH2_TOKEN_KEY, its old name, is set to another value" in str(differ.value)
+    key = new_key()
+    assert _settings(monkeypatch, EMAIL_OAUTH2_TOKEN_KEY=key).secret_keys() == (key,)
+    assert _settings(monkeypatch, SECRETS_KEY=f"{key}, {new_key()}").secret_keys()[0] == key
