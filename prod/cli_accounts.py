@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from prod.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, open_index, print_json
 from prod.cli_users import cli_actor
+from prod.redaction import REDACTOR
 from prod.runtime_settings import RuntimeSettings
 
 if TYPE_CHECKING:
@@ -35,14 +36,12 @@ def secret_cipher(settings: RuntimeSettings) -> SecretCipher | None:
     return SecretCipher(keys) if keys else None
 
 
-def deployment_accounts(
-    settings: RuntimeSettings, conn: Connection, cipher: SecretCipher | None = None
-) -> list[AccountConfig]:
-    """Every account: the default one (EMAIL_*) first, then the index's by name. Secrets of the
-    index's accounts are read only with a cipher."""
+def deployment_accounts(settings: RuntimeSettings, conn: Connection) -> list[AccountConfig]:
+    """Every account: the default one (EMAIL_*) first, then the index's by name (their secrets
+    left empty: see ``choose_account``)."""
     from emailops.accounts.store import list_accounts
 
-    stored = list_accounts(conn, cipher)
+    stored = list_accounts(conn)
     if not settings.has_default_account:
         return stored
     default = settings.default_account()
@@ -88,7 +87,15 @@ def choose_account(
     with reading(engine) as conn:
         account = get_account(conn, chosen.name, cipher)
     assert account is not None
+    # Masked in this process's logs and Sentry events, as EMAIL_PASSWORD is.
+    for secret in (account.password, *(_oauth2_secrets(account))):
+        REDACTOR.register(secret, username=account.username)
     return account
+
+
+def _oauth2_secrets(account: AccountConfig) -> tuple[str, ...]:
+    options = account.oauth2
+    return tuple(filter(None, (options.client_secret, options.refresh_token))) if options else ()
 
 
 def add_account_option(parser: argparse.ArgumentParser) -> None:
