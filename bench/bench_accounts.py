@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from bench._report import figure, headline, write_result
+from bench._servers import fresh_postgres
 from emailops.auth.crypto import new_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,13 +57,6 @@ def timed(env: dict[str, str], *args: str) -> float:
     return seconds
 
 
-def _postgres(admin: str, name: str) -> str:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,7 +80,7 @@ def main() -> None:
                 leftover.unlink()
             url = f"sqlite:///{path}"
         else:
-            url = _postgres(args.pg, "emailops_bench_accounts")
+            url = fresh_postgres(args.pg, "emailops_bench_accounts")
         env = base | {"INDEX_DB_URL": url}
         timed(env, "migrate")
         baseline = timed(env, "accounts", "list")

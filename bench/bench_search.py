@@ -20,10 +20,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from sqlalchemy import Connection, Engine
 
 from bench._report import figure, headline, percentile, write_result
+from bench._servers import fresh_postgres
 from bench.corpus import load_spamassassin
 from emailops.mime.parse import parse_message
 from emailops.search.service import SearchOptions, Sort, count, search, search_statement
@@ -175,13 +175,6 @@ def measure(label: str, engine: Engine, corpus: Corpus, runs: int, show_plans: b
     return results
 
 
-def _postgres(admin: str, name: str) -> str:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -208,7 +201,7 @@ def main() -> None:
         elif args.reuse:
             url = "postgresql+psycopg://postgres@127.0.0.1:5432/emailops_bench_search"
         else:
-            url = _postgres(args.pg, "emailops_bench_search")
+            url = fresh_postgres(args.pg, "emailops_bench_search")
         engine = create_index_engine(url)
         migrate(engine)
         seconds = 0.0 if args.reuse else fill(engine, corpus, args.messages)

@@ -211,30 +211,13 @@ def _show(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -
     return EXIT_OK
 
 
-_ADD_KEYS = (
-    "username",
-    "password_env",
-    "auth",
-    "imap_host",
-    "imap_port",
-    "imap_security",
-    "smtp_host",
-    "smtp_port",
-    "smtp_security",
-    "folders",
-    "idle_folders",
-    "from",
-    "drafts_folder",
-    "sent_folder",
-    "never_reply_to",
-    "oauth2_provider",
-    "oauth2_flow",
-    "oauth2_client_id",
-    "oauth2_tenant",
-    "oauth2_token_url",
-    "oauth2_device_url",
-    "oauth2_scopes",
-)
+def _add_keys() -> list[str]:
+    """The keys ``accounts add`` takes as flags: all but the name (an argument), ``enabled``
+    (``--disabled``) and the secrets (from stdin, never on a command line)."""
+    from emailops.accounts.fields import KEYS
+
+    secrets = {"password", "oauth2_client_secret", "oauth2_refresh_token"}
+    return sorted(KEYS - {"name", "enabled"} - secrets)
 
 
 def _add(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -> int:
@@ -243,7 +226,7 @@ def _add(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) ->
     from emailops.store.database import reading
 
     values: dict[str, Any] = {"name": args.name}
-    values |= {key: getattr(args, key) for key in _ADD_KEYS if getattr(args, key) is not None}
+    values |= {key: getattr(args, key) for key in _add_keys() if getattr(args, key) is not None}
     if args.disabled:
         values["enabled"] = False
     if args.password_stdin:
@@ -369,7 +352,7 @@ def add_commands(commands: Any) -> None:
     show.add_argument("--json", action="store_true", help="print a JSON object")
     add = actions.add_parser("add", help="add one account (the keys of the file as flags)")
     add.add_argument("name", metavar="NAME")
-    for key in _ADD_KEYS:
+    for key in _add_keys():
         add.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar="VALUE")
     add.add_argument("--disabled", action="store_true", help="add it disabled")
     add.add_argument(

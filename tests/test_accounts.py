@@ -401,3 +401,41 @@ def test_email_settings_are_optional_but_required_together(monkeypatch: pytest.M
     key = new_key()
     assert _settings(monkeypatch, EMAIL_OAUTH2_TOKEN_KEY=key).secret_keys() == (key,)
     assert _settings(monkeypatch, SECRETS_KEY=f"{key}, {new_key()}").secret_keys()[0] == key
+
+
+def test_each_account_syncs_and_finds_its_own_mail_only(
+    dovecot: LocalDovecot, index_only_env: dict[str, str], tmp_path: Path
+) -> None:
+    bob = "bob@example.test"
+    dovecot.append(ALICE, "INBOX", message(1, body="otter"))
+    dovecot.append(bob, "INBOX", message(1, body="badger"))
+    tables = "".join(
+        f"""
+[[accounts]]
+name = "{name}"
+username = "{user}"
+password_env = "{name.upper()}_PASSWORD"
+imap_host = "{dovecot.host}"
+imap_port = {dovecot.imap_port}
+imap_security = "none"
+smtp_host = "127.0.0.1"
+smtp_port = 2525
+smtp_security = "none"
+"""
+        for name, user in (("alice", ALICE), ("bob", bob))
+    )
+    env = index_only_env | {"ALICE_PASSWORD": dovecot.password(ALICE), "BOB_PASSWORD": dovecot.password(bob)}
+    assert run(env, "accounts", "import", str(write(tmp_path, tables))).returncode == 0
+    for name in ("alice", "bob"):
+        synced = run(env, "sync", "--once", "--account", name)
+        assert synced.returncode == 0, synced.stderr
+
+    def found(name: str, query: str) -> int:
+        return len(json.loads(run(env, "search", query, "--account", name, "--json").stdout))
+
+    assert (found("alice", "otter"), found("alice", "badger")) == (1, 0)
+    assert (found("bob", "otter"), found("bob", "badger")) == (0, 1)
+    assert run(env, "accounts", "remove", "bob", "--yes").returncode == 0
+    listed = json.loads(run(env, "accounts", "list", "--json").stdout)
+    assert [(a["name"], a["messages"]) for a in listed] == [("alice", 1)]
+    assert found("alice", "otter") == 1
