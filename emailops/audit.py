@@ -51,6 +51,16 @@ class AuditEntry:
     after: Any
 
 
+@dataclass(frozen=True)
+class Change:
+    """One change for ``record_many``: what ``record`` takes after the actor."""
+
+    action: str
+    target: str | None = None
+    before: Mapping[str, Any] | None = None
+    after: Mapping[str, Any] | None = None
+
+
 class SecretInAuditError(ValueError):
     """before/after named a secret; nothing was recorded."""
 
@@ -98,28 +108,22 @@ def record(
         .returning(audit_log)
     ).one()
     entry = _entry(row)
-    log.info(
-        "audit",
-        audit_id=entry.id,
-        actor=entry.actor,
-        role=entry.role,
-        source=entry.source,
-        action=entry.action,
-        target=entry.target,
-        before=entry.before,
-        after=entry.after,
-    )
+    _log(actor, Change(action, target, entry.before, entry.after), audit_id=entry.id)
     return entry
 
 
-@dataclass(frozen=True)
-class Change:
-    """One change for ``record_many``: what ``record`` takes after the actor."""
-
-    action: str
-    target: str | None = None
-    before: Mapping[str, Any] | None = None
-    after: Mapping[str, Any] | None = None
+def _log(actor: Actor, change: Change, *, audit_id: int | None = None) -> None:
+    log.info(
+        "audit",
+        audit_id=audit_id,
+        actor=actor.name,
+        role=actor.role,
+        source=actor.source,
+        action=change.action,
+        target=change.target,
+        before=change.before,
+        after=change.after,
+    )
 
 
 def record_many(conn: Connection, actor: Actor, changes: Sequence[Change]) -> None:
@@ -146,16 +150,7 @@ def record_many(conn: Connection, actor: Actor, changes: Sequence[Change]) -> No
         ],
     )
     for change in changes:
-        log.info(
-            "audit",
-            actor=actor.name,
-            role=actor.role,
-            source=actor.source,
-            action=change.action,
-            target=change.target,
-            before=change.before,
-            after=change.after,
-        )
+        _log(actor, change)
 
 
 def list_entries(
