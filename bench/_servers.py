@@ -51,6 +51,16 @@ class ChildResult:
     cpu_seconds: float = 0.0
 
 
+def fresh_postgres(admin: str, name: str) -> str:
+    """The URL of database ``name``, dropped and created empty on the server of ``admin``."""
+    import psycopg
+
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
 def start_dovecot(capabilities_removed: tuple[str, ...] = ()) -> LocalDovecot:
     dovecot = LocalDovecot({BENCH_USER: BENCH_PASSWORD}, capabilities_removed=capabilities_removed)
     dovecot.start()

@@ -27,10 +27,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from sqlalchemy import Connection, Engine
 
 from bench._report import figure, headline, percentile, write_result
+from bench._servers import fresh_postgres
 from bench.corpus import load_spamassassin
 from emailops.mime.parse import parse_message
 from emailops.search.postgres import PostgresBackend
@@ -253,13 +253,6 @@ def side_by_side(label: str, url: str, corpus: Corpus, runs: int, against: Path)
     return results
 
 
-def _postgres(admin: str, name: str) -> str:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -291,7 +284,7 @@ def main() -> None:
         elif args.reuse:
             url = "postgresql+psycopg://postgres@127.0.0.1:5432/emailops_bench_search"
         else:
-            url = _postgres(args.pg, "emailops_bench_search")
+            url = fresh_postgres(args.pg, "emailops_bench_search")
         engine = create_index_engine(url)
         migrate(engine)
         seconds = 0.0 if args.reuse else fill(engine, corpus, args.messages)

@@ -11,7 +11,7 @@ leave a line without its row, never a row without its line.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -49,6 +49,16 @@ class AuditEntry:
     target: str | None
     before: Any
     after: Any
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change for ``record_many``: what ``record`` takes after the actor."""
+
+    action: str
+    target: str | None = None
+    before: Mapping[str, Any] | None = None
+    after: Mapping[str, Any] | None = None
 
 
 class SecretInAuditError(ValueError):
@@ -98,18 +108,49 @@ def record(
         .returning(audit_log)
     ).one()
     entry = _entry(row)
+    _log(actor, Change(action, target, entry.before, entry.after), audit_id=entry.id)
+    return entry
+
+
+def _log(actor: Actor, change: Change, *, audit_id: int | None = None) -> None:
     log.info(
         "audit",
-        audit_id=entry.id,
-        actor=entry.actor,
-        role=entry.role,
-        source=entry.source,
-        action=entry.action,
-        target=entry.target,
-        before=entry.before,
-        after=entry.after,
+        audit_id=audit_id,
+        actor=actor.name,
+        role=actor.role,
+        source=actor.source,
+        action=change.action,
+        target=change.target,
+        before=change.before,
+        after=change.after,
     )
-    return entry
+
+
+def record_many(conn: Connection, actor: Actor, changes: Sequence[Change]) -> None:
+    """``record`` for many changes of one action in the caller's transaction, in one statement
+    (an import of a thousand accounts: one row each, without a round trip each)."""
+    for change in changes:
+        _check_no_secret(change.before)
+        _check_no_secret(change.after)
+    if not changes:
+        return
+    conn.execute(
+        audit_log.insert().values(at=db_now(conn)),
+        [
+            {
+                "actor": actor.name,
+                "role": actor.role,
+                "source": actor.source,
+                "action": change.action,
+                "target": change.target,
+                "before_json": _json(change.before),
+                "after_json": _json(change.after),
+            }
+            for change in changes
+        ],
+    )
+    for change in changes:
+        _log(actor, change)
 
 
 def list_entries(

@@ -158,6 +158,8 @@ class ReplyConfig:
     """How automatic replies are sent."""
 
     from_address: str
+    # The account's name: rules with match.accounts apply only to the accounts they name.
+    account_name: str = ""
     own_addresses: tuple[str, ...] = ()
     rules_file: Path | None = None
     dry_run: bool = False

@@ -16,10 +16,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prod.cli_accounts import add_account_option, choose_account
 from prod.cli_common import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
+    CommandError,
     json_default,
     open_index,
     positive_int,
@@ -31,16 +33,18 @@ from prod.runtime_settings import ConfigError, RuntimeSettings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from emailops.accounts.config import AccountConfig
     from emailops.config import ServerConfig
     from emailops.maintenance import IndexInUseError
     from emailops.replies.move_folders import MoveFolder
     from emailops.rules.model import RuleSet
 
 
-def _imap(settings: RuntimeSettings, engine: Engine) -> ServerConfig:
-    from prod.oauth2_tokens import token_source
+def _imap(settings: RuntimeSettings, engine: Engine, account: AccountConfig) -> ServerConfig:
+    from prod.oauth2_tokens import account_token_source
 
-    return settings.imap_config(token_source(settings, engine))
+    deployment = settings.deployment()
+    return account.imap_config(deployment, account_token_source(account, deployment, engine))
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -53,7 +57,10 @@ def cmd_sync(settings: RuntimeSettings, args: argparse.Namespace) -> int:
         print("emailops sync runs once with --once; the daemon is `python -m prod.run`", file=sys.stderr)
         return 2
     with open_index(settings) as engine:
-        reports = sync_once(engine, _imap(settings, engine), settings.sync_config())
+        account = choose_account(settings, engine, args.account, secrets=True)
+        reports = sync_once(
+            engine, _imap(settings, engine, account), account.sync_config(settings.deployment())
+        )
     return _print_reports(reports, args.json)
 
 
@@ -90,16 +97,17 @@ def cmd_search(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     except QueryError as error:
         print(f"emailops search: {error}", file=sys.stderr)
         return 2
-    account = settings.sync_config().account
-    options = SearchOptions(
-        sort=Sort(args.sort),
-        limit=args.limit,
-        offset=args.offset,
-        timezone=ZoneInfo(settings.search_timezone),
-        account_names=frozenset({settings.email_username, account}),
-    )
     output = "json" if args.json else args.output
     with open_index(settings) as engine, reading(engine) as conn:
+        chosen = choose_account(settings, engine, args.account)
+        account = chosen.index_key
+        options = SearchOptions(
+            sort=Sort(args.sort),
+            limit=args.limit,
+            offset=args.offset,
+            timezone=ZoneInfo(settings.search_timezone),
+            account_names=frozenset({chosen.username, account}),
+        )
         if args.folder is not None:
             if get_folder(conn, account, args.folder) is None:
                 # A mistyped folder would otherwise look like a search that found nothing.
@@ -156,7 +164,7 @@ def cmd_stats(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.store.messages import folder_stats
 
     with open_index(settings) as engine, reading(engine) as conn:
-        stats = folder_stats(conn, settings.sync_config().account)
+        stats = folder_stats(conn, choose_account(settings, engine, args.account).index_key)
     result = {
         "messages_total": sum(s.messages for s in stats),
         "folders": [
@@ -184,8 +192,8 @@ def cmd_quarantine(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.store import index_work, rules_work
     from emailops.store.database import reading
 
-    account = settings.sync_config().account
     with open_index(settings) as engine, reading(engine) as conn:
+        account = choose_account(settings, engine, args.account).index_key
         entries = [{"stage": "index", **asdict(e)} for e in index_work.list_quarantined(conn, account)] + [
             {"stage": "rules", **asdict(e)} for e in rules_work.list_quarantined(conn, account)
         ]
@@ -203,8 +211,11 @@ def cmd_reindex(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.maintenance import IndexInUseError, reindex
 
     with open_index(settings) as engine:
+        account = choose_account(settings, engine, args.account, secrets=True)
         try:
-            reports = reindex(engine, _imap(settings, engine), settings.sync_config())
+            reports = reindex(
+                engine, _imap(settings, engine, account), account.sync_config(settings.deployment())
+            )
         except IndexInUseError as exc:
             print(f"emailops reindex: refused, nothing changed: {_lease_holder(exc)}", file=sys.stderr)
             return EXIT_FAILED
@@ -307,6 +318,8 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
         line = error_line(path.read_text(encoding="utf-8", errors="replace"), exc)
         print(f"{exc} (line {line})" if line else str(exc), file=sys.stderr)
         return EXIT_FAILED
+    if settings is not None and _unknown_rule_accounts(settings, ruleset, path):
+        return EXIT_FAILED
     missing: list[MoveFolder] = []
     if args.server:
         if settings is None:
@@ -314,7 +327,7 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
                 "emailops rules check --server: the account's settings (EMAIL_*) are needed", file=sys.stderr
             )
             return EXIT_CONFIG
-        missing = _missing_move_folders(settings, ruleset)
+        missing = _missing_move_folders(settings, ruleset, args.account)
     failing = [target for target in missing if not target.create]
     code = EXIT_FAILED if failing else EXIT_OK
     if args.json:
@@ -338,13 +351,34 @@ def cmd_rules_check(settings: RuntimeSettings | None, args: argparse.Namespace) 
     return code
 
 
-def _missing_move_folders(settings: RuntimeSettings, ruleset: RuleSet) -> list[MoveFolder]:
+def _unknown_rule_accounts(settings: RuntimeSettings, ruleset: RuleSet, path: Path) -> bool:
+    """Print each name of a rule's match.accounts that is no account; True when there is one."""
+    from emailops.rules.matching import unknown_accounts
+    from emailops.store.database import reading
+    from prod.cli_accounts import deployment_accounts
+
+    if not any(rule.accounts for rule in ruleset.rules):
+        return False
+    with open_index(settings) as engine, reading(engine) as conn:
+        names = [account.name for account in deployment_accounts(settings, conn)]
+    unknown = unknown_accounts(ruleset, names)
+    for rule, name in unknown:
+        print(
+            f'{path}: rule "{rule.name}" (#{rule.index}): match.accounts: {name!r} is no account '
+            f"(accounts: {', '.join(names) or 'none'})",
+            file=sys.stderr,
+        )
+    return bool(unknown)
+
+
+def _missing_move_folders(settings: RuntimeSettings, ruleset: RuleSet, name: str | None) -> list[MoveFolder]:
     """The rules' move folders the account's IMAP server does not list (signs in, one LIST)."""
     from emailops.imap.connection import connect, logout_quietly
     from emailops.replies.move_folders import missing_move_folders
 
     with open_index(settings) as engine:
-        client = connect(_imap(settings, engine))
+        account = choose_account(settings, engine, name, secrets=True)
+        client = connect(_imap(settings, engine, account))
         try:
             return missing_move_folders(client, ruleset)
         finally:
@@ -367,8 +401,8 @@ def _change_replies(engine: Engine, args: argparse.Namespace, account: str) -> i
 def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.replies import outbox
 
-    account = settings.sync_config().account
     with open_index(settings) as engine:
+        account = choose_account(settings, engine, args.account).index_key
         if args.action in ("retry", "cancel", "resolve"):
             return _change_replies(engine, args, account)
         states = tuple(args.state) if args.state else None
@@ -395,23 +429,20 @@ def cmd_outbox(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _token_source_or_none(settings: RuntimeSettings, engine: Engine) -> Any:
-    from prod.oauth2_tokens import token_source
-
-    return token_source(settings, engine)
-
-
 def cmd_auth(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.auth.errors import OAuth2Error
+    from prod.oauth2_tokens import account_token_source
 
-    if settings.email_auth != "oauth2":
-        print(
-            "emailops auth: EMAIL_AUTH is password; set EMAIL_AUTH=oauth2 to sign in with OAuth2",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
     with open_index(settings) as engine:
-        source = _token_source_or_none(settings, engine)
+        account = choose_account(settings, engine, args.account, secrets=True)
+        source: Any = account_token_source(account, settings.deployment(), engine)
+        if source is None:
+            print(
+                f"emailops auth: account {account.name} signs in with a password; set EMAIL_AUTH=oauth2 "
+                '(or auth = "oauth2" in its [[accounts]] table) to sign in with OAuth2',
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
         try:
             if args.auth_command == "login":
                 return _auth_login(source, args)
@@ -528,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("sync", help="catch up on every folder once and print a summary")
     sync.add_argument("--once", action="store_true", help="run one catch-up pass and exit (required)")
     sync.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_account_option(sync)
     sync.set_defaults(handler=cmd_sync)
 
     from emailops.search.query import HELP as SEARCH_HELP
@@ -558,10 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="summary (default); json; ids: FOLDER UIDVALIDITY UID per line; threads: one line per thread",
     )
     search.add_argument("--json", action="store_true", help="the same as --output json")
+    add_account_option(search)
     search.set_defaults(handler=cmd_search)
 
     stats = commands.add_parser("stats", help="messages per folder and when each was last synced")
     stats.add_argument("--json", action="store_true", help="print a JSON object")
+    add_account_option(stats)
     stats.set_defaults(handler=cmd_stats)
 
     quarantine = commands.add_parser(
@@ -569,10 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages set aside because indexing or their rules kept failing (never answered)",
     )
     quarantine.add_argument("--json", action="store_true", help="print a JSON list")
+    add_account_option(quarantine)
     quarantine.set_defaults(handler=cmd_quarantine)
 
     reindex = commands.add_parser("reindex", help="rebuild the index from IMAP (old mail is never answered)")
     reindex.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_account_option(reindex)
     reindex.set_defaults(handler=cmd_reindex)
 
     backup = commands.add_parser("backup", help="a consistent copy of the SQLite index, safe while running")
@@ -601,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also sign in to the IMAP server and list the folders rules move mail to that it does not "
         "have (exit 1 unless the rule says create = true)",
     )
+    add_account_option(rules_check)
     rules_check.set_defaults(handler=cmd_rules_check, settings_optional=True)
 
     from prod.cli_llm import add_commands
@@ -609,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     box = commands.add_parser("outbox", help="list, retry or cancel automatic replies")
     box_commands = box.add_subparsers(dest="action", metavar="ACTION")
-    box.set_defaults(handler=cmd_outbox, action="list", state=None, limit=50, json=False)
+    box.set_defaults(handler=cmd_outbox, action="list", state=None, limit=50, json=False, account=None)
     box_list = box_commands.add_parser("list", help="the newest replies first (default)")
     box_list.add_argument(
         "--state",
@@ -619,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     box_list.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
     box_list.add_argument("--json", action="store_true", help="print a JSON list")
+    add_account_option(box_list)
     for action, text in (
         (
             "retry",
@@ -630,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "ids", nargs="+", type=int, metavar="ID", help="reply ids from 'emailops outbox list'"
         )
+        add_account_option(sub)
     resolve = box_commands.add_parser(
         "resolve", help="resolve replies as sent (an unknown one was delivered), resend or cancel"
     )
@@ -639,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.add_argument(
         "ids", nargs="+", type=int, metavar="ID", help="reply ids from 'emailops outbox list'"
     )
+    add_account_option(resolve)
 
     auth = commands.add_parser("auth", help="OAuth2 sign-in (EMAIL_AUTH=oauth2): login, status, logout")
     auth_commands = auth.add_subparsers(dest="auth_command", required=True, metavar="SUBCOMMAND")
@@ -653,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = auth_commands.add_parser(name, help=text)
         sub.add_argument("--json", action="store_true", help="print JSON (login: one line per step)")
+        add_account_option(sub)
         sub.set_defaults(handler=cmd_auth)
     new_key = auth_commands.add_parser(
         "new-key", help="print a new random key for EMAIL_OAUTH2_TOKEN_KEY (the tokens' encryption key)"
@@ -662,6 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     from prod.cli_users import add_commands as add_user_commands
 
     add_user_commands(commands)
+
+    from prod.cli_accounts import add_commands as add_account_commands
+
+    add_account_commands(commands)
     return parser
 
 
@@ -688,6 +733,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Command = args.handler
     try:
         return handler(settings, args)
+    except CommandError as exc:
+        print(f"emailops {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"emailops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one readable line for the operator; the traceback goes to the log

@@ -22,6 +22,15 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 78
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A command cannot go on: ``emailops COMMAND: message`` on stderr, exit ``code``."""
+
+    def __init__(self, message: str, *, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def json_default(value: object) -> object:

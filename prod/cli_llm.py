@@ -9,6 +9,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
+from prod.cli_accounts import add_account_option, choose_account
 from prod.cli_common import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -39,15 +40,16 @@ def cmd_rules_test(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FAILED
-    config = settings.reply_config()
-    llm = config.llm
-    client = ChatClient.for_config(llm) if llm else None
     with open_index(settings) as engine:
+        account = choose_account(settings, engine, args.account)
+        config = account.reply_config(settings.deployment())
+        llm = config.llm
+        client = ChatClient.for_config(llm) if llm else None
         outcomes = try_rules_on_raw(
             engine,
             raw,
             max_message_bytes=settings.max_message_bytes,
-            account=settings.sync_config().account,
+            account=account.index_key,
             folder=args.folder,
             rules=ruleset,
             config=config,
@@ -115,8 +117,8 @@ def _readable(raw: bytes) -> str:
 def cmd_llm(settings: RuntimeSettings, args: argparse.Namespace) -> int:
     from emailops.llm import jobs
 
-    account = settings.sync_config().account
     with open_index(settings) as engine:
+        account = choose_account(settings, engine, args.account).index_key
         if args.action in ("retry", "cancel"):
             from emailops.actions.drafts import change_jobs
             from prod.cli_users import cli_actor
@@ -169,18 +171,21 @@ def add_commands(commands: Any, rules_commands: Any) -> None:
     trial.add_argument("--rules", type=Path, help="the rules file (default: RULES_FILE)")
     trial.add_argument("--folder", default="INBOX", help="the folder it arrives in (default INBOX)")
     trial.add_argument("--json", action="store_true", help="print a JSON list")
+    add_account_option(trial)
     trial.set_defaults(handler=cmd_rules_test)
 
     llm = commands.add_parser("llm", help="replies a model is writing: list, retry or cancel them")
     llm_commands = llm.add_subparsers(dest="action", metavar="ACTION")
-    llm.set_defaults(handler=cmd_llm, action="list", state=None, limit=50, json=False)
+    llm.set_defaults(handler=cmd_llm, action="list", state=None, limit=50, json=False, account=None)
     listing = llm_commands.add_parser("list", help="the newest jobs first (default), failed ones with why")
     listing.add_argument("--state", action="append", choices=JOB_STATES, help="only this state (repeatable)")
     listing.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
+    add_account_option(listing)
     for action, text in (
         ("retry", "ask the model again: failed jobs back to pending with fresh attempts"),
         ("cancel", "never ask: pending or failed jobs become cancelled"),
     ):
         sub = llm_commands.add_parser(action, help=text)
         sub.add_argument("ids", nargs="+", type=int, metavar="ID", help="job ids from 'emailops llm list'")
+        add_account_option(sub)

@@ -15,7 +15,7 @@ from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage, RulesStage
 from emailops.store.database import create_index_engine
 from emailops.store.migrations import migrate
-from prod.oauth2_tokens import token_source
+from prod.oauth2_tokens import account_token_source
 from prod.redaction import REDACTOR
 from prod.runtime_settings import ConfigError, RuntimeSettings
 from prod.worker import PREVIOUS_RUN_ID_ENV, RUN_ID_ENV
@@ -37,11 +37,14 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     run = os.environ.get(RUN_ID_ENV) or new_run_id()
     owner = str(ProcessIdentity.of_this_process(worker_id, run=run))
     dead_runs = tuple(filter(None, os.environ.get(PREVIOUS_RUN_ID_ENV, "").split(",")))
-    sync_config = settings.sync_config()
-    reply_config = settings.reply_config()
+    # The worker's account (the default one, EMAIL_*), read once: every stage config comes from it.
+    account = settings.default_account()
+    deployment = settings.deployment()
+    sync_config = account.sync_config(deployment)
+    reply_config = account.reply_config(deployment)
     # With OAuth2, one token source per worker; the workers share the token row in the index.
-    tokens = token_source(settings, engine)
-    imap = settings.imap_config(tokens)
+    tokens = account_token_source(account, deployment, engine)
+    imap = account.imap_config(deployment, tokens)
     # One IMAP session for what the rules change in the mailbox and for the outbox's drafts and
     # Sent copies (the stages run in turn, never at once); the watchers have their own.
     mailbox = MailboxSession(imap)
@@ -68,7 +71,7 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
                 dead_runs=dead_runs,
             )
         )
-    sender = SmtpSender(settings.smtp_config(tokens))
+    sender = SmtpSender(account.smtp_config(deployment, tokens))
     stages.append(
         OutboxStage(
             engine,

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         settings = RuntimeSettings.from_env()
+        # The daemon serves the default account (EMAIL_*), one per deployment for now.
+        settings.default_account()
     except ConfigError as exc:
         return _config_error(str(exc))
     problem = settings.llm_rules_problem()

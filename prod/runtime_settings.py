@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from emailops.accounts.config import AccountConfig, Deployment, Endpoint, OAuth2Options
+from emailops.accounts.fields import AccountDefaults, endpoint_url_problem, implicit_tls, oauth2_problem
 from emailops.auth.crypto import check_key
 from emailops.auth.providers import PROVIDERS
 from emailops.config import (
@@ -39,20 +41,32 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 CommaList = Annotated[tuple[str, ...], NoDecode]
 # Variables whose value is never shown, not even in an error about it.
 SECRET_VARIABLES = frozenset(
-    {"EMAIL_PASSWORD", "EMAIL_OAUTH2_CLIENT_SECRET", "EMAIL_OAUTH2_REFRESH_TOKEN", "EMAIL_OAUTH2_TOKEN_KEY"}
+    {
+        "EMAIL_PASSWORD",
+        "EMAIL_OAUTH2_CLIENT_SECRET",
+        "EMAIL_OAUTH2_REFRESH_TOKEN",
+        "EMAIL_OAUTH2_TOKEN_KEY",
+        "SECRETS_KEY",
+    }
 )
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The default account's settings: given one, all are required (EMAIL_AUTH=oauth2 counts as one).
+_MAILBOX_VARIABLES = (
+    "email_imap_host",
+    "email_imap_port",
+    "email_smtp_host",
+    "email_smtp_port",
+    "email_username",
+    "email_password",
+)
 TOKEN_REQUEST_TIMEOUT_SECONDS = 10.0
-# Tenants that name no organisation: app-only access needs the organisation's own tenant.
-_MULTI_TENANTS = ("", "common", "organizations", "consumers")
 
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names every variable at fault."""
 
 
-def _implicit_tls(port: int, implicit_port: int) -> TlsSecurity:
-    return TlsSecurity.SSL if port == implicit_port else TlsSecurity.STARTTLS
+def _given(value: object) -> bool:
+    return bool(value.get_secret_value() if isinstance(value, SecretStr) else value)
 
 
 class RuntimeSettings(BaseSettings):
@@ -71,13 +85,19 @@ class RuntimeSettings(BaseSettings):
     sentry_dsn: str = ""
     sentry_send_pii: bool = False
 
-    # Email (runbook: "Email Configuration"; all required)
-    email_imap_host: str = Field(min_length=1)
-    email_imap_port: Port
-    email_smtp_host: str = Field(min_length=1)
-    email_smtp_port: Port
-    email_username: str = Field(min_length=1)
-    email_password: SecretStr
+    # Email (runbook: "Email Configuration"): the default account. All required once one is set;
+    # optional when the accounts are in the index (`emailops accounts import`).
+    email_imap_host: str = ""
+    email_imap_port: Port | None = None
+    email_smtp_host: str = ""
+    email_smtp_port: Port | None = None
+    email_username: str = ""
+    email_password: SecretStr = SecretStr("")
+    # The default account's name (`--account`, `accounts list`); unset: EMAIL_USERNAME.
+    email_account_name: str = ""
+    # Fernet key(s) that encrypt the secrets stored in the index (account passwords, OAuth2
+    # tokens): NEW,OLD while rotating. EMAIL_OAUTH2_TOKEN_KEY is its old name.
+    secrets_key: SecretStr | None = None
 
     # Sign-in: password, or OAuth2 (XOAUTH2 / OAUTHBEARER) with the token store in the index.
     email_auth: Literal["password", "oauth2"] = "password"
@@ -181,10 +201,9 @@ class RuntimeSettings(BaseSettings):
     @field_validator("email_oauth2_token_url", "email_oauth2_device_url")
     @classmethod
     def _endpoint_url(cls, value: str) -> str:
-        if value:
-            parts = urlsplit(value)
-            if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS):
-                raise ValueError("must be an https:// URL (http:// only on loopback)")
+        problem = endpoint_url_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("search_timezone")
@@ -200,7 +219,7 @@ class RuntimeSettings(BaseSettings):
             ) from None
         return value
 
-    @field_validator("email_oauth2_token_key")
+    @field_validator("email_oauth2_token_key", "secrets_key")
     @classmethod
     def _token_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
@@ -278,15 +297,37 @@ class RuntimeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_defaults(self) -> Self:
-        if self.email_imap_security is None:
-            self.email_imap_security = _implicit_tls(self.email_imap_port, 993)
-        if self.email_smtp_security is None:
-            self.email_smtp_security = _implicit_tls(self.email_smtp_port, 465)
         if not self.email_folders:
             raise ValueError("EMAIL_FOLDERS names no folder")
+        keys = (self.secrets_key, self.email_oauth2_token_key)
+        if None not in keys and len({key.get_secret_value() for key in keys if key is not None}) > 1:
+            raise ValueError(
+                "SECRETS_KEY: EMAIL_OAUTH2_TOKEN_KEY, its old name, is set to another value; "
+                "keep SECRETS_KEY only"
+            )
+        if not self.has_default_account:
+            return self
+        missing = [
+            f"{name.upper()}: missing (required)"
+            for name in _MAILBOX_VARIABLES
+            if name != "email_password" or self.email_auth == "password"
+            if not _given(getattr(self, name))
+        ]
+        if missing:
+            raise ValueError("; ".join(missing))
+        assert self.email_imap_port is not None and self.email_smtp_port is not None
+        if self.email_imap_security is None:
+            self.email_imap_security = implicit_tls(self.email_imap_port, 993)
+        if self.email_smtp_security is None:
+            self.email_smtp_security = implicit_tls(self.email_smtp_port, 465)
         if self.email_auth == "oauth2":
             _check_oauth2(self)
         return self
+
+    @property
+    def has_default_account(self) -> bool:
+        """Whether the EMAIL_* settings define an account (any of them is set)."""
+        return self.email_auth == "oauth2" or any(_given(getattr(self, name)) for name in _MAILBOX_VARIABLES)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:
@@ -297,70 +338,107 @@ class RuntimeSettings(BaseSettings):
             raise ConfigError(describe_validation_error(exc)) from None
 
     # Plain values for the domain library.
+    def default_account(self) -> AccountConfig:
+        """The account the EMAIL_* settings define, named EMAIL_ACCOUNT_NAME (default: the username);
+        ``ConfigError`` naming the variables when they define none."""
+        if not self.has_default_account:
+            raise ConfigError(
+                "invalid configuration: "
+                + "; ".join(f"{name.upper()}: missing (required)" for name in _MAILBOX_VARIABLES)
+            )
+        assert self.email_imap_port is not None and self.email_imap_security is not None
+        assert self.email_smtp_port is not None and self.email_smtp_security is not None
+        oauth2 = None
+        if self.email_auth == "oauth2":
+            assert self.email_oauth2_provider is not None
+            oauth2 = OAuth2Options(
+                provider=self.email_oauth2_provider,
+                client_id=self.email_oauth2_client_id,
+                flow=self.email_oauth2_flow,
+                client_secret=_secret(self.email_oauth2_client_secret),
+                tenant=self.email_oauth2_tenant,
+                refresh_token=_secret(self.email_oauth2_refresh_token),
+                token_url=self.email_oauth2_token_url,
+                device_url=self.email_oauth2_device_url,
+                scopes=self.email_oauth2_scopes,
+            )
+        return AccountConfig(
+            name=self.email_account_name or self.email_username,
+            username=self.email_username,
+            password=self.email_password.get_secret_value(),
+            imap=Endpoint(self.email_imap_host, self.email_imap_port, self.email_imap_security),
+            smtp=Endpoint(self.email_smtp_host, self.email_smtp_port, self.email_smtp_security),
+            oauth2=oauth2,
+            folders=self.email_folders,
+            idle_folders=self.imap_idle_folders,
+            from_address=self.email_from,
+            drafts_folder=self.drafts_folder,
+            sent_folder=self.sent_folder,
+            never_reply_to=self.never_reply_to,
+        )
+
+    def account_defaults(self) -> AccountDefaults:
+        """What an account in the index takes for a key it leaves out."""
+        return AccountDefaults(
+            folders=self.email_folders,
+            idle_folders=self.imap_idle_folders,
+            never_reply_to=self.never_reply_to,
+            sent_folder=self.sent_folder,
+            drafts_folder=self.drafts_folder,
+        )
+
+    def secret_keys(self) -> tuple[str, ...]:
+        """The keys of SECRETS_KEY (or EMAIL_OAUTH2_TOKEN_KEY), the first one new; () when unset."""
+        key = self.secrets_key or self.email_oauth2_token_key
+        if key is None:
+            return ()
+        return tuple(part.strip() for part in key.get_secret_value().split(",") if part.strip())
+
+    def deployment(self) -> Deployment:
+        """What every account shares, from the settings."""
+        return Deployment(
+            sync=SyncConfig(
+                account="",
+                use_idle=self.imap_idle,
+                max_connections=self.imap_max_connections,
+                poll_interval_seconds=self.poll_interval_seconds,
+                max_message_bytes=self.max_message_bytes,
+                cache_dir=self.cache_dir,
+                cache_max_bytes=self.cache_max_bytes,
+            ),
+            reply=ReplyConfig(
+                from_address="",
+                rules_file=self.rules_file,
+                dry_run=self.replies_dry_run,
+                max_replies_per_sender_per_day=self.reply_max_per_sender_per_day,
+                max_replies_per_hour=self.reply_max_per_hour,
+                send_max_attempts=self.reply_send_max_attempts,
+                save_sent_copy=self.save_sent_copy,
+                # A worker hung on a message is killed after the heartbeat timeout; its claim is
+                # stalled well after that, so a live worker's claim is never taken from it.
+                rules_claim_timeout_seconds=2 * self.heartbeat_timeout_seconds,
+                llm=self.llm_config(),
+            ),
+            ca_file=self.email_tls_ca_file,
+            timeout_seconds=self.email_timeout_seconds,
+            secret_keys=self.secret_keys(),
+            # A refresh holds the token row (SQLite: the database's write lock) while it waits for
+            # the endpoint: well under the 30 s other writers wait for a lock.
+            token_timeout_seconds=TOKEN_REQUEST_TIMEOUT_SECONDS,
+        )
+
+    # The default account's configurations (AccountConfig's, with this deployment).
     def imap_config(self, tokens: AccessTokens | None = None) -> ServerConfig:
         """IMAP server and credentials; with EMAIL_AUTH=oauth2, ``tokens`` is the account's
         token source (``prod.oauth2_tokens.token_source``)."""
-        assert self.email_imap_security is not None
-        return ServerConfig(
-            host=self.email_imap_host,
-            port=self.email_imap_port,
-            username=self.email_username,
-            password=self.email_password.get_secret_value(),
-            security=self.email_imap_security,
-            ca_file=self.email_tls_ca_file,
-            timeout_seconds=self.email_timeout_seconds,
-            tokens=self._tokens(tokens),
-        )
+        return self.default_account().imap_config(self.deployment(), tokens)
 
     def smtp_config(self, tokens: AccessTokens | None = None) -> ServerConfig:
-        assert self.email_smtp_security is not None
-        return ServerConfig(
-            host=self.email_smtp_host,
-            port=self.email_smtp_port,
-            username=self.email_username,
-            password=self.email_password.get_secret_value(),
-            security=self.email_smtp_security,
-            ca_file=self.email_tls_ca_file,
-            timeout_seconds=self.email_timeout_seconds,
-            tokens=self._tokens(tokens),
-        )
-
-    def _tokens(self, tokens: AccessTokens | None) -> AccessTokens | None:
-        if self.email_auth == "oauth2" and tokens is None:
-            raise ValueError("EMAIL_AUTH=oauth2: the server configuration needs the account's token source")
-        return tokens if self.email_auth == "oauth2" else None
+        return self.default_account().smtp_config(self.deployment(), tokens)
 
     def oauth2_config(self) -> OAuth2Config:
         """How to get access tokens (EMAIL_AUTH=oauth2 only): presets completed by the settings."""
-        assert self.email_auth == "oauth2" and self.email_oauth2_provider is not None
-        assert self.email_oauth2_token_key is not None
-        preset = PROVIDERS.get(self.email_oauth2_provider)
-        flow = self.email_oauth2_flow
-        tenant = self.email_oauth2_tenant or None
-        token_url = self.email_oauth2_token_url or (
-            preset.endpoint(preset.token_url, tenant) if preset else ""
-        )
-        device_url = self.email_oauth2_device_url or (
-            preset.endpoint(preset.device_url, tenant) if preset and preset.device_url else ""
-        )
-        scopes = self.email_oauth2_scopes or ((preset.scopes_for(flow) or ()) if preset else ())
-        keys = self.email_oauth2_token_key.get_secret_value().split(",")
-        return OAuth2Config(
-            account=self.sync_config().account,
-            username=self.email_username,
-            provider=self.email_oauth2_provider,
-            flow=flow,
-            token_url=token_url,
-            device_url=device_url or None,
-            scopes=tuple(scopes),
-            client_id=self.email_oauth2_client_id,
-            client_secret=_secret(self.email_oauth2_client_secret),
-            initial_refresh_token=_secret(self.email_oauth2_refresh_token),
-            token_keys=tuple(key.strip() for key in keys if key.strip()),
-            # A refresh holds the token row (SQLite: the database's write lock) while it waits for
-            # the endpoint: well under the 30 s other writers wait for a lock.
-            timeout_seconds=min(self.email_timeout_seconds, TOKEN_REQUEST_TIMEOUT_SECONDS),
-        )
+        return self.default_account().oauth2_config(self.deployment())
 
     def sign_in_limits(self) -> SignInLimits:
         return SignInLimits(
@@ -369,38 +447,10 @@ class RuntimeSettings(BaseSettings):
         )
 
     def sync_config(self) -> SyncConfig:
-        return SyncConfig(
-            account=f"{self.email_username}@{self.email_imap_host}",
-            folders=self.email_folders,
-            use_idle=self.imap_idle,
-            idle_folders=self.imap_idle_folders,
-            max_connections=self.imap_max_connections,
-            poll_interval_seconds=self.poll_interval_seconds,
-            max_message_bytes=self.max_message_bytes,
-            cache_dir=self.cache_dir,
-            cache_max_bytes=self.cache_max_bytes,
-        )
+        return self.default_account().sync_config(self.deployment())
 
     def reply_config(self) -> ReplyConfig:
-        from_address = self.email_from or self.email_username
-        own = {from_address.lower(), self.email_username.lower()}
-        return ReplyConfig(
-            from_address=from_address,
-            own_addresses=tuple(sorted(a for a in own if "@" in a)),
-            rules_file=self.rules_file,
-            dry_run=self.replies_dry_run,
-            never_reply_to=self.never_reply_to,
-            max_replies_per_sender_per_day=self.reply_max_per_sender_per_day,
-            max_replies_per_hour=self.reply_max_per_hour,
-            send_max_attempts=self.reply_send_max_attempts,
-            save_sent_copy=self.save_sent_copy,
-            sent_folder=self.sent_folder,
-            drafts_folder=self.drafts_folder,
-            # A worker hung on a message is killed after the heartbeat timeout; its claim is
-            # stalled well after that, so a live worker's claim is never taken from it.
-            rules_claim_timeout_seconds=2 * self.heartbeat_timeout_seconds,
-            llm=self.llm_config(),
-        )
+        return self.default_account().reply_config(self.deployment())
 
     def llm_config(self) -> LlmConfig | None:
         if not self.llm_base_url:
@@ -456,8 +506,7 @@ class RuntimeSettings(BaseSettings):
         """The OAuth2 secrets among the settings (client secret, refresh token, token keys), for
         masking; the tokens obtained later are registered by the token source."""
         values = [_secret(self.email_oauth2_client_secret), _secret(self.email_oauth2_refresh_token)]
-        if self.email_oauth2_token_key is not None:
-            values += self.email_oauth2_token_key.get_secret_value().split(",")
+        values += self.secret_keys()
         return [value.strip() for value in values if value and value.strip()]
 
     @property
@@ -477,33 +526,16 @@ def _secret(value: SecretStr | None) -> str | None:
 
 def _check_oauth2(settings: RuntimeSettings) -> None:
     """Combinations that cannot work; each message starts with the variable to change."""
-    provider = settings.email_oauth2_provider
-    flow = settings.email_oauth2_flow
-    if not settings.email_oauth2_client_id:
-        raise ValueError("EMAIL_OAUTH2_CLIENT_ID: required with EMAIL_AUTH=oauth2")
-    if settings.email_oauth2_token_key is None:
+    options = settings.default_account().oauth2
+    assert options is not None
+    problem = oauth2_problem(options, lambda key: f"EMAIL_{key.upper()}")
+    if problem:
+        raise ValueError(problem)
+    if not settings.secret_keys():
         raise ValueError(
-            "EMAIL_OAUTH2_TOKEN_KEY: required with EMAIL_AUTH=oauth2 (the key that encrypts stored tokens; "
-            "`emailops auth new-key` prints one)"
+            "EMAIL_OAUTH2_TOKEN_KEY: required with EMAIL_AUTH=oauth2; set it as SECRETS_KEY, its new name "
+            "(the key that encrypts stored tokens; `emailops auth new-key` prints one)"
         )
-    if provider == "custom" and not settings.email_oauth2_token_url:
-        raise ValueError("EMAIL_OAUTH2_TOKEN_URL: required with EMAIL_OAUTH2_PROVIDER=custom")
-    if flow is OAuth2Flow.CLIENT_CREDENTIALS:
-        if provider == "google":
-            raise ValueError(
-                "EMAIL_OAUTH2_FLOW: google has no client_credentials grant for mail; use refresh_token"
-            )
-        if not _secret(settings.email_oauth2_client_secret):
-            raise ValueError("EMAIL_OAUTH2_CLIENT_SECRET: required with EMAIL_OAUTH2_FLOW=client_credentials")
-        if settings.email_oauth2_refresh_token is not None:
-            raise ValueError(
-                "EMAIL_OAUTH2_REFRESH_TOKEN: not used with EMAIL_OAUTH2_FLOW=client_credentials; remove it"
-            )
-        if provider == "microsoft" and settings.email_oauth2_tenant.lower() in _MULTI_TENANTS:
-            raise ValueError(
-                "EMAIL_OAUTH2_TENANT: app-only access needs your directory (tenant) id or domain, "
-                "not common/organizations/consumers"
-            )
 
 
 def _mask_dsn(dsn: str) -> str:

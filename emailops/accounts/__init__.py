@@ -1,1 +1,3 @@
-"""Mail accounts: what the daemon knows of each mailbox it serves."""
+"""Mailboxes ("accounts") of a deployment: their configuration as one value (``config``), the
+keys an operator writes (``fields``), the ``accounts`` table (``store``), a sign-in check
+(``probe``), and how each fares (``state``, ``gate``)."""

@@ -132,7 +132,8 @@ def apply_rules(
         key=inbound_key(parsed, folder=folder, uidvalidity=uidvalidity, uid=uid),
         log=log.bind(component="rules", folder=folder, uid=uid, uidvalidity=uidvalidity),
     )
-    return [_decide(inbound, rule) for rule in matching_rules(rules, parsed, folder)]
+    matched = matching_rules(rules, parsed, folder, config.account_name)
+    return [_decide(inbound, rule) for rule in matched]
 
 
 @dataclass

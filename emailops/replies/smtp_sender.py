@@ -198,6 +198,11 @@ class SmtpSender:
         except (smtplib.SMTPException, OSError):
             smtp.close()
 
+    def sign_in(self) -> None:
+        """Connect and sign in as for sending, sending nothing (``accounts test``); raises the
+        ``SmtpSendError`` that sending would, with the server's answer."""
+        self._connection()
+
     def _connect(self) -> smtplib.SMTP:
         cfg = self.config
         try:

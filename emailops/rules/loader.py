@@ -36,7 +36,7 @@ _RULE_KEYS = {"name", "folders", "match", "reply", "actions"}
 _MATCH_TEXT_FIELDS = {"subject": MatchKind.SUBSTRING, "body": MatchKind.SUBSTRING}
 _MATCH_ADDRESS_FIELDS = ("from", "to", "cc")
 _MATCH_KEYS = (
-    {"mode", "headers", "headers_regex"}
+    {"mode", "headers", "headers_regex", "accounts"}
     | set(_MATCH_TEXT_FIELDS)
     | set(_MATCH_ADDRESS_FIELDS)
     | {f"{name}_regex" for name in (*_MATCH_TEXT_FIELDS, *_MATCH_ADDRESS_FIELDS)}
@@ -130,6 +130,9 @@ def _parse_rule(raw: dict[str, Any], *, path: Path, index: int, sources: list[Pa
 
     match = _table(ctx, raw, "match")
     match_all, conditions = _parse_match(ctx, match)
+    accounts = match.get("accounts", [])
+    if not isinstance(accounts, list) or not all(isinstance(a, str) and a.strip() for a in accounts):
+        raise ctx.error("match.accounts", 'must be a list of account names, e.g. ["support"]')
 
     reply_table = raw.get("reply")
     reply = None
@@ -154,6 +157,7 @@ def _parse_rule(raw: dict[str, Any], *, path: Path, index: int, sources: list[Pa
         index=index,
         folders=tuple(folders),
         match_all=match_all,
+        accounts=tuple(accounts),
         conditions=conditions,
         reply=reply,
         flag=flag,
@@ -186,7 +190,7 @@ def _parse_match(ctx: _RuleContext, match: dict[str, Any]) -> tuple[bool, tuple[
     if mode not in ("all", "any"):
         raise ctx.error("match.mode", f'must be "all" or "any", not {mode!r}')
     conditions: list[Condition] = []
-    for key in sorted(set(match) - {"mode", "headers", "headers_regex"}):
+    for key in sorted(set(match) - {"mode", "headers", "headers_regex", "accounts"}):
         if key.endswith("_regex"):
             field = key.removesuffix("_regex")
             kind = MatchKind.REGEX

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from emailops.mime.model import ParsedMessage
@@ -36,9 +37,10 @@ def condition_holds(condition: Condition, parsed: ParsedMessage) -> bool:
     return any(p.casefold() in v for p in condition.patterns for v in lowered)
 
 
-def rule_matches(rule: Rule, parsed: ParsedMessage, folder: str) -> bool:
-    """True when the rule watches ``folder`` and its conditions hold (all or any; none: always)."""
-    if not rule.applies_to_folder(folder):
+def rule_matches(rule: Rule, parsed: ParsedMessage, folder: str, account: str = "") -> bool:
+    """True when the rule watches ``folder`` of ``account`` (its name) and its conditions hold (all
+    or any; none: always)."""
+    if not rule.applies_to_folder(folder) or (rule.accounts and account not in rule.accounts):
         return False
     if not rule.conditions:
         return True
@@ -46,12 +48,18 @@ def rule_matches(rule: Rule, parsed: ParsedMessage, folder: str) -> bool:
     return all(results) if rule.match_all else any(results)
 
 
-def matching_rules(rules: RuleSet, parsed: ParsedMessage, folder: str) -> list[Rule]:
+def matching_rules(rules: RuleSet, parsed: ParsedMessage, folder: str, account: str = "") -> list[Rule]:
     """The rules that match, in file order, up to and including the first matching rule with stop."""
     matched: list[Rule] = []
     for rule in rules.rules:
-        if rule_matches(rule, parsed, folder):
+        if rule_matches(rule, parsed, folder, account):
             matched.append(rule)
             if rule.stop:
                 break
     return matched
+
+
+def unknown_accounts(rules: RuleSet, names: Iterable[str]) -> list[tuple[Rule, str]]:
+    """Each (rule, name) where the rule's ``match.accounts`` names no account of ``names``."""
+    known = set(names)
+    return [(rule, name) for rule in rules.rules for name in rule.accounts if name not in known]

@@ -81,6 +81,8 @@ class Rule:
     # True: every condition must hold ("all"); False: at least one ("any"). No condition: every message.
     match_all: bool = True
     conditions: tuple[Condition, ...] = ()
+    # The accounts (by name) the rule applies to; empty: every account.
+    accounts: tuple[str, ...] = ()
     reply: ReplySpec | None = None
     flag: bool = False
     mark_seen: bool = False

@@ -250,6 +250,10 @@ def _imap_fairness(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.imap_connection_slots, schema.imap_login_pacing])
 
 
+def _accounts(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.accounts])
+
+
 def _search_language(conn: Connection) -> None:
     """The search terms of ``emailops.store.search_terms`` (fields, folding and CJK pairs the same on
     both backends) replace the first full-text index, recomputed for every stored message; with
@@ -328,6 +332,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(13, "search terms of the search language; indexes for its operators", _search_language),
     Migration(14, "outbox.claimed_at: claims timed by the database's clock", _outbox_claimed_at),
+    Migration(15, "accounts: the deployment's mailboxes, secrets encrypted", _accounts),
     Migration(16, "account_state: each mail account's state, last error and next attempt", _account_state),
     Migration(17, "users and the append-only audit_log of the operator console", _users_and_audit_log),
     Migration(
@@ -363,6 +368,8 @@ def migrate(engine: Engine) -> list[Migration]:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
         schema.schema_migrations.create(conn, checkfirst=True)
+        # By version recorded, not by the highest: numbers are handed out to work done in parallel,
+        # so a database may have a later step applied before an earlier one lands.
         done = set(conn.execute(select(schema.schema_migrations.c.version)).scalars())
         for migration in MIGRATIONS:
             if migration.version in done:

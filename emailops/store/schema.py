@@ -469,6 +469,46 @@ imap_login_pacing = Table(
     Column("next_login_at", Timestamp, nullable=False),
 )
 
+# The mailboxes of the deployment (emailops.accounts), keyed by the operator's name for each. An
+# account's rows in the other tables carry its index key, username@imap_host (so the pair is
+# unique). Secrets are Fernet-encrypted with SECRETS_KEY (emailops.auth.crypto); lists are JSON.
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("username", String(320), nullable=False),
+    # NULL with auth=oauth2.
+    Column("password", LargeBinary),
+    # password or oauth2.
+    Column("auth", String(16), nullable=False),
+    Column("imap_host", String(255), nullable=False),
+    Column("imap_port", Integer, nullable=False),
+    Column("imap_security", String(16), nullable=False),
+    Column("smtp_host", String(255), nullable=False),
+    Column("smtp_port", Integer, nullable=False),
+    Column("smtp_security", String(16), nullable=False),
+    Column("folders", JSON, nullable=False),
+    Column("idle_folders", Integer, nullable=False),
+    Column("from_address", String(320), nullable=False),
+    Column("drafts_folder", String(1000), nullable=False),
+    Column("sent_folder", String(1000), nullable=False),
+    Column("never_reply_to", JSON, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    # The OAuth2 options (auth=oauth2), as the EMAIL_OAUTH2_* settings; NULL otherwise.
+    Column("oauth2_provider", String(16)),
+    Column("oauth2_flow", String(32)),
+    Column("oauth2_client_id", String(200)),
+    Column("oauth2_client_secret", LargeBinary),
+    Column("oauth2_tenant", String(200)),
+    Column("oauth2_refresh_token", LargeBinary),
+    Column("oauth2_token_url", String(1000)),
+    Column("oauth2_device_url", String(1000)),
+    Column("oauth2_scopes", JSON),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    UniqueConstraint("username", "imap_host", name="uq_accounts_mailbox"),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
