@@ -18,10 +18,10 @@ from datetime import timedelta
 import structlog
 from sqlalchemy import Engine
 
-from emailops.accounts.gate import AccountGate
 from emailops.cache import RawMessageCache
 from emailops.clock import Clock
 from emailops.config import ServerConfig, SignInLimits, SyncConfig
+from emailops.imap.account_gate import AccountGate
 from emailops.imap.connection import SharedConnection
 from emailops.imap.connection_budget import AccountConnections
 from emailops.imap.errors import ImapNoConnectionSlotError

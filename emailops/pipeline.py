@@ -25,9 +25,9 @@ from sqlalchemy import Engine
 
 from emailops.account_watch import LEASE_TTL as LEASE_TTL
 from emailops.account_watch import AccountWatch
-from emailops.accounts.gate import AccountGate
 from emailops.clock import Clock, utc_now
 from emailops.config import ServerConfig, SignInLimits, SyncConfig
+from emailops.imap.account_gate import AccountGate
 from emailops.imap.watcher import FolderStatus, FolderWatcher
 from emailops.store import folders as folder_store
 

@@ -26,7 +26,7 @@ Unhealthy, exit 1: ``{"ok": false, "error": "...", "error_type": "..."}``, check
   IMAP error the workers saw: ``ImapServerUnreachable``, ``ImapSignInRefused``, ``ImapFolderMissing``,
   ``ImapTlsFailed``, ``ImapTooManyConnections``, or ``FolderSyncStale`` when no error explains it.
   Not when a restart would not help: some account has synced within the limit by its row in
-  ``account_state`` (``emailops.accounts.state``), or every account there waits for the operator
+  ``account_state`` (``emailops.store.account_state``), or every account there waits for the operator
   (``auth_failed``: its sign-in was refused; ``disabled``). One mailbox whose password is wrong is
   no reason to restart the container; ``--verbose`` and the metrics (``emailops_account_state``,
   alert ``EmailOpsAccountSignInRefused``) tell it;
@@ -79,7 +79,7 @@ SYNC_STALE = "FolderSyncStale"
 # emailops.network_waits service -> error_type, when its server does not answer.
 NOT_ANSWERING_TYPES = {"imap": "ImapServerNotAnswering"}
 SMTP_SIGN_IN_REFUSED = "SmtpSignInRefused"
-# Account states (emailops.accounts.state) that a restart does not change: the operator must act.
+# Account states (emailops.store.account_state) that a restart does not change: the operator must act.
 _WAITING_FOR_THE_OPERATOR = ("auth_failed", "disabled")
 
 
@@ -102,7 +102,8 @@ def _check_state_dir(state_dir: Path) -> None:
 
 @dataclass(frozen=True)
 class AccountRow:
-    """An account's row in ``account_state`` (``emailops.accounts.state``), ages by the database's clock."""
+    """An account's row in ``account_state`` (``emailops.store.account_state``), ages by the
+    database's clock."""
 
     account: str
     state: str

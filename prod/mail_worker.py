@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from emailops.accounts.gate import AccountGate
+from emailops.imap.account_gate import AccountGate
 from emailops.llm.client import ChatClient
 from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.processes import ProcessIdentity, new_run_id

@@ -13,14 +13,14 @@ from imapclient import IMAPClient
 from sqlalchemy import text
 
 from emailops import metrics
-from emailops.accounts import state as account_state
-from emailops.accounts.gate import RECHECK_SECONDS, AccountGate
-from emailops.accounts.state import TRANSITIONS, AccountState, Event, State, advance, event_of
 from emailops.config import ServerConfig, TlsSecurity
+from emailops.imap.account_gate import RECHECK_SECONDS, AccountGate
 from emailops.imap.connection import connect
 from emailops.imap.errors import ImapAuthError, ImapTransientError, classify_login_failure
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import FolderWatcher
+from emailops.store import account_state
+from emailops.store.account_state import TRANSITIONS, AccountState, Event, State, advance, event_of
 from emailops.store.migrations import migrate
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import ACCOUNT, ALICE, imap_config, index_engine, message, rows, sync_config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from emailops.accounts.state import State, account_states
+from emailops.store.account_state import State, account_states
 from localmail.imap_server import LocalImapServer
 from prod.worker_status import status_path
 from tests.index_helpers import ALICE, daemon_env, index_engine, message, rows

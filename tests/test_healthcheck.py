@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from emailops.accounts import state as account_state
-from emailops.accounts.state import Event
+from emailops.store import account_state
+from emailops.store.account_state import Event
 from prod.heartbeat import SupervisorState, WorkerState, write_state
 from prod.worker_status import FolderReport, SmtpReport, WaitReport, WorkerStatus, write_status
 from tests.index_helpers import index_engine

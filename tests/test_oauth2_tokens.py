@@ -16,14 +16,14 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
-from emailops.accounts import state as account_state
-from emailops.accounts.state import Event, State
 from emailops.auth.device_login import device_login
 from emailops.auth.errors import OAuth2KeyError, OAuth2RefusedError, OAuth2UnavailableError
 from emailops.auth.sasl import OAUTHBEARER, XOAUTH2, NoOAuth2Mechanism, choose_mechanism, oauthbearer, xoauth2
 from emailops.auth.token_endpoint import DeviceAuthorization
 from emailops.auth.token_source import TokenSource
 from emailops.config import OAuth2Flow
+from emailops.store import account_state
+from emailops.store.account_state import Event, State
 from emailops.store.schema import oauth2_tokens
 from localmail.oauth2_server import LocalOAuth2Server
 from prod.logging_setup import JsonLineFormatter

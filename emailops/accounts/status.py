@@ -26,7 +26,7 @@ class AccountStatus:
 
 def account_state(conn: Connection, account: AccountConfig) -> tuple[str, str | None]:
     """The account's state as the operator sees it (``ok``, ``backoff``, ``auth_failed`` or
-    ``disabled``) and the last error its watchers reported (emailops.accounts.state)."""
+    ``disabled``) and the last error its watchers reported (emailops.store.account_state)."""
     row = conn.execute(
         select(account_state_table.c.state, account_state_table.c.last_error).where(
             account_state_table.c.account == account.index_key

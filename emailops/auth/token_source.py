@@ -30,8 +30,6 @@ import structlog
 from sqlalchemy import Connection, Engine, select, update
 from tenacity import wait_exponential
 
-from emailops.accounts import state as account_state
-from emailops.accounts.state import Event
 from emailops.auth.crypto import TokenCipher
 from emailops.auth.errors import (
     LOGIN_FIX,
@@ -44,6 +42,8 @@ from emailops.auth.token_endpoint import TokenEndpoint, TokenResponse
 from emailops.backoff import delay_seconds
 from emailops.clock import Clock, utc_now
 from emailops.config import OAuth2Config, OAuth2Flow
+from emailops.store import account_state
+from emailops.store.account_state import Event
 from emailops.store.database import reading
 from emailops.store.dialect import insert_unless_present, locking
 from emailops.store.schema import oauth2_tokens

@@ -19,8 +19,8 @@ import structlog
 from imapclient import IMAPClient
 
 from emailops import metrics
-from emailops.accounts.gate import RECHECK_SECONDS, AccountGate
 from emailops.config import ServerConfig, SyncConfig
+from emailops.imap.account_gate import RECHECK_SECONDS, AccountGate
 from emailops.imap.announcements import PendingInput, forget_unsolicited, pending_input
 from emailops.imap.background_connect import ConnectAttempt
 from emailops.imap.connection import ReconnectPolicy, SharedConnection, connect, logout_quietly

@@ -425,7 +425,7 @@ sign_in_failures = Table(
     Column("locked", Boolean, nullable=False, default=False),
 )
 
-# How each mail account fares (emailops.accounts.state): ok, backoff, auth_failed or disabled,
+# How each mail account fares (emailops.store.account_state): ok, backoff, auth_failed or disabled,
 # the last error (secrets masked), and when it is tried next, read by every worker and the
 # healthcheck. Keyed by the account's name alone, no foreign key: the accounts may be configured
 # elsewhere. Times come from the database's clock.

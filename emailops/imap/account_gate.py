@@ -14,8 +14,8 @@ import structlog
 from sqlalchemy import Engine
 
 from emailops import metrics
-from emailops.accounts import state as account_state
-from emailops.accounts.state import AccountState, Event, State
+from emailops.store import account_state
+from emailops.store.account_state import AccountState, Event, State
 
 log = structlog.get_logger(component="imap")
 
