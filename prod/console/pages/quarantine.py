@@ -9,7 +9,8 @@ from collections.abc import Callable
 from starlette.responses import Response
 
 from emailops.actions.changes import Change
-from emailops.actions.quarantine import Stage, release_quarantined, retry_quarantined
+from emailops.actions.quarantine import Stage, find_quarantined, release_quarantined, retry_quarantined
+from emailops.imap.raw_message import download_raw
 from emailops.store import index_work, rules_work
 from emailops.store.database import reading
 from emailops.store.quarantine import QuarantinedMessage
@@ -57,6 +58,36 @@ def quarantine_page(call: Call, status_code: int = 200, notice: str | None = Non
 
 def quarantine_api(call: Call) -> Response:
     return call.json({"id": "quarantine", "url": call.url("/quarantine"), "messages": _entries(call)})
+
+
+def raw_download(call: Call) -> Response:
+    """The quarantined message as the server holds it (an .eml download), fetched from IMAP."""
+    from emailops.imap.connection import connect, logout_quietly
+    from emailops.imap.errors import CONNECTION_ERRORS, ImapError
+    from prod.oauth2_tokens import token_source
+
+    row_id = int(call.request.path_params["id"])
+    try:
+        stage = Stage(call.request.path_params["stage"])
+    except ValueError:
+        return Response("the stage is index or rules", 404, media_type="text/plain")
+    engine, settings = call.context.engine, call.context.settings
+    with reading(engine) as conn:
+        entry = find_quarantined(conn, stage, row_id, _account(call))
+    if entry is None:
+        return Response(f"no quarantined message {stage}-{row_id}", 404, media_type="text/plain")
+    try:
+        client = connect(settings.imap_config(token_source(settings, engine)))
+        try:
+            raw = download_raw(client, entry.folder, entry.uidvalidity, entry.uid)
+        finally:
+            logout_quietly(client)
+    except (ImapError, *CONNECTION_ERRORS) as exc:
+        return Response(f"the IMAP server did not give the message: {exc}", 502, media_type="text/plain")
+    if raw is None:
+        return Response("the message is no longer on the server", 410, media_type="text/plain")
+    disposition = f'attachment; filename="quarantined-{stage}-{row_id}.eml"'
+    return Response(raw, media_type="message/rfc822", headers={"Content-Disposition": disposition})
 
 
 def _act(call: Call, verb: str, act: Callable[[Stage, int], Change]) -> tuple[str, str, int]:
@@ -115,6 +146,7 @@ _ONE = "/quarantine/{stage}/{id:int}"
 ROUTES = [
     ConsoleRoute("/quarantine", quarantine_page, Action.VIEW_QUARANTINE, nav="Quarantine"),
     ConsoleRoute("/api/v1/quarantine", quarantine_api, Action.VIEW_QUARANTINE),
+    ConsoleRoute(f"{_ONE}/raw", raw_download, Action.VIEW_QUARANTINE),
     ConsoleRoute(f"{_ONE}/retry", _form(_retry), Action.RETRY_QUARANTINE, methods=("POST",)),
     ConsoleRoute(f"/api/v1{_ONE}/retry", _api(_retry), Action.RETRY_QUARANTINE, methods=("POST",)),
     ConsoleRoute(f"{_ONE}/release", _form(_release), Action.RELEASE_QUARANTINE, methods=("POST",)),
