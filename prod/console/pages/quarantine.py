@@ -10,13 +10,13 @@ from starlette.responses import Response
 
 from emailops.actions.changes import Change
 from emailops.actions.quarantine import Stage, find_quarantined, release_quarantined, retry_quarantined
-from emailops.imap.raw_message import download_raw
 from emailops.store import index_work, rules_work
 from emailops.store.database import reading
 from emailops.store.quarantine import QuarantinedMessage
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
 from prod.console.pages.actor import actor_of
+from prod.console.pages.raw_mail import fetch_raw
 
 
 def _account(call: Call) -> str:
@@ -62,30 +62,18 @@ def quarantine_api(call: Call) -> Response:
 
 def raw_download(call: Call) -> Response:
     """The quarantined message as the server holds it (an .eml download), fetched from IMAP."""
-    from emailops.imap.connection import connect, logout_quietly
-    from emailops.imap.errors import CONNECTION_ERRORS, ImapError
-    from prod.oauth2_tokens import token_source
-
     row_id = int(call.request.path_params["id"])
     try:
         stage = Stage(call.request.path_params["stage"])
     except ValueError:
         return Response("the stage is index or rules", 404, media_type="text/plain")
-    engine, settings = call.context.engine, call.context.settings
-    with reading(engine) as conn:
+    with reading(call.context.engine) as conn:
         entry = find_quarantined(conn, stage, row_id, _account(call))
     if entry is None:
         return Response(f"no quarantined message {stage}-{row_id}", 404, media_type="text/plain")
-    try:
-        client = connect(settings.imap_config(token_source(settings, engine)))
-        try:
-            raw = download_raw(client, entry.folder, entry.uidvalidity, entry.uid)
-        finally:
-            logout_quietly(client)
-    except (ImapError, *CONNECTION_ERRORS) as exc:
-        return Response(f"the IMAP server did not give the message: {exc}", 502, media_type="text/plain")
-    if raw is None:
-        return Response("the message is no longer on the server", 410, media_type="text/plain")
+    raw = fetch_raw(call, entry.folder, entry.uidvalidity, entry.uid)
+    if isinstance(raw, Response):
+        return raw
     disposition = f'attachment; filename="quarantined-{stage}-{row_id}.eml"'
     return Response(raw, media_type="message/rfc822", headers={"Content-Disposition": disposition})
 
