@@ -16,8 +16,8 @@ from emailops.mime.safe_html import FRAME_CSP
 from emailops.store.database import reading
 from emailops.store.schema import messages
 from localmail.dovecot import LocalDovecot
-from tests.console_helpers import BASE, Console, MovingClock, add_users, console_settings
-from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
+from tests.console_helpers import BASE, alice_console
+from tests.index_helpers import ALICE, imap_config, message, rows, sync_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -56,21 +56,6 @@ def deliver_and_index(engine: Engine, dovecot: LocalDovecot, raw: bytes) -> int:
     sync.sync(connect(imap_config(dovecot)))
     ((pk,),) = rows(engine, "SELECT id FROM messages WHERE uid = 2")
     return int(str(pk))
-
-
-def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console:
-    engine = index_engine(db_url)
-    add_users(engine)
-    settings = console_settings(
-        tmp_path,
-        db_url,
-        email_imap_host=dovecot.host,
-        email_imap_port=dovecot.imap_port,
-        email_imap_security="none",
-        email_username=ALICE,
-        email_password=dovecot.password(ALICE),
-    )
-    return Console(settings, engine, MovingClock())
 
 
 def test_search_escapes_hostile_fields_marks_words_and_explains_a_parse_error(

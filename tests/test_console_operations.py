@@ -24,6 +24,7 @@ from tests.console_helpers import (
     MovingClock,
     add_unknown_reply_and_quarantined_message,
     add_users,
+    alice_console,
     console_settings,
 )
 from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
@@ -102,18 +103,8 @@ def test_an_operator_resolves_a_reply_and_releases_a_message_audited(console: Co
 def test_a_quarantined_message_is_downloaded_as_the_server_holds_it(
     tmp_path: Path, db_url: str, dovecot: LocalDovecot
 ) -> None:
-    engine = index_engine(db_url)
-    add_users(engine)
-    settings = console_settings(
-        tmp_path,
-        db_url,
-        email_imap_host=dovecot.host,
-        email_imap_port=dovecot.imap_port,
-        email_imap_security="none",
-        email_username=ALICE,
-        email_password=dovecot.password(ALICE),
-    )
-    console = Console(settings, engine, MovingClock())
+    console = alice_console(tmp_path, db_url, dovecot)
+    engine = console.engine
     original = message(1, subject="makes the rules fail")
     dovecot.deliver(ALICE, message(0))
     sync = FolderSync(engine, sync_config(), "INBOX")
