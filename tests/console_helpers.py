@@ -14,10 +14,12 @@ from starlette.testclient import TestClient
 from emailops.audit import Actor
 from emailops.users import accounts
 from emailops.users.sessions import start_session
+from localmail.dovecot import LocalDovecot
 from prod.console.app import create_app
 from prod.console.calls import ConsoleContext
 from prod.console.metrics import HttpMetrics
 from prod.runtime_settings import RuntimeSettings
+from tests.index_helpers import ALICE, index_engine
 
 BASE = "http://testserver"
 CLI = Actor(name="cli:test", role="admin")
@@ -143,3 +145,19 @@ def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]
             .values(rules_state="quarantined", rules_attempts=3, quarantine_reason="the rules raised")
         )
     return reply_id, pk
+
+
+def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console:
+    """The console of alice's mailbox on ``dovecot`` (its IMAP sign-in), users as ``add_users``."""
+    engine = index_engine(db_url)
+    add_users(engine)
+    settings = console_settings(
+        tmp_path,
+        db_url,
+        email_imap_host=dovecot.host,
+        email_imap_port=dovecot.imap_port,
+        email_imap_security="none",
+        email_username=ALICE,
+        email_password=dovecot.password(ALICE),
+    )
+    return Console(settings, engine, MovingClock())

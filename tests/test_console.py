@@ -55,7 +55,8 @@ def console(tmp_path: Path, db_url: str, engine: Engine) -> Console:
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{name}", "nobody").replace("{id:int}", "0").replace("{stage}", "rules")
+    path = path.replace("{name}", "nobody").replace("{id:int}", "0").replace("{stage}", "rules")
+    return path.replace("{n:int}", "0")
 
 
 def _call(console: Console, route: ConsoleRoute, method: str, user: str | None) -> Any:
@@ -105,8 +106,8 @@ def test_the_navigation_shows_a_role_only_what_it_may_open(console: Console) -> 
     for user in ("vic", "otto", "ann"):
         client, _ = console.session(user)
         links[user] = re.findall(r'<li><a href="([^"]+)"', client.get("/settings").text)
-    assert links["vic"] == links["otto"] == ["/", "/outbox", "/quarantine", "/settings"]
-    assert links["ann"] == ["/", "/outbox", "/quarantine", "/users", "/audit", "/settings"]
+    assert links["vic"] == links["otto"] == ["/", "/messages", "/outbox", "/quarantine", "/settings"]
+    assert links["ann"] == ["/", "/messages", "/outbox", "/quarantine", "/users", "/audit", "/settings"]
 
 
 def test_unsafe_requests_need_the_session_token_and_the_console_origin(console: Console) -> None:
@@ -346,7 +347,7 @@ def test_every_json_object_has_an_id_and_the_address_of_its_page(console: Consol
     overview = admin.get("/").text
     assert "INBOX" in overview and "2026-05-01 09:00:00" in overview
     apis = [r.path for r in _get_routes() if r.is_api]
-    assert len(apis) == 6
+    assert len(apis) == 7
     for path in apis:
         data = admin.get(path).json()
         assert set(data) >= {"id", "url"} and data["url"].startswith(BASE + "/")

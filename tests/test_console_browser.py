@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,9 @@ def _browser_or_fail() -> Any:
     return sync_playwright
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Console]]:
-    """The console on a loopback port, with the users ann (admin), otto (operator), vic (viewer)."""
-    db_url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
-    engine = index_engine(db_url)
-    add_users(engine)
-    console = Console(console_settings(tmp_path, db_url), engine, MovingClock())
+@contextmanager
+def serving(console: Console) -> Iterator[str]:
+    """``console`` served by uvicorn on a loopback port: its base address."""
     console.clock.now = console.clock.now.now(console.clock.now.tzinfo)  # the browser's time
     port = free_loopback_port()
     server = uvicorn.Server(
@@ -58,10 +55,21 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Console]]:
         time.sleep(0.05)
     assert server.started
     try:
-        yield f"http://127.0.0.1:{port}", console
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Console]]:
+    """The console on a loopback port, with the users ann (admin), otto (operator), vic (viewer)."""
+    db_url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    engine = index_engine(db_url)
+    add_users(engine)
+    console = Console(console_settings(tmp_path, db_url), engine, MovingClock())
+    with serving(console) as base:
+        yield base, console
 
 
 @pytest.fixture
@@ -104,9 +112,9 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
     shots = tmp_path / "screenshots"
     shots.mkdir()
     expected_nav = {
-        "vic": ["Overview", "Outbox", "Quarantine", "Settings"],
-        "otto": ["Overview", "Outbox", "Quarantine", "Settings"],
-        "ann": ["Overview", "Outbox", "Quarantine", "Users", "Audit log", "Settings"],
+        "vic": ["Overview", "Search", "Outbox", "Quarantine", "Settings"],
+        "otto": ["Overview", "Search", "Outbox", "Quarantine", "Settings"],
+        "ann": ["Overview", "Search", "Outbox", "Quarantine", "Users", "Audit log", "Settings"],
     }
     for name, labels in expected_nav.items():
         tab = Page(browser, base)
@@ -125,8 +133,9 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
                 path=str(shots / f"{name}-{label.lower().replace(' ', '-')}.png"), full_page=True
             )
             buttons = tab.page.get_by_role("button").all_inner_texts()
-            if name != "ann":
-                assert buttons == ["Sign out"], (name, label, buttons)
+            if name != "ann":  # no action; Search's button only searches
+                searching = ["Search"] if label == "Search" else []
+                assert buttons == ["Sign out", *searching], (name, label, buttons)
         if name == "vic":
             token = tab.page.locator('input[name="csrf_token"]').first.get_attribute("value")
             answer = tab.page.request.post(
@@ -136,7 +145,7 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
             assert tab.page.request.get(base + "/users").status == 403
         assert tab.violations == []
         tab.page.close()
-    assert len(list(shots.glob("*.png"))) == 1 + 4 + 4 + 6
+    assert len(list(shots.glob("*.png"))) == 1 + 5 + 5 + 7
 
 
 def test_keyboard_only_sign_in_and_an_admin_action_through_htmx(

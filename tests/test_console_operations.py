@@ -7,12 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 
 from emailops.audit import list_entries
+from emailops.imap.connection import connect
+from emailops.imap.sync import FolderSync
 from emailops.replies import outbox
 from emailops.store.database import reading
+from emailops.store.schema import messages
 from emailops.users import accounts
+from localmail.dovecot import LocalDovecot
 from tests.console_helpers import (
     BASE,
     CLI,
@@ -20,9 +24,10 @@ from tests.console_helpers import (
     MovingClock,
     add_unknown_reply_and_quarantined_message,
     add_users,
+    alice_console,
     console_settings,
 )
-from tests.index_helpers import index_engine, rows
+from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -93,3 +98,32 @@ def test_an_operator_resolves_a_reply_and_releases_a_message_audited(console: Co
         ("otto", "operator", "203.0.113.5", "outbox.resolve", f"outbox:{reply_id}"),
         ("otto", "operator", "203.0.113.5", "quarantine.release", f"quarantine.rules:{pk}"),
     ]
+
+
+def test_a_quarantined_message_is_downloaded_as_the_server_holds_it(
+    tmp_path: Path, db_url: str, dovecot: LocalDovecot
+) -> None:
+    console = alice_console(tmp_path, db_url, dovecot)
+    engine = console.engine
+    original = message(1, subject="makes the rules fail")
+    dovecot.deliver(ALICE, message(0))
+    sync = FolderSync(engine, sync_config(), "INBOX")
+    sync.sync(connect(imap_config(dovecot)))  # the first sync: message 0 is there before
+    dovecot.deliver(ALICE, original)
+    sync.sync(connect(imap_config(dovecot)))
+    with engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.uid == 2).values(rules_state="quarantined"))
+    ((pk,),) = rows(engine, "SELECT id FROM messages WHERE uid = 2")
+    viewer, _ = console.session("vic")
+    assert f'href="/quarantine/rules/{pk}/raw"' in viewer.get("/quarantine").text
+    answer = viewer.get(f"/quarantine/rules/{pk}/raw")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "message/rfc822"
+    assert answer.headers["content-disposition"] == f'attachment; filename="quarantined-rules-{pk}.eml"'
+    assert answer.content.replace(b"\r\n", b"\n").rstrip().endswith(original.replace(b"\r\n", b"\n").rstrip())
+    assert viewer.get(f"/quarantine/index/{pk}/raw").status_code == 404  # no such index-stage entry
+    with dovecot.imap(ALICE) as other:
+        other.select_folder("INBOX")
+        other.delete_messages([2])
+        other.expunge()
+    assert viewer.get(f"/quarantine/rules/{pk}/raw").status_code == 410

@@ -164,7 +164,7 @@ def test_formatting_links_and_inline_images_are_kept() -> None:
     output = sanitized(markup)
     assert '<p style="color:rgb(200, 0, 0);font-weight:bold">Hello <b>Bob</b></p>' in output
     assert '<td bgcolor="#eee">cell</td>' in output
-    assert '<a href="https://example.org/doc" rel="noopener noreferrer">doc</a>' in output
+    assert '<a href="https://example.org/doc" target="_blank" rel="noopener noreferrer">doc</a>' in output
     assert 'href="mailto:ann@example.org"' in output
     assert '<img src="/att/logo@example.org" alt="logo" width="40">' in output
     assert 'src="data:image/png;base64,iVBORw0KGgo="' in output

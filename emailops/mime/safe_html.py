@@ -1,6 +1,7 @@
 """A message's HTML body made safe to show in the operator console (ammonia's sanitizer, via nh3).
 
-What is kept: text, formatting, tables, links (http, https, mailto; opened with ``noopener``),
+What is kept: text, formatting, tables, links (http, https, mailto; opened in a new tab, with
+``noopener``),
 inline styles of a fixed list of properties whose values call no function but colours. What goes:
 scripts and their content, event handlers, forms and their controls, frames, objects, embeds,
 SVG and MathML (with content), ``<style>`` blocks (``@import``, ``url()``), ``<base>``, ``<meta>``,
@@ -104,6 +105,8 @@ def sanitize_html(html: str, *, cid_url: Callable[[str], str | None]) -> SafeHtm
         url_schemes={"http", "https", "mailto", "cid", "data"},
         filter_style_properties=_STYLE_PROPERTIES,
         link_rel="noopener noreferrer",
+        # A link opens a new tab (the frame's sandboxed document is never navigated away).
+        set_tag_attribute_values={"a": {"target": "_blank"}},
     )
     return SafeHtml(cleaned, blocked)
 

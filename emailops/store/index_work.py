@@ -135,7 +135,8 @@ def retry_quarantined(conn: Connection, row_id: int, account: str) -> bool:
         return False
     folder_id, uid = found
     conn.execute(delete(index_quarantine).where(index_quarantine.c.id == row_id))
-    # The count is forgotten too (as save_progress does): the pass compares the UID lists.
+    # The count is forgotten too (as save_progress does): the pass compares the UID lists, so a pass
+    # under way that moves the mark on again still finds the message missing and fetches it.
     conn.execute(
         update(folders)
         .where(folders.c.id == folder_id)

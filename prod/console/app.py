@@ -16,7 +16,7 @@ from prod.console.calls import ConsoleContext, ConsoleRoute, Identity
 from prod.console.frame import RequestFrame
 from prod.console.guard import guarded
 from prod.console.metrics import HttpMetrics
-from prod.console.pages import audit, outbox, overview, quarantine, settings, sign_in, users
+from prod.console.pages import audit, messages, outbox, overview, quarantine, settings, sign_in, users
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -24,6 +24,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 ROUTE_TABLE: tuple[ConsoleRoute, ...] = (
     *sign_in.ROUTES,
     *overview.ROUTES,
+    *messages.ROUTES,
     *outbox.ROUTES,
     *quarantine.ROUTES,
     *users.ROUTES,

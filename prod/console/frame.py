@@ -14,12 +14,16 @@ from prod.console.metrics import HttpMetrics
 from prod.logging_setup import get_logger
 
 # No inline script or style anywhere: htmx is a file of ours, its inline indicator style is off
-# (htmx-config in base.html). Nothing may frame the console (clickjacking).
+# (htmx-config in base.html). Nothing may frame the console (clickjacking); its pages frame only
+# its own sanitized mail, which is served with its own stricter policy (FRAMED_HEADERS).
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "frame-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 STATIC_PREFIX = "/static/"
+# Headers a response may set itself to be framed by the console (a message's HTML: FRAME_CSP).
+FRAMED_HEADERS = {b"content-security-policy", b"x-frame-options"}
 
 
 def new_request_id() -> str:
@@ -80,7 +84,8 @@ class RequestFrame:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                ours = self._headers(scope["path"], request_id)
+                own = {k.lower() for k, _ in message.get("headers", [])} & FRAMED_HEADERS
+                ours = [(k, v) for k, v in self._headers(scope["path"], request_id) if k not in own]
                 names = {name for name, _ in ours}
                 kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
                 message["headers"] = kept + ours

@@ -9,13 +9,14 @@ from collections.abc import Callable
 from starlette.responses import Response
 
 from emailops.actions.changes import Change
-from emailops.actions.quarantine import Stage, release_quarantined, retry_quarantined
+from emailops.actions.quarantine import Stage, find_quarantined, release_quarantined, retry_quarantined
 from emailops.store import index_work, rules_work
 from emailops.store.database import reading
 from emailops.store.quarantine import QuarantinedMessage
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
 from prod.console.pages.actor import actor_of
+from prod.console.pages.raw_mail import fetch_raw
 
 
 def _account(call: Call) -> str:
@@ -57,6 +58,24 @@ def quarantine_page(call: Call, status_code: int = 200, notice: str | None = Non
 
 def quarantine_api(call: Call) -> Response:
     return call.json({"id": "quarantine", "url": call.url("/quarantine"), "messages": _entries(call)})
+
+
+def raw_download(call: Call) -> Response:
+    """The quarantined message as the server holds it (an .eml download), fetched from IMAP."""
+    row_id = int(call.request.path_params["id"])
+    try:
+        stage = Stage(call.request.path_params["stage"])
+    except ValueError:
+        return Response("the stage is index or rules", 404, media_type="text/plain")
+    with reading(call.context.engine) as conn:
+        entry = find_quarantined(conn, stage, row_id, _account(call))
+    if entry is None:
+        return Response(f"no quarantined message {stage}-{row_id}", 404, media_type="text/plain")
+    raw = fetch_raw(call, entry.folder, entry.uidvalidity, entry.uid)
+    if isinstance(raw, Response):
+        return raw
+    disposition = f'attachment; filename="quarantined-{stage}-{row_id}.eml"'
+    return Response(raw, media_type="message/rfc822", headers={"Content-Disposition": disposition})
 
 
 def _act(call: Call, verb: str, act: Callable[[Stage, int], Change]) -> tuple[str, str, int]:
@@ -115,6 +134,7 @@ _ONE = "/quarantine/{stage}/{id:int}"
 ROUTES = [
     ConsoleRoute("/quarantine", quarantine_page, Action.VIEW_QUARANTINE, nav="Quarantine"),
     ConsoleRoute("/api/v1/quarantine", quarantine_api, Action.VIEW_QUARANTINE),
+    ConsoleRoute(f"{_ONE}/raw", raw_download, Action.VIEW_QUARANTINE),
     ConsoleRoute(f"{_ONE}/retry", _form(_retry), Action.RETRY_QUARANTINE, methods=("POST",)),
     ConsoleRoute(f"/api/v1{_ONE}/retry", _api(_retry), Action.RETRY_QUARANTINE, methods=("POST",)),
     ConsoleRoute(f"{_ONE}/release", _form(_release), Action.RELEASE_QUARANTINE, methods=("POST",)),
