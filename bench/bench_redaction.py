@@ -18,10 +18,10 @@ formatter and of its known-values pass alone, which tries every masked value on 
 
 Every ``MEMORY_EVERY`` refreshes, the process's memory as a worker holds it: the process takes the
 worker's malloc settings at the start (``prod.worker``: the fixed mmap threshold, the table of
-interned strings sized) and gives free pages back before each reading, as the worker does once a
-minute (``--glibc-defaults``: neither, to compare). Read then: the lowest ``VmRSS`` after each of
-the last ``LOW_OF`` refreshes, malloc's bytes in use and heap (``mallinfo2``) and Python's
-allocated blocks.
+interned strings sized), and before each reading runs a full collection and gives free pages back
+(``give_back_free_pages``); ``--glibc-defaults``: none of these, to compare. Read then: the lowest
+``VmRSS`` after each of the last ``LOW_OF`` refreshes, malloc's bytes in use and heap
+(``mallinfo2``) and Python's allocated blocks.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def memory_reading(refreshes: int, rss_low_kib: int, libc: Any) -> dict[str, Any
 
 
 def give_back_free_pages() -> None:
-    """What the worker does once a minute (``prod.worker``): garbage collected, free pages returned."""
+    """A full collection, which a worker's own work runs many times between two refreshes of an
+    account (an hour apart; here a few milliseconds), then the free pages given back, as the
+    worker does once a minute (``prod.worker``)."""
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)
 
@@ -130,7 +132,7 @@ def main() -> None:
     parser.add_argument(
         "--glibc-defaults",
         action="store_true",
-        help="without the worker's malloc settings and trim: the memory the process would keep",
+        help="without the worker's malloc settings, collection and trim: the memory the process keeps",
     )
     args = parser.parse_args()
     as_worker = not args.glibc_defaults
@@ -209,9 +211,9 @@ def main() -> None:
     headline(
         f"memory every {MEMORY_EVERY:,} refreshes, "
         + (
-            "as a worker holds it (fixed mmap threshold, trimmed)"
+            "as a worker holds it (fixed mmap threshold, collected, trimmed)"
             if as_worker
-            else "glibc's defaults, untrimmed"
+            else "glibc's defaults, neither collected nor trimmed"
         )
     )
     for reading in readings:
