@@ -20,8 +20,9 @@ used per minute. A process whose slope exceeds ``GROWTH_LIMIT_KB_PER_MINUTE`` gr
 window is two flat stretches (each slope within the limit) either side of one step: memory taken
 once, not growth; the step's size and minute are printed with the slope. Also printed: the lowest
 RSS of each 5 minutes of the window and their slope, the plateau a worker comes back to between its
-passing rises (page caches filled and dropped). The target is that none grows. A worker replaced during the run is reported (a finding in itself); its figures are
-those of its last process. Samples and figures go to ``bench/results/soak[-idle].json``.
+passing rises (page caches filled and dropped). The target is that none grows. A worker replaced
+during the run is reported (a finding in itself); its figures are those of its last process.
+Samples and figures go to ``bench/results/soak[-idle].json`` (``--result NAME``: ``NAME.json``).
 
 With ``--probe SECONDS`` the workers run ``bench.memory_probe`` (the production unit, measured from
 inside every SECONDS): at the end the probe's figures are printed per worker, each with its start,
