@@ -137,9 +137,9 @@ def test_a_worker_collects_its_oldest_garbage_every_interval() -> None:
         gc.enable()
 
 
-_MMAP_PROBE = """
+# The start of both probes below: glibc's malloc statistics, read in a fresh interpreter.
+_MALLINFO = """
 import ctypes, sys
-from prod.worker import fix_mmap_threshold
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -147,9 +147,27 @@ class MallInfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+"""
+
+
+def _run_probe(probe: str, mode: str) -> int:
+    """What ``probe`` (after ``_MALLINFO``) prints, run with ``mode`` as its argument."""
+    result = subprocess.run(
+        [sys.executable, "-c", _MALLINFO + probe, mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return int(result.stdout)
+
+
+_MMAP_PROBE = """
+from prod.worker import fix_mmap_threshold
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "fixed":
     assert fix_mmap_threshold()
 libc.free(libc.malloc(1_500_000))  # a mapped block freed: glibc would now raise its threshold
@@ -165,30 +183,13 @@ def test_a_worker_keeps_mapping_large_buffers_after_freeing_a_mapped_block(mode:
     # Issue 14: after the worker freed one mapped block of about 1 MB, glibc served every buffer
     # below that size from the heap and kept it there once freed. The default case shows that the
     # probe can tell the two apart.
-    result = subprocess.run(
-        [sys.executable, "-c", _MMAP_PROBE, mode.split()[0]],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    mapped_bytes = int(result.stdout)
+    mapped_bytes = _run_probe(_MMAP_PROBE, mode.split()[0])
     assert (mapped_bytes >= 300_000) is mapped, (mode, mapped_bytes)
 
 
 _INTERNED_PROBE = """
-import ctypes, sys
 import prod.mail_worker  # what a worker imports: its names fill the table of interned strings
 from prod.worker import fix_mmap_threshold, presize_interned_strings
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
 assert fix_mmap_threshold()  # the table (over 128 KiB) is a mapped block: hblkhd counts it
 if sys.argv[1] == "presized":
     presize_interned_strings()
@@ -208,13 +209,5 @@ def test_the_table_of_interned_strings_is_sized_at_start_up(mode: str, grows: bo
     # free slots and it doubled (about 940 kB more) at a moment of the soak that differed from run
     # to run. Presized, new names only ever resize it to the size it has. The "as built" case
     # shows that the probe sees the doubling.
-    result = subprocess.run(
-        [sys.executable, "-c", _INTERNED_PROBE, mode.split()[0]],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    mapped_growth = int(result.stdout)
+    mapped_growth = _run_probe(_INTERNED_PROBE, mode.split()[0])
     assert (mapped_growth > 500_000) is grows, (mode, mapped_growth)
