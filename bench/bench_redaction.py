@@ -2,6 +2,7 @@
 
     python -m bench.bench_redaction                      # 10,000 refreshes, about 6 minutes
     python -m bench.bench_redaction --refreshes 2000
+    python -m bench.bench_redaction --no-tracemalloc     # memory as a worker holds it, without tracemalloc
 
 The token source is the one the daemon builds (``prod.oauth2_tokens.token_source``, announcing
 to this process's ``REDACTOR``), against ``LocalOAuth2Server`` on loopback with an SQLite index;
@@ -14,33 +15,49 @@ tracemalloc's current total and the size of its own tables (which ``VmRSS`` incl
 them: ``--no-tracemalloc``), ``VmRSS``, and the cost of one log line through the daemon's JSON
 formatter and of its known-values pass alone, which tries every masked value on every line
 (medians of ``--lines``; tracemalloc makes both slower than without it).
+
+Every ``MEMORY_EVERY`` refreshes, the process's memory as a worker holds it: the process takes the
+worker's malloc settings at the start (``prod.worker``: the fixed mmap threshold, the table of
+interned strings sized), and before each reading runs a full collection and gives free pages back
+(``give_back_free_pages``); ``--glibc-defaults``: none of these, to compare. Read then: the lowest
+``VmRSS`` after each of the last ``LOW_OF`` refreshes, malloc's bytes in use and heap
+(``mallinfo2``) and Python's allocated blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import logging
 import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from bench._report import figure, headline, write_result
-from bench.memory_probe import _proc_status
+from bench.memory_probe import _libc, _proc_status
 from localmail.dovecot import default_scratch_root
 from prod.logging_setup import JsonLineFormatter
 from prod.oauth2_tokens import token_source
 from prod.redaction import REDACTOR
+from prod.worker import fix_mmap_threshold, presize_interned_strings
 from tests.index_helpers import ALICE, index_engine
 from tests.oauth2_helpers import CLIENT_ID, Clock, oauth2_server, oauth2_settings
 
 CHECKPOINTS = (0, 1000)
+# Refreshes between two memory readings, and how many of the last refreshes before one give their
+# VmRSS, the lowest kept (RSS moves by a few pages from one refresh to the next); as a worker, the
+# free pages are given back just before those.
+MEMORY_EVERY = 500
+LOW_OF = 5
 
 
 def serve_tokens(channel: Connection) -> None:
@@ -72,6 +89,37 @@ def line_costs_us(token: str, lines: int) -> tuple[float, float]:
     return statistics.median(rendered), statistics.median(known)
 
 
+def memory_reading(refreshes: int, rss_low_kib: int, libc: Any) -> dict[str, Any]:
+    """The process's memory after ``refreshes``, with the lowest VmRSS of the last ones."""
+    reading: dict[str, Any] = {
+        "refreshes": refreshes,
+        "vm_rss_low_kib": rss_low_kib,
+        "python_blocks": sys.getallocatedblocks(),
+        "masked_values": REDACTOR.size,
+    }
+    if libc is not None:
+        info = libc.mallinfo2()
+        reading |= {"malloc_in_use_kib": info.uordblks // 1024, "malloc_heap_kib": info.arena // 1024}
+    return reading
+
+
+def give_back_free_pages() -> None:
+    """A full collection, which a worker's own work runs many times between two refreshes of an
+    account (an hour apart; here a few milliseconds), then the free pages given back, as the
+    worker does once a minute (``prod.worker``)."""
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+
+
+def growth_per_thousand(readings: list[dict[str, Any]], key: str, start: int) -> float:
+    """Least-squares slope of ``key`` per 1,000 refreshes over the readings from ``start`` on."""
+    points = [(r["refreshes"], r[key]) for r in readings if r["refreshes"] >= start and key in r]
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    var_x = sum((x - mean_x) ** 2 for x, _ in points)
+    return 1000 * sum((x - mean_x) * (y - mean_y) for x, y in points) / var_x if var_x else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -81,7 +129,16 @@ def main() -> None:
     parser.add_argument(
         "--no-tracemalloc", action="store_true", help="VmRSS without tracemalloc's own tables in it"
     )
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="without the worker's malloc settings, collection and trim: the memory the process keeps",
+    )
     args = parser.parse_args()
+    as_worker = not args.glibc_defaults
+    libc = _libc()
+    if as_worker:
+        fix_mmap_threshold()
     # The token source's "refreshed" line at every refresh would be most of the run.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if not args.no_tracemalloc:
@@ -99,12 +156,24 @@ def main() -> None:
         clock = Clock()
         tokens.clock = clock
         token = tokens.access_token()
+        if as_worker:
+            presize_interned_strings()  # as the worker does once built
+            give_back_free_pages()
+        readings = [memory_reading(0, _proc_status()["VmRSS"], libc)]
+        rss_low = 1 << 62
         started = time.perf_counter()
         headline(f"{args.refreshes:,} OAuth2 refreshes through the daemon's token source")
         for refresh in range(args.refreshes + 1):
             if refresh > 0:
                 clock.advance(3600)
                 token = tokens.access_token()
+                if as_worker and refresh % MEMORY_EVERY == MEMORY_EVERY - LOW_OF:
+                    give_back_free_pages()
+                if refresh % MEMORY_EVERY > MEMORY_EVERY - LOW_OF or refresh % MEMORY_EVERY == 0:
+                    rss_low = min(rss_low, _proc_status()["VmRSS"])
+                if refresh % MEMORY_EVERY == 0:
+                    readings.append(memory_reading(refresh, rss_low, libc))
+                    rss_low = 1 << 62
             if refresh in checkpoints:
                 gc.collect()
                 line_us, known_us = line_costs_us(token, args.lines)
@@ -139,7 +208,42 @@ def main() -> None:
     figure("per-line cost: end / start", f"{last['line_us'] / first['line_us']:.2f}")
     figure("known-values pass: end / start", f"{last['known_values_us'] / first['known_values_us']:.2f}")
     figure("time per refresh", f"{last['elapsed_s'] / max(1, args.refreshes) * 1000:.1f} ms")
-    write_result("redaction", {"rows": rows})
+    headline(
+        f"memory every {MEMORY_EVERY:,} refreshes, "
+        + (
+            "as a worker holds it (fixed mmap threshold, collected, trimmed)"
+            if as_worker
+            else "glibc's defaults, neither collected nor trimmed"
+        )
+    )
+    for reading in readings:
+        malloc = (
+            f", malloc in use {reading['malloc_in_use_kib']:,} KiB (heap {reading['malloc_heap_kib']:,} KiB)"
+            if "malloc_in_use_kib" in reading
+            else ""
+        )
+        figure(
+            f"after {reading['refreshes']:,} refreshes",
+            f"VmRSS low {reading['vm_rss_low_kib']:,} KiB{malloc}, "
+            f"{reading['python_blocks']:,} Python blocks",
+        )
+    at_thousand = next(r for r in readings if r["refreshes"] >= 1000)
+    for key, label in (
+        ("vm_rss_low_kib", "VmRSS low"),
+        ("malloc_in_use_kib", "malloc in use"),
+        ("malloc_heap_kib", "malloc heap"),
+    ):
+        if key in readings[-1]:
+            start, end = at_thousand[key], readings[-1][key]
+            figure(
+                f"{label}: 1,000 -> {readings[-1]['refreshes']:,} refreshes",
+                f"{start:,} -> {end:,} KiB ({end - start:+,}), "
+                f"slope {growth_per_thousand(readings, key, 1000):+.1f} KiB per 1,000",
+            )
+    write_result(
+        "redaction" + ("" if as_worker else "-glibc-defaults"),
+        {"as_worker": as_worker, "rows": rows, "memory": readings},
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ of that window, the least-squares slope of RSS in kB per minute (and of the wind
 growth that slows down is a cache filling up, growth that does not is a leak), and the CPU seconds
 used per minute. A process whose slope exceeds ``GROWTH_LIMIT_KB_PER_MINUTE`` grows, unless the
 window is two flat stretches (each slope within the limit) either side of one step: memory taken
-once, not growth; the step's size and minute are printed with the slope. The target is that none
-grows. A worker replaced during the run is reported (a finding in itself); its figures are
-those of its last process. Samples and figures go to ``bench/results/soak[-idle].json``.
+once, not growth; the step's size and minute are printed with the slope. Also printed: the lowest
+RSS of each 5 minutes of the window and their slope, the plateau a worker comes back to between its
+passing rises (page caches filled and dropped). The target is that none grows. A worker replaced
+during the run is reported (a finding in itself); its figures are those of its last process.
+Samples and figures go to ``bench/results/soak[-idle].json`` (``--result NAME``: ``NAME.json``).
 
 With ``--probe SECONDS`` the workers run ``bench.memory_probe`` (the production unit, measured from
 inside every SECONDS): at the end the probe's figures are printed per worker, each with its start,
@@ -137,6 +139,27 @@ def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
 
 # Each side of a step must span this much of the window for its slope to mean anything.
 _STEP_SIDE_MINUTES = 5.0
+# A worker's RSS rises for a minute or two and falls back (SQLite's page cache filled, then dropped
+# when the other worker commits; work freed and trimmed), so its plateau is read from the lowest
+# sample of each stretch this long.
+LOW_STRETCH_MINUTES = 5.0
+
+
+def stretch_lows(
+    points: list[tuple[float, float]], minutes: float = LOW_STRETCH_MINUTES
+) -> list[tuple[float, float]]:
+    """(start of the stretch in seconds, lowest value) of each whole ``minutes`` stretch of
+    (seconds, value) points, counted from the first point; a last stretch cut short is left out."""
+    if not points:
+        return []
+    start, width = points[0][0], minutes * 60
+    whole = int((points[-1][0] - start) // width)
+    lows: list[tuple[float, float]] = []
+    for n in range(whole):
+        values = [v for t, v in points if start + n * width <= t < start + (n + 1) * width]
+        if values:
+            lows.append((start + n * width, min(values)))
+    return lows
 
 
 @dataclass(frozen=True)
@@ -239,6 +262,8 @@ def summarise(process: ProcessSeries, warm_up_seconds: float) -> dict[str, Any]:
     rss_points = [(t, float(rss)) for t, rss, _ in window]
     slope = slope_per_minute(rss_points)
     step = largest_step(rss_points)
+    lows = stretch_lows(rss_points)
+    lows_slope = slope_per_minute(lows)
     # One step with both sides flat is memory taken once (measured: CPython's table of interned
     # strings doubling, about 940 kB, at a moment that differs from run to run), not growth.
     one_step_only = (
@@ -269,6 +294,9 @@ def summarise(process: ProcessSeries, warm_up_seconds: float) -> dict[str, Any]:
             "slope_after_kb_per_minute": round(step.slope_after, 2),
         },
         "grows": slope is not None and slope > GROWTH_LIMIT_KB_PER_MINUTE and not one_step_only,
+        "five_minute_lows_kb": [round(low) for _, low in lows],
+        "lows_slope_kb_per_minute": None if lows_slope is None else round(lows_slope, 2),
+        "lows_grow": lows_slope is not None and lows_slope > GROWTH_LIMIT_KB_PER_MINUTE,
         "replaced": process.replaced,
     }
 
@@ -300,6 +328,14 @@ def report(summaries: list[dict[str, Any]]) -> None:
             f"<= {GROWTH_LIMIT_KB_PER_MINUTE} kB/min, or flat both sides of one step",
             not item["grows"],
         )
+        if item["lows_slope_kb_per_minute"] is not None:
+            figure(
+                f"  its {LOW_STRETCH_MINUTES:g}-minute lows",
+                ", ".join(f"{low:,}" for low in item["five_minute_lows_kb"])
+                + f" kB: slope {item['lows_slope_kb_per_minute']:+.2f} kB/min",
+                f"<= {GROWTH_LIMIT_KB_PER_MINUTE} kB/min",
+                not item["lows_grow"],
+            )
 
 
 # Probe figures: (label, how to read it from a sample, unit divisor, unit name).
@@ -482,6 +518,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="set a variable in the daemon's environment (repeatable)",
     )
     parser.add_argument(
+        "--result",
+        metavar="NAME",
+        help="write bench/results/NAME.json (default soak, soak-idle): runs side by side keep theirs",
+    )
+    parser.add_argument(
         "--scratch",
         default=default_scratch_root(),
         help="where the index and daemon state go (default /dev/shm)",
@@ -503,9 +544,14 @@ def main(argv: list[str] | None = None) -> int:
         results = run_soak(args, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    write_result("soak-idle" if args.idle else "soak", {"machine_busy_before_start": busy, **results})
+    write_result(
+        args.result or ("soak-idle" if args.idle else "soak"), {"machine_busy_before_start": busy, **results}
+    )
     grows = [item["label"] for item in results["processes"] if item.get("grows")]
     print(f"\nprocesses that grow: {', '.join(grows) if grows else 'none'}")
+    lows_grow = [item["label"] for item in results["processes"] if item.get("lows_grow")]
+    lows_text = ", ".join(lows_grow) if lows_grow else "none"
+    print(f"processes whose {LOW_STRETCH_MINUTES:g}-minute lows grow: {lows_text}")
     return 0
 
 

@@ -120,3 +120,23 @@ def test_huge_attachment_written_to_file_matches_the_message_size(tmp_path) -> N
 
 
 CASES_BY_NAME = {case.name: case.build for case in CASES}
+
+
+def test_mail_declaring_many_unknown_charsets_leaves_the_codec_caches_as_they_were() -> None:
+    # The codec registry keeps every name it is asked for; asked for each label as written, a
+    # worker kept an entry for every distinct unknown charset that mail declared, for ever.
+    import encodings
+
+    def message(n: int) -> bytes:
+        return (
+            f"From: a@example.org\r\nSubject: =?x-made-up-{n}?Q?hi?=\r\n"
+            f'Content-Type: text/plain; charset="x-made-up-{n}"\r\n\r\nhello {n}\r\n'
+        ).encode()
+
+    parse_message(message(0))
+    before = len(encodings._cache)  # type: ignore[attr-defined]
+    for n in range(1, 3001):
+        assert "hello" in parse_message(message(n)).body_text
+    assert len(encodings._cache) == before  # type: ignore[attr-defined]
+    latin = b"From: a@example.org\r\nContent-Type: text/plain; charset=ISO_8859-1\r\n\r\ncaf\xe9\r\n"
+    assert parse_message(latin).body_text.strip() == "caf\u00e9"

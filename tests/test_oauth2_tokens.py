@@ -34,6 +34,8 @@ from tests.oauth2_helpers import APP_CLIENT_ID, CLIENT_ID, Clock, auth_server, o
 
 __all__ = ["auth_server"]
 
+BOB = "bob@example.test"
+
 
 def source(
     url: str, server: LocalOAuth2Server, clock: Clock | None = None, **overrides: object
@@ -310,6 +312,48 @@ def test_masking_stays_bounded_over_many_refreshes(tmp_path: Path, auth_server: 
     assert logged(xoauth2(ALICE, current)) == f"sign-in: {MASK}"
     assert logged(replaced) == f"sign-in: {MASK}"  # may still be in flight
     assert logged(older) == f"sign-in: {older}"  # held by nothing any more
+
+
+def test_two_accounts_refreshing_each_on_its_own_keep_the_masking_bounded(
+    db_url: str, auth_server: LocalOAuth2Server
+) -> None:
+    """Two accounts on one index and one redactor, each refreshing on its own clock (alice every
+    hour, bob every 100 minutes, their refreshes interleaved): after both have replaced their tokens
+    twice the redactor masks as many values as at the end, each account's current and just-replaced
+    token and none older; bob's refreshes never drop alice's tokens."""
+    redactor = Redactor()
+    sources: dict[str, tuple[TokenSource, Clock, float]] = {}
+    for username, every_minutes in ((ALICE, 60), (BOB, 100)):
+        seed = auth_server.issue_refresh_token(username, CLIENT_ID)
+        clock = Clock()
+        config = oauth2_config(
+            auth_server, account=f"{username}@127.0.0.1", username=username, initial_refresh_token=seed
+        )
+        sources[username] = (
+            TokenSource(index_engine(db_url), config, clock=clock, on_secret=redactor.replace_secrets),
+            clock,
+            every_minutes,
+        )
+    issued: dict[str, list[str]] = {
+        username: [tokens.access_token()] for username, (tokens, _, _) in sources.items()
+    }
+    # Minute by minute over 60 hours: each account refreshes when its own period has passed.
+    size_after_two: int | None = None
+    for minute in range(1, 60 * 60 + 1):
+        for username, (tokens, clock, every_minutes) in sources.items():
+            if minute % every_minutes == 0:
+                clock.advance(every_minutes * 60)
+                issued[username].append(tokens.access_token())
+        if size_after_two is None and all(len(tokens) >= 3 for tokens in issued.values()):
+            size_after_two = redactor.size
+    assert len(set(issued[ALICE])) == 61 and len(set(issued[BOB])) == 37
+    assert auth_server.count("token:refresh_token") == 61 + 37  # the first from each seed
+    assert size_after_two is not None and redactor.size == size_after_two
+    for tokens in issued.values():
+        current, replaced, older = tokens[-1], tokens[-2], tokens[-3]
+        assert redactor.redact_known_values(f"x {current} y") == f"x {MASK} y"
+        assert redactor.redact_known_values(f"x {replaced} y") == f"x {MASK} y"
+        assert redactor.redact_known_values(f"x {older} y") == f"x {older} y"
 
 
 def test_public_client_device_login_and_refresh(db_url: str) -> None:
