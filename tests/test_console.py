@@ -345,7 +345,7 @@ def test_every_json_object_has_an_id_and_the_address_of_its_page(console: Consol
     overview = admin.get("/").text
     assert "INBOX" in overview and "2026-05-01 09:00:00" in overview
     apis = [r.path for r in _get_routes() if r.is_api]
-    assert len(apis) == 6
+    assert len(apis) == 7
     for path in apis:
         data = admin.get(path).json()
         assert set(data) >= {"id", "url"} and data["url"].startswith(BASE + "/")
