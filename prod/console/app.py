@@ -13,7 +13,7 @@ from prod.console.calls import ConsoleContext, ConsoleRoute, Identity
 from prod.console.frame import RequestFrame
 from prod.console.guard import guarded
 from prod.console.metrics import HttpMetrics
-from prod.console.pages import audit, outbox, overview, quarantine, settings, sign_in, users
+from prod.console.pages import audit, drafts, outbox, overview, quarantine, settings, sign_in, users
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -23,6 +23,7 @@ ROUTE_TABLE: tuple[ConsoleRoute, ...] = (
     *overview.ROUTES,
     *outbox.ROUTES,
     *quarantine.ROUTES,
+    *drafts.ROUTES,
     *users.ROUTES,
     *audit.ROUTES,
     *settings.ROUTES,
