@@ -58,6 +58,7 @@ def console_settings(tmp_path: Path, db_url: str, **overrides: Any) -> RuntimeSe
         "state_dir": tmp_path / "state",
         "cache_dir": tmp_path / "cache",
         "llm_model": "m",
+        "rules_file": tmp_path / "rules.toml",
         **SECRETS,
     }
     values.update(overrides)
