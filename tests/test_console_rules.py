@@ -18,8 +18,9 @@ from emailops.rules import load_rules
 from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
 from emailops.store.database import reading
+from prod.console.guard import MAX_BODY_BYTES
 from tests.console_helpers import BASE, Console, MovingClock, add_users, console_settings
-from tests.index_helpers import index_engine, rows
+from tests.index_helpers import index_engine, message, rows
 from tests.test_store import NOW, fetched
 
 pytestmark = pytest.mark.timeout(240)
@@ -98,3 +99,16 @@ def test_an_operator_tries_the_rules_on_an_indexed_message_and_nothing_is_record
     assert rows(console.engine, "SELECT count(*) FROM outbox") == [(0,)]
     assert rows(console.engine, "SELECT count(*) FROM rule_decisions") == [(0,)]
     assert _post(operator, "/rules/save", csrf, text=ACK).status_code == 403
+
+    headers = {"Origin": BASE, "X-CSRF-Token": csrf}
+    uploaded = operator.post(
+        "/rules/test",
+        files={"eml": ("m.eml", message(3, subject="a subject"))},
+        data={"folder": "INBOX"},
+        headers=headers,
+    )
+    assert uploaded.status_code == 200 and "decision: would reply" in uploaded.text
+    too_large = b"Subject: big\r\n\r\n" + b"x" * MAX_BODY_BYTES
+    refused = operator.post("/api/v1/rules/test", files={"eml": ("big.eml", too_large)}, headers=headers)
+    assert refused.status_code == 413 and "larger than 10 MB" in refused.json()["error"]
+    assert rows(console.engine, "SELECT count(*) FROM outbox") == [(0,)]

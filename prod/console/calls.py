@@ -96,6 +96,8 @@ class Call:
     identity: Identity | None
     form: Mapping[str, str]
     nav: list[tuple[str, str]]
+    # The files of a multipart form, by field name (each at most ``guard.MAX_BODY_BYTES``).
+    uploads: Mapping[str, bytes] = field(default_factory=dict)
 
     @property
     def source(self) -> str:

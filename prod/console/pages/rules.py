@@ -2,7 +2,7 @@
 match and 7-day matches; the editor, whose text is checked (``validate_rules_text``: each error at
 its line, nothing saved) and compared with the running file before ``save_rules`` replaces it
 (the daemon loads it at its next message); the kept versions, restorable; and a rule set tried on
-an indexed message (``try_rules_on_indexed``: nothing sent or recorded)."""
+an indexed message or an uploaded one (``emailops.replies.trial``: nothing sent or recorded)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from emailops.llm.client import ChatClient
 from emailops.replies.decision_log import rules_stats
-from emailops.replies.trial import try_rules_on_indexed
+from emailops.replies.trial import try_rules_on_indexed, try_rules_on_raw
 from emailops.rules import RulesError, RuleSet, load_rules
 from emailops.rules.loader import parse_rules
 from emailops.rules.text_check import RulesProblem, validate_rules_text
@@ -175,10 +175,11 @@ def _trial(call: Call) -> tuple[int, list[dict[str, Any]] | str]:
     """The outcome of each matching rule on the form's message (the form's rules text, else the
     running rules), or why there is none. Nothing is sent or recorded."""
     settings = call.context.settings
+    raw = call.uploads.get("eml")
     try:
-        message_pk = int(call.form.get("message", ""))
+        message_pk = None if raw else int(call.form.get("message", ""))
     except ValueError:
-        return 400, "give the id of an indexed message"
+        return 400, "give the id of an indexed message or upload a message (.eml)"
     text = call.form.get("text", "")
     if text:
         problems = validate_rules_text(text, path=settings.rules_file)
@@ -190,15 +191,24 @@ def _trial(call: Call) -> tuple[int, list[dict[str, Any]] | str]:
         if error is not None:
             return 422, error
     config = settings.reply_config()
-    outcomes = try_rules_on_indexed(
-        call.context.engine,
-        message_pk,
-        account=_account(call),
-        rules=ruleset,
-        config=config,
-        client=ChatClient.for_config(config.llm) if config.llm else None,
-        now=datetime.now(UTC),
-    )
+    trial: dict[str, Any] = {
+        "account": _account(call),
+        "rules": ruleset,
+        "config": config,
+        "client": ChatClient.for_config(config.llm) if config.llm else None,
+        "now": datetime.now(UTC),
+    }
+    if message_pk is None:
+        assert raw is not None
+        folder = call.form.get("folder") or "INBOX"
+        max_bytes = settings.max_message_bytes
+        return 200, [
+            outcome_json(o)
+            for o in try_rules_on_raw(
+                call.context.engine, raw, max_message_bytes=max_bytes, folder=folder, **trial
+            )
+        ]
+    outcomes = try_rules_on_indexed(call.context.engine, message_pk, **trial)
     if outcomes is None:
         return 404, f"no indexed message {message_pk} of {_account(call)}"
     return 200, [outcome_json(outcome) for outcome in outcomes]
@@ -208,7 +218,7 @@ def trial_form(call: Call) -> Response:
     status, found = _trial(call)
     if isinstance(found, str):
         return rules_page(call, status, notice=f"Not tried: {found}.")
-    return rules_page(call, trial=found, trial_message=call.form.get("message"))
+    return rules_page(call, trial=found, trial_message=call.form.get("message") or "uploaded")
 
 
 def trial_api(call: Call) -> Response:
