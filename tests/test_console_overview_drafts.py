@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine
 
@@ -13,7 +14,7 @@ from emailops.audit import list_entries
 from emailops.store.database import reading
 from emailops.store.folders import ensure_folder, save_sync_state
 from emailops.store.messages import insert_messages
-from emailops.users.sessions import end_session
+from emailops.users.sessions import end_session, start_session
 from tests.console_helpers import (
     BASE,
     Console,
@@ -24,6 +25,7 @@ from tests.console_helpers import (
     console_settings,
 )
 from tests.index_helpers import index_engine
+from tests.test_console_browser import served  # noqa: F401 (fixture)
 from tests.test_store import fetched
 
 pytestmark = pytest.mark.timeout(240)
@@ -113,3 +115,24 @@ def test_an_operator_retries_and_cancels_model_jobs_each_audited(console: Consol
     with reading(console.engine) as conn:
         entries = [(e.actor, e.action) for e in list_entries(conn, actions=["drafts.retry", "drafts.cancel"])]
     assert sorted(entries) == [("otto", "drafts.cancel"), ("otto", "drafts.retry")]
+
+
+def test_an_open_event_stream_sends_changes_and_ends_at_sign_out(served: tuple[str, Console]) -> None:  # noqa: F811
+    base, console = served
+    session_id, _ = start_session(console.engine, "vic", "127.0.0.1", console.clock())
+    events: list[str] = []
+    with httpx.stream(
+        "GET",
+        base + "/events",
+        headers={"Accept": "text/event-stream"},
+        cookies={"emailops_session": session_id},
+        timeout=30,
+    ) as stream:
+        for line in stream.iter_lines():
+            if 'id="count-quarantined"' in line:
+                events.append(line)
+                if len(events) == 1:
+                    add_unknown_reply_and_quarantined_message(console.engine)
+                else:
+                    end_session(console.engine, session_id)  # the stream ends within a poll
+    assert [re.findall(r'id="count-quarantined">(\d+)<', e) for e in events] == [["0"], ["1"]]

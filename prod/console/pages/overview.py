@@ -23,8 +23,10 @@ from prod.console.watching import watched_folders
 
 # The live part is read again this often, per open page (a handful of counting queries).
 POLL_SECONDS = 2.0
-# One stream lasts at most this long; the browser's EventSource then opens a new one.
-STREAM_SECONDS = 300.0
+# A stream of a session lasts while the session lives (checked without counting as a request:
+# an open page must not keep it from going idle); one of an API token at most this long, after
+# which the client opens a new one, checked again.
+TOKEN_STREAM_SECONDS = 300.0
 CHART_WIDTH = 480
 CHART_HEIGHT = 120
 SERIES = (("indexed_per_hour", "Mail indexed"), ("replies_sent_per_hour", "Replies sent"))
@@ -175,13 +177,13 @@ def _event(fragment: str) -> str:
 
 
 def _stream(call: Call) -> Iterator[str]:
-    """The live part now, then again each time it changes, while the session lives (at most
-    STREAM_SECONDS)."""
+    """The live part now, then again each time it changes, while the session lives (an API
+    token's: for TOKEN_STREAM_SECONDS)."""
     session_id = call.identity.session_id if call.identity is not None else None
     context = call.context
-    ends = time.monotonic() + STREAM_SECONDS
+    ends = time.monotonic() + TOKEN_STREAM_SECONDS
     sent = None
-    while time.monotonic() < ends:
+    while session_id is not None or time.monotonic() < ends:
         if session_id is not None and not session_alive(
             context.engine, session_id, context.clock(), context.session_limits
         ):
