@@ -104,9 +104,9 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
     shots = tmp_path / "screenshots"
     shots.mkdir()
     expected_nav = {
-        "vic": ["Overview", "Outbox", "Quarantine", "Settings"],
-        "otto": ["Overview", "Outbox", "Quarantine", "Settings"],
-        "ann": ["Overview", "Outbox", "Quarantine", "Users", "Audit log", "Settings"],
+        "vic": ["Overview", "Outbox", "Quarantine", "Drafts", "Rules", "Settings"],
+        "otto": ["Overview", "Outbox", "Quarantine", "Drafts", "Rules", "Settings"],
+        "ann": ["Overview", "Outbox", "Quarantine", "Drafts", "Rules", "Users", "Audit log", "Settings"],
     }
     for name, labels in expected_nav.items():
         tab = Page(browser, base)
@@ -126,7 +126,9 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
             )
             buttons = tab.page.get_by_role("button").all_inner_texts()
             if name != "ann":
-                assert buttons == ["Sign out"], (name, label, buttons)
+                # An operator tests rules: the file chooser (a button without text) and the submit.
+                tests_rules = ["", "Test the rules"] if (name, label) == ("otto", "Rules") else []
+                assert buttons == ["Sign out", *tests_rules], (name, label, buttons)
         if name == "vic":
             token = tab.page.locator('input[name="csrf_token"]').first.get_attribute("value")
             answer = tab.page.request.post(
@@ -136,7 +138,7 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
             assert tab.page.request.get(base + "/users").status == 403
         assert tab.violations == []
         tab.page.close()
-    assert len(list(shots.glob("*.png"))) == 1 + 4 + 4 + 6
+    assert len(list(shots.glob("*.png"))) == 1 + 6 + 6 + 8
 
 
 def test_keyboard_only_sign_in_and_an_admin_action_through_htmx(
