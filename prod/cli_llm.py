@@ -57,13 +57,14 @@ def cmd_rules_test(settings: RuntimeSettings, args: argparse.Namespace) -> int:
             now=datetime.now(UTC),
         )
     if args.json:
-        print_json([_outcome_json(o) for o in outcomes])
+        print_json([outcome_json(o) for o in outcomes])
     else:
         _print_outcomes(outcomes, rules_path)
     return EXIT_FAILED if any(o.verdict == "model failed" for o in outcomes) else EXIT_OK
 
 
-def _outcome_json(outcome: Any) -> dict[str, Any]:
+def outcome_json(outcome: Any) -> dict[str, Any]:
+    """A rule test's outcome as JSON (``rules test --json`` and the console's rule test)."""
     call = outcome.model_call
     return {
         "rule": outcome.rule,

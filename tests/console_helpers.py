@@ -60,6 +60,7 @@ def console_settings(tmp_path: Path, db_url: str, **overrides: Any) -> RuntimeSe
         "state_dir": tmp_path / "state",
         "cache_dir": tmp_path / "cache",
         "llm_model": "m",
+        "rules_file": tmp_path / "rules.toml",
         **SECRETS,
     }
     values.update(overrides)
@@ -161,3 +162,33 @@ def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console
         email_password=dovecot.password(ALICE),
     )
     return Console(settings, engine, MovingClock())
+
+
+def add_failed_model_job(engine: Engine) -> int:
+    """A model job of the console's account that failed (its retry and cancel are offered): its id."""
+    from sqlalchemy import update
+
+    from emailops.llm import jobs
+    from emailops.store.schema import llm_jobs
+    from tests.test_store import NOW
+
+    with engine.begin() as conn:
+        job_id, _ = jobs.insert_job(
+            conn,
+            account="bob@example.test@127.0.0.1",
+            inbound_key="<asked-1@example.org>",
+            message_pk=None,
+            rule_name="ai-answer",
+            action="send",
+            recipient="carol@example.org",
+            subject="Re: a question",
+            prompt="answer kindly",
+            model="tiny-model",
+            max_tokens=50,
+            temperature=None,
+            now=NOW,
+        )
+        conn.execute(
+            update(llm_jobs).where(llm_jobs.c.id == job_id).values(state="failed", last_error="HTTP 400: bad")
+        )
+    return job_id

@@ -31,6 +31,7 @@ from tests.console_helpers import (
     SECRETS,
     Console,
     MovingClock,
+    add_failed_model_job,
     add_unknown_reply_and_quarantined_message,
     add_users,
     console_settings,
@@ -106,8 +107,9 @@ def test_the_navigation_shows_a_role_only_what_it_may_open(console: Console) -> 
     for user in ("vic", "otto", "ann"):
         client, _ = console.session(user)
         links[user] = re.findall(r'<li><a href="([^"]+)"', client.get("/settings").text)
-    assert links["vic"] == links["otto"] == ["/", "/messages", "/outbox", "/quarantine", "/settings"]
-    assert links["ann"] == ["/", "/messages", "/outbox", "/quarantine", "/users", "/audit", "/settings"]
+    expected = ["/", "/messages", "/outbox", "/quarantine", "/drafts", "/rules"]
+    assert links["vic"] == links["otto"] == [*expected, "/settings"]
+    assert links["ann"] == [*expected, "/users", "/audit", "/settings"]
 
 
 def test_unsafe_requests_need_the_session_token_and_the_console_origin(console: Console) -> None:
@@ -343,11 +345,15 @@ def test_every_json_object_has_an_id_and_the_address_of_its_page(console: Consol
         folder = ensure_folder(conn, "bob@example.test@127.0.0.1", "INBOX")
         touch_sync(conn, folder.id, console.clock())
     add_unknown_reply_and_quarantined_message(console.engine)
+    add_failed_model_job(console.engine)
+    console.settings.rules_file.write_text(
+        '[[rules]]\nname = "all"\n[rules.actions]\nflag = true\n', encoding="utf-8"
+    )
     admin, _ = console.session("ann")
     overview = admin.get("/").text
     assert "INBOX" in overview and "2026-05-01 09:00:00" in overview
     apis = [r.path for r in _get_routes() if r.is_api]
-    assert len(apis) == 7
+    assert len(apis) == 10
     for path in apis:
         data = admin.get(path).json()
         assert set(data) >= {"id", "url"} and data["url"].startswith(BASE + "/")

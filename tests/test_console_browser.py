@@ -112,9 +112,19 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
     shots = tmp_path / "screenshots"
     shots.mkdir()
     expected_nav = {
-        "vic": ["Overview", "Search", "Outbox", "Quarantine", "Settings"],
-        "otto": ["Overview", "Search", "Outbox", "Quarantine", "Settings"],
-        "ann": ["Overview", "Search", "Outbox", "Quarantine", "Users", "Audit log", "Settings"],
+        "vic": ["Overview", "Search", "Outbox", "Quarantine", "Drafts", "Rules", "Settings"],
+        "otto": ["Overview", "Search", "Outbox", "Quarantine", "Drafts", "Rules", "Settings"],
+        "ann": [
+            "Overview",
+            "Search",
+            "Outbox",
+            "Quarantine",
+            "Drafts",
+            "Rules",
+            "Users",
+            "Audit log",
+            "Settings",
+        ],
     }
     for name, labels in expected_nav.items():
         tab = Page(browser, base)
@@ -135,7 +145,9 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
             buttons = tab.page.get_by_role("button").all_inner_texts()
             if name != "ann":  # no action; Search's button only searches
                 searching = ["Search"] if label == "Search" else []
-                assert buttons == ["Sign out", *searching], (name, label, buttons)
+                # An operator tests rules: the file chooser (a button without text) and the submit.
+                tests_rules = ["", "Test the rules"] if (name, label) == ("otto", "Rules") else []
+                assert buttons == ["Sign out", *searching, *tests_rules], (name, label, buttons)
         if name == "vic":
             token = tab.page.locator('input[name="csrf_token"]').first.get_attribute("value")
             answer = tab.page.request.post(
@@ -145,7 +157,7 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
             assert tab.page.request.get(base + "/users").status == 403
         assert tab.violations == []
         tab.page.close()
-    assert len(list(shots.glob("*.png"))) == 1 + 5 + 5 + 7
+    assert len(list(shots.glob("*.png"))) == 1 + 7 + 7 + 9
 
 
 def test_keyboard_only_sign_in_and_an_admin_action_through_htmx(

@@ -76,6 +76,22 @@ def find_session(engine: Engine, session_id: str, now: datetime, limits: Session
     )
 
 
+def session_alive(engine: Engine, session_id: str, now: datetime, limits: SessionLimits) -> bool:
+    """Whether the session is live now, without counting this as a request (a page's open event
+    stream must not keep its session from going idle)."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(console_sessions.c.last_seen_at, console_sessions.c.created_at, users.c.disabled)
+            .join(users, users.c.name == console_sessions.c.user_name)
+            .where(console_sessions.c.id_hash == token_digest(session_id))
+        ).one_or_none()
+    if row is None or row.disabled:
+        return False
+    idle: timedelta = now - row.last_seen_at
+    age: timedelta = now - row.created_at
+    return idle <= limits.idle and age <= limits.absolute
+
+
 def end_session(engine: Engine, session_id: str) -> None:
     with engine.begin() as conn:
         conn.execute(delete(console_sessions).where(console_sessions.c.id_hash == token_digest(session_id)))

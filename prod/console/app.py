@@ -16,7 +16,18 @@ from prod.console.calls import ConsoleContext, ConsoleRoute, Identity
 from prod.console.frame import RequestFrame
 from prod.console.guard import guarded
 from prod.console.metrics import HttpMetrics
-from prod.console.pages import audit, messages, outbox, overview, quarantine, settings, sign_in, users
+from prod.console.pages import (
+    audit,
+    drafts,
+    messages,
+    outbox,
+    overview,
+    quarantine,
+    rules,
+    settings,
+    sign_in,
+    users,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -27,6 +38,8 @@ ROUTE_TABLE: tuple[ConsoleRoute, ...] = (
     *messages.ROUTES,
     *outbox.ROUTES,
     *quarantine.ROUTES,
+    *drafts.ROUTES,
+    *rules.ROUTES,
     *users.ROUTES,
     *audit.ROUTES,
     *settings.ROUTES,

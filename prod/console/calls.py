@@ -96,6 +96,8 @@ class Call:
     identity: Identity | None
     form: Mapping[str, str]
     nav: list[tuple[str, str]]
+    # The files of a multipart form, by field name (each at most ``guard.MAX_BODY_BYTES``).
+    uploads: Mapping[str, bytes] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -110,20 +112,23 @@ class Call:
     def may(self, action: Action) -> bool:
         return self.identity is not None and allowed(self.identity.role, action)
 
-    def render(self, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
+    def template_values(self) -> dict[str, Any]:
+        """What every template may use: who asks, the navigation, the CSRF field, ``may``."""
         csrf = self.identity.csrf_token if self.identity is not None else None
-        page = self.context.templates.get_template(template).render(
-            identity=self.identity,
-            nav=self.nav,
-            path=self.request.url.path,
-            csrf_token=csrf,
-            csrf_field=lambda: Markup('<input type="hidden" name="csrf_token" value="{}">').format(
+        return {
+            "identity": self.identity,
+            "nav": self.nav,
+            "path": self.request.url.path,
+            "csrf_token": csrf,
+            "csrf_field": lambda: Markup('<input type="hidden" name="csrf_token" value="{}">').format(
                 csrf or ""
             ),
-            may=self.may,
-            Action=Action,
-            **values,
-        )
+            "may": self.may,
+            "Action": Action,
+        }
+
+    def render(self, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
+        page = self.context.templates.get_template(template).render(**self.template_values(), **values)
         return HTMLResponse(page, status_code=status_code)
 
     def json(self, value: Mapping[str, Any], status_code: int = 200) -> Response:

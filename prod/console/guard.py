@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
@@ -29,6 +30,9 @@ CSRF_FIELD = "csrf_token"
 UNAUTHENTICATED = "sign in, or send an API token (Authorization: Bearer eo_...)"
 FORBIDDEN = "your role may not do this"
 FOREIGN_ORIGIN = "refused: this request did not come from the console's own pages"
+# The largest request body (an uploaded message included) the console reads.
+MAX_BODY_BYTES = 10 * 1024 * 1024
+TOO_LARGE = f"refused: the request is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB"
 BAD_CSRF_TOKEN = "refused: the form's security token is missing or wrong; reload the page"  # noqa: S105 (a message)
 NavBuilder = Callable[[Identity | None], list[tuple[str, str]]]
 
@@ -105,9 +109,17 @@ def guarded(
                 )
             return refuse(route, 403, FORBIDDEN)
         form: dict[str, str] = {}
+        uploads: dict[str, bytes] = {}
         if unsafe:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                return refuse(route, 413, TOO_LARGE)
             parsed = await request.form()
             form = {key: value for key, value in parsed.items() if isinstance(value, str)}
+            for key, value in parsed.items():
+                if isinstance(value, UploadFile):
+                    uploads[key] = await value.read(MAX_BODY_BYTES + 1)
+                    if len(uploads[key]) > MAX_BODY_BYTES:  # sent without a Content-Length
+                        return refuse(route, 413, TOO_LARGE)
             if request.headers.get("content-type", "").startswith("application/json"):
                 form = await _json_fields(request)
             if identity is not None and not identity.via_token and route.permission is not Access.PUBLIC:
@@ -115,7 +127,7 @@ def guarded(
                 expected = identity.csrf_token or ""
                 if not given or not hmac.compare_digest(given.encode(), expected.encode()):
                     return refuse(route, 403, BAD_CSRF_TOKEN)
-        call = Call(request=request, context=context, identity=identity, form=form, nav=nav(identity))
+        call = Call(request, context, identity, form, nav(identity), uploads)
         return await run_in_threadpool(route.handler, call)
 
     return endpoint

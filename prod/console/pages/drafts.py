@@ -1,0 +1,106 @@
+"""Drafts (viewer reads, operator acts): the replies a language model is writing (``llm_jobs``),
+newest first; a failed one retried, a pending or failed one cancelled, by
+``emailops.actions.drafts.change_jobs`` (which ``emailops llm`` calls too)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from starlette.responses import Response
+
+from emailops.actions.drafts import change_jobs
+from emailops.llm import jobs
+from emailops.llm.jobs import JobState, LlmJob
+from emailops.store.database import reading
+from emailops.users.permissions import Action
+from prod.console.calls import Call, ConsoleRoute
+from prod.console.pages.actor import actor_of
+
+PAGE_SIZE = 200
+# The changes offered for a job in each state.
+OFFERED: dict[JobState, tuple[Literal["retry", "cancel"], ...]] = {
+    JobState.FAILED: ("retry", "cancel"),
+    JobState.PENDING: ("cancel",),
+}
+
+
+def _account(call: Call) -> str:
+    return call.context.settings.sync_config().account
+
+
+def _drafts(call: Call) -> list[dict[str, object]]:
+    wanted = call.request.query_params.get("state")
+    states = (wanted,) if wanted in {s.value for s in JobState} else None
+    with reading(call.context.engine) as conn:
+        found = jobs.list_jobs(conn, account=_account(call), states=states, limit=PAGE_SIZE)
+    return [_draft(call, job) for job in found]
+
+
+def _draft(call: Call, job: LlmJob) -> dict[str, object]:
+    return {
+        "id": job.id,
+        "url": call.url(f"/drafts#job-{job.id}"),
+        "state": job.state,
+        "rule": job.rule_name,
+        "model": job.model,
+        "recipient": job.recipient,
+        "subject": job.subject,
+        "attempts": job.attempts,
+        "reason": job.last_error,
+        "outbox_id": job.outbox_id,
+        "created_at": job.created_at,
+        "changes": list(OFFERED.get(job.state, ())),
+    }
+
+
+def drafts_page(call: Call, status_code: int = 200, notice: str | None = None) -> Response:
+    return call.render(
+        "drafts.html",
+        status_code,
+        drafts=_drafts(call),
+        state=call.request.query_params.get("state", ""),
+        states=[s.value for s in JobState],
+        notice=notice,
+        error=notice if status_code >= 400 else None,
+    )
+
+
+def drafts_api(call: Call) -> Response:
+    return call.json({"id": "drafts", "url": call.url("/drafts"), "drafts": _drafts(call)})
+
+
+def _change(call: Call, change: Literal["retry", "cancel"]) -> tuple[int, str, int]:
+    job_id = int(call.request.path_params["id"])
+    (done,) = change_jobs(call.context.engine, [job_id], change, account=_account(call), actor=actor_of(call))
+    if not done.done:
+        return job_id, f"Model job {job_id} not changed: {done.refusal}.", 409 if done.before else 404
+    return job_id, f"Model job {job_id}: {change} done, now {done.after and done.after['state']}.", 200
+
+
+def _form(change: Literal["retry", "cancel"]) -> ConsoleRoute:
+    def handler(call: Call) -> Response:
+        _, notice, status = _change(call, change)
+        return drafts_page(call, status, notice)
+
+    action = Action.RETRY_DRAFT if change == "retry" else Action.CANCEL_DRAFT
+    return ConsoleRoute(f"/drafts/{{id:int}}/{change}", handler, action, methods=("POST",))
+
+
+def _api(change: Literal["retry", "cancel"]) -> ConsoleRoute:
+    def handler(call: Call) -> Response:
+        job_id, notice, status = _change(call, change)
+        key = "done" if status == 200 else "error"
+        return call.json({"id": job_id, "url": call.url(f"/drafts#job-{job_id}"), key: notice}, status)
+
+    action = Action.RETRY_DRAFT if change == "retry" else Action.CANCEL_DRAFT
+    return ConsoleRoute(f"/api/v1/drafts/{{id:int}}/{change}", handler, action, methods=("POST",))
+
+
+ROUTES = [
+    ConsoleRoute("/drafts", drafts_page, Action.VIEW_DRAFTS, nav="Drafts"),
+    ConsoleRoute("/api/v1/drafts", drafts_api, Action.VIEW_DRAFTS),
+    _form("retry"),
+    _api("retry"),
+    _form("cancel"),
+    _api("cancel"),
+]
