@@ -30,6 +30,7 @@ from emailops.config import (
     SyncConfig,
     TlsSecurity,
 )
+from emailops.users.oidc import OidcConfig, RoleMapError, parse_role_map
 from prod.database_url import parse_database_url
 
 MASK = "**********"
@@ -38,7 +39,13 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 CommaList = Annotated[tuple[str, ...], NoDecode]
 # Variables whose value is never shown, not even in an error about it.
 SECRET_VARIABLES = frozenset(
-    {"EMAIL_PASSWORD", "EMAIL_OAUTH2_CLIENT_SECRET", "EMAIL_OAUTH2_REFRESH_TOKEN", "EMAIL_OAUTH2_TOKEN_KEY"}
+    {
+        "EMAIL_PASSWORD",
+        "EMAIL_OAUTH2_CLIENT_SECRET",
+        "EMAIL_OAUTH2_REFRESH_TOKEN",
+        "EMAIL_OAUTH2_TOKEN_KEY",
+        "WEB_OIDC_CLIENT_SECRET",
+    }
 )
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOKEN_REQUEST_TIMEOUT_SECONDS = 10.0
@@ -220,6 +227,31 @@ class RuntimeSettings(BaseSettings):
     web_base_url: str = ""
     web_session_idle_minutes: int = Field(default=30, ge=1, le=24 * 60)
     web_session_max_hours: int = Field(default=12, ge=1, le=24 * 30)
+    # Single sign-on with an OpenID Connect provider (unset issuer: none); the role comes from
+    # the groups in WEB_OIDC_ROLES_CLAIM through WEB_OIDC_ROLE_MAP ("group=role,...").
+    web_oidc_issuer: str = ""
+    web_oidc_client_id: str = ""
+    web_oidc_client_secret: SecretStr | None = None
+    web_oidc_roles_claim: str = Field(default="groups", min_length=1)
+    web_oidc_role_map: str = ""
+    web_password_login: bool = True
+
+    @field_validator("web_oidc_issuer")
+    @classmethod
+    def _web_oidc_issuer(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and urlsplit(value).scheme != "https" and urlsplit(value).hostname not in _LOOPBACK_HOSTS:
+            raise ValueError("must be the provider's https:// address, e.g. https://accounts.google.com")
+        return value
+
+    @field_validator("web_oidc_role_map")
+    @classmethod
+    def _web_oidc_role_map(cls, value: str) -> str:
+        try:
+            parse_role_map(value)
+        except RoleMapError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("web_base_url")
     @classmethod
@@ -281,6 +313,7 @@ class RuntimeSettings(BaseSettings):
             raise ValueError("EMAIL_FOLDERS names no folder")
         if self.email_auth == "oauth2":
             _check_oauth2(self)
+        _check_oidc(self)
         return self
 
     @classmethod
@@ -426,6 +459,18 @@ class RuntimeSettings(BaseSettings):
             "use llm_prompt, which needs a chat-completions endpoint"
         )
 
+    def oidc_config(self) -> OidcConfig | None:
+        """The console's single sign-on, None without WEB_OIDC_ISSUER."""
+        if not self.web_oidc_issuer:
+            return None
+        return OidcConfig(
+            issuer=self.web_oidc_issuer,
+            client_id=self.web_oidc_client_id,
+            client_secret=_secret(self.web_oidc_client_secret),
+            roles_claim=self.web_oidc_roles_claim,
+            role_map=tuple(parse_role_map(self.web_oidc_role_map).items()),
+        )
+
     def masked(self) -> dict[str, Any]:
         """Every setting by its variable name, secrets masked (for ``check-config``)."""
         values = self.model_dump(mode="json")
@@ -492,6 +537,18 @@ def _check_oauth2(settings: RuntimeSettings) -> None:
                 "EMAIL_OAUTH2_TENANT: app-only access needs your directory (tenant) id or domain, "
                 "not common/organizations/consumers"
             )
+
+
+def _check_oidc(settings: RuntimeSettings) -> None:
+    if settings.web_oidc_issuer:
+        if not settings.web_oidc_client_id:
+            raise ValueError("WEB_OIDC_CLIENT_ID: required with WEB_OIDC_ISSUER")
+        if not parse_role_map(settings.web_oidc_role_map):
+            raise ValueError(
+                "WEB_OIDC_ROLE_MAP: required with WEB_OIDC_ISSUER (e.g. admins=admin,staff=viewer)"
+            )
+    elif not settings.web_password_login:
+        raise ValueError("WEB_PASSWORD_LOGIN: false needs WEB_OIDC_ISSUER (nobody could sign in)")
 
 
 def _mask_dsn(dsn: str) -> str:

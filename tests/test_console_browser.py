@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,14 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Console]]:
     engine = index_engine(db_url)
     add_users(engine)
     console = Console(console_settings(tmp_path, db_url), engine, MovingClock())
-    console.clock.now = console.clock.now.now(console.clock.now.tzinfo)  # the browser's time
+    with serve(console) as base:
+        yield base, console
+
+
+@contextmanager
+def serve(console: Console) -> Iterator[str]:
+    """``console`` served by uvicorn on a loopback port (its base address), on the browser's time."""
+    console.clock.now = console.clock.now.now(console.clock.now.tzinfo)
     port = free_loopback_port()
     server = uvicorn.Server(
         uvicorn.Config(console.app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
@@ -58,7 +66,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Console]]:
         time.sleep(0.05)
     assert server.started
     try:
-        yield f"http://127.0.0.1:{port}", console
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -16,13 +16,14 @@ from prod.console.calls import ConsoleContext, ConsoleRoute, Identity
 from prod.console.frame import RequestFrame
 from prod.console.guard import guarded
 from prod.console.metrics import HttpMetrics
-from prod.console.pages import audit, overview, settings, sign_in, users
+from prod.console.pages import audit, oidc_sign_in, overview, settings, sign_in, users
 
 STATIC = Path(__file__).resolve().parent / "static"
 
 # Every address of the console with the permission it needs (the tests enumerate it).
 ROUTE_TABLE: tuple[ConsoleRoute, ...] = (
     *sign_in.ROUTES,
+    *oidc_sign_in.ROUTES,
     *overview.ROUTES,
     *users.ROUTES,
     *audit.ROUTES,
