@@ -16,12 +16,13 @@ from starlette.testclient import TestClient
 from emailops.audit import list_entries
 from emailops.store.database import reading
 from emailops.store.schema import users
+from emailops.users import accounts
 from emailops.users.oidc_accounts import OIDC_PASSWORD_HASH
 from localmail.oidc_provider import LocalOidcProvider, Tamper
 from prod.console.pages.oidc_sign_in import NO_ROLE
 from prod.console.pages.sign_in import PASSWORD_OFF
 from prod.runtime_settings import ConfigError, RuntimeSettings
-from tests.console_helpers import BASE, Console, MovingClock, add_users, console_settings, sign_in
+from tests.console_helpers import BASE, CLI, Console, MovingClock, add_users, console_settings, sign_in
 from tests.index_helpers import index_engine
 from tests.test_console_browser import Page, browser, serve  # noqa: F401 (browser: a fixture)
 
@@ -191,6 +192,18 @@ def test_a_password_user_is_not_taken_over(
     assert _sso(console.client()).status_code == 403
     [failure] = _failures(engine)
     assert "signs in with a password" in failure["reason"]
+
+
+def test_a_disabled_oidc_user_is_refused(
+    console: Console, provider: LocalOidcProvider, engine: Engine
+) -> None:
+    provider.user = {"preferred_username": "ivan", "groups": ["staff"]}
+    assert _sso(console.client()).status_code == 200
+    accounts.disable_user(engine, "ivan", actor=CLI)
+    client = console.client()
+    assert _sso(client).status_code == 403
+    assert "emailops_session" not in client.cookies
+    assert _failures(engine) == [{"via": "oidc", "reason": "user 'ivan' is disabled"}]
 
 
 def test_password_login_false_hides_and_refuses_the_form(

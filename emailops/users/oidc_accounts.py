@@ -8,7 +8,10 @@ taken over. Each creation and each change of role is recorded in the audit log.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import IntegrityError
 
 from emailops.audit import Actor, record
 from emailops.clock import Clock, utc_now
@@ -32,7 +35,13 @@ def sign_in_oidc_user(
     if not _NAME.fullmatch(name):
         raise UserError(f"{name[:100]!r} from the identity provider is not a user name")
     actor = Actor(name=name, role=role.value, source=source)
-    now = clock()
+    try:
+        return _sign_in(engine, name, role, actor, clock())
+    except IntegrityError:  # made meanwhile by a sign-in of the same user
+        return _sign_in(engine, name, role, actor, clock())
+
+
+def _sign_in(engine: Engine, name: str, role: Role, actor: Actor, now: datetime) -> User:
     with engine.begin() as conn:
         row = conn.execute(locking(conn, select(users).where(users.c.name == name))).one_or_none()
         if row is None:
