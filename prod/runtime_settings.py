@@ -33,6 +33,7 @@ from emailops.config import (
     SyncConfig,
     TlsSecurity,
 )
+from emailops.users.oidc import OidcConfig, RoleMapError, parse_role_map
 from prod.database_url import parse_database_url
 
 MASK = "**********"
@@ -47,6 +48,7 @@ SECRET_VARIABLES = frozenset(
         "EMAIL_OAUTH2_REFRESH_TOKEN",
         "EMAIL_OAUTH2_TOKEN_KEY",
         "SECRETS_KEY",
+        "WEB_OIDC_CLIENT_SECRET",
     }
 )
 # The default account's settings: given one, all are required (EMAIL_AUTH=oauth2 counts as one).
@@ -244,6 +246,31 @@ class RuntimeSettings(BaseSettings):
     web_base_url: str = ""
     web_session_idle_minutes: int = Field(default=30, ge=1, le=24 * 60)
     web_session_max_hours: int = Field(default=12, ge=1, le=24 * 30)
+    # Single sign-on with an OpenID Connect provider (unset issuer: none); the role comes from
+    # the groups in WEB_OIDC_ROLES_CLAIM through WEB_OIDC_ROLE_MAP ("group=role,...").
+    web_oidc_issuer: str = ""
+    web_oidc_client_id: str = ""
+    web_oidc_client_secret: SecretStr | None = None
+    web_oidc_roles_claim: str = Field(default="groups", min_length=1)
+    web_oidc_role_map: str = ""
+    web_password_login: bool = True
+
+    @field_validator("web_oidc_issuer")
+    @classmethod
+    def _web_oidc_issuer(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and urlsplit(value).scheme != "https" and urlsplit(value).hostname not in _LOOPBACK_HOSTS:
+            raise ValueError("must be the provider's https:// address, e.g. https://accounts.google.com")
+        return value
+
+    @field_validator("web_oidc_role_map")
+    @classmethod
+    def _web_oidc_role_map(cls, value: str) -> str:
+        try:
+            parse_role_map(value)
+        except RoleMapError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("web_base_url")
     @classmethod
@@ -305,6 +332,7 @@ class RuntimeSettings(BaseSettings):
                 "SECRETS_KEY: EMAIL_OAUTH2_TOKEN_KEY, its old name, is set to another value; "
                 "keep SECRETS_KEY only"
             )
+        _check_oidc(self)
         if not self.has_default_account:
             return self
         missing = [
@@ -488,6 +516,18 @@ class RuntimeSettings(BaseSettings):
             "use llm_prompt, which needs a chat-completions endpoint"
         )
 
+    def oidc_config(self) -> OidcConfig | None:
+        """The console's single sign-on, None without WEB_OIDC_ISSUER."""
+        if not self.web_oidc_issuer:
+            return None
+        return OidcConfig(
+            issuer=self.web_oidc_issuer,
+            client_id=self.web_oidc_client_id,
+            client_secret=_secret(self.web_oidc_client_secret),
+            roles_claim=self.web_oidc_roles_claim,
+            role_map=tuple(parse_role_map(self.web_oidc_role_map).items()),
+        )
+
     def masked(self) -> dict[str, Any]:
         """Every setting by its variable name, secrets masked (for ``check-config``)."""
         values = self.model_dump(mode="json")
@@ -536,6 +576,18 @@ def _check_oauth2(settings: RuntimeSettings) -> None:
             "EMAIL_OAUTH2_TOKEN_KEY: required with EMAIL_AUTH=oauth2; set it as SECRETS_KEY, its new name "
             "(the key that encrypts stored tokens; `emailops auth new-key` prints one)"
         )
+
+
+def _check_oidc(settings: RuntimeSettings) -> None:
+    if settings.web_oidc_issuer:
+        if not settings.web_oidc_client_id:
+            raise ValueError("WEB_OIDC_CLIENT_ID: required with WEB_OIDC_ISSUER")
+        if not parse_role_map(settings.web_oidc_role_map):
+            raise ValueError(
+                "WEB_OIDC_ROLE_MAP: required with WEB_OIDC_ISSUER (e.g. admins=admin,staff=viewer)"
+            )
+    elif not settings.web_password_login:
+        raise ValueError("WEB_PASSWORD_LOGIN: false needs WEB_OIDC_ISSUER (nobody could sign in)")
 
 
 def _mask_dsn(dsn: str) -> str:

@@ -62,6 +62,8 @@ def password_matches(stored_hash: str | None, password: str) -> bool:
     unchecked, whoever it is for."""
     if len(password) > MAX_PASSWORD_LENGTH:
         return False
+    if stored_hash is not None and not stored_hash.startswith("$argon2"):
+        stored_hash = None  # a user without a password (single sign-on): checked like an unknown one
     try:
         HASHER.verify(stored_hash or DUMMY_HASH, password)
     except (VerificationError, InvalidHashError):

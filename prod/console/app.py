@@ -19,6 +19,7 @@ from prod.console.metrics import HttpMetrics
 from prod.console.pages import (
     audit,
     drafts,
+    oidc_sign_in,
     messages,
     outbox,
     overview,
@@ -34,6 +35,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 # Every address of the console with the permission it needs (the tests enumerate it).
 ROUTE_TABLE: tuple[ConsoleRoute, ...] = (
     *sign_in.ROUTES,
+    *oidc_sign_in.ROUTES,
     *overview.ROUTES,
     *messages.ROUTES,
     *outbox.ROUTES,

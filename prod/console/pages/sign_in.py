@@ -2,8 +2,9 @@
 
 A sign-in is refused before its password is looked at when the name is locked or the address
 throttled (429, ``emailops.users.sign_in_throttle``). Wrong name, wrong password and disabled user
-get the same answer in the same time (a dummy hash is checked for unknown names). The session id
-is new at every sign-in (any session the browser had is ended). Every attempt, sign-out and
+get the same answer in the same time (a dummy hash is checked for unknown names). With
+``WEB_PASSWORD_LOGIN=false`` the form is not shown and every POST refused (single sign-on only).
+The session id is new at every sign-in (any session the browser had is ended). Every attempt, sign-out and
 lockout is one audit row and line.
 """
 
@@ -28,6 +29,7 @@ from prod.logging_setup import get_logger
 log = get_logger("console")
 
 WRONG = "Wrong username or password."
+PASSWORD_OFF = "Password sign-in is off: use single sign-on."  # noqa: S105 (a message)
 THROTTLED = "Too many failed sign-ins. Try again later, or ask an admin to lift the lockout."
 # Each check holds 64 MiB for Argon2id: at most this many at once, whatever comes in.
 _CHECKS = threading.BoundedSemaphore(2)
@@ -36,21 +38,26 @@ SIGN_IN_COOKIE_SECONDS = 3600
 _NAME_IN_AUDIT = 100
 
 
-def _local_path(target: str | None) -> str:
+def local_path(target: str | None) -> str:
     """Where to go after signing in: a path of the console only, never another site."""
     if target and target.startswith("/") and not target.startswith(("//", "/\\")):
         return target
     return "/"
 
 
-def _form(call: Call, status_code: int = 200, error: str | None = None) -> Response:
+def sign_in_form(call: Call, status_code: int = 200, error: str | None = None) -> Response:
+    """The sign-in page: the password form (unless WEB_PASSWORD_LOGIN=false), the single sign-on
+    link (with WEB_OIDC_ISSUER), and ``error`` if any."""
     token = secrets.token_urlsafe(32)
+    settings = call.context.settings
     response = call.render(
         "sign_in.html",
         status_code=status_code,
         error=error,
         sign_in_token=token,
-        next_path=_local_path(call.request.query_params.get("next") or call.form.get("next")),
+        next_path=local_path(call.request.query_params.get("next") or call.form.get("next")),
+        password_login=settings.web_password_login,
+        single_sign_on=bool(settings.web_oidc_issuer),
     )
     response.set_cookie(
         call.context.sign_in_cookie,
@@ -64,49 +71,63 @@ def _form(call: Call, status_code: int = 200, error: str | None = None) -> Respo
 
 
 def sign_in_page(call: Call) -> Response:
-    return _form(call)
+    return sign_in_form(call)
 
 
-def _audit(call: Call, name: str, action: str, **after: Any) -> None:
+def audit_attempt(call: Call, name: str, action: str, **after: Any) -> None:
     actor = Actor(name=name[:_NAME_IN_AUDIT] or "-", role="-", source=call.source)
     record(call.context.engine, actor, action, name[:_NAME_IN_AUDIT] or None, after=after or None)
 
 
 def sign_in(call: Call) -> Response:
     context = call.context
+    if not context.settings.web_password_login:
+        audit_attempt(
+            call, call.form.get("username", "").strip(), "sign_in.failure", reason="password sign-in is off"
+        )
+        return sign_in_form(call, 403, PASSWORD_OFF)
     # Login CSRF: the form's token must be the one this browser got with the form.
     expected = call.request.cookies.get(context.sign_in_cookie, "")
     given = call.form.get("sign_in_token", "")
     if not expected or not hmac.compare_digest(expected.encode(), given.encode()):
-        return _form(call, 403, "The sign-in form expired. Please try again.")
+        return sign_in_form(call, 403, "The sign-in form expired. Please try again.")
     name = call.form.get("username", "").strip()
     password = call.form.get("password", "")
     now = context.clock()
     with reading(context.engine) as conn:
         refused = sign_in_throttle.refused(conn, name, call.source, now, context.throttle)
     if refused:
-        _audit(call, name, "sign_in.failure", reason="throttled")
-        response = _form(call, 429, THROTTLED)
+        audit_attempt(call, name, "sign_in.failure", reason="throttled")
+        response = sign_in_form(call, 429, THROTTLED)
         response.headers["Retry-After"] = str(int(context.throttle.window.total_seconds()))
         return response
     with _CHECKS:
         user = verify_sign_in(context.engine, name, password)
     if user is None:
         locked = sign_in_throttle.record_failure(context.engine, name, call.source, now, context.throttle)
-        _audit(call, name, "sign_in.failure", reason="wrong username or password")
+        audit_attempt(call, name, "sign_in.failure", reason="wrong username or password")
         if locked:
-            _audit(call, name, "sign_in.lockout")
-        return _form(call, 401, WRONG)
+            audit_attempt(call, name, "sign_in.lockout")
+        return sign_in_form(call, 401, WRONG)
     sign_in_throttle.record_success(context.engine, name)
+    response = RedirectResponse(
+        context.settings.web_base_url + local_path(call.form.get("next")), status_code=303
+    )
+    open_session(call, user.name, response)
+    response.delete_cookie(context.sign_in_cookie, secure=context.secure_cookies, samesite="strict")
+    return response
+
+
+def open_session(call: Call, user_name: str, response: Response, **audited: Any) -> None:
+    """Sign ``user_name`` in: a new session (any the browser had is ended), its cookie on
+    ``response``, and the audit row ``sign_in.success`` (with ``audited`` as its after)."""
+    context = call.context
     old = call.request.cookies.get(context.session_cookie)
     if old:
         end_session(context.engine, old)
-    session_id, session = start_session(context.engine, user.name, call.source, now)
-    actor = Actor(name=user.name, role=session.role.value, source=call.source)
-    record(context.engine, actor, "sign_in.success", user.name)
-    response = RedirectResponse(
-        context.settings.web_base_url + _local_path(call.form.get("next")), status_code=303
-    )
+    session_id, session = start_session(context.engine, user_name, call.source, context.clock())
+    actor = Actor(name=user_name, role=session.role.value, source=call.source)
+    record(context.engine, actor, "sign_in.success", user_name, after=audited or None)
     response.set_cookie(
         context.session_cookie,
         session_id,
@@ -115,8 +136,6 @@ def sign_in(call: Call) -> Response:
         samesite="strict",
         secure=context.secure_cookies,
     )
-    response.delete_cookie(context.sign_in_cookie, secure=context.secure_cookies, samesite="strict")
-    return response
 
 
 def sign_out(call: Call) -> Response:
