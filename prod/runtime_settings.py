@@ -19,7 +19,13 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from emailops.accounts.config import AccountConfig, Deployment, Endpoint, OAuth2Options
-from emailops.accounts.fields import AccountDefaults, endpoint_url_problem, implicit_tls, oauth2_problem
+from emailops.accounts.fields import (
+    LOOPBACK_HOSTS,
+    AccountDefaults,
+    endpoint_url_problem,
+    implicit_tls,
+    oauth2_problem,
+)
 from emailops.auth.crypto import check_key
 from emailops.auth.providers import PROVIDERS
 from emailops.config import (
@@ -259,7 +265,7 @@ class RuntimeSettings(BaseSettings):
     @classmethod
     def _web_oidc_issuer(cls, value: str) -> str:
         value = value.strip().rstrip("/")
-        if value and urlsplit(value).scheme != "https" and urlsplit(value).hostname not in _LOOPBACK_HOSTS:
+        if value and urlsplit(value).scheme != "https" and urlsplit(value).hostname not in LOOPBACK_HOSTS:
             raise ValueError("must be the provider's https:// address, e.g. https://accounts.google.com")
         return value
 

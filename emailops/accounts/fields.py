@@ -53,7 +53,7 @@ KEYS = frozenset(
         "oauth2_scopes",
     }
 )
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Tenants that name no organisation: app-only access needs the organisation's own tenant.
 _MULTI_TENANTS = ("", "common", "organizations", "consumers")
 
@@ -81,7 +81,7 @@ def implicit_tls(port: int, implicit_port: int) -> TlsSecurity:
 
 def endpoint_url_problem(value: str) -> str | None:
     parts = urlsplit(value)
-    if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS):
+    if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
         return "must be an https:// URL (http:// only on loopback)"
     return None
 

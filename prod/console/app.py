@@ -19,8 +19,8 @@ from prod.console.metrics import HttpMetrics
 from prod.console.pages import (
     audit,
     drafts,
-    oidc_sign_in,
     messages,
+    oidc_sign_in,
     outbox,
     overview,
     quarantine,
