@@ -205,4 +205,10 @@ def test_the_daemon_serves_every_enabled_account_of_the_index(
     wait_for(lambda: not any(bob_leases()), 60, "bob's folder leases released")
     server.deliver("alice@example.test", message(41, subject="hello"))
     wait_for(lambda: len(replies_from("alice@example.test")) == 3, 30, "alice still served")
+
+    # Enabled again, it is served again: what arrived meanwhile is indexed.
+    server.deliver("bob@example.test", message(51, subject="note", body="bobotter"))
+    assert found("bob", "bobotter") == 0
+    assert emailops(env, "accounts", "enable", "bob").returncode == 0
+    wait_for(lambda: found("bob", "bobotter") == 1, 60, "bob's mail indexed again")
     assert process.poll() is None
