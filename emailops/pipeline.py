@@ -81,21 +81,16 @@ class MailPipeline:
         self.smtp = smtp
         self.monotonic = monotonic
         self.step_seconds = step_seconds
+        self.dead_runs = dead_runs
+        self.workers = workers
+        self.sign_ins = sign_ins or SignInLimits()
+        self.clock = clock
         self.accounts = [
-            AccountWatch(
-                engine,
-                account_server,
-                account_config,
-                owner=owner,
-                dead_runs=dead_runs,
-                workers=workers,
-                sign_ins=sign_ins or SignInLimits(),
-                clock=clock,
-                # The account's state, shared by all its watchers (None: each on its own).
-                gate=None if gate is None else gate.for_account(account_config.account),
-            )
+            self._watch(account_server, account_config, gate)
             for account_server, account_config in ((server, config), *accounts)
         ]
+        # The stages and SMTP sender given with add_account, closed by remove_account.
+        self.account_parts: dict[str, tuple[list[AfterIndexStage], SmtpSender | None]] = {}
         self.next_lease_check = 0.0
         self.next_fetch_request_check = 0.0
         self.stages_busy = False
@@ -103,10 +98,53 @@ class MailPipeline:
         self.catch_up_turn = 0
         self.log = log.bind(owner=owner)
 
+    def _watch(self, server: ServerConfig, config: SyncConfig, gate: AccountGate | None) -> AccountWatch:
+        return AccountWatch(
+            self.engine,
+            server,
+            config,
+            owner=self.owner,
+            dead_runs=self.dead_runs,
+            workers=self.workers,
+            sign_ins=self.sign_ins,
+            clock=self.clock,
+            # The account's state, shared by all its watchers (None: each on its own).
+            gate=None if gate is None else gate.for_account(config.account),
+        )
+
+    def add_account(
+        self,
+        server: ServerConfig,
+        config: SyncConfig,
+        *,
+        gate: AccountGate | None = None,
+        stages: Sequence[AfterIndexStage] = (),
+        smtp: SmtpSender | None = None,
+    ) -> None:
+        """Watch one more account's folders (from the next lease check), and run its stages."""
+        self.accounts.append(self._watch(server, config, gate))
+        self.account_parts[config.account] = (list(stages), smtp)
+        self.stages.extend(stages)
+        self.smtp = self.smtp or smtp
+        self.next_lease_check = 0.0
+
+    def remove_account(self, account: str) -> None:
+        """Stop watching an account: its watchers are closed and its folder leases released; the
+        stages and sender given with ``add_account`` are closed."""
+        for watch in [watch for watch in self.accounts if watch.config.account == account]:
+            self.accounts.remove(watch)
+            watch.close()
+        stages, smtp = self.account_parts.pop(account, ([], None))
+        for stage in stages:
+            self.stages.remove(stage)
+            stage.close()
+        if smtp is not None and smtp is self.smtp:
+            self.smtp = next((sender for _, sender in self.account_parts.values() if sender), None)
+
     @property
     def watchers(self) -> dict[str, FolderWatcher]:
         """The watched folders of the first account (the only one of a one-account worker)."""
-        return self.accounts[0].watchers
+        return self.accounts[0].watchers if self.accounts else {}
 
     def run_once(self) -> None:
         if self.monotonic() >= self.next_lease_check:
@@ -125,7 +163,8 @@ class MailPipeline:
             time.sleep(wait)
         for account in self.accounts:
             account.release_closed()
-        self.stages_busy = any([stage.run_once() for stage in self.stages])
+        # A copy: a stage may add or remove accounts (and their stages).
+        self.stages_busy = any([stage.run_once() for stage in list(self.stages)])
 
     def _step_watchers(self) -> None:
         """Every folder looks for new mail (and syncs it); then one folder that is catching up

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         settings = RuntimeSettings.from_env()
-        # The daemon serves the default account (EMAIL_*), one per deployment for now.
-        settings.default_account()
+        if not settings.has_default_account:
+            _check_index_accounts(settings)
     except ConfigError as exc:
         return _config_error(str(exc))
     problem = settings.llm_rules_problem()
@@ -109,6 +109,27 @@ def main(argv: list[str] | None = None) -> int:
             metrics.close()
         flush_error_tracking()
         pipeline.close()
+
+
+def _check_index_accounts(settings: RuntimeSettings) -> None:
+    """Without EMAIL_*, the daemon serves the index's accounts: at least one must be enabled (and
+    readable, with SECRETS_KEY). The index is migrated first, as a worker does."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from emailops.store.database import create_index_engine
+    from emailops.store.migrations import migrate
+    from prod.mail_worker import no_account_error, served_accounts
+
+    engine = create_index_engine(settings.index_db_url)
+    try:
+        migrate(engine)
+        accounts = served_accounts(settings, engine)
+    except SQLAlchemyError as exc:
+        raise ConfigError(f"invalid configuration: INDEX_DB_URL: cannot read its accounts ({exc})") from None
+    finally:
+        engine.dispose()
+    if not accounts:
+        raise no_account_error()
 
 
 def _console_socket(settings: RuntimeSettings, log: Any) -> socket.socket | None:
