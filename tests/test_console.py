@@ -430,3 +430,37 @@ def test_request_metrics_count_by_route_template_method_and_status(console: Cons
     assert count("/users", "GET", "303") == 1
     assert count("unmatched", "other", "405") == 1  # refused by the router, before any route
     assert registry.get_sample_value("emailops_http_request_duration_seconds_count", {"route": "/users"}) == 2
+
+
+def test_without_email_settings_the_pages_show_the_first_account_of_the_index(
+    tmp_path: Path, db_url: str, engine: Engine
+) -> None:
+    """A deployment whose accounts all live in the index (no EMAIL_*): every page answers, on the
+    index's first enabled account."""
+    from emailops.accounts.fields import AccountDefaults, accounts_from_file
+    from emailops.accounts.store import import_accounts
+    from emailops.auth.crypto import SecretCipher, new_key
+
+    key = new_key()
+    mailbox = {"name": "help", "username": "bob@example.test", "password": "pw-Qx81"}
+    mailbox |= {"imap_host": "127.0.0.1", "imap_port": 1143, "smtp_host": "127.0.0.1", "smtp_port": 1025}
+    configs = accounts_from_file({"accounts": [mailbox]}, AccountDefaults(), {})
+    import_accounts(engine, configs, SecretCipher([key]), actor=CLI)
+    add_unknown_reply_and_quarantined_message(engine)  # rows of bob@example.test@127.0.0.1
+    settings = console_settings(
+        tmp_path,
+        db_url,
+        email_imap_host="",
+        email_imap_port=None,
+        email_smtp_host="",
+        email_smtp_port=None,
+        email_username="",
+        email_password="",
+        secrets_key=key,
+    )
+    assert not settings.has_default_account
+    admin, _ = Console(settings, engine, MovingClock()).session("ann")
+    for path in ("/", "/messages", "/outbox", "/quarantine", "/drafts", "/rules", "/settings"):
+        assert admin.get(path).status_code == 200, path
+    replies = admin.get("/api/v1/outbox").json()
+    assert [reply["state"] for reply in replies["replies"]] == ["unknown"]

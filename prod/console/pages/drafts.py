@@ -14,6 +14,7 @@ from emailops.llm.jobs import JobState, LlmJob
 from emailops.store.database import reading
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
+from prod.console.mailbox import shown_account_key
 from prod.console.pages.actor import actor_of
 
 PAGE_SIZE = 200
@@ -24,15 +25,11 @@ OFFERED: dict[JobState, tuple[Literal["retry", "cancel"], ...]] = {
 }
 
 
-def _account(call: Call) -> str:
-    return call.context.settings.sync_config().account
-
-
 def _drafts(call: Call) -> list[dict[str, object]]:
     wanted = call.request.query_params.get("state")
     states = (wanted,) if wanted in {s.value for s in JobState} else None
     with reading(call.context.engine) as conn:
-        found = jobs.list_jobs(conn, account=_account(call), states=states, limit=PAGE_SIZE)
+        found = jobs.list_jobs(conn, account=shown_account_key(call), states=states, limit=PAGE_SIZE)
     return [_draft(call, job) for job in found]
 
 
@@ -71,7 +68,9 @@ def drafts_api(call: Call) -> Response:
 
 def _change(call: Call, change: Literal["retry", "cancel"]) -> tuple[int, str, int]:
     job_id = int(call.request.path_params["id"])
-    (done,) = change_jobs(call.context.engine, [job_id], change, account=_account(call), actor=actor_of(call))
+    (done,) = change_jobs(
+        call.context.engine, [job_id], change, account=shown_account_key(call), actor=actor_of(call)
+    )
     if not done.done:
         return job_id, f"Model job {job_id} not changed: {done.refusal}.", 409 if done.before else 404
     return job_id, f"Model job {job_id}: {change} done, now {done.after and done.after['state']}.", 200

@@ -27,15 +27,12 @@ from emailops.store.messages import StoredMessage, load_message
 from emailops.story import MessageStory, message_story
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
+from prod.console.mailbox import shown_account, shown_account_key
 from prod.console.pages.actor import actor_of
 from prod.console.pages.raw_mail import fetch_raw
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-
-
-def _account(call: Call) -> str:
-    return call.context.settings.sync_config().account
 
 
 # --- Search ---------------------------------------------------------------------------------
@@ -72,7 +69,7 @@ def _search(call: Call) -> tuple[dict[str, Any], str | None]:
         asked["limit"] = _number(call, "limit", PAGE_SIZE, MAX_PAGE_SIZE) or PAGE_SIZE
         asked["offset"] = _number(call, "offset", 0, 10**9)
         # No query: every message of the account, newest first.
-        node: Node = parse(q) if q else Account(_account(call))
+        node: Node = parse(q) if q else Account(shown_account_key(call))
     except QueryError as error:
         message = str(error) if error.position else str(error).split(": ", 1)[1]
         return asked, message
@@ -82,10 +79,10 @@ def _search(call: Call) -> tuple[dict[str, Any], str | None]:
         limit=asked["limit"] + 1,  # one more: is there a next page?
         offset=asked["offset"],
         timezone=ZoneInfo(settings.search_timezone),
-        account_names=frozenset({settings.email_username, _account(call)}),
+        account_names=_account_names(call),
     )
     with reading(call.context.engine) as conn:
-        hits = search(conn, _account(call), node, options)
+        hits = search(conn, shown_account_key(call), node, options)
     asked["more"] = len(hits) > asked["limit"]
     asked["hits"] = hits[: asked["limit"]]
     return asked, None
@@ -144,7 +141,7 @@ def _stored(call: Call) -> tuple[StoredMessage, MessageStory, str | None] | Resp
     pk = int(call.request.path_params["id"])
     rules, rules_problem = _rules(call)
     with reading(call.context.engine) as conn:
-        story = message_story(conn, pk, account=_account(call), rules=rules)
+        story = message_story(conn, pk, account=shown_account_key(call), rules=rules)
         stored = load_message(conn, pk) if story is not None else None
     if story is None or stored is None:
         return Response(f"no indexed message {pk}", 404, media_type="text/plain")
@@ -266,7 +263,7 @@ def attachment_download(call: Call) -> Response:
 
 def _rerun(call: Call) -> tuple[int, str, int]:
     pk = int(call.request.path_params["id"])
-    change = rerun_rules(call.context.engine, pk, account=_account(call), actor=actor_of(call))
+    change = rerun_rules(call.context.engine, pk, account=shown_account_key(call), actor=actor_of(call))
     if not change.done:
         return pk, f"Rules of message {pk} not run again: {change.refusal}.", 409 if change.before else 404
     return pk, f"Rules of message {pk}: pending, they run again shortly.", 200
@@ -296,3 +293,9 @@ ROUTES = [
     ConsoleRoute(f"{_ONE}/rerun-rules", rerun_form, Action.RERUN_RULES, methods=("POST",)),
     ConsoleRoute(f"/api/v1{_ONE}/rerun-rules", rerun_api, Action.RERUN_RULES, methods=("POST",)),
 ]
+
+
+def _account_names(call: Call) -> frozenset[str]:
+    """What ``account:`` may name: the shown account's name or its key."""
+    account = shown_account(call)
+    return frozenset() if account is None else frozenset({account.name, account.index_key})

@@ -13,6 +13,7 @@ from emailops.replies.outbox import OutboxRow, OutboxState
 from emailops.store.database import reading
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
+from prod.console.mailbox import shown_account_key
 from prod.console.pages.actor import actor_of
 
 PAGE_SIZE = 200
@@ -24,15 +25,11 @@ OFFERED = {
 }
 
 
-def _account(call: Call) -> str:
-    return call.context.settings.sync_config().account
-
-
 def _replies(call: Call) -> list[dict[str, object]]:
     wanted = call.request.query_params.get("state")
     states = (wanted,) if wanted in {s.value for s in OutboxState} else None
     with reading(call.context.engine) as conn:
-        found = outbox.list_replies(conn, states=states, account=_account(call), limit=PAGE_SIZE)
+        found = outbox.list_replies(conn, states=states, account=shown_account_key(call), limit=PAGE_SIZE)
     return [_reply(call, row) for row in found]
 
 
@@ -80,7 +77,7 @@ def _resolve(call: Call) -> tuple[int, str, int]:
         call.context.engine,
         [reply_id],
         resolution,
-        account=_account(call),
+        account=shown_account_key(call),
         actor=actor_of(call),
         now=datetime.now(UTC),
     )

@@ -18,6 +18,7 @@ from emailops.store.database import reading
 from emailops.users.permissions import Action
 from emailops.users.sessions import session_alive
 from prod.console.calls import Call, ConsoleRoute
+from prod.console.mailbox import shown_account_key
 from prod.console.pages.actor import actor_of
 from prod.console.watching import watched_folders
 
@@ -149,7 +150,7 @@ def accounts_api(call: Call) -> Response:
 
 def _fetch(call: Call) -> tuple[str, int]:
     folder = call.form.get("folder", "")
-    account = call.context.settings.sync_config().account
+    account = shown_account_key(call)
     if not request_fetch(call.context.engine, folder, account=account, actor=actor_of(call)):
         return f"No folder {folder!r} of {account} in the index.", 404
     return f"Fetch of {folder} asked: its worker syncs it within seconds.", 200

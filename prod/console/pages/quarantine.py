@@ -15,16 +15,13 @@ from emailops.store.database import reading
 from emailops.store.quarantine import QuarantinedMessage
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
+from prod.console.mailbox import shown_account_key
 from prod.console.pages.actor import actor_of
 from prod.console.pages.raw_mail import fetch_raw
 
 
-def _account(call: Call) -> str:
-    return call.context.settings.sync_config().account
-
-
 def _entries(call: Call) -> list[dict[str, object]]:
-    account = _account(call)
+    account = shown_account_key(call)
     with reading(call.context.engine) as conn:
         found = [(Stage.INDEX, e) for e in index_work.list_quarantined(conn, account)]
         found += [(Stage.RULES, e) for e in rules_work.list_quarantined(conn, account)]
@@ -68,7 +65,7 @@ def raw_download(call: Call) -> Response:
     except ValueError:
         return Response("the stage is index or rules", 404, media_type="text/plain")
     with reading(call.context.engine) as conn:
-        entry = find_quarantined(conn, stage, row_id, _account(call))
+        entry = find_quarantined(conn, stage, row_id, shown_account_key(call))
     if entry is None:
         return Response(f"no quarantined message {stage}-{row_id}", 404, media_type="text/plain")
     raw = fetch_raw(call, entry.folder, entry.uidvalidity, entry.uid)
@@ -94,7 +91,7 @@ def _act(call: Call, verb: str, act: Callable[[Stage, int], Change]) -> tuple[st
 def _retry(call: Call) -> tuple[str, str, int]:
     def act(stage: Stage, row_id: int) -> Change:
         (change,) = retry_quarantined(
-            call.context.engine, stage, [row_id], account=_account(call), actor=actor_of(call)
+            call.context.engine, stage, [row_id], account=shown_account_key(call), actor=actor_of(call)
         )
         return change
 
@@ -106,7 +103,7 @@ def _release(call: Call) -> tuple[str, str, int]:
         if stage is not Stage.RULES:
             return Change(row_id, False, None, None, "only a message set aside by its rules is released")
         (change,) = release_quarantined(
-            call.context.engine, [row_id], account=_account(call), actor=actor_of(call)
+            call.context.engine, [row_id], account=shown_account_key(call), actor=actor_of(call)
         )
         return change
 

@@ -13,11 +13,15 @@ def fetch_raw(call: Call, folder: str, uidvalidity: int, uid: int) -> bytes | Re
     from the server, 502 when the server failed."""
     from emailops.imap.connection import connect, logout_quietly
     from emailops.imap.errors import CONNECTION_ERRORS, ImapError
-    from prod.oauth2_tokens import token_source
+    from prod.cli_common import CommandError
+    from prod.console.mailbox import shown_account_imap
 
-    settings = call.context.settings
     try:
-        client = connect(settings.imap_config(token_source(settings, call.context.engine)))
+        server = shown_account_imap(call)
+    except CommandError as exc:
+        return Response(f"the mail account cannot be reached: {exc}", 503, media_type="text/plain")
+    try:
+        client = connect(server)
         try:
             raw = download_raw(client, folder, uidvalidity, uid)
         finally:

@@ -30,11 +30,8 @@ from emailops.store.database import reading
 from emailops.users.permissions import Action
 from prod.cli_llm import outcome_json
 from prod.console.calls import Call, ConsoleRoute
+from prod.console.mailbox import shown_account_key
 from prod.console.pages.actor import actor_of
-
-
-def _account(call: Call) -> str:
-    return call.context.settings.sync_config().account
 
 
 def _running(call: Call) -> tuple[RuleSet, str | None]:
@@ -52,7 +49,7 @@ def _rules(call: Call) -> tuple[list[dict[str, object]], str | None]:
     ruleset, error = _running(call)
     names = [rule.name for rule in ruleset.rules]
     with reading(call.context.engine) as conn:
-        stats = rules_stats(conn, _account(call), names, now=call.context.clock())
+        stats = rules_stats(conn, shown_account_key(call), names, now=call.context.clock())
     found: list[dict[str, object]] = [
         {
             "id": rule.name,
@@ -192,7 +189,7 @@ def _trial(call: Call) -> tuple[int, list[dict[str, Any]] | str]:
             return 422, error
     config = settings.reply_config()
     trial: dict[str, Any] = {
-        "account": _account(call),
+        "account": shown_account_key(call),
         "rules": ruleset,
         "config": config,
         "client": ChatClient.for_config(config.llm) if config.llm else None,
@@ -210,7 +207,7 @@ def _trial(call: Call) -> tuple[int, list[dict[str, Any]] | str]:
         ]
     outcomes = try_rules_on_indexed(call.context.engine, message_pk, **trial)
     if outcomes is None:
-        return 404, f"no indexed message {message_pk} of {_account(call)}"
+        return 404, f"no indexed message {message_pk} of {shown_account_key(call)}"
     return 200, [outcome_json(outcome) for outcome in outcomes]
 
 
