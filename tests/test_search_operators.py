@@ -310,6 +310,29 @@ def test_flag_counts_read_the_partial_index(engine: Engine, flag: str, found: in
     assert f"ix_messages_{flag}" in plan, plan
 
 
+def test_counts_of_text_with_filters_read_the_matches_by_the_full_text_index(engine: Engine) -> None:
+    """On PostgreSQL a count of text beside other terms runs with sequential scans off: the
+    planner scanned every tsvector out of TOAST for folder:Archive linux (bench/README.md)."""
+    executed: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        executed.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with reading(engine) as conn:
+            assert count(conn, ACCOUNT, "invoice folder:INBOX", SearchOptions(now=NOW)) == 2
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    counted = next(
+        i for i, sql in enumerate(executed) if sql.startswith("SELECT count(*) AS count_1 \nFROM messages")
+    )
+    settings = [sql for sql in executed[:counted] if "enable_seqscan" in sql]
+    assert len(settings) == (0 if engine.dialect.name == "sqlite" else 2), (
+        executed
+    )  # the probe's, the count's
+
+
 def _late_and_early_zebras(pg_url: str) -> Engine:
     """A PostgreSQL index of two messages: zebra once in a subject (uid 1), 50 times past the
     first ``RANKED_TERMS`` terms (uid 2)."""
