@@ -4,10 +4,11 @@ indexed through the real path; the results views (sort, count, threads, snippets
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, event, update
 
 from emailops.mime.parse import parse_message
 from emailops.search.service import (
@@ -23,6 +24,8 @@ from emailops.store import folders as folder_store
 from emailops.store import messages as message_store
 from emailops.store.content import message_content
 from emailops.store.database import reading
+from emailops.store.fulltext import RANKED_TERMS
+from emailops.store.migrations import migrate
 from emailops.store.schema import messages, outbox
 from tests.index_helpers import index_engine
 
@@ -282,6 +285,98 @@ def test_sort_limit_offset_count(engine: Engine) -> None:
         assert {h.uid for h in ranked} == {1, 2}
         assert count(conn, ACCOUNT, "is:read OR is:unread", options) == 4
         assert count(conn, ACCOUNT, "zebra", options) == 0
+
+
+@pytest.mark.parametrize(("flag", "found"), [("unread", 2), ("flagged", 1)])
+def test_flag_counts_read_the_partial_index(engine: Engine, flag: str, found: int) -> None:
+    """``--count is:unread`` and ``is:flagged`` read the partial index of such messages (the
+    flag test in the statement equals the index's predicate), not every message's entry."""
+    executed: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        executed.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with reading(engine) as conn:
+            assert count(conn, ACCOUNT, f"is:{flag}", SearchOptions(now=NOW)) == found
+            statement, parameters = executed[-1]
+            explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET enable_seqscan = off")  # five rows: a scan is cheaper
+            plan = " ".join(str(row) for row in conn.exec_driver_sql(explain + statement, parameters))
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert f"ix_messages_{flag}" in plan, plan
+
+
+def test_counts_of_text_with_filters_read_the_matches_by_the_full_text_index(engine: Engine) -> None:
+    """On PostgreSQL a count of text beside other terms runs with sequential scans off: the
+    planner scanned every tsvector out of TOAST for folder:Archive linux (bench/README.md)."""
+    executed: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        executed.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with reading(engine) as conn:
+            assert count(conn, ACCOUNT, "invoice folder:INBOX", SearchOptions(now=NOW)) == 2
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    counted = next(
+        i for i, sql in enumerate(executed) if sql.startswith("SELECT count(*) AS count_1 \nFROM messages")
+    )
+    settings = [sql for sql in executed[:counted] if "enable_seqscan" in sql]
+    assert len(settings) == (0 if engine.dialect.name == "sqlite" else 2), (
+        executed
+    )  # the probe's, the count's
+
+
+def _late_and_early_zebras(pg_url: str) -> Engine:
+    """A PostgreSQL index of two messages: zebra once in a subject (uid 1), 50 times past the
+    first ``RANKED_TERMS`` terms (uid 2)."""
+    engine = index_engine(pg_url)
+    late = "filler " * RANKED_TERMS + "zebra " * 50
+    with engine.begin() as conn:
+        inbox = folder_store.ensure_folder(conn, ACCOUNT, "INBOX")
+        raws = [
+            _raw(["From: a@example.com", "Subject: zebra sightings"], "Nothing else."),
+            _raw(["From: b@example.com", "Subject: notes"], late),
+        ]
+        items = [
+            message_store.FetchedMessage(uid, (), INTERNAL, None, message_content(parse_message(raw)))
+            for uid, raw in enumerate(raws, start=1)
+        ]
+        message_store.insert_messages(conn, inbox.id, 9, items, baseline_uidnext=None, now=NOW)
+    return engine
+
+
+def _relevance_uids(engine: Engine, query: str) -> list[int]:
+    with reading(engine) as conn:
+        return [hit.uid for hit in search(conn, ACCOUNT, query, SearchOptions(sort=Sort.RELEVANCE, now=NOW))]
+
+
+@pytest.mark.postgres
+def test_postgresql_ranks_by_the_first_terms(pg_url: str) -> None:
+    """Relevance on PostgreSQL scores a message's first terms (subject, addresses, start of the
+    body): a word said once in a subject outranks the same word said 50 times past them; both
+    are found."""
+    engine = _late_and_early_zebras(pg_url)
+    assert _relevance_uids(engine, "zebra") == [1, 2]
+
+
+@pytest.mark.postgres
+def test_migration_23_computes_the_ranking_terms_of_stored_messages(pg_url: str) -> None:
+    engine = _late_and_early_zebras(pg_url)
+    with engine.begin() as conn:  # back to schema version 19
+        conn.exec_driver_sql("DELETE FROM schema_migrations WHERE version >= 23")
+        conn.exec_driver_sql("ALTER TABLE search_terms DROP COLUMN rank_vector")
+    assert [m.version for m in migrate(engine)] == [23]
+    assert _relevance_uids(engine, "zebra") == [1, 2]
+    with reading(engine) as conn:
+        sizes = conn.exec_driver_sql("SELECT length(rank_vector) FROM search_terms").scalars().all()
+    assert len(sizes) == 2 and all(size > 0 for size in sizes)
 
 
 def test_threads_view(engine: Engine) -> None:

@@ -3,10 +3,10 @@
 The batch travels as one array per column (``unnest``), in binary, and a single statement with
 data-modifying CTEs inserts the rows not indexed yet (ON CONFLICT DO NOTHING on (folder,
 UIDVALIDITY, UID)), then the search terms and the attachments of exactly those rows, and returns
-their keys: one round trip for the whole batch, with the full-text vector computed by the
-statement itself. Written as SQLAlchemy's multi-row VALUES for the rows and one INSERT per message
-for the vectors, the same batch cost this process five times the CPU (bench/README.md,
-"PostgreSQL against SQLite").
+their keys: one round trip for the whole batch, with the full-text vector (and the ranking vector
+of the first terms) computed by the statement itself. Written as SQLAlchemy's multi-row VALUES for
+the rows and one INSERT per message for the vectors, the same batch cost this process five times
+the CPU (bench/README.md, "PostgreSQL against SQLite").
 
 Another writer inserting the same UIDs meanwhile makes this statement wait for it and then skip
 them: RETURNING tells which rows this one inserted, and only those get terms and attachments.
@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Column, Connection
 
 from emailops.store.content import MessageContent
-from emailops.store.fulltext import VECTOR_OF_TERMS
+from emailops.store.fulltext import VECTOR_OF_TERMS, ranked_terms
 from emailops.store.schema import messages
 
 
@@ -30,7 +30,8 @@ from emailops.store.schema import messages
 def _statement(columns: tuple[str, ...], pg_types: tuple[str, ...]) -> str:
     listed = ", ".join(f'"{name}"' for name in columns)
     arrays = ", ".join(f"%(c_{name})b::{pg_type}[]" for name, pg_type in zip(columns, pg_types, strict=True))
-    batch = f"unnest({arrays}, %(terms)b::text[]) WITH ORDINALITY AS b({listed}, terms, n)"
+    texts = "%(terms)b::text[], %(ranked)b::text[]"
+    batch = f"unnest({arrays}, {texts}) WITH ORDINALITY AS b({listed}, terms, ranked, n)"
     files = (
         "unnest(%(f_uid)b::bigint[], %(f_filename)b::text[], %(f_content_type)b::text[], "
         "%(f_size)b::bigint[]) WITH ORDINALITY AS f(uid, filename, content_type, size, n)"
@@ -40,8 +41,9 @@ def _statement(columns: tuple[str, ...], pg_types: tuple[str, ...]) -> str:
         f"WITH batch AS (SELECT * FROM {batch}), "  # noqa: S608  # nosec B608
         f"new AS (INSERT INTO messages ({listed}) SELECT {listed} FROM batch ORDER BY n "
         "ON CONFLICT (folder_id, uidvalidity, uid) DO NOTHING RETURNING id, uid), "
-        "vectors AS (INSERT INTO search_terms (message_pk, vector) "
-        f"SELECT new.id, {VECTOR_OF_TERMS.format('batch.terms')} FROM new JOIN batch USING (uid)), "
+        "vectors AS (INSERT INTO search_terms (message_pk, vector, rank_vector) "
+        f"SELECT new.id, {VECTOR_OF_TERMS.format('batch.terms')}, {VECTOR_OF_TERMS.format('batch.ranked')} "
+        "FROM new JOIN batch USING (uid)), "
         "files AS (INSERT INTO attachments (message_pk, filename, content_type, size) "
         f"SELECT new.id, f.filename, f.content_type, f.size FROM new JOIN {files} USING (uid) ORDER BY f.n) "
         "SELECT id, uid FROM new"
@@ -74,6 +76,7 @@ def store_batch(
         params[f"c_{column.name}"] = [convert(row[column.name]) for row in rows]
     uids = [int(row["uid"]) for row in rows]  # type: ignore[call-overload]
     params["terms"] = [by_uid[uid].search_terms for uid in uids]
+    params["ranked"] = [ranked_terms(terms) for terms in params["terms"]]
     files = [(uid, *attachment) for uid in uids for attachment in by_uid[uid].attachments]
     for index, name in enumerate(("f_uid", "f_filename", "f_content_type", "f_size")):
         params[name] = [file[index] for file in files]

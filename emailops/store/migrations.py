@@ -315,6 +315,35 @@ def _lz4_compression(conn: Connection) -> None:
         pass
 
 
+def _flag_test(dialect: str, flag: str) -> str:
+    """The flag test of the search's backends (``has_flag``), as their SQL text renders it: a
+    partial index serves only a query repeating its predicate."""
+    if dialect == "sqlite":
+        patterns = (flag, f"{flag} %", f"% {flag}", f"% {flag} %")
+        return "(" + " OR ".join(f"flags LIKE '{pattern}'" for pattern in patterns) + ")"
+    return f"(strpos((' ' || lower(flags)) || ' ', ' {flag} ') > 0)"
+
+
+def _search_ranking(conn: Connection) -> None:
+    """Counts of unread and of flagged messages read a partial index of those alone (covering, so
+    no row is read); PostgreSQL ranks by a message's first terms (``search_terms.rank_vector``),
+    recomputed for every stored message (SQLite's bm25 reads FTS5's own statistics)."""
+    dialect = conn.dialect.name
+    for name, predicate in (
+        ("ix_messages_unread", "NOT " + _flag_test(dialect, "\\seen")),
+        ("ix_messages_flagged", _flag_test(dialect, "\\flagged")),
+    ):
+        conn.exec_driver_sql(
+            f"CREATE INDEX IF NOT EXISTS {name} ON messages (folder_id, flags, expunged_at) "
+            f"WHERE expunged_at IS NULL AND {predicate}"
+        )
+    if dialect == "sqlite":
+        return
+    conn.exec_driver_sql("ALTER TABLE search_terms ADD COLUMN IF NOT EXISTS rank_vector tsvector")
+    fulltext.rebuild(conn)
+    conn.exec_driver_sql("ALTER TABLE search_terms ALTER COLUMN rank_vector SET NOT NULL")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -348,6 +377,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(21, "console_sessions and sign_in_failures of the operator console", _console_sessions),
     Migration(22, "imap_connection_slots and imap_login_pacing: fairness between mailboxes", _imap_fairness),
+    Migration(
+        23, "search: indexes of unread and flagged messages; PostgreSQL ranks by first terms", _search_ranking
+    ),
 )
 
 
