@@ -162,7 +162,8 @@ def test_image_metadata(image: str, podman_env: dict[str, str]) -> None:
     assert config["Cmd"] == ["python", "-m", "prod.run"]
     assert config["StopSignal"] == "SIGTERM"
     assert "/data" in config["Volumes"]
-    assert not config.get("ExposedPorts")  # /metrics only when the operator publishes METRICS_PORT
+    # The console's port only: /metrics only when the operator publishes METRICS_PORT.
+    assert config.get("ExposedPorts") == {"8080/tcp": {}}
     health = _inspect(image, podman_env)["Healthcheck"]  # podman puts it beside Config
     assert health["Test"] == ["CMD", "python", "-m", "prod.healthcheck"]
     assert health["Interval"] == 30 * 10**9 and health["Retries"] == 3

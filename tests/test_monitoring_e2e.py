@@ -398,7 +398,7 @@ def test_the_healthcheck_fails_while_smtp_refuses_the_sign_in_and_recovers_after
 
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
     check = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True)
-    assert check.returncode == 0 and "SUCCESS: 13 rules found" in check.stdout, check
+    assert check.returncode == 0 and "SUCCESS: 15 rules found" in check.stdout, check
     unit = subprocess.run(
         [PROMTOOL, "test", "rules", "alerts_test.yml"],
         cwd=ALERTS.parent,
@@ -439,7 +439,12 @@ def test_the_compose_profile_monitoring_runs_prometheus_with_the_rules(tmp_path:
 
     plain_services = yaml.safe_load(plain.stdout)["services"]
     services = yaml.safe_load(monitoring.stdout)["services"]
-    assert set(plain_services) == {"app"} and "ports" not in plain_services["app"]  # nothing published
+    # Only the console, on the host's loopback.
+    assert set(plain_services) == {"app"}
+    published = [
+        (port["host_ip"], port["published"], port["target"]) for port in plain_services["app"]["ports"]
+    ]
+    assert published == [("127.0.0.1", "8080", 8080)], plain_services["app"]["ports"]
     assert set(services) == {"app", "prometheus"}
     prometheus = services["prometheus"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]

@@ -52,7 +52,13 @@ def test_the_purge_reads_only_the_rows_not_purged_yet(engine: Engine) -> None:
     fill_history(engine, 20_000)
     plans = purge_query_plans(engine)
 
-    assert len(plans) == 2
+    # The outbox and the model's jobs by their unpurged index; the rules' decisions by their age.
+    assert len(plans) == 3
     for statement, plan in plans:
+        if " FROM rule_decisions " in statement:
+            # This history has no decisions: PostgreSQL's planner reads an empty table whole.
+            if engine.dialect.name == "sqlite":
+                assert "ix_rule_decisions_decided" in "\n".join(plan), (statement, plan)
+            continue
         table = "llm_jobs" if " FROM llm_jobs " in statement else "outbox"
         assert f"ix_{table}_unpurged_created" in "\n".join(plan), (statement, plan)

@@ -394,6 +394,8 @@ rule_decisions = Table(
 )
 Index("ix_rule_decisions_account_decided", rule_decisions.c.account, rule_decisions.c.decided_at)
 Index("ix_rule_decisions_message_pk", rule_decisions.c.message_pk)
+# The history purge deletes the oldest decisions of every account.
+Index("ix_rule_decisions_decided", rule_decisions.c.decided_at)
 
 # Signed-in browser sessions of the operator console (migration 21). The cookie holds a random
 # id; only its SHA-256 is stored, so a copy of the database signs nobody in. A row outlives neither
