@@ -7,7 +7,6 @@ one). Without it these tests fail under CI and are skipped elsewhere.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -27,16 +26,13 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def _browser_or_fail() -> Any:
-    """Playwright's sync API; fails under CI without the browser, skips elsewhere."""
+    """Playwright's sync API; fails without the browser (bin/test installs both), never skips."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         sync_playwright = None
     if sync_playwright is None or not CHROMIUM.exists():
-        message = "the browser tests need playwright (pip) and Debian's chromium at /usr/bin/chromium"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail("the browser tests need playwright (pip) and Debian's chromium at /usr/bin/chromium")
     return sync_playwright
 
 

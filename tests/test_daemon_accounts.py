@@ -20,6 +20,7 @@ from emailops.store.schema import folders, messages
 from localmail.dovecot import LocalDovecot
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.index_helpers import index_engine, message
+from tests.test_accounts import run
 from tests.test_daemon_e2e import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,21 +54,9 @@ def mail() -> Iterator[tuple[LocalDovecot, LocalSmtpRelay]]:
         yield server, relay
 
 
-def emailops(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "emailops", *args],
-        env=env,
-        cwd=REPO,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def add(env: dict[str, str], server: LocalDovecot, relay: LocalSmtpRelay, name: str) -> None:
     user = f"{name}@example.test"
-    added = emailops(
+    added = run(
         env,
         "accounts",
         "add",
@@ -159,7 +148,7 @@ def test_the_daemon_serves_every_enabled_account_of_the_index(
         return [m.rcpt_tos[0] for m in relay.accepted if m.mail_from == user]
 
     def found(name: str, query: str) -> int:
-        searched = emailops(env, "search", query, "--account", name, "--json")
+        searched = run(env, "search", query, "--account", name, "--json")
         assert searched.returncode == 0, searched.stderr
         return len(json.loads(searched.stdout))
 
@@ -189,7 +178,7 @@ def test_the_daemon_serves_every_enabled_account_of_the_index(
     wait_for(lambda: found("carol", "carolwombat") == 1, 60, "carol's mail indexed")
 
     # A disabled account's folders are let go of within a minute; the others are still served.
-    assert emailops(env, "accounts", "disable", "bob").returncode == 0
+    assert run(env, "accounts", "disable", "bob").returncode == 0
 
     def bob_leases() -> list[str | None]:
         with engine.connect() as conn:
@@ -209,6 +198,6 @@ def test_the_daemon_serves_every_enabled_account_of_the_index(
     # Enabled again, it is served again: what arrived meanwhile is indexed.
     server.deliver("bob@example.test", message(51, subject="note", body="bobotter"))
     assert found("bob", "bobotter") == 0
-    assert emailops(env, "accounts", "enable", "bob").returncode == 0
+    assert run(env, "accounts", "enable", "bob").returncode == 0
     wait_for(lambda: found("bob", "bobotter") == 1, 60, "bob's mail indexed again")
     assert process.poll() is None

@@ -441,10 +441,7 @@ def test_the_compose_profile_monitoring_runs_prometheus_with_the_rules(tmp_path:
     services = yaml.safe_load(monitoring.stdout)["services"]
     # Only the console, on the host's loopback.
     assert set(plain_services) == {"app"}
-    published = [
-        (port["host_ip"], port["published"], port["target"]) for port in plain_services["app"]["ports"]
-    ]
-    assert published == [("127.0.0.1", "8080", 8080)], plain_services["app"]["ports"]
+    assert plain_services["app"]["ports"] == ["127.0.0.1:8080:8080"], plain_services["app"]["ports"]
     assert set(services) == {"app", "prometheus"}
     prometheus = services["prometheus"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]

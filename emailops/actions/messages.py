@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 
 from emailops import audit
 from emailops.actions.changes import Change, RowAction, State, change_each
+from emailops.actions.quarantine import rules_state_reader
 from emailops.audit import Actor
 from emailops.store import folders as folder_store
 from emailops.store import rules_work
-from emailops.store.dialect import locking
-from emailops.store.schema import folders, messages
 from emailops.users.permissions import Action
 
 
@@ -18,17 +17,6 @@ def rerun_rules(engine: Engine, message_pk: int, *, account: str, actor: Actor) 
     """Run the rules of an indexed message of ``account`` again (done or quarantined: pending
     with fresh attempts), audited as ``messages.rerun_rules``. A rule that recorded a reply before
     finds it recorded (the outbox's key on message and rule): it never replies twice."""
-
-    def read(conn: Connection, pk: int) -> State | None:
-        query = (
-            select(messages.c.rules_state, messages.c.rules_attempts, messages.c.uid, folders.c.name)
-            .join_from(messages, folders, folders.c.id == messages.c.folder_id)
-            .where(messages.c.id == pk, folders.c.account == account)
-        )
-        row = conn.execute(locking(conn, query)).first()
-        if row is None:
-            return None
-        return {"state": row.rules_state, "folder": row.name, "uid": row.uid, "attempts": row.rules_attempts}
 
     def apply(conn: Connection, pk: int) -> bool:
         return rules_work.rerun(conn, pk, account)
@@ -40,7 +28,7 @@ def rerun_rules(engine: Engine, message_pk: int, *, account: str, actor: Actor) 
             return "it was there before the first sync: its rules never run (no reply to old mail)"
         return f"its rules are {state['state']}; they run again once done or quarantined"
 
-    action = RowAction(Action.RERUN_RULES.value, "message", read, apply, refuse)
+    action = RowAction(Action.RERUN_RULES.value, "message", rules_state_reader(account), apply, refuse)
     (change,) = change_each(engine, action, [message_pk], actor)
     return change
 

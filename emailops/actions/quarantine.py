@@ -42,7 +42,7 @@ def _index_state(account: str) -> Callable[[Connection, int], State | None]:
     return read
 
 
-def _rules_state(account: str) -> Callable[[Connection, int], State | None]:
+def rules_state_reader(account: str) -> Callable[[Connection, int], State | None]:
     def read(conn: Connection, pk: int) -> State | None:
         query = (
             select(messages.c.rules_state, messages.c.rules_attempts, messages.c.uid, folders.c.name)
@@ -77,7 +77,7 @@ def retry_quarantined(
         refuse = refuse_index
 
     else:
-        read = _rules_state(account)
+        read = rules_state_reader(account)
 
         def apply(conn: Connection, row_id: int) -> bool:
             return rules_work.retry_quarantined(conn, row_id, account)
@@ -99,7 +99,7 @@ def release_quarantined(
     action = RowAction(
         Action.RELEASE_QUARANTINE.value,
         "quarantine.rules",
-        _rules_state(account),
+        rules_state_reader(account),
         apply,
         _refuse_rules(account),
     )
