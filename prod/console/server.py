@@ -35,7 +35,9 @@ def listen(settings: RuntimeSettings) -> socket.socket:
     """The console's listening socket; ``OSError`` when the address cannot be bound."""
     assert settings.web_port is not None
     family = socket.AF_INET6 if ":" in settings.web_addr else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only for a socket whose
+    # proto says TCP (0 does not), and without it each keep-alive response waits ~40 ms (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((settings.web_addr, settings.web_port))
