@@ -63,6 +63,17 @@ class RawMessageCache:
                 found[uid] = data
         return found
 
+    def get_one(self, account: str, folder: str, uidvalidity: int, uid: int, size: int) -> bytes | None:
+        """Message ``uid`` if it is cached whole with ``size`` bytes (the size the server gave, as
+        the index keeps it), without listing the folder's copies; None otherwise."""
+        path = os.path.join(self._folder_dir(account, folder, uidvalidity), f"{uid}-{size}.eml")
+        try:
+            with open(path, "rb") as cached:
+                data = cached.read()
+        except OSError:
+            return None
+        return data if len(data) == size else None
+
     def listing(self, account: str, folder: str, uidvalidity: int) -> CachedCopies:
         """The copies held for one folder, from one directory listing. A sync pass lists once and
         reads each batch from it: what the pass writes meanwhile it has just downloaded and does

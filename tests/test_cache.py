@@ -89,3 +89,14 @@ def test_a_listing_is_a_snapshot_read_by_later_batches(tmp_path: Path) -> None:
     cache.put_many("acct", "INBOX", 7, {2: b"b" * 900})
     assert cache.get_many("acct", "INBOX", 7, [1, 2], copies) == {1: b"a" * 900}
     assert cache.get_many("acct", "INBOX", 7, [1, 2]) == {1: b"a" * 900, 2: b"b" * 900}
+
+
+def test_one_message_is_read_only_whole_and_of_the_size_asked(tmp_path: Path) -> None:
+    cache = RawMessageCache(tmp_path, 10_000)
+    cache.put_many(ACCOUNT, "INBOX", 7, {3: b"whole message"})
+    assert cache.get_one(ACCOUNT, "INBOX", 7, 3, 13) == b"whole message"
+    assert cache.get_one(ACCOUNT, "INBOX", 7, 3, 14) is None  # the index says another size
+    assert cache.get_one(ACCOUNT, "INBOX", 8, 3, 13) is None  # another UIDVALIDITY
+    ((path,),) = [list((tmp_path / "raw").glob("*/7/3-13.eml"))]
+    path.write_bytes(b"whole")  # cut short by a crash
+    assert cache.get_one(ACCOUNT, "INBOX", 7, 3, 13) is None

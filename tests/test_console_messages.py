@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, update
 
 from emailops.audit import list_entries
+from emailops.cache import RawMessageCache
 from emailops.imap.connection import connect
 from emailops.imap.sync import FolderSync
 from emailops.mime.safe_html import FRAME_CSP
@@ -143,3 +144,28 @@ def test_a_message_shows_its_parts_safely_its_story_and_its_rules_run_again_audi
         entries = list_entries(conn, actions=["messages.rerun_rules"])
     assert [(e.actor, e.target) for e in entries] == [("otto", f"message:{pk}")]
     assert viewer.get("/messages/999999").status_code == 404
+
+
+def test_a_message_the_sync_cached_is_read_from_the_cache_and_one_it_did_not_from_the_server(
+    tmp_path: Path, db_url: str, dovecot: LocalDovecot
+) -> None:
+    console = alice_console(tmp_path, db_url, dovecot)
+    dovecot.deliver(ALICE, message(0))
+    FolderSync(console.engine, sync_config(), "INBOX").sync(connect(imap_config(dovecot)))  # no cache
+    dovecot.deliver(ALICE, hostile_message("http://127.0.0.1:9/pixel.gif"))
+    # As the daemon's sync does, into the console's CACHE_DIR.
+    cache = RawMessageCache(console.settings.cache_dir, console.settings.cache_max_bytes)
+    FolderSync(console.engine, sync_config(), "INBOX", cache=cache).sync(connect(imap_config(dovecot)))
+    (first,), (second,) = rows(console.engine, "SELECT id FROM messages ORDER BY uid")
+    client = connect(imap_config(dovecot))
+    client.select_folder("INBOX")
+    client.delete_messages([1, 2])
+    client.expunge()
+    client.logout()
+    viewer, _ = console.session("vic")
+
+    frame = viewer.get(f"/messages/{second}/html")  # gone from the server, still in the cache
+    assert frame.status_code == 200 and "sanitized text here" in frame.text
+    assert viewer.get(f"/messages/{second}/attachments/0").content.rstrip() == ATTACHMENT
+    gone = viewer.get(f"/api/v1/messages/{first}").json()  # not cached: the server's answer
+    assert gone["raw_problem"] == "the message is no longer on the server"

@@ -3,7 +3,8 @@ and one message with its headers, text, sanitized HTML (in a sandboxed frame), a
 processing story (``emailops.story``); operators run its rules again (``rerun_rules``).
 
 The index keeps no message whole: the HTML body and the attachments are read from the raw
-message, fetched from IMAP (BODY.PEEK, read-only) when the page, its frame or a download asks.
+message, from the raw message cache or else fetched from IMAP (BODY.PEEK, read-only) when the
+page, its frame or a download asks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
 from prod.console.mailbox import shown_account, shown_account_key
 from prod.console.pages.actor import actor_of
-from prod.console.pages.raw_mail import fetch_raw
+from prod.console.pages.raw_mail import stored_raw
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -149,7 +150,7 @@ def _stored(call: Call) -> tuple[StoredMessage, MessageStory, str | None] | Resp
 
 
 def _parts(call: Call, stored: StoredMessage) -> DisplayParts | Response:
-    raw = fetch_raw(call, stored.folder, stored.uidvalidity, stored.uid)
+    raw = stored_raw(call, stored)
     return raw if isinstance(raw, Response) else display_parts(raw)
 
 

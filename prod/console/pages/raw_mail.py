@@ -1,11 +1,26 @@
-"""A message as the IMAP server holds it, fetched for a console page (the index keeps none whole)."""
+"""A message as the IMAP server holds it, for a console page (the index keeps none whole): from
+the raw message cache when the sync left it there, else fetched from the server."""
 
 from __future__ import annotations
 
 from starlette.responses import Response
 
+from emailops.cache import RawMessageCache
 from emailops.imap.raw_message import download_raw
+from emailops.store.messages import StoredMessage
 from prod.console.calls import Call
+from prod.console.mailbox import shown_account_key
+
+
+def stored_raw(call: Call, stored: StoredMessage) -> bytes | Response:
+    """The raw message of an indexed message: the cached copy (a folder, UIDVALIDITY and UID name
+    one message for ever, so a copy never goes stale) or else ``fetch_raw``'s answer. A new IMAP
+    session per page took 0.3-0.8 s in a folder of 94,000 messages (bench/README.md "Console")."""
+    settings = call.context.settings
+    cache = RawMessageCache(settings.cache_dir, settings.cache_max_bytes)
+    key = shown_account_key(call)
+    cached = cache.get_one(key, stored.folder, stored.uidvalidity, stored.uid, stored.parsed.size)
+    return cached if cached is not None else fetch_raw(call, stored.folder, stored.uidvalidity, stored.uid)
 
 
 def fetch_raw(call: Call, folder: str, uidvalidity: int, uid: int) -> bytes | Response:
