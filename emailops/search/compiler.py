@@ -73,6 +73,9 @@ class Backend(Protocol):
     def one_of(self, value: KeyedColumnElement[Any], values: Select[Any]) -> ColumnElement[bool]:
         """Whether ``value`` is one of the single column that ``values`` selects."""
 
+    def scope_key(self, folder_id: KeyedColumnElement[Any]) -> ColumnElement[Any]:
+        """``folder_id`` as the account's restriction (``visible``) compares it."""
+
 
 @dataclass(frozen=True)
 class Scope:
@@ -130,7 +133,7 @@ class Compiler:
         """The messages a search may return: the account's, not expunged. (A subquery rather
         than a join, so that the plan can walk the date index and stop at the limit.)"""
         account_folders = select(folders.c.id).where(folders.c.account == self.scope.account)
-        return and_(m.c.expunged_at.is_(None), m.c.folder_id.in_(account_folders))
+        return and_(m.c.expunged_at.is_(None), self.backend.scope_key(m.c.folder_id).in_(account_folders))
 
     def hidden_keys(self) -> CompoundSelect[Any]:
         """The keys of every message ``visible`` leaves out, each once: the account's expunged
