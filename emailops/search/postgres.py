@@ -103,10 +103,10 @@ class PostgresBackend:
         found = [row[0] for row in self.conn.execute(values)]
         return value == any_(bindparam(None, found, type_=ARRAY(Text)))
 
-
     def scope_key(self, folder_id: KeyedColumnElement[Any]) -> ColumnElement[Any]:
         """The column itself: PostgreSQL plans with statistics (autovacuum's ANALYZE)."""
         return folder_id
+
     def scores(self, expr: AnyOf) -> Select[Any]:
         """(message_pk, score) of the messages matching ``expr``; a lower score ranks first. The
         score is of the message's first terms (``rank_vector``): the whole tsvector is read out of
