@@ -170,6 +170,22 @@ def test_a_session_ends_after_its_idle_and_its_absolute_limit(console: Console) 
     assert timedelta(hours=12) < console.clock.now - started <= timedelta(hours=12, minutes=20)
 
 
+def test_requests_within_a_minute_of_the_last_recorded_one_write_nothing(console: Console) -> None:
+    client, _ = console.session("vic")
+
+    def last_seen() -> object:
+        with reading(console.engine) as conn:
+            return conn.execute(select(console_sessions.c.last_seen_at)).scalar_one()
+
+    started = last_seen()
+    console.clock.advance(seconds=59)
+    assert client.get("/").status_code == 200
+    assert last_seen() == started  # read only: no write lock taken from the daemon's indexing
+    console.clock.advance(seconds=1)
+    assert client.get("/").status_code == 200
+    assert last_seen() == console.clock.now
+
+
 def test_sign_in_rotates_the_session_and_sign_out_ends_it_all_audited(console: Console) -> None:
     client = console.client()
     client.cookies.set("emailops_session", "planted-by-someone-else")
