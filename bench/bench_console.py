@@ -315,6 +315,7 @@ def measure_latency(mailbox: Mailbox, backend: str, rounds: int, per_round: int)
     work = Path(tempfile.mkdtemp(prefix=f"latency-{backend}-", dir=mailbox.work))
     port = free_loopback_port()
     env = daemon_env(mailbox, work, url, WORKERS="1", WEB_PORT=str(port), WEB_ADDR="127.0.0.1")
+    env["CACHE_DIR"] = str(mailbox.work / backend / "cache")  # the one the sync filled, as in production
     pks = message_pks(url, (rounds + 1) * per_round, seed=mailbox.size)
     times: dict[str, list[float]] = {}
     by_label: dict[str, list[float]] = {}
