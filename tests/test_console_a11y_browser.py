@@ -38,7 +38,7 @@ from tests.console_helpers import (
 )
 from tests.index_helpers import index_engine
 from tests.test_console_browser import Page, browser, serving  # noqa: F401 (fixtures)
-from tests.test_console_rules import ACK, THANKS
+from tests.test_console_rules import ACK, BAD, THANKS
 from tests.test_store import NOW, fetched
 
 pytestmark = pytest.mark.timeout(300)
@@ -211,15 +211,17 @@ class Walk:
         raise AssertionError(f"Tab never left the page: {[f['html'] for f in seen[-5:]]}")
 
 
-def check_page(walk: Walk, title: str, shots: Path) -> dict[str, tuple[str, str]]:
-    """The zoomed page's checks (see the module's docstring); the controls' (role, name)."""
+def check_page(walk: Walk, title: str, shots: Path, state: str = "") -> dict[str, tuple[str, str]]:
+    """The zoomed page's checks (see the module's docstring), its screenshot named after its title
+    and ``state``; the controls' (role, name)."""
     page = walk.page
     page.wait_for_function("t => document.querySelector('h1')?.textContent === t", arg=title)
     scroll_width, width = page.evaluate(
         "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
     )
     assert width == 320 and scroll_width <= width, (title, scroll_width)
-    page.screenshot(path=str(shots / f"zoom-400-{title.lower().replace(' ', '-')}.png"), full_page=True)
+    shot = "-".join(filter(None, ["zoom-400", title.lower().replace(" ", "-"), state]))
+    page.screenshot(path=str(shots / f"{shot}.png"), full_page=True)
 
     controls = walk.controls()
     assert controls, title
@@ -281,6 +283,19 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
     for title, href in pages:
         page.goto(base + href)
         check_page(walk, title, shots)
+
+    # What shows on demand reflows too: the query language's help, opened from the keyboard ...
+    page.goto(base + "/messages")
+    page.locator("#query-help > summary").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.getElementById('query-help').open")
+    check_page(walk, "Search", shots, "help")
+    # ... and a rules text refused at its lines.
+    page.goto(base + "/rules")
+    page.get_by_label("Rules (TOML)").fill(BAD)
+    page.get_by_role("button", name="Save").press("Enter")
+    page.locator("#problem-line-14").wait_for()
+    check_page(walk, "Rules", shots, "refused")
 
     # The realistic data is on the pages walked: each action named after what it acts on.
     page.goto(base + "/outbox")
@@ -350,4 +365,4 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
         assert licence.status == 200 and licence.headers["content-type"].startswith("text/plain"), name
         assert "Permission" in licence.text() or "License" in licence.text(), name
     shown = sorted(path.name for path in shots.glob("*.png"))
-    assert len(shown) == 1 + len(pages), shown
+    assert len(shown) == 1 + len(pages) + 2, shown
