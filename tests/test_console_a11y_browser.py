@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from emailops.actions.quarantine import release_quarantined
 from emailops.rules.versions import save_rules
 from emailops.store import folders, messages
 from emailops.users import sign_in_throttle
@@ -192,6 +193,14 @@ class Walk:
             found[key] = (ax.get("role", {}).get("value", ""), str(ax.get("name", {}).get("value", "")))
         return found
 
+    def tab_to(self, text: str) -> None:
+        """Tab from where the focus is until it is on the element reading ``text``."""
+        for _ in range(200):
+            self.page.keyboard.press("Tab")
+            if self.page.evaluate("document.activeElement.textContent") == text:
+                return
+        raise AssertionError(f"Tab never reached {text!r}")
+
     def tab_through(self) -> list[dict[str, Any]]:
         """Tab from the top of the page until focus leaves the page or comes round again."""
         # The start of the page (past an autofocus): focus on the root, which then takes no focus.
@@ -260,7 +269,7 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
     browser: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    base, _, facts = busy_console
+    base, console, facts = busy_console
     shots = tmp_path / "screenshots"
     shots.mkdir()
     walk = Walk(browser, base)
@@ -284,6 +293,25 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
         page.goto(base + href)
         check_page(walk, title, shots)
 
+    # The realistic data is on the pages walked: each action named after what it acts on.
+    page.goto(base + "/outbox")
+    page.get_by_role("button", name=f"Mark sent reply {facts['reply']}").wait_for()
+    page.goto(base + "/drafts")
+    page.get_by_role("button", name=f"Retry job {facts['job']}").wait_for()
+    page.goto(base + "/quarantine")
+    page.get_by_role("button", name="Release INBOX 7").wait_for()
+
+    # The overview's live updates leave the keyboard where it was: on the same control redrawn.
+    page.goto(base + "/")
+    count = page.locator("#count-quarantined")
+    assert count.inner_text() == "1"
+    walk.tab_to("Fetch INBOX now")
+    (released,) = release_quarantined(console.engine, [facts["quarantined"]], account=ACCOUNT, actor=CLI)
+    assert released.done, released
+    count.filter(has_text="0").wait_for(timeout=15_000)
+    assert page.evaluate("document.activeElement.textContent") == "Fetch INBOX now"
+    assert page.evaluate("document.activeElement.matches(':focus-visible')")
+
     # What shows on demand reflows too: the query language's help, opened from the keyboard ...
     page.goto(base + "/messages")
     page.locator("#query-help > summary").focus()
@@ -296,14 +324,6 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
     page.get_by_role("button", name="Save").press("Enter")
     page.locator("#problem-line-14").wait_for()
     check_page(walk, "Rules", shots, "refused")
-
-    # The realistic data is on the pages walked: each action named after what it acts on.
-    page.goto(base + "/outbox")
-    page.get_by_role("button", name=f"Mark sent reply {facts['reply']}").wait_for()
-    page.goto(base + "/drafts")
-    page.get_by_role("button", name=f"Retry job {facts['job']}").wait_for()
-    page.goto(base + "/quarantine")
-    page.get_by_role("button", name="Release INBOX 7").wait_for()
 
     # The skip link takes the keyboard past the header: the next Tab is in the main content.
     page.goto(base + "/audit")
@@ -327,12 +347,7 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
     confirmations: list[str] = []
     page.on("dialog", lambda dialog: (confirmations.append(dialog.message), dialog.accept()))
     label = f"Mark sent reply {facts['reply']}"
-    for _ in range(100):
-        page.keyboard.press("Tab")
-        if page.evaluate("document.activeElement.textContent") == label:
-            break
-    else:
-        raise AssertionError(f"Tab never reached {label!r}")
+    walk.tab_to(label)
     page.keyboard.press("Enter")
     notice = f"Reply {facts['reply']} resolved as sent: now sent."
     page.get_by_role("status").filter(has_text=notice).wait_for()
@@ -341,12 +356,7 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
 
     # A lockout lifted with Space.
     page.goto(base + "/users")
-    for _ in range(100):
-        page.keyboard.press("Tab")
-        if page.evaluate("document.activeElement.textContent") == "Lift lockout of vic":
-            break
-    else:
-        raise AssertionError("Tab never reached the lockout's button")
+    walk.tab_to("Lift lockout of vic")
     page.keyboard.press("Space")
     page.get_by_role("status").filter(has_text="Lockout of vic lifted.").wait_for()
     assert page.get_by_role("button", name="Lift lockout of vic").count() == 0
