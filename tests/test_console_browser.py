@@ -82,8 +82,9 @@ def browser() -> Iterator[Any]:
 class Page:
     """A browser tab that records what the Content-Security-Policy refused."""
 
-    def __init__(self, browser: Any, base: str) -> None:
-        self.page = browser.new_page()
+    def __init__(self, browser: Any, base: str, **options: Any) -> None:
+        """``options`` go to Playwright's ``new_page`` (a viewport, a device scale factor)."""
+        self.page = browser.new_page(**options)
         self.base = base
         self.violations: list[str] = []
         self.page.on(

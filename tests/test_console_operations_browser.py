@@ -1,6 +1,6 @@
 """In a real browser (chromium via Playwright, as tests/test_console_browser.py): an operator marks
-an unknown reply sent on the Outbox page and releases a quarantined message on the Quarantine page;
-the admin then finds both in the audit log."""
+an unknown reply sent on the Outbox page (after its confirmation) and releases a quarantined message
+on the Quarantine page; the admin then finds both in the audit log."""
 
 from __future__ import annotations
 
@@ -27,9 +27,12 @@ def test_an_operator_resolves_and_releases_and_both_are_in_the_audit_log(
     main_nav = tab.page.get_by_role("navigation", name="Main")
     main_nav.get_by_role("link", name="Outbox").click()
     tab.page.get_by_role("heading", name="Outbox").wait_for()
+    confirmations: list[str] = []
+    tab.page.once("dialog", lambda dialog: (confirmations.append(dialog.message), dialog.accept()))
     tab.page.get_by_role("button", name=f"Mark sent reply {reply_id}").click()
     tab.page.get_by_role("status").filter(has_text=f"Reply {reply_id} resolved as sent: now sent.").wait_for()
     assert tab.page.get_by_role("button", name=f"Mark sent reply {reply_id}").count() == 0
+    assert confirmations == [f"Mark sent reply {reply_id} (Re: question to carol@example.org)?"]
 
     main_nav.get_by_role("link", name="Quarantine").click()
     tab.page.get_by_role("heading", name="Quarantine").wait_for()
