@@ -12,9 +12,6 @@ password sign-in. Success opens a normal console session.
 from __future__ import annotations
 
 import hmac
-import threading
-import time
-from collections import OrderedDict
 
 from starlette.responses import RedirectResponse, Response
 
@@ -22,6 +19,7 @@ from emailops.users.accounts import UserError
 from emailops.users.oidc import OidcClient, OidcConfig, OidcError, PendingSignIn
 from emailops.users.oidc_accounts import sign_in_oidc_user
 from prod.console.calls import Access, Call, ConsoleRoute
+from prod.console.pending import PendingFlows
 from prod.console.pages.sign_in import audit_attempt, local_path, open_session, sign_in_form
 
 CALLBACK_PATH = "/sign-in/oidc/callback"
@@ -32,28 +30,7 @@ NO_ROLE = "Your account at the identity provider is in no group that may use thi
 FAILED = "Single sign-on failed. Please try again."
 
 
-class PendingSignIns:
-    """Started sign-ins by state, each taken at most once."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: OrderedDict[str, tuple[PendingSignIn, str]] = OrderedDict()
-
-    def put(self, pending: PendingSignIn, next_path: str) -> None:
-        with self._lock:
-            self._pending[pending.state] = (pending, next_path)
-            while len(self._pending) > MAX_PENDING:
-                self._pending.popitem(last=False)
-
-    def take(self, state: str) -> tuple[PendingSignIn, str] | None:
-        with self._lock:
-            found = self._pending.pop(state, None)
-        if found is None or time.time() - found[0].started > PENDING_SECONDS:
-            return None
-        return found
-
-
-_PENDING = PendingSignIns()
+_PENDING: PendingFlows[tuple[PendingSignIn, str]] = PendingFlows(PENDING_SECONDS, MAX_PENDING)
 _CLIENTS: dict[OidcConfig, OidcClient] = {}
 
 
@@ -77,7 +54,7 @@ def start(call: Call) -> Response:
     except OidcError as exc:
         audit_attempt(call, "", "sign_in.failure", via="oidc", reason=str(exc))
         return sign_in_form(call, 502, FAILED)
-    _PENDING.put(pending, local_path(call.request.query_params.get("next")))
+    _PENDING.put(pending.state, (pending, local_path(call.request.query_params.get("next"))))
     response = RedirectResponse(url, status_code=303)
     response.set_cookie(
         _state_cookie(call),
