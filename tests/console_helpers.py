@@ -148,18 +148,24 @@ def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]
     return reply_id, pk
 
 
-def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console:
-    """The console of alice's mailbox on ``dovecot`` (its IMAP sign-in), users as ``add_users``."""
-    engine = index_engine(db_url)
-    add_users(engine)
-    settings = console_settings(
+def dovecot_settings(tmp_path: Path, db_url: str, dovecot: LocalDovecot, **overrides: Any) -> RuntimeSettings:
+    """``console_settings`` whose EMAIL_* account is on ``dovecot`` (no TLS)."""
+    return console_settings(
         tmp_path,
         db_url,
         email_imap_host=dovecot.host,
         email_imap_port=dovecot.imap_port,
         email_imap_security="none",
-        email_username=ALICE,
-        email_password=dovecot.password(ALICE),
+        **overrides,
+    )
+
+
+def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console:
+    """The console of alice's mailbox on ``dovecot`` (its IMAP sign-in), users as ``add_users``."""
+    engine = index_engine(db_url)
+    add_users(engine)
+    settings = dovecot_settings(
+        tmp_path, db_url, dovecot, email_username=ALICE, email_password=dovecot.password(ALICE)
     )
     return Console(settings, engine, MovingClock())
 
@@ -234,14 +240,8 @@ def accounts_console(
     )
     import_accounts(engine, [oauth2], SecretCipher([TOKEN_KEY]), actor=CLI)
     auth_server.revoke_refresh_tokens()
-    settings = console_settings(
-        tmp_path,
-        db_url,
-        email_imap_host=dovecot.host,
-        email_imap_port=dovecot.imap_port,
-        email_imap_security="none",
-        email_username=PASSWORD_ACCOUNT,
-        secrets_key=TOKEN_KEY,
+    settings = dovecot_settings(
+        tmp_path, db_url, dovecot, email_username=PASSWORD_ACCOUNT, secrets_key=TOKEN_KEY
     )
     return Console(settings, engine, MovingClock()), refresh_token
 

@@ -219,7 +219,7 @@ def test_reconnect_runs_the_code_flow_with_pkce_and_the_account_signs_in_again(
     assert start.status_code == 303
     location = start.headers["location"]
     query = {key: values[0] for key, values in parse_qs(urlsplit(location).query).items()}
-    assert location.startswith(auth_server.authorize_url + "?")
+    assert location.startswith(auth_server.authorize_url + "?") and CLIENT_SECRET not in location
     assert (query["response_type"], query["client_id"], query["code_challenge_method"]) == (
         "code",
         CLIENT_ID,

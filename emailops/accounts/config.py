@@ -139,7 +139,9 @@ class AccountConfig:
         device_url = options.device_url or (
             preset.endpoint(preset.device_url, tenant) if preset and preset.device_url else ""
         )
-        authorize_url = options.authorize_url or (preset.endpoint(preset.authorize_url, tenant) if preset else "")
+        authorize_url = options.authorize_url or (
+            preset.endpoint(preset.authorize_url, tenant) if preset else ""
+        )
         scopes = options.scopes or ((preset.scopes_for(options.flow) or ()) if preset else ())
         return OAuth2Config(
             account=self.index_key,

@@ -118,7 +118,9 @@ class Call:
         from prod.console.refused import refused_accounts
 
         csrf = self.identity.csrf_token if self.identity is not None else None
-        refused = [] if self.identity is None else refused_accounts(self.context.settings, self.context.engine)
+        refused = (
+            [] if self.identity is None else refused_accounts(self.context.settings, self.context.engine)
+        )
         return {
             "refused_accounts": refused,
             "identity": self.identity,

@@ -4,10 +4,14 @@ flow's ``state``, taken at most once and only within its lifetime."""
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections import OrderedDict
 from typing import Generic, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 
 T = TypeVar("T")
 
@@ -33,3 +37,31 @@ class PendingFlows(Generic[T]):
         if found is None or time.monotonic() - found[0] > self.seconds:
             return None
         return found[1]
+
+
+class FlowCookie:
+    """The short-lived cookie that binds a flow's ``state`` to the browser that started it:
+    ``HttpOnly``, ``SameSite=Lax`` (the redirect back is a cross-site navigation, which would
+    not carry a Strict cookie), ``__Host-`` and ``Secure`` under https."""
+
+    def __init__(self, name: str, seconds: int) -> None:
+        self.name = name
+        self.seconds = seconds
+
+    def _name(self, secure: bool) -> str:
+        return f"__Host-{self.name}" if secure else self.name
+
+    def redirect(self, url: str, state: str, *, secure: bool) -> RedirectResponse:
+        """Send the browser to ``url`` (the other site), the cookie set to ``state``."""
+        response = RedirectResponse(url, status_code=303)
+        response.set_cookie(
+            self._name(secure), state, max_age=self.seconds, httponly=True, samesite="lax", secure=secure
+        )
+        return response
+
+    def matches(self, request: Request, state: str, *, secure: bool) -> bool:
+        expected = request.cookies.get(self._name(secure), "")
+        return bool(state and expected) and hmac.compare_digest(state.encode(), expected.encode())
+
+    def forget(self, response: Response, *, secure: bool) -> None:
+        response.delete_cookie(self._name(secure), secure=secure, samesite="lax")

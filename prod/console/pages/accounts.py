@@ -11,11 +11,10 @@ also be in a short-lived ``SameSite=Lax`` cookie of the browser that started it 
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from typing import Any
 
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 
 from emailops.accounts.config import AccountConfig
 from emailops.accounts.fields import AccountError
@@ -33,7 +32,7 @@ from prod.cli_accounts import choose_account, deployment_accounts, shown_setting
 from prod.cli_common import CommandError
 from prod.console.calls import Access, Call, ConsoleRoute
 from prod.console.pages.actor import actor_of
-from prod.console.pending import PendingFlows
+from prod.console.pending import FlowCookie, PendingFlows
 from prod.oauth2_tokens import account_token_source
 
 CALLBACK_PATH = "/oauth2/callback"
@@ -41,6 +40,7 @@ PENDING_SECONDS = 600
 RECONNECT_ACTION = "account.oauth_reconnect"
 TEST_ACTION = "account.test"
 _PENDING: PendingFlows[tuple[PendingAuthorization, Actor]] = PendingFlows(PENDING_SECONDS)
+_COOKIE = FlowCookie("emailops_reconnect", PENDING_SECONDS)
 
 
 def _accounts(call: Call) -> list[AccountConfig]:
@@ -197,10 +197,6 @@ def disable(call: Call) -> Response:
 # -- OAuth2 reconnect --------------------------------------------------------------------------
 
 
-def _state_cookie(call: Call) -> str:
-    return "__Host-emailops_reconnect" if call.context.secure_cookies else "emailops_reconnect"
-
-
 def reconnect(call: Call) -> Response:
     """Send the browser to the account's authorization endpoint (a link, not a form: the CSP's
     form-action keeps forms on the console, redirects after them included)."""
@@ -219,16 +215,7 @@ def reconnect(call: Call) -> Response:
     except (AccountError, CommandError, OAuth2Error) as exc:
         return _account_page(call, name, 400, str(exc))
     _PENDING.put(pending.state, (pending, actor_of(call)))
-    response = RedirectResponse(url, status_code=303)
-    response.set_cookie(
-        _state_cookie(call),
-        pending.state,
-        max_age=PENDING_SECONDS,
-        httponly=True,
-        samesite="lax",
-        secure=call.context.secure_cookies,
-    )
-    return response
+    return _COOKIE.redirect(url, pending.state, secure=call.context.secure_cookies)
 
 
 def _with_secrets(call: Call, name: str) -> AccountConfig:
@@ -244,7 +231,7 @@ def _finished(call: Call, status_code: int, name: str | None, error: str | None)
         target=call.url(f"/accounts/{name}") if name else call.url("/accounts"),
         failure=error,
     )
-    response.delete_cookie(_state_cookie(call), secure=call.context.secure_cookies, samesite="lax")
+    _COOKIE.forget(response, secure=call.context.secure_cookies)
     return response
 
 
@@ -253,8 +240,7 @@ def callback(call: Call) -> Response:
     grant; audited as the admin who started it (success and failure)."""
     query = call.request.query_params
     state = query.get("state", "")
-    expected = call.request.cookies.get(_state_cookie(call), "")
-    if not state or not expected or not hmac.compare_digest(state.encode(), expected.encode()):
+    if not _COOKIE.matches(call.request, state, secure=call.context.secure_cookies):
         return _finished(call, 400, None, "this reconnect was not started in this browser")
     taken = _PENDING.take(state)
     if taken is None:
@@ -263,8 +249,9 @@ def callback(call: Call) -> Response:
     name = pending.account
     try:
         if "error" in query:
-            description = query.get("error_description", "")
-            raise _Refused(f"the authorization server answered {query['error']}: {description}".strip(" :"))
+            # Words from the address bar (anyone's), kept short.
+            said = f"{query['error'][:100]}: {query.get('error_description', '')[:300]}".strip(" :")
+            raise _Refused(f"the authorization server answered {said}")
         account = _with_secrets(call, name)
         with reading(call.context.engine) as conn:
             before = account_status(conn, account).state

@@ -11,16 +11,14 @@ password sign-in. Success opens a normal console session.
 
 from __future__ import annotations
 
-import hmac
-
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 
 from emailops.users.accounts import UserError
 from emailops.users.oidc import OidcClient, OidcConfig, OidcError, PendingSignIn
 from emailops.users.oidc_accounts import sign_in_oidc_user
 from prod.console.calls import Access, Call, ConsoleRoute
-from prod.console.pending import PendingFlows
 from prod.console.pages.sign_in import audit_attempt, local_path, open_session, sign_in_form
+from prod.console.pending import FlowCookie, PendingFlows
 
 CALLBACK_PATH = "/sign-in/oidc/callback"
 PENDING_SECONDS = 600
@@ -31,6 +29,7 @@ FAILED = "Single sign-on failed. Please try again."
 
 
 _PENDING: PendingFlows[tuple[PendingSignIn, str]] = PendingFlows(PENDING_SECONDS, MAX_PENDING)
+_COOKIE = FlowCookie("emailops_oidc", PENDING_SECONDS)
 _CLIENTS: dict[OidcConfig, OidcClient] = {}
 
 
@@ -39,10 +38,6 @@ def _client(call: Call) -> OidcClient | None:
     if config is None:
         return None
     return _CLIENTS.setdefault(config, OidcClient(config))
-
-
-def _state_cookie(call: Call) -> str:
-    return "__Host-emailops_oidc" if call.context.secure_cookies else "emailops_oidc"
 
 
 def start(call: Call) -> Response:
@@ -55,22 +50,13 @@ def start(call: Call) -> Response:
         audit_attempt(call, "", "sign_in.failure", via="oidc", reason=str(exc))
         return sign_in_form(call, 502, FAILED)
     _PENDING.put(pending.state, (pending, local_path(call.request.query_params.get("next"))))
-    response = RedirectResponse(url, status_code=303)
-    response.set_cookie(
-        _state_cookie(call),
-        pending.state,
-        max_age=PENDING_SECONDS,
-        httponly=True,
-        samesite="lax",
-        secure=call.context.secure_cookies,
-    )
-    return response
+    return _COOKIE.redirect(url, pending.state, secure=call.context.secure_cookies)
 
 
 def _refused(call: Call, name: str, reason: str, message: str = FAILED) -> Response:
     audit_attempt(call, name, "sign_in.failure", via="oidc", reason=reason)
     response = sign_in_form(call, 403, message)
-    response.delete_cookie(_state_cookie(call), secure=call.context.secure_cookies, samesite="lax")
+    _COOKIE.forget(response, secure=call.context.secure_cookies)
     return response
 
 
@@ -80,8 +66,7 @@ def callback(call: Call) -> Response:
         return Response("single sign-on is not configured", status_code=404, media_type="text/plain")
     query = call.request.query_params
     state = query.get("state", "")
-    expected = call.request.cookies.get(_state_cookie(call), "")
-    if not state or not expected or not hmac.compare_digest(state.encode(), expected.encode()):
+    if not _COOKIE.matches(call.request, state, secure=call.context.secure_cookies):
         return _refused(call, "", "state does not match this browser's sign-in")
     taken = _PENDING.take(state)
     if taken is None:
@@ -105,7 +90,7 @@ def callback(call: Call) -> Response:
     # send the new SameSite=Strict cookie along it.
     response = call.render("signed_in.html", target=target)
     open_session(call, user.name, response, via="oidc", role=user.role.value)
-    response.delete_cookie(_state_cookie(call), secure=call.context.secure_cookies, samesite="lax")
+    _COOKIE.forget(response, secure=call.context.secure_cookies)
     return response
 
 
