@@ -291,7 +291,7 @@ def _remove(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace)
     return EXIT_OK
 
 
-def test_account(settings: RuntimeSettings, engine: Engine, name: str) -> tuple[AccountConfig, ProbeResult]:
+def try_sign_in(settings: RuntimeSettings, engine: Engine, name: str) -> tuple[AccountConfig, ProbeResult]:
     """Sign in to the account's servers as the daemon would (``accounts test``, the console's
     "Test connection"): the account and what each server answered."""
     from emailops.accounts.probe import probe_account
@@ -303,7 +303,7 @@ def test_account(settings: RuntimeSettings, engine: Engine, name: str) -> tuple[
 
 
 def _test(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -> int:
-    account, result = test_account(settings, engine, args.name)
+    account, result = try_sign_in(settings, engine, args.name)
     if args.json:
         print_json(asdict(result) | {"ok": result.ok})
         return EXIT_OK if result.ok else EXIT_FAILED

@@ -250,9 +250,9 @@ def record_refusal(console: Console, account_name: str) -> str:
     """Sign in to the account as ``emailops accounts test`` does and record the server's
     refusal as its workers would (account_state auth_failed): the refusal's text."""
     from emailops.store import account_state
-    from prod.cli_accounts import test_account
+    from prod.cli_accounts import try_sign_in
 
-    account, result = test_account(console.settings, console.engine, account_name)
+    account, result = try_sign_in(console.settings, console.engine, account_name)
     assert result.imap_error is not None, result
     with console.engine.begin() as conn:
         account_state.record(

@@ -25,7 +25,7 @@ from emailops.store.schema import accounts, folders
 from emailops.users import accounts as users
 from localmail.dovecot import LocalDovecot
 from localmail.oauth2_server import LocalOAuth2Server, s256
-from prod.cli_accounts import test_account
+from prod.cli_accounts import try_sign_in
 from prod.console.guard import BAD_CSRF_TOKEN
 from tests.console_helpers import (
     BASE,
@@ -250,7 +250,7 @@ def test_reconnect_runs_the_code_flow_with_pkce_and_the_account_signs_in_again(
     assert state is not None and state.state.value == "ok"
     assert "refuses the sign-in" not in ann.get("/").text
     # The stored grant signs in to Dovecot (XOAUTH2 with an access token it issues).
-    _, result = test_account(console.settings, console.engine, OAUTH2_ACCOUNT)
+    _, result = try_sign_in(console.settings, console.engine, OAUTH2_ACCOUNT)
     assert result.imap_error is None and "INBOX" in result.imap_folders
     assert auth_server.count("token:authorization_code") == 1
     # A callback is taken once.

@@ -28,7 +28,7 @@ from emailops.auth.errors import OAuth2Error
 from emailops.config import OAuth2Flow
 from emailops.store.database import reading
 from emailops.users.permissions import Action
-from prod.cli_accounts import choose_account, deployment_accounts, shown_settings, stored_name, test_account
+from prod.cli_accounts import choose_account, deployment_accounts, shown_settings, stored_name, try_sign_in
 from prod.cli_common import CommandError
 from prod.console.calls import Access, Call, ConsoleRoute
 from prod.console.pages.actor import actor_of
@@ -146,7 +146,7 @@ def _acting(call: Call, act: Callable[[AccountConfig], tuple[str, int, dict[str,
 
 def test_connection(call: Call) -> Response:
     def act(account: AccountConfig) -> tuple[str, int, dict[str, Any]]:
-        _, result = test_account(call.context.settings, call.context.engine, account.name)
+        _, result = try_sign_in(call.context.settings, call.context.engine, account.name)
         answer = {
             "ok": result.ok,
             "imap_server": f"{account.imap.host}:{account.imap.port}",
