@@ -148,18 +148,24 @@ def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]
     return reply_id, pk
 
 
-def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console:
-    """The console of alice's mailbox on ``dovecot`` (its IMAP sign-in), users as ``add_users``."""
-    engine = index_engine(db_url)
-    add_users(engine)
-    settings = console_settings(
+def dovecot_settings(tmp_path: Path, db_url: str, dovecot: LocalDovecot, **overrides: Any) -> RuntimeSettings:
+    """``console_settings`` whose EMAIL_* account is on ``dovecot`` (no TLS)."""
+    return console_settings(
         tmp_path,
         db_url,
         email_imap_host=dovecot.host,
         email_imap_port=dovecot.imap_port,
         email_imap_security="none",
-        email_username=ALICE,
-        email_password=dovecot.password(ALICE),
+        **overrides,
+    )
+
+
+def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console:
+    """The console of alice's mailbox on ``dovecot`` (its IMAP sign-in), users as ``add_users``."""
+    engine = index_engine(db_url)
+    add_users(engine)
+    settings = dovecot_settings(
+        tmp_path, db_url, dovecot, email_username=ALICE, email_password=dovecot.password(ALICE)
     )
     return Console(settings, engine, MovingClock())
 
@@ -192,3 +198,64 @@ def add_failed_model_job(engine: Engine) -> int:
             update(llm_jobs).where(llm_jobs.c.id == job_id).values(state="failed", last_error="HTTP 400: bad")
         )
     return job_id
+
+
+OAUTH2_ACCOUNT = "alice-oauth"
+# The EMAIL_* account of ``accounts_console``: bob, with a password Dovecot refuses.
+PASSWORD_ACCOUNT = "bob@example.test"
+
+
+def accounts_console(
+    tmp_path: Path, db_url: str, dovecot: LocalDovecot, auth_server: Any
+) -> tuple[Console, str]:
+    """A console of two mailboxes on ``dovecot``: the EMAIL_* account bob, whose password
+    (``SECRETS["email_password"]``) the server refuses, and ``OAUTH2_ACCOUNT`` in the index: alice
+    signing in with OAuth2 at ``auth_server`` (a LocalOAuth2Server), her refresh token revoked
+    since. Returns the console and that (stored, encrypted) refresh token."""
+    from emailops.accounts.config import AccountConfig, Endpoint, OAuth2Options
+    from emailops.accounts.store import import_accounts
+    from emailops.auth.crypto import SecretCipher
+    from emailops.config import TlsSecurity
+    from localmail.dovecot import free_loopback_port
+    from tests.oauth2_helpers import CLIENT_ID, CLIENT_SECRET, TOKEN_KEY
+
+    engine = index_engine(db_url)
+    add_users(engine)
+    refresh_token = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    oauth2 = AccountConfig(
+        name=OAUTH2_ACCOUNT,
+        username=ALICE,
+        password="",
+        imap=Endpoint(dovecot.host, dovecot.imap_port, TlsSecurity.NONE),
+        smtp=Endpoint("127.0.0.1", free_loopback_port(), TlsSecurity.NONE),
+        oauth2=OAuth2Options(
+            provider="custom",
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            refresh_token=refresh_token,
+            token_url=auth_server.token_url,
+            authorize_url=auth_server.authorize_url,
+            scopes=("mail", "offline_access"),
+        ),
+    )
+    import_accounts(engine, [oauth2], SecretCipher([TOKEN_KEY]), actor=CLI)
+    auth_server.revoke_refresh_tokens()
+    settings = dovecot_settings(
+        tmp_path, db_url, dovecot, email_username=PASSWORD_ACCOUNT, secrets_key=TOKEN_KEY
+    )
+    return Console(settings, engine, MovingClock()), refresh_token
+
+
+def record_refusal(console: Console, account_name: str) -> str:
+    """Sign in to the account as ``emailops accounts test`` does and record the server's
+    refusal as its workers would (account_state auth_failed): the refusal's text."""
+    from emailops.store import account_state
+    from prod.cli_accounts import try_sign_in
+
+    account, result = try_sign_in(console.settings, console.engine, account_name)
+    assert result.imap_error is not None, result
+    with console.engine.begin() as conn:
+        account_state.record(
+            conn, account.index_key, account_state.Event.REFUSED, error_kind="auth", error=result.imap_error
+        )
+    return result.imap_error

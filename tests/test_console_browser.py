@@ -118,6 +118,7 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
             "Quarantine",
             "Drafts",
             "Rules",
+            "Accounts",
             "Users",
             "Audit log",
             "Settings",
@@ -154,7 +155,7 @@ def test_each_role_signs_in_and_sees_its_pages_a_viewer_no_action(
             assert tab.page.request.get(base + "/users").status == 403
         assert tab.violations == []
         tab.page.close()
-    assert len(list(shots.glob("*.png"))) == 1 + 7 + 7 + 9
+    assert len(list(shots.glob("*.png"))) == 1 + 7 + 7 + 10
 
 
 def test_keyboard_only_sign_in_and_an_admin_action_through_htmx(

@@ -344,6 +344,10 @@ def _search_ranking(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE search_terms ALTER COLUMN rank_vector SET NOT NULL")
 
 
+def _oauth2_authorize_url(conn: Connection) -> None:
+    _add_column(conn, "accounts", "oauth2_authorize_url", "VARCHAR(1000)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -380,6 +384,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         23, "search: indexes of unread and flagged messages; PostgreSQL ranks by first terms", _search_ranking
     ),
+    Migration(24, "accounts.oauth2_authorize_url: the console's OAuth2 Reconnect", _oauth2_authorize_url),
 )
 
 
