@@ -290,9 +290,13 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
     nav = page.get_by_role("navigation", name="Main").get_by_role("link")
     pages = [(link.inner_text(), link.get_attribute("href")) for link in nav.all()]
     assert [title for title, _ in pages] == [
-        *("Overview", "Search", "Outbox", "Quarantine", "Drafts", "Rules", "Users", "Audit log", "Settings")
+        *("Overview", "Search", "Outbox", "Quarantine", "Drafts", "Rules", "Accounts", "Users"),
+        *("Audit log", "Settings"),
     ]
     pages.append((f"Message {facts['message']}", f"/messages/{facts['message']}"))
+    page.goto(base + "/accounts")
+    account = page.locator("main table a").first
+    pages.append((f"Account {account.inner_text()}", str(account.get_attribute("href"))))
     for title, href in pages:
         page.goto(base + href)
         check_page(walk, title, shots)
