@@ -28,6 +28,7 @@ from tests.index_helpers import (
     ACCOUNT,
     ALICE,
     daemon_env,
+    first_synced,
     imap_config,
     index_engine,
     message,
@@ -133,12 +134,10 @@ def test_a_message_that_hangs_the_worker_is_quarantined_and_the_next_one_answere
         PYTHONPATH=str(REPO),
         METRICS_PORT=str(free_loopback_port()),
     )
-    engine = index_engine(env["INDEX_DB_URL"])
     with SupervisorProcess(tmp_path, env) as supervisor:
         # Mail already there at the folder's first sync is history, which no rule answers: the
         # poison comes once the worker has synced the folder.
-        synced = "SELECT 1 FROM folders WHERE last_sync_at IS NOT NULL"
-        assert wait_until(lambda: rows(engine, synced), 60), supervisor.stdout_lines()[-20:]
+        assert wait_until(lambda: first_synced(env["INDEX_DB_URL"]), 60), supervisor.stdout_lines()[-20:]
         dovecot.deliver(ALICE, inbound("help poison", n=1))
         hung = wait_until(
             lambda: logged(supervisor, "worker is hung; killing it", reason="no heartbeat"),
