@@ -28,13 +28,15 @@ def test_an_operator_resolves_and_releases_and_both_are_in_the_audit_log(
     main_nav.get_by_role("link", name="Outbox").click()
     tab.page.get_by_role("heading", name="Outbox").wait_for()
     tab.page.get_by_role("button", name=f"Mark sent reply {reply_id}").click()
-    tab.page.get_by_role("status").filter(has_text=f"Reply {reply_id} resolved as sent: now sent.").wait_for()
+    resolved = f"Reply {reply_id} of bob@example.test resolved as sent: now sent."
+    tab.page.get_by_role("status").filter(has_text=resolved).wait_for()
     assert tab.page.get_by_role("button", name=f"Mark sent reply {reply_id}").count() == 0
 
     main_nav.get_by_role("link", name="Quarantine").click()
     tab.page.get_by_role("heading", name="Quarantine").wait_for()
     tab.page.get_by_role("button", name="Release INBOX 7").click()
-    tab.page.get_by_role("status").filter(has_text=f"Message rules-{pk}: released").wait_for()
+    released = f"Message rules-{pk} of bob@example.test: released"
+    tab.page.get_by_role("status").filter(has_text=released).wait_for()
     tab.page.get_by_text("No message is quarantined.").wait_for()
     assert tab.violations == []
     tab.page.close()
