@@ -19,6 +19,7 @@ from emailops.users import accounts
 from localmail.dovecot import LocalDovecot
 from tests.console_helpers import (
     BASE,
+    BOB_KEY,
     CLI,
     Console,
     MovingClock,
@@ -30,8 +31,6 @@ from tests.console_helpers import (
 from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
 
 pytestmark = pytest.mark.timeout(240)
-# The index key of the console's account (EMAIL_USERNAME bob@example.test on 127.0.0.1).
-BOB_KEY = "bob@example.test@127.0.0.1"
 
 
 @pytest.fixture

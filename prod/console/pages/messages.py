@@ -150,10 +150,10 @@ def _rules(call: Call) -> tuple[RuleSet, str | None]:
 Found = tuple[AccountChoice, StoredMessage, MessageStory, str | None]
 
 
-def _stored(call: Call) -> Found | Response:
-    """The indexed message of the chosen account, its story, and why its rule matches are missing
-    (None: shown); 404 for a message of no account or of another."""
-    choice = page_choice(call)
+def _stored(call: Call, chosen: AccountChoice | None = None) -> Found | Response:
+    """The indexed message of the account ``chosen`` (default: the query's), its story, and why
+    its rule matches are missing (None: shown); 404 for a message of no account or of another."""
+    choice = page_choice(call) if chosen is None else chosen
     if isinstance(choice, Response):
         return choice
     pk = int(call.request.path_params["id"])
@@ -196,8 +196,8 @@ def _headers(stored: StoredMessage) -> dict[str, str]:
     }
 
 
-def _message(call: Call) -> dict[str, Any] | Response:
-    found = _stored(call)
+def _message(call: Call, chosen: AccountChoice | None = None) -> dict[str, Any] | Response:
+    found = _stored(call, chosen)
     if isinstance(found, Response):
         return found
     choice, stored, story, rules_problem = found
@@ -231,8 +231,10 @@ def _message(call: Call) -> dict[str, Any] | Response:
     }
 
 
-def message_page(call: Call, status_code: int = 200, notice: str | None = None) -> Response:
-    found = _message(call)
+def message_page(
+    call: Call, status_code: int = 200, notice: str | None = None, chosen: AccountChoice | None = None
+) -> Response:
+    found = _message(call, chosen)
     if isinstance(found, Response):
         return found
     return call.render(
@@ -284,34 +286,35 @@ def attachment_download(call: Call) -> Response:
 # --- Re-run rules ---------------------------------------------------------------------------
 
 
-def _rerun(call: Call) -> tuple[int, str, int] | Response:
+def _rerun(call: Call) -> tuple[int, str, int, AccountChoice] | Response:
     """Run again the rules of the message of the path, of the account the form (or JSON body)
-    names: (id, what, status), or the 404 answer for an unknown account."""
+    names: (id, what, status, that account), or the 404 answer for an unknown account."""
     pk = int(call.request.path_params["id"])
     acting = acting_choice(call)
     if isinstance(acting, Response):
         return acting
     change = rerun_rules(call.context.engine, pk, account=acting.key, actor=actor_of(call))
     if not change.done:
-        return pk, f"Rules of message {pk} not run again: {change.refusal}.", 409 if change.before else 404
-    return pk, f"Rules of message {pk} of {acting.value}: pending, they run again shortly.", 200
+        status = 409 if change.before else 404
+        return pk, f"Rules of message {pk} not run again: {change.refusal}.", status, acting
+    return pk, f"Rules of message {pk} of {acting.value}: pending, they run again shortly.", 200, acting
 
 
 def rerun_form(call: Call) -> Response:
     rerun = _rerun(call)
     if isinstance(rerun, Response):
         return rerun
-    _, notice, status = rerun
+    _, notice, status, acting = rerun
     if status == 404:
         return Response(notice, 404, media_type="text/plain")
-    return message_page(call, status, notice)
+    return message_page(call, status, notice, acting)  # the message's page, of its own account
 
 
 def rerun_api(call: Call) -> Response:
     rerun = _rerun(call)
     if isinstance(rerun, Response):
         return rerun
-    pk, notice, status = rerun
+    pk, notice, status, _ = rerun
     answer = "done" if status == 200 else "error"
     return call.json({"id": pk, "url": call.url(f"/messages/{pk}"), answer: notice}, status)
 
