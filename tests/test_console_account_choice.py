@@ -210,6 +210,8 @@ def test_an_action_acts_on_its_row_s_account_never_the_shown_one_and_is_audited(
     assert done.status_code == 200, done.text
     assert f"Reply {theirs['reply']} of help resolved as sent: now sent." in done.text
     assert f'<option value="{BOB}" selected>' in done.text and f'id="reply-{bob["reply"]}"' in done.text
+    # The chooser goes to the page, not to the action's address.
+    assert '<form method="get" action="/outbox" class="filters account-choice">' in done.text
     with reading(console.engine) as conn:
         assert [outbox.get_reply(conn, made[k]["reply"]).state for k in made] == ["unknown", "sent"]  # type: ignore[union-attr]
     assert _audit(console, "outbox.resolve") == [("otto", f"{HELP_KEY}/outbox:{theirs['reply']}")]

@@ -132,7 +132,9 @@ def unknown_account(call: Call, name: str) -> Response:
     message = f"no mail account named {name!r}"
     if call.request.url.path.startswith("/api/"):
         return call.json({"error": message}, 404)
-    return call.render("no_account.html", 404, name=name, accounts=deployment_accounts_of(call))
+    # Links to the same page of each account, when it is a page (an action's address is no page).
+    links = call.request.method == "GET"
+    return call.render("no_account.html", 404, name=name, accounts=deployment_accounts_of(call), links=links)
 
 
 def account_imap(call: Call, account: AccountConfig | None) -> ServerConfig:
