@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from starlette.responses import Response, StreamingResponse
 
 from emailops.accounts.config import AccountConfig
-from emailops.accounts.status import AccountStatus, account_status
+from emailops.accounts.status import AccountStatus, account_statuses
 from emailops.actions.messages import request_fetch
 from emailops.overview import HOURS, Overview, overview
 from emailops.store.database import reading
@@ -45,7 +45,7 @@ def _overview(call: Call) -> Overview:
 def _statuses(call: Call, accounts: tuple[AccountConfig, ...]) -> list[AccountStatus]:
     """Each account's state, messages, last sync and last error, as ``emailops accounts list``."""
     with reading(call.context.engine) as conn:
-        return [account_status(conn, account) for account in accounts]
+        return account_statuses(conn, accounts)
 
 
 def _names(accounts: tuple[AccountConfig, ...]) -> dict[str, str]:
