@@ -134,6 +134,8 @@ def test_each_page_shows_the_chosen_account_and_its_links_keep_it(console: Conso
     assert '<th scope="col">Account</th>' not in page  # one account: no column
     every = viewer.get("/outbox", params={"account": "*"}).text
     assert '<option value="*" selected>All accounts</option>' in every
+    # Every account is for the lists: the navigation keeps it to them only.
+    assert '<a href="/drafts?account=%2A">Drafts</a>' in every and '<a href="/messages">Search</a>' in every
     assert '<th scope="col">Account</th>' in every and f"<td>help</td><td>{theirs['reply']}</td>" in every
     search = viewer.get("/messages", params={"account": "help"}).text
     assert f'<a href="/messages/{theirs["message"]}?account=help">' in search

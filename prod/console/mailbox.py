@@ -23,8 +23,10 @@ from prod.console.calls import Call
 ACCOUNT_PARAM = "account"
 # Every account at once (no account is named so: names are letters, digits and . _ @ + -).
 ALL = "*"
-# The pages shown for one account (or all): their links in the navigation keep the choice.
+# The pages shown for one account: their links in the navigation keep the choice; those of
+# EVERY_PAGES (lists) keep "every account" too.
 ACCOUNT_PAGES = frozenset({"/messages", "/outbox", "/quarantine", "/drafts", "/rules"})
+EVERY_PAGES = frozenset({"/outbox", "/quarantine", "/drafts"})
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,11 @@ class AccountChoice:
         return urlencode({key: value for key, value in values.items() if value})
 
     def link(self, path: str) -> str:
-        """``path`` keeping the choice when it is a page shown per account."""
+        """``path`` keeping the choice when it is a page shown per account (every account: when
+        it is a list; other pages then show their default account)."""
         query = self.query()
-        return f"{path}?{query}" if path in ACCOUNT_PAGES and query else path
+        keeps = path in (EVERY_PAGES if self.every else ACCOUNT_PAGES)
+        return f"{path}?{query}" if keeps and query else path
 
 
 class UnknownAccountError(LookupError):
