@@ -171,11 +171,11 @@ def _refuse_default_name(settings: RuntimeSettings, names: list[str]) -> None:
 
 
 def _list(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -> int:
-    from emailops.accounts.status import account_status
+    from emailops.accounts.status import account_statuses
     from emailops.store.database import reading
 
     with reading(engine) as conn:
-        found = [account_status(conn, account) for account in deployment_accounts(settings, conn)]
+        found = account_statuses(conn, deployment_accounts(settings, conn))
     if args.json:
         print_json([asdict(status) for status in found])
         return EXIT_OK

@@ -111,9 +111,13 @@ def sign_in(client: TestClient, name: str, password: str) -> Any:
     )
 
 
-def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]:
-    """An outbox reply of the console's account whose outcome is unknown, and a message its rules
-    quarantined: (the reply's id, the message's row)."""
+# The index key of the console's account (EMAIL_USERNAME bob@example.test on 127.0.0.1).
+BOB_KEY = "bob@example.test@127.0.0.1"
+
+
+def add_unknown_reply_and_quarantined_message(engine: Engine, account: str = BOB_KEY) -> tuple[int, int]:
+    """An outbox reply of ``account`` (the console's) whose outcome is unknown, and a message its
+    rules quarantined: (the reply's id, the message's row)."""
     from sqlalchemy import update
 
     from emailops.replies import outbox
@@ -122,7 +126,6 @@ def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]
     from emailops.store.schema import outbox as outbox_table
     from tests.test_store import NOW, fetched
 
-    account = "bob@example.test@127.0.0.1"
     with engine.begin() as conn:
         reply_id, _ = outbox.insert_reply(
             conn,
@@ -170,8 +173,8 @@ def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console
     return Console(settings, engine, MovingClock())
 
 
-def add_failed_model_job(engine: Engine) -> int:
-    """A model job of the console's account that failed (its retry and cancel are offered): its id."""
+def add_failed_model_job(engine: Engine, account: str = BOB_KEY) -> int:
+    """A model job of ``account`` (the console's) that failed (its retry and cancel are offered): its id."""
     from sqlalchemy import update
 
     from emailops.llm import jobs
@@ -181,7 +184,7 @@ def add_failed_model_job(engine: Engine) -> int:
     with engine.begin() as conn:
         job_id, _ = jobs.insert_job(
             conn,
-            account="bob@example.test@127.0.0.1",
+            account=account,
             inbound_key="<asked-1@example.org>",
             message_pk=None,
             rule_name="ai-answer",

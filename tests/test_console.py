@@ -8,6 +8,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from argon2 import PasswordHasher
@@ -362,11 +363,15 @@ def test_every_json_object_has_an_id_and_the_address_of_its_page(console: Consol
         assert set(data) >= {"id", "url"} and data["url"].startswith(BASE + "/")
         items = [item for value in data.values() if isinstance(value, list) for item in value]
         assert items, path
+        page = urlsplit(data["url"])
         for item in items:
             if isinstance(item, dict):
-                assert item["url"].startswith(data["url"].rstrip("/") + "/") or item["url"].startswith(
-                    data["url"] + "#"
+                # Under its page's address, or a part of its page; keeping the account shown.
+                own = urlsplit(item["url"])
+                assert own.path.startswith(page.path.rstrip("/") + "/") or (
+                    own.path == page.path and own.fragment
                 ), item
+                assert own.query in (page.query, ""), item
                 assert "id" in item
 
 
