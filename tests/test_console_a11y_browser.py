@@ -313,11 +313,12 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
     page.goto(base + "/")
     count = page.locator("#count-quarantined")
     assert count.inner_text() == "1"
-    walk.tab_to("Fetch INBOX now")
+    fetch = page.get_by_role("button", name=re.compile(r"^Fetch INBOX of .+ now$")).inner_text()
+    walk.tab_to(fetch)
     (released,) = release_quarantined(console.engine, [facts["quarantined"]], account=ACCOUNT, actor=CLI)
     assert released.done, released
     count.filter(has_text="0").wait_for(timeout=15_000)
-    assert page.evaluate("document.activeElement.textContent") == "Fetch INBOX now"
+    assert page.evaluate("document.activeElement.textContent") == fetch
     assert page.evaluate("document.activeElement.matches(':focus-visible')")
 
     # What shows on demand reflows too: the query language's help, opened from the keyboard ...
@@ -363,7 +364,7 @@ def test_every_page_reflows_at_400_percent_and_works_with_the_keyboard_alone(
     label = f"Mark sent reply {facts['reply']}"
     walk.tab_to(label)
     page.keyboard.press("Enter")
-    notice = f"Reply {facts['reply']} resolved as sent: now sent."
+    notice = f"Reply {facts['reply']} of bob@example.test resolved as sent: now sent."
     page.get_by_role("status").filter(has_text=notice).wait_for()
     assert confirmations == [f"Mark sent reply {facts['reply']} (Re: question to carol@example.org)?"]
     assert page.get_by_role("button", name=label).count() == 0

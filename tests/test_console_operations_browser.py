@@ -64,9 +64,9 @@ def test_an_operator_resolves_and_releases_and_both_are_in_the_audit_log(
     tab.page.screenshot(path=str(shots / "outbox-of-help.png"), full_page=True)
     tab.page.once("dialog", lambda dialog: (confirmations.append(dialog.message), dialog.accept()))
     tab.page.get_by_role("button", name=f"Mark sent reply {help_reply}").click()
-    assert confirmations[-1].startswith(f"Mark sent reply {help_reply} (")
     resolved = f"Reply {help_reply} of help resolved as sent: now sent."
     tab.page.get_by_role("status").filter(has_text=resolved).wait_for()
+    assert confirmations[-1].startswith(f"Mark sent reply {help_reply} (")
 
     # Back to bob's, again by the keyboard (the chooser keeps its place in the page).
     chooser.focus()

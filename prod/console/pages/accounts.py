@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from emailops.accounts.config import AccountConfig
 from emailops.accounts.fields import AccountError
-from emailops.accounts.status import account_status
+from emailops.accounts.status import AccountStatus, account_statuses
 from emailops.accounts.store import set_enabled
 from emailops.actions.messages import request_fetch
 from emailops.audit import Actor, record
@@ -60,10 +60,14 @@ def _reconnectable(account: AccountConfig) -> bool:
     return account.oauth2 is not None and account.oauth2.flow is OAuth2Flow.REFRESH_TOKEN
 
 
-def _view(call: Call, account: AccountConfig) -> dict[str, Any]:
-    """What the page and the API show of an account: never a secret."""
+def _views(call: Call, accounts: list[AccountConfig]) -> list[dict[str, Any]]:
+    """What the page and the API show of each account: never a secret."""
     with reading(call.context.engine) as conn:
-        status = account_status(conn, account)
+        statuses = account_statuses(conn, accounts)
+    return [_view(call, account, status) for account, status in zip(accounts, statuses, strict=True)]
+
+
+def _view(call: Call, account: AccountConfig, status: AccountStatus) -> dict[str, Any]:
     return {
         "id": account.name,
         "url": _page_url(call, account.name),
@@ -86,7 +90,7 @@ def _view(call: Call, account: AccountConfig) -> dict[str, Any]:
 
 def accounts_page(call: Call) -> Response:
     try:
-        views = [_view(call, account) for account in _accounts(call)]
+        views = _views(call, _accounts(call))
     except CommandError as exc:
         return call.render("accounts.html", 500, accounts=[], error=str(exc))
     return call.render("accounts.html", accounts=views, error=None)
@@ -101,7 +105,7 @@ def _account_page(
     return call.render(
         "account.html",
         status_code,
-        account=_view(call, account),
+        account=_views(call, [account])[0],
         notice=notice,
         error=notice if status_code >= 400 else None,
         **shown,
@@ -117,7 +121,7 @@ def account_api(call: Call) -> Response:
     account = _find(call, name)
     if account is None:
         return call.json({"id": name, "url": _page_url(call, name), "error": f"no account {name!r}"}, 404)
-    return call.json(_view(call, account))
+    return call.json(_views(call, [account])[0])
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ def callback(call: Call) -> Response:
             raise _Refused(f"the authorization server answered {said}")
         account = _with_secrets(call, name)
         with reading(call.context.engine) as conn:
-            before = account_status(conn, account).state
+            (before,) = account_statuses(conn, [account])
         source = account_token_source(account, call.context.settings.deployment(), call.context.engine)
         assert source is not None
         authorization_code.finish(source, pending, query.get("code", ""))
@@ -262,9 +266,14 @@ def callback(call: Call) -> Response:
         record(call.context.engine, actor, RECONNECT_ACTION, name, after={"ok": False, "error": str(exc)})
         return _finished(call, 502, name, str(exc))
     with reading(call.context.engine) as conn:
-        after = account_status(conn, account).state
+        (after,) = account_statuses(conn, [account])
     record(
-        call.context.engine, actor, RECONNECT_ACTION, name, before={"state": before}, after={"state": after}
+        call.context.engine,
+        actor,
+        RECONNECT_ACTION,
+        name,
+        before={"state": before.state},
+        after={"state": after.state},
     )
     return _finished(call, 200, name, None)
 
