@@ -79,6 +79,8 @@ class OAuth2Config:
     initial_refresh_token: str | None = field(default=None, repr=False)
     token_keys: tuple[str, ...] = field(default=(), repr=False)
     timeout_seconds: float = 30.0
+    # The authorization endpoint of the authorization-code flow (the console's Reconnect).
+    authorize_url: str | None = None
 
 
 @dataclass(frozen=True)

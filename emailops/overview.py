@@ -4,7 +4,8 @@ the last 24 hours of mail indexed and replies sent, hour by hour.
 
 What the index knows comes from the database; how each folder is watched now (IDLE or polling) and
 its last error come from the workers (``FolderStatus``, which the caller reads where the workers
-report it), matched by folder name.
+report it), matched by account and folder name (by folder name alone for a report that names no
+account).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ class Overview:
 
 def overview(conn: Connection, *, watching: Sequence[FolderStatus], now: datetime) -> Overview:
     """The overview of every account in the index as of ``now``; ``watching``: what the workers
-    report of the folders they watch (by folder name: the workers watch one account)."""
-    reported = {status.folder: status for status in watching}
+    report of the folders they watch."""
+    reported = {(status.account, status.folder): status for status in watching}
     accounts = conn.execute(select(folders.c.account).distinct().order_by(folders.c.account)).scalars().all()
     requested = {
         (account, name): at
@@ -65,7 +66,12 @@ def overview(conn: Connection, *, watching: Sequence[FolderStatus], now: datetim
         )
     }
     rows = [
-        _folder(account, stats, reported.get(stats.name), requested[(account, stats.name)])
+        _folder(
+            account,
+            stats,
+            reported.get((account, stats.name)) or reported.get((None, stats.name)),
+            requested[(account, stats.name)],
+        )
         for account in accounts
         for stats in folder_stats(conn, account)
     ]

@@ -1,8 +1,10 @@
 """A throwaway OAuth2 authorization server on loopback, for tests and the demo of OAuth2 sign-in.
 
 It plays Microsoft's or Google's part: a token endpoint (refresh_token grant with refresh-token
-rotation, client_credentials, and the device_code grant of RFC 8628), a device authorization
-endpoint with a way for the test to approve a code as the person would, and an introspection
+rotation, client_credentials, the device_code grant of RFC 8628, and the authorization_code grant
+with PKCE of RFC 7636, S256 only), a device authorization endpoint with a way for the test to
+approve a code as the person would, an authorization endpoint (``/authorize``: a page where the
+person, in a real browser, names the mailbox and allows the client), and an introspection
 endpoint (RFC 7662) that LocalDovecot's ``passdb { driver = oauth2 }`` and the SMTP relay ask
 whether an access token is valid. It counts the requests it answers, per endpoint and grant, so
 that tests can prove that a refresh was made exactly once, or that a revoked token does not
@@ -15,6 +17,8 @@ can look for them in any output.
 from __future__ import annotations
 
 import base64
+import hashlib
+import html
 import json
 import secrets
 import threading
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from localmail.dovecot import LOOPBACK
 
@@ -47,6 +51,16 @@ class _Device:
     expires_at: float
     username: str | None = None
     denied: bool = False
+    used: bool = False
+
+
+@dataclass
+class _Code:
+    client_id: str
+    redirect_uri: str
+    code_challenge: str
+    username: str
+    expires_at: float
     used: bool = False
 
 
@@ -86,6 +100,7 @@ class LocalOAuth2Server:
         self._access: dict[str, _Access] = {}
         self._refresh: dict[str, tuple[str, str]] = {}  # token -> (username, client_id)
         self._devices: dict[str, _Device] = {}  # device_code -> state
+        self._codes: dict[str, _Code] = {}  # authorization code -> what its exchange must match
         self.requests: Counter[str] = Counter()
         # Every token ever issued, for tests that look for them in output.
         self.issued: list[str] = []
@@ -108,6 +123,10 @@ class LocalOAuth2Server:
     @property
     def device_url(self) -> str:
         return f"{self.base_url}/devicecode"
+
+    @property
+    def authorize_url(self) -> str:
+        return f"{self.base_url}/authorize"
 
     @property
     def introspection_url(self) -> str:
@@ -232,7 +251,66 @@ class LocalOAuth2Server:
             return self._tokens(username, client_id, refresh=False)
         if grant == DEVICE_CODE_GRANT:
             return self._device_grant(form.get("device_code", ""), client_id)
+        if grant == "authorization_code":
+            return self._code_grant(form, client_id)
         raise TokenError("unsupported_grant_type")
+
+    def _code_grant(self, form: dict[str, str], client_id: str) -> dict[str, Any]:
+        verifier = form.get("code_verifier", "")
+        with self._lock:
+            found = self._codes.get(form.get("code", ""))
+            if found is None or found.used or found.client_id != client_id or found.expires_at < time.time():
+                raise TokenError("invalid_grant", "unknown, used or expired authorization code")
+            found.used = True  # at most once, even when the checks below fail
+            if form.get("redirect_uri") != found.redirect_uri:
+                raise TokenError("invalid_grant", "redirect_uri differs from the authorization request's")
+            if not verifier or s256(verifier) != found.code_challenge:
+                raise TokenError("invalid_grant", "PKCE: the code_verifier does not match the code_challenge")
+            username = found.username
+        return self._tokens(username, client_id, refresh=True)
+
+    def authorization_request(self, query: dict[str, str]) -> str:
+        """The sign-in page of a valid authorization request; ``TokenError`` otherwise."""
+        self._count("authorize")
+        self._check_authorization_request(query)
+        hidden = "".join(
+            f'<input type="hidden" name="{html.escape(key)}" value="{html.escape(value)}">'
+            for key, value in query.items()
+        )
+        client = html.escape(query["client_id"])
+        return (
+            "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Sign in</title></head><body>"
+            f"<h1>Sign in to allow {client}</h1><form method='post' action='/authorize'>{hidden}"
+            "<label for='username'>Mailbox</label> <input id='username' name='username' required>"
+            "<button type='submit'>Allow</button></form></body></html>"
+        )
+
+    def _check_authorization_request(self, query: dict[str, str]) -> None:
+        if query.get("client_id") not in self.clients:
+            raise TokenError("invalid_client", "unknown client")
+        if query.get("response_type") != "code":
+            raise TokenError("unsupported_response_type")
+        redirect = urlsplit(query.get("redirect_uri", ""))
+        if redirect.scheme not in ("http", "https") or not redirect.netloc:
+            raise TokenError("invalid_request", "redirect_uri must be an absolute address")
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            raise TokenError("invalid_request", "PKCE with code_challenge_method=S256 is required")
+
+    def authorize(self, form: dict[str, str]) -> str:
+        """The person allowed the request as ``username``: the redirect back with a code."""
+        self._check_authorization_request(form)
+        code = secrets.token_urlsafe(24)
+        with self._lock:
+            self._codes[code] = _Code(
+                client_id=form["client_id"],
+                redirect_uri=form["redirect_uri"],
+                code_challenge=form["code_challenge"],
+                username=form.get("username", "").strip(),
+                expires_at=time.time() + 60,
+            )
+        back = {"code": code} | ({"state": form["state"]} if "state" in form else {})
+        separator = "&" if "?" in form["redirect_uri"] else "?"
+        return form["redirect_uri"] + separator + urlencode(back)
 
     def _refresh_grant(self, refresh_token: str, client_id: str) -> dict[str, Any]:
         with self._lock:
@@ -286,10 +364,37 @@ class LocalOAuth2Server:
         }
 
 
+def s256(verifier: str) -> str:
+    """The PKCE S256 challenge of ``verifier`` (RFC 7636 4.2)."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
 def _handler(server: LocalOAuth2Server) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             pass  # quiet: tests read the counters, not an access log
+
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            if parts.path != "/authorize":
+                self._answer(404, {"error": "not_found"})
+                return
+            query = {key: values[0] for key, values in parse_qs(parts.query).items()}
+            try:
+                page = server.authorization_request(query)
+            except TokenError as exc:
+                self._text(400, f"{exc.error}: {exc.description}")
+                return
+            self._text(200, page, "text/html; charset=utf-8")
+
+        def _text(self, status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
+            data = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -301,6 +406,12 @@ def _handler(server: LocalOAuth2Server) -> type[BaseHTTPRequestHandler]:
                     self._answer(200, server.token(form, authorization))
                 elif self.path == "/devicecode":
                     self._answer(200, server.device_authorization(form, authorization))
+                elif self.path == "/authorize":
+                    location = server.authorize(form)
+                    self.send_response(303)
+                    self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 elif self.path == "/introspect":
                     server._count("introspect")
                     self._answer(200, server.introspect(form.get("token", "")))

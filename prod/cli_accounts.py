@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
 
     from emailops.accounts.config import AccountConfig
+    from emailops.accounts.probe import ProbeResult
     from emailops.auth.crypto import SecretCipher
 
 
@@ -170,11 +171,11 @@ def _refuse_default_name(settings: RuntimeSettings, names: list[str]) -> None:
 
 
 def _list(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -> int:
-    from emailops.accounts.status import account_status
+    from emailops.accounts.status import account_statuses
     from emailops.store.database import reading
 
     with reading(engine) as conn:
-        found = [account_status(conn, account) for account in deployment_accounts(settings, conn)]
+        found = account_statuses(conn, deployment_accounts(settings, conn))
     if args.json:
         print_json([asdict(status) for status in found])
         return EXIT_OK
@@ -190,18 +191,20 @@ def _list(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -
     return EXIT_OK
 
 
-def _show(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -> int:
-    from emailops.accounts.store import MASK, SECRET_COLUMNS, describe, plain_values
+def shown_settings(settings: RuntimeSettings, engine: Engine, account: AccountConfig) -> dict[str, Any]:
+    """An account's keys as ``accounts show`` prints them (the console shows the same): every
+    secret masked, and where the account is defined (``source``)."""
+    from emailops.accounts.store import describe, masked_secrets, plain_values
     from emailops.store.database import reading
 
-    chosen = choose_account(settings, engine, args.name)
-    if settings.has_default_account and chosen.name == settings.default_account().name:
-        values: dict[str, Any] = plain_values(chosen) | dict.fromkeys(SECRET_COLUMNS)
-        values["password"] = MASK if chosen.password else None
-        values["source"] = "EMAIL_* settings"
-    else:
-        with reading(engine) as conn:
-            values = (describe(conn, chosen.name) or {}) | {"source": "index"}
+    if settings.has_default_account and account.name == settings.default_account().name:
+        return plain_values(account) | masked_secrets(account) | {"source": "EMAIL_* settings"}
+    with reading(engine) as conn:
+        return (describe(conn, account.name) or {}) | {"source": "index"}
+
+
+def _show(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -> int:
+    values = shown_settings(settings, engine, choose_account(settings, engine, args.name))
     if args.json:
         print_json(values)
         return EXIT_OK
@@ -245,7 +248,8 @@ def _add(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) ->
     return EXIT_OK
 
 
-def _stored_name(settings: RuntimeSettings, name: str) -> str:
+def stored_name(settings: RuntimeSettings, name: str) -> str:
+    """``name``, unless it is the EMAIL_* account (``AccountError``: its settings are changed there)."""
     from emailops.accounts.fields import AccountError
 
     if settings.has_default_account and settings.default_account().name == name:
@@ -257,7 +261,7 @@ def _enable(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace)
     from emailops.accounts.store import set_enabled
 
     enabled = args.action == "enable"
-    done = set_enabled(engine, _stored_name(settings, args.name), enabled, actor=cli_actor())
+    done = set_enabled(engine, stored_name(settings, args.name), enabled, actor=cli_actor())
     print(f"{args.name}: {args.action}d" if done else f"{args.name}: already {args.action}d", file=sys.stderr)
     return EXIT_OK
 
@@ -267,7 +271,7 @@ def _remove(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace)
     from emailops.accounts.store import account_data, get_account, remove_account
     from emailops.store.database import reading
 
-    name = _stored_name(settings, args.name)
+    name = stored_name(settings, args.name)
     if not args.yes:
         with reading(engine) as conn:
             account = get_account(conn, name)
@@ -287,13 +291,19 @@ def _remove(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace)
     return EXIT_OK
 
 
-def _test(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -> int:
+def try_sign_in(settings: RuntimeSettings, engine: Engine, name: str) -> tuple[AccountConfig, ProbeResult]:
+    """Sign in to the account's servers as the daemon would (``accounts test``, the console's
+    "Test connection"): the account and what each server answered."""
     from emailops.accounts.probe import probe_account
     from prod.oauth2_tokens import account_token_source
 
-    account = choose_account(settings, engine, args.name, secrets=True)
+    account = choose_account(settings, engine, name, secrets=True)
     deployment = settings.deployment()
-    result = probe_account(account, deployment, account_token_source(account, deployment, engine))
+    return account, probe_account(account, deployment, account_token_source(account, deployment, engine))
+
+
+def _test(settings: RuntimeSettings, engine: Engine, args: argparse.Namespace) -> int:
+    account, result = try_sign_in(settings, engine, args.name)
     if args.json:
         print_json(asdict(result) | {"ok": result.ok})
         return EXIT_OK if result.ok else EXIT_FAILED

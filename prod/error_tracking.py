@@ -9,7 +9,8 @@ that masks the password (all its spellings), authorization data and URL password
 Breadcrumbs (the log lines before an event) carry no recipient, subject or message text unless
 ``SENTRY_SEND_PII=true``: a line of the product's own logging keeps its event name (a constant;
 its fields never reach Sentry), a library's line keeps only its template (``"[%s] %r"``), not the
-values formatted into it, and a line without a template is withheld.
+values formatted into it, and a line without a template is withheld. The SDK's own breadcrumb of
+each SQL statement (category ``query``) is dropped: see ``breadcrumb_scrubber``.
 """
 
 from __future__ import annotations
@@ -49,14 +50,24 @@ def scrub_event(event: dict[str, Any], hint: dict[str, Any] | None = None) -> di
     return REDACTOR.redact_dict(_scrub(event))
 
 
-Scrubber = Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]]
+BreadcrumbScrubber = Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any] | None]
+
+# The SDK's database integrations (SQLAlchemy's is enabled by itself) record every SQL statement.
+_DROPPED_BREADCRUMB_CATEGORIES = frozenset({"query"})
 
 
-def breadcrumb_scrubber(*, send_pii: bool) -> Scrubber:
+def breadcrumb_scrubber(*, send_pii: bool) -> BreadcrumbScrubber:
     """Sentry ``before_breadcrumb``: breadcrumbs are log lines and HTTP calls; secrets are masked in
-    all of them, and without ``send_pii`` a log line's text is cut to what names no person."""
+    all of them, and without ``send_pii`` a log line's text is cut to what names no person.
 
-    def scrub(crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+    SQL statements are dropped: the daemon runs dozens a second, so within the event's last
+    ``max_breadcrumbs`` they would push out the log lines that tell what went wrong, and a
+    statement's text may hold values written into it (the log lines of ``sqlalchemy.engine`` at
+    ``LOG_LEVEL=DEBUG`` still show them, cut like any library's line)."""
+
+    def scrub(crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        if crumb.get("category") in _DROPPED_BREADCRUMB_CATEGORIES:
+            return None
         record = (hint or {}).get("log_record")
         if not send_pii and isinstance(record, logging.LogRecord):
             crumb = {**crumb, "message": _impersonal_text(record), "data": {}}

@@ -117,6 +117,7 @@ class RuntimeSettings(BaseSettings):
     email_oauth2_refresh_token: SecretStr | None = None
     email_oauth2_token_url: str = ""
     email_oauth2_device_url: str = ""
+    email_oauth2_authorize_url: str = ""
     email_oauth2_scopes: CommaList = ()
     email_oauth2_token_key: SecretStr | None = None
 
@@ -206,7 +207,7 @@ class RuntimeSettings(BaseSettings):
         items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
         return tuple(dict.fromkeys(items))
 
-    @field_validator("email_oauth2_token_url", "email_oauth2_device_url")
+    @field_validator("email_oauth2_token_url", "email_oauth2_device_url", "email_oauth2_authorize_url")
     @classmethod
     def _endpoint_url(cls, value: str) -> str:
         problem = endpoint_url_problem(value) if value else None
@@ -394,6 +395,7 @@ class RuntimeSettings(BaseSettings):
                 refresh_token=_secret(self.email_oauth2_refresh_token),
                 token_url=self.email_oauth2_token_url,
                 device_url=self.email_oauth2_device_url,
+                authorize_url=self.email_oauth2_authorize_url,
                 scopes=self.email_oauth2_scopes,
             )
         return AccountConfig(

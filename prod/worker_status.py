@@ -33,6 +33,7 @@ class FolderReport:
     error: str | None = None
     error_at: float | None = None
     mode: str | None = None  # idle, polling, or None: not connected
+    account: str | None = None  # the account's key in the index (None: not reported)
 
     @property
     def current_error(self) -> bool:

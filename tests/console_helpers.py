@@ -111,9 +111,13 @@ def sign_in(client: TestClient, name: str, password: str) -> Any:
     )
 
 
-def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]:
-    """An outbox reply of the console's account whose outcome is unknown, and a message its rules
-    quarantined: (the reply's id, the message's row)."""
+# The index key of the console's account (EMAIL_USERNAME bob@example.test on 127.0.0.1).
+BOB_KEY = "bob@example.test@127.0.0.1"
+
+
+def add_unknown_reply_and_quarantined_message(engine: Engine, account: str = BOB_KEY) -> tuple[int, int]:
+    """An outbox reply of ``account`` (the console's) whose outcome is unknown, and a message its
+    rules quarantined: (the reply's id, the message's row)."""
     from sqlalchemy import update
 
     from emailops.replies import outbox
@@ -122,7 +126,6 @@ def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]
     from emailops.store.schema import outbox as outbox_table
     from tests.test_store import NOW, fetched
 
-    account = "bob@example.test@127.0.0.1"
     with engine.begin() as conn:
         reply_id, _ = outbox.insert_reply(
             conn,
@@ -148,24 +151,30 @@ def add_unknown_reply_and_quarantined_message(engine: Engine) -> tuple[int, int]
     return reply_id, pk
 
 
-def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console:
-    """The console of alice's mailbox on ``dovecot`` (its IMAP sign-in), users as ``add_users``."""
-    engine = index_engine(db_url)
-    add_users(engine)
-    settings = console_settings(
+def dovecot_settings(tmp_path: Path, db_url: str, dovecot: LocalDovecot, **overrides: Any) -> RuntimeSettings:
+    """``console_settings`` whose EMAIL_* account is on ``dovecot`` (no TLS)."""
+    return console_settings(
         tmp_path,
         db_url,
         email_imap_host=dovecot.host,
         email_imap_port=dovecot.imap_port,
         email_imap_security="none",
-        email_username=ALICE,
-        email_password=dovecot.password(ALICE),
+        **overrides,
+    )
+
+
+def alice_console(tmp_path: Path, db_url: str, dovecot: LocalDovecot) -> Console:
+    """The console of alice's mailbox on ``dovecot`` (its IMAP sign-in), users as ``add_users``."""
+    engine = index_engine(db_url)
+    add_users(engine)
+    settings = dovecot_settings(
+        tmp_path, db_url, dovecot, email_username=ALICE, email_password=dovecot.password(ALICE)
     )
     return Console(settings, engine, MovingClock())
 
 
-def add_failed_model_job(engine: Engine) -> int:
-    """A model job of the console's account that failed (its retry and cancel are offered): its id."""
+def add_failed_model_job(engine: Engine, account: str = BOB_KEY) -> int:
+    """A model job of ``account`` (the console's) that failed (its retry and cancel are offered): its id."""
     from sqlalchemy import update
 
     from emailops.llm import jobs
@@ -175,7 +184,7 @@ def add_failed_model_job(engine: Engine) -> int:
     with engine.begin() as conn:
         job_id, _ = jobs.insert_job(
             conn,
-            account="bob@example.test@127.0.0.1",
+            account=account,
             inbound_key="<asked-1@example.org>",
             message_pk=None,
             rule_name="ai-answer",
@@ -192,3 +201,64 @@ def add_failed_model_job(engine: Engine) -> int:
             update(llm_jobs).where(llm_jobs.c.id == job_id).values(state="failed", last_error="HTTP 400: bad")
         )
     return job_id
+
+
+OAUTH2_ACCOUNT = "alice-oauth"
+# The EMAIL_* account of ``accounts_console``: bob, with a password Dovecot refuses.
+PASSWORD_ACCOUNT = "bob@example.test"
+
+
+def accounts_console(
+    tmp_path: Path, db_url: str, dovecot: LocalDovecot, auth_server: Any
+) -> tuple[Console, str]:
+    """A console of two mailboxes on ``dovecot``: the EMAIL_* account bob, whose password
+    (``SECRETS["email_password"]``) the server refuses, and ``OAUTH2_ACCOUNT`` in the index: alice
+    signing in with OAuth2 at ``auth_server`` (a LocalOAuth2Server), her refresh token revoked
+    since. Returns the console and that (stored, encrypted) refresh token."""
+    from emailops.accounts.config import AccountConfig, Endpoint, OAuth2Options
+    from emailops.accounts.store import import_accounts
+    from emailops.auth.crypto import SecretCipher
+    from emailops.config import TlsSecurity
+    from localmail.dovecot import free_loopback_port
+    from tests.oauth2_helpers import CLIENT_ID, CLIENT_SECRET, TOKEN_KEY
+
+    engine = index_engine(db_url)
+    add_users(engine)
+    refresh_token = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
+    oauth2 = AccountConfig(
+        name=OAUTH2_ACCOUNT,
+        username=ALICE,
+        password="",
+        imap=Endpoint(dovecot.host, dovecot.imap_port, TlsSecurity.NONE),
+        smtp=Endpoint("127.0.0.1", free_loopback_port(), TlsSecurity.NONE),
+        oauth2=OAuth2Options(
+            provider="custom",
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            refresh_token=refresh_token,
+            token_url=auth_server.token_url,
+            authorize_url=auth_server.authorize_url,
+            scopes=("mail", "offline_access"),
+        ),
+    )
+    import_accounts(engine, [oauth2], SecretCipher([TOKEN_KEY]), actor=CLI)
+    auth_server.revoke_refresh_tokens()
+    settings = dovecot_settings(
+        tmp_path, db_url, dovecot, email_username=PASSWORD_ACCOUNT, secrets_key=TOKEN_KEY
+    )
+    return Console(settings, engine, MovingClock()), refresh_token
+
+
+def record_refusal(console: Console, account_name: str) -> str:
+    """Sign in to the account as ``emailops accounts test`` does and record the server's
+    refusal as its workers would (account_state auth_failed): the refusal's text."""
+    from emailops.store import account_state
+    from prod.cli_accounts import try_sign_in
+
+    account, result = try_sign_in(console.settings, console.engine, account_name)
+    assert result.imap_error is not None, result
+    with console.engine.begin() as conn:
+        account_state.record(
+            conn, account.index_key, account_state.Event.REFUSED, error_kind="auth", error=result.imap_error
+        )
+    return result.imap_error

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from emailops.config import ServerConfig, SyncConfig, TlsSecurity
 from emailops.store.database import create_index_engine
@@ -70,6 +71,24 @@ def indexed_at(engine: Engine, subject: str) -> datetime:
 def rows(engine: Engine, sql: str) -> list[tuple[object, ...]]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(text(sql)).all()]
+
+
+def first_synced(url: str, folders_count: int = 1) -> bool:
+    """Whether a daemon on the index at ``url`` finished the first sync of ``folders_count``
+    folders. Mail delivered from then on is new mail, which the rules answer; mail there before a
+    folder's first sync is history, and a daemon is healthy before that sync (it connects on a
+    thread, after its start-up jitter)."""
+    engine = create_index_engine(url)
+    try:
+        with engine.connect() as conn:
+            synced = conn.execute(
+                select(func.count()).select_from(folders).where(folders.c.first_synced_at.is_not(None))
+            ).scalar_one()
+    except DBAPIError:
+        return False  # the daemon has not made the index's tables yet
+    finally:
+        engine.dispose()
+    return int(synced) >= folders_count
 
 
 def daemon_env(server: LocalImapServer, data: Path, **overrides: str) -> dict[str, str]:

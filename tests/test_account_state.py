@@ -107,6 +107,15 @@ def test_changed_credentials_are_tried_at_once_in_the_same_state() -> None:
     assert changed.due(T0 + timedelta(minutes=1)) and changed.last_error == "refused"
 
 
+def test_a_new_grant_ends_a_refusal_and_is_tried_at_once() -> None:
+    refused = advance(fresh(), Event.REFUSED, T0, error_kind="auth", error="refused")
+    assert refused is not None and refused.state is State.AUTH_FAILED
+    granted = advance(refused, Event.NEW_GRANT, T0 + timedelta(minutes=1))
+    assert granted is not None and granted.state is State.OK and granted.failures == 0
+    assert granted.due(T0 + timedelta(minutes=1))
+    assert advance(fresh(State.DISABLED), Event.NEW_GRANT, T0) is None
+
+
 def test_a_disabled_account_is_never_due_and_ignores_the_workers_reports() -> None:
     disabled = advance(fresh(State.BACKOFF), Event.DISABLE, T0)
     assert disabled is not None and disabled.state is State.DISABLED

@@ -18,7 +18,7 @@ from emailops.store.database import reading
 from emailops.store.schema import messages
 from localmail.dovecot import LocalDovecot
 from tests.console_helpers import BASE, alice_console
-from tests.index_helpers import ALICE, imap_config, message, rows, sync_config
+from tests.index_helpers import ACCOUNT, ALICE, imap_config, message, rows, sync_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -68,7 +68,8 @@ def test_search_escapes_hostile_fields_marks_words_and_explains_a_parse_error(
 
     page = viewer.get("/messages", params={"q": "subject:invoice"})
     assert page.status_code == 200, page.text
-    assert f'<a href="/messages/{pk}">Invoice &lt;script&gt;alert(3)&lt;/script&gt; due</a>' in page.text
+    link = f'<a href="/messages/{pk}?account=alice%40example.test">'
+    assert link + "Invoice &lt;script&gt;alert(3)&lt;/script&gt; due</a>" in page.text
     assert "&lt;img src=x onerror=alert(4)&gt;" in page.text
     assert "<script>alert" not in page.text and "<img src=x" not in page.text
     assert "note 0" not in page.text  # only the match
@@ -78,7 +79,7 @@ def test_search_escapes_hostile_fields_marks_words_and_explains_a_parse_error(
 
     answer = viewer.get("/api/v1/messages", params={"q": "subject:invoice"}).json()
     assert [(m["id"], m["subject"], m["url"]) for m in answer["messages"]] == [
-        (pk, HOSTILE_SUBJECT, f"{BASE}/messages/{pk}")
+        (pk, HOSTILE_SUBJECT, f"{BASE}/messages/{pk}?account=alice%40example.test")
     ]
     everything = viewer.get("/api/v1/messages", params={"limit": "1"}).json()
     assert [m["id"] for m in everything["messages"]] == [pk] and everything["more"] is True
@@ -108,7 +109,8 @@ def test_a_message_shows_its_parts_safely_its_story_and_its_rules_run_again_audi
     assert "carol@example.org" in text and "&lt;hostile-1@example.org&gt;" in text
     assert "Hello operator, plain text here." in text
     assert "2 remote images blocked" in text  # src=x and the pixel
-    assert f'src="/messages/{pk}/html" sandbox="allow-popups allow-popups-to-escape-sandbox"' in text
+    frame_src = f'src="/messages/{pk}/html?account=alice%40example.test"'
+    assert f'{frame_src} sandbox="allow-popups allow-popups-to-escape-sandbox"' in text
     assert "Re-run rules" not in text  # a viewer does not act on mail
 
     frame = viewer.get(f"/messages/{pk}/html")
@@ -125,7 +127,10 @@ def test_a_message_shows_its_parts_safely_its_story_and_its_rules_run_again_audi
     assert viewer.get(f"/messages/{pk}/attachments/1").status_code == 404
 
     data = viewer.get(f"/api/v1/messages/{pk}").json()
-    assert data["url"] == f"{BASE}/messages/{pk}" and data["remote_images_blocked"] == 2
+    assert (
+        data["url"] == f"{BASE}/messages/{pk}?account=alice%40example.test"
+        and data["remote_images_blocked"] == 2
+    )
     assert [a["filename"] for a in data["attachments"]] == ['../evil"name.html']
     story = data["story"]
     assert story["rules_state"] == "pending" and len(story["request_id"]) == 16
@@ -138,11 +143,11 @@ def test_a_message_shows_its_parts_safely_its_story_and_its_rules_run_again_audi
     with console.engine.begin() as conn:
         conn.execute(update(messages).where(messages.c.id == pk).values(rules_state="done"))
     done = operator.post(f"/messages/{pk}/rerun-rules", **form)
-    assert done.status_code == 200 and f"Rules of message {pk}: pending" in done.text
+    assert done.status_code == 200 and f"Rules of message {pk} of alice@example.test: pending" in done.text
     assert "Re-run rules" in done.text
     with reading(console.engine) as conn:
         entries = list_entries(conn, actions=["messages.rerun_rules"])
-    assert [(e.actor, e.target) for e in entries] == [("otto", f"message:{pk}")]
+    assert [(e.actor, e.target) for e in entries] == [("otto", f"{ACCOUNT}/message:{pk}")]
     assert viewer.get("/messages/999999").status_code == 404
 
 

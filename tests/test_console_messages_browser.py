@@ -89,11 +89,13 @@ def test_a_hostile_message_is_found_and_shown_without_running_or_fetching_anythi
         tab.page.screenshot(path=str(shots / "search.png"), full_page=True)
         result.click()
         tab.page.get_by_role("heading", name=f"Message {pk}").wait_for()
-        assert tab.page.url == f"{base}/messages/{pk}"
+        assert tab.page.url == f"{base}/messages/{pk}?account=alice%40example.test"
         frame = tab.page.frame_locator("iframe.html-body")
         frame.get_by_text("sanitized text here").wait_for()  # the frame rendered
         # Every image of the frame has finished loading (or failing): none is left to fetch.
-        framed = next(f for f in tab.page.frames if f.url.endswith(f"/messages/{pk}/html"))
+        framed = next(
+            f for f in tab.page.frames if f.url.endswith(f"/messages/{pk}/html?account=alice%40example.test")
+        )
         framed.wait_for_function("Array.from(document.images).every(image => image.complete)")
         assert framed.evaluate("document.images.length") == 2
         tab.page.get_by_text("2 remote images blocked").wait_for()

@@ -19,6 +19,7 @@ from emailops.users import accounts
 from localmail.dovecot import LocalDovecot
 from tests.console_helpers import (
     BASE,
+    BOB_KEY,
     CLI,
     Console,
     MovingClock,
@@ -65,7 +66,7 @@ def test_an_operator_resolves_a_reply_and_releases_a_message_audited(console: Co
     assert done.json() == {
         "id": reply_id,
         "url": f"{BASE}/outbox#reply-{reply_id}",
-        "done": f"Reply {reply_id} resolved as sent: now sent.",
+        "done": f"Reply {reply_id} of bob@example.test resolved as sent: now sent.",
     }
     again = operator.post(f"/api/v1/outbox/{reply_id}/resolve", json={"as": "resend"}, headers=headers)
     assert (
@@ -82,7 +83,8 @@ def test_an_operator_resolves_a_reply_and_releases_a_message_audited(console: Co
     page = operator.post(
         f"/quarantine/rules/{pk}/release", data={"csrf_token": csrf}, headers={"Origin": BASE}
     )
-    assert page.status_code == 200 and f"Message rules-{pk}: released (done, not answered)." in page.text
+    released = f"Message rules-{pk} of bob@example.test: released (done, not answered)."
+    assert page.status_code == 200 and released in page.text
     assert operator.get("/api/v1/quarantine").json()["messages"] == []
     assert rows(console.engine, f"SELECT rules_state FROM messages WHERE id = {int(pk)}") == [("done",)]  # noqa: S608
 
@@ -95,8 +97,8 @@ def test_an_operator_resolves_a_reply_and_releases_a_message_audited(console: Co
     with reading(console.engine) as conn:
         entries = list_entries(conn, actions=["outbox.resolve", "quarantine.release"])
     assert [(e.actor, e.role, e.source, e.action, e.target) for e in reversed(entries)] == [
-        ("otto", "operator", "203.0.113.5", "outbox.resolve", f"outbox:{reply_id}"),
-        ("otto", "operator", "203.0.113.5", "quarantine.release", f"quarantine.rules:{pk}"),
+        ("otto", "operator", "203.0.113.5", "outbox.resolve", f"{BOB_KEY}/outbox:{reply_id}"),
+        ("otto", "operator", "203.0.113.5", "quarantine.release", f"{BOB_KEY}/quarantine.rules:{pk}"),
     ]
 
 
@@ -115,7 +117,7 @@ def test_a_quarantined_message_is_downloaded_as_the_server_holds_it(
         conn.execute(update(messages).where(messages.c.uid == 2).values(rules_state="quarantined"))
     ((pk,),) = rows(engine, "SELECT id FROM messages WHERE uid = 2")
     viewer, _ = console.session("vic")
-    assert f'href="/quarantine/rules/{pk}/raw"' in viewer.get("/quarantine").text
+    assert f'href="/quarantine/rules/{pk}/raw?account=alice%40example.test"' in viewer.get("/quarantine").text
     answer = viewer.get(f"/quarantine/rules/{pk}/raw")
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "message/rfc822"

@@ -16,7 +16,7 @@ import pytest
 from localmail.dovecot import LocalDovecot
 from localmail.smtp_relay import LocalSmtpRelay
 from prod.heartbeat import SupervisorState, state_path
-from tests.index_helpers import ALICE, daemon_env, message
+from tests.index_helpers import ALICE, daemon_env, first_synced, message
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_KEYS = {"ts", "level", "logger", "message", "pid", "thread"}
@@ -96,6 +96,7 @@ def test_workers_supervised_healthy_indexing_replying_and_secret_free(
     assert healthy.stdout.strip() == '{"ok": true, "env": "test", "log_level": "DEBUG", "workers": 2}'
 
     # New mail is indexed and answered by whichever worker holds the folder.
+    wait_for(lambda: first_synced(env["INDEX_DB_URL"]), 30, "the first sync: new mail from now on")
     dovecot.deliver(ALICE, message(1, subject="help please", body="wombat"))
     wait_for(lambda: len(smtp_relay.accepted) == 1, 20, "reply sent")
 

@@ -19,7 +19,7 @@ import pytest
 from localmail.dovecot import LocalDovecot, free_loopback_port
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.chat_server import ChatServer
-from tests.index_helpers import ALICE, daemon_env, index_engine, rows
+from tests.index_helpers import ALICE, daemon_env, first_synced, index_engine, rows
 from tests.test_daemon_e2e import REPO, healthcheck, supervisor_state, wait_for
 
 KEY = "sk-live-Zq8Wm3Rt5Yu7Io9Pa1Sd"
@@ -96,6 +96,7 @@ def test_sigkill_during_a_model_call_ends_with_one_draft_and_the_key_is_in_no_ou
         )
     try:
         wait_for(lambda: healthcheck(env).returncode == 0, 30, "healthy")
+        wait_for(lambda: first_synced(env["INDEX_DB_URL"]), 30, "the first sync: new mail from now on")
         dovecot.deliver(ALICE, inbound(1, "Where is my parcel? Tracking says KOALA-42."))
         wait_for(chat.started.is_set, 30, "the model was called")
         state = supervisor_state(tmp_path)

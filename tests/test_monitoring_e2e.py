@@ -22,7 +22,7 @@ from emailops import metrics
 from localmail.dovecot import LocalDovecot, free_loopback_port
 from localmail.smtp_relay import LocalSmtpRelay
 from prod.worker_status import read_status
-from tests.index_helpers import ALICE, daemon_env, message
+from tests.index_helpers import ALICE, daemon_env, first_synced, message
 from tests.prometheus_server import PROMTOOL, LocalPrometheus, scraped
 from tests.test_daemon_e2e import REPO, healthcheck, supervisor_state, wait_for
 from tests.test_replies_e2e import inbound
@@ -325,6 +325,7 @@ def test_a_refused_smtp_sign_in_is_counted(dovecot: LocalDovecot, data: Path, st
         )
         stop_daemon.append(start_daemon(env, data))
         wait_for(lambda: health(env)["ok"], 30, "healthy")
+        wait_for(lambda: first_synced(env["INDEX_DB_URL"]), 30, "the first sync: new mail from now on")
         dovecot.deliver(ALICE, inbound("help", n=1))
 
         def refused() -> bool:
@@ -370,6 +371,7 @@ def test_the_healthcheck_fails_while_smtp_refuses_the_sign_in_and_recovers_after
             == '{"ok": true, "env": "test", "log_level": "INFO", "workers": 1}'
         )
 
+        wait_for(lambda: first_synced(env["INDEX_DB_URL"]), 30, "the first sync: new mail from now on")
         dovecot.deliver(ALICE, inbound("help", n=1))
         wait_for(lambda: health(env).get("error_type") == "SmtpSignInRefused", 60, "SmtpSignInRefused")
         answer = health(env)

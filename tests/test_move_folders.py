@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from localmail.dovecot import LocalDovecot
-from tests.index_helpers import ALICE, daemon_env, message
+from tests.index_helpers import ALICE, daemon_env, first_synced, message
 from tests.shell_workers import REPO_ROOT, SupervisorProcess, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -68,7 +68,8 @@ def test_a_missing_move_folder_is_one_warning_per_load_or_created(
         created = [r for r in supervisor.records() if r["message"].startswith("created the folder")]
         assert [(r["folder"], r["rules"]) for r in created] == [("Archive", ["receipts-to-archive"])]
 
-        # The created folder works: the receipt is moved there.
+        # The created folder works: the receipt (new mail, after the first sync) is moved there.
+        assert wait_until(lambda: first_synced(env["INDEX_DB_URL"]), 30)
         dovecot.deliver(ALICE, message(1, subject="your receipt"))
         assert wait_until(lambda: dovecot.folder_status(ALICE, "Archive")["messages"] == 1, 60)
 

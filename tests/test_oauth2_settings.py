@@ -177,7 +177,7 @@ def test_every_sign_in_setting_is_documented_with_its_default() -> None:
         for name, field in RuntimeSettings.model_fields.items()
         if name == "email_auth" or name.startswith("email_oauth2_")
     }
-    assert len(fields) == 11
+    assert len(fields) == 12
     readme = (REPO / "README.md").read_text()
     example = (REPO / ".env.example").read_text()
     for name, field in fields.items():

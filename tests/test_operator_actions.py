@@ -92,9 +92,9 @@ def test_outbox_resolutions_change_only_the_states_they_apply_to_each_audited(en
         (theirs, "unknown"),
     ]
     assert audited(engine) == [
-        ("outbox.resolve", f"outbox:{unknown}", "unknown", "sent"),
-        ("outbox.resolve", f"outbox:{failed}", "failed", "pending"),
-        ("outbox.resolve", f"outbox:{pending}", "pending", "cancelled"),
+        ("outbox.resolve", f"{ACCOUNT}/outbox:{unknown}", "unknown", "sent"),
+        ("outbox.resolve", f"{ACCOUNT}/outbox:{failed}", "failed", "pending"),
+        ("outbox.resolve", f"{ACCOUNT}/outbox:{pending}", "pending", "cancelled"),
     ]
     with engine.connect() as conn:
         assert [e.after["as"] for e in reversed(list_entries(conn))] == ["sent", "resend", "cancel"]
@@ -141,8 +141,8 @@ def test_model_jobs_retry_and_cancel_are_audited(engine: Engine) -> None:
         ("cancelled", 0),
     ]
     assert audited(engine) == [
-        ("drafts.retry", f"llm_job:{ids[0]}", "failed", "pending"),
-        ("drafts.cancel", f"llm_job:{ids[1]}", "pending", "cancelled"),
+        ("drafts.retry", f"{ACCOUNT}/llm_job:{ids[0]}", "failed", "pending"),
+        ("drafts.cancel", f"{ACCOUNT}/llm_job:{ids[1]}", "pending", "cancelled"),
     ]
 
 
@@ -170,8 +170,8 @@ def test_rules_quarantine_retry_and_release(engine: Engine) -> None:
         (3, "pending", 0),
     ]
     assert audited(engine) == [
-        ("quarantine.retry", f"quarantine.rules:{pks[1]}", "quarantined", "pending"),
-        ("quarantine.release", f"quarantine.rules:{pks[2]}", "quarantined", "done"),
+        ("quarantine.retry", f"{ACCOUNT}/quarantine.rules:{pks[1]}", "quarantined", "pending"),
+        ("quarantine.release", f"{ACCOUNT}/quarantine.rules:{pks[2]}", "quarantined", "done"),
     ]
 
 
@@ -235,5 +235,5 @@ def test_a_message_quarantined_by_indexing_is_downloaded_then_indexed_on_retry(
         (audit_entry,) = list_entries(conn)
     assert (audit_entry.action, audit_entry.target) == (
         "quarantine.retry",
-        f"quarantine.index:{entry.row_id}",
+        f"{ACCOUNT}/quarantine.index:{entry.row_id}",
     )

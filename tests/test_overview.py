@@ -85,3 +85,27 @@ def test_the_overview_counts_what_waits_and_the_last_day_by_hour(db_url: str) ->
     assert (later.drafts_pending, later.drafts_failed) == (2, 1)
     assert {f.mode for f in later.folders} == {None}
     engine.dispose()
+
+
+def test_each_account_s_folder_shows_what_its_own_watcher_reports(db_url: str) -> None:
+    """Two accounts, each with an INBOX: a worker's report names the account, so one's error
+    or watch mode is never shown on the other's folder of the same name."""
+    other = "carol@example.test@127.0.0.1"
+    engine = index_engine(db_url)
+    with engine.begin() as conn:
+        for account in (ACCOUNT, other):
+            folder_store.ensure_folder(conn, account, "INBOX")
+    watching = [
+        FolderStatus(
+            "INBOX", None, "auth", "NO [AUTHENTICATIONFAILED]", NOW.timestamp(), None, account=other
+        ),
+        FolderStatus("INBOX", NOW.timestamp(), mode="idle", account=ACCOUNT),
+    ]
+    with engine.connect() as conn:
+        seen = overview(conn, watching=watching, now=NOW)
+        by_account = {f.account: (f.mode, f.error) for f in seen.folders}
+        assert by_account == {ACCOUNT: ("idle", None), other: (None, "NO [AUTHENTICATIONFAILED]")}
+        # A report written before reports named their account still applies, by folder name.
+        unnamed = overview(conn, watching=[FolderStatus("INBOX", NOW.timestamp(), mode="polling")], now=NOW)
+    assert {f.mode for f in unnamed.folders} == {"polling"}
+    engine.dispose()

@@ -94,7 +94,7 @@ class Daemon:
             step_seconds=0.2,
         )
 
-    def run_until(self, done: Callable[[], bool], timeout: float = 15.0) -> None:
+    def run_until(self, done: Callable[[], bool], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not done():
             assert time.monotonic() < deadline, "condition not reached in time"

@@ -59,7 +59,7 @@ def test_rules_run_again_never_reply_twice(
             (entry,) = list_entries(conn)
         assert (entry.action, entry.target, entry.after["state"]) == (
             "messages.rerun_rules",
-            f"message:{pk}",
+            f"{ACCOUNT}/message:{pk}",
             "pending",
         )
         refused = rerun_rules(daemon.engine, pk + 1000, account=ACCOUNT, actor=OPERATOR)

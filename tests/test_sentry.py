@@ -202,6 +202,8 @@ def test_breadcrumbs_carry_no_recipient_subject_or_text_by_default(
     assert by_category["urllib3"] == WITHHELD
     sql = [crumb["message"] for crumb in crumbs if crumb["category"].startswith("sqlalchemy.engine")]
     assert "[%s] %r" in sql  # the parameters' line, without the parameters
+    # The statement ran under Sentry (its log lines above), but the SDK's breadcrumb of it is dropped.
+    assert "query" not in by_category
 
 
 def test_breadcrumbs_carry_the_text_with_sentry_send_pii(tmp_path: Path, endpoint: _SentryEndpoint) -> None:
@@ -210,3 +212,40 @@ def test_breadcrumbs_carry_the_text_with_sentry_send_pii(tmp_path: Path, endpoin
     for personal in _PERSONAL:
         assert personal in messages
     _assert_no_secret(endpoint)
+
+
+_CONNECT_RUN = """
+import select
+from prod.runtime_settings import RuntimeSettings
+from prod.logging_setup import configure_logging, get_logger
+from prod.error_tracking import init_error_tracking
+from emailops.imap.background_connect import ConnectAttempt
+from emailops.imap.errors import ImapAuthError
+
+settings = RuntimeSettings.from_env()
+configure_logging(settings, process_role="supervisor")
+init_error_tracking(settings, worker=None)
+
+def open_connection():
+    get_logger("auth").warning("token request failed")
+    raise ImapAuthError("sign-in refused")
+
+attempt = ConnectAttempt(open_connection)
+assert select.select([attempt.ready_socket()], [], [], 20)[0], "the attempt did not finish"
+try:
+    attempt.result()
+except ImapAuthError:
+    get_logger("imap").error("sign-in refused")
+"""
+
+
+def test_lines_logged_while_connecting_on_a_thread_are_breadcrumbs_of_the_callers_event(
+    tmp_path: Path, endpoint: _SentryEndpoint
+) -> None:
+    """A worker connects on a thread (``background_connect``) and logs the refusal on its own: the
+    event carries what the connecting thread logged before it."""
+    result = run_python(tmp_path, shell_env(tmp_path, SENTRY_DSN=endpoint.dsn), _CONNECT_RUN)
+    assert result.returncode == 0, result.stderr
+    (event,) = [e for e in endpoint.events() if e["logentry"]["message"] == "sign-in refused"]
+    crumbs = [crumb["message"] for crumb in event["breadcrumbs"]["values"]]
+    assert "token request failed" in crumbs, crumbs

@@ -43,6 +43,7 @@ class OAuth2Options:
     token_url: str = ""
     device_url: str = ""
     scopes: tuple[str, ...] = ()
+    authorize_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,9 @@ class AccountConfig:
         device_url = options.device_url or (
             preset.endpoint(preset.device_url, tenant) if preset and preset.device_url else ""
         )
+        authorize_url = options.authorize_url or (
+            preset.endpoint(preset.authorize_url, tenant) if preset else ""
+        )
         scopes = options.scopes or ((preset.scopes_for(options.flow) or ()) if preset else ())
         return OAuth2Config(
             account=self.index_key,
@@ -152,4 +156,5 @@ class AccountConfig:
             initial_refresh_token=options.refresh_token,
             token_keys=deployment.secret_keys,
             timeout_seconds=min(deployment.timeout_seconds, deployment.token_timeout_seconds),
+            authorize_url=authorize_url or None,
         )

@@ -50,6 +50,7 @@ KEYS = frozenset(
         "oauth2_refresh_token",
         "oauth2_token_url",
         "oauth2_device_url",
+        "oauth2_authorize_url",
         "oauth2_scopes",
     }
 )
@@ -244,7 +245,7 @@ def _oauth2_options(keys: _Keys) -> OAuth2Options:
     if provider is None:
         raise keys.error("oauth2_provider", "required with auth=oauth2 (microsoft, google or custom)")
     flow = keys.choice("oauth2_flow", OAuth2Flow.REFRESH_TOKEN.value, tuple(OAuth2Flow)) or ""
-    for key in ("oauth2_token_url", "oauth2_device_url"):
+    for key in ("oauth2_token_url", "oauth2_device_url", "oauth2_authorize_url"):
         url = keys.text(key, "")
         problem = endpoint_url_problem(url) if url else None
         if problem:
@@ -258,6 +259,7 @@ def _oauth2_options(keys: _Keys) -> OAuth2Options:
         refresh_token=keys.optional_text("oauth2_refresh_token") or None,
         token_url=keys.text("oauth2_token_url", ""),
         device_url=keys.text("oauth2_device_url", ""),
+        authorize_url=keys.text("oauth2_authorize_url", ""),
         scopes=keys.names("oauth2_scopes", (), separators=", "),
     )
     problem = oauth2_problem(options, lambda key: key)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, and_, func, select
 
@@ -24,14 +26,10 @@ class AccountStatus:
     last_error: str | None
 
 
-def account_state(conn: Connection, account: AccountConfig) -> tuple[str, str | None]:
+def _state(account: AccountConfig, row: Any) -> tuple[str, str | None]:
     """The account's state as the operator sees it (``ok``, ``backoff``, ``auth_failed`` or
-    ``disabled``) and the last error its watchers reported (emailops.store.account_state)."""
-    row = conn.execute(
-        select(account_state_table.c.state, account_state_table.c.last_error).where(
-            account_state_table.c.account == account.index_key
-        )
-    ).one_or_none()
+    ``disabled``) and the last error its watchers reported (emailops.store.account_state), from
+    its row of ``account_state`` (None: no row)."""
     if not account.enabled:
         return "disabled", None if row is None else row.last_error
     if row is None:
@@ -39,37 +37,65 @@ def account_state(conn: Connection, account: AccountConfig) -> tuple[str, str | 
     return row.state, row.last_error if row.state != "ok" else None
 
 
-def account_status(conn: Connection, account: AccountConfig) -> AccountStatus:
-    """Messages indexed (not expunged), the newest successful folder sync, and the last error the
-    index recorded (the watchers' sign-in or connection, else the OAuth2 token requests), in full."""
-    key = account.index_key
-    messages_count, last_sync = conn.execute(
-        select(func.count(messages.c.id), func.max(folders.c.last_sync_at))
-        .select_from(folders)
-        .outerjoin(
-            messages,
-            and_(
-                messages.c.folder_id == folders.c.id,
-                messages.c.uidvalidity == folders.c.uidvalidity,
-                messages.c.expunged_at.is_(None),
-            ),
+def account_statuses(conn: Connection, accounts: Sequence[AccountConfig]) -> list[AccountStatus]:
+    """Each account's messages indexed (not expunged), newest successful folder sync, and the last
+    error the index recorded (the watchers' sign-in or connection, else the OAuth2 token requests),
+    in full; in three queries however many accounts there are (the overview reads them every few
+    seconds)."""
+    keys = [account.index_key for account in accounts]
+    if not keys:
+        return []
+    counted = {
+        row.account: (int(row.messages or 0), row.last_sync)
+        for row in conn.execute(
+            select(
+                folders.c.account,
+                func.count(messages.c.id).label("messages"),
+                func.max(folders.c.last_sync_at).label("last_sync"),
+            )
+            .select_from(folders)
+            .outerjoin(
+                messages,
+                and_(
+                    messages.c.folder_id == folders.c.id,
+                    messages.c.uidvalidity == folders.c.uidvalidity,
+                    messages.c.expunged_at.is_(None),
+                ),
+            )
+            .where(folders.c.account.in_(keys))
+            .group_by(folders.c.account)
         )
-        .where(folders.c.account == key)
-    ).one()
-    state, sync_error = account_state(conn, account)
-    last_error = (
-        sync_error
-        or conn.execute(
-            select(oauth2_tokens.c.last_error).where(oauth2_tokens.c.account == key)
-        ).scalar_one_or_none()
-    )
-    return AccountStatus(
-        name=account.name,
-        username=account.username,
-        enabled=account.enabled,
-        state=state,
-        folders=account.folders,
-        messages=int(messages_count or 0),
-        last_sync=last_sync,
-        last_error=last_error,
-    )
+    }
+    states = {
+        row.account: row
+        for row in conn.execute(
+            select(
+                account_state_table.c.account, account_state_table.c.state, account_state_table.c.last_error
+            ).where(account_state_table.c.account.in_(keys))
+        )
+    }
+    tokens = oauth2_tokens.c
+    token_errors = {
+        account: error
+        for account, error in conn.execute(
+            select(tokens.account, tokens.last_error).where(tokens.account.in_(keys))
+        )
+    }
+    found = []
+    for account in accounts:
+        key = account.index_key
+        messages_count, last_sync = counted.get(key, (0, None))
+        state, sync_error = _state(account, states.get(key))
+        found.append(
+            AccountStatus(
+                name=account.name,
+                username=account.username,
+                enabled=account.enabled,
+                state=state,
+                folders=account.folders,
+                messages=messages_count,
+                last_sync=last_sync,
+                last_error=sync_error or token_errors.get(key),
+            )
+        )
+    return found

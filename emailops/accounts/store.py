@@ -66,6 +66,11 @@ def _secrets(config: AccountConfig) -> dict[str, str | None]:
     }
 
 
+def masked_secrets(config: AccountConfig) -> dict[str, str | None]:
+    """Each secret column: ``MASK`` when the configuration holds a value, else None."""
+    return {column: MASK if value else None for column, value in _secrets(config).items()}
+
+
 def plain_values(config: AccountConfig) -> dict[str, Any]:
     oauth2 = config.oauth2
     return {
@@ -91,6 +96,7 @@ def plain_values(config: AccountConfig) -> dict[str, Any]:
         "oauth2_tenant": oauth2.tenant if oauth2 else None,
         "oauth2_token_url": oauth2.token_url if oauth2 else None,
         "oauth2_device_url": oauth2.device_url if oauth2 else None,
+        "oauth2_authorize_url": oauth2.authorize_url if oauth2 else None,
         "oauth2_scopes": list(oauth2.scopes) if oauth2 else None,
     }
 
@@ -115,6 +121,7 @@ def account_config(row: Any, cipher: SecretCipher | None) -> AccountConfig:
             refresh_token=secret("oauth2_refresh_token"),
             token_url=row.oauth2_token_url or "",
             device_url=row.oauth2_device_url or "",
+            authorize_url=row.oauth2_authorize_url or "",
             scopes=tuple(row.oauth2_scopes or ()),
         )
     return AccountConfig(

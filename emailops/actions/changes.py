@@ -34,14 +34,17 @@ class Change:
 class RowAction:
     """An action on the rows of one table: ``read`` the row's state (locked), ``apply`` the change
     (False when the row is not in a state it applies to), ``refuse`` says why a row was not changed
-    (given its state, None when there is no such row). ``noted`` goes into the audit entry's
-    ``after`` too (what was asked, where the state alone does not say)."""
+    (given its state, None when there is no such row). ``account``: the key of the account whose
+    rows it changes, named by the audit entry's target (``ACCOUNT/TARGET:ID``, as fetch now's
+    ``ACCOUNT/FOLDER``). ``noted`` goes into the audit entry's ``after`` too (what was asked, where
+    the state alone does not say)."""
 
     name: str
     target: str
     read: Callable[[Connection, int], State | None]
     apply: Callable[[Connection, int], bool]
     refuse: Callable[[State | None], str]
+    account: str
     noted: State = field(default_factory=dict)
 
 
@@ -55,7 +58,7 @@ def change_each(engine: Engine, action: RowAction, row_ids: Iterable[int], actor
                 changes.append(Change(row_id, False, before, before, action.refuse(before)))
                 continue
             after = action.read(conn, row_id)
-            target = f"{action.target}:{row_id}"
+            target = f"{action.account}/{action.target}:{row_id}"
             audit.record(
                 conn, actor, action.name, target, before=before, after={**(after or {}), **action.noted}
             )

@@ -48,5 +48,5 @@ def change_jobs(
             return "its prompt was purged (REPLY_HISTORY_DAYS); there is nothing to ask"
         return f"it is {state['state']}; {change} applies to {allowed} jobs"
 
-    action = RowAction(audit_action.value, "llm_job", read, apply, refuse)
+    action = RowAction(audit_action.value, "llm_job", read, apply, refuse, account)
     return change_each(engine, action, job_ids, actor)

@@ -28,7 +28,9 @@ def rerun_rules(engine: Engine, message_pk: int, *, account: str, actor: Actor) 
             return "it was there before the first sync: its rules never run (no reply to old mail)"
         return f"its rules are {state['state']}; they run again once done or quarantined"
 
-    action = RowAction(Action.RERUN_RULES.value, "message", rules_state_reader(account), apply, refuse)
+    action = RowAction(
+        Action.RERUN_RULES.value, "message", rules_state_reader(account), apply, refuse, account
+    )
     (change,) = change_each(engine, action, [message_pk], actor)
     return change
 

@@ -83,7 +83,7 @@ def retry_quarantined(
             return rules_work.retry_quarantined(conn, row_id, account)
 
         refuse = _refuse_rules(account)
-    action = RowAction(Action.RETRY_QUARANTINE.value, f"quarantine.{stage}", read, apply, refuse)
+    action = RowAction(Action.RETRY_QUARANTINE.value, f"quarantine.{stage}", read, apply, refuse, account)
     return change_each(engine, action, row_ids, actor)
 
 
@@ -102,6 +102,7 @@ def release_quarantined(
         rules_state_reader(account),
         apply,
         _refuse_rules(account),
+        account,
     )
     return change_each(engine, action, row_ids, actor)
 

@@ -70,6 +70,6 @@ def resolve_replies(
         return f"it is {state['state']}; {resolution} applies to {allowed} replies"
 
     action = RowAction(
-        Action.RESOLVE_OUTBOX.value, "outbox", read, apply, refuse, noted={"as": resolution.value}
+        Action.RESOLVE_OUTBOX.value, "outbox", read, apply, refuse, account, noted={"as": resolution.value}
     )
     return change_each(engine, action, reply_ids, actor)

@@ -15,6 +15,7 @@ class ProviderPreset:
     name: str
     token_url: str  # may contain {tenant}
     device_url: str | None
+    authorize_url: str  # the authorization endpoint of the code flow (console's Reconnect)
     scopes: tuple[str, ...]  # for the refresh_token (delegated) flow
     app_scopes: tuple[str, ...] | None  # for client_credentials; None: the provider has none
     imap_host: str
@@ -36,6 +37,7 @@ PROVIDERS: dict[str, ProviderPreset] = {
         name="microsoft",
         token_url="https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",  # noqa: S106
         device_url="https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+        authorize_url="https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
         scopes=(
             "https://outlook.office.com/IMAP.AccessAsUser.All",
             "https://outlook.office.com/SMTP.Send",
@@ -54,6 +56,7 @@ PROVIDERS: dict[str, ProviderPreset] = {
         name="google",
         token_url="https://oauth2.googleapis.com/token",  # noqa: S106
         device_url="https://oauth2.googleapis.com/device/code",
+        authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
         scopes=("https://mail.google.com/",),
         app_scopes=None,
         imap_host="imap.gmail.com",

@@ -1,5 +1,6 @@
-"""Requests to the authorization server: the refresh_token, client_credentials and device_code
-grants (RFC 6749, RFC 8628) and the device authorization request.
+"""Requests to the authorization server: the refresh_token, client_credentials, device_code and
+authorization_code (with PKCE, RFC 7636) grants (RFC 6749, RFC 8628), the device authorization
+request and the address of an authorization request.
 
 Authlib's requests client makes the token requests: it builds the grant bodies, authenticates
 the client (``client_secret_post``, or none for a public client) and turns an error answer into
@@ -60,13 +61,15 @@ class TokenEndpoint:
     def __init__(self, config: OAuth2Config) -> None:
         self.config = config
 
-    def _session(self) -> OAuth2Session:
+    def _session(self, redirect_uri: str | None = None) -> OAuth2Session:
         cfg = self.config
         session = OAuth2Session(
             client_id=cfg.client_id,
             client_secret=cfg.client_secret,
             scope=" ".join(cfg.scopes) or None,
             token_endpoint_auth_method="client_secret_post" if cfg.client_secret else "none",
+            redirect_uri=redirect_uri,
+            code_challenge_method="S256",
         )
         # No proxy or netrc credentials from the environment: the library reads no environment.
         session.trust_env = False
@@ -90,6 +93,33 @@ class TokenEndpoint:
                     timeout=self.config.timeout_seconds,
                 ),
                 "client credentials",
+            )
+
+    def authorization_url(self, redirect_uri: str, state: str, code_verifier: str) -> str:
+        """Where to send the person's browser: the authorization endpoint with the client, the
+        scopes, ``state`` and the S256 challenge of ``code_verifier``."""
+        if not self.config.authorize_url:
+            raise OAuth2RefusedError(
+                "no authorization endpoint: set EMAIL_OAUTH2_AUTHORIZE_URL (an account: oauth2_authorize_url)"
+            )
+        with self._session(redirect_uri) as session:
+            url, _ = session.create_authorization_url(
+                self.config.authorize_url, state=state, code_verifier=code_verifier
+            )
+        return str(url)
+
+    def authorization_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:
+        with self._session(redirect_uri) as session:
+            return self._call(
+                lambda: session.fetch_token(
+                    self.config.token_url,
+                    grant_type="authorization_code",
+                    code=code,
+                    redirect_uri=redirect_uri,
+                    code_verifier=code_verifier,
+                    timeout=self.config.timeout_seconds,
+                ),
+                "authorization code",
             )
 
     def start_device_authorization(self) -> DeviceAuthorization:

@@ -262,8 +262,9 @@ class TokenSource:
                 )
             )
             self._store(conn, response, now, rotated_from=None)
-            # The workers try the account's sign-in at once, not at its next slow retry.
-            account_state.record(conn, self.config.account, Event.CREDENTIALS_CHANGED)
+            # No longer refused: the workers try the account's sign-in at once, not at its next
+            # slow retry.
+            account_state.record(conn, self.config.account, Event.NEW_GRANT)
 
     def status(self) -> TokenStatus | None:
         with reading(self.engine) as conn:

@@ -4,11 +4,17 @@ Connecting (TCP, TLS, greeting, login) waits on the server up to its timeout, an
 also wait for its turn (``connection_budget``). On the loop's thread, a server that accepts and
 then says nothing would hold up every folder of every account for that long; here it holds up only
 the folder that waits for it. The loop waits on ``ready_socket()`` with its other sockets.
+
+The attempt runs in a copy of the caller's context (``contextvars``), as if the caller connected:
+what the caller bound for its log lines applies to the lines logged while connecting, and an error
+tracker that keeps its scope in a context variable gets them as breadcrumbs of the caller's later
+events (a token refresh that failed, before the sign-in it refused).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import socket
 import threading
 from collections.abc import Callable
@@ -28,7 +34,10 @@ class ConnectAttempt:
         self._abandoned = False
         self._client: IMAPClient | None = None
         self._error: BaseException | None = None
-        threading.Thread(target=self._run, args=(open_connection,), name="imap-connect", daemon=True).start()
+        context = contextvars.copy_context()
+        threading.Thread(
+            target=context.run, args=(self._run, open_connection), name="imap-connect", daemon=True
+        ).start()
 
     @property
     def done(self) -> bool:

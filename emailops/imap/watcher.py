@@ -58,6 +58,9 @@ class FolderStatus:
     error_at: float | None = None
     # How it is watched now: "idle" (the server pushes), "polling", or None (not connected).
     mode: str | None = None
+    # The account's key in the index (a worker watches the folders of several accounts; None in
+    # a report written before it said so).
+    account: str | None = None
 
 
 class FolderWatcher:
@@ -177,6 +180,7 @@ class FolderWatcher:
             error=str(error) if error is not None else None,
             error_at=self.last_error_at,
             mode=None if self.client is None else "idle" if self.idling else "polling",
+            account=self.config.account,
         )
 
     def close(self) -> None:

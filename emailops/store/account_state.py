@@ -8,6 +8,7 @@ States and their transitions are data (after supervisord's process states)::
     auth_failed  --failed (network)---------> auth_failed  (the credentials are still unproven)
     auth_failed  --synced-------------------> ok
     any but disabled --credentials_changed--> (same)       next try: at once
+    any but disabled --new_grant------------> ok           next try: at once
     any          --disable------------------> disabled     never tried
     disabled     --enable-------------------> ok           at once
 
@@ -52,7 +53,10 @@ class Event(enum.StrEnum):
     SYNCED = "synced"  # signed in and synced a folder
     FAILED = "failed"  # network trouble, a timeout, a server not answering, TLS, a connection limit
     REFUSED = "refused"  # the server refused the credentials
-    CREDENTIALS_CHANGED = "credentials_changed"  # a new `auth login`, a restart with a new password
+    CREDENTIALS_CHANGED = "credentials_changed"  # a worker's start: the password may have changed
+    # A new OAuth2 grant from the authorization server (`auth login`, the console's Reconnect):
+    # the refusal was of the old grant, so the account is no longer refused (until it is again).
+    NEW_GRANT = "new_grant"
     DISABLE = "disable"
     ENABLE = "enable"
 
@@ -66,6 +70,7 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (State.AUTH_FAILED, Event.FAILED): State.AUTH_FAILED,
     **{(state, Event.REFUSED): State.AUTH_FAILED for state in _WORKING},
     **{(state, Event.CREDENTIALS_CHANGED): state for state in _WORKING},
+    **{(state, Event.NEW_GRANT): State.OK for state in _WORKING},
     **{(state, Event.DISABLE): State.DISABLED for state in (*_WORKING, State.DISABLED)},
     (State.DISABLED, Event.ENABLE): State.OK,
 }
@@ -146,7 +151,7 @@ def advance(
             next_attempt_at=None if delay is None else now + delay,
             updated_at=now,
         )
-    if event is Event.ENABLE:
+    if event in (Event.ENABLE, Event.NEW_GRANT):
         return replace(current, state=target, failures=0, next_attempt_at=None, updated_at=now)
     # CREDENTIALS_CHANGED and DISABLE: the next attempt at once, or never.
     return replace(current, state=target, next_attempt_at=None, updated_at=now)

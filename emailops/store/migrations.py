@@ -344,6 +344,10 @@ def _search_ranking(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE search_terms ALTER COLUMN rank_vector SET NOT NULL")
 
 
+def _oauth2_authorize_url(conn: Connection) -> None:
+    _add_column(conn, "accounts", "oauth2_authorize_url", "VARCHAR(1000)")
+
+
 def _overview_indexes(conn: Connection) -> None:
     """The overview reads indexes instead of every message (measured in bench/README.md
     "Console"): its mail indexed per hour the last day's entries of ``indexed_at``, its count of
@@ -392,6 +396,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         23, "search: indexes of unread and flagged messages; PostgreSQL ranks by first terms", _search_ranking
     ),
+    Migration(24, "accounts.oauth2_authorize_url: the console's OAuth2 Reconnect", _oauth2_authorize_url),
     Migration(25, "overview: an index of messages by the time they were indexed", _overview_indexes),
 )
 

@@ -505,6 +505,7 @@ accounts = Table(
     Column("oauth2_refresh_token", LargeBinary),
     Column("oauth2_token_url", String(1000)),
     Column("oauth2_device_url", String(1000)),
+    Column("oauth2_authorize_url", String(1000)),
     Column("oauth2_scopes", JSON),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),

@@ -17,6 +17,7 @@ from prod.console.frame import RequestFrame
 from prod.console.guard import guarded
 from prod.console.metrics import HttpMetrics
 from prod.console.pages import (
+    accounts,
     audit,
     drafts,
     messages,
@@ -42,6 +43,7 @@ ROUTE_TABLE: tuple[ConsoleRoute, ...] = (
     *quarantine.ROUTES,
     *drafts.ROUTES,
     *rules.ROUTES,
+    *accounts.ROUTES,
     *users.ROUTES,
     *audit.ROUTES,
     *settings.ROUTES,

@@ -113,9 +113,16 @@ class Call:
         return self.identity is not None and allowed(self.identity.role, action)
 
     def template_values(self) -> dict[str, Any]:
-        """What every template may use: who asks, the navigation, the CSRF field, ``may``."""
+        """What every template may use: who asks, the navigation, the CSRF field, ``may``, and
+        the accounts whose sign-in is refused (the banner of every signed-in page)."""
+        from prod.console.refused import refused_accounts
+
         csrf = self.identity.csrf_token if self.identity is not None else None
+        refused = (
+            [] if self.identity is None else refused_accounts(self.context.settings, self.context.engine)
+        )
         return {
+            "refused_accounts": refused,
             "identity": self.identity,
             "nav": self.nav,
             "path": self.request.url.path,

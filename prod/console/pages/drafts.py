@@ -1,6 +1,8 @@
 """Drafts (viewer reads, operator acts): the replies a language model is writing (``llm_jobs``),
 newest first; a failed one retried, a pending or failed one cancelled, by
-``emailops.actions.drafts.change_jobs`` (which ``emailops llm`` calls too)."""
+``emailops.actions.drafts.change_jobs`` (which ``emailops llm`` calls too). The page shows the
+chosen account's jobs, or every account's with an Account column; a change acts on the account
+its form names (the row's own)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from emailops.llm.jobs import JobState, LlmJob
 from emailops.store.database import reading
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
-from prod.console.mailbox import shown_account_key
+from prod.console.mailbox import AccountChoice, acting_choice, page_choice
 from prod.console.pages.actor import actor_of
 
 PAGE_SIZE = 200
@@ -25,18 +27,25 @@ OFFERED: dict[JobState, tuple[Literal["retry", "cancel"], ...]] = {
 }
 
 
-def _drafts(call: Call) -> list[dict[str, object]]:
+def _drafts(call: Call, choice: AccountChoice) -> list[dict[str, object]]:
     wanted = call.request.query_params.get("state")
     states = (wanted,) if wanted in {s.value for s in JobState} else None
     with reading(call.context.engine) as conn:
-        found = jobs.list_jobs(conn, account=shown_account_key(call), states=states, limit=PAGE_SIZE)
-    return [_draft(call, job) for job in found]
+        found = [
+            job
+            for account in choice.keys
+            for job in jobs.list_jobs(conn, account=account, states=states, limit=PAGE_SIZE)
+        ]
+    # Every account's: the newest PAGE_SIZE of them all.
+    newest = sorted(found, key=lambda job: job.id, reverse=True)[:PAGE_SIZE]
+    return [_draft(call, choice, job) for job in newest]
 
 
-def _draft(call: Call, job: LlmJob) -> dict[str, object]:
+def _draft(call: Call, choice: AccountChoice, job: LlmJob) -> dict[str, object]:
     return {
         "id": job.id,
-        "url": call.url(f"/drafts#job-{job.id}"),
+        "url": call.url(f"/drafts?{choice.query()}#job-{job.id}"),
+        "account": choice.name_of(job.account),
         "state": job.state,
         "rule": job.rule_name,
         "model": job.model,
@@ -51,10 +60,14 @@ def _draft(call: Call, job: LlmJob) -> dict[str, object]:
 
 
 def drafts_page(call: Call, status_code: int = 200, notice: str | None = None) -> Response:
+    choice = page_choice(call, every_offered=True)
+    if isinstance(choice, Response):
+        return choice
     return call.render(
         "drafts.html",
         status_code,
-        drafts=_drafts(call),
+        choice=choice,
+        drafts=_drafts(call, choice),
         state=call.request.query_params.get("state", ""),
         states=[s.value for s in JobState],
         notice=notice,
@@ -63,22 +76,33 @@ def drafts_page(call: Call, status_code: int = 200, notice: str | None = None) -
 
 
 def drafts_api(call: Call) -> Response:
-    return call.json({"id": "drafts", "url": call.url("/drafts"), "drafts": _drafts(call)})
+    choice = page_choice(call, every_offered=True)
+    if isinstance(choice, Response):
+        return choice
+    url = call.url(f"/drafts?{choice.query()}")
+    return call.json({"id": "drafts", "url": url, "drafts": _drafts(call, choice)})
 
 
-def _change(call: Call, change: Literal["retry", "cancel"]) -> tuple[int, str, int]:
+def _change(call: Call, change: Literal["retry", "cancel"]) -> tuple[int, str, int] | Response:
+    """``change`` the job of the path, of the account the form (or JSON body) names: (id, what,
+    status), or the 404 answer for an unknown account."""
     job_id = int(call.request.path_params["id"])
-    (done,) = change_jobs(
-        call.context.engine, [job_id], change, account=shown_account_key(call), actor=actor_of(call)
-    )
+    acting = acting_choice(call)
+    if isinstance(acting, Response):
+        return acting
+    (done,) = change_jobs(call.context.engine, [job_id], change, account=acting.key, actor=actor_of(call))
     if not done.done:
         return job_id, f"Model job {job_id} not changed: {done.refusal}.", 409 if done.before else 404
-    return job_id, f"Model job {job_id}: {change} done, now {done.after and done.after['state']}.", 200
+    after = done.after and done.after["state"]
+    return job_id, f"Model job {job_id} of {acting.value}: {change} done, now {after}.", 200
 
 
 def _form(change: Literal["retry", "cancel"]) -> ConsoleRoute:
     def handler(call: Call) -> Response:
-        _, notice, status = _change(call, change)
+        changed = _change(call, change)
+        if isinstance(changed, Response):
+            return changed
+        _, notice, status = changed
         return drafts_page(call, status, notice)
 
     action = Action.RETRY_DRAFT if change == "retry" else Action.CANCEL_DRAFT
@@ -87,7 +111,10 @@ def _form(change: Literal["retry", "cancel"]) -> ConsoleRoute:
 
 def _api(change: Literal["retry", "cancel"]) -> ConsoleRoute:
     def handler(call: Call) -> Response:
-        job_id, notice, status = _change(call, change)
+        changed = _change(call, change)
+        if isinstance(changed, Response):
+            return changed
+        job_id, notice, status = changed
         key = "done" if status == 200 else "error"
         return call.json({"id": job_id, "url": call.url(f"/drafts#job-{job_id}"), key: notice}, status)
 

@@ -4,7 +4,8 @@ processing story (``emailops.story``); operators run its rules again (``rerun_ru
 
 The index keeps no message whole: the HTML body and the attachments are read from the raw
 message, from the raw message cache or else fetched from IMAP (BODY.PEEK, read-only) when the
-page, its frame or a download asks.
+page, its frame or a download asks. Each searches or shows the account ``account=`` names
+(``prod.console.mailbox``); a message of another account is not found.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from emailops.store.messages import StoredMessage, load_message
 from emailops.story import MessageStory, message_story
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
-from prod.console.mailbox import shown_account, shown_account_key
+from prod.console.mailbox import AccountChoice, acting_choice, page_choice
 from prod.console.pages.actor import actor_of
 from prod.console.pages.raw_mail import stored_raw
 
@@ -58,8 +59,9 @@ def _number(call: Call, name: str, default: int, most: int) -> int:
     return int(text)
 
 
-def _search(call: Call) -> tuple[dict[str, Any], str | None]:
-    """The search the query string asks for, and its error (one line, with its position)."""
+def _search(call: Call, choice: AccountChoice) -> tuple[dict[str, Any], str | None]:
+    """The search the query string asks for in the chosen account, and its error (one line, with
+    its position)."""
     params = call.request.query_params
     q = params.get("q", "").strip()
     sort_text = params.get("sort") or Sort.NEWEST.value
@@ -70,7 +72,7 @@ def _search(call: Call) -> tuple[dict[str, Any], str | None]:
         asked["limit"] = _number(call, "limit", PAGE_SIZE, MAX_PAGE_SIZE) or PAGE_SIZE
         asked["offset"] = _number(call, "offset", 0, 10**9)
         # No query: every message of the account, newest first.
-        node: Node = parse(q) if q else Account(shown_account_key(call))
+        node: Node = parse(q) if q else Account(choice.key)
     except QueryError as error:
         message = str(error) if error.position else str(error).split(": ", 1)[1]
         return asked, message
@@ -80,19 +82,19 @@ def _search(call: Call) -> tuple[dict[str, Any], str | None]:
         limit=asked["limit"] + 1,  # one more: is there a next page?
         offset=asked["offset"],
         timezone=ZoneInfo(settings.search_timezone),
-        account_names=_account_names(call),
+        account_names=_account_names(choice),
     )
     with reading(call.context.engine) as conn:
-        hits = search(conn, shown_account_key(call), node, options)
+        hits = search(conn, choice.key, node, options)
     asked["more"] = len(hits) > asked["limit"]
     asked["hits"] = hits[: asked["limit"]]
     return asked, None
 
 
-def _hit(call: Call, hit: Hit) -> dict[str, object]:
+def _hit(call: Call, choice: AccountChoice, hit: Hit) -> dict[str, object]:
     return {
         "id": hit.message_pk,
-        "url": call.url(f"/messages/{hit.message_pk}"),
+        "url": call.url(f"/messages/{hit.message_pk}?{choice.query()}"),
         "folder": hit.folder,
         "uid": hit.uid,
         "message_id": hit.message_id,
@@ -105,10 +107,14 @@ def _hit(call: Call, hit: Hit) -> dict[str, object]:
 
 
 def search_page(call: Call) -> Response:
-    asked, error = _search(call)
+    choice = page_choice(call)
+    if isinstance(choice, Response):
+        return choice
+    asked, error = _search(call, choice)
     return call.render(
         "messages.html",
         400 if error else 200,
+        choice=choice,
         asked=asked,
         error=error,
         help=HELP,
@@ -118,12 +124,15 @@ def search_page(call: Call) -> Response:
 
 
 def search_api(call: Call) -> Response:
-    asked, error = _search(call)
-    answer: dict[str, object] = {"id": "messages", "url": call.url("/messages")}
-    answer |= {key: asked[key] for key in ("q", "sort", "limit", "offset")}
+    choice = page_choice(call)
+    if isinstance(choice, Response):
+        return choice
+    asked, error = _search(call, choice)
+    answer: dict[str, object] = {"id": "messages", "url": call.url(f"/messages?{choice.query()}")}
+    answer |= {key: asked[key] for key in ("q", "sort", "limit", "offset")} | {"account": choice.value}
     if error:
         return call.json(answer | {"error": error}, 400)
-    hits = [_hit(call, hit) for hit in asked["hits"]]
+    hits = [_hit(call, choice, hit) for hit in asked["hits"]]
     return call.json(answer | {"more": asked["more"], "messages": hits})
 
 
@@ -137,31 +146,39 @@ def _rules(call: Call) -> tuple[RuleSet, str | None]:
         return RuleSet(), f"the rules did not load, so no match is shown: {error}"
 
 
-def _stored(call: Call) -> tuple[StoredMessage, MessageStory, str | None] | Response:
-    """The indexed message, its story, and why its rule matches are missing (None: shown)."""
+# A message found: the chosen account, the message, its story, why its rule matches are missing.
+Found = tuple[AccountChoice, StoredMessage, MessageStory, str | None]
+
+
+def _stored(call: Call, chosen: AccountChoice | None = None) -> Found | Response:
+    """The indexed message of the account ``chosen`` (default: the query's), its story, and why
+    its rule matches are missing (None: shown); 404 for a message of no account or of another."""
+    choice = page_choice(call) if chosen is None else chosen
+    if isinstance(choice, Response):
+        return choice
     pk = int(call.request.path_params["id"])
     rules, rules_problem = _rules(call)
     with reading(call.context.engine) as conn:
-        story = message_story(conn, pk, account=shown_account_key(call), rules=rules)
+        story = message_story(conn, pk, account=choice.key, rules=rules)
         stored = load_message(conn, pk) if story is not None else None
     if story is None or stored is None:
-        return Response(f"no indexed message {pk}", 404, media_type="text/plain")
-    return stored, story, rules_problem
+        return Response(f"no indexed message {pk} of {choice.value}", 404, media_type="text/plain")
+    return choice, stored, story, rules_problem
 
 
-def _parts(call: Call, stored: StoredMessage) -> DisplayParts | Response:
-    raw = stored_raw(call, stored)
+def _parts(call: Call, choice: AccountChoice, stored: StoredMessage) -> DisplayParts | Response:
+    raw = stored_raw(call, choice.account, stored)
     return raw if isinstance(raw, Response) else display_parts(raw)
 
 
-def _safe_html(pk: int, parts: DisplayParts) -> SafeHtml | None:
+def _safe_html(choice: AccountChoice, pk: int, parts: DisplayParts) -> SafeHtml | None:
     if parts.html is None:
         return None
     by_cid = {part.content_id: n for n, part in enumerate(parts.attachments) if part.content_id}
 
     def cid_url(content_id: str) -> str | None:
         n = by_cid.get(content_id)
-        return None if n is None else f"/messages/{pk}/attachments/{n}"
+        return None if n is None else f"/messages/{pk}/attachments/{n}?{choice.query()}"
 
     return sanitize_html(parts.html, cid_url=cid_url)
 
@@ -179,18 +196,19 @@ def _headers(stored: StoredMessage) -> dict[str, str]:
     }
 
 
-def _message(call: Call) -> dict[str, Any] | Response:
-    found = _stored(call)
+def _message(call: Call, chosen: AccountChoice | None = None) -> dict[str, Any] | Response:
+    found = _stored(call, chosen)
     if isinstance(found, Response):
         return found
-    stored, story, rules_problem = found
-    parts = _parts(call, stored)
-    safe = _safe_html(stored.pk, parts) if isinstance(parts, DisplayParts) else None
+    choice, stored, story, rules_problem = found
+    parts = _parts(call, choice, stored)
+    safe = _safe_html(choice, stored.pk, parts) if isinstance(parts, DisplayParts) else None
     base = f"/messages/{stored.pk}"
+    query = f"?{choice.query()}"
     attachments = [
         {
             "id": n,
-            "url": call.url(f"{base}/attachments/{n}"),
+            "url": call.url(f"{base}/attachments/{n}{query}"),
             "filename": part.filename,
             "content_type": part.content_type,
             "size": len(part.data),
@@ -199,31 +217,37 @@ def _message(call: Call) -> dict[str, Any] | Response:
     ]
     return {
         "id": stored.pk,
-        "url": call.url(base),
+        "url": call.url(base + query),
+        "account": choice.value,
         "headers": _headers(stored),
         "text": stored.parsed.body_text,
-        "html_url": call.url(f"{base}/html") if safe is not None else None,
+        "html_url": call.url(f"{base}/html{query}") if safe is not None else None,
         "remote_images_blocked": safe.remote_blocked if safe is not None else 0,
         "raw_problem": bytes(parts.body).decode() if isinstance(parts, Response) else None,
         "attachments": attachments,
         "story": asdict(story),
         "rules_problem": rules_problem,
+        "choice": choice,  # for the page, not the JSON
     }
 
 
-def message_page(call: Call, status_code: int = 200, notice: str | None = None) -> Response:
-    found = _message(call)
+def message_page(
+    call: Call, status_code: int = 200, notice: str | None = None, chosen: AccountChoice | None = None
+) -> Response:
+    found = _message(call, chosen)
     if isinstance(found, Response):
         return found
     return call.render(
         "message.html", status_code, message=found, sandbox=IFRAME_SANDBOX, notice=notice,
-        error=notice if status_code >= 400 else None,
+        error=notice if status_code >= 400 else None, choice=found["choice"],
     )  # fmt: skip
 
 
 def message_api(call: Call) -> Response:
     found = _message(call)
-    return found if isinstance(found, Response) else call.json(found)
+    if isinstance(found, Response):
+        return found
+    return call.json({key: value for key, value in found.items() if key != "choice"})
 
 
 def message_html(call: Call) -> Response:
@@ -231,11 +255,11 @@ def message_html(call: Call) -> Response:
     found = _stored(call)
     if isinstance(found, Response):
         return found
-    stored = found[0]
-    parts = _parts(call, stored)
+    choice, stored = found[0], found[1]
+    parts = _parts(call, choice, stored)
     if isinstance(parts, Response):
         return parts
-    safe = _safe_html(stored.pk, parts)
+    safe = _safe_html(choice, stored.pk, parts)
     if safe is None:
         return Response("the message has no HTML body", 404, media_type="text/plain")
     page = f'<!doctype html><meta charset="utf-8">{safe.html}'
@@ -248,7 +272,7 @@ def attachment_download(call: Call) -> Response:
     found = _stored(call)
     if isinstance(found, Response):
         return found
-    parts = _parts(call, found[0])
+    parts = _parts(call, found[0], found[1])
     if isinstance(parts, Response):
         return parts
     n = int(call.request.path_params["n"])
@@ -262,23 +286,35 @@ def attachment_download(call: Call) -> Response:
 # --- Re-run rules ---------------------------------------------------------------------------
 
 
-def _rerun(call: Call) -> tuple[int, str, int]:
+def _rerun(call: Call) -> tuple[int, str, int, AccountChoice] | Response:
+    """Run again the rules of the message of the path, of the account the form (or JSON body)
+    names: (id, what, status, that account), or the 404 answer for an unknown account."""
     pk = int(call.request.path_params["id"])
-    change = rerun_rules(call.context.engine, pk, account=shown_account_key(call), actor=actor_of(call))
+    acting = acting_choice(call)
+    if isinstance(acting, Response):
+        return acting
+    change = rerun_rules(call.context.engine, pk, account=acting.key, actor=actor_of(call))
     if not change.done:
-        return pk, f"Rules of message {pk} not run again: {change.refusal}.", 409 if change.before else 404
-    return pk, f"Rules of message {pk}: pending, they run again shortly.", 200
+        status = 409 if change.before else 404
+        return pk, f"Rules of message {pk} not run again: {change.refusal}.", status, acting
+    return pk, f"Rules of message {pk} of {acting.value}: pending, they run again shortly.", 200, acting
 
 
 def rerun_form(call: Call) -> Response:
-    _, notice, status = _rerun(call)
+    rerun = _rerun(call)
+    if isinstance(rerun, Response):
+        return rerun
+    _, notice, status, acting = rerun
     if status == 404:
         return Response(notice, 404, media_type="text/plain")
-    return message_page(call, status, notice)
+    return message_page(call, status, notice, acting)  # the message's page, of its own account
 
 
 def rerun_api(call: Call) -> Response:
-    pk, notice, status = _rerun(call)
+    rerun = _rerun(call)
+    if isinstance(rerun, Response):
+        return rerun
+    pk, notice, status, _ = rerun
     answer = "done" if status == 200 else "error"
     return call.json({"id": pk, "url": call.url(f"/messages/{pk}"), answer: notice}, status)
 
@@ -296,7 +332,7 @@ ROUTES = [
 ]
 
 
-def _account_names(call: Call) -> frozenset[str]:
-    """What ``account:`` may name: the shown account's name or its key."""
-    account = shown_account(call)
+def _account_names(choice: AccountChoice) -> frozenset[str]:
+    """What ``account:`` may name: the chosen account's name or its key."""
+    account = choice.account
     return frozenset() if account is None else frozenset({account.name, account.index_key})

@@ -11,18 +11,14 @@ password sign-in. Success opens a normal console session.
 
 from __future__ import annotations
 
-import hmac
-import threading
-import time
-from collections import OrderedDict
-
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 
 from emailops.users.accounts import UserError
 from emailops.users.oidc import OidcClient, OidcConfig, OidcError, PendingSignIn
 from emailops.users.oidc_accounts import sign_in_oidc_user
 from prod.console.calls import Access, Call, ConsoleRoute
 from prod.console.pages.sign_in import audit_attempt, local_path, open_session, sign_in_form
+from prod.console.pending import FlowCookie, PendingFlows
 
 CALLBACK_PATH = "/sign-in/oidc/callback"
 PENDING_SECONDS = 600
@@ -32,28 +28,8 @@ NO_ROLE = "Your account at the identity provider is in no group that may use thi
 FAILED = "Single sign-on failed. Please try again."
 
 
-class PendingSignIns:
-    """Started sign-ins by state, each taken at most once."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: OrderedDict[str, tuple[PendingSignIn, str]] = OrderedDict()
-
-    def put(self, pending: PendingSignIn, next_path: str) -> None:
-        with self._lock:
-            self._pending[pending.state] = (pending, next_path)
-            while len(self._pending) > MAX_PENDING:
-                self._pending.popitem(last=False)
-
-    def take(self, state: str) -> tuple[PendingSignIn, str] | None:
-        with self._lock:
-            found = self._pending.pop(state, None)
-        if found is None or time.time() - found[0].started > PENDING_SECONDS:
-            return None
-        return found
-
-
-_PENDING = PendingSignIns()
+_PENDING: PendingFlows[tuple[PendingSignIn, str]] = PendingFlows(PENDING_SECONDS, MAX_PENDING)
+_COOKIE = FlowCookie("emailops_oidc", PENDING_SECONDS)
 _CLIENTS: dict[OidcConfig, OidcClient] = {}
 
 
@@ -62,10 +38,6 @@ def _client(call: Call) -> OidcClient | None:
     if config is None:
         return None
     return _CLIENTS.setdefault(config, OidcClient(config))
-
-
-def _state_cookie(call: Call) -> str:
-    return "__Host-emailops_oidc" if call.context.secure_cookies else "emailops_oidc"
 
 
 def start(call: Call) -> Response:
@@ -77,23 +49,14 @@ def start(call: Call) -> Response:
     except OidcError as exc:
         audit_attempt(call, "", "sign_in.failure", via="oidc", reason=str(exc))
         return sign_in_form(call, 502, FAILED)
-    _PENDING.put(pending, local_path(call.request.query_params.get("next")))
-    response = RedirectResponse(url, status_code=303)
-    response.set_cookie(
-        _state_cookie(call),
-        pending.state,
-        max_age=PENDING_SECONDS,
-        httponly=True,
-        samesite="lax",
-        secure=call.context.secure_cookies,
-    )
-    return response
+    _PENDING.put(pending.state, (pending, local_path(call.request.query_params.get("next"))))
+    return _COOKIE.redirect(url, pending.state, secure=call.context.secure_cookies)
 
 
 def _refused(call: Call, name: str, reason: str, message: str = FAILED) -> Response:
     audit_attempt(call, name, "sign_in.failure", via="oidc", reason=reason)
     response = sign_in_form(call, 403, message)
-    response.delete_cookie(_state_cookie(call), secure=call.context.secure_cookies, samesite="lax")
+    _COOKIE.forget(response, secure=call.context.secure_cookies)
     return response
 
 
@@ -103,8 +66,7 @@ def callback(call: Call) -> Response:
         return Response("single sign-on is not configured", status_code=404, media_type="text/plain")
     query = call.request.query_params
     state = query.get("state", "")
-    expected = call.request.cookies.get(_state_cookie(call), "")
-    if not state or not expected or not hmac.compare_digest(state.encode(), expected.encode()):
+    if not _COOKIE.matches(call.request, state, secure=call.context.secure_cookies):
         return _refused(call, "", "state does not match this browser's sign-in")
     taken = _PENDING.take(state)
     if taken is None:
@@ -128,7 +90,7 @@ def callback(call: Call) -> Response:
     # send the new SameSite=Strict cookie along it.
     response = call.render("signed_in.html", target=target)
     open_session(call, user.name, response, via="oidc", role=user.role.value)
-    response.delete_cookie(_state_cookie(call), secure=call.context.secure_cookies, samesite="lax")
+    _COOKIE.forget(response, secure=call.context.secure_cookies)
     return response
 
 

@@ -1,5 +1,7 @@
 """The outbox (operator): automatic replies newest first; an unknown one resolved as sent, sent
-again or cancelled (``emailops.actions.replies``, which ``emailops outbox`` calls too)."""
+again or cancelled (``emailops.actions.replies``, which ``emailops outbox`` calls too). The page
+shows the chosen account's replies, or every account's with an Account column; a resolution acts
+on the account its form names (the row's own), whatever the page shows."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from emailops.replies.outbox import OutboxRow, OutboxState
 from emailops.store.database import reading
 from emailops.users.permissions import Action
 from prod.console.calls import Call, ConsoleRoute
-from prod.console.mailbox import shown_account_key
+from prod.console.mailbox import AccountChoice, acting_choice, page_choice
 from prod.console.pages.actor import actor_of
 
 PAGE_SIZE = 200
@@ -25,18 +27,21 @@ OFFERED = {
 }
 
 
-def _replies(call: Call) -> list[dict[str, object]]:
+def _replies(call: Call, choice: AccountChoice) -> list[dict[str, object]]:
     wanted = call.request.query_params.get("state")
     states = (wanted,) if wanted in {s.value for s in OutboxState} else None
     with reading(call.context.engine) as conn:
-        found = outbox.list_replies(conn, states=states, account=shown_account_key(call), limit=PAGE_SIZE)
-    return [_reply(call, row) for row in found]
+        # Every account's: all rows (an account removed takes its rows with it).
+        account = None if choice.every else choice.key
+        found = outbox.list_replies(conn, states=states, account=account, limit=PAGE_SIZE)
+    return [_reply(call, choice, row) for row in found]
 
 
-def _reply(call: Call, row: OutboxRow) -> dict[str, object]:
+def _reply(call: Call, choice: AccountChoice, row: OutboxRow) -> dict[str, object]:
     return {
         "id": row.id,
-        "url": call.url(f"/outbox#reply-{row.id}"),
+        "url": call.url(f"/outbox?{choice.query()}#reply-{row.id}"),
+        "account": choice.name_of(row.account),
         "state": row.state,
         "rule": row.rule_name,
         "action": row.action,
@@ -51,10 +56,14 @@ def _reply(call: Call, row: OutboxRow) -> dict[str, object]:
 
 
 def outbox_page(call: Call, status_code: int = 200, notice: str | None = None) -> Response:
+    choice = page_choice(call, every_offered=True)
+    if isinstance(choice, Response):
+        return choice
     return call.render(
         "outbox.html",
         status_code,
-        replies=_replies(call),
+        choice=choice,
+        replies=_replies(call, choice),
         state=call.request.query_params.get("state", ""),
         states=[s.value for s in OutboxState],
         notice=notice,
@@ -63,12 +72,21 @@ def outbox_page(call: Call, status_code: int = 200, notice: str | None = None) -
 
 
 def outbox_api(call: Call) -> Response:
-    return call.json({"id": "outbox", "url": call.url("/outbox"), "replies": _replies(call)})
+    choice = page_choice(call, every_offered=True)
+    if isinstance(choice, Response):
+        return choice
+    return call.json(
+        {"id": "outbox", "url": call.url(f"/outbox?{choice.query()}"), "replies": _replies(call, choice)}
+    )
 
 
-def _resolve(call: Call) -> tuple[int, str, int]:
-    """Resolve the reply of the path as the form's (or JSON body's) ``as``: (id, what, status)."""
+def _resolve(call: Call) -> tuple[int, str, int] | Response:
+    """Resolve the reply of the path, of the account the form (or JSON body) names, as its
+    ``as``: (id, what, status), or the 404 answer for an unknown account."""
     reply_id = int(call.request.path_params["id"])
+    acting = acting_choice(call)
+    if isinstance(acting, Response):
+        return acting
     try:
         resolution = Resolution(call.form.get("as", ""))
     except ValueError:
@@ -77,7 +95,7 @@ def _resolve(call: Call) -> tuple[int, str, int]:
         call.context.engine,
         [reply_id],
         resolution,
-        account=shown_account_key(call),
+        account=acting.key,
         actor=actor_of(call),
         now=datetime.now(UTC),
     )
@@ -85,18 +103,25 @@ def _resolve(call: Call) -> tuple[int, str, int]:
         return reply_id, f"Reply {reply_id} not changed: {change.refusal}.", 409 if change.before else 404
     return (
         reply_id,
-        f"Reply {reply_id} resolved as {resolution}: now {change.after and change.after['state']}.",
+        f"Reply {reply_id} of {acting.value} resolved as {resolution}: "
+        f"now {change.after and change.after['state']}.",
         200,
     )
 
 
 def resolve_form(call: Call) -> Response:
-    _, notice, status = _resolve(call)
+    resolved = _resolve(call)
+    if isinstance(resolved, Response):
+        return resolved
+    _, notice, status = resolved
     return outbox_page(call, status, notice)
 
 
 def resolve_api(call: Call) -> Response:
-    reply_id, notice, status = _resolve(call)
+    resolved = _resolve(call)
+    if isinstance(resolved, Response):
+        return resolved
+    reply_id, notice, status = resolved
     key = "done" if status == 200 else "error"
     return call.json({"id": reply_id, "url": call.url(f"/outbox#reply-{reply_id}"), key: notice}, status)
 

@@ -1,5 +1,6 @@
-"""The landing page (viewer and up): per account and folder its state, last sync, last error and
-watch mode, with "Fetch now" (operator, ``emailops.actions.messages.request_fetch``); what waits
+"""The landing page (viewer and up): every account of the deployment with its state, last sync
+and last error; per folder of each its state, last sync, last error and watch mode, with "Fetch
+now" (operator, ``emailops.actions.messages.request_fetch``, on the folder's own account); what waits
 for the operator; the last 24 hours as an inline SVG chart. ``/events`` sends the page's live part
 again whenever it changes (server-sent events, read by ``static/overview-live.js``)."""
 
@@ -12,13 +13,15 @@ from datetime import UTC, datetime, timedelta
 
 from starlette.responses import Response, StreamingResponse
 
+from emailops.accounts.config import AccountConfig
+from emailops.accounts.status import AccountStatus, account_statuses
 from emailops.actions.messages import request_fetch
 from emailops.overview import HOURS, Overview, overview
 from emailops.store.database import reading
 from emailops.users.permissions import Action
 from emailops.users.sessions import session_alive
 from prod.console.calls import Call, ConsoleRoute
-from prod.console.mailbox import shown_account_key
+from prod.console.mailbox import ALL, acting_choice, deployment_accounts_of
 from prod.console.pages.actor import actor_of
 from prod.console.watching import watched_folders
 
@@ -39,12 +42,25 @@ def _overview(call: Call) -> Overview:
         return overview(conn, watching=watching, now=call.context.clock())
 
 
-def _folders(call: Call, seen: Overview) -> list[dict[str, object]]:
+def _statuses(call: Call, accounts: tuple[AccountConfig, ...]) -> list[AccountStatus]:
+    """Each account's state, messages, last sync and last error, as ``emailops accounts list``."""
+    with reading(call.context.engine) as conn:
+        return account_statuses(conn, accounts)
+
+
+def _names(accounts: tuple[AccountConfig, ...]) -> dict[str, str]:
+    """The name of each account by its key in the index tables."""
+    return {account.index_key: account.name for account in accounts}
+
+
+def _folders(call: Call, seen: Overview, names: dict[str, str]) -> list[dict[str, object]]:
     return [
         {
             "id": f"{folder.account}/{folder.folder}",
             "url": call.url(f"/#folder-{folder.account}/{folder.folder}"),
             "state": _state(folder.mode, folder.error, folder.last_sync_at),
+            # The account's name (its key when the deployment has no such account any more).
+            "account_name": names.get(folder.account, folder.account),
             **asdict(folder),
         }
         for folder in seen.folders
@@ -86,9 +102,12 @@ def _chart(seen: Overview) -> dict[str, object]:
 
 def _live_values(call: Call) -> dict[str, object]:
     seen = _overview(call)
+    accounts = deployment_accounts_of(call)
     return {
         "seen": seen,
-        "folders": _folders(call, seen),
+        "accounts": _statuses(call, accounts),
+        "every": ALL,
+        "folders": _folders(call, seen, _names(accounts)),
         "hours": list(zip(_hours(call), seen.indexed_per_hour, seen.replies_sent_per_hour, strict=True)),
         "chart": _chart(seen),
         "series": [label for _, label in SERIES],
@@ -124,45 +143,67 @@ def overview_api(call: Call) -> Response:
             _hours(call), seen.indexed_per_hour, seen.replies_sent_per_hour, strict=True
         )
     ]
-    return call.json(
-        {"id": "overview", "url": call.url("/"), "folders": _folders(call, seen), **counts, "hours": hours}
-    )
+    folders = _folders(call, seen, _names(deployment_accounts_of(call)))
+    return call.json({"id": "overview", "url": call.url("/"), "folders": folders, **counts, "hours": hours})
 
 
 def accounts_api(call: Call) -> Response:
-    folders = _folders(call, _overview(call))
-    accounts = sorted({str(folder["account"]) for folder in folders})
+    """Every account of the deployment with its state and folders (by name; an account the
+    deployment no longer has but whose folders the index still holds, by its key)."""
+    accounts = deployment_accounts_of(call)
+    names = _names(accounts)
+    folders = _folders(call, _overview(call), names)
+    statuses = {status.name: status for status in _statuses(call, accounts)}
+    keys = {name: key for key, name in names.items()}
+    listed = list(statuses) + sorted({str(f["account_name"]) for f in folders} - set(statuses))
     return call.json(
         {
             "id": "accounts",
             "url": call.url("/"),
             "accounts": [
                 {
-                    "id": account,
-                    "url": call.url(f"/#account-{account}"),
-                    "folders": [folder for folder in folders if folder["account"] == account],
+                    "id": name,
+                    "url": call.url(f"/#account-{name}"),
+                    "key": keys.get(name, name),
+                    **({} if name not in statuses else _status_json(statuses[name])),
+                    "folders": [folder for folder in folders if folder["account_name"] == name],
                 }
-                for account in accounts
+                for name in listed
             ],
         }
     )
 
 
-def _fetch(call: Call) -> tuple[str, int]:
+def _status_json(status: AccountStatus) -> dict[str, object]:
+    shown = asdict(status)
+    del shown["name"], shown["folders"]  # the id, and the folders listed with their state
+    return shown
+
+
+def _fetch(call: Call) -> tuple[str, int] | Response:
+    """Ask for a fetch of the form's folder of the account the form names (the folder's row's)."""
     folder = call.form.get("folder", "")
-    account = shown_account_key(call)
-    if not request_fetch(call.context.engine, folder, account=account, actor=actor_of(call)):
-        return f"No folder {folder!r} of {account} in the index.", 404
-    return f"Fetch of {folder} asked: its worker syncs it within seconds.", 200
+    acting = acting_choice(call)
+    if isinstance(acting, Response):
+        return acting
+    if not request_fetch(call.context.engine, folder, account=acting.key, actor=actor_of(call)):
+        return f"No folder {folder!r} of {acting.value} in the index.", 404
+    return f"Fetch of {folder} of {acting.value} asked: its worker syncs it within seconds.", 200
 
 
 def fetch_form(call: Call) -> Response:
-    notice, status = _fetch(call)
+    fetched = _fetch(call)
+    if isinstance(fetched, Response):
+        return fetched
+    notice, status = fetched
     return overview_page(call, status, notice)
 
 
 def fetch_api(call: Call) -> Response:
-    notice, status = _fetch(call)
+    fetched = _fetch(call)
+    if isinstance(fetched, Response):
+        return fetched
+    notice, status = fetched
     folder = call.form.get("folder", "")
     key = "done" if status == 200 else "error"
     return call.json({"id": folder, "url": call.url(f"/#folder-{folder}"), key: notice}, status)

@@ -5,34 +5,41 @@ from __future__ import annotations
 
 from starlette.responses import Response
 
+from emailops.accounts.config import AccountConfig
 from emailops.cache import RawMessageCache
 from emailops.imap.raw_message import download_raw
 from emailops.store.messages import StoredMessage
 from prod.console.calls import Call
-from prod.console.mailbox import shown_account_key
 
 
-def stored_raw(call: Call, stored: StoredMessage) -> bytes | Response:
-    """The raw message of an indexed message: the cached copy (a folder, UIDVALIDITY and UID name
-    one message for ever, so a copy never goes stale) or else ``fetch_raw``'s answer. A new IMAP
-    session per page took 0.3-0.8 s in a folder of 94,000 messages (bench/README.md "Console")."""
+def stored_raw(call: Call, account: AccountConfig | None, stored: StoredMessage) -> bytes | Response:
+    """The raw message of an indexed message of ``account``: the cached copy (a folder,
+    UIDVALIDITY and UID name one message for ever, so a copy never goes stale) or else
+    ``fetch_raw``'s answer. A new IMAP session per page took 0.3-0.8 s in a folder of 94,000
+    messages (bench/README.md "Console")."""
     settings = call.context.settings
     cache = RawMessageCache(settings.cache_dir, settings.cache_max_bytes)
-    key = shown_account_key(call)
-    cached = cache.get_one(key, stored.folder, stored.uidvalidity, stored.uid, stored.parsed.size)
-    return cached if cached is not None else fetch_raw(call, stored.folder, stored.uidvalidity, stored.uid)
+    if account is not None:
+        cached = cache.get_one(
+            account.index_key, stored.folder, stored.uidvalidity, stored.uid, stored.parsed.size
+        )
+        if cached is not None:
+            return cached
+    return fetch_raw(call, account, stored.folder, stored.uidvalidity, stored.uid)
 
 
-def fetch_raw(call: Call, folder: str, uidvalidity: int, uid: int) -> bytes | Response:
-    """The raw message (read-only, BODY.PEEK), or the answer to give instead: 410 when it is gone
-    from the server, 502 when the server failed."""
+def fetch_raw(
+    call: Call, account: AccountConfig | None, folder: str, uidvalidity: int, uid: int
+) -> bytes | Response:
+    """The raw message of ``account`` (read-only, BODY.PEEK), or the answer to give instead: 410
+    when it is gone from the server, 502 when the server failed."""
     from emailops.imap.connection import connect, logout_quietly
     from emailops.imap.errors import CONNECTION_ERRORS, ImapError
     from prod.cli_common import CommandError
-    from prod.console.mailbox import shown_account_imap
+    from prod.console.mailbox import account_imap
 
     try:
-        server = shown_account_imap(call)
+        server = account_imap(call, account)
     except CommandError as exc:
         return Response(f"the mail account cannot be reached: {exc}", 503, media_type="text/plain")
     try:

@@ -2,7 +2,8 @@
 match and 7-day matches; the editor, whose text is checked (``validate_rules_text``: each error at
 its line, nothing saved) and compared with the running file before ``save_rules`` replaces it
 (the daemon loads it at its next message); the kept versions, restorable; and a rule set tried on
-an indexed message or an uploaded one (``emailops.replies.trial``: nothing sent or recorded)."""
+an indexed message or an uploaded one (``emailops.replies.trial``: nothing sent or recorded).
+The matches are counted, and a rule set tried, for the account ``account=`` names."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from emailops.store.database import reading
 from emailops.users.permissions import Action
 from prod.cli_llm import outcome_json
 from prod.console.calls import Call, ConsoleRoute
-from prod.console.mailbox import shown_account_key
+from prod.console.mailbox import AccountChoice, acting_choice, page_choice
 from prod.console.pages.actor import actor_of
 
 
@@ -45,15 +46,15 @@ def _running(call: Call) -> tuple[RuleSet, str | None]:
         return RuleSet(), str(exc)
 
 
-def _rules(call: Call) -> tuple[list[dict[str, object]], str | None]:
+def _rules(call: Call, choice: AccountChoice) -> tuple[list[dict[str, object]], str | None]:
     ruleset, error = _running(call)
     names = [rule.name for rule in ruleset.rules]
     with reading(call.context.engine) as conn:
-        stats = rules_stats(conn, shown_account_key(call), names, now=call.context.clock())
+        stats = rules_stats(conn, choice.key, names, now=call.context.clock())
     found: list[dict[str, object]] = [
         {
             "id": rule.name,
-            "url": call.url(f"/rules#rule-{rule.index}"),
+            "url": call.url(f"/rules?{choice.query()}#rule-{rule.index}"),
             "index": rule.index,
             "name": rule.name,
             "folders": list(rule.folders),
@@ -82,11 +83,15 @@ def _versions(call: Call) -> list[dict[str, object]]:
 
 
 def rules_page(call: Call, status_code: int = 200, **shown: Any) -> Response:
-    rules, error = _rules(call)
+    choice = page_choice(call)
+    if isinstance(choice, Response):
+        return choice
+    rules, error = _rules(call, choice)
     text = shown.pop("text", None)
     return call.render(
         "rules.html",
         status_code,
+        choice=choice,
         rules=rules,
         file_error=error,
         versions=_versions(call),
@@ -96,11 +101,15 @@ def rules_page(call: Call, status_code: int = 200, **shown: Any) -> Response:
 
 
 def rules_api(call: Call) -> Response:
-    rules, error = _rules(call)
+    choice = page_choice(call)
+    if isinstance(choice, Response):
+        return choice
+    rules, error = _rules(call, choice)
     return call.json(
         {
             "id": "rules",
-            "url": call.url("/rules"),
+            "url": call.url(f"/rules?{choice.query()}"),
+            "account": choice.value,
             "rules": rules,
             "error": error,
             "versions": _versions(call),
@@ -168,10 +177,14 @@ def restore_api(call: Call) -> Response:
     return call.json({"id": version_id, "url": call.url(f"/rules#version-{version_id}"), key: notice}, status)
 
 
-def _trial(call: Call) -> tuple[int, list[dict[str, Any]] | str]:
-    """The outcome of each matching rule on the form's message (the form's rules text, else the
-    running rules), or why there is none. Nothing is sent or recorded."""
+def _trial(call: Call) -> tuple[int, list[dict[str, Any]] | str] | Response:
+    """The outcome of each matching rule on the form's message of the account it names (the
+    form's rules text, else the running rules), or why there is none; the 404 answer for an
+    unknown account. Nothing is sent or recorded."""
     settings = call.context.settings
+    acting = acting_choice(call)
+    if isinstance(acting, Response):
+        return acting
     raw = call.uploads.get("eml")
     try:
         message_pk = None if raw else int(call.form.get("message", ""))
@@ -189,7 +202,7 @@ def _trial(call: Call) -> tuple[int, list[dict[str, Any]] | str]:
             return 422, error
     config = settings.reply_config()
     trial: dict[str, Any] = {
-        "account": shown_account_key(call),
+        "account": acting.key,
         "rules": ruleset,
         "config": config,
         "client": ChatClient.for_config(config.llm) if config.llm else None,
@@ -207,19 +220,25 @@ def _trial(call: Call) -> tuple[int, list[dict[str, Any]] | str]:
         ]
     outcomes = try_rules_on_indexed(call.context.engine, message_pk, **trial)
     if outcomes is None:
-        return 404, f"no indexed message {message_pk} of {shown_account_key(call)}"
+        return 404, f"no indexed message {message_pk} of {acting.value}"
     return 200, [outcome_json(outcome) for outcome in outcomes]
 
 
 def trial_form(call: Call) -> Response:
-    status, found = _trial(call)
+    tried = _trial(call)
+    if isinstance(tried, Response):
+        return tried
+    status, found = tried
     if isinstance(found, str):
         return rules_page(call, status, notice=f"Not tried: {found}.")
     return rules_page(call, trial=found, trial_message=call.form.get("message") or "uploaded")
 
 
 def trial_api(call: Call) -> Response:
-    status, found = _trial(call)
+    tried = _trial(call)
+    if isinstance(tried, Response):
+        return tried
+    status, found = tried
     key = "outcomes" if isinstance(found, list) else "error"
     return call.json({"id": "rules-test", "url": call.url("/rules#test"), key: found}, status)
 
