@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 
 from bench._report import figure, headline, write_result
 from bench._servers import Daemon, emailops_env, fresh_postgres, synthetic_messages
-from bench.soak import children, read_proc
+from bench.soak import children, command_line, read_proc
 from emailops.auth.crypto import new_key
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import message
@@ -66,17 +67,27 @@ def pss_kb(pid: int) -> int:
     return next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
 
 
-def daemon_tree(supervisor: int) -> dict[int, tuple[int, int]]:
-    """pid -> (VmRSS, PSS) in kB of the supervisor and every process under it."""
-    found: dict[int, tuple[int, int]] = {}
+def daemon_tree(supervisor: int) -> dict[str, tuple[int, int]]:
+    """(VmRSS, PSS) in kB of the supervisor and every process under it, by role."""
+    found: dict[str, tuple[int, int]] = {}
     queue = [supervisor]
     while queue:
         pid = queue.pop()
         proc = read_proc(pid)
         if proc is not None:
-            found[pid] = (proc[0], pss_kb(pid))
+            role = "worker"
+            if pid == supervisor:
+                role = "supervisor"
+            elif "resource_tracker" in command_line(pid):
+                role = "tracker"  # multiprocessing's resource tracker, started with the workers
+            found[f"{role} {pid}"] = (proc[0], pss_kb(pid))
         queue += children(pid)
     return found
+
+
+def by_role(values: dict[str, float], divisor: float, decimals: int) -> str:
+    """``supervisor 90, worker 88, ...`` from values keyed by role and pid."""
+    return ", ".join(f"{role.split()[0]} {value / divisor:.{decimals}f}" for role, value in values.items())
 
 
 def connections(dovecot: LocalDovecot, count: int) -> list[int]:
@@ -125,7 +136,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             key: value
             for key, value in emailops_env(imap_port=dovecot.imap_port, work_dir=work).items()
             if not key.startswith("EMAIL_")
-        } | {"INDEX_DB_URL": url, "SECRETS_KEY": new_key(), "WORKERS": str(args.workers)}
+        } | {
+            "INDEX_DB_URL": url,
+            "SECRETS_KEY": new_key(),
+            "WORKERS": str(args.workers),
+            "IMAP_IDLE_FOLDERS": str(args.idle_folders),
+        }
         (work / "rules.toml").write_text("")
         imported = subprocess.run(
             [
@@ -165,7 +181,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         "t": round(elapsed),
                         "rss_total_kb": sum(rss for rss, _ in tree.values()),
                         "pss_total_kb": sum(pss for _, pss in tree.values()),
-                        "rss_kb": sorted((rss for rss, _ in tree.values()), reverse=True),
+                        "rss_kb": {role: rss for role, (rss, _) in sorted(tree.items())},
                         "first_synced_folders": count(
                             url, "SELECT count(*) FROM folders WHERE first_synced_at IS NOT NULL"
                         ),
@@ -176,7 +192,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     samples.append(sample)
                     print(
                         f"   t={sample['t']:>4} s  RSS {sample['rss_total_kb'] / 1024:6.1f} MB "
-                        f"({' + '.join(f'{kb / 1024:.0f}' for kb in sample['rss_kb'])}), "
+                        f"({by_role(sample['rss_kb'], 1024, 0)}), "
                         f"PSS {sample['pss_total_kb'] / 1024:.1f} MB  "
                         f"first-synced folders {sample['first_synced_folders']}/{len(users) * len(folders)}  "
                         f"IMAP connections {sample['connections']} (at most {sample['connections_max']} "
@@ -185,22 +201,30 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     )
                 time.sleep(0.5)
             indexed = count(url, "SELECT count(*) FROM messages")
+            synced = count(url, "SELECT count(*) FROM folders WHERE first_synced_at IS NOT NULL")
             per_account = connections(dovecot, args.accounts)
         finally:
             daemon.stop()
+        log = daemon.log_path.read_text(errors="replace")
     last = samples[-1]
     return {
         "accounts": args.accounts,
         "folders_per_account": len(folders),
         "messages_per_folder": args.messages,
         "workers": args.workers,
+        "idle_folders": args.idle_folders,
         "backend": "postgresql" if args.pg else "sqlite",
         "minutes": args.minutes,
+        "load_average_end": os.getloadavg(),
         "delivered": delivered,
+        "first_synced_folders": synced,
+        # Signs that the workers did not keep up: leases renewed too late, a loop stuck > 60 s.
+        "leases_lost": log.count("lost the lease of a folder to another worker"),
+        "workers_restarted": log.count('"worker died; restarting"'),
         "indexed": indexed,
         "expected_indexed": args.accounts * len(folders) * args.messages + delivered,
         "rss_total_mb": last["rss_total_kb"] / 1024,
-        "rss_per_process_mb": [kb / 1024 for kb in last["rss_kb"]],
+        "rss_per_process_mb": {role: kb / 1024 for role, kb in last["rss_kb"].items()},
         "pss_total_mb": last["pss_total_kb"] / 1024,
         "connections_per_account": {
             "min": min(per_account),
@@ -221,6 +245,7 @@ def main() -> None:
     parser.add_argument(
         "--folders", type=int, default=1, choices=range(1, 5), help="folders per account (1-4)"
     )
+    parser.add_argument("--idle-folders", type=int, default=4, help="IMAP_IDLE_FOLDERS (default 4)")
     parser.add_argument("--messages", type=int, default=20, help="messages per folder before the start")
     parser.add_argument("--mail-every", type=float, default=5.0, help="seconds between two new messages")
     parser.add_argument("--sample-seconds", type=float, default=30.0)
@@ -233,7 +258,7 @@ def main() -> None:
     connected = result["connections_per_account"]
     figure(
         f"RSS after {args.minutes:g} min, supervisor + workers",
-        f"{rss:.1f} MB ({' + '.join(f'{mb:.1f}' for mb in result['rss_per_process_mb'])})",
+        f"{rss:.1f} MB ({by_role(result['rss_per_process_mb'], 1, 1)})",
         *((f"< {TARGET_MB:.0f} MB", rss < TARGET_MB) if args.accounts == TARGET_ACCOUNTS else ()),
     )
     figure("PSS after the same time (shared pages shared out)", f"{result['pss_total_mb']:.1f} MB")
@@ -243,6 +268,12 @@ def main() -> None:
         f"min {connected['min']}, max {connected['max']}, mean {connected['mean']:.2f}",
     )
     figure("messages indexed / expected", f"{result['indexed']} / {result['expected_indexed']}")
+    figure(
+        "folders first-synced",
+        f"{result['first_synced_folders']} / {args.accounts * result['folders_per_account']}",
+    )
+    figure("leases lost / workers restarted", f"{result['leases_lost']} / {result['workers_restarted']}")
+    figure("load average at the end (1, 5, 15 min)", " ".join(f"{v:.1f}" for v in result["load_average_end"]))
     write_result(f"capacity-{args.accounts}", result)
 
 
