@@ -404,8 +404,18 @@ class LocalDovecot(LocalImapServer):
 
     def logged_in(self, user: str) -> int:
         """How many IMAP connections of ``user`` are logged in now (``doveadm who``)."""
-        lines = self.doveadm("who", "-1", user).stdout.splitlines()
-        return sum(1 for line in lines[1:] if line.split()[:2] == [user, "imap"])
+        return self.logged_in_by_user(user).get(user, 0)
+
+    def logged_in_by_user(self, user: str | None = None) -> dict[str, int]:
+        """How many IMAP connections each user (or ``user`` only) has logged in now, in one
+        ``doveadm who`` (users with none are left out)."""
+        lines = self.doveadm("who", "-1", *([user] if user else [])).stdout.splitlines()
+        counts: dict[str, int] = {}
+        for line in lines[1:]:
+            fields = line.split()
+            if fields[1:2] == ["imap"]:
+                counts[fields[0]] = counts.get(fields[0], 0) + 1
+        return counts
 
     # ----------------------------------------------------------------------------- accounts
 
