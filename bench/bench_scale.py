@@ -47,7 +47,7 @@ from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 
 from bench._report import figure, headline, percentile, write_result
 from bench._servers import REPO_ROOT, Daemon, fresh_postgres, synthetic_messages
@@ -59,12 +59,14 @@ from emailops.search.service import SearchOptions, count
 from emailops.store.database import create_index_engine
 from emailops.store.schema import account_state, folders, messages
 from emailops.store.schema import outbox as outbox_table
-from localmail.dovecot import LocalDovecot
+from localmail.dovecot import LocalDovecot, default_scratch_root
 from localmail.smtp_relay import LocalSmtpRelay
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 DOMAIN = "example.test"
 TAKEOVER_LIMIT_SECONDS = 60.0
+# Deliveries beside the backfill stop after this long, done or not (a stalled backfill is a problem).
+BACKFILL_LIMIT_SECONDS = 900.0
 RULES = """
 [[rules]]
 name = "hello"
@@ -181,7 +183,10 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: str, step: f
 
 
 class Searcher:
-    """Searches each pending delivery's token with the search service until it is found."""
+    """Searches each pending delivery's token with the search service until it is found.
+
+    Cheaply: every 0.1 s one query asks which pending Message-IDs have a row yet, and only those
+    are searched (the row and its search text are written in one transaction)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -195,27 +200,34 @@ class Searcher:
         with self.lock:
             self.pending.append(delivery)
 
-    def found(self, delivery: Delivery) -> int:
-        with self.engine.connect() as conn:
-            return count(conn, delivery.mailbox.key, delivery.token, _options(delivery.mailbox))
-
     def _run(self) -> None:
         while not self.stop.wait(0.1):
             with self.lock:
                 pending = list(self.pending)
-            for delivery in pending:
-                if self.found(delivery):
-                    delivery.found_at = time.monotonic()
-                    with self.lock:
-                        self.pending.remove(delivery)
+            if not pending:
+                continue
+            ids = [delivery.message_id for delivery in pending]
+            with self.engine.connect() as conn:
+                stored = set(
+                    conn.execute(
+                        select(messages.c.message_id).where(messages.c.message_id.in_(ids))
+                    ).scalars()
+                )
+                for delivery in pending:
+                    if delivery.message_id in stored and found(conn, delivery):
+                        delivery.found_at = time.monotonic()
+                        with self.lock:
+                            self.pending.remove(delivery)
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(10)
 
 
-def _options(box: Mailbox) -> SearchOptions:
-    return SearchOptions(account_names=frozenset({box.user, box.key}))
+def found(conn: Connection, delivery: Delivery) -> int:
+    """How many messages ``emailops search --account NAME TOKEN`` finds for the delivery."""
+    box = delivery.mailbox
+    return count(conn, box.key, delivery.token, SearchOptions(account_names=frozenset({box.user, box.key})))
 
 
 class ConnectionCounter:
@@ -357,9 +369,9 @@ class Rig:
         return done
 
     def wait_found(self, deliveries: list[Delivery], seconds: float) -> None:
-        wait_until(
-            lambda: all(d.found_at is not None for d in deliveries), seconds, "deliveries indexed", 0.2
-        )
+        """Wait until every delivery is found, for up to ``seconds`` (the others count as lost)."""
+        with suppress(TimeoutError):
+            wait_until(lambda: all(d.found_at is not None for d in deliveries), seconds, "indexed", 0.2)
 
     def indexed(self, box: Mailbox) -> int:
         with self.engine.connect() as conn:
@@ -459,8 +471,17 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
             rig.import_accounts([rig.big], "big.toml")
             wait_until(lambda: rig.indexed(rig.big) > 0, 120, "the backfill's start", 0.05)
             began = time.monotonic()
-            during = rig.deliver_while("backfill", lambda n: rig.indexed(rig.big) < backlog or n < 5)
-            wait_until(lambda: rig.indexed(rig.big) >= backlog, 600, "the backfill", 0.5)
+            during = rig.deliver_while(
+                "backfill",
+                lambda n: (
+                    (rig.indexed(rig.big) < backlog and time.monotonic() - began < BACKFILL_LIMIT_SECONDS)
+                    or n < 5
+                ),
+            )
+            if rig.indexed(rig.big) < backlog:
+                outcome.problems.append(
+                    f"backfill: {rig.indexed(rig.big)} of {backlog} in {BACKFILL_LIMIT_SECONDS} s"
+                )
             outcome.figures["backfill_messages"] = backlog
             outcome.figures["backfill_s"] = round(time.monotonic() - began, 1)
             figure(
@@ -516,6 +537,8 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
             "IMAP connections per daemon (ss)",
             " / ".join(map(str, outcome.figures["imap_connections_per_daemon"])),
         )
+        outcome.figures["dovecot_imap_processes"] = len(rig.dovecot.imap_process_ids())
+        figure("Dovecot's IMAP sessions (processes)", str(outcome.figures["dovecot_imap_processes"]))
         victim = rig.daemons[max(range(len(rig.daemons)), key=lambda n: by_daemon[n])]
         victim_pids = owners_of(victim)
         orphans = {account for account, owner in owners.items() if owner_pid(owner) in victim_pids}
@@ -552,8 +575,7 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
                 outcome.problems.append(f"takeover took {takeover[0]:.1f} s")
         else:
             outcome.problems.append(f"the killed daemon's {len(orphans)} folders not taken over in 300 s")
-        with suppress(TimeoutError):  # what is not found is counted as lost below
-            rig.wait_found(after_kill, 180)
+        rig.wait_found(after_kill, 180)
         summarize(outcome, "kill", after_kill)
         outcome.figures["rss_mb_per_daemon_end"] = [
             round(daemon_rss(d) / 2**20, 1) if d.alive() else None for d in rig.daemons
@@ -571,8 +593,8 @@ def check(rig: Rig, outcome: Outcome, counter: ConnectionCounter, options: Optio
     lost, duplicated = [], []
     with rig.engine.connect() as conn:
         for delivery in rig.deliveries:
-            found = count(conn, delivery.mailbox.key, delivery.token, _options(delivery.mailbox))
-            (lost if found == 0 else duplicated if found > 1 else []).append(
+            times = found(conn, delivery)
+            (lost if times == 0 else duplicated if times > 1 else []).append(
                 f"{delivery.mailbox.name}:{delivery.token}"
             )
         twice = conn.execute(
@@ -648,9 +670,10 @@ def main() -> None:
         f"{options.accounts} accounts, {options.daemons} daemons (WORKERS={options.workers}), PostgreSQL"
     )
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as work:
-        name = f"emailops_bench_scale_{os.getpid()}"
-        outcome = run(options, fresh_postgres(PG_ADMIN, name), Path(work))
+    # Kept afterwards: each daemon's log (daemon<N>/daemon.log) and the accounts files.
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=default_scratch_root()))
+    outcome = run(options, fresh_postgres(PG_ADMIN, f"emailops_bench_scale_{os.getpid()}"), work)
+    figure("work folder (daemons' logs)", str(work))
     steady, backfill, broken = (outcome.p95(phase) for phase in ("steady", "backfill", "broken"))
     if backfill is not None:
         figure("p95 during the backfill", f"{backfill:.2f} s", "< 3 s", backfill < 3.0)
