@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from email import message_from_bytes
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ class Options:
     max_connections: int = 3  # IMAP_MAX_CONNECTIONS of every account
     # The poll behind IDLE: the moment a stalled server's silence is first noticed.
     poll_interval_seconds: float = 15.0
+    # Wait for every reply due before the SIGKILL (else a send it interrupts is left "unknown").
+    drain_before_kill: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,8 @@ class Delivery:
     phase: str
     delivered_at: float
     found_at: float | None = None
+    # The wall clock at the delivery, beside the row's indexed_at (the worker's clock).
+    delivered_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def message_id(self) -> str:
@@ -428,8 +433,28 @@ def owner_pid(owner: str | None) -> str:
     return owner.rsplit(":", 2)[1] if owner and owner.count(":") >= 3 else ""
 
 
-def summarize(outcome: Outcome, phase: str, deliveries: list[Delivery]) -> None:
+def summarize(outcome: Outcome, phase: str, deliveries: list[Delivery], engine: Engine) -> None:
     latencies = [d.latency for d in deliveries if d.latency is not None]
+    with engine.connect() as conn:
+        indexed = dict(
+            conn.execute(
+                select(messages.c.message_id, messages.c.indexed_at).where(
+                    messages.c.message_id.in_([d.message_id for d in deliveries])
+                )
+            ).all()
+        )
+    # Delivery to the row's commit alone (without the search's polling): where the time goes.
+    written = [
+        (indexed[d.message_id] - d.delivered_wall).total_seconds()
+        for d in deliveries
+        if d.message_id in indexed
+    ]
+    if written:
+        outcome.figures[f"{phase}_indexed_p95_s"] = round(percentile(written, 0.95), 3)
+        figure(
+            f"{phase}: delivery to indexed_at p50 / p95",
+            f"{percentile(written, 0.5):.2f} / {percentile(written, 0.95):.2f} s",
+        )
     outcome.figures[f"{phase}_deliveries"] = len(deliveries)
     if latencies:
         outcome.figures[f"{phase}_p50_s"] = round(percentile(latencies, 0.5), 3)
@@ -463,7 +488,7 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
         headline("Phases")
         steady = rig.deliver_while("steady", lambda n: n < options.deliveries)
         rig.wait_found(steady, 120)
-        summarize(outcome, "steady", steady)
+        summarize(outcome, "steady", steady, rig.engine)
 
         if options.backlog != 0:
             corpus = iter_spamassassin() if options.backlog is None else synthetic_messages(options.backlog)
@@ -489,7 +514,7 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
                 f"{time.monotonic() - began:.1f} s (from its first row)",
             )
             rig.wait_found(during, 120)
-            summarize(outcome, "backfill", during)
+            summarize(outcome, "backfill", during, rig.engine)
 
         if options.broken:
             # Dovecot knows "wrong" with another password than the account's.
@@ -508,7 +533,7 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
                 lambda n: n < options.deliveries or len(rig.proxy.snapshot().commands) == commands,
             )
             rig.wait_found(broken, 120)
-            summarize(outcome, "broken", broken)
+            summarize(outcome, "broken", broken, rig.engine)
             outcome.figures["stalled_state"] = rig.state_of(rig.stalled)
 
         headline("A daemon SIGKILLed")
@@ -539,6 +564,11 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
         )
         outcome.figures["dovecot_imap_processes"] = len(rig.dovecot.imap_process_ids())
         figure("Dovecot's IMAP sessions (processes)", str(outcome.figures["dovecot_imap_processes"]))
+        if options.drain_before_kill:
+            # Nothing in flight: every reply due is sent before the kill (what comes after is the
+            # survivors' work alone).
+            due = {d.message_id for d in rig.deliveries}
+            wait_until(lambda: due <= set(rig.replies()), 180, "the replies before the kill", 0.5)
         victim = rig.daemons[max(range(len(rig.daemons)), key=lambda n: by_daemon[n])]
         victim_pids = owners_of(victim)
         orphans = {account for account, owner in owners.items() if owner_pid(owner) in victim_pids}
@@ -576,7 +606,7 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
         else:
             outcome.problems.append(f"the killed daemon's {len(orphans)} folders not taken over in 300 s")
         rig.wait_found(after_kill, 180)
-        summarize(outcome, "kill", after_kill)
+        summarize(outcome, "kill", after_kill, rig.engine)
         outcome.figures["rss_mb_per_daemon_end"] = [
             round(daemon_rss(d) / 2**20, 1) if d.alive() else None for d in rig.daemons
         ]
@@ -608,9 +638,21 @@ def check(rig: Rig, outcome: Outcome, counter: ConnectionCounter, options: Optio
         unsent = conn.execute(
             select(func.count()).select_from(outbox_table).where(outbox_table.c.state != "sent")
         ).scalar_one()
+        # The outbox state of each reply, by the Message-ID of the message it answers.
+        reply_states = dict(
+            conn.execute(
+                select(messages.c.message_id, outbox_table.c.state).join(
+                    messages, messages.c.id == outbox_table.c.message_pk
+                )
+            ).all()
+        )
     duplicated += [f"{row[0]}:{row[1]}" for row in twice]
     answered = rig.replies()
     missing = sorted(expected - set(answered))
+    # A send the SIGKILL interrupted is "unknown" (at most once: the operator confirms or retries,
+    # RUNBOOK); a reply missing for any other reason is lost.
+    unknown = [mid for mid in missing if reply_states.get(mid) == "unknown"]
+    missing = [mid for mid in missing if mid not in unknown]
     twice_answered = sorted(mid for mid, n in answered.items() if n > 1)
     backlog = outcome.figures.get("backfill_messages")
     if backlog is not None and rig.indexed(rig.big) != backlog:
@@ -622,6 +664,8 @@ def check(rig: Rig, outcome: Outcome, counter: ConnectionCounter, options: Optio
         duplicated=duplicated,
         replies=sum(answered[mid] for mid in expected),
         replies_missing=missing,
+        replies_unknown=unknown,
+        reply_states_missing={mid: reply_states.get(mid) for mid in missing},
         replies_twice=twice_answered,
         outbox_not_sent=int(unsent),
         connections_most=max(counter.most.values(), default=0),
@@ -633,8 +677,9 @@ def check(rig: Rig, outcome: Outcome, counter: ConnectionCounter, options: Optio
     )
     figure(
         "replies sent / missing / sent twice",
-        f"{len(expected) - len(missing)} / {len(missing)} / {len(twice_answered)}",
+        f"{len(expected) - len(missing) - len(unknown)} / {len(missing)} / {len(twice_answered)}",
     )
+    figure("replies left unknown by the SIGKILL (not sent)", str(len(unknown)))
     figure(
         "most IMAP connections of one account (doveadm who)",
         f"{outcome.figures['connections_most']} of {options.max_connections} ({counter.samples} samples)",
