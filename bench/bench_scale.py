@@ -282,7 +282,9 @@ class Rig:
         self.wrong = Mailbox("wrong", f"wrong@{DOMAIN}", "pw-wrong")
         self.stalled = Mailbox("stalled", f"stalled@{DOMAIN}", "pw-stalled")
         users = {box.user: box.password for box in [*self.boxes, self.big, self.wrong, self.stalled]}
-        self.dovecot = stack.enter_context(LocalDovecot(users))
+        # Room for every session the run opens (the default allows 1,024): what they number is
+        # a figure of the run (imap_sessions), not a limit of it.
+        self.dovecot = stack.enter_context(LocalDovecot(users, imap_process_limit=4000))
         self.relay = stack.enter_context(LocalSmtpRelay(self.dovecot, users))
         self.proxy = stack.enter_context(CountingProxy(self.dovecot.host, self.dovecot.imap_port))
         (work / "rules.toml").write_text(RULES)

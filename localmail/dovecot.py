@@ -160,14 +160,15 @@ class LocalDovecot(LocalImapServer):
     """One private Dovecot instance: IMAP (plain, optionally IMAPS and STARTTLS) and LMTP.
 
     ``users`` maps login names (``alice@example.test`` or a bare ``alice``) to plain passwords.
-    ``capabilities_removed`` hides capabilities (``IDLE``, ``CONDSTORE``, ``QRESYNC``, ...) from
-    the CAPABILITY list, so clients take their fallback paths. With ``oauth2_introspection_url``
-    the accounts may also sign in with OAuth2 bearer tokens (``oauth2_mechanisms``, by default
-    XOAUTH2 and OAUTHBEARER), which Dovecot's ``passdb { driver = oauth2 }`` checks at that
-    introspection endpoint (RFC 7662, POST); passwords keep working for the test's own helpers.
-    Ports are chosen at construction
-    and kept across ``restart()``. ``work_dir`` (made if missing) holds everything; without it a
-    temporary folder is made and removed again by ``close()``.
+    ``imap_process_limit`` raises Dovecot's limit of IMAP sessions in all (one process each;
+    1,024 by default). ``capabilities_removed`` hides capabilities (``IDLE``, ``CONDSTORE``,
+    ``QRESYNC``, ...) from the CAPABILITY list, so clients take their fallback paths. With
+    ``oauth2_introspection_url`` the accounts may also sign in with OAuth2 bearer tokens
+    (``oauth2_mechanisms``, by default XOAUTH2 and OAUTHBEARER), which Dovecot's ``passdb { driver
+    = oauth2 }`` checks at that introspection endpoint (RFC 7662, POST); passwords keep working for
+    the test's own helpers. Ports are chosen at construction and kept across ``restart()``.
+    ``work_dir`` (made if missing) holds everything; without it a temporary folder is made and
+    removed again by ``close()``.
     """
 
     kind = "dovecot"
@@ -183,6 +184,7 @@ class LocalDovecot(LocalImapServer):
         starttls_offered: bool = True,
         capabilities_removed: Iterable[str] = (),
         max_connections: int = 200,
+        imap_process_limit: int | None = None,
         oauth2_introspection_url: str | None = None,
         oauth2_mechanisms: Iterable[str] = ("xoauth2", "oauthbearer"),
     ) -> None:
@@ -214,6 +216,7 @@ class LocalDovecot(LocalImapServer):
         self._tls_names = tls_names
         self._starttls_offered = starttls_offered
         self._max_connections = max_connections
+        self._imap_process_limit = imap_process_limit
         self._oauth2_url = oauth2_introspection_url
         self._oauth2_mechanisms = " ".join(mechanism.lower() for mechanism in oauth2_mechanisms)
 
@@ -329,6 +332,14 @@ class LocalDovecot(LocalImapServer):
                 "    mode = 0",
                 "  }",
                 "}",
+            ]
+        if self._imap_process_limit is not None:
+            # One process per IMAP session; Dovecot's default allows 1,024 of them in all.
+            clients = self._imap_process_limit + 1000
+            lines += [
+                f"service imap {{\n  process_limit = {self._imap_process_limit}\n}}",
+                f"service anvil {{\n  client_limit = {clients}\n}}",
+                f"default_client_limit = {clients}",
             ]
         lines += [
             "userdb {",
