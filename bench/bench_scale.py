@@ -66,6 +66,8 @@ from localmail.smtp_relay import LocalSmtpRelay
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 DOMAIN = "example.test"
 TAKEOVER_LIMIT_SECONDS = 60.0
+IDLE_SECONDS = 10.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Deliveries beside the backfill stop after this long, done or not (a stalled backfill is a problem).
 BACKFILL_LIMIT_SECONDS = 900.0
 RULES = """
@@ -264,6 +266,36 @@ def process_tree(pid: int) -> list[int]:
             found.append(child)
             queue.append(child)
     return found
+
+
+def daemon_cpu_ticks(daemon: Daemon) -> int:
+    """The CPU time (utime + stime, clock ticks) of the supervisor and its workers so far."""
+    return sum((read_proc(pid) or (0, 0))[1] for pid in process_tree(daemon.process.pid))
+
+
+def transactions(engine: Engine) -> int:
+    """Transactions committed and rolled back in the index's database so far (all sessions)."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+                    " WHERE datname = current_database()"
+                )
+            ).scalar_one()
+        )
+
+
+def measure_idle(rig: Rig, outcome: Outcome, seconds: float = IDLE_SECONDS) -> None:
+    """With no mail arriving: the daemons' CPU and the database's transactions per second."""
+    ticks, done = sum(map(daemon_cpu_ticks, rig.daemons)), transactions(rig.engine)
+    time.sleep(seconds)
+    cpu = (sum(map(daemon_cpu_ticks, rig.daemons)) - ticks) / CLOCK_TICKS / seconds
+    per_second = (transactions(rig.engine) - done) / seconds
+    outcome.figures.update(idle_cpu_cores=round(cpu, 2), idle_transactions_per_s=round(per_second))
+    figure(
+        f"idle {seconds:.0f} s: daemons' CPU, database transactions", f"{cpu:.2f} cores, {per_second:.0f}/s"
+    )
 
 
 def daemon_rss(daemon: Daemon) -> int:
@@ -488,6 +520,7 @@ def run(options: Options, db_url: str, work: Path) -> Outcome:
         )
 
         headline("Phases")
+        measure_idle(rig, outcome)
         steady = rig.deliver_while("steady", lambda n: n < options.deliveries)
         rig.wait_found(steady, 120)
         summarize(outcome, "steady", steady, rig.engine)
@@ -708,6 +741,8 @@ def main() -> None:
     )
     parser.add_argument("--deliveries", type=int, default=40, help="deliveries per phase (default 40)")
     args = parser.parse_args()
+    if args.daemons < 2:
+        parser.error("--daemons: at least 2 (one is killed, the others take over)")
     # aiosmtpd warns on every session that AUTH is allowed without TLS (the relay is on loopback).
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     options = Options(
