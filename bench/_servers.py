@@ -145,7 +145,8 @@ def emailops_sync_once(env: Mapping[str, str], cwd: Path) -> ChildResult:
 
 
 class Daemon:
-    """``python -m prod.run`` as a child, stopped with SIGTERM (its documented stop signal)."""
+    """``python -m prod.run`` as a child, stopped with SIGTERM (its documented stop signal), in a
+    process group of its own: ``kill()`` ends it and its workers at once, as ``docker kill``."""
 
     def __init__(self, env: Mapping[str, str], cwd: Path) -> None:
         self.log_path = cwd / "daemon.log"
@@ -156,10 +157,17 @@ class Daemon:
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL to the supervisor and its workers together (none can clean up)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]

@@ -9,9 +9,9 @@ IDLE's DONE).
 
 Only the command verb is recorded (``SELECT``, ``UID FETCH``, ``DONE``), never its arguments: the
 LOGIN line carries the password. Tests also use it to count the connections a client opens
-(``sessions``), to refuse new ones, and to lose the server's answer to a command
-(``lose_answer_to``): the command reaches the server, which acts on it, and the client sees the
-connection drop instead of the answer.
+(``sessions``), to refuse new ones, to stop answering altogether (``stalled``), and to lose the
+server's answer to a command (``lose_answer_to``): the command reaches the server, which acts on
+it, and the client sees the connection drop instead of the answer.
 """
 
 from __future__ import annotations
@@ -105,6 +105,9 @@ class CountingProxy:
         self._doomed_verb: str | None = None
         # While True, a new connection is closed at once (the server looks unreachable).
         self.refusing = False
+        # While True, nothing the server sends reaches a client (it is read and dropped): the
+        # server looks as if it stopped answering, mid-session or before its greeting.
+        self.stalled = False
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="imap-proxy", daemon=True)
         self._thread.start()
@@ -193,6 +196,8 @@ class CountingProxy:
                 with self._lock:
                     self._traffic.server_bytes += len(data)
                     doomed = session.doomed_tag
+                if self.stalled:
+                    continue
                 if doomed is None:
                     session.client.sendall(data)
                     continue

@@ -160,14 +160,15 @@ class LocalDovecot(LocalImapServer):
     """One private Dovecot instance: IMAP (plain, optionally IMAPS and STARTTLS) and LMTP.
 
     ``users`` maps login names (``alice@example.test`` or a bare ``alice``) to plain passwords.
-    ``capabilities_removed`` hides capabilities (``IDLE``, ``CONDSTORE``, ``QRESYNC``, ...) from
-    the CAPABILITY list, so clients take their fallback paths. With ``oauth2_introspection_url``
-    the accounts may also sign in with OAuth2 bearer tokens (``oauth2_mechanisms``, by default
-    XOAUTH2 and OAUTHBEARER), which Dovecot's ``passdb { driver = oauth2 }`` checks at that
-    introspection endpoint (RFC 7662, POST); passwords keep working for the test's own helpers.
-    Ports are chosen at construction
-    and kept across ``restart()``. ``work_dir`` (made if missing) holds everything; without it a
-    temporary folder is made and removed again by ``close()``.
+    ``imap_process_limit`` raises Dovecot's limit of IMAP sessions in all (one process each;
+    1,024 by default). ``capabilities_removed`` hides capabilities (``IDLE``, ``CONDSTORE``,
+    ``QRESYNC``, ...) from the CAPABILITY list, so clients take their fallback paths. With
+    ``oauth2_introspection_url`` the accounts may also sign in with OAuth2 bearer tokens
+    (``oauth2_mechanisms``, by default XOAUTH2 and OAUTHBEARER), which Dovecot's ``passdb { driver
+    = oauth2 }`` checks at that introspection endpoint (RFC 7662, POST); passwords keep working for
+    the test's own helpers. Ports are chosen at construction and kept across ``restart()``.
+    ``work_dir`` (made if missing) holds everything; without it a temporary folder is made and
+    removed again by ``close()``.
     """
 
     kind = "dovecot"
@@ -183,6 +184,7 @@ class LocalDovecot(LocalImapServer):
         starttls_offered: bool = True,
         capabilities_removed: Iterable[str] = (),
         max_connections: int = 200,
+        imap_process_limit: int | None = None,
         oauth2_introspection_url: str | None = None,
         oauth2_mechanisms: Iterable[str] = ("xoauth2", "oauthbearer"),
     ) -> None:
@@ -214,6 +216,7 @@ class LocalDovecot(LocalImapServer):
         self._tls_names = tls_names
         self._starttls_offered = starttls_offered
         self._max_connections = max_connections
+        self._imap_process_limit = imap_process_limit
         self._oauth2_url = oauth2_introspection_url
         self._oauth2_mechanisms = " ".join(mechanism.lower() for mechanism in oauth2_mechanisms)
 
@@ -330,6 +333,14 @@ class LocalDovecot(LocalImapServer):
                 "  }",
                 "}",
             ]
+        if self._imap_process_limit is not None:
+            # One process per IMAP session; Dovecot's default allows 1,024 of them in all.
+            clients = self._imap_process_limit + 1000
+            lines += [
+                f"service imap {{\n  process_limit = {self._imap_process_limit}\n}}",
+                f"service anvil {{\n  client_limit = {clients}\n}}",
+                f"default_client_limit = {clients}",
+            ]
         lines += [
             "userdb {",
             "  driver = static",
@@ -404,8 +415,18 @@ class LocalDovecot(LocalImapServer):
 
     def logged_in(self, user: str) -> int:
         """How many IMAP connections of ``user`` are logged in now (``doveadm who``)."""
-        lines = self.doveadm("who", "-1", user).stdout.splitlines()
-        return sum(1 for line in lines[1:] if line.split()[:2] == [user, "imap"])
+        return self.logged_in_by_user(user).get(user, 0)
+
+    def logged_in_by_user(self, user: str | None = None) -> dict[str, int]:
+        """How many IMAP connections each user (or ``user`` only) has logged in now, in one
+        ``doveadm who`` (users with none are left out)."""
+        lines = self.doveadm("who", "-1", *([user] if user else [])).stdout.splitlines()
+        counts: dict[str, int] = {}
+        for line in lines[1:]:
+            fields = line.split()
+            if fields[1:2] == ["imap"]:
+                counts[fields[0]] = counts.get(fields[0], 0) + 1
+        return counts
 
     # ----------------------------------------------------------------------------- accounts
 

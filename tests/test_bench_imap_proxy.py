@@ -1,8 +1,15 @@
-"""The proxy's split of a client's bytes into commands: literals belong to the command they follow."""
+"""The proxy's split of a client's bytes into commands (literals belong to the command they
+follow), and its stall: commands still reach the server, no answer reaches the client."""
 
 from __future__ import annotations
 
-from bench.imap_proxy import CommandLines, command_verb
+import socket
+import time
+
+import pytest
+
+from bench.imap_proxy import CommandLines, CountingProxy, command_verb
+from localmail.dovecot import LocalDovecot
 
 
 def test_a_literal_and_the_rest_of_its_line_are_part_of_the_command() -> None:
@@ -18,3 +25,25 @@ def test_a_non_synchronizing_literal_and_two_literals_in_one_command() -> None:
     lines = CommandLines()
     seen = lines.feed(b"A1 LOGIN {5+}\r\nalice {3+}\r\npw!\r\nA2 SELECT INBOX\r\nDONE\r\n")
     assert [command_verb(line) for line in seen] == ["LOGIN", "SELECT", "DONE"]
+
+
+def test_a_stalled_proxy_forwards_commands_and_drops_every_answer(dovecot: LocalDovecot) -> None:
+    with (
+        CountingProxy(dovecot.host, dovecot.imap_port) as proxy,
+        socket.create_connection((proxy.host, proxy.port), timeout=10) as client,
+    ):
+        assert client.recv(4096).startswith(b"* OK")
+        client.sendall(b"a1 NOOP\r\n")
+        assert b"a1 OK" in client.recv(4096)
+        proxy.stalled = True
+        answered = proxy.snapshot().server_bytes
+        client.sendall(b"a2 NOOP\r\n")
+        # The server answered (the proxy read it) and the client got none of it.
+        deadline = time.monotonic() + 10
+        while proxy.snapshot().server_bytes == answered:
+            assert time.monotonic() < deadline, "the server's answer never reached the proxy"
+            time.sleep(0.01)
+        assert proxy.snapshot().commands == ["NOOP", "NOOP"]
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(4096)
