@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from structlog.testing import capture_logs
 
 import emailops.audit
 from emailops.audit import Actor, SecretInAuditError, list_entries, record
+from emailops.store.db_clock import db_now
 from emailops.store.migrations import MIGRATIONS, migrate
 from emailops.store.schema import audit_log, users
 from emailops.users import accounts, credentials
@@ -273,6 +275,14 @@ def test_an_audit_record_that_names_a_secret_is_refused(engine: Engine, key: str
 
 def test_audit_entries_filter_by_time_action_and_actor(engine: Engine) -> None:
     first = record(engine, ADMIN, "user.add", "alice")
+
+    # The second entry comes once the database's clock has moved on (two records can share a tick).
+    def later(moment: datetime) -> bool:
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)) > first.at
+
+    with engine.connect() as conn:
+        while not later(conn.execute(select(db_now(conn))).scalar_one()):
+            pass
     second = record(engine, WEB, "outbox.resolve", "reply 3")
     with engine.connect() as conn:
         assert [e.id for e in list_entries(conn)] == [second.id, first.id]
