@@ -45,27 +45,24 @@ def account_statuses(conn: Connection, accounts: Sequence[AccountConfig]) -> lis
     keys = [account.index_key for account in accounts]
     if not keys:
         return []
-    counted = {
-        row.account: (int(row.messages or 0), row.last_sync)
-        for row in conn.execute(
-            select(
-                folders.c.account,
-                func.count(messages.c.id).label("messages"),
-                func.max(folders.c.last_sync_at).label("last_sync"),
-            )
-            .select_from(folders)
-            .outerjoin(
-                messages,
-                and_(
-                    messages.c.folder_id == folders.c.id,
-                    messages.c.uidvalidity == folders.c.uidvalidity,
-                    messages.c.expunged_at.is_(None),
-                ),
-            )
-            .where(folders.c.account.in_(keys))
-            .group_by(folders.c.account)
-        )
-    }
+    # Per folder, two counts each read from an index alone (as store.messages.folder_stats): all
+    # its messages and the expunged few; a join counting live rows read every message row.
+    in_folder = and_(messages.c.folder_id == folders.c.id, messages.c.uidvalidity == folders.c.uidvalidity)
+    total = select(func.count()).select_from(messages).where(in_folder).scalar_subquery()
+    expunged = (
+        select(func.count())
+        .select_from(messages)
+        .where(in_folder, messages.c.expunged_at.is_not(None))
+        .scalar_subquery()
+    )
+    counted: dict[str, tuple[int, datetime | None]] = {}
+    for account, in_all, gone, last_sync in conn.execute(
+        select(folders.c.account, total, expunged, folders.c.last_sync_at).where(folders.c.account.in_(keys))
+    ):
+        before, newest = counted.get(account, (0, None))
+        if newest is None or (last_sync is not None and last_sync > newest):
+            newest = last_sync
+        counted[account] = (before + int(in_all) - int(gone), newest)
     states = {
         row.account: row
         for row in conn.execute(
