@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select
+from sqlalchemy import Connection, select
 
 from emailops.accounts.config import AccountConfig
+from emailops.store.messages import folder_counts
 from emailops.store.schema import account_state as account_state_table
-from emailops.store.schema import folders, messages, oauth2_tokens
+from emailops.store.schema import folders, oauth2_tokens
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,7 @@ def account_statuses(conn: Connection, accounts: Sequence[AccountConfig]) -> lis
     keys = [account.index_key for account in accounts]
     if not keys:
         return []
-    # Per folder, two counts each read from an index alone (as store.messages.folder_stats): all
-    # its messages and the expunged few; a join counting live rows read every message row.
-    in_folder = and_(messages.c.folder_id == folders.c.id, messages.c.uidvalidity == folders.c.uidvalidity)
-    total = select(func.count()).select_from(messages).where(in_folder).scalar_subquery()
-    expunged = (
-        select(func.count())
-        .select_from(messages)
-        .where(in_folder, messages.c.expunged_at.is_not(None))
-        .scalar_subquery()
-    )
+    total, expunged = folder_counts()
     counted: dict[str, tuple[int, datetime | None]] = {}
     for account, in_all, gone, last_sync in conn.execute(
         select(folders.c.account, total, expunged, folders.c.last_sync_at).where(folders.c.account.in_(keys))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, and_, bindparam, func, select, update
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from emailops.mime.header_block import HeaderBlock
 from emailops.mime.model import Address, Attachment, ParsedMessage
@@ -380,9 +381,10 @@ class FolderStats:
     last_sync: datetime | None
 
 
-def folder_stats(conn: Connection, account: str) -> list[FolderStats]:
-    # Two counts per folder, each from an index alone: all its messages (the unique key) and the
-    # expunged ones (a partial index of those few); counting live rows read every row.
+def folder_counts() -> tuple[ScalarSelect[int], ScalarSelect[int]]:
+    """Two counts of the ``folders`` row a statement selects, each read from an index alone: all
+    its messages (the unique key) and the expunged ones (a partial index of those few); its live
+    messages are the difference. Counting live rows instead read every message row."""
     in_folder = and_(messages.c.folder_id == folders.c.id, messages.c.uidvalidity == folders.c.uidvalidity)
     total = select(func.count()).select_from(messages).where(in_folder).scalar_subquery()
     expunged = (
@@ -391,6 +393,11 @@ def folder_stats(conn: Connection, account: str) -> list[FolderStats]:
         .where(in_folder, messages.c.expunged_at.is_not(None))
         .scalar_subquery()
     )
+    return total, expunged
+
+
+def folder_stats(conn: Connection, account: str) -> list[FolderStats]:
+    total, expunged = folder_counts()
     rows = conn.execute(
         select(folders.c.name, folders.c.uidvalidity, total, expunged, folders.c.last_sync_at)
         .where(folders.c.account == account)
