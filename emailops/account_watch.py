@@ -1,19 +1,19 @@
 """The folders of one account that a worker watches: their leases, their watchers, and the
 account's IMAP connections they use.
 
-A folder is watched only by the holder of its lease (``store.folders``). Its watcher IDLEs on a
-connection of its own or is polled over the worker's one shared connection; every connection takes
-one of the account's slots first (``imap.connection_budget``), so that all workers and containers
-together stay within IMAP_MAX_CONNECTIONS. The slots are shared out: with H workers holding the
-account's folders, a worker IDLEs on at most ``max_connections // H - 1`` folders (its last slot is
-for the shared connection), and gives IDLE connections up, or takes them again, as H changes.
+A folder is watched only by the holder of its lease (``store.folders``), as the worker's lease
+round hands them out (``lease_round``: every account's folders shared between all workers). Its
+watcher IDLEs on a connection of its own or is polled over the worker's one shared connection;
+every connection takes one of the account's slots first (``imap.connection_budget``), so that
+all workers and containers together stay within IMAP_MAX_CONNECTIONS. The slots are shared out:
+with H workers holding the account's folders, a worker IDLEs on at most ``max_connections // H - 1``
+folders (its last slot is for the shared connection), and gives IDLE connections up, or takes
+them again, as H changes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
-from datetime import timedelta
 
 import structlog
 from sqlalchemy import Engine
@@ -27,16 +27,11 @@ from emailops.imap.connection_budget import AccountConnections
 from emailops.imap.errors import ImapNoConnectionSlotError
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import FolderWatcher
-from emailops.processes import is_dead_sibling
-from emailops.store import connection_slots
+from emailops.lease_round import LEASE_TTL
 from emailops.store import folders as folder_store
-from emailops.store.database import reading
 
 log = structlog.get_logger(component="index")
 
-# A folder of a worker that died (and is not replaced) is taken over after at most LEASE_TTL; its
-# connection slots are free after as long.
-LEASE_TTL = timedelta(seconds=30)
 # A sync pass yields after this long (the fetch stops after the batch that passes it, once the
 # batches under way are stored), so that a large first sync or reindex holds up other folders'
 # new mail no longer; the next pass goes on from there. Batches are smaller than a one-off sync's
@@ -53,8 +48,6 @@ class AccountWatch:
         config: SyncConfig,
         *,
         owner: str,
-        dead_runs: tuple[str, ...],
-        workers: int,
         sign_ins: SignInLimits,
         clock: Clock,
         gate: AccountGate | None = None,
@@ -63,12 +56,9 @@ class AccountWatch:
         self.server = server
         self.config = config
         self.owner = owner
-        self.dead_runs = dead_runs
         self.clock = clock
         self.gate = gate
         self.cache = RawMessageCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
-        # Spread folders over workers: nobody holds more than its share while others have none.
-        self.max_folders = max(1, math.ceil(len(config.folders) / max(1, workers)))
         self.watchers: dict[str, FolderWatcher] = {}
         self.connections = AccountConnections(
             engine,
@@ -85,12 +75,44 @@ class AccountWatch:
         self.idle_cap = self._idle_cap(holders=1)
         self.log = log.bind(owner=owner, account=config.account)
 
-    def manage_leases(self) -> None:
-        """Renew or take folder leases and the connection slots, and share the slots out anew."""
-        for folder in self.config.folders:
-            self._manage_lease(folder)
-        self.connections.renew()
-        self._share_connections()
+    def hold(
+        self,
+        leases: dict[str, tuple[int, int]],
+        *,
+        given_up: set[str],
+        holders: int,
+        slots_held: int,
+        own_slots: set[int],
+    ) -> None:
+        """The lease round's outcome: the folders this worker holds (name: id and lease epoch),
+        those it gave up to another worker, how many workers hold the account's folders, how many
+        of its connection slots are held (by anyone) and which of this worker's are still its own.
+        Watchers are started, fenced with their epoch, or closed; the slots are shared out anew."""
+        for folder in [folder for folder in self.watchers if folder not in leases]:
+            if folder in given_up:
+                self.log.info("gave a folder up to another worker (its share)", folder=folder)
+            else:
+                self.log.warning("lost the lease of a folder to another worker", folder=folder)
+            self._stop(folder)
+        # In the configured order: the first folders are the ones IDLEd (``idle_folders``).
+        for folder in [folder for folder in self.config.folders if folder in leases]:
+            folder_id, epoch = leases[folder]
+            self.folder_ids[folder] = folder_id
+            if folder not in self.watchers:
+                self.log.info("watching folder", folder=folder)
+                config = replace(
+                    self.config,
+                    fetch_batch_messages=min(self.config.fetch_batch_messages, FETCH_BATCH_MESSAGES),
+                )
+                sync = FolderSync(self.engine, config, folder, cache=self.cache, clock=self.clock)
+                self.watchers[folder] = self._watcher(sync, idle=len(self._idle_folders()) < self.idle_cap)
+            self.watchers[folder].sync.fence = epoch
+        self.connections.check_held(own_slots)
+        self._share_connections(holders, slots_held)
+
+    def watched_ids(self) -> list[int]:
+        """The index ids of the folders watched now."""
+        return [self.folder_ids[folder] for folder in self.watchers]
 
     def release_closed(self) -> None:
         """Give back the slots of connections closed since the last call."""
@@ -98,46 +120,24 @@ class AccountWatch:
         self.connections.release_closed([*clients, self.shared.client])
 
     def stop_watching(self, folder: str) -> None:
+        """The folder's lease was lost (a sync found it fenced off)."""
         self.log.warning("lost the lease of a folder to another worker", folder=folder)
+        self._stop(folder)
+
+    def _stop(self, folder: str) -> None:
         self.watchers.pop(folder).close()
         if not any(watcher.shared is not None for watcher in self.watchers.values()):
             self.shared.close()  # no polled folder left: do not hold one of the account's connections
 
     def close(self) -> None:
-        for folder, watcher in self.watchers.items():
+        for watcher in self.watchers.values():
             watcher.close()
-            with self.engine.begin() as conn:
+        with self.engine.begin() as conn:
+            for folder in self.watchers:
                 folder_store.release_lease(conn, self.folder_ids[folder], self.owner)
         self.watchers.clear()
         self.shared.close()
         self.connections.close()
-
-    def _manage_lease(self, folder: str) -> None:
-        with self.engine.begin() as conn:
-            if folder not in self.folder_ids:
-                self.folder_ids[folder] = folder_store.ensure_folder(conn, self.config.account, folder).id
-            folder_id = self.folder_ids[folder]
-            watching = folder in self.watchers
-            holder = None if watching else folder_store.lease_owner(conn, folder_id)
-            # A worker of this run that died (and was replaced: by this one, maybe) holds nothing.
-            replacing = holder if holder and is_dead_sibling(self.owner, holder, self.dead_runs) else None
-            over_share = not watching and replacing is None and len(self.watchers) >= self.max_folders
-            # Beyond its share a worker takes only a folder nobody has watched for a while
-            # (its worker died and was not replaced, e.g. another container is down).
-            if over_share and not folder_store.is_orphaned(conn, folder_id, 2 * LEASE_TTL):
-                return
-            epoch = folder_store.acquire_lease(conn, folder_id, self.owner, LEASE_TTL, replacing=replacing)
-        if epoch is not None and not watching:
-            self.log.info("watching folder", folder=folder)
-            config = replace(
-                self.config, fetch_batch_messages=min(self.config.fetch_batch_messages, FETCH_BATCH_MESSAGES)
-            )
-            sync = FolderSync(self.engine, config, folder, cache=self.cache, clock=self.clock)
-            self.watchers[folder] = self._watcher(sync, idle=len(self._idle_folders()) < self.idle_cap)
-        if epoch is not None:
-            self.watchers[folder].sync.fence = epoch
-        elif watching:
-            self.stop_watching(folder)
 
     def _idle_cap(self, holders: int) -> int:
         if not self.config.use_idle:
@@ -148,13 +148,12 @@ class AccountWatch:
     def _idle_folders(self) -> list[str]:
         return [folder for folder, watcher in self.watchers.items() if watcher.shared is None]
 
-    def _share_connections(self) -> None:
+    def _share_connections(self, holders: int, slots_held: int) -> None:
         """IDLE on as many folders as this worker's share of the account's connections allows:
         fewer when more workers came (or an IDLE connection found no free slot), more when they
         left and slots are free."""
-        with reading(self.engine) as conn:
-            self.idle_cap = self._idle_cap(folder_store.lease_holders(conn, self.config.account))
-            slots_free = connection_slots.slots_held(conn, self.config.account) < self.config.max_connections
+        self.idle_cap = self._idle_cap(holders)
+        slots_free = slots_held < self.config.max_connections
         idle = self._idle_folders()
         for folder in idle[self.idle_cap :]:
             self._replace(folder, idle=False)

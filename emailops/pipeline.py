@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from sqlalchemy import Engine
 
-from emailops.account_watch import LEASE_TTL as LEASE_TTL
 from emailops.account_watch import AccountWatch
 from emailops.clock import Clock, utc_now
 from emailops.config import ServerConfig, SignInLimits, SyncConfig
 from emailops.imap.account_gate import AccountGate
 from emailops.imap.watcher import FolderStatus, FolderWatcher
+from emailops.lease_round import LEASE_TTL as LEASE_TTL
+from emailops.lease_round import LeaseRound
 from emailops.store import folders as folder_store
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ class MailPipeline:
         *,
         owner: str,
         dead_runs: tuple[str, ...] = (),
-        workers: int = 1,
         stages: Sequence[AfterIndexStage] = (),
         smtp: SmtpSender | None = None,
         gate: AccountGate | None = None,
@@ -81,10 +81,9 @@ class MailPipeline:
         self.smtp = smtp
         self.monotonic = monotonic
         self.step_seconds = step_seconds
-        self.dead_runs = dead_runs
-        self.workers = workers
         self.sign_ins = sign_ins or SignInLimits()
         self.clock = clock
+        self.leases = LeaseRound(engine, owner, dead_runs)
         self.accounts = [
             self._watch(account_server, account_config, gate)
             for account_server, account_config in ((server, config), *accounts)
@@ -104,8 +103,6 @@ class MailPipeline:
             server,
             config,
             owner=self.owner,
-            dead_runs=self.dead_runs,
-            workers=self.workers,
             sign_ins=self.sign_ins,
             clock=self.clock,
             # The account's state, shared by all its watchers (None: each on its own).
@@ -148,8 +145,7 @@ class MailPipeline:
 
     def run_once(self) -> None:
         if self.monotonic() >= self.next_lease_check:
-            for account in self.accounts:
-                account.manage_leases()
+            self.leases.run(self.accounts)
             self.next_lease_check = self.monotonic() + LEASE_RENEW_SECONDS
         if self.monotonic() >= self.next_fetch_request_check:
             self._take_fetch_requests()
@@ -221,15 +217,24 @@ class MailPipeline:
     def close(self) -> None:
         for account in self.accounts:
             account.close()
+        self.leases.leave()
         for stage in self.stages:
             stage.close()
 
     def _take_fetch_requests(self) -> None:
-        for account in self.accounts:
-            if not account.watchers:
-                continue
-            with self.engine.begin() as conn:
-                asked = folder_store.take_fetch_requests(conn, account.config.account, list(account.watchers))
-            for folder in asked:
-                self.log.info("syncing the folder now, as the operator asked", folder=folder)
-                account.watchers[folder].request_sync()
+        """The operator's "fetch now" of any folder this worker watches, in one statement."""
+        watched = {
+            account.folder_ids[folder]: (account, folder)
+            for account in self.accounts
+            for folder in account.watchers
+        }
+        if not watched:
+            return
+        with self.engine.begin() as conn:
+            asked = folder_store.take_fetch_requests(conn, watched)
+        for folder_id in asked:
+            account, folder = watched[folder_id]
+            self.log.info(
+                "syncing the folder now, as the operator asked", folder=folder, account=account.config.account
+            )
+            account.watchers[folder].request_sync()

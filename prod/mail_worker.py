@@ -215,7 +215,6 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         parts.sync,
         owner=owner,
         dead_runs=dead_runs,
-        workers=settings.workers,
         stages=[*parts.stages, HistoryPurgeStage(engine, history_days=settings.reply_history_days)],
         smtp=parts.smtp,
         gate=parts.gate,

@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from structlog.testing import capture_logs
 
 from emailops.pipeline import LEASE_TTL, MailPipeline
+from emailops.store.schema import lease_workers
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import (
     ALICE,
@@ -31,30 +32,59 @@ def test_two_workers_share_folders_without_double_fetching(dovecot: LocalDovecot
         dovecot.append(ALICE, "Archive", message(100 + n))
     engine = index_engine(db_url)
     config = sync_config(folders=("INBOX", "Archive"), poll_interval_seconds=300)
-    first = MailPipeline(engine, imap_config(dovecot), config, owner="host:w1", workers=2, step_seconds=0.2)
-    second = MailPipeline(engine, imap_config(dovecot), config, owner="host:w2", workers=2, step_seconds=0.2)
-    for _ in range(10):
-        first.run_once()
-        second.run_once()
+    first = MailPipeline(engine, imap_config(dovecot), config, owner="host:w1", step_seconds=0.2)
+    first.run_once()
+    # Alone, a worker watches every folder; a second one is given its share at the first's next
+    # lease round (one folder given up, then taken).
+    assert set(first.watchers) == {"INBOX", "Archive"}
+    second = MailPipeline(engine, imap_config(dovecot), config, owner="host:w2", step_seconds=0.2)
+    with capture_logs() as logs:
+        for _ in range(3):
+            for pipeline in (second, first):
+                pipeline.run_once()
+                pipeline.next_lease_check = 0
     assert len(first.watchers) == 1 and len(second.watchers) == 1
     assert set(first.watchers) | set(second.watchers) == {"INBOX", "Archive"}
+    assert [entry["event"] for entry in logs].count("gave a folder up to another worker (its share)") == 1
     dovecot.deliver(ALICE, message(50))
     for _ in range(10):
         first.run_once()
         second.run_once()
     assert rows(engine, "SELECT count(*), count(DISTINCT message_id) FROM messages") == [(21, 21)]
 
-    # The other worker stops and is not replaced: its folder is taken over once nobody has
-    # watched it for two lease periods, not before.
+    # The first stops: the second takes its folder at its next round, not after the lease expired.
     first.close()
-    second.next_lease_check = 0
-    second.run_once()
-    assert len(second.watchers) == 1
-    age_leases(engine, 2 * LEASE_TTL + timedelta(seconds=5))
     second.next_lease_check = 0
     second.run_once()
     assert set(second.watchers) == {"INBOX", "Archive"}
     second.close()
+
+
+def test_a_worker_that_died_is_taken_over_once_its_lease_and_presence_expired(
+    dovecot: LocalDovecot, db_url: str
+) -> None:
+    dovecot.create_folder(ALICE, "Archive")
+    engine = index_engine(db_url)
+    config = sync_config(folders=("INBOX", "Archive"), poll_interval_seconds=300)
+    dead, live = (
+        MailPipeline(engine, imap_config(dovecot), config, owner=f"host-{n}:r{n}:1:w1", step_seconds=0.1)
+        for n in (1, 2)
+    )
+    for _ in range(2):
+        for pipeline in (dead, live):
+            pipeline.run_once()
+            pipeline.next_lease_check = 0
+    assert len(dead.watchers) == len(live.watchers) == 1
+    # Killed (never closed): until its lease expires, its folder stays its own.
+    live.run_once()
+    assert len(live.watchers) == 1
+    age_leases(engine, LEASE_TTL + timedelta(seconds=1))
+    with engine.begin() as conn:
+        conn.execute(update(lease_workers).values(expires_at=datetime(2000, 1, 1, tzinfo=UTC)))
+    live.next_lease_check = 0
+    live.run_once()
+    assert set(live.watchers) == {"INBOX", "Archive"}
+    live.close()
 
 
 def test_folders_beyond_the_idle_ones_share_one_polled_connection(db_url: str) -> None:

@@ -8,7 +8,7 @@ login of the account in this process also waits a random part of ``startup_jitte
 that accounts started together do not all come in the first second. ``connect`` is a connector
 as ``connection.connect`` is, and may run on a thread of its own (``background_connect``): the
 waits hold up nothing else. A slot is given back a moment after its connection closed
-(``release_closed``), and held meanwhile by renewals with the folder leases.
+(``release_closed``), and held meanwhile by the worker's lease rounds (``lease_round``).
 """
 
 from __future__ import annotations
@@ -109,15 +109,14 @@ class AccountConnections:
         if due:
             self._release(due)
 
-    def renew(self) -> None:
-        """Extend the slots held (with the folder leases), so that only a dead holder's expire."""
+    def check_held(self, still_held: set[int]) -> None:
+        """The slots the worker's lease round renewed (``still_held``): a slot held here and not
+        among them expired while held and may be another's now."""
         with self._lock:
-            held = set(self._slots)
-        with self.engine.begin() as conn:
-            lost = connection_slots.renew_slots(conn, self.account, self.holder, held, self.ttl)
+            lost = set(self._slots) - still_held
         if lost:
-            # Paused past the slots' expiry: they may be another's now. Nothing closes the
-            # connections here; they are given back when their watchers drop them.
+            # Paused past the slots' expiry. Nothing closes the connections here; they are given
+            # back when their watchers drop them.
             self.log.warning("IMAP connection slots expired while held", slots=sorted(lost))
 
     def close(self) -> None:

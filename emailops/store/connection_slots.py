@@ -9,6 +9,7 @@ a worker that died are free once they expire.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import timedelta
 
 from sqlalchemy import Connection, and_, func, or_, select, update
@@ -41,24 +42,19 @@ def acquire_slot(conn: Connection, account: str, holder: str, budget: int, ttl: 
     return None
 
 
-def renew_slots(conn: Connection, account: str, holder: str, held: set[int], ttl: timedelta) -> set[int]:
-    """Extend ``holder``'s slots of ``account``; returns those of ``held`` it no longer holds
-    (they expired and another took them)."""
-    if not held:
-        return set()
-    conn.execute(
+def renew_holder_slots(conn: Connection, holder: str, ttl: timedelta) -> dict[str, set[int]]:
+    """Extend every slot ``holder`` holds, of every account (one statement): the slots it still
+    holds by account (one it held and is not among them expired and was taken by another)."""
+    renewed = conn.execute(
         update(slots)
-        .where(slots.c.account == account, slots.c.holder == holder, slots.c.slot.in_(held))
+        .where(slots.c.holder == holder)
         .values(expires_at=db_now(conn, ttl))
+        .returning(slots.c.account, slots.c.slot)
     )
-    still = set(
-        conn.execute(
-            select(slots.c.slot).where(
-                slots.c.account == account, slots.c.holder == holder, slots.c.slot.in_(held)
-            )
-        ).scalars()
-    )
-    return held - still
+    held: dict[str, set[int]] = {}
+    for account, slot in renewed:
+        held.setdefault(account, set()).add(int(slot))
+    return held
 
 
 def release_slot(conn: Connection, account: str, holder: str, slot: int) -> None:
@@ -69,14 +65,18 @@ def release_slot(conn: Connection, account: str, holder: str, slot: int) -> None
     )
 
 
-def slots_held(conn: Connection, account: str) -> int:
-    """How many of ``account``'s slots are held now (by anyone)."""
-    return int(
-        conn.execute(
-            select(func.count())
-            .select_from(slots)
-            .where(
-                slots.c.account == account, slots.c.holder.is_not(None), slots.c.expires_at >= db_now(conn)
-            )
-        ).scalar_one()
+def slots_held(conn: Connection, accounts: Collection[str]) -> dict[str, int]:
+    """How many of each account's slots are held now (by anyone); an account none of whose slots
+    is held is missing."""
+    if not accounts:
+        return {}
+    rows = conn.execute(
+        select(slots.c.account, func.count())
+        .where(
+            slots.c.account.in_(tuple(accounts)),
+            slots.c.holder.is_not(None),
+            slots.c.expires_at >= db_now(conn),
+        )
+        .group_by(slots.c.account)
     )
+    return {account: int(count) for account, count in rows}

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Update, and_, case, func, or_, select, update
+from sqlalchemy import Connection, Update, and_, case, or_, select, update
 
 from emailops.store.db_clock import db_now
 from emailops.store.dialect import insert_unless_present
@@ -156,8 +156,58 @@ def acquire_lease(
     ).scalar_one_or_none()
 
 
-def lease_owner(conn: Connection, folder_id: int) -> str | None:
-    return conn.execute(select(folders.c.lease_owner).where(folders.c.id == folder_id)).scalar_one_or_none()
+@dataclass(frozen=True)
+class FolderLease:
+    """One folder's lease as a lease round sees it."""
+
+    id: int
+    account: str
+    name: str
+    owner: str | None
+    # The lease has not expired (the database's clock).
+    live: bool
+    # No live lease, and neither a lease nor a sync for the round's ``unwatched_for``: nobody is
+    # watching it. (``last_sync_at`` is written with the syncing host's clock: a skew shortens or
+    # lengthens the wait for a released folder by as much.)
+    orphaned: bool
+
+
+def lease_view(conn: Connection, accounts: Collection[str], unwatched_for: timedelta) -> list[FolderLease]:
+    """The leases of every folder of ``accounts`` (one statement, whatever their number)."""
+    if not accounts:
+        return []
+    now, cutoff = db_now(conn), db_now(conn, -unwatched_for)
+    live = and_(folders.c.lease_owner.is_not(None), folders.c.lease_expires_at >= now)
+    expired_long_ago = and_(folders.c.lease_owner.is_not(None), folders.c.lease_expires_at < cutoff)
+    released_long_ago = and_(folders.c.lease_owner.is_(None), folders.c.last_sync_at < cutoff)
+    rows = conn.execute(
+        select(
+            folders.c.id,
+            folders.c.account,
+            folders.c.name,
+            folders.c.lease_owner,
+            case((live, True), else_=False).label("live"),
+            case((or_(expired_long_ago, released_long_ago), True), else_=False).label("orphaned"),
+        ).where(folders.c.account.in_(tuple(accounts)))
+    )
+    return [
+        FolderLease(row.id, row.account, row.name, row.lease_owner, bool(row.live), bool(row.orphaned))
+        for row in rows
+    ]
+
+
+def renew_leases(conn: Connection, owner: str, folder_ids: Collection[int], ttl: timedelta) -> dict[int, int]:
+    """Extend ``owner``'s leases of ``folder_ids`` (one statement): the lease epoch of each it
+    still holds; a folder missing from the answer was taken over by another (it expired)."""
+    if not folder_ids:
+        return {}
+    renewed = conn.execute(
+        update(folders)
+        .where(folders.c.id.in_(tuple(folder_ids)), folders.c.lease_owner == owner)
+        .values(lease_expires_at=db_now(conn, ttl))
+        .returning(folders.c.id, folders.c.lease_epoch)
+    )
+    return {int(folder_id): int(epoch) for folder_id, epoch in renewed}
 
 
 @dataclass(frozen=True)
@@ -185,33 +235,6 @@ def live_lease(conn: Connection, account: str) -> LiveLease | None:
     return None if row is None else LiveLease(row.name, row.lease_owner, row.lease_expires_at)
 
 
-def lease_holders(conn: Connection, account: str) -> int:
-    """How many workers hold a live lease on one of ``account``'s folders (they share its IMAP
-    connections)."""
-    return int(
-        conn.execute(
-            select(func.count(folders.c.lease_owner.distinct())).where(
-                folders.c.account == account,
-                folders.c.lease_owner.is_not(None),
-                folders.c.lease_expires_at >= db_now(conn),
-            )
-        ).scalar_one()
-    )
-
-
-def is_orphaned(conn: Connection, folder_id: int, unwatched_for: timedelta) -> bool:
-    """No live lease, and neither a lease nor a sync for ``unwatched_for``: nobody is watching it.
-    (``last_sync_at`` is written with the syncing host's clock: a skew shortens or lengthens the
-    wait for a released folder by as much.)"""
-    cutoff = db_now(conn, -unwatched_for)
-    expired = and_(folders.c.lease_owner.is_not(None), folders.c.lease_expires_at < cutoff)
-    released_long_ago = and_(folders.c.lease_owner.is_(None), folders.c.last_sync_at < cutoff)
-    found = conn.execute(
-        select(folders.c.id).where(folders.c.id == folder_id, or_(expired, released_long_ago))
-    ).first()
-    return found is not None
-
-
 def release_lease(conn: Connection, folder_id: int, owner: str) -> None:
     conn.execute(
         update(folders)
@@ -227,20 +250,20 @@ def request_fetch(conn: Connection, account: str, name: str) -> bool:
     return conn.execute(stmt.values(fetch_requested_at=db_now(conn))).rowcount == 1
 
 
-def take_fetch_requests(conn: Connection, account: str, names: Collection[str]) -> list[str]:
-    """The folders among ``names`` whose sync was asked for, the requests cleared (a request made
-    meanwhile, with a later time, stays)."""
+def take_fetch_requests(conn: Connection, folder_ids: Collection[int]) -> list[int]:
+    """The folders among ``folder_ids`` whose sync was asked for, the requests cleared (a request
+    made meanwhile, with a later time, stays)."""
+    if not folder_ids:
+        return []
     asked = conn.execute(
-        select(folders.c.id, folders.c.name, folders.c.fetch_requested_at).where(
-            folders.c.account == account,
-            folders.c.name.in_(tuple(names)),
-            folders.c.fetch_requested_at.is_not(None),
+        select(folders.c.id, folders.c.fetch_requested_at).where(
+            folders.c.id.in_(tuple(folder_ids)), folders.c.fetch_requested_at.is_not(None)
         )
     ).all()
-    for folder_id, _, at in asked:
+    for folder_id, at in asked:
         conn.execute(
             update(folders)
             .where(folders.c.id == folder_id, folders.c.fetch_requested_at == at)
             .values(fetch_requested_at=None)
         )
-    return [name for _, name, _ in asked]
+    return [int(folder_id) for folder_id, _ in asked]

@@ -360,6 +360,10 @@ def _overview_indexes(conn: Connection) -> None:
     )
 
 
+def _lease_workers(conn: Connection) -> None:
+    schema.lease_workers.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema with full-text index", _initial_schema),
     Migration(2, "folders.server_count: EXISTS of the last complete pass", _folder_server_count),
@@ -398,6 +402,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(24, "accounts.oauth2_authorize_url: the console's OAuth2 Reconnect", _oauth2_authorize_url),
     Migration(25, "overview: an index of messages by the time they were indexed", _overview_indexes),
+    Migration(28, "lease_workers: the workers sharing the folders, for each one's share", _lease_workers),
 )
 
 

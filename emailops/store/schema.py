@@ -462,6 +462,18 @@ imap_connection_slots = Table(
     Column("expires_at", Timestamp),
 )
 
+# The workers that share the folders' leases, each announcing itself with its lease round
+# (emailops.store.lease_workers): a worker's share of the folders is counted from the live rows,
+# so a worker that holds no folder yet is counted, and others give folders up to it.
+lease_workers = Table(
+    "lease_workers",
+    metadata,
+    # The worker's lease owner name (emailops.processes.ProcessIdentity).
+    Column("owner", String(200), primary_key=True),
+    # The database's clock; a worker that stopped announcing itself is gone once it passed.
+    Column("expires_at", Timestamp, nullable=False),
+)
+
 # When the next login to an IMAP host may start, shared by every worker and container
 # (IMAP_LOGINS_PER_SECOND; emailops.store.login_pacing). The database's clock.
 imap_login_pacing = Table(
