@@ -240,3 +240,39 @@ def test_an_idle_connection_with_nothing_to_say_is_kept(imap_server: LocalImapSe
     assert watcher.client is client and watcher.idling and watcher.failures == 0
     assert not [entry for entry in logs if entry["log_level"] in ("warning", "error")]
     watcher.close()
+
+
+def test_a_server_that_stops_answering_during_idle_holds_no_step(dovecot: LocalDovecot, db_url: str) -> None:
+    # The server stops answering while the folder IDLEs (a stalled proxy: commands reach it,
+    # answers never come back). Ending IDLE must not wait for its answer inside a step: a worker
+    # steps every account's folders in one loop, and each step is bounded by its own wait.
+    from bench.imap_proxy import CountingProxy
+
+    engine = index_engine(db_url)
+    with CountingProxy(dovecot.host, dovecot.imap_port) as proxy:
+        config = sync_config(poll_interval_seconds=300)
+        server = imap_config(dovecot, port=proxy.port, timeout_seconds=3.0)
+        watcher = FolderWatcher(server, config, FolderSync(engine, config, "INBOX"))
+        step_until(watcher, lambda: watcher.idling)
+        proxy.stalled = True
+        watcher.request_sync()  # the operator's "fetch now": IDLE must end
+        longest = 0.0
+        with capture_logs() as logs:
+            deadline = time.monotonic() + 20
+            while watcher.connected:
+                assert time.monotonic() < deadline, "the silent connection was never dropped"
+                started = time.monotonic()
+                watcher.step(0.05)
+                longest = max(longest, time.monotonic() - started)
+        assert longest < 1.0, longest
+        assert "DONE" in proxy.snapshot().commands
+        assert watcher.last_error is not None and "did not answer DONE" in str(watcher.last_error)
+        assert any(entry["event"] == "IMAP connection failed" for entry in logs)
+        watcher.close()
+    # The same watcher IDLEs again on a server that answers.
+    proxy_free = imap_config(dovecot)
+    watcher = FolderWatcher(proxy_free, config, FolderSync(engine, config, "INBOX"))
+    step_until(watcher, lambda: watcher.idling)
+    dovecot.deliver(ALICE, message(1))
+    step_until(watcher, lambda: count(engine) == 1, timeout=10)
+    watcher.close()

@@ -43,6 +43,17 @@ def read_ahead_buffer(client: IMAPClient) -> io.BufferedReader:
     return reader
 
 
+def send_idle_done(client: IMAPClient) -> None:
+    """The first half of imapclient's ``idle_done``: DONE is sent, its answer not waited for."""
+    client._imap.send(b"DONE\r\n")
+
+
+def finish_idle_done(client: IMAPClient) -> None:
+    """The second half: read up to IDLE's tagged answer (its untagged answers are dropped: the
+    sync that follows looks at the folder itself), raising as ``idle_done`` does on NO or BAD."""
+    client._consume_until_tagged_response(client._idle_tag, "IDLE")
+
+
 def silence_imaplib_debug(client: IMAPClient) -> None:
     """imapclient sets imaplib's debug level to 5, at which imaplib formats the repr of every
     response, whole messages included, before the logger drops it; level 0 formats nothing."""

@@ -34,6 +34,7 @@ from emailops.imap.errors import (
     ImapTransientError,
 )
 from emailops.imap.folder_status import SyncReport
+from emailops.imap.imaplib_internals import finish_idle_done, send_idle_done
 from emailops.imap.sync import FolderSync
 
 log = structlog.get_logger(component="imap")
@@ -98,6 +99,10 @@ class FolderWatcher:
         self.gate = gate
         self.client: IMAPClient | None = None
         self.idling = False
+        # DONE was sent to end IDLE (monotonic time), and its answer is awaited without blocking
+        # the worker's loop: a server that stopped answering holds up only its own folder.
+        self.done_sent_at: float | None = None
+        self.reconcile_after_done = False
         self.failures = 0
         self.next_connect_at = 0.0
         self.next_poll_at = 0.0
@@ -133,6 +138,8 @@ class FolderWatcher:
                 return None
             return self._sync(reconcile=True)
         try:
+            if self.done_sent_at is not None:
+                return self._done_step(now)
             if self.catching_up:
                 return self._sync(reconcile=False)
             if self.idling:
@@ -162,6 +169,10 @@ class FolderWatcher:
             return self.connecting.ready_socket(), self.server.timeout_seconds
         if self.client is None:
             return None, self.next_connect_at - now
+        if self.done_sent_at is not None:
+            if pending_input(self.client) is not PendingInput.NOTHING:
+                return None, 0.0
+            return self.client.socket(), self.done_sent_at + self.server.timeout_seconds - now
         if self.catching_up or (self.shared is not None and self.client is not self.shared.client):
             return None, 0.0
         if not self.idling:
@@ -197,6 +208,7 @@ class FolderWatcher:
             logout_quietly(self.client)
         self.client = None
         self.idling = False
+        self.done_sent_at = None
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -270,6 +282,7 @@ class FolderWatcher:
                 self.client.shutdown()
         self.client = None
         self.idling = False
+        self.done_sent_at = None
         self._schedule_reconnect(error)
 
     def _use_idle(self) -> bool:
@@ -284,8 +297,12 @@ class FolderWatcher:
         assert self.client is not None
         try:
             if self.idling:
-                self.client.idle_done()
+                # The pass follows IDLE's answer (``_done_step``), which is not waited for here.
+                send_idle_done(self.client)
                 self.idling = False
+                self.done_sent_at = self.monotonic()
+                self.reconcile_after_done = reconcile
+                return None
             will_idle = self._use_idle()
             report = self.sync.sync(
                 self.client,
@@ -327,6 +344,23 @@ class FolderWatcher:
                 forget_unsolicited(self.client) or pending_input(self.client) is not PendingInput.NOTHING
             )
         return report
+
+    def _done_step(self, now: float) -> SyncReport | None:
+        """IDLE's answer to DONE, once it came: then the pass. A server that gives none within
+        the timeout is taken for gone (the connection is dropped and opened again later)."""
+        assert self.client is not None and self.done_sent_at is not None
+        pending = pending_input(self.client)
+        if pending is PendingInput.NOTHING:
+            if now - self.done_sent_at >= self.server.timeout_seconds:
+                waited = round(now - self.done_sent_at, 1)
+                self._drop(ImapTransientError(f"the server did not answer DONE within {waited} s"))
+            return None
+        if pending is PendingInput.CLOSED:
+            self._drop(ImapTransientError("the server closed the connection without BYE"))
+            return None
+        finish_idle_done(self.client)
+        self.done_sent_at = None
+        return self._sync(reconcile=self.reconcile_after_done)
 
     def _idle_step(self, max_wait: float) -> SyncReport | None:
         assert self.client is not None
