@@ -61,6 +61,27 @@ def fresh_postgres(admin: str, name: str) -> str:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+
+
+def ensure_inotify_instances(idle_sessions: int) -> str:
+    """Raise the kernel's inotify instances per user (root only) so that Dovecot can watch the
+    mailbox of each of ``idle_sessions`` IDLE sessions; what was done, to print.
+
+    Past the limit (Debian's default is 128) Dovecot disables inotify for the session and looks
+    at the mailbox only every ``mailbox_idle_check_interval`` (30 s): IDLE still works, but new
+    mail is told up to 30 s late, which a benchmark would count as the daemon's delay."""
+    wanted = idle_sessions + 256
+    current = int(INOTIFY_INSTANCES.read_text())
+    if current >= wanted:
+        return f"fs.inotify.max_user_instances {current}"
+    try:
+        INOTIFY_INSTANCES.write_text(str(wanted))
+    except OSError as exc:
+        return f"fs.inotify.max_user_instances {current} (could not raise it to {wanted}: {exc})"
+    return f"fs.inotify.max_user_instances raised from {current} to {wanted}"
+
+
 def start_dovecot(capabilities_removed: tuple[str, ...] = ()) -> LocalDovecot:
     dovecot = LocalDovecot({BENCH_USER: BENCH_PASSWORD}, capabilities_removed=capabilities_removed)
     dovecot.start()

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import figure, headline, write_result
-from bench._servers import Daemon, emailops_env, fresh_postgres, synthetic_messages
+from bench._servers import Daemon, emailops_env, ensure_inotify_instances, fresh_postgres, synthetic_messages
 from bench.soak import children, command_line, read_proc
 from emailops.auth.crypto import new_key
 from localmail.dovecot import LocalDovecot
@@ -117,6 +117,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     folders = ["INBOX", "Support", "Billing", "Archive2"][: args.folders]
     users = {user(n): f"pw-{n:04d}" for n in range(args.accounts)}
     # Dovecot runs one imap process per connection, up to 1,024 (its imap service's limit).
+    figure("kernel", ensure_inotify_instances(args.accounts * len(folders)))
     with LocalDovecot(users) as dovecot:
         started = time.monotonic()
         for n, name in enumerate(users):

@@ -51,7 +51,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, select, text
 
 from bench._report import figure, headline, percentile, write_result
-from bench._servers import REPO_ROOT, Daemon, fresh_postgres, synthetic_messages
+from bench._servers import REPO_ROOT, Daemon, ensure_inotify_instances, fresh_postgres, synthetic_messages
 from bench.corpus import iter_spamassassin
 from bench.imap_proxy import CountingProxy
 from bench.soak import children, read_proc
@@ -316,6 +316,7 @@ class Rig:
         users = {box.user: box.password for box in [*self.boxes, self.big, self.wrong, self.stalled]}
         # Room for every session the run opens (the default allows 1,024): what they number is
         # a figure of the run (imap_sessions), not a limit of it.
+        figure("kernel", ensure_inotify_instances(4000))
         self.dovecot = stack.enter_context(LocalDovecot(users, imap_process_limit=4000))
         self.relay = stack.enter_context(LocalSmtpRelay(self.dovecot, users))
         self.proxy = stack.enter_context(CountingProxy(self.dovecot.host, self.dovecot.imap_port))
