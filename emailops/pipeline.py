@@ -40,6 +40,8 @@ log = structlog.get_logger(component="index")
 LEASE_RENEW_SECONDS = 10.0
 # How often a worker looks for the operator's "fetch now" requests of the folders it watches.
 FETCH_REQUEST_CHECK_SECONDS = 2.0
+# The folders' steps of one iteration stop after this long (``_step_watchers``).
+STEPS_BUDGET_SECONDS = 2.0
 
 
 class AfterIndexStage(Protocol):
@@ -95,6 +97,8 @@ class MailPipeline:
         self.stages_busy = False
         # Which of the folders catching up has the next pass (round robin).
         self.catch_up_turn = 0
+        # Where the next iteration's steps start, after an iteration that ran out of time.
+        self.step_turn = 0
         self.log = log.bind(owner=owner)
 
     def _watch(self, server: ServerConfig, config: SyncConfig, gate: AccountGate | None) -> AccountWatch:
@@ -164,14 +168,27 @@ class MailPipeline:
 
     def _step_watchers(self) -> None:
         """Every folder looks for new mail (and syncs it); then one folder that is catching up
-        gets one pass, in turn: a large first sync holds up nobody's new mail."""
+        gets one pass, in turn: a large first sync holds up nobody's new mail.
+
+        The folders' steps stop for this iteration once they took ``STEPS_BUDGET_SECONDS`` (many
+        folders connected at once each sync on their first step), and the next iteration starts
+        with the folders left: the leases are renewed and the stages run meanwhile."""
         catching_up: list[tuple[AccountWatch, str, FolderWatcher]] = []
+        due: list[tuple[AccountWatch, str, FolderWatcher]] = []
         for account in self.accounts:
             for folder, watcher in list(account.watchers.items()):
                 if watcher.catching_up and watcher.connected:
                     catching_up.append((account, folder, watcher))
                 else:
-                    self._step(account, folder, watcher)
+                    due.append((account, folder, watcher))
+        started = self.monotonic()
+        start = self.step_turn % len(due) if due else 0
+        for taken, entry in enumerate(due[start:] + due[:start]):
+            if self.monotonic() - started >= STEPS_BUDGET_SECONDS:
+                self.step_turn = start + taken
+                return
+            self._step(*entry)
+        self.step_turn = 0
         if catching_up:
             self.catch_up_turn = (self.catch_up_turn + 1) % len(catching_up)
             self._step(*catching_up[self.catch_up_turn])

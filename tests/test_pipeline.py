@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, update
 from structlog.testing import capture_logs
 
+from emailops.config import ServerConfig, TlsSecurity
 from emailops.pipeline import LEASE_TTL, MailPipeline
 from emailops.store.schema import lease_workers
 from localmail.dovecot import LocalDovecot
@@ -232,3 +233,39 @@ def test_workers_of_two_containers_with_one_host_name_are_told_apart(
     assert sorted(len(unit.watchers) for unit in units) == [0, 1]
     for unit in units:
         unit.close()
+
+
+def test_the_folders_steps_of_one_iteration_are_bounded_and_the_next_goes_on_from_there(
+    tmp_path: Path,
+) -> None:
+    # Ten folders each taking 0.5 s to step (a first sync right after connecting): an iteration
+    # stops stepping them after 2 s, and the next starts with those left, so every folder is
+    # stepped within three iterations and the leases and stages wait no longer than that.
+    from emailops.pipeline import STEPS_BUDGET_SECONDS
+
+    now = [0.0]
+    stepped: list[str] = []
+
+    class SlowWatcher:
+        catching_up = False
+        connected = True
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def step(self, max_wait: float) -> None:
+            stepped.append(self.name)
+            now[0] += 0.5
+
+    engine = index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    server = ServerConfig(host="127.0.0.1", port=1, username="u", password="p", security=TlsSecurity.NONE)
+    pipeline = MailPipeline(engine, server, sync_config(), owner="host:r:1:w1", monotonic=lambda: now[0])
+    names = [f"Box{n}" for n in range(10)]
+    pipeline.accounts[0].watchers = {name: SlowWatcher(name) for name in names}  # type: ignore[misc]
+    per_iteration = int(STEPS_BUDGET_SECONDS / 0.5)
+    for _ in range(3):
+        before = len(stepped)
+        pipeline._step_watchers()
+        assert len(stepped) - before <= per_iteration
+    assert sorted(set(stepped)) == sorted(names)
+    assert stepped[:5] == names[:5]  # the second iteration went on from the fifth
