@@ -3,12 +3,16 @@
     python -m bench.bench_redaction                      # 10,000 refreshes, about 6 minutes
     python -m bench.bench_redaction --refreshes 2000
     python -m bench.bench_redaction --no-tracemalloc     # memory as a worker holds it, without tracemalloc
+    python -m bench.bench_redaction --accounts 2         # two accounts refreshing in turn
 
-The token source is the one the daemon builds (``prod.oauth2_tokens.token_source``, announcing
+The token source is the one the daemon builds (``prod.oauth2_tokens.account_token_source``, announcing
 to this process's ``REDACTOR``), against ``LocalOAuth2Server`` on loopback with an SQLite index;
 its clock moves an hour per refresh, so every ``access_token()`` is a real refresh: a token
 request, a rotated refresh token, a commit. The server runs in a child process (it keeps every
 token it issued), so this process is only what a worker holds. tracemalloc runs from the start.
+``--accounts N``: N accounts' token sources in one process (each its own mailbox, client and
+refresh token) refresh in turn, the refreshes counted over all of them (the clock still moves an
+hour per refresh); each signs in first (at 0).
 
 Printed at 0 (after the sign-in), 1,000 and the last refresh: the values the redactor masks,
 tracemalloc's current total and the size of its own tables (which ``VmRSS`` includes; without
@@ -36,21 +40,25 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import structlog
+from sqlalchemy import Engine
 
 from bench._report import figure, headline, write_result
 from bench.memory_probe import _libc, _proc_status
+from emailops.auth.token_source import TokenSource
 from localmail.dovecot import default_scratch_root
 from prod.logging_setup import JsonLineFormatter
-from prod.oauth2_tokens import token_source
+from prod.oauth2_tokens import account_token_source
 from prod.redaction import REDACTOR
+from prod.runtime_settings import RuntimeSettings
 from prod.worker import fix_mmap_threshold, presize_interned_strings
 from tests.index_helpers import ALICE, index_engine
-from tests.oauth2_helpers import CLIENT_ID, Clock, oauth2_server, oauth2_settings
+from tests.oauth2_helpers import Clock, delegated_client, oauth2_server, oauth2_settings
 
 CHECKPOINTS = (0, 1000)
 # Refreshes between two memory readings, and how many of the last refreshes before one give their
@@ -60,13 +68,37 @@ MEMORY_EVERY = 500
 LOW_OF = 5
 
 
-def serve_tokens(channel: Connection) -> None:
-    """The authorization server's process: sends its token URL and a refresh token, then, when
-    told to stop, how many refresh grants it answered."""
-    with oauth2_server() as server:
-        channel.send((server.token_url, server.issue_refresh_token(ALICE, CLIENT_ID)))
+def mailbox(n: int) -> str:
+    """The sign-in name of the ``n``-th account."""
+    return ALICE if n == 0 else f"user{n}@example.test"
+
+
+def serve_tokens(channel: Connection, accounts: int) -> None:
+    """The authorization server's process: sends its token URL and a refresh token for each
+    account (``mailbox(n)`` at ``delegated_client(n)``), then, when told to stop, how many refresh
+    grants it answered to each client."""
+    with oauth2_server(clients=accounts) as server:
+        clients = [delegated_client(n)[0] for n in range(accounts)]
+        seeds = [server.issue_refresh_token(mailbox(n), client) for n, client in enumerate(clients)]
+        channel.send((server.token_url, seeds))
         channel.recv()
-        channel.send(server.count("token:refresh_token"))
+        channel.send([server.count(f"token:refresh_token:{client}") for client in clients])
+
+
+def account_sources(settings: RuntimeSettings, seeds: list[str], engine: Engine) -> list[TokenSource]:
+    """The token sources of ``len(seeds)`` accounts as a worker builds them: the ``EMAIL_*`` one
+    (``seeds[0]``), then accounts of their own mailbox, client and refresh token."""
+    default = settings.default_account()
+    assert default.oauth2 is not None
+    accounts = [default]
+    for n, seed in enumerate(seeds[1:], start=1):
+        client_id, client_secret = delegated_client(n)
+        options = replace(
+            default.oauth2, client_id=client_id, client_secret=client_secret, refresh_token=seed
+        )
+        accounts.append(replace(default, name=f"account-{n}", username=mailbox(n), oauth2=options))
+    sources = [account_token_source(account, settings.deployment(), engine) for account in accounts]
+    return [source for source in sources if source is not None]
 
 
 def line_costs_us(token: str, lines: int) -> tuple[float, float]:
@@ -124,7 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--refreshes", type=int, default=10_000)
+    parser.add_argument("--refreshes", type=int, default=10_000, help="over all accounts")
+    parser.add_argument("--accounts", type=int, default=1, help="token sources refreshing in turn")
     parser.add_argument("--lines", type=int, default=2_000, help="log lines timed at each checkpoint")
     parser.add_argument(
         "--no-tracemalloc", action="store_true", help="VmRSS without tracemalloc's own tables in it"
@@ -146,27 +179,33 @@ def main() -> None:
     checkpoints = sorted({*CHECKPOINTS, args.refreshes})
     rows = []
     channel, child_end = multiprocessing.Pipe()
-    server = multiprocessing.get_context("spawn").Process(target=serve_tokens, args=(child_end,), daemon=True)
+    server = multiprocessing.get_context("spawn").Process(
+        target=serve_tokens, args=(child_end, args.accounts), daemon=True
+    )
     server.start()
-    token_url, seed = channel.recv()
+    token_url, seeds = channel.recv()
     with tempfile.TemporaryDirectory(dir=default_scratch_root()) as scratch:
-        settings = oauth2_settings(token_url, seed, f"sqlite:///{Path(scratch) / 'index.sqlite3'}")
-        tokens = token_source(settings, index_engine(settings.index_db_url))
-        assert tokens is not None
+        settings = oauth2_settings(token_url, seeds[0], f"sqlite:///{Path(scratch) / 'index.sqlite3'}")
+        sources = account_sources(settings, seeds, index_engine(settings.index_db_url))
+        assert len(sources) == args.accounts
         clock = Clock()
-        tokens.clock = clock
-        token = tokens.access_token()
+        for tokens in sources:
+            tokens.clock = clock
+            token = tokens.access_token()
         if as_worker:
             presize_interned_strings()  # as the worker does once built
             give_back_free_pages()
         readings = [memory_reading(0, _proc_status()["VmRSS"], libc)]
         rss_low = 1 << 62
         started = time.perf_counter()
-        headline(f"{args.refreshes:,} OAuth2 refreshes through the daemon's token source")
+        headline(
+            f"{args.refreshes:,} OAuth2 refreshes through the daemon's token source"
+            + (f"s of {args.accounts} accounts in turn" if args.accounts > 1 else "")
+        )
         for refresh in range(args.refreshes + 1):
             if refresh > 0:
                 clock.advance(3600)
-                token = tokens.access_token()
+                token = sources[refresh % args.accounts].access_token()
                 if as_worker and refresh % MEMORY_EVERY == MEMORY_EVERY - LOW_OF:
                     give_back_free_pages()
                 if refresh % MEMORY_EVERY > MEMORY_EVERY - LOW_OF or refresh % MEMORY_EVERY == 0:
@@ -195,7 +234,10 @@ def main() -> None:
                     f"VmRSS {row['vm_rss_kib']:,} KiB, line {line_us:.1f} us (known {known_us:.1f} us)",
                 )
     channel.send("stop")
-    assert channel.recv() == args.refreshes + 1, "every access_token() was a refresh grant"
+    per_client = channel.recv()
+    assert sum(per_client) == args.refreshes + args.accounts, "every access_token() was a refresh grant"
+    rounds = args.refreshes // args.accounts
+    assert all(rounds <= count - 1 <= rounds + 1 for count in per_client), f"each in turn: {per_client}"
     server.join()
     first, thousand, last = rows[0], rows[1], rows[-1]
     growth = last["masked_values"] - thousand["masked_values"]
@@ -241,8 +283,10 @@ def main() -> None:
                 f"slope {growth_per_thousand(readings, key, 1000):+.1f} KiB per 1,000",
             )
     write_result(
-        "redaction" + ("" if as_worker else "-glibc-defaults"),
-        {"as_worker": as_worker, "rows": rows, "memory": readings},
+        "redaction"
+        + (f"-{args.accounts}-accounts" if args.accounts > 1 else "")
+        + ("" if as_worker else "-glibc-defaults"),
+        {"as_worker": as_worker, "accounts": args.accounts, "rows": rows, "memory": readings},
     )
 
 

@@ -184,9 +184,12 @@ class LocalOAuth2Server:
         with self._lock:
             next(d for d in self._devices.values() if d.user_code == user_code).denied = True
 
-    def revoke_refresh_tokens(self) -> None:
+    def revoke_refresh_tokens(self, client_id: str | None = None) -> None:
+        """Revoke every refresh token, or those of ``client_id`` only (its grant withdrawn)."""
         with self._lock:
-            self._refresh.clear()
+            for token, (_username, owner) in list(self._refresh.items()):
+                if client_id is None or owner == client_id:
+                    del self._refresh[token]
 
     def revoke_access_tokens(self) -> None:
         with self._lock:
@@ -197,7 +200,8 @@ class LocalOAuth2Server:
             return token in self._refresh
 
     def count(self, key: str) -> int:
-        """Requests answered so far: ``token``, ``token:<grant_type>``, ``devicecode``, ``introspect``."""
+        """Requests answered so far: ``token``, ``token:<grant_type>``, ``devicecode``, ``introspect``;
+        ``token:<grant_type>:<client_id>``: those of a known client with its secret."""
         with self._lock:
             return self.requests[key]
 
@@ -242,6 +246,7 @@ class LocalOAuth2Server:
         if self.outage_status is not None:
             raise TokenError("", "", self.outage_status)
         client_id = self._client(form, authorization)
+        self._count(f"token:{grant}:{client_id}")
         if grant == "refresh_token":
             return self._refresh_grant(form.get("refresh_token", ""), client_id)
         if grant == "client_credentials":

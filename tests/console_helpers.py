@@ -215,32 +215,16 @@ def accounts_console(
     (``SECRETS["email_password"]``) the server refuses, and ``OAUTH2_ACCOUNT`` in the index: alice
     signing in with OAuth2 at ``auth_server`` (a LocalOAuth2Server), her refresh token revoked
     since. Returns the console and that (stored, encrypted) refresh token."""
-    from emailops.accounts.config import AccountConfig, Endpoint, OAuth2Options
     from emailops.accounts.store import import_accounts
     from emailops.auth.crypto import SecretCipher
-    from emailops.config import TlsSecurity
     from localmail.dovecot import free_loopback_port
-    from tests.oauth2_helpers import CLIENT_ID, CLIENT_SECRET, TOKEN_KEY
+    from tests.oauth2_helpers import TOKEN_KEY, oauth2_account
 
     engine = index_engine(db_url)
     add_users(engine)
-    refresh_token = auth_server.issue_refresh_token(ALICE, CLIENT_ID)
-    oauth2 = AccountConfig(
-        name=OAUTH2_ACCOUNT,
-        username=ALICE,
-        password="",
-        imap=Endpoint(dovecot.host, dovecot.imap_port, TlsSecurity.NONE),
-        smtp=Endpoint("127.0.0.1", free_loopback_port(), TlsSecurity.NONE),
-        oauth2=OAuth2Options(
-            provider="custom",
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            refresh_token=refresh_token,
-            token_url=auth_server.token_url,
-            authorize_url=auth_server.authorize_url,
-            scopes=("mail", "offline_access"),
-        ),
-    )
+    oauth2 = oauth2_account(OAUTH2_ACCOUNT, ALICE, auth_server, dovecot, free_loopback_port())
+    assert oauth2.oauth2 is not None and oauth2.oauth2.refresh_token is not None
+    refresh_token = oauth2.oauth2.refresh_token
     import_accounts(engine, [oauth2], SecretCipher([TOKEN_KEY]), actor=CLI)
     auth_server.revoke_refresh_tokens()
     settings = dovecot_settings(

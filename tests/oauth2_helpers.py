@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from emailops.config import OAuth2Config, OAuth2Flow
+from emailops.accounts.config import AccountConfig, Endpoint, OAuth2Options
+from emailops.config import OAuth2Config, OAuth2Flow, TlsSecurity
 from localmail.dovecot import LocalDovecot
 from localmail.oauth2_server import LocalOAuth2Server
 from prod.runtime_settings import RuntimeSettings
@@ -36,11 +37,51 @@ class Clock:
         self.now += timedelta(seconds=seconds)
 
 
-def oauth2_server(**options: object) -> LocalOAuth2Server:
+def delegated_client(n: int) -> tuple[str, str]:
+    """The id and secret of the ``n``-th delegated client of ``oauth2_server``: CLIENT_ID and
+    CLIENT_SECRET for 0, then clients of their own (no secret is part of another)."""
+    if n == 0:
+        return CLIENT_ID, CLIENT_SECRET
+    return f"{CLIENT_ID}-{n}", f"eo-cs-{n}-7d3a9e41b0c2"
+
+
+def oauth2_server(clients: int = 1, **options: object) -> LocalOAuth2Server:
+    """Knowing ``clients`` delegated clients (``delegated_client``) and APP_CLIENT_ID (app-only)."""
+    registered: dict[str, str | None] = dict(delegated_client(n) for n in range(clients))
     return LocalOAuth2Server(
-        {CLIENT_ID: CLIENT_SECRET, APP_CLIENT_ID: CLIENT_SECRET},
+        registered | {APP_CLIENT_ID: CLIENT_SECRET},
         app_users={APP_CLIENT_ID: ALICE},
         **options,  # type: ignore[arg-type]
+    )
+
+
+def oauth2_account(
+    name: str,
+    username: str,
+    server: LocalOAuth2Server,
+    dovecot: LocalDovecot,
+    smtp_port: int,
+    client: int = 0,
+) -> AccountConfig:
+    """An account for the index: ``username`` on ``dovecot`` and the SMTP relay at ``smtp_port``
+    (no TLS), signing in as the ``client``-th delegated client of ``server``, with a refresh
+    token issued to it there (``.oauth2.refresh_token``)."""
+    client_id, client_secret = delegated_client(client)
+    return AccountConfig(
+        name=name,
+        username=username,
+        password="",
+        imap=Endpoint(dovecot.host, dovecot.imap_port, TlsSecurity.NONE),
+        smtp=Endpoint("127.0.0.1", smtp_port, TlsSecurity.NONE),
+        oauth2=OAuth2Options(
+            provider="custom",
+            client_id=client_id,
+            client_secret=client_secret,
+            refresh_token=server.issue_refresh_token(username, client_id),
+            token_url=server.token_url,
+            authorize_url=server.authorize_url,
+            scopes=("mail", "offline_access"),
+        ),
     )
 
 
@@ -104,8 +145,9 @@ def oauth2_env(
 
 @pytest.fixture
 def auth_server() -> Iterator[LocalOAuth2Server]:
-    """A started LocalOAuth2Server knowing CLIENT_ID (delegated) and APP_CLIENT_ID (app-only)."""
-    with oauth2_server() as server:
+    """A started LocalOAuth2Server knowing two delegated clients (``delegated_client``) and
+    APP_CLIENT_ID (app-only)."""
+    with oauth2_server(clients=2) as server:
         yield server
 
 

@@ -11,10 +11,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
+from emailops.accounts.store import import_accounts
+from emailops.audit import Actor
+from emailops.auth.crypto import SecretCipher, TokenCipher
 from emailops.auth.sasl import oauthbearer, xoauth2
 from emailops.auth.token_endpoint import TokenResponse
 from emailops.auth.token_source import TokenSource
@@ -24,20 +29,31 @@ from emailops.imap.errors import ImapAuthError, ImapTransientError
 from emailops.imap.sync import FolderSync
 from emailops.imap.watcher import OAUTH2_AUTH_RETRY_MAX_SECONDS, FolderWatcher
 from emailops.replies.smtp_sender import SmtpAuthError, SmtpSender, TransientSendError
+from emailops.store.schema import folders, messages, oauth2_tokens
 from localmail.dovecot import LocalDovecot
 from localmail.oauth2_server import LocalOAuth2Server
 from localmail.smtp_relay import LocalSmtpRelay
 from tests.conftest import MAIL_USERS
-from tests.index_helpers import ALICE, imap_config, index_engine, message, rows, sync_config
+from tests.index_helpers import (
+    ALICE,
+    daemon_env,
+    first_synced,
+    imap_config,
+    index_engine,
+    message,
+    rows,
+    sync_config,
+)
 from tests.oauth2_helpers import (
     APP_CLIENT_ID,
     CLIENT_ID,
-    CLIENT_SECRET,
     TOKEN_KEY,
     Clock,
     auth_server,
     bearer_user,
+    delegated_client,
     dovecot_oauth2,
+    oauth2_account,
     oauth2_config,
     oauth2_env,
 )
@@ -64,11 +80,13 @@ def emailops(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess
 
 
 def secret_spellings(server: LocalOAuth2Server) -> set[str]:
-    """Every token the server issued, the client secret and the key, raw and in SASL base64."""
-    values = {CLIENT_SECRET, TOKEN_KEY, *server.issued}
+    """Every token the server issued, its clients' secrets and the key, raw and in SASL base64
+    (for each mailbox)."""
+    values = {TOKEN_KEY, *filter(None, server.clients.values()), *server.issued}
     for token in server.issued:
-        for sasl in (xoauth2(ALICE, token), oauthbearer(ALICE, token), token):
-            values.add(base64.b64encode(sasl.encode()).decode())
+        for user in MAIL_USERS:
+            for sasl in (xoauth2(user, token), oauthbearer(user, token), token):
+                values.add(base64.b64encode(sasl.encode()).decode())
     return values
 
 
@@ -625,3 +643,125 @@ def test_a_server_without_oauth2_is_an_auth_error_that_says_so(
     with pytest.raises(ImapAuthError, match=r"offers no OAuth2 sign-in \(AUTH LOGIN PLAIN\)"):
         connect(imap_config(dovecot, password="", tokens=tokens))
     assert auth_server.count("token") == 0
+
+
+def test_two_accounts_of_the_index_refresh_each_on_its_own_and_a_revoked_grant_stops_only_its_own(
+    auth_server: LocalOAuth2Server,
+    dovecot_oauth2: LocalDovecot,
+    relay_xoauth2: LocalSmtpRelay,
+    daemon_factory: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """Two workers serve alice and bob, accounts of the index (no EMAIL_*) signing in with OAuth2
+    as two clients of the same server, tokens valid for 10 s. Each account's token is refreshed
+    when its own watcher signs in again after its token expired, several times, one account at a
+    time: the other's token row and token requests do not move, and each row holds its own
+    mailbox's tokens. Then bob's grant is revoked: bob is auth_failed, alice goes on."""
+    auth_server.access_token_seconds = 10
+    (tmp_path / "rules.toml").write_text(RULES)
+    no_default = {
+        key: value
+        for key, value in daemon_env(dovecot_oauth2, tmp_path).items()
+        if not key.startswith("EMAIL_")
+    }
+    env = no_default | {
+        "SECRETS_KEY": TOKEN_KEY,
+        "WORKERS": "2",
+        "LOG_LEVEL": "DEBUG",
+        "LOG_FILE_ENABLED": "true",
+        "SHUTDOWN_TIMEOUT_SECONDS": "10",
+    }
+    users = sorted(MAIL_USERS)  # alice (client 0), bob (client 1)
+    accounts = [
+        oauth2_account(user.split("@")[0], user, auth_server, dovecot_oauth2, relay_xoauth2.port, client=n)
+        for n, user in enumerate(users)
+    ]
+    engine = index_engine(env["INDEX_DB_URL"])
+    import_accounts(engine, accounts, SecretCipher([TOKEN_KEY]), actor=Actor(name="cli:test", role="admin"))
+    cipher = TokenCipher([TOKEN_KEY])
+
+    def token_requests(n: int) -> int:
+        return auth_server.count(f"token:refresh_token:{delegated_client(n)[0]}")
+
+    def token_row(n: int) -> Any:
+        with engine.connect() as conn:
+            query = select(oauth2_tokens).where(oauth2_tokens.c.account == accounts[n].index_key)
+            return conn.execute(query).one()
+
+    def access_token(n: int) -> str:
+        return cipher.decrypt(token_row(n).access_token)
+
+    def indexed(n: int) -> int:
+        query = (
+            select(func.count())
+            .select_from(messages.join(folders, folders.c.id == messages.c.folder_id))
+            .where(folders.c.account == accounts[n].index_key)
+        )
+        with engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def replies(n: int) -> list[str | None]:
+        """The sign-in names of the replies sent from account ``n``."""
+        return [sent.auth_login for sent in relay_xoauth2.accepted if sent.mail_from == users[n]]
+
+    def states() -> dict[str, str]:
+        listed = emailops(env, "accounts", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        return {account["name"]: account["state"] for account in json.loads(listed.stdout)}
+
+    def settled() -> bool:
+        """Both folders synced, one per worker (no lease moves from now on: a worker may have held
+        both for a while, and its sign-in for the folder it gave up refreshed that account's
+        token again), each account signed in."""
+        with engine.connect() as conn:
+            owners = conn.execute(select(folders.c.lease_owner)).scalars().all()
+        signed_in = dovecot_oauth2.logged_in_by_user()
+        held = set(owners) - {None}
+        return first_synced(env["INDEX_DB_URL"], 2) and len(held) == 2 and len(signed_in) == 2
+
+    def sign_in_again(n: int) -> None:
+        """Account ``n``'s access token expires and the server ends its sessions: its watcher
+        signs in again (the other account's stay signed in, with a token expired too)."""
+        expired = access_token(n)
+        wait_for(lambda: not auth_server.introspect(expired)["active"], 30, f"{users[n]}'s token expired")
+        assert dovecot_oauth2.kill_imap_connections(users[n], signal.SIGTERM) >= 1
+
+    def answered(n: int, number: int, mails: int) -> None:
+        """Message ``number``, the ``mails``-th to account ``n``, is indexed and answered."""
+        dovecot_oauth2.deliver(users[n], message(number, subject="help please"))
+        wait_for(lambda: indexed(n) == mails, 30, f"{users[n]}'s message {number} indexed")
+        wait_for(lambda: len(replies(n)) == mails, 30, f"{users[n]}'s reply to message {number}")
+
+    daemon = Daemon(env, tmp_path)
+    daemon_factory.append(daemon)
+    daemon.start()
+    wait_for(settled, 60, "both accounts synced, a folder for each worker")
+    started = [token_requests(0), token_requests(1)]
+    assert min(started) >= 1
+
+    for number in range(1, 7):  # alice, bob, alice, bob, alice, bob
+        n, other = (number - 1) % 2, number % 2
+        requests, others_row = [token_requests(0), token_requests(1)], token_row(other)
+        sign_in_again(n)
+        answered(n, number, (number + 1) // 2)
+        requests[n] += 1
+        assert [token_requests(0), token_requests(1)] == requests
+        assert token_row(other) == others_row
+        shown = auth_server.introspect(access_token(n))
+        assert (shown["username"], shown["client_id"]) == (users[n], delegated_client(n)[0])
+    assert [token_requests(0), token_requests(1)] == [started[0] + 3, started[1] + 3]
+    assert replies(0) == [users[0]] * 3 and replies(1) == [users[1]] * 3  # SMTP with each one's token
+
+    # Bob's grant is revoked: his next sign-in is refused once (no storm), alice's are not.
+    auth_server.revoke_refresh_tokens(delegated_client(1)[0])
+    sign_in_again(1)
+    wait_for(lambda: states()["bob"] == "auth_failed", 60, "bob auth_failed")
+    assert states()["alice"] == "ok"
+    assert token_row(1).last_error_kind == "refused" and token_requests(1) == started[1] + 4
+
+    sign_in_again(0)
+    answered(0, 7, 4)
+    assert [token_requests(0), token_requests(1)] == [started[0] + 4, started[1] + 4]
+    assert token_row(0).last_error is None and states() == {"alice": "ok", "bob": "auth_failed"}
+    daemon.stop()
+    assert_no_secret(daemon.output(), auth_server)
