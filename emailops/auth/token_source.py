@@ -203,10 +203,11 @@ class TokenSource:
         )
         self._cached = _Cached(response.access_token, expires_at, now)
         if rotated_from is None and self.config.flow is OAuth2Flow.REFRESH_TOKEN:
-            log.info("oauth2 sign-in stored", expires_in=response.expires_in)
+            log.info("oauth2 sign-in stored", account=self.config.account, expires_in=response.expires_in)
         else:
             log.info(
                 "oauth2 access token refreshed",
+                account=self.config.account,
                 flow=self.config.flow.value,
                 expires_in=response.expires_in,
                 refresh_token_rotated=rotated,
@@ -232,6 +233,7 @@ class TokenSource:
         )
         log.warning(
             "oauth2 token request failed",
+            account=self.config.account,
             kind=kind,
             error=str(error),
             failures=failures,

@@ -113,7 +113,7 @@ class FolderWatcher:
         self.last_sync_at: float | None = None
         self.last_error: ImapError | None = None
         self.last_error_at: float | None = None
-        self.log = log.bind(folder=self.folder)
+        self.log = log.bind(folder=self.folder, account=config.account)
 
     @property
     def connected(self) -> bool:
