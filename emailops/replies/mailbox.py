@@ -13,10 +13,10 @@ connection is closed once unused for ``IDLE_CLOSE_SECONDS`` (``close_if_unused``
 account's watch each loop iteration, which then gives its slot back): every worker serves every
 account's rules and outbox, and their sessions kept open would hold every slot.
 
-While open, imaplib keeps every untagged answer that no command
-claims (the ``EXISTS`` and ``RECENT`` each NOOP brings while mail arrives) in a dict it empties
-only on SELECT, so ``client()`` drops them: the session acts on UIDs and needs none of them, and
-kept they grew by two entries per message answered, for ever (issue 14).
+imaplib keeps every untagged answer that no command claims (the ``EXISTS`` and ``RECENT`` each
+NOOP brings while mail arrives) in a dict it empties only on SELECT, so ``client()`` drops them:
+the session acts on UIDs and needs none of them, and kept they grew by two entries per message
+answered, for as long as the connection lived (issue 14).
 
 A UID names a message only within one UIDVALIDITY of its folder: a folder deleted and created again
 numbers other messages from 1. ``client_for_uids`` selects the folder and gives the connection only
