@@ -13,6 +13,7 @@ import pytest
 from imapclient import FLAGGED
 from sqlalchemy import Engine, update
 from structlog.testing import capture_logs
+from tenacity import wait_fixed
 
 from emailops.account_watch import AccountWatch
 from emailops.clock import utc_now
@@ -21,7 +22,7 @@ from emailops.imap.connection_budget import AccountConnections
 from emailops.imap.errors import ImapNoConnectionSlotError
 from emailops.pipeline import MailPipeline
 from emailops.processes import ProcessIdentity
-from emailops.replies import outbox
+from emailops.replies import outbox, put_off
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.outbox import OutboxState
 from emailops.replies.smtp_sender import SmtpSender
@@ -152,8 +153,8 @@ def test_a_rule_change_that_finds_no_slot_free_is_made_once_one_is(
             stage.run_once()  # still none: put off again
         assert rows(engine, "SELECT rules_state FROM messages") == [("done",)]
         assert rows(engine, "SELECT attempts, replied FROM mailbox_changes") == [(2, False)]
-        put_off = [e for e in logs if e["event"] != "rule matched"]
-        assert [e["log_level"] for e in put_off] == ["info"] and "made later" in put_off[0]["event"]
+        lines = [e for e in logs if e["event"] != "rule matched"]
+        assert [e["log_level"] for e in lines] == ["info"] and "made later" in lines[0]["event"]
         with dovecot.imap(ALICE) as client:
             client.select_folder("INBOX", readonly=True)
             assert len(client.search(["ALL"])) == 1 and not client.search(["FLAGGED"])
@@ -232,3 +233,39 @@ def test_a_draft_or_sent_copy_that_finds_no_slot_free_waits_without_a_failure_co
                 assert len(client.search(["HEADER", "Message-ID", "<draft@x>"])) == 1
     finally:
         stage.close()
+
+
+def test_changes_put_off_one_after_another_are_each_taken_when_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(put_off, "BACKOFF", wait_fixed(0.3))
+    engine = index_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    with engine.begin() as conn:
+        replies = [
+            outbox.insert_reply(
+                conn,
+                account=ACCOUNT,
+                inbound_key=f"<in{n}@x>",
+                message_pk=None,
+                rule_name="ack",
+                action="send",
+                recipient="bob@example.test",
+                reply_message_id=f"<r{n}@x>",
+                subject="Re: hi",
+                raw=b"Subject: Re: hi\r\n\r\nbody\r\n",
+                now=utc_now(),
+            )[0]
+            for n in range(2)
+        ]
+    changes = put_off.PutOffChanges(engine, ACCOUNT, "sent_copy")
+    assert changes.take_due() == []  # the look at the start: none left by an earlier run
+    changes.put_off(outbox_id=replies[0])
+    time.sleep(1.5)  # the second is due after the first is taken
+    changes.put_off(outbox_id=replies[1])
+    taken: list[int | None] = []
+    deadline = time.monotonic() + 10
+    while len(taken) < 2:
+        assert time.monotonic() < deadline, f"only {taken} taken"
+        taken += [change.outbox_id for change in changes.take_due()]
+        time.sleep(0.05)
+    assert taken == replies

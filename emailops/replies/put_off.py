@@ -4,8 +4,8 @@ Each account's mailbox session takes one of the account's slots (IMAP_MAX_CONNEC
 and none may be free: the watchers and other workers' sessions hold them. A rule's flags and move,
 or a reply's Sent copy, is then recorded (``store.mailbox_changes``) and made again after a
 backoff, by this or another worker, also after a restart. The stage asks for due changes when the
-first of its own is due, and every ``CHECK_SECONDS`` for those of others and of earlier runs: one
-query, not one per loop iteration.
+first of its own is due, at its start (those of earlier runs), and every ``CHECK_SECONDS`` (those
+of others): one query then, not one per loop iteration.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from emailops.store.mailbox_changes import PutOff
 BACKOFF = wait_exponential(multiplier=5, min=5, max=300)
 # A change taken by a worker is held this long (it takes a few IMAP round trips), then due again.
 HOLD = timedelta(minutes=2)
-CHECK_SECONDS = 30.0
+# How often a worker looks for changes it did not put off (a worker that died or let the account
+# go left them; each worker looks at its start, and makes its own when due): with hundreds of
+# accounts per worker, more often would cost as much as the stages' other scans (bench/README.md,
+# "Many mailboxes at scale", finding 2).
+CHECK_SECONDS = 300.0
 TAKE_AT_ONCE = 20
 
 
@@ -50,6 +54,9 @@ class PutOffChanges:
         self.of = of
         self.monotonic = monotonic
         self.next_check = 0.0  # at once: changes left by an earlier run
+        # When each change this worker put off is due (``monotonic``), a moment after its
+        # ``due_at`` (the database's clock).
+        self._own_due: list[float] = []
 
     def put_off(
         self,
@@ -79,8 +86,9 @@ class PutOffChanges:
             return []
         with self.engine.begin() as conn:
             due = mailbox_changes.take_due(conn, self.account, self.of, hold=HOLD, limit=TAKE_AT_ONCE)
-        # More may be due: look again at the next call.
-        self.next_check = now if len(due) == TAKE_AT_ONCE else now + CHECK_SECONDS
+        self._own_due = [moment for moment in self._own_due if moment > now]
+        # More may be due when the limit was reached: look again at the next call.
+        self.next_check = now if len(due) == TAKE_AT_ONCE else min([now + CHECK_SECONDS, *self._own_due])
         return due
 
     def again(self, change: PutOff) -> None:
@@ -95,5 +103,6 @@ class PutOffChanges:
             mailbox_changes.done(conn, change.id)
 
     def _check_within(self, seconds: float) -> None:
-        # A moment later than due: ``due_at`` is the database's clock.
-        self.next_check = min(self.next_check, self.monotonic() + seconds + 1.0)
+        due = self.monotonic() + seconds + 1.0
+        self._own_due.append(due)
+        self.next_check = min(self.next_check, due)
