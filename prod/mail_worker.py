@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from emailops.lease_round import LEASE_TTL
 from emailops.accounts.config import AccountConfig, Deployment
 from emailops.accounts.store import list_accounts, secrets_key_missing
 from emailops.auth.crypto import SecretCipher
 from emailops.config import ServerConfig, SignInLimits, SyncConfig
 from emailops.imap.account_gate import AccountGate
 from emailops.imap.connection_budget import AccountConnections
+from emailops.lease_round import LEASE_TTL
 from emailops.llm.client import ChatClient
 from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.processes import ProcessIdentity, new_run_id

@@ -100,12 +100,11 @@ move = "Done"
 def test_rule_changes_stay_within_the_accounts_connection_budget_and_wait_for_a_free_slot(
     dovecot: LocalDovecot, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A budget of two, two folders, two workers serving the account: the worker holding both
-    # folders polls them over its shared connection (without the mailbox sessions in the budget
-    # it would IDLE on one and poll the other), and a rule flags and moves new mail over a
-    # worker's mailbox session. While another holder (a container) has the last slot, the changes
-    # wait; once it is free they are made. Dovecot never counts more than two sessions of the
-    # account, and the sessions close when unused.
+    # A budget of two and two folders: the worker polls them over its shared connection (with the
+    # mailbox session outside the budget it would IDLE on one and poll the other), and a rule flags
+    # and moves new mail over its mailbox session. While another holder (a container) has the last
+    # slot, the changes wait; once it is free they are made. Dovecot never counts more than two
+    # sessions of the account, and the mailbox session closes when unused.
     monkeypatch.setattr(MailboxSession, "IDLE_CLOSE_SECONDS", 1.0)
     for folder in ("Other", "Done"):
         dovecot.create_folder(ALICE, folder)
@@ -122,17 +121,16 @@ def test_rule_changes_stay_within_the_accounts_connection_budget_and_wait_for_a_
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = RuntimeSettings.from_env()
-    units = [create_unit(settings, 1), create_unit(settings, 2)]
-    engine = units[0].engine
+    unit = create_unit(settings, 1)
+    engine = unit.engine
     sessions: list[int] = []
 
     def step_until(done: Callable[[], bool], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not done():
             assert time.monotonic() < deadline, f"condition not reached in time (sessions {sessions})"
-            for unit in units:
-                unit.run_once()
-                sessions.append(dovecot.logged_in(ALICE))
+            unit.run_once()
+            sessions.append(dovecot.logged_in(ALICE))
 
     blocked: list[tuple[str, int]] = []
 
@@ -154,7 +152,7 @@ def test_rule_changes_stay_within_the_accounts_connection_budget_and_wait_for_a_
             return len(client.search(["FLAGGED"]))
 
     try:
-        step_until(lambda: len([s for u in units for s in u.status() if s.last_sync_at]) == 2)
+        step_until(lambda: len([s for s in unit.status() if s.last_sync_at]) == 2)
         step_until(block_a_slot)
         for n in range(6):
             dovecot.deliver(ALICE, inbound("please file this", n=n))
@@ -168,8 +166,7 @@ def test_rule_changes_stay_within_the_accounts_connection_budget_and_wait_for_a_
         # Unused, the sessions close: only the watcher's shared connection is left.
         step_until(lambda: dovecot.logged_in(ALICE) == 1)
     finally:
-        for unit in units:
-            unit.close()
+        unit.close()
     with dovecot.imap(ALICE) as client:
         client.select_folder("INBOX", readonly=True)
         assert client.search(["ALL"]) == []

@@ -90,8 +90,6 @@ def test_the_session_holds_a_slot_while_open_and_gives_it_back_once_closed_unuse
         imap_config(dovecot),
         sync_config(),
         owner="w1",
-        dead_runs=(),
-        workers=1,
         sign_ins=SignInLimits(),
         clock=utc_now,
         connections=connections,
