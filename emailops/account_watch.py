@@ -9,13 +9,19 @@ all workers and containers together stay within IMAP_MAX_CONNECTIONS. The slots 
 with H workers holding the account's folders, a worker IDLEs on at most ``max_connections // H - 1``
 folders (its last slot is for the shared connection), and gives IDLE connections up, or takes
 them again, as H changes.
+With ``sessions`` (the worker's mailbox session for the account's rules and outbox, on the same
+``AccountConnections``), one slot of the account is left out of the shares for them: a session
+takes a slot only while it is used, and is closed here once unused for a while.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Protocol
 
 import structlog
+from imapclient import IMAPClient
 from sqlalchemy import Engine
 
 from emailops.cache import RawMessageCache
@@ -40,6 +46,18 @@ PASS_BUDGET_SECONDS = 1.0
 FETCH_BATCH_MESSAGES = 100
 
 
+class AccountSession(Protocol):
+    """An IMAP session of the account besides the watchers' (``replies.mailbox.MailboxSession``),
+    opened with the watch's ``AccountConnections`` when used."""
+
+    @property
+    def open_client(self) -> IMAPClient | None: ...
+
+    def close_if_unused(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class AccountWatch:
     def __init__(
         self,
@@ -51,7 +69,11 @@ class AccountWatch:
         sign_ins: SignInLimits,
         clock: Clock,
         gate: AccountGate | None = None,
+        connections: AccountConnections | None = None,
+        sessions: Sequence[AccountSession] = (),
     ) -> None:
+        """``connections``: the account's connections in this worker, when ``sessions`` use them
+        too (built here when None)."""
         self.engine = engine
         self.server = server
         self.config = config
@@ -60,7 +82,7 @@ class AccountWatch:
         self.gate = gate
         self.cache = RawMessageCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
         self.watchers: dict[str, FolderWatcher] = {}
-        self.connections = AccountConnections(
+        self.connections = connections or AccountConnections(
             engine,
             config.account,
             holder=owner,
@@ -68,6 +90,7 @@ class AccountWatch:
             limits=sign_ins,
             ttl=LEASE_TTL,
         )
+        self.sessions = list(sessions)
         # The connection of the folders polled rather than IDLEd (see SyncConfig.idle_folders).
         self.shared = SharedConnection(server, connector=self.connections.connect)
         self.folder_ids: dict[str, int] = {}
@@ -115,9 +138,13 @@ class AccountWatch:
         return [self.folder_ids[folder] for folder in self.watchers]
 
     def release_closed(self) -> None:
-        """Give back the slots of connections closed since the last call."""
+        """Close the sessions unused for a while, and give back the slots of connections closed
+        since the last call."""
+        for session in self.sessions:
+            session.close_if_unused()
         clients = [watcher.client for watcher in self.watchers.values()]
-        self.connections.release_closed([*clients, self.shared.client])
+        sessions = [session.open_client for session in self.sessions]
+        self.connections.release_closed([*clients, self.shared.client, *sessions])
 
     def stop_watching(self, folder: str) -> None:
         """The folder's lease was lost (a sync found it fenced off)."""
@@ -137,12 +164,16 @@ class AccountWatch:
                 folder_store.release_lease(conn, self.folder_ids[folder], self.owner)
         self.watchers.clear()
         self.shared.close()
+        for session in self.sessions:
+            session.close()
         self.connections.close()
 
     def _idle_cap(self, holders: int) -> int:
         if not self.config.use_idle:
             return 0
-        share = max(1, self.config.max_connections // max(1, holders))
+        # The sessions' slot (one: they take it in turn, closed when unused) is no worker's share.
+        shared_out = self.config.max_connections - (1 if self.sessions else 0)
+        share = max(1, shared_out // max(1, holders))
         return min(self.config.idle_folders, share - 1)
 
     def _idle_folders(self) -> list[str]:

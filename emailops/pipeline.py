@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from sqlalchemy import Engine
 
-from emailops.account_watch import AccountWatch
+from emailops.account_watch import AccountSession, AccountWatch
 from emailops.clock import Clock, utc_now
 from emailops.config import ServerConfig, SignInLimits, SyncConfig
 from emailops.imap.account_gate import AccountGate
+from emailops.imap.connection_budget import AccountConnections
 from emailops.imap.watcher import FolderStatus, FolderWatcher
 from emailops.lease_round import LEASE_TTL as LEASE_TTL
 from emailops.lease_round import LeaseRound
@@ -71,9 +72,12 @@ class MailPipeline:
         step_seconds: float = 1.0,
         accounts: Sequence[tuple[ServerConfig, SyncConfig]] = (),
         sign_ins: SignInLimits | None = None,
+        connections: AccountConnections | None = None,
+        sessions: Sequence[AccountSession] = (),
     ) -> None:
         """Watches the folders of ``config``'s account on ``server``, and of each further
-        ``(server, config)`` of ``accounts``."""
+        ``(server, config)`` of ``accounts``. ``connections`` and ``sessions``: the first
+        account's, as for ``add_account``."""
         self.engine = engine
         self.server = server
         self.config = config
@@ -86,9 +90,8 @@ class MailPipeline:
         self.sign_ins = sign_ins or SignInLimits()
         self.clock = clock
         self.leases = LeaseRound(engine, owner, dead_runs)
-        self.accounts = [
-            self._watch(account_server, account_config, gate)
-            for account_server, account_config in ((server, config), *accounts)
+        self.accounts = [self._watch(server, config, gate, connections, sessions)] + [
+            self._watch(account_server, account_config, gate) for account_server, account_config in accounts
         ]
         # The stages and SMTP sender given with add_account, closed by remove_account.
         self.account_parts: dict[str, tuple[list[AfterIndexStage], SmtpSender | None]] = {}
@@ -101,7 +104,14 @@ class MailPipeline:
         self.step_turn = 0
         self.log = log.bind(owner=owner)
 
-    def _watch(self, server: ServerConfig, config: SyncConfig, gate: AccountGate | None) -> AccountWatch:
+    def _watch(
+        self,
+        server: ServerConfig,
+        config: SyncConfig,
+        gate: AccountGate | None,
+        connections: AccountConnections | None = None,
+        sessions: Sequence[AccountSession] = (),
+    ) -> AccountWatch:
         return AccountWatch(
             self.engine,
             server,
@@ -111,6 +121,8 @@ class MailPipeline:
             clock=self.clock,
             # The account's state, shared by all its watchers (None: each on its own).
             gate=None if gate is None else gate.for_account(config.account),
+            connections=connections,
+            sessions=sessions,
         )
 
     def add_account(
@@ -121,9 +133,13 @@ class MailPipeline:
         gate: AccountGate | None = None,
         stages: Sequence[AfterIndexStage] = (),
         smtp: SmtpSender | None = None,
+        connections: AccountConnections | None = None,
+        sessions: Sequence[AccountSession] = (),
     ) -> None:
-        """Watch one more account's folders (from the next lease check), and run its stages."""
-        self.accounts.append(self._watch(server, config, gate))
+        """Watch one more account's folders (from the next lease check), and run its stages.
+        ``sessions``: the stages' IMAP sessions, opened with ``connections`` (the account's
+        connections in this worker, then shared with its watchers: ``AccountWatch``)."""
+        self.accounts.append(self._watch(server, config, gate, connections, sessions))
         self.account_parts[config.account] = (list(stages), smtp)
         self.stages.extend(stages)
         self.smtp = self.smtp or smtp

@@ -18,8 +18,10 @@ from sqlalchemy import Engine
 from emailops.accounts.config import AccountConfig, Deployment
 from emailops.accounts.store import list_accounts, secrets_key_missing
 from emailops.auth.crypto import SecretCipher
-from emailops.config import ServerConfig, SyncConfig
+from emailops.config import ServerConfig, SignInLimits, SyncConfig
 from emailops.imap.account_gate import AccountGate
+from emailops.imap.connection_budget import AccountConnections
+from emailops.lease_round import LEASE_TTL
 from emailops.llm.client import ChatClient
 from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.processes import ProcessIdentity, new_run_id
@@ -72,13 +74,16 @@ def no_account_error() -> ConfigError:
 @dataclass(frozen=True)
 class AccountParts:
     """What a worker runs for one account: its IMAP server and sync configuration (its watch
-    entry), its state's gate, its stages after indexing and its SMTP sender."""
+    entry), its state's gate, its stages after indexing, its SMTP sender, and its IMAP
+    connections in this worker with the stages' mailbox session on them."""
 
     server: ServerConfig
     sync: SyncConfig
     gate: AccountGate
     stages: list[AfterIndexStage]
     smtp: SmtpSender
+    connections: AccountConnections
+    mailbox: MailboxSession
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class AccountBuilder:
     owner: str
     dead_runs: tuple[str, ...]
     worker_id: int
+    sign_ins: SignInLimits
 
     def build(self, account: AccountConfig) -> AccountParts:
         """The account's configurations, read once from its ``AccountConfig``: the rules (new mail
@@ -99,8 +105,17 @@ class AccountBuilder:
         tokens = account_token_source(account, self.deployment, self.engine)
         imap = account.imap_config(self.deployment, tokens)
         # One IMAP session for what the rules change in the mailbox and for the outbox's drafts
-        # and Sent copies (the stages run in turn, never at once); the watchers have their own.
-        mailbox = MailboxSession(imap)
+        # and Sent copies (the stages run in turn, never at once); the watchers have their own
+        # connections, all of them within the account's budget (IMAP_MAX_CONNECTIONS).
+        connections = AccountConnections(
+            self.engine,
+            sync_config.account,
+            holder=self.owner,
+            max_connections=sync_config.max_connections,
+            limits=self.sign_ins,
+            ttl=LEASE_TTL,
+        )
+        mailbox = MailboxSession(imap, connector=connections.connect)
         stages: list[AfterIndexStage] = [
             RulesStage(
                 self.engine,
@@ -139,7 +154,19 @@ class AccountBuilder:
         # was refused at once, since its password (or sign-in settings) may have been changed.
         gate = AccountGate(self.engine, sync_config.account, mask=REDACTOR.redact_text)
         gate.credentials_changed()
-        return AccountParts(imap, sync_config, gate, stages, sender)
+        return AccountParts(imap, sync_config, gate, stages, sender, connections, mailbox)
+
+
+def add_account(pipeline: MailPipeline, parts: AccountParts) -> None:
+    pipeline.add_account(
+        parts.server,
+        parts.sync,
+        gate=parts.gate,
+        stages=parts.stages,
+        smtp=parts.smtp,
+        connections=parts.connections,
+        sessions=[parts.mailbox],
+    )
 
 
 class AccountsRefresh:
@@ -175,9 +202,7 @@ class AccountsRefresh:
             if name not in self.served:
                 self.pipeline.log.info("serving the account", account=account.index_key)
                 parts = self.build(account)
-                self.pipeline.add_account(
-                    parts.server, parts.sync, gate=parts.gate, stages=parts.stages, smtp=parts.smtp
-                )
+                add_account(self.pipeline, parts)
                 self.served[name] = account
         return False
 
@@ -199,7 +224,9 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     run = os.environ.get(RUN_ID_ENV) or new_run_id()
     owner = str(ProcessIdentity.of_this_process(worker_id, run=run))
     dead_runs = tuple(filter(None, os.environ.get(PREVIOUS_RUN_ID_ENV, "").split(",")))
-    builder = AccountBuilder(engine, settings.deployment(), owner, dead_runs, worker_id)
+    builder = AccountBuilder(
+        engine, settings.deployment(), owner, dead_runs, worker_id, settings.sign_in_limits()
+    )
 
     def read() -> list[AccountConfig]:
         return served_accounts(settings, engine)
@@ -219,12 +246,13 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         smtp=parts.smtp,
         gate=parts.gate,
         sign_ins=settings.sign_in_limits(),
+        connections=parts.connections,
+        sessions=[parts.mailbox],
     )
     # The first account's stages are the pipeline's own; it is removed like any other.
     pipeline.account_parts[parts.sync.account] = (parts.stages, parts.smtp)
     for account in others:
-        more = builder.build(account)
-        pipeline.add_account(more.server, more.sync, gate=more.gate, stages=more.stages, smtp=more.smtp)
+        add_account(pipeline, builder.build(account))
     served = {account.name: account for account in accounts}
     pipeline.stages.append(AccountsRefresh(pipeline, served, read, builder.build))
     return pipeline

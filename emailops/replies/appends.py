@@ -6,6 +6,10 @@ folder is then searched, over a new connection, for the message's Message-ID (ou
 reply): found, it counts as saved; not found, it stays unknown (the server may still be saving it).
 A draft is searched for before every APPEND, so no later attempt (the operator's ``outbox retry``,
 or a row made pending again by a restored backup) saves it twice.
+
+When the account has no IMAP connection slot free (``ImapNoConnectionSlotError``) before anything
+was sent, the outcome is ``NO_SLOT``: the caller tries again later, and counts no failure. After a
+lost answer, a search that finds no slot leaves the outcome unknown, as any failed search does.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from imaplib import IMAP4
 from imapclient import DRAFT, SEEN
 from imapclient.exceptions import IMAPClientError
 
-from emailops.imap.errors import CONNECTION_ERRORS, ImapError
+from emailops.imap.errors import CONNECTION_ERRORS, ImapError, ImapNoConnectionSlotError
 from emailops.replies.mailbox import MailboxSession
 
 # A command's answer was lost: the connection broke (or the server said BYE) while we waited for it.
@@ -29,6 +33,7 @@ class AppendOutcome(StrEnum):
     FOUND = "found"  # already in the folder: an earlier APPEND whose answer was lost saved it
     NOT_SAVED = "not_saved"  # refused by the server, or nothing sent: may be tried again
     UNKNOWN = "unknown"  # the answer was lost and the folder does not (yet) show the message
+    NO_SLOT = "no_slot"  # nothing sent: the account's IMAP connections were all in use
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ def save_draft(session: MailboxSession, raw: bytes, message_id: str, *, folder: 
     try:
         if _in_folder(session, folder, message_id):
             return AppendResult(AppendOutcome.FOUND)
+    except ImapNoConnectionSlotError as exc:
+        return AppendResult(AppendOutcome.NO_SLOT, str(exc))
     except (ImapError, *CONNECTION_ERRORS) as exc:
         session.drop()
         return AppendResult(AppendOutcome.NOT_SAVED, f"searching {folder} before saving failed: {exc}")
@@ -68,6 +75,8 @@ def _append(
 ) -> AppendResult:
     try:
         client = session.client()
+    except ImapNoConnectionSlotError as exc:
+        return AppendResult(AppendOutcome.NO_SLOT, str(exc))
     except (ImapError, *CONNECTION_ERRORS) as exc:
         session.drop()
         return AppendResult(AppendOutcome.NOT_SAVED, str(exc))

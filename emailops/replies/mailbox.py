@@ -6,10 +6,17 @@ because servers close idle connections (Dovecot after 30 minutes, NAT tables soo
 change that found out would otherwise be lost. Callers run these changes only after the database
 commit that decided them.
 
-The session lives as long as the worker. imaplib keeps every untagged answer that no command
-claims (the ``EXISTS`` and ``RECENT`` each NOOP brings while mail arrives) in a dict it empties
-only on SELECT, so ``client()`` drops them: the session acts on UIDs and needs none of them, and
-kept they grew by two entries per message answered, for ever (issue 14).
+The connection is opened with the account's other connections (``AccountConnections.connect``,
+given as ``connector``): it takes one of the account's slots (IMAP_MAX_CONNECTIONS) first, and
+raises ``ImapNoConnectionSlotError`` when none is free; its caller makes the change later. The
+connection is closed once unused for ``IDLE_CLOSE_SECONDS`` (``close_if_unused``, called by the
+account's watch each loop iteration, which then gives its slot back): every worker serves every
+account's rules and outbox, and their sessions kept open would hold every slot.
+
+imaplib keeps every untagged answer that no command claims (the ``EXISTS`` and ``RECENT`` each
+NOOP brings while mail arrives) in a dict it empties only on SELECT, so ``client()`` drops them:
+the session acts on UIDs and needs none of them, and kept they grew by two entries per message
+answered, for as long as the connection lived (issue 14).
 
 A UID names a message only within one UIDVALIDITY of its folder: a folder deleted and created again
 numbers other messages from 1. ``client_for_uids`` selects the folder and gives the connection only
@@ -45,8 +52,12 @@ class FolderRecreated(Exception):
 
 
 class MailboxSession:
-    # Unused for longer than this, the connection is checked (one NOOP) before it is used again.
+    # Unused for longer than this, the connection is checked (one NOOP) before it is used again
+    # (when nobody called ``close_if_unused`` meanwhile).
     IDLE_CHECK_SECONDS = 60.0
+    # Unused for this long, ``close_if_unused`` closes the connection, giving its slot back to the
+    # account's watchers and other workers; a burst of mail (one change a message) reuses it.
+    IDLE_CLOSE_SECONDS = 30.0
 
     def __init__(
         self,
@@ -64,8 +75,19 @@ class MailboxSession:
         self._uidvalidity: int | None = None
         self._last_used = 0.0
 
+    @property
+    def open_client(self) -> IMAPClient | None:
+        """The connection while it is open (it holds one of the account's slots), else None."""
+        return self._client
+
+    def close_if_unused(self) -> None:
+        """Close the connection if unused for ``IDLE_CLOSE_SECONDS``."""
+        if self._client is not None and self.monotonic() - self._last_used >= self.IDLE_CLOSE_SECONDS:
+            self.close()
+
     def client(self, folder: str | None = None) -> IMAPClient:
-        """The connection, with ``folder`` selected read-write when given."""
+        """The connection, with ``folder`` selected read-write when given; opened when closed
+        (``ImapNoConnectionSlotError`` when the account has no slot free)."""
         now = self.monotonic()
         checked = False
         if self._client is not None and now - self._last_used > self.IDLE_CHECK_SECONDS:

@@ -7,6 +7,7 @@ States (column ``outbox.state``)::
        |                  |----4xx / network------> pending     (next_attempt_at = now + backoff)
        |                  |    ... attempts == send_max_attempts -> failed
        |                  |----no answer after DATA-> unknown   (may have been delivered)
+       |                  |----no IMAP slot (draft)-> pending     (the attempt not counted)
        |                  '----claimer died---------> unknown   (recover_interrupted)
        '--- retry (operator) --- failed | unknown
     pending | failed | unknown --cancel (operator)--> cancelled
@@ -204,6 +205,25 @@ def mark_transient_failure(
         next_attempt_at=now + backoff_delay(row.attempts),
     )
     return OutboxState.PENDING
+
+
+def put_back(
+    conn: Connection, row: OutboxRow, *, claimer: str, reason: str, now: datetime, delay: timedelta
+) -> bool:
+    """Nothing was tried (a draft found no IMAP connection slot free): pending again after
+    ``delay``, the claim's attempt not counted."""
+    return _finish(
+        conn,
+        row.id,
+        claimer,
+        row.attempts,
+        now,
+        state=OutboxState.PENDING.value,
+        claimed_by=None,
+        attempts=row.attempts - 1,
+        last_error=reason[:MAX_ERROR_CHARS],
+        next_attempt_at=now + delay,
+    )
 
 
 def count_by_state(conn: Connection, *, account: str | None = None) -> dict[str, int]:

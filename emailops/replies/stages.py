@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Engine
 from emailops import metrics
 from emailops.clock import Clock, utc_now
 from emailops.config import ReplyConfig
-from emailops.imap.errors import CONNECTION_ERRORS, ImapError
+from emailops.imap.errors import CONNECTION_ERRORS, ImapError, ImapNoConnectionSlotError
 from emailops.processes import is_dead_sibling
 from emailops.replies import appends, decision_log, decisions, imap_actions, outbox
 from emailops.replies.appends import AppendOutcome
@@ -24,6 +24,7 @@ from emailops.replies.delivery import deliver_next, inbound_origin, request_cont
 from emailops.replies.mailbox import FolderRecreated, MailboxSession
 from emailops.replies.move_folders import MoveFolderCheck
 from emailops.replies.outbox import OutboxState
+from emailops.replies.put_off import PutOffChanges, first_delay
 from emailops.replies.smtp_sender import SmtpSender
 from emailops.request_ids import request_id
 from emailops.rules import RuleSetCache
@@ -31,6 +32,7 @@ from emailops.rules.model import RuleSet
 from emailops.store import messages as message_store
 from emailops.store import rules_work
 from emailops.store.database import reading
+from emailops.store.mailbox_changes import PutOff
 from emailops.store.quarantine import QuarantinedMessage
 
 log = structlog.get_logger(component="rules")
@@ -84,11 +86,14 @@ class RulesStage:
         self.batch = batch
         self.budget_seconds = budget_seconds
         self.next_stall_check = 0.0
+        # Mailbox changes that found no IMAP connection slot free (this or another worker's).
+        self.put_off = PutOffChanges(engine, account, "message")
 
     def run_once(self) -> bool:
         started = time.monotonic()
         if self.move_folders is not None:
             self.move_folders(self.rules.get())
+        self._make_put_off_changes()
         if started >= self.next_stall_check:
             self._recover_stalled()
             self.next_stall_check = started + min(60.0, self.config.rules_claim_timeout_seconds / 2)
@@ -210,12 +215,59 @@ class RulesStage:
     def _change_mailbox(
         self, stored: message_store.StoredMessage, actions: list[decisions.MailboxAction], *, replied: bool
     ) -> None:
+        if self._make_change(stored, actions, replied=replied):
+            return
+        self.put_off.put_off(
+            message_pk=stored.pk,
+            actions=[(action.kind.value, action.folder) for action in actions],
+            replied=replied,
+        )
+        log.info(
+            "no IMAP connection slot of the account free (IMAP_MAX_CONNECTIONS): the mailbox change "
+            "asked by a rule is made later",
+            folder=stored.folder,
+            uid=stored.uid,
+            actions=[a.kind.value for a in actions],
+        )
+
+    def _make_put_off_changes(self) -> None:
+        for change in self.put_off.take_due():
+            with reading(self.engine) as conn:
+                stored = message_store.load_message(conn, change.message_pk) if change.message_pk else None
+            if stored is None:  # the message is gone from the index (its folder removed)
+                self.put_off.done(change)
+                continue
+            actions = [
+                decisions.MailboxAction(decisions.MailboxActionKind(kind), folder)
+                for kind, folder in change.actions
+            ]
+            rid = request_id(self.account, stored.folder, stored.uidvalidity, stored.uid)
+            with structlog.contextvars.bound_contextvars(request_id=rid):
+                if not self._make_change(stored, actions, replied=change.replied):
+                    self.put_off.again(change)
+                    continue
+                self.put_off.done(change)
+                log.info(
+                    "mailbox change asked by a rule, put off for want of an IMAP connection slot, "
+                    "tried again",
+                    folder=stored.folder,
+                    uid=stored.uid,
+                    attempts=change.attempts + 1,
+                )
+
+    def _make_change(
+        self, stored: message_store.StoredMessage, actions: list[decisions.MailboxAction], *, replied: bool
+    ) -> bool:
+        """Make the change, or log why it was not made; False (nothing sent to the server) when
+        the account has no IMAP connection slot free, to be made later."""
         folder, uid = stored.folder, stored.uid
         try:
             client = self.mailbox.client_for_uids(folder, stored.uidvalidity)
             if replied:  # first: a move must carry the keyword along
                 imap_actions.add_flags(client, uid, [AUTO_REPLIED_KEYWORD])
             imap_actions.perform(client, uid, actions)
+        except ImapNoConnectionSlotError:
+            return False
         except FolderRecreated as exc:
             log.warning(
                 "mailbox change asked by a rule not made: the folder was recreated since the message "
@@ -236,6 +288,7 @@ class RulesStage:
                 actions=[a.kind.value for a in actions],
                 error=str(exc),
             )
+        return True
 
 
 def _report_quarantined(entry: QuarantinedMessage) -> None:
@@ -291,6 +344,8 @@ class OutboxStage:
         self.budget_seconds = budget_seconds
         self.next_recovery = 0.0
         self.next_count = 0.0
+        # Sent copies that found no IMAP connection slot free (this or another worker's).
+        self.put_off = PutOffChanges(engine, account, "sent_copy")
 
     def run_once(self) -> bool:
         started = time.monotonic()
@@ -302,6 +357,9 @@ class OutboxStage:
                 counts = outbox.count_by_state(conn, account=self.account)
             metrics.outbox_depth(counts, [state.value for state in OutboxState])
             self.next_count = started + OUTBOX_COUNT_SECONDS
+        for change in self.put_off.take_due():
+            if change.outbox_id is not None:
+                self._copy_to_sent(change.outbox_id, change)
         with reading(self.engine) as conn:
             due = outbox.due_actions(conn, now=self.clock(), account=self.account)
         worked = False
@@ -343,19 +401,38 @@ class OutboxStage:
             self._copy_to_sent(result.outbox_id)
         return True
 
-    def _copy_to_sent(self, outbox_id: int) -> None:
+    def _copy_to_sent(self, outbox_id: int, put_off: PutOff | None = None) -> None:
+        """Save the copy of a sent reply, or put it off (``put_off``: again) when no IMAP
+        connection slot is free."""
         with self.engine.connect() as conn:
             row = outbox.get_reply(conn, outbox_id)
-        if row is None:
+        if row is None or not row.raw:  # gone, or purged while put off
+            if put_off is not None:
+                self.put_off.done(put_off)
             return
         folder = self.config.sent_folder
         result = appends.save_sent_copy(self.mailbox, row.raw, row.reply_message_id, folder=folder)
+        if result.outcome is AppendOutcome.NO_SLOT:
+            if put_off is not None:
+                self.put_off.again(put_off)
+                return
+            self.put_off.put_off(outbox_id=outbox_id)
+            log.info(
+                "no IMAP connection slot of the account free (IMAP_MAX_CONNECTIONS): the copy of a "
+                "sent reply is saved in the Sent folder later",
+                outbox_id=outbox_id,
+                folder=folder,
+            )
+            return
+        if put_off is not None:
+            self.put_off.done(put_off)
         if result.saved:
             log.info(
                 "copy of a sent reply saved in the Sent folder",
                 outbox_id=outbox_id,
                 folder=folder,
                 **({"found_in_folder": True} if result.outcome is AppendOutcome.FOUND else {}),
+                **({"put_off": put_off.attempts} if put_off is not None else {}),
             )
         elif result.outcome is AppendOutcome.UNKNOWN:
             log.warning(
@@ -379,6 +456,25 @@ class OutboxStage:
             return False
         folder = self.config.drafts_folder
         result = appends.save_draft(self.mailbox, row.raw, row.reply_message_id, folder=folder)
+        if result.outcome is AppendOutcome.NO_SLOT:
+            # Nothing was tried: no failure counted. False: no more drafts now, they would find none.
+            with self.engine.begin() as conn:
+                outbox.put_back(
+                    conn,
+                    row,
+                    claimer=self.claimer,
+                    reason=f"saving the draft waits for an IMAP connection slot: {result.error}",
+                    now=self.clock(),
+                    delay=first_delay(),
+                )
+            log.info(
+                "no IMAP connection slot of the account free (IMAP_MAX_CONNECTIONS): the draft is "
+                "saved later",
+                outbox_id=row.id,
+                folder=folder,
+                **request_context(origin),
+            )
+            return False
         if result.outcome is AppendOutcome.NOT_SAVED:
             with self.engine.begin() as conn:
                 outbox.mark_transient_failure(

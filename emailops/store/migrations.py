@@ -360,6 +360,10 @@ def _overview_indexes(conn: Connection) -> None:
     )
 
 
+def _mailbox_changes(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.mailbox_changes])
+
+
 def _lease_workers(conn: Connection) -> None:
     schema.lease_workers.create(conn, checkfirst=True)
 
@@ -402,6 +406,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(24, "accounts.oauth2_authorize_url: the console's OAuth2 Reconnect", _oauth2_authorize_url),
     Migration(25, "overview: an index of messages by the time they were indexed", _overview_indexes),
+    Migration(
+        27, "mailbox_changes: changes put off while the account had no IMAP slot free", _mailbox_changes
+    ),
     Migration(28, "lease_workers: the workers sharing the folders, for each one's share", _lease_workers),
 )
 

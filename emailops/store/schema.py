@@ -483,6 +483,25 @@ imap_login_pacing = Table(
     Column("next_login_at", Timestamp, nullable=False),
 )
 
+# Mailbox changes put off because the account had no IMAP connection slot free (emailops.store.
+# mailbox_changes): a rule's flags and move of an indexed message (``message_pk``, ``actions``:
+# JSON [[kind, folder], ...], ``replied``: the $AutoReplied keyword first), or the Sent copy of a
+# sent reply (``outbox_id``). Due at ``due_at`` (the database's clock), then held as long by the
+# worker making it.
+mailbox_changes = Table(
+    "mailbox_changes",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account", String(320), nullable=False),
+    Column("message_pk", Id, ForeignKey("messages.id", ondelete="CASCADE")),
+    Column("outbox_id", Id, ForeignKey("outbox.id", ondelete="CASCADE")),
+    Column("actions", JSON, nullable=False),
+    Column("replied", Boolean, nullable=False, default=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("due_at", Timestamp, nullable=False),
+)
+Index("ix_mailbox_changes_due", mailbox_changes.c.account, mailbox_changes.c.due_at)
+
 # The mailboxes of the deployment (emailops.accounts), keyed by the operator's name for each. An
 # account's rows in the other tables carry its index key, username@imap_host (so the pair is
 # unique). Secrets are Fernet-encrypted with SECRETS_KEY (emailops.auth.crypto); lists are JSON.
