@@ -19,22 +19,38 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy import Engine
 
+from emailops.config import SyncConfig
 from emailops.processes import is_dead_sibling
 from emailops.store import connection_slots, lease_workers
 from emailops.store import folders as folder_store
 from emailops.store.database import reading
 from emailops.store.folders import FolderLease
 
-if TYPE_CHECKING:
-    from emailops.account_watch import AccountWatch
-
 # A folder of a worker that died (and is not replaced) is taken over after at most LEASE_TTL; its
 # connection slots are free after as long.
 LEASE_TTL = timedelta(seconds=30)
+
+
+class LeasedAccount(Protocol):
+    """What a lease round needs of one account's watch (``account_watch.AccountWatch``)."""
+
+    config: SyncConfig
+
+    def watched_ids(self) -> list[int]: ...
+
+    def hold(
+        self,
+        leases: dict[str, tuple[int, int]],
+        *,
+        given_up: set[str],
+        holders: int,
+        slots_held: int,
+        own_slots: set[int],
+    ) -> None: ...
 
 
 @dataclass
@@ -94,7 +110,7 @@ class LeaseRound:
         self.dead_runs = dead_runs
         self.ttl = ttl
 
-    def run(self, accounts: Sequence[AccountWatch]) -> None:
+    def run(self, accounts: Sequence[LeasedAccount]) -> None:
         """Renew, take or give up the folder leases of ``accounts`` and the worker's connection
         slots, and hand each account its folders."""
         by_account = {watch.config.account: watch for watch in accounts}
