@@ -25,6 +25,7 @@ from emailops.lease_round import LEASE_TTL
 from emailops.llm.client import ChatClient
 from emailops.pipeline import AfterIndexStage, MailPipeline
 from emailops.processes import ProcessIdentity, new_run_id
+from emailops.replies.due_work import DueWork
 from emailops.replies.history import HistoryPurgeStage
 from emailops.replies.llm_stage import LlmStage
 from emailops.replies.mailbox import MailboxSession
@@ -94,6 +95,8 @@ class AccountBuilder:
     dead_runs: tuple[str, ...]
     worker_id: int
     sign_ins: SignInLimits
+    # Which accounts have work due, asked once per iteration for all (shared by their stages).
+    due: DueWork
 
     def build(self, account: AccountConfig) -> AccountParts:
         """The account's configurations, read once from its ``AccountConfig``: the rules (new mail
@@ -125,6 +128,7 @@ class AccountBuilder:
                 claimer=self.owner,
                 dead_runs=self.dead_runs,
                 check_move_folders=self.worker_id == 1,
+                due=self.due,
             ),
         ]
         if reply_config.llm is not None:
@@ -136,6 +140,7 @@ class AccountBuilder:
                     config=reply_config,
                     client=ChatClient.for_config(reply_config.llm),
                     dead_runs=self.dead_runs,
+                    due=self.due,
                 )
             )
         sender = SmtpSender(account.smtp_config(self.deployment, tokens))
@@ -148,6 +153,7 @@ class AccountBuilder:
                 sender=sender,
                 mailbox=mailbox,
                 dead_runs=self.dead_runs,
+                due=self.due,
             )
         )
         # The account's state, shared with every worker; a start tries an account whose sign-in
@@ -211,9 +217,9 @@ class AccountsRefresh:
 
 
 def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
-    """Open the index (migrating it if needed) and build this worker's pipeline: every served
-    account's watch entry and stages, the daily purge of the reply history, and the refresh of
-    the accounts."""
+    """Open the index (migrating it if needed) and build this worker's pipeline: the look at which
+    accounts have work due, every served account's watch entry and stages, the daily purge of the
+    reply history, and the refresh of the accounts."""
     problem = settings.llm_rules_problem()
     if problem:
         raise ConfigError(problem)
@@ -224,9 +230,9 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
     run = os.environ.get(RUN_ID_ENV) or new_run_id()
     owner = str(ProcessIdentity.of_this_process(worker_id, run=run))
     dead_runs = tuple(filter(None, os.environ.get(PREVIOUS_RUN_ID_ENV, "").split(",")))
-    builder = AccountBuilder(
-        engine, settings.deployment(), owner, dead_runs, worker_id, settings.sign_in_limits()
-    )
+    deployment = settings.deployment()
+    due = DueWork(engine, config=deployment.reply, claimer=owner, dead_runs=dead_runs)
+    builder = AccountBuilder(engine, deployment, owner, dead_runs, worker_id, settings.sign_in_limits(), due)
 
     def read() -> list[AccountConfig]:
         return served_accounts(settings, engine)
@@ -242,7 +248,8 @@ def create_unit(settings: RuntimeSettings, worker_id: int) -> MailPipeline:
         parts.sync,
         owner=owner,
         dead_runs=dead_runs,
-        stages=[*parts.stages, HistoryPurgeStage(engine, history_days=settings.reply_history_days)],
+        # DueWork first: each iteration's stages ask it afresh.
+        stages=[due, *parts.stages, HistoryPurgeStage(engine, history_days=settings.reply_history_days)],
         smtp=parts.smtp,
         gate=parts.gate,
         sign_ins=settings.sign_in_limits(),

@@ -14,8 +14,9 @@ from emailops.config import ReplyConfig, ServerConfig, TlsSecurity
 from emailops.replies import outbox
 from emailops.replies.mailbox import MailboxSession
 from emailops.replies.outbox import OutboxState
+from emailops.replies.recovery import STALE_CLAIM
 from emailops.replies.smtp_sender import SmtpSender
-from emailops.replies.stages import STALE_CLAIM, OutboxStage
+from emailops.replies.stages import OutboxStage
 from emailops.store.db_clock import db_now
 from emailops.store.schema import outbox as outbox_table
 from tests import test_outbox

@@ -100,19 +100,30 @@ def get_job(conn: Connection, job_id: int) -> LlmJob | None:
     return LlmJob.from_mapping(row) if row else None
 
 
+def _pending_due(conn: Connection) -> ColumnElement[bool]:
+    return (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn))
+
+
 def _claimable(
     conn: Connection, account: str, claim_timeout: timedelta, dead_claimers: tuple[str, ...]
 ) -> ColumnElement[bool]:
     """Pending and due, or a claim of a worker that died or hung mid-call."""
-    due = (llm_jobs.c.state == JobState.PENDING.value) & (llm_jobs.c.next_attempt_at <= db_now(conn))
     stale = work_queue.stale(conn, QUEUE, claim_timeout=claim_timeout, dead_claimers=dead_claimers)
-    return (llm_jobs.c.account == account) & or_(due, stale)
+    return (llm_jobs.c.account == account) & or_(_pending_due(conn), stale)
 
 
 def has_due(conn: Connection, *, account: str, claim_timeout: timedelta) -> bool:
     """A read: is a job due (an idle worker's loop takes no write lock to find there is none)."""
     due = select(llm_jobs.c.id).where(_claimable(conn, account, claim_timeout, ())).limit(1)
     return conn.execute(due).first() is not None
+
+
+def accounts_maybe_due(conn: Connection) -> set[str]:
+    """The accounts with a job pending and due, or one being worked on: whether that claim is
+    stale (``has_due``) or its claimer gone (``processes.is_dead_sibling``) is the stage's to tell."""
+    working = llm_jobs.c.state == JobState.WORKING.value
+    query = select(llm_jobs.c.account).where(or_(_pending_due(conn), working))
+    return set(conn.execute(query.distinct()).scalars())
 
 
 def working_claimers(conn: Connection, *, account: str) -> list[str]:

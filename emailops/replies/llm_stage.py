@@ -31,6 +31,7 @@ from emailops.llm.prompt import EmptyReplyError, chat_messages, reply_text
 from emailops.processes import is_dead_sibling
 from emailops.replies import outbox
 from emailops.replies.compose import AddressError, build_reply
+from emailops.replies.due_work import DueWork
 from emailops.store import messages as message_store
 from emailops.store.database import reading
 
@@ -85,7 +86,10 @@ class LlmStage:
         client: ChatClient,
         dead_runs: tuple[str, ...] = (),
         clock: Clock = utc_now,
+        due: DueWork | None = None,
     ) -> None:
+        """``due``: the worker's look at which accounts have work (None: this stage looks for its
+        account's jobs at every poll)."""
         assert config.llm is not None, "the model stage needs LlmConfig"
         self.engine = engine
         self.account = account
@@ -95,6 +99,7 @@ class LlmStage:
         self.client = client
         self.dead_runs = dead_runs
         self.clock = clock
+        self.due = due
         self.claim_timeout = timedelta(seconds=self.llm.claim_timeout_seconds)
         self.call: _Call | None = None
         self.next_poll = 0.0
@@ -106,7 +111,9 @@ class LlmStage:
             call, self.call = self.call, None
             self._finish(call)
             worked = True
-        if self.call is None and time.monotonic() >= self.next_poll:
+            if self.due is not None:
+                self.due.changed()  # the reply it wrote is due for the outbox
+        if self.call is None and time.monotonic() >= self.next_poll and self._maybe_due():
             self.call = self._start_next()
             if self.call is None:
                 self.next_poll = time.monotonic() + POLL_SECONDS
@@ -131,6 +138,9 @@ class LlmStage:
             )
 
     # -- claiming ------------------------------------------------------------------------------
+
+    def _maybe_due(self) -> bool:
+        return self.due is None or self.due.llm_due(self.account)
 
     def _start_next(self) -> _Call | None:
         with reading(self.engine) as conn:

@@ -123,6 +123,11 @@ def due_actions(conn: Connection, *, now: datetime, account: str | None = None) 
     return set(conn.execute(select(outbox.c.action).where(*_due(now, account)).distinct()).scalars())
 
 
+def due_accounts(conn: Connection, *, now: datetime) -> set[str]:
+    """The accounts for which ``due_actions`` finds a row due."""
+    return set(conn.execute(select(outbox.c.account).where(*_due(now, None)).distinct()).scalars())
+
+
 def claim_next(
     conn: Connection, *, claimer: str, now: datetime, action: str = "send", account: str | None = None
 ) -> OutboxRow | None:

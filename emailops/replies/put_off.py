@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from tenacity import wait_exponential
 
 from emailops.backoff import delay_seconds
+from emailops.replies.due_work import DueWork
 from emailops.store import mailbox_changes
 from emailops.store.mailbox_changes import PutOff
 
@@ -47,11 +48,15 @@ class PutOffChanges:
         account: str,
         of: Literal["message", "sent_copy"],
         *,
+        due: DueWork | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """With ``due`` (a worker's), the changes are looked for when it says the account has one
+        due; without, by the times below."""
         self.engine = engine
         self.account = account
         self.of = of
+        self.due = due
         self.monotonic = monotonic
         self.next_check = 0.0  # at once: changes left by an earlier run
         # When each change this worker put off is due (``monotonic``), a moment after its
@@ -82,7 +87,10 @@ class PutOffChanges:
     def take_due(self) -> list[PutOff]:
         """The changes due now (held for this worker), when it is time to look."""
         now = self.monotonic()
-        if now < self.next_check:
+        if self.due is not None:
+            if not self.due.put_off_due(self.account):
+                return []
+        elif now < self.next_check:
             return []
         with self.engine.begin() as conn:
             due = mailbox_changes.take_due(conn, self.account, self.of, hold=HOLD, limit=TAKE_AT_ONCE)

@@ -8,7 +8,6 @@ quarantined after a few attempts), and outbox rows are claimed atomically.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 
 import structlog
 from sqlalchemy import Connection, Engine
@@ -17,10 +16,10 @@ from emailops import metrics
 from emailops.clock import Clock, utc_now
 from emailops.config import ReplyConfig
 from emailops.imap.errors import CONNECTION_ERRORS, ImapError, ImapNoConnectionSlotError
-from emailops.processes import is_dead_sibling
-from emailops.replies import appends, decision_log, decisions, imap_actions, outbox
+from emailops.replies import appends, decision_log, decisions, imap_actions, outbox, recovery
 from emailops.replies.appends import AppendOutcome
 from emailops.replies.delivery import deliver_next, inbound_origin, request_context
+from emailops.replies.due_work import DueWork
 from emailops.replies.mailbox import FolderRecreated, MailboxSession
 from emailops.replies.move_folders import MoveFolderCheck
 from emailops.replies.outbox import OutboxState
@@ -33,15 +32,8 @@ from emailops.store import messages as message_store
 from emailops.store import rules_work
 from emailops.store.database import reading
 from emailops.store.mailbox_changes import PutOff
-from emailops.store.quarantine import QuarantinedMessage
 
 log = structlog.get_logger(component="rules")
-
-
-# A claim older than this is from a process that died while sending (a send never lasts this long).
-STALE_CLAIM = timedelta(minutes=10)
-# How often a worker counts the outbox by state for the metrics (one GROUP BY on an indexed column).
-OUTBOX_COUNT_SECONDS = 15.0
 
 # Set on an inbound message once a reply to it is recorded. The mailbox outlives the database: after
 # a restore from an older backup, or a new index, a message carrying it is never answered again.
@@ -65,7 +57,10 @@ class RulesStage:
         batch: int = 50,
         budget_seconds: float = 1.0,
         check_move_folders: bool = True,
+        due: DueWork | None = None,
     ) -> None:
+        """``due``: the worker's look at which accounts have work (None: this stage looks for its
+        account's work at every call, and takes back its stalled claims itself)."""
         self.engine = engine
         self.account = account
         # Who claims messages (a ProcessIdentity), and runs of this host known to be over: claims of
@@ -85,18 +80,20 @@ class RulesStage:
         self.clock = clock
         self.batch = batch
         self.budget_seconds = budget_seconds
+        self.due = due
         self.next_stall_check = 0.0
         # Mailbox changes that found no IMAP connection slot free (this or another worker's).
-        self.put_off = PutOffChanges(engine, account, "message")
+        self.put_off = PutOffChanges(engine, account, "message", due=due)
 
     def run_once(self) -> bool:
         started = time.monotonic()
         if self.move_folders is not None:
             self.move_folders(self.rules.get())
         self._make_put_off_changes()
-        if started >= self.next_stall_check:
-            self._recover_stalled()
-            self.next_stall_check = started + min(60.0, self.config.rules_claim_timeout_seconds / 2)
+        if self.due is None:
+            self._recover_stalled(started)
+        elif not self.due.rules_due(self.account):
+            return False
         worked = False
         while time.monotonic() - started < self.budget_seconds:
             with reading(self.engine) as conn:
@@ -106,27 +103,19 @@ class RulesStage:
             worked = True
             for pk in pending:
                 self._decide(pk)
+        if worked and self.due is not None:
+            self.due.changed()  # replies and model jobs it queued are due for the stages after it
         return worked
 
     def close(self) -> None:
         self.mailbox.close()
 
-    def _recover_stalled(self) -> None:
-        """Claims of workers that hung or died on a message: tried again, or quarantined."""
-        with self.engine.begin() as conn:
-            claimers = rules_work.working_claimers(conn, self.account) if self.claimer else []
-            dead = tuple(c for c in claimers if is_dead_sibling(self.claimer or "", c, self.dead_runs))
-            retried, quarantined = rules_work.recover_stalled(
-                conn,
-                self.account,
-                claim_timeout=timedelta(seconds=self.config.rules_claim_timeout_seconds),
-                max_attempts=self.config.rules_max_attempts,
-                dead_claimers=dead,
+    def _recover_stalled(self, now: float) -> None:
+        if now >= self.next_stall_check:
+            recovery.recover_stalled_rules(
+                self.engine, self.config, claimer=self.claimer, dead_runs=self.dead_runs, account=self.account
             )
-        if retried:
-            log.warning("rules of messages whose worker hung or died are tried again", count=retried)
-        for entry in quarantined:
-            _report_quarantined(entry)
+            self.next_stall_check = now + recovery.stall_check_seconds(self.config)
 
     def _decide(self, pk: int) -> None:
         ruleset = self.rules.get()
@@ -201,7 +190,7 @@ class RulesStage:
                 max_attempts=self.config.rules_max_attempts,
             )
         if quarantined is not None:
-            _report_quarantined(quarantined)
+            recovery.report_quarantined(quarantined)
         else:
             log.warning(
                 "rules failed for a message; it will be tried again",
@@ -291,18 +280,6 @@ class RulesStage:
         return True
 
 
-def _report_quarantined(entry: QuarantinedMessage) -> None:
-    metrics.message_quarantined("rules")
-    log.error(
-        "message quarantined: its rules keep failing; it will not be answered (emailops quarantine)",
-        folder=entry.folder,
-        uid=entry.uid,
-        message_id=entry.message_id,
-        attempts=entry.attempts,
-        reason=entry.reason,
-    )
-
-
 def _count_decisions(made: list[decisions.Decision]) -> None:
     """Metrics of committed decisions: a reply queued, suppressed (and why), or only logged (dry run)."""
     for decision in made:
@@ -331,7 +308,10 @@ class OutboxStage:
         dead_runs: tuple[str, ...] = (),
         clock: Clock = utc_now,
         budget_seconds: float = 1.0,
+        due: DueWork | None = None,
     ) -> None:
+        """``due``: the worker's look at which accounts have work (None: this stage looks for its
+        account's work at every call, and recovers interrupted sends and counts the outbox)."""
         self.engine = engine
         self.account = account
         self.claimer = claimer
@@ -342,24 +322,21 @@ class OutboxStage:
         self.mailbox = mailbox
         self.clock = clock
         self.budget_seconds = budget_seconds
+        self.due = due
         self.next_recovery = 0.0
         self.next_count = 0.0
         # Sent copies that found no IMAP connection slot free (this or another worker's).
-        self.put_off = PutOffChanges(engine, account, "sent_copy")
+        self.put_off = PutOffChanges(engine, account, "sent_copy", due=due)
 
     def run_once(self) -> bool:
         started = time.monotonic()
-        if started >= self.next_recovery:
-            self._recover_interrupted()
-            self.next_recovery = started + 60
-        if metrics.enabled() and started >= self.next_count:
-            with reading(self.engine) as conn:
-                counts = outbox.count_by_state(conn, account=self.account)
-            metrics.outbox_depth(counts, [state.value for state in OutboxState])
-            self.next_count = started + OUTBOX_COUNT_SECONDS
         for change in self.put_off.take_due():
             if change.outbox_id is not None:
                 self._copy_to_sent(change.outbox_id, change)
+        if self.due is None:
+            self._upkeep(started)
+        elif not self.due.outbox_due(self.account):
+            return False
         with reading(self.engine) as conn:
             due = outbox.due_actions(conn, now=self.clock(), account=self.account)
         worked = False
@@ -373,17 +350,15 @@ class OutboxStage:
         self.sender.close()
         self.mailbox.close()
 
-    def _recover_interrupted(self) -> None:
-        """Replies left ``sending`` by a dead process become ``unknown`` (never resent blindly):
-        at once for a claimer of this supervisor's run whose process is gone (see
-        ``ProcessIdentity``), after ``STALE_CLAIM`` by the database's clock for others."""
-        now = self.clock()
-        with self.engine.begin() as conn:
-            claimers = outbox.sending_claimers(conn)
-            dead = tuple(c for c in claimers if is_dead_sibling(self.claimer, c, self.dead_runs))
-            unknown = outbox.recover_interrupted(conn, now=now, claimers=dead, claim_timeout=STALE_CLAIM)
-        for rule in unknown:
-            metrics.reply_outcome(rule, "unknown")
+    def _upkeep(self, now: float) -> None:
+        if now >= self.next_recovery:
+            recovery.recover_interrupted_sends(
+                self.engine, claimer=self.claimer, dead_runs=self.dead_runs, now=self.clock()
+            )
+            self.next_recovery = now + recovery.SENDS_CHECK_SECONDS
+        if metrics.enabled() and now >= self.next_count:
+            recovery.count_outbox(self.engine, account=self.account)
+            self.next_count = now + recovery.OUTBOX_COUNT_SECONDS
 
     def _send_next(self) -> bool:
         result = deliver_next(

@@ -83,6 +83,13 @@ def take_due(
     return taken
 
 
+def accounts_due(conn: Connection) -> set[str]:
+    """The accounts with a change due now (of any kind). Not DISTINCT: SQLite would walk the
+    whole account index for it instead of the range of due rows (there are few)."""
+    due = select(changes.c.account).where(changes.c.due_at <= db_now(conn))
+    return set(conn.execute(due).scalars())
+
+
 def put_off_again(conn: Connection, change_id: int, delay: timedelta) -> None:
     conn.execute(
         update(changes)

@@ -259,17 +259,29 @@ def remap_uidvalidity(
     return taken
 
 
+# Messages whose rules have not run yet (read through ix_messages_rules_pending).
+_RULES_PENDING = messages.c.rules_state == "pending"
+
+
 def pending_for_rules(conn: Connection, account: str, limit: int = 100) -> list[int]:
     """Primary keys of messages whose rules have not run yet, oldest first."""
     return list(
         conn.execute(
             select(messages.c.id)
             .join(folders, folders.c.id == messages.c.folder_id)
-            .where(messages.c.rules_state == "pending", folders.c.account == account)
+            .where(_RULES_PENDING, folders.c.account == account)
             .order_by(messages.c.id)
             .limit(limit)
         ).scalars()
     )
+
+
+def accounts_pending_for_rules(conn: Connection) -> set[str]:
+    """The accounts for which ``pending_for_rules`` finds a message."""
+    query = (
+        select(folders.c.account).join(messages, folders.c.id == messages.c.folder_id).where(_RULES_PENDING)
+    )
+    return set(conn.execute(query.distinct()).scalars())
 
 
 @dataclass(frozen=True)

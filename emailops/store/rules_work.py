@@ -64,24 +64,26 @@ def release_failed(
     return next(iter(_quarantined(conn, messages.c.id == pk)), None)
 
 
-def working_claimers(conn: Connection, account: str) -> list[str]:
-    """The distinct claimers of messages whose rules are being decided now."""
+def working_claimers(conn: Connection, account: str | None) -> list[str]:
+    """The distinct claimers of messages (of ``account``; None: of all) whose rules are being
+    decided now."""
     return work_queue.working_claimers(conn, QUEUE, account)
 
 
 def recover_stalled(
     conn: Connection,
-    account: str,
+    account: str | None,
     *,
     claim_timeout: timedelta,
     max_attempts: int,
     dead_claimers: tuple[str, ...] = (),
 ) -> tuple[int, list[QuarantinedMessage]]:
-    """Claims older than ``claim_timeout`` (their worker hung or died), and at once those of
-    ``dead_claimers`` (processes known to be gone). Returns how many were made pending again, and
-    the messages quarantined because they used up their attempts."""
+    """Claims of ``account`` (None: of every account) older than ``claim_timeout`` (their worker
+    hung or died), and at once those of ``dead_claimers`` (processes known to be gone). Returns how
+    many were made pending again, and the messages quarantined because they used up their attempts."""
     stale = work_queue.stale(conn, QUEUE, claim_timeout=claim_timeout, dead_claimers=dead_claimers)
-    found = list(conn.execute(select(messages.c.id).where(stale, _of_account(account))).scalars())
+    query = select(messages.c.id).where(stale)
+    found = list(conn.execute(query if account is None else query.where(_of_account(account))).scalars())
     if not found:
         return 0, []
     reason = f"the rules did not finish {max_attempts} times: the message hangs or kills the worker"

@@ -501,6 +501,8 @@ mailbox_changes = Table(
     Column("due_at", Timestamp, nullable=False),
 )
 Index("ix_mailbox_changes_due", mailbox_changes.c.account, mailbox_changes.c.due_at)
+# The accounts with a change due, asked by every worker once per loop iteration (``DueWork``).
+Index("ix_mailbox_changes_due_at", mailbox_changes.c.due_at, mailbox_changes.c.account)
 
 # The mailboxes of the deployment (emailops.accounts), keyed by the operator's name for each. An
 # account's rows in the other tables carry its index key, username@imap_host (so the pair is
