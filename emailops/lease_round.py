@@ -5,7 +5,8 @@ The folders of every account are shared out between all live workers of all cont
 (``store.lease_workers``): with N folders and W workers each holds between ``N // W`` and
 ``ceil(N / W)``. A worker over that gives folders up, and a worker at it gives one up while
 another holds fewer than ``N // W``; it takes a free folder (never watched, released, or whose
-holder's lease expired) while under its share. Beyond it a worker still takes the folders of a
+holder's lease expired) while under ``N // W``, and up to ``ceil(N / W)`` what the other workers
+under ``N // W`` do not need. Beyond it a worker still takes the folders of a
 replaced worker of its own run (at once) and folders nobody has watched for two lease periods, so
 that a folder is never left unwatched by a miscount. The round also renews the worker's
 connection slots of every account (``store.connection_slots``) and hands each account its
@@ -94,10 +95,16 @@ def plan_round(
         for lease in view
         if lease.id not in mine and lease.owner not in dead and (not lease.live or lease.owner == owner)
     ]
+    # What the other workers under ``low`` still need of the free folders: beyond ``low`` a worker
+    # takes only what is left over, so that a container's folders freed at once are shared out in
+    # one round rather than two.
+    needed = sum(max(0, low - holdings[worker]) for worker in workers if worker != owner)
+    left = len(free)
     for lease in free:
-        if held < low or (held < high and not others_short) or lease.orphaned:
+        if held < low or (held < high and left > needed) or lease.orphaned:
             plan.take.append((lease.id, None))
             held += 1
+        left -= 1
     return plan
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(component="index")
 
-LEASE_RENEW_SECONDS = 10.0
+LEASE_RENEW_SECONDS = 5.0
 # How often a worker looks for the operator's "fetch now" requests of the folders it watches.
 FETCH_REQUEST_CHECK_SECONDS = 2.0
 # The folders' steps of one iteration stop after this long (``_step_watchers``).

@@ -180,3 +180,19 @@ def test_a_stopped_worker_is_no_longer_counted(db_url: str) -> None:
         first.run(first_watches)
     second.run(second_watches)
     assert [sum(len(w.watchers) for w in ws) for ws in (first_watches, second_watches)] == [2, 2]
+
+
+def test_the_folders_of_a_dead_container_are_shared_out_in_one_round_of_each_worker() -> None:
+    # Six workers held 34 folders each (203 in all); a container of two died and its leases
+    # expired. Each of the four left takes, in its next round, up to 50 and what the others under
+    # 50 do not need: after one round each, every folder is held (before: four waited a round).
+    survivors = [f"w{n}" for n in range(4)]
+    owners: dict[int, str | None] = {n: survivors[n // 34] if n < 136 else None for n in range(203)}
+    for worker in survivors:
+        view = [FolderLease(n, "a", str(n), o, o is not None, False) for n, o in owners.items()]
+        mine = {n for n, o in owners.items() if o == worker}
+        plan = plan_round(view, worker, live=set(survivors), dead_runs=(), watching=mine)
+        assert not plan.release
+        owners.update({folder_id: worker for folder_id, _ in plan.take})
+    assert None not in owners.values()
+    assert sorted(Counter(owners.values()).values()) == [50, 51, 51, 51]

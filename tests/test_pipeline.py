@@ -196,7 +196,7 @@ def test_a_paused_holder_that_resumes_after_a_takeover_stops_at_its_first_write(
     dovecot.deliver(ALICE, message(1))
     with capture_logs() as logs:
         deadline = time.monotonic() + 20
-        while "INBOX" in paused.watchers:  # resumed, before its next lease check (10 s away)
+        while "INBOX" in paused.watchers:  # resumed, before its next lease check (5 s away)
             assert time.monotonic() < deadline, "the paused holder kept watching"
             paused.run_once()
     assert any(entry["event"] == "lost the lease of a folder to another worker" for entry in logs)
