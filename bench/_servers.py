@@ -61,8 +61,11 @@ def fresh_postgres(admin: str, name: str) -> str:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
-def start_dovecot(capabilities_removed: tuple[str, ...] = ()) -> LocalDovecot:
-    dovecot = LocalDovecot({BENCH_USER: BENCH_PASSWORD}, capabilities_removed=capabilities_removed)
+def start_dovecot(
+    capabilities_removed: tuple[str, ...] = (), users: Mapping[str, str] | None = None
+) -> LocalDovecot:
+    """A started private Dovecot with ``users`` (username -> password; default the bench user)."""
+    dovecot = LocalDovecot(users or {BENCH_USER: BENCH_PASSWORD}, capabilities_removed=capabilities_removed)
     dovecot.start()
     return dovecot
 
