@@ -82,8 +82,12 @@ def ensure_inotify_instances(idle_sessions: int) -> str:
     return f"fs.inotify.max_user_instances raised from {current} to {wanted}"
 
 
-def start_dovecot(capabilities_removed: tuple[str, ...] = ()) -> LocalDovecot:
-    dovecot = LocalDovecot({BENCH_USER: BENCH_PASSWORD}, capabilities_removed=capabilities_removed)
+def start_dovecot(
+    capabilities_removed: tuple[str, ...] = (), users: Mapping[str, str] | None = None
+) -> LocalDovecot:
+    """A started private Dovecot with ``users`` (username -> password; default the bench user)."""
+    ensure_inotify_instances(len(users or {}))
+    dovecot = LocalDovecot(users or {BENCH_USER: BENCH_PASSWORD}, capabilities_removed=capabilities_removed)
     dovecot.start()
     return dovecot
 

@@ -22,17 +22,15 @@ import collections
 import itertools
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench._accounts import accounts_file, import_accounts, index_accounts_env, index_users, user
 from bench._report import figure, headline, write_result
 from bench._servers import Daemon, emailops_env, ensure_inotify_instances, fresh_postgres, synthetic_messages
 from bench.soak import children, command_line, read_proc
-from emailops.auth.crypto import new_key
 from localmail.dovecot import LocalDovecot
 from tests.index_helpers import message
 
@@ -40,22 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_MB = 400.0
 TARGET_ACCOUNTS = 500
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-
-
-def user(n: int) -> str:
-    return f"box{n:04d}@example.test"
-
-
-def accounts_file(path: Path, dovecot: LocalDovecot, count: int, folders: list[str]) -> Path:
-    folder_list = ", ".join(f'"{folder}"' for folder in folders)
-    tables = [
-        f'[[accounts]]\nname = "box{n:04d}"\nusername = "{user(n)}"\npassword = "pw-{n:04d}"\n'
-        f'imap_host = "{dovecot.host}"\nimap_port = {dovecot.imap_port}\nimap_security = "none"\n'
-        f'smtp_host = "127.0.0.1"\nsmtp_port = 2525\nsmtp_security = "none"\nfolders = [{folder_list}]\n'
-        for n in range(count)
-    ]
-    path.write_text("\n".join(tables), encoding="utf-8")
-    return path
 
 
 def pss_kb(pid: int) -> int:
@@ -115,7 +97,7 @@ def count(url: str, sql: str) -> int:
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     folders = ["INBOX", "Support", "Billing", "Archive2"][: args.folders]
-    users = {user(n): f"pw-{n:04d}" for n in range(args.accounts)}
+    users = index_users(args.accounts)
     # Dovecot runs one imap process per connection, up to 1,024 (its imap service's limit).
     figure("kernel", ensure_inotify_instances(args.accounts * len(folders)))
     with LocalDovecot(users) as dovecot:
@@ -133,34 +115,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if args.pg
             else f"sqlite:///{work / 'emailops.db'}"
         )
-        env = {
-            key: value
-            for key, value in emailops_env(imap_port=dovecot.imap_port, work_dir=work).items()
-            if not key.startswith("EMAIL_")
-        } | {
+        env = index_accounts_env(emailops_env(imap_port=dovecot.imap_port, work_dir=work)) | {
             "INDEX_DB_URL": url,
-            "SECRETS_KEY": new_key(),
             "WORKERS": str(args.workers),
             "IMAP_IDLE_FOLDERS": str(args.idle_folders),
         }
         (work / "rules.toml").write_text("")
-        imported = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "emailops",
-                "accounts",
-                "import",
-                str(accounts_file(work / "accounts.toml", dovecot, args.accounts, folders)),
-            ],
-            env=env,
-            cwd=work,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if imported.returncode != 0:
-            raise SystemExit(f"accounts import failed: {imported.stderr}")
+        import_accounts(env, work, accounts_file(work / "accounts.toml", dovecot, args.accounts, folders))
         daemon = Daemon(env, work)
         samples: list[dict[str, Any]] = []
         t0 = time.monotonic()

@@ -42,13 +42,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+from bench._accounts import accounts_file, import_accounts, index_accounts_env, index_users
 from bench._report import figure, headline, percentile, write_result
 from bench._servers import (
     BENCH_PASSWORD,
@@ -90,8 +91,8 @@ class TimedRelay(LocalSmtpRelay):
     replies go to outside senders, which a real relay would queue for the internet.
     """
 
-    def __init__(self) -> None:
-        super().__init__(None, {BENCH_USER: BENCH_PASSWORD})
+    def __init__(self, credentials: Mapping[str, str] | None = None) -> None:
+        super().__init__(None, credentials or {BENCH_USER: BENCH_PASSWORD})
         self.accepted_at: list[float] = []
 
     def _record(self, message: AcceptedMessage) -> None:
@@ -112,6 +113,7 @@ class Rig:
     relay: TimedRelay
     daemon: Daemon
     work: Path
+    users: list[str] = field(default_factory=lambda: [BENCH_USER])  # the mailboxes the daemon serves
 
     @property
     def db(self) -> Path:
@@ -124,20 +126,23 @@ class Rig:
 
 @contextlib.contextmanager
 def running_rig(
-    scratch: Path, name: str, workers: int, extra: dict[str, str], preload: int = 0
+    scratch: Path, name: str, workers: int, extra: dict[str, str], preload: int = 0, accounts: int = 0
 ) -> Iterator[Rig]:
     """Fresh Dovecot, relay and ``prod.run``; returns once a warm-up message has been answered.
 
     ``preload`` synthetic messages are put into INBOX before the daemon starts (its first sync
-    indexes them; none is answered)."""
+    indexes them; none is answered). With ``accounts`` N, the daemon serves N accounts of the index
+    (``bench._accounts``, imported before it starts) instead of the ``EMAIL_*`` one, each warmed up."""
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
     (work / "rules.toml").write_text(RULES_TOML)
+    users = index_users(accounts) if accounts else {BENCH_USER: BENCH_PASSWORD}
     with contextlib.ExitStack() as stack:
-        dovecot = start_dovecot()
+        dovecot = start_dovecot(users=users)
         stack.callback(dovecot.close)
         if preload:
-            dovecot.bulk_load(BENCH_USER, "INBOX", synthetic_messages(preload))
-        relay = TimedRelay()
+            for user in users:
+                dovecot.bulk_load(user, "INBOX", synthetic_messages(preload))
+        relay = TimedRelay(users)
         relay.start()
         stack.callback(relay.close)
         env = emailops_env(
@@ -145,10 +150,14 @@ def running_rig(
             work_dir=work,
             extra={"WORKERS": str(workers), "EMAIL_SMTP_PORT": str(relay.port), **extra},
         )
+        if accounts:
+            env = index_accounts_env(env)
+            listed = accounts_file(work / "accounts.toml", dovecot, accounts, ["INBOX"], smtp_port=relay.port)
+            import_accounts(env, work, listed)
         daemon = Daemon(env, work)
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         stack.callback(daemon.stop)
-        rig = Rig(dovecot, relay, daemon, work)
+        rig = Rig(dovecot, relay, daemon, work, list(users))
         warm_up(rig)
         try:
             yield rig
@@ -158,7 +167,7 @@ def running_rig(
 
 
 def warm_up(rig: Rig) -> None:
-    """Wait for the end of the folder's first sync pass, then for one answered message.
+    """Wait for the end of each INBOX's first sync pass, then for one answered message in each.
 
     Not just for the baseline (mail before it is never answered): a message that arrives while a
     sync pass is still running is announced (EXISTS) in the answer to one of the pass's own
@@ -167,38 +176,42 @@ def warm_up(rig: Rig) -> None:
     written by the pass's last database write, after its last IMAP command.
     """
     deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
-    while not _first_pass_done(rig.db):
+    while not _first_pass_done(rig.db, len(rig.users)):
         if not rig.daemon.alive():
             raise RuntimeError(f"prod.run exited {rig.daemon.process.returncode}:\n{rig.daemon.log_tail()}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"no first sync of INBOX in time:\n{rig.daemon.log_tail()}")
         time.sleep(0.05)
     time.sleep(0.1)  # from that write to IDLE: no IMAP command in between, but let it get there
-    rig.dovecot.deliver(BENCH_USER, inbound_message(WARM_UP_SENDER, "warm-up", 0), mail_from=WARM_UP_SENDER)
+    for n, user in enumerate(rig.users):
+        warm_up_message = inbound_message(WARM_UP_SENDER, "warm-up", n, to=user)
+        rig.dovecot.deliver(user, warm_up_message, mail_from=WARM_UP_SENDER)
     try:
-        rig.relay.wait_for_accepted(1, timeout=BOOT_TIMEOUT_SECONDS)
+        rig.relay.wait_for_accepted(len(rig.users), timeout=BOOT_TIMEOUT_SECONDS)
     except TimeoutError:
         raise RuntimeError(f"the warm-up message was not answered:\n{rig.daemon.log_tail()}") from None
 
 
-def _first_pass_done(db: Path) -> bool:
+def _first_pass_done(db: Path, inboxes: int) -> bool:
+    """Whether ``inboxes`` INBOX folders (one per account) have finished their first sync pass."""
     if not db.exists():
         return False
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
-            row = conn.execute(
-                "SELECT baseline_uidnext, uidnext FROM folders WHERE name = 'INBOX'"
+            (done,) = conn.execute(
+                "SELECT count(*) FROM folders WHERE name = 'INBOX'"
+                " AND baseline_uidnext IS NOT NULL AND uidnext IS NOT NULL"
             ).fetchone()
     except sqlite3.Error:
         return False
-    return row is not None and row[0] is not None and row[1] is not None
+    return int(done) >= inboxes
 
 
-def inbound_message(sender: str, tag: str, n: int) -> bytes:
+def inbound_message(sender: str, tag: str, n: int, to: str = BENCH_USER) -> bytes:
     """A small plain-text message the bench rule answers (its subject holds "help")."""
     return (
         f"From: Sender {n} <{sender}>\r\n"
-        f"To: {BENCH_USER}\r\n"
+        f"To: {to}\r\n"
         f"Subject: help needed with order {n}\r\n"
         f"Date: {format_datetime(datetime.now(UTC))}\r\n"
         f"Message-ID: <{tag}-{n}@bench.example>\r\n"

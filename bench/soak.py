@@ -3,6 +3,7 @@
     python -m bench.soak --minutes 15                  # steady mail: a message every 3 s, each answered
     python -m bench.soak --minutes 15 --idle           # no mail at all after the warm-up message
     python -m bench.soak --minutes 30 --every 1 --workers 3
+    python -m bench.soak --minutes 120 --warm-up 15 --every 1 --accounts 50
 
 Starts what ``bench_replies`` starts (a private Dovecot, the test SMTP relay, ``python -m prod.run``
 with a rules file holding one reply rule, warmed up with one answered message), here with the
@@ -11,7 +12,9 @@ supervisor. Then, for ``--minutes``, one message from a new sender every ``--eve
 delivered over LMTP (none with ``--idle``), and every ``--sample`` seconds the RSS (``VmRSS``) and
 the CPU time (``utime + stime``) of each process of the daemon are read from ``/proc``: the
 supervisor, each worker (named from the supervisor's state file), and any other descendant (the
-multiprocessing resource tracker, helpers).
+multiprocessing resource tracker, helpers). With ``--accounts N`` the daemon serves N accounts of
+the index instead of the ``EMAIL_*`` one (N Dovecot users, imported with ``emailops accounts
+import``; the rule applies to each), every one warmed up, and the mail goes to them in turn.
 
 Printed per process, over the samples after ``--warm-up`` minutes: the RSS at the start and the end
 of that window, the least-squares slope of RSS in kB per minute (and of the window's second half:
@@ -49,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import figure, headline, write_result
-from bench._servers import BENCH_USER
 from bench.bench_replies import Rig, inbound_message, machine_busy_now, machine_cpu_ticks, running_rig
 from bench.memory_probe import (
     PROBE_BASELINE_ENV,
@@ -206,7 +208,8 @@ def largest_step(points: list[tuple[float, float]]) -> Step | None:
 
 @contextlib.contextmanager
 def steady_mail(rig: Rig, every_seconds: float) -> Iterator[list[int]]:
-    """Deliver one message from a new sender every ``every_seconds`` while the block runs."""
+    """Deliver one message from a new sender every ``every_seconds`` while the block runs, to the
+    rig's mailboxes in turn."""
     delivered = [0]
     stop = threading.Event()
 
@@ -214,8 +217,8 @@ def steady_mail(rig: Rig, every_seconds: float) -> Iterator[list[int]]:
         n = 0
         while not stop.wait(every_seconds):
             n += 1
-            sender = f"soak-{n}@example.org"
-            rig.dovecot.deliver(BENCH_USER, inbound_message(sender, "soak", n), mail_from=sender)
+            sender, to = f"soak-{n}@example.org", rig.users[n % len(rig.users)]
+            rig.dovecot.deliver(to, inbound_message(sender, "soak", n, to=to), mail_from=sender)
             delivered[0] = n
 
     thread = threading.Thread(target=deliver, name="soak-mail", daemon=True)
@@ -429,7 +432,7 @@ def run_soak(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             PROBE_TRACEMALLOC_ENV: str(args.tracemalloc),
             PROBE_BASELINE_ENV: str(args.warm_up * 60),
         }
-    with running_rig(scratch, "soak", args.workers, extra, preload=args.preload) as rig:
+    with running_rig(scratch, "soak", args.workers, extra, args.preload, args.accounts) as rig:
         base_replies = len(rig.relay.accepted)
         busy_before, ticks_before = machine_cpu_ticks()
         t0 = time.time()
@@ -443,7 +446,9 @@ def run_soak(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         replies = len(rig.relay.accepted) - base_replies
     summaries = [summarise(process, args.warm_up * 60) for process in series.values()]
     headline(
-        f"{args.minutes} min, WORKERS={args.workers}, {args.preload} messages preloaded, "
+        f"{args.minutes} min, WORKERS={args.workers}, "
+        + (f"{args.accounts} accounts of the index, " if args.accounts else "")
+        + f"{args.preload} messages preloaded, "
         + ("no mail" if args.idle else f"a message every {args.every} s")
     )
     figure("messages delivered / replies accepted", f"{delivered[0]} / {replies}")
@@ -459,6 +464,7 @@ def run_soak(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "minutes": args.minutes,
         "warm_up_minutes": args.warm_up,
         "workers": args.workers,
+        "accounts": args.accounts,
         "idle": args.idle,
         "preload": args.preload,
         "every_seconds": None if args.idle else args.every,
@@ -492,11 +498,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--every", type=float, default=3.0, help="seconds between two messages")
     parser.add_argument("--idle", action="store_true", help="deliver nothing: the daemon idles")
     parser.add_argument(
+        "--accounts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve N accounts of the index (no EMAIL_*), the mail to each in turn (0: the EMAIL_* one)",
+    )
+    parser.add_argument(
         "--preload",
         type=int,
         default=0,
         metavar="N",
-        help="N messages in INBOX before the start: the soak runs on an index of that size",
+        help="N messages in INBOX (each account's) before the start: the soak runs on an index of that size",
     )
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between two samples")
     parser.add_argument(
