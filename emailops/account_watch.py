@@ -41,8 +41,8 @@ log = structlog.get_logger(component="index")
 # A sync pass yields after this long (the fetch stops after the batch that passes it, once the
 # batches under way are stored), so that a large first sync or reindex holds up other folders'
 # new mail no longer; the next pass goes on from there. Batches are smaller than a one-off sync's
-# for the same reason (bench/README.md, "Fairness between mailboxes").
-PASS_BUDGET_SECONDS = 1.0
+# for the same reason (bench/README.md, "Fairness between mailboxes" and "Many mailboxes at scale").
+PASS_BUDGET_SECONDS = 0.5
 FETCH_BATCH_MESSAGES = 100
 
 
