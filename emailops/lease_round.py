@@ -90,10 +90,11 @@ def plan_round(
             plan.take.append((lease.id, lease.owner))
             held += 1
     # Free: never watched, released or expired; or recorded as this worker's but not watched.
+    kept = set(mine)
     free = [
         lease
         for lease in view
-        if lease.id not in mine and lease.owner not in dead and (not lease.live or lease.owner == owner)
+        if lease.id not in kept and lease.owner not in dead and (not lease.live or lease.owner == owner)
     ]
     # What the other workers under ``low`` still need of the free folders: beyond ``low`` a worker
     # takes only what is left over, so that a container's folders freed at once are shared out in
@@ -142,13 +143,17 @@ class LeaseRound:
                 if epoch is not None:
                     epochs[folder_id] = epoch
             slots = connection_slots.renew_holder_slots(conn, self.owner, self.ttl)
+        leases_of: dict[str, list[FolderLease]] = {account: [] for account in by_account}
+        for lease in view:
+            leases_of[lease.account].append(lease)
+        released = set(plan.release)
         for account, watch in by_account.items():
-            leases = [lease for lease in view if lease.account == account]
+            leases = leases_of[account]
             held = {lease.name: (lease.id, epochs[lease.id]) for lease in leases if lease.id in epochs}
             others = {lease.owner for lease in leases if lease.live and lease.owner not in (None, self.owner)}
             watch.hold(
                 held,
-                given_up={lease.name for lease in leases if lease.id in plan.release},
+                given_up={lease.name for lease in leases if lease.id in released},
                 holders=len(others) + bool(held),
                 slots_held=slots_held.get(account, 0),
                 own_slots=slots.get(account, set()),
