@@ -169,8 +169,10 @@ def test_a_wrong_or_replayed_state_is_refused(
     # Another browser (login CSRF: the attacker's code in the victim's browser) has no matching cookie.
     assert console.client().get(callback).status_code == 403
     state = parse_qs(back.query)["state"][0]
-    forged = callback.replace(state, "x" + state[1:])
-    victim.cookies.set("emailops_oidc", "x" + state[1:])
+    # One character changed (a state drawn with "x" first would otherwise be "forged" into itself).
+    other_state = ("y" if state.startswith("x") else "x") + state[1:]
+    forged = callback.replace(state, other_state)
+    victim.cookies.set("emailops_oidc", other_state)
     assert victim.get(forged).status_code == 403
     victim.cookies.set("emailops_oidc", state)
     assert victim.get(callback).status_code == 200
