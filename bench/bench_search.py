@@ -153,7 +153,8 @@ def _timed(function: Any, *args: Any) -> tuple[float, Any]:
 def explain(conn: Connection, query: str, options: SearchOptions) -> list[str]:
     """The plan of the (first) statement of ``search``, under the settings it runs with."""
     statement = search_statement(conn, ACCOUNT, query, options)
-    compiled = statement.compile(dialect=conn.dialect)
+    # Rendered with the constants written into the SQL text (the flag patterns, literal_execute).
+    compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     if conn.dialect.name == "sqlite":
         params = tuple(compiled.params[name] for name in compiled.positiontup or ())
         rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), params).all()

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, event, update
 
 from emailops.mime.parse import parse_message
+from emailops.search import compiler
 from emailops.search.query import Account
 from emailops.search.service import (
     SearchOptions,
@@ -416,7 +417,7 @@ def test_nested_thread_queries_are_not_nested_scans_on_postgresql(engine: Engine
     assert scans_of_messages == (1 if engine.dialect.name == "postgresql" else 5), sql
 
 
-def test_newest_first_on_sqlite_walks_the_date_index_to_the_limit(tmp_path: Path) -> None:
+def test_newest_first_on_sqlite_walks_a_date_index_to_the_limit(tmp_path: Path) -> None:
     """The daemon's SQLite index has no statistics: the account's restriction must not lead the
     planner to look the account's messages up by folder and sort them all (0.2-0.9 s on 100,000
     messages, bench/README.md "Console")."""
@@ -429,7 +430,8 @@ def test_newest_first_on_sqlite_walks_the_date_index_to_the_limit(tmp_path: Path
         ]
         message_store.insert_messages(conn, folder.id, 9, items, baseline_uidnext=None, now=NOW)
     with reading(engine) as conn:
-        for query in ("has:attachment", "is:unread", Account(ACCOUNT)):
+        walks = {"has:attachment": "search_date", "is:unread": "search_date", "folder:INBOX": "folder_date"}
+        for query, index in [*walks.items(), (Account(ACCOUNT), "search_date")]:
             statement = search_statement(
                 conn, ACCOUNT, query, SearchOptions(sort=Sort.NEWEST, limit=50, now=NOW)
             )
@@ -438,5 +440,34 @@ def test_newest_first_on_sqlite_walks_the_date_index_to_the_limit(tmp_path: Path
             plan = [
                 row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), parameters)
             ]
-            assert any("ix_messages_search_date" in step for step in plan), (query, plan)
+            assert any(f"ix_messages_{index}" in step for step in plan), (query, plan)
             assert not any("ORDER BY" in step for step in plan), (query, plan)  # no sort of the matches
+
+
+def test_a_text_beside_other_conditions_is_looked_up_by_key_up_to_more_matches(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each condition beside a text deepens the walk of the date index to the page's last hit,
+    so the text is looked up by key up to twice as many matches per condition (up to two)."""
+    monkeypatch.setattr(compiler, "FEW_MATCHES", 2)  # "invoice" matches two messages
+
+    def by_key(query: str) -> bool:
+        with reading(engine) as conn:
+            sql = str(search_statement(conn, ACCOUNT, query, SearchOptions(now=NOW)))
+        if engine.dialect.name == "postgresql":
+            return sql.count("OFFSET") == 2  # the page's, and the matches' own "OFFSET 0"
+        return "messages.id +" not in sql
+
+    assert not by_key("invoice")
+    assert by_key("invoice is:unread")
+    assert by_key("invoice -has:attachment folder:INBOX")
+    assert [compiler.by_key_below(n) for n in range(4)] == [2, 4, 8, 8]
+
+    def found(query: str) -> list[int]:
+        with reading(engine) as conn:
+            return [hit.uid for hit in search(conn, ACCOUNT, query, SearchOptions(now=NOW))]
+
+    looked_up = found("invoice is:read")
+    monkeypatch.setattr(compiler, "FEW_MATCHES", 0)  # the walk of the date index
+    assert not by_key("invoice is:read")
+    assert found("invoice is:read") == looked_up != []

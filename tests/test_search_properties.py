@@ -14,9 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
-from emailops.search import postgres as postgres_backend
-from emailops.search import service
-from emailops.search import sqlite as sqlite_backend
+from emailops.search import compiler, service
 from emailops.search.query import parse
 from emailops.search.service import SearchOptions, Sort, count, message_keys, search
 from emailops.store.database import reading
@@ -177,8 +175,7 @@ def test_both_backends_find_what_the_brute_force_filter_finds(
         on_sqlite = _keys(sqlite, query)
         on_postgres = _keys(postgres, query)
         with monkeypatch.context() as many:  # the plans for text matching many messages
-            many.setattr(sqlite_backend, "FEW_MATCHES", 1)
-            many.setattr(postgres_backend, "FEW_MATCHES", 1)
+            many.setattr(compiler, "FEW_MATCHES", 0)
             assert _keys(sqlite, query) == on_sqlite, query
             assert _keys(postgres, query) == on_postgres, query
         assert on_sqlite == on_postgres, query

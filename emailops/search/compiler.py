@@ -14,10 +14,12 @@ from typing import Any, Protocol
 from sqlalchemy import (
     ColumnElement,
     CompoundSelect,
+    Connection,
     FromClause,
     Select,
     and_,
     exists,
+    false,
     func,
     literal,
     not_,
@@ -61,11 +63,16 @@ IMAP_FLAGS = {
 
 
 class Backend(Protocol):
+    conn: Connection
+
     def matching_keys(self, expr: TextExpr) -> Select[Any]:
         """The keys of the messages whose terms match ``expr``, from the full-text index alone."""
 
-    def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
-        """Messages whose terms match ``expr``."""
+    def text_match(
+        self, message_id: KeyedColumnElement[Any], expr: TextExpr, by_key_below: int
+    ) -> ColumnElement[bool]:
+        """Messages whose terms match ``expr``: looked up by key when fewer than ``by_key_below``
+        messages match, else tested for each message on the walk of the date index."""
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
         """Whether the space-separated ``flags`` hold ``flag`` (lower case), in any case."""
@@ -75,6 +82,20 @@ class Backend(Protocol):
 
     def scope_key(self, folder_id: KeyedColumnElement[Any]) -> ColumnElement[Any]:
         """``folder_id`` as the account's restriction (``visible``) compares it."""
+
+
+# Up to this many matches, a text match looks its messages up by key; more, and the plan walks
+# the date index testing membership, which stops at the page's limit (measured: bench/README.md).
+FEW_MATCHES = 2_000
+
+
+def by_key_below(narrowing: int) -> int:
+    """The matches under which a text is looked up by key, when ``narrowing`` other conditions
+    stand beside it in an AND. Each makes the walk to the page's 50th hit deeper (a quarter of
+    the messages passing it makes the walk 4x deeper, and the break-even count of matches,
+    which grows with the square root of that depth, 2x higher), while the lookup by key costs
+    no more: its cost is bounded by this count, the walk's only by the size of the index."""
+    return FEW_MATCHES << min(narrowing, 2)  # doubled per condition, at most twice
 
 
 @dataclass(frozen=True)
@@ -148,7 +169,7 @@ class Compiler:
     def condition(self, node: Node, m: FromClause) -> ColumnElement[bool]:
         text = text_expr(node)
         if text is not None:
-            return self.backend.text_match(m.c.id, text)
+            return self.backend.text_match(m.c.id, text, by_key_below(0))
         if isinstance(node, Not):
             return not_(self.condition(node.child, m))
         if isinstance(node, Or):
@@ -160,11 +181,11 @@ class Compiler:
     def _and(self, node: And, m: FromClause) -> ColumnElement[bool]:
         # The text children become one match (one index lookup), the rest plain conditions.
         texts = [c for c in node.children if text_expr(c.child if isinstance(c, Not) else c)]
-        grouped = text_expr(And(tuple(texts))) if len(texts) > 1 else None
+        grouped = text_expr(And(tuple(texts))) if texts else None
         rest = [c for c in node.children if grouped is None or c not in texts]
         parts = [self.condition(child, m) for child in rest]
         if grouped is not None:
-            parts.insert(0, self.backend.text_match(m.c.id, grouped))
+            parts.insert(0, self.backend.text_match(m.c.id, grouped, by_key_below(len(rest))))
         return and_(*parts)
 
     def _leaf(self, node: Node, m: FromClause) -> ColumnElement[bool]:
@@ -192,10 +213,14 @@ class Compiler:
         return self.backend.one_of(m.c.thread_key, keys)
 
     def _folder(self, node: Folder, m: FromClause) -> ColumnElement[bool]:
+        # The folder's key is read first and compared as one value: the plan then walks that
+        # folder's dates (ix_messages_folder_date) to the limit, where with IN (subquery) SQLite
+        # read all the folder's messages and sorted them (bench/README.md "Search").
         named = select(folders.c.id).where(
             folders.c.account == self.scope.account, folders.c.name == node.name
         )
-        return m.c.folder_id.in_(named)
+        key = self.backend.conn.execute(named).scalar_one_or_none()
+        return false() if key is None else m.c.folder_id == key
 
     def _account(self, node: Account, m: FromClause) -> ColumnElement[bool]:
         names = sorted(fold(n) for n in self.scope.account_names) or [fold(self.scope.account)]

@@ -50,13 +50,6 @@ def _query(expr: TextExpr) -> ColumnElement[Any]:
     return func.to_tsquery(_SIMPLE, literal(tsquery(expr)))
 
 
-# Up to this many matches, a text match is read from the GIN index first and its messages looked
-# up by key ("OFFSET 0" keeps the planner from merging it into a walk of the date index, which
-# it picks for rare words too, as its estimate for a tsquery is far off). More matches, and the
-# date index is walked, stopping at the page's limit (measured: bench/README.md).
-FEW_MATCHES = 2_000
-
-
 def _constant(value: object) -> BindParameter[Any]:
     """A constant of the code (never user input) written into the SQL text."""
     return literal(value, literal_execute=True)
@@ -81,12 +74,16 @@ class PostgresBackend:
     def matching_keys(self, expr: TextExpr) -> Select[Any]:
         return select(search_terms.c.message_pk).where(search_terms.c.vector.op("@@")(_query(expr)))
 
-    def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
+    def text_match(
+        self, message_id: KeyedColumnElement[Any], expr: TextExpr, by_key_below: int
+    ) -> ColumnElement[bool]:
         keys = self.matching_keys(expr)
-        probe = select(func.count()).select_from(keys.limit(FEW_MATCHES).subquery())
+        probe = select(func.count()).select_from(keys.limit(by_key_below).subquery())
         with self.reading_all_matches():  # a scan read 12,000 tsvectors to find 2,000 of linux
             matches = self.conn.execute(probe).scalar_one()
-        if matches < FEW_MATCHES:
+        if matches < by_key_below:
+            # "OFFSET 0" keeps the planner from merging it into a walk of the date index, which it
+            # picks for rare words too, as its estimate for a tsquery is far off.
             return message_id.in_(keys.offset(0))
         return message_id.in_(keys)
 

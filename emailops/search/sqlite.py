@@ -44,11 +44,6 @@ def _matching(expr: TextExpr) -> ColumnElement[bool]:
     return literal_column("search_fts").op("MATCH")(literal(fts5_query(expr)))
 
 
-# Up to this many matches, a text match looks its messages up by key; more, and the plan walks
-# the date index testing membership, which stops at the page's limit (measured: bench/README.md).
-FEW_MATCHES = 2_000
-
-
 class SqliteBackend:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -61,10 +56,12 @@ class SqliteBackend:
     def matching_keys(self, expr: TextExpr) -> Select[Any]:
         return select(search_fts.c.rowid).where(_matching(expr))
 
-    def text_match(self, message_id: KeyedColumnElement[Any], expr: TextExpr) -> ColumnElement[bool]:
+    def text_match(
+        self, message_id: KeyedColumnElement[Any], expr: TextExpr, by_key_below: int
+    ) -> ColumnElement[bool]:
         rowids = self.matching_keys(expr)
-        probe = select(func.count()).select_from(rowids.limit(FEW_MATCHES).subquery())
-        if self.conn.execute(probe).scalar_one() < FEW_MATCHES:
+        probe = select(func.count()).select_from(rowids.limit(by_key_below).subquery())
+        if self.conn.execute(probe).scalar_one() < by_key_below:
             return message_id.in_(rowids)
         return (message_id + 0).in_(rowids)  # "+ 0": not by key, so by the date index
 
