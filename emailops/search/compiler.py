@@ -69,10 +69,11 @@ class Backend(Protocol):
         """The keys of the messages whose terms match ``expr``, from the full-text index alone."""
 
     def text_match(
-        self, message_id: KeyedColumnElement[Any], expr: TextExpr, by_key_below: int
+        self, message_id: KeyedColumnElement[Any], expr: TextExpr, by_key_below: int, every_match: bool
     ) -> ColumnElement[bool]:
         """Messages whose terms match ``expr``: looked up by key when fewer than ``by_key_below``
-        messages match, else tested for each message on the walk of the date index."""
+        messages match, else tested for each message on the walk of the date index.
+        ``every_match``: the statement reads them all (a count), not a page to stop at."""
 
     def has_flag(self, flags: KeyedColumnElement[Any], flag: str) -> ColumnElement[bool]:
         """Whether the space-separated ``flags`` hold ``flag`` (lower case), in any case."""
@@ -146,9 +147,11 @@ def _days_in_month(year: int, month: int) -> int:
 
 
 class Compiler:
-    def __init__(self, backend: Backend, scope: Scope) -> None:
+    def __init__(self, backend: Backend, scope: Scope, every_match: bool = False) -> None:
+        """``every_match``: the statement reads every match (counts, threads), not one page."""
         self.backend = backend
         self.scope = scope
+        self.every_match = every_match
 
     def visible(self, m: FromClause) -> ColumnElement[bool]:
         """The messages a search may return: the account's, not expunged. (A subquery rather
@@ -169,7 +172,7 @@ class Compiler:
     def condition(self, node: Node, m: FromClause) -> ColumnElement[bool]:
         text = text_expr(node)
         if text is not None:
-            return self.backend.text_match(m.c.id, text, by_key_below(0))
+            return self.backend.text_match(m.c.id, text, by_key_below(0), self.every_match)
         if isinstance(node, Not):
             return not_(self.condition(node.child, m))
         if isinstance(node, Or):
@@ -185,7 +188,8 @@ class Compiler:
         rest = [c for c in node.children if grouped is None or c not in texts]
         parts = [self.condition(child, m) for child in rest]
         if grouped is not None:
-            parts.insert(0, self.backend.text_match(m.c.id, grouped, by_key_below(len(rest))))
+            match = self.backend.text_match(m.c.id, grouped, by_key_below(len(rest)), self.every_match)
+            parts.insert(0, match)
         return and_(*parts)
 
     def _leaf(self, node: Node, m: FromClause) -> ColumnElement[bool]:

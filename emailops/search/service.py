@@ -52,10 +52,12 @@ def _scope(account: str, options: SearchOptions) -> Scope:
     return Scope(account, options.account_names, options.timezone, options.now or datetime.now(UTC))
 
 
-def _prepare(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> _Prepared:
+def _prepare(
+    conn: Connection, account: str, query: str | Node, options: SearchOptions, every_match: bool = False
+) -> _Prepared:
     node = parse(query) if isinstance(query, str) else query
     backend = _backend(conn)
-    compiler = Compiler(backend, _scope(account, options))
+    compiler = Compiler(backend, _scope(account, options), every_match)
     where = compiler.visible(messages)
     return _Prepared(node, backend, where & compiler.condition(node, messages))
 
@@ -178,7 +180,7 @@ def count(conn: Connection, account: str, query: str | Node, options: SearchOpti
     text = text_expr(node)
     if text is not None:
         return _text_count(conn, account, node, text, options)
-    prepared = _prepare(conn, account, node, options)
+    prepared = _prepare(conn, account, node, options, every_match=True)
     if not _matches_text(node):
         return _count_rows(conn, prepared.where)
     # PostgreSQL scanned all 100,000 tsvectors for folder:Archive linux (1.4 s; bench/README.md).
@@ -210,7 +212,7 @@ def _text_count(conn: Connection, account: str, node: Node, text: TextExpr, opti
     search does not see, when there are fewer of those than matches (else the visible matches
     are counted one by one, reading each match's row: 16,000 rows of ``linux`` took 81 ms)."""
     backend = _backend(conn)
-    compiler = Compiler(backend, _scope(account, options))
+    compiler = Compiler(backend, _scope(account, options), every_match=True)
     matching = backend.matching_keys(text)
     with backend.reading_all_matches():
         total = _count_of(conn, matching)
@@ -226,7 +228,7 @@ def _text_count(conn: Connection, account: str, node: Node, text: TextExpr, opti
 def threads(conn: Connection, account: str, query: str | Node, options: SearchOptions) -> list[ThreadHit]:
     """The threads of the matching messages, newest first (or oldest first with ``Sort.OLDEST``;
     relevance sorts threads newest first), each with how many of its messages match."""
-    prepared = _prepare(conn, account, query, options)
+    prepared = _prepare(conn, account, query, options, every_match=True)  # grouped: all are read
     when = message_date(messages)
     newest = func.max(when)
     order = (

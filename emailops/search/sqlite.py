@@ -57,8 +57,9 @@ class SqliteBackend:
         return select(search_fts.c.rowid).where(_matching(expr))
 
     def text_match(
-        self, message_id: KeyedColumnElement[Any], expr: TextExpr, by_key_below: int
+        self, message_id: KeyedColumnElement[Any], expr: TextExpr, by_key_below: int, every_match: bool
     ) -> ColumnElement[bool]:
+        # A count chooses the same way: by key for a rare word, else the walk of an index.
         rowids = self.matching_keys(expr)
         probe = select(func.count()).select_from(rowids.limit(by_key_below).subquery())
         if self.conn.execute(probe).scalar_one() < by_key_below:
