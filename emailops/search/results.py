@@ -15,7 +15,6 @@ from emailops.store.search_terms import fold, tokens
 SNIPPET_CHARS = 200
 _SNIPPET_LEAD = 60
 _SCANNED_CHARS = 20_000  # where a body is longer, its snippet comes from this much of its start
-_CHUNK_RE = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,30 @@ class ThreadHit:
     subject: str  # of its newest matching message
 
 
+# A word of text (a run of letters or digits: [^\W_]+) that holds a character beyond ASCII:
+# such a word is folded before it is compared, which no pattern can do, so each is looked at.
+_BEYOND_ASCII_WORD = r"(?<![^\W_])[^\W_]*(?:(?![\x00-\x7f])[^\W_])[^\W_]*"
+
+
 @dataclass(frozen=True)
 class _Wanted:
     words: frozenset[str]
     prefixes: tuple[str, ...]
     runs: tuple[str, ...]  # CJK runs, found inside longer runs
+
+    def candidates(self) -> re.Pattern[str]:
+        """The words of a text that may be marked: every word beyond ASCII, and the ASCII words
+        equal to a wanted word or starting with a wanted prefix, in any case. Each is a whole
+        word (a run of letters or digits); ``_chunk_marks`` decides. Scanning by this pattern
+        skips the other words in C (a body's 20,000 characters: most of a search's time)."""
+        alternatives = [_BEYOND_ASCII_WORD]
+        if self.words:
+            listed = "|".join(re.escape(word) for word in sorted(self.words))
+            alternatives.append(rf"(?<![^\W_])(?:{listed})(?![^\W_])")
+        if self.prefixes:
+            listed = "|".join(re.escape(prefix) for prefix in sorted(self.prefixes))
+            alternatives.append(rf"(?<![^\W_])(?:{listed})[^\W_]*")
+        return re.compile("|".join(alternatives), re.IGNORECASE)
 
 
 def _wanted(node: Node) -> _Wanted:
@@ -106,7 +124,7 @@ def _chunk_marks(chunk: re.Match[str], wanted: _Wanted) -> list[tuple[int, int]]
 
 def _marks(text: str, wanted: _Wanted, *, first_only: bool = False) -> list[tuple[int, int]]:
     marks: list[tuple[int, int]] = []
-    for chunk in _CHUNK_RE.finditer(text):
+    for chunk in wanted.candidates().finditer(text):
         marks += _chunk_marks(chunk, wanted)
         if marks and first_only:
             break
