@@ -12,8 +12,10 @@ from emailops.search import results
 from emailops.search.query import parse
 
 _EVERY_WORD = re.compile(r"[^\W_]+")
-_LETTERS = "abcklmnsxyzKLS0123_ ,.-\n\tàéüßøİſKﬁ外贸客户开发한국"
-_QUERY_WORDS = ["abc", "kl", "s", "zürich", "外贸", "客户开发", "x0", "ſa", "İa", "ǆ"]
+# Beyond ASCII: accents, CJK and Hangul, and letters whose case folds to ASCII (long s, Kelvin
+# sign, dotted capital I, the fi ligature).
+_LETTERS = "abcklmnsxyzKLS0123_ ,.-\n\tàéüßø\u0130\u017f\u212a\ufb01外贸客户开发한국"
+_QUERY_WORDS = ["abc", "kl", "s", "zürich", "外贸", "客户开发", "x0", "\u017fa", "\u0130a", "ǆ"]
 
 
 def _every_word_marks(text: str, wanted: results._Wanted, first_only: bool) -> list[tuple[int, int]]:
