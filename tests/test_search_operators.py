@@ -403,6 +403,10 @@ def test_snippets_mark_the_matched_words(engine: Engine) -> None:
     )
     assert [hit.snippet.text[a:b] for a, b in hit.snippet.marks] == ["pay", "Zürich"]
     assert "WhatsApp[外贸]客户开发" in cjk.snippet.marked()
+    # Words of other fields matched there, not in the body the snippet is of.
+    with reading(engine) as conn:
+        (fielded,) = search(conn, ACCOUNT, "subject:invoice pay", SearchOptions())
+    assert [fielded.snippet.text[a:b] for a, b in fielded.snippet.marks] == ["pay"]
 
 
 def test_nested_thread_queries_are_not_nested_scans_on_postgresql(engine: Engine) -> None:

@@ -43,7 +43,10 @@ queries = st.lists(
 
 
 @settings(max_examples=400, deadline=None)
-@given(text=st.text(alphabet=_LETTERS, max_size=120), query=queries)
+@given(
+    text=st.text(alphabet=_LETTERS, max_size=120) | st.text(alphabet="abcksxyz KLS0_.", max_size=120),
+    query=queries,
+)
 def test_the_scan_marks_what_a_look_at_every_word_marks(text: str, query: str) -> None:
     wanted = results._wanted(parse(query))
     for first_only in (False, True):

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from emailops.search.query import And, Node, Not, Or, Text
+from emailops.search.query import And, Node, Not, Or, Text, TextField
 from emailops.store.search_terms import fold, tokens
 
 SNIPPET_CHARS = 200
@@ -56,6 +56,7 @@ class ThreadHit:
 # A word of text (a run of letters or digits: [^\W_]+) that holds a character beyond ASCII:
 # such a word is folded before it is compared, which no pattern can do, so each is looked at.
 _BEYOND_ASCII_WORD = r"(?<![^\W_])[^\W_]*(?:(?![\x00-\x7f])[^\W_])[^\W_]*"
+_BEYOND_ASCII_LETTER = re.compile(r"[^\W\x00-\x7f]")  # (case-sensitive: "ſ" is beyond ASCII here)
 
 
 @dataclass(frozen=True)
@@ -64,19 +65,25 @@ class _Wanted:
     prefixes: tuple[str, ...]
     runs: tuple[str, ...]  # CJK runs, found inside longer runs
 
-    def candidates(self) -> re.Pattern[str]:
-        """The words of a text that may be marked: every word beyond ASCII, and the ASCII words
+    def candidates(self, text: str) -> re.Pattern[str]:
+        """The words of ``text`` that may be marked: every word beyond ASCII, and the ASCII words
         equal to a wanted word or starting with a wanted prefix, in any case. Each is a whole
         word (a run of letters or digits); ``_chunk_marks`` decides. Scanning by this pattern
-        skips the other words in C (a body's 20,000 characters: most of a search's time)."""
-        alternatives = [_BEYOND_ASCII_WORD]
+        skips the other words in C (a body's 20,000 characters: most of a search's time), and
+        a text whose words are all ASCII (its dashes or spaces may not be) is scanned for the
+        wanted words alone (2-3x faster)."""
+        alternatives = [_BEYOND_ASCII_WORD] if _BEYOND_ASCII_LETTER.search(text) else []
         if self.words:
             listed = "|".join(re.escape(word) for word in sorted(self.words))
             alternatives.append(rf"(?<![^\W_])(?:{listed})(?![^\W_])")
         if self.prefixes:
             listed = "|".join(re.escape(prefix) for prefix in sorted(self.prefixes))
             alternatives.append(rf"(?<![^\W_])(?:{listed})[^\W_]*")
-        return re.compile("|".join(alternatives), re.IGNORECASE)
+        return re.compile("|".join(alternatives) or "(?!)", re.IGNORECASE)  # (?!): matches nothing
+
+
+# A snippet is of the body: words of other fields (from:, subject:...) did not match there.
+_BODY_FIELDS = frozenset({TextField.ANY, TextField.BODY})
 
 
 def _wanted(node: Node) -> _Wanted:
@@ -85,7 +92,7 @@ def _wanted(node: Node) -> _Wanted:
     runs: list[str] = []
 
     def visit(leaf: Node) -> None:
-        if isinstance(leaf, Text):
+        if isinstance(leaf, Text) and leaf.field in _BODY_FIELDS:
             found = tokens(leaf.value)
             for index, token in enumerate(found):
                 if token.cjk:
@@ -124,7 +131,7 @@ def _chunk_marks(chunk: re.Match[str], wanted: _Wanted) -> list[tuple[int, int]]
 
 def _marks(text: str, wanted: _Wanted, *, first_only: bool = False) -> list[tuple[int, int]]:
     marks: list[tuple[int, int]] = []
-    for chunk in wanted.candidates().finditer(text):
+    for chunk in wanted.candidates(text).finditer(text):
         marks += _chunk_marks(chunk, wanted)
         if marks and first_only:
             break
@@ -139,7 +146,7 @@ def _marks(text: str, wanted: _Wanted, *, first_only: bool = False) -> list[tupl
 
 def snippet(body: str, node: Node) -> Snippet:
     """About ``SNIPPET_CHARS`` of ``body`` around its first matched word, whitespace collapsed,
-    with every matched word of the query (not under NOT) marked."""
+    with every word of the query that matches the body (free or ``body:``, not under NOT) marked."""
     wanted = _wanted(_positive(node))
     scanned = body[:_SCANNED_CHARS]
     found = _marks(scanned, wanted, first_only=True) if wanted.words or wanted.prefixes or wanted.runs else []
