@@ -56,7 +56,7 @@ class ThreadHit:
 # A word of text (a run of letters or digits: [^\W_]+) that holds a character beyond ASCII:
 # such a word is folded before it is compared, which no pattern can do, so each is looked at.
 _BEYOND_ASCII_WORD = r"(?<![^\W_])[^\W_]*(?:(?![\x00-\x7f])[^\W_])[^\W_]*"
-_BEYOND_ASCII_LETTER = re.compile(r"[^\W\x00-\x7f]")  # (case-sensitive: "ſ" is beyond ASCII here)
+_BEYOND_ASCII_LETTER = re.compile(r"[^\W\x00-\x7f]")  # case-sensitive: the long s is beyond ASCII here
 
 
 @dataclass(frozen=True)
