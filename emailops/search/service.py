@@ -57,6 +57,8 @@ def _prepare(
 ) -> _Prepared:
     node = parse(query) if isinstance(query, str) else query
     backend = _backend(conn)
+    # Ranked by relevance, every match is scored before the page is cut: no walk to plan for.
+    every_match = every_match or options.sort is Sort.RELEVANCE
     compiler = Compiler(backend, _scope(account, options), every_match)
     where = compiler.visible(messages)
     return _Prepared(node, backend, where & compiler.condition(node, messages))
