@@ -79,6 +79,9 @@ class _RelayHandler:
     def __init__(self, relay: LocalSmtpRelay) -> None:
         self._relay = relay
 
+    def count_session(self, change: int) -> None:
+        self._relay._count_session(change)
+
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
         return await self._bearer(server, args, _XOAUTH2)
 
@@ -160,6 +163,14 @@ class _RelaySmtp(SMTP):
     def _create_session(self) -> Session:
         return _QuietSession(self.loop)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.event_handler.count_session(+1)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.count_session(-1)
+        super().connection_lost(error)
+
 
 class _QuietController(Controller):
     """A Controller whose SMTP sessions do not warn about choices made on purpose.
@@ -220,6 +231,7 @@ class LocalSmtpRelay:
         self._rejected: list[RejectedCommand] = []
         self._failures: dict[FailureStage, deque[_PlannedFailure]] = {"RCPT": deque(), "DATA": deque()}
         self._controllers: list[Controller] = []
+        self._open_sessions = 0
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -308,6 +320,15 @@ class LocalSmtpRelay:
             known = self._credentials.get(login)
         accepted = known is not None and known == password
         return AuthResult(success=accepted, handled=False, auth_data=auth_data if accepted else None)
+
+    def _count_session(self, change: int) -> None:
+        with self._lock:
+            self._open_sessions += change
+
+    def open_sessions(self) -> int:
+        """Client connections open now (a sender's idle connection shows here until it quits)."""
+        with self._lock:
+            return self._open_sessions
 
     def set_password(self, login: str, password: str) -> None:
         """Accept ``password`` for ``login`` from the next AUTH on (as an operator fixing it would)."""

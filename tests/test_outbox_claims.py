@@ -4,6 +4,7 @@ claim is fenced by claimer and attempt, and the operator's retry and cancel touc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -19,6 +20,7 @@ from emailops.replies.smtp_sender import SmtpSender
 from emailops.replies.stages import OutboxStage
 from emailops.store.db_clock import db_now
 from emailops.store.schema import outbox as outbox_table
+from localmail.smtp_relay import LocalSmtpRelay
 from tests import test_outbox
 from tests.index_helpers import ACCOUNT, ALICE, index_engine
 
@@ -130,3 +132,35 @@ def test_operator_retry_and_cancel_touch_only_the_named_account(engine: Engine) 
     with engine.begin() as conn:
         assert outbox.cancel_reply(conn, theirs, now=now, account=OTHER_ACCOUNT)
     assert stored(engine, theirs).state is OutboxState.CANCELLED
+
+
+def test_the_outbox_stage_closes_an_smtp_connection_left_unused(engine: Engine) -> None:
+    # A worker serves every account's outbox: each account's connection it ever opened stayed
+    # open (45 of 50 per worker in the 50-account soak). Its turn closes one unused for 30 s.
+    now = [1000.0]
+    with LocalSmtpRelay(None, {ALICE: "alice-pw"}) as relay:
+        server = ServerConfig(
+            host="127.0.0.1", port=relay.port, username=ALICE, password="alice-pw", security=TlsSecurity.NONE
+        )
+        sender = SmtpSender(server, monotonic=lambda: now[0])
+        stage = OutboxStage(
+            engine,
+            account=ACCOUNT,
+            claimer="host-a:run-a:1:w1",
+            config=ReplyConfig(from_address=ALICE),
+            sender=sender,
+            mailbox=MailboxSession(server),
+        )
+        try:
+            sender.send(envelope_from=ALICE, recipient="ann@example.org", raw=b"Subject: a\r\n\r\nhi\r\n")
+            assert relay.open_sessions() == 1
+            stage.run_once()  # nothing due, and the connection was used just now: kept
+            assert relay.open_sessions() == 1
+            now[0] += SmtpSender.IDLE_CLOSE_SECONDS
+            stage.run_once()
+            deadline = time.monotonic() + 10
+            while relay.open_sessions() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert relay.open_sessions() == 0
+        finally:
+            stage.close()

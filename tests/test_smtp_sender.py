@@ -96,6 +96,26 @@ def test_connection_reused_for_a_burst_and_reopened_after_a_drop(relay: LocalSmt
     assert len(relay.accepted) == 6
 
 
+def test_a_connection_unused_for_30_s_is_closed_and_a_burst_reuses_it(relay: LocalSmtpRelay) -> None:
+    now = [1000.0]
+    with SmtpSender(smtp_config(relay.port), monotonic=lambda: now[0]) as sender:
+        sender.send(envelope_from=USER, recipient="a@example.org", raw=raw_reply(1))
+        now[0] += SmtpSender.IDLE_CLOSE_SECONDS - 1
+        sender.close_if_unused()  # used 29 s ago: kept for the burst
+        sender.send(envelope_from=USER, recipient="b@example.org", raw=raw_reply(2))
+        assert sender.connections_opened == 1
+        now[0] += SmtpSender.IDLE_CLOSE_SECONDS
+        sender.close_if_unused()
+        wait_until_closed = time.monotonic() + 10
+        while relay.open_sessions() and time.monotonic() < wait_until_closed:
+            time.sleep(0.05)
+        assert relay.open_sessions() == 0  # the server saw the connection end (QUIT)
+        sender.close_if_unused()  # nothing open: nothing to do
+        sender.send(envelope_from=USER, recipient="c@example.org", raw=raw_reply(3))
+        assert sender.connections_opened == 2
+    assert len(relay.accepted) == 3
+
+
 def test_4xx_is_transient_and_5xx_permanent_with_reply_text(relay: LocalSmtpRelay) -> None:
     relay.fail_next(451, "4.3.0 try again later", at="DATA")
     with SmtpSender(smtp_config(relay.port)) as sender:

@@ -330,6 +330,7 @@ class OutboxStage:
 
     def run_once(self) -> bool:
         started = time.monotonic()
+        self.sender.close_if_unused()
         for change in self.put_off.take_due():
             if change.outbox_id is not None:
                 self._copy_to_sent(change.outbox_id, change)
