@@ -3,6 +3,8 @@ indexed through the real path; the results views (sort, count, threads, snippets
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -290,10 +292,9 @@ def test_sort_limit_offset_count(engine: Engine) -> None:
         assert count(conn, ACCOUNT, "zebra", options) == 0
 
 
-@pytest.mark.parametrize(("flag", "found"), [("unread", 2), ("flagged", 1)])
-def test_flag_counts_read_the_partial_index(engine: Engine, flag: str, found: int) -> None:
-    """``--count is:unread`` and ``is:flagged`` read the partial index of such messages (the
-    flag test in the statement equals the index's predicate), not every message's entry."""
+@contextlib.contextmanager
+def _recorded(engine: Engine) -> Iterator[list[tuple[str, Any]]]:
+    """The (statement, parameters) ``engine`` executes inside the block, in order."""
     executed: list[tuple[str, Any]] = []
 
     def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
@@ -301,32 +302,32 @@ def test_flag_counts_read_the_partial_index(engine: Engine, flag: str, found: in
 
     event.listen(engine, "before_cursor_execute", record)
     try:
-        with reading(engine) as conn:
-            assert count(conn, ACCOUNT, f"is:{flag}", SearchOptions(now=NOW)) == found
-            statement, parameters = executed[-1]
-            explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
-            if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET enable_seqscan = off")  # five rows: a scan is cheaper
-            plan = " ".join(str(row) for row in conn.exec_driver_sql(explain + statement, parameters))
+        yield executed
     finally:
         event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.mark.parametrize(("flag", "found"), [("unread", 2), ("flagged", 1)])
+def test_flag_counts_read_the_partial_index(engine: Engine, flag: str, found: int) -> None:
+    """``--count is:unread`` and ``is:flagged`` read the partial index of such messages (the
+    flag test in the statement equals the index's predicate), not every message's entry."""
+    with reading(engine) as conn:
+        with _recorded(engine) as executed:
+            assert count(conn, ACCOUNT, f"is:{flag}", SearchOptions(now=NOW)) == found
+        statement, parameters = executed[-1]
+        explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET enable_seqscan = off")  # five rows: a scan is cheaper
+        plan = " ".join(str(row) for row in conn.exec_driver_sql(explain + statement, parameters))
     assert f"ix_messages_{flag}" in plan, plan
 
 
 def test_counts_of_text_with_filters_read_the_matches_by_the_full_text_index(engine: Engine) -> None:
     """On PostgreSQL a count of text beside other terms runs with sequential scans off: the
     planner scanned every tsvector out of TOAST for folder:Archive linux (bench/README.md)."""
-    executed: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        executed.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        with reading(engine) as conn:
-            assert count(conn, ACCOUNT, "invoice folder:INBOX", SearchOptions(now=NOW)) == 2
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    with _recorded(engine) as recorded, reading(engine) as conn:
+        assert count(conn, ACCOUNT, "invoice folder:INBOX", SearchOptions(now=NOW)) == 2
+    executed = [statement for statement, _ in recorded]
     counted = next(
         i for i, sql in enumerate(executed) if sql.startswith("SELECT count(*) AS count_1 \nFROM messages")
     )
@@ -481,17 +482,8 @@ def test_a_text_beside_other_conditions_is_looked_up_by_key_up_to_more_matches(
 def test_a_ranked_search_scores_every_match_without_a_probe_on_postgresql(engine: Engine) -> None:
     """By relevance every match is scored before the page is cut, so PostgreSQL does not first
     count up to a few thousand matches to plan a walk (15 of 82 ms for money, bench/README.md)."""
-    executed: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        executed.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        with reading(engine) as conn:
-            ranked = search(conn, ACCOUNT, "invoice folder:INBOX", SearchOptions(sort=Sort.RELEVANCE))
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    with _recorded(engine) as executed, reading(engine) as conn:
+        ranked = search(conn, ACCOUNT, "invoice folder:INBOX", SearchOptions(sort=Sort.RELEVANCE))
     assert {hit.uid for hit in ranked} == {1, 2}
-    probes = [sql for sql in executed if sql.startswith("SELECT count(*)")]
+    probes = [sql for sql, _ in executed if sql.startswith("SELECT count(*)")]
     assert len(probes) == (1 if engine.dialect.name == "sqlite" else 0), executed

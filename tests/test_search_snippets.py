@@ -19,19 +19,8 @@ _QUERY_WORDS = ["abc", "kl", "s", "zürich", "外贸", "客户开发", "x0", "\u
 
 
 def _every_word_marks(text: str, wanted: results._Wanted, first_only: bool) -> list[tuple[int, int]]:
-    """What the marks were before the scan: every word looked at (then merged as ``_marks``)."""
-    marks: list[tuple[int, int]] = []
-    for chunk in _EVERY_WORD.finditer(text):
-        marks += results._chunk_marks(chunk, wanted)
-        if marks and first_only:
-            break
-    merged: list[tuple[int, int]] = []
-    for begin, end in sorted(set(marks)):
-        if merged and begin < merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-        else:
-            merged.append((begin, end))
-    return merged
+    """What the marks were before the scan: every word looked at."""
+    return results._marks_of_words(_EVERY_WORD.finditer(text), wanted, first_only=first_only)
 
 
 queries = st.lists(

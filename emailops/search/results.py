@@ -6,6 +6,7 @@ Snippets are cut and marked here, in Python, from the message's text: the same o
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -130,8 +131,15 @@ def _chunk_marks(chunk: re.Match[str], wanted: _Wanted) -> list[tuple[int, int]]
 
 
 def _marks(text: str, wanted: _Wanted, *, first_only: bool = False) -> list[tuple[int, int]]:
+    return _marks_of_words(wanted.candidates(text).finditer(text), wanted, first_only=first_only)
+
+
+def _marks_of_words(
+    words: Iterable[re.Match[str]], wanted: _Wanted, *, first_only: bool = False
+) -> list[tuple[int, int]]:
+    """The merged marks of ``words`` (whole words of one text, in order) that ``wanted`` marks."""
     marks: list[tuple[int, int]] = []
-    for chunk in wanted.candidates(text).finditer(text):
+    for chunk in words:
         marks += _chunk_marks(chunk, wanted)
         if marks and first_only:
             break
